@@ -1,0 +1,204 @@
+//! Per-endpoint translation: [`EndpointIommu`] implements `vm_memory::Iommu` over an
+//! IOTLB that caches the device's tables, so a backend written against
+//! `vm_memory::GuestMemory` reaches guest memory only through what the guest mapped,
+//! by wrapping its memory in `vm_memory::IommuMemory`.
+//!
+//! # Invalidation contract
+//! The tables and the IOTLBs share one lock order: tables, then an endpoint's IOTLB.
+//! A request that removes or restricts a translation (UNMAP, DETACH, re-ATTACH, a
+//! `bypass` write, reset) holds the tables' write lock while it invalidates every
+//! affected IOTLB, and the status reaches the guest only after that. An IOTLB fill holds
+//! the tables' read lock while it writes the entry, so it cannot re-insert a translation
+//! an in-flight UNMAP is removing. A translation returned by [`EndpointIommu`] holds its
+//! IOTLB's read lock; invalidation waits for it. So once the guest sees `S_OK` for an
+//! UNMAP, no access that starts afterwards can use the old mapping (strict semantics).
+//! What a backend keeps beyond one access (a `VolatileSlice` it saved) is outside any
+//! IOMMU's reach, as with real DMA; backends must translate per access.
+
+use crate::state::{Denied, EndpointRef, MappingEvent, Tables};
+use crate::wire::{
+    FaultEvent, VIRTIO_IOMMU_FAULT_F_ADDRESS, VIRTIO_IOMMU_FAULT_F_READ, VIRTIO_IOMMU_FAULT_F_WRITE,
+};
+use crate::{EndpointId, Iova};
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use vm_memory::iommu::{Error as IommuError, Iotlb, IotlbIterator, IovaRange};
+use vm_memory::{GuestAddress, Iommu, Permissions};
+use zerocopy::byteorder::little_endian::{U32, U64};
+
+/// Told, per endpoint, every change in what that endpoint can reach, while the change
+/// is being made (before the guest sees the request complete). Implementations must not
+/// block for long and must not call back into the device.
+pub trait MappingSubscriber: Send + Sync {
+    /// One change for `endpoint`.
+    fn on_event(&self, endpoint: EndpointId, event: &MappingEvent);
+}
+
+/// Locks that survive a panicking holder: the tables are only mutated after full
+/// validation, so a poisoned lock still guards consistent data.
+pub(crate) fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+pub(crate) fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+pub(crate) fn lock<T>(l: &Mutex<T>) -> MutexGuard<'_, T> {
+    l.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Faults waiting for an eventq buffer, bounded.
+#[derive(Debug, Default)]
+pub(crate) struct FaultQueue {
+    pub(crate) pending: VecDeque<FaultEvent>,
+}
+
+/// State shared by the device shell and every endpoint handle.
+pub(crate) struct Shared {
+    pub(crate) tables: RwLock<Tables>,
+    pub(crate) iotlbs: Box<[RwLock<Iotlb>]>,
+    pub(crate) subscribers: RwLock<Vec<Vec<Arc<dyn MappingSubscriber>>>>,
+    pub(crate) has_subscribers: AtomicBool,
+    pub(crate) faults: Mutex<FaultQueue>,
+    pub(crate) max_pending_faults: usize,
+    pub(crate) fault_notifier: RwLock<Option<Arc<dyn Fn() + Send + Sync>>>,
+    pub(crate) faults_raised: AtomicU64,
+    pub(crate) faults_dropped: AtomicU64,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("endpoints", &self.iotlbs.len())
+            .field("faults_raised", &self.faults_raised)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[start, end]` as an IOTLB range, capped below 2^64 (vm-memory's `Iotlb` uses
+/// half-open `u64` ranges). `None` when nothing of it is representable.
+fn iotlb_span(start: Iova, end: Iova) -> Option<(GuestAddress, usize)> {
+    let hi = end.0.min(u64::MAX - 1) + 1;
+    let len = usize::try_from(hi.checked_sub(start.0)?).ok()?;
+    (len > 0).then_some((GuestAddress(start.0), len))
+}
+
+impl Shared {
+    /// Applies one event: invalidates the endpoint's IOTLB where a translation went
+    /// away or changed kind, then tells the endpoint's subscribers. Called with the
+    /// tables' write lock held.
+    pub(crate) fn on_event(&self, ep: EndpointRef, ev: MappingEvent) {
+        match ev {
+            MappingEvent::Mapped { .. } => {}
+            MappingEvent::Unmapped { start, end } => {
+                if let Some((base, len)) = iotlb_span(start, end) {
+                    write(&self.iotlbs[ep.index]).invalidate_mapping(base, len);
+                }
+            }
+            MappingEvent::Identity(_) => write(&self.iotlbs[ep.index]).invalidate_all(),
+        }
+        if self.has_subscribers.load(Ordering::Acquire) {
+            for s in &read(&self.subscribers)[ep.index] {
+                s.on_event(ep.id, &ev);
+            }
+        }
+    }
+
+    fn raise_fault(&self, endpoint: EndpointId, denied: Denied, access: Permissions) {
+        self.faults_raised.fetch_add(1, Ordering::Relaxed);
+        let mut flags = VIRTIO_IOMMU_FAULT_F_ADDRESS;
+        if access.allow(Permissions::Read) {
+            flags |= VIRTIO_IOMMU_FAULT_F_READ;
+        }
+        if access.allow(Permissions::Write) {
+            flags |= VIRTIO_IOMMU_FAULT_F_WRITE;
+        }
+        let ev = FaultEvent {
+            reason: denied.reason,
+            flags: U32::new(flags),
+            endpoint: U32::new(endpoint.0),
+            address: U64::new(denied.address),
+            ..FaultEvent::default()
+        };
+        {
+            let mut q = lock(&self.faults);
+            if q.pending.len() >= self.max_pending_faults {
+                self.faults_dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            q.pending.push_back(ev);
+        }
+        if let Some(n) = read(&self.fault_notifier).as_ref() {
+            n();
+        }
+    }
+}
+
+/// The translation of one endpoint: a `vm_memory::Iommu` whose IOTLB is filled from
+/// the device's tables on a miss. Cheap to clone; clones share the IOTLB.
+#[derive(Clone, Debug)]
+pub struct EndpointIommu {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) index: usize,
+    pub(crate) id: EndpointId,
+}
+
+impl EndpointIommu {
+    /// The endpoint this handle translates for.
+    pub fn endpoint(&self) -> EndpointId {
+        self.id
+    }
+
+    fn deny(&self, iova: GuestAddress, length: usize, reason: &str) -> IommuError {
+        IommuError::CannotResolve {
+            iova_range: IovaRange { base: iova, length },
+            reason: format!("{}: {reason}", self.id),
+        }
+    }
+}
+
+impl Iommu for EndpointIommu {
+    type IotlbGuard<'a> = RwLockReadGuard<'a, Iotlb>;
+
+    fn translate(
+        &self,
+        iova: GuestAddress,
+        length: usize,
+        access: Permissions,
+    ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, IommuError> {
+        let iotlb = &self.shared.iotlbs[self.index];
+        // The access must end at or below 2^64 - 1 to be a half-open u64 range.
+        let Some(end) = iova.0.checked_add(length as u64) else {
+            let denied = Denied {
+                reason: crate::wire::VIRTIO_IOMMU_FAULT_R_MAPPING,
+                address: iova.0,
+            };
+            self.shared.raise_fault(self.id, denied, access);
+            return Err(self.deny(iova, length, "range wraps past 2^64"));
+        };
+        if let Ok(hit) = Iotlb::lookup(read(iotlb), iova, length, access) {
+            return Ok(hit);
+        }
+        // Miss: fill from the tables while holding their read lock (see the module
+        // docs), then look up again under that same lock.
+        let tables = read(&self.shared.tables);
+        let filled = {
+            let mut tlb = write(iotlb);
+            tables.resolve(self.index, iova.0, end, access, |from, to, len, perms| {
+                // `resolve` only yields non-empty spans ending at or below u64::MAX,
+                // which is what `set_mapping` needs; it never fails.
+                let _ = tlb.set_mapping(GuestAddress(from), GuestAddress(to), len as usize, perms);
+            })
+        };
+        match filled {
+            Ok(()) => Iotlb::lookup(read(iotlb), iova, length, access)
+                .map_err(|_| self.deny(iova, length, "IOTLB fill did not cover the access")),
+            Err(denied) => {
+                drop(tables);
+                self.shared.raise_fault(self.id, denied, access);
+                Err(self.deny(iova, length, "access denied by the IOMMU"))
+            }
+        }
+    }
+}

@@ -350,8 +350,10 @@ mod tests {
 
     #[test]
     fn duplicate_endpoint_and_misaligned_input_range_are_refused() {
-        let mut c = IommuConfig::default();
-        c.endpoints = vec![EndpointConfig::new(3), EndpointConfig::new(3)];
+        let mut c = IommuConfig {
+            endpoints: vec![EndpointConfig::new(3), EndpointConfig::new(3)],
+            ..IommuConfig::default()
+        };
         assert_eq!(c.validate(), Err(ConfigError::DuplicateEndpoint(3)));
         c.endpoints.pop();
         c.input_range = 0..=0x1_0000;

@@ -289,8 +289,10 @@ pub fn encode(req: &Request) -> Vec<u8> {
         }
         Request::Probe { endpoint } => {
             out.extend_from_slice(head(VIRTIO_IOMMU_T_PROBE).as_bytes());
-            let mut b = ProbeBody::default();
-            b.endpoint = U32::new(endpoint.0);
+            let b = ProbeBody {
+                endpoint: U32::new(endpoint.0),
+                ..ProbeBody::default()
+            };
             out.extend_from_slice(b.as_bytes());
         }
     }

@@ -3,6 +3,8 @@
 //! request sequence Linux's driver sends, and the strict-invalidation contract. Every
 //! request goes through the real queue path with the fake guest driver.
 
+#![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use virtio_iommu::fake_driver::{FakeGuest, RawDesc, FREE_RAM};

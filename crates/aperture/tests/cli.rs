@@ -1,0 +1,115 @@
+//! End-to-end tests of the `aperture` binary: they run the built executable the way a
+//! user or CI would and check its exit status and output, so the demo's own checks
+//! (every step compared against the expected outcome) run as part of `cargo test`.
+
+use std::process::{Command, Output};
+
+fn aperture(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_aperture"))
+        .args(args)
+        .output()
+        .expect("the aperture binary was built by cargo for this test")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn demo_passes_and_reports_the_key_outcomes() {
+    let o = aperture(&["demo"]);
+    let out = stdout(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "stdout:\n{out}\nstderr:\n{}",
+        stderr(&o)
+    );
+    for needle in [
+        "RESV_MEM MSI 0xfee00000-0xfeefffff",
+        "write config bypass = 0",
+        "ATTACH endpoint 0x08 (virtio-blk) to domain 1: S_OK",
+        "ATTACH endpoint 0x10 (virtio-rng) to domain 2: S_OK",
+        "(READ mapping): allowed",
+        "(READ-only mapping): denied",
+        "(never mapped; read in step 3): denied",
+        "virtio-rng reads IOVA 0x40000000",
+        "reason MAPPING, flags WRITE|ADDRESS",
+        "after its UNMAP: denied",
+        "DETACH endpoint 0x08 (virtio-blk) from domain 1: S_OK",
+        "result: PASS",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    assert!(!out.contains("[FAIL]"), "{out}");
+}
+
+#[test]
+fn demo_json_parses_and_summarises_the_run() {
+    let o = aperture(&["demo", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "stderr:\n{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("`demo --json` prints one JSON document");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["checks"]["failed"], 0);
+    assert_eq!(v["config"]["probe_size"], 512);
+    assert_eq!(v["endpoints"][0]["id"], 8);
+    assert_eq!(v["endpoints"][0]["name"], "virtio-blk");
+    assert_eq!(v["endpoints"][1]["id"], 16);
+    assert_eq!(v["endpoints"][0]["resv_mem"][0]["subtype"], "MSI");
+    assert_eq!(v["endpoints"][0]["resv_mem"][0]["start"], "0xfee00000");
+    assert_eq!(v["counters"]["requests"]["MAP"]["S_OK"], 3);
+    assert_eq!(v["counters"]["faults_dropped"], 0);
+    let faults = v["faults"].as_array().expect("faults is an array");
+    assert!(!faults.is_empty());
+    assert!(faults
+        .iter()
+        .any(|f| f["endpoint"] == 16 && f["reason"] == "MAPPING"));
+    let steps = v["steps"].as_array().expect("steps is an array");
+    assert!(steps.iter().all(|s| s["result"] == "pass"));
+}
+
+#[test]
+fn demo_with_one_and_with_the_most_endpoints() {
+    let o = aperture(&["demo", "--endpoints", "1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(stdout(&o).contains("[skip]"));
+    let o = aperture(&["demo", "--endpoints", "64", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert_eq!(v["endpoints"].as_array().map(Vec::len), Some(64));
+}
+
+#[test]
+fn help_explains_and_lists_demo() {
+    let o = aperture(&["--help"]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(out.contains("Aperture"), "{out}");
+    assert!(out.contains("demo"), "{out}");
+    assert!(out.contains("aperture demo --json"), "{out}");
+}
+
+#[test]
+fn zero_endpoints_is_a_usage_error_naming_the_flag() {
+    let o = aperture(&["demo", "--endpoints", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--endpoints"), "{}", stderr(&o));
+    let o = aperture(&["demo", "--endpoints", "65"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--endpoints"), "{}", stderr(&o));
+}
+
+#[test]
+fn unknown_subcommand_and_flag_are_usage_errors() {
+    let o = aperture(&["frobnicate"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("frobnicate"), "{}", stderr(&o));
+    let o = aperture(&["demo", "--no-such-flag"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--no-such-flag"), "{}", stderr(&o));
+}

@@ -57,9 +57,11 @@
 //! - DRV-MAP-3 (`virt_end` strictly greater than `virt_start`) is a driver rule; the
 //!   device refuses only `virt_end < virt_start` (`S_INVAL`), so with a byte granule a
 //!   one-byte mapping (`virt_end == virt_start`) is accepted.
-//! - DRV-OPS-3/DRV-OPS-4 are driver rules the device also enforces: a MAP outside
-//!   `input_range` is `S_RANGE`, an ATTACH to a domain outside `domain_range` is
-//!   `S_RANGE`.
+//! - DRV-OPS-3/DRV-OPS-4 are driver rules the device also enforces once the driver
+//!   accepted INPUT_RANGE / DOMAIN_RANGE: a MAP outside `input_range` is `S_RANGE`, an
+//!   ATTACH to a domain outside `domain_range` is `S_RANGE`. Without the feature the
+//!   window is the whole 64-bit space (or every 32-bit domain ID), as the spec says.
+//!   UNMAP is not range-checked: it can only remove mappings, which all lie inside.
 //! - DEV-FLT-4 allows an older, smaller fault format; we never use one: a buffer
 //!   smaller than 24 bytes is returned unused and the event dropped and counted.
 //! - The last byte of the 64-bit IOVA space (`u64::MAX`) cannot be translated:

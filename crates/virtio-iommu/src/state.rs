@@ -13,9 +13,9 @@ use crate::request::Request;
 use crate::wire::{
     ProbePropHead, ProbeResvMem, Status, RESV_MEM_SIZE, VIRTIO_IOMMU_ATTACH_F_BYPASS,
     VIRTIO_IOMMU_FAULT_R_DOMAIN, VIRTIO_IOMMU_FAULT_R_MAPPING, VIRTIO_IOMMU_F_BYPASS_CONFIG,
-    VIRTIO_IOMMU_F_MMIO, VIRTIO_IOMMU_MAP_F_MMIO, VIRTIO_IOMMU_MAP_F_READ,
-    VIRTIO_IOMMU_MAP_F_WRITE, VIRTIO_IOMMU_PROBE_T_RESV_MEM, VIRTIO_IOMMU_RESV_MEM_T_MSI,
-    VIRTIO_IOMMU_RESV_MEM_T_RESERVED,
+    VIRTIO_IOMMU_F_DOMAIN_RANGE, VIRTIO_IOMMU_F_INPUT_RANGE, VIRTIO_IOMMU_F_MMIO,
+    VIRTIO_IOMMU_MAP_F_MMIO, VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE,
+    VIRTIO_IOMMU_PROBE_T_RESV_MEM, VIRTIO_IOMMU_RESV_MEM_T_MSI, VIRTIO_IOMMU_RESV_MEM_T_RESERVED,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::ops::RangeInclusive;
@@ -307,8 +307,9 @@ impl Tables {
         let Some(ep) = self.endpoint_index(endpoint) else {
             return Status::NoEnt;
         };
-        // DRV-OPS-4, enforced: a domain outside domain_range cannot exist.
-        if !self.domain_range.contains(&domain.0) {
+        // DRV-OPS-4, enforced: with DOMAIN_RANGE negotiated, a domain outside
+        // domain_range cannot exist (without it, any 32-bit ID is valid, digest §1.2).
+        if self.negotiated(VIRTIO_IOMMU_F_DOMAIN_RANGE) && !self.domain_range.contains(&domain.0) {
             return Status::Range;
         }
         let old = self.endpoints[ep].domain;
@@ -461,8 +462,11 @@ impl Tables {
         if virt_end < virt_start {
             return Status::Inval;
         }
-        // DRV-OPS-3, enforced: the range must lie inside input_range.
-        if virt_start < *self.input_range.start() || virt_end > *self.input_range.end() {
+        // DRV-OPS-3, enforced: with INPUT_RANGE negotiated the range must lie inside
+        // input_range (without it the window is the whole 64-bit space, digest §1.2).
+        if self.negotiated(VIRTIO_IOMMU_F_INPUT_RANGE)
+            && (virt_start < *self.input_range.start() || virt_end > *self.input_range.end())
+        {
             return Status::Range;
         }
         // DEV-MAP-1: virt_start, phys_start and virt_end + 1 aligned to the granule

@@ -489,6 +489,27 @@ fn dev_att_8_a_request_not_rejected_attaches_the_endpoint() {
 }
 
 #[test]
+fn ranges_bind_only_when_their_feature_was_negotiated() {
+    let cfg = IommuConfig {
+        domain_range: 1..=10,
+        ..config()
+    };
+    let (mut dev, mut g) = setup_with(&cfg);
+    dev.set_acked_features(
+        DEVICE_FEATURES & !(1 << VIRTIO_IOMMU_F_INPUT_RANGE) & !(1 << VIRTIO_IOMMU_F_DOMAIN_RANGE),
+    );
+    send_all(
+        &mut g,
+        &mut dev,
+        &[
+            attach(0, EP1),
+            map(0, 1 << 48, (1 << 48) + 0xfff, 0x5000, RW),
+        ],
+    );
+    assert_eq!(read_ok(&dev, EP1, 1 << 48), Some(0x5000));
+}
+
+#[test]
 fn attach_outside_domain_range_is_s_range() {
     let cfg = IommuConfig {
         domain_range: 1..=10,

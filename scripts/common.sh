@@ -1,0 +1,97 @@
+# shellcheck shell=bash
+# Shared helpers for scripts/*.sh. Sourced, not executed.
+
+APERTURE_SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.env
+. "$APERTURE_SCRIPTS_DIR/versions.env"
+
+APERTURE_CACHE="${APERTURE_CACHE:-$HOME/.cache/aperture}"
+export APERTURE_CACHE
+
+_ap_prog="$(basename "$0")"
+log()  { printf '[%s %s] %s\n' "$_ap_prog" "$(date +%H:%M:%S)" "$*" >&2; }
+warn() { printf '[%s] WARNING: %s\n' "$_ap_prog" "$*" >&2; }
+die()  { printf '[%s] ERROR: %s\n' "$_ap_prog" "$*" >&2; exit 1; }
+
+# Elapsed seconds since the script started, for progress lines.
+_ap_t0=$(date +%s.%N)
+elapsed() { awk -v a="$_ap_t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1fs", b - a }'; }
+
+# The Debian mirror, read from the machine's own apt sources (never hard-coded).
+# Order: $APERTURE_APT_MIRROR, deb822 *.sources, one-line sources.list(.d/*.list).
+# Security archives are skipped: they do not carry trixie or *-backports.
+apt_mirror() {
+    if [[ -n "${APERTURE_APT_MIRROR:-}" ]]; then
+        printf '%s\n' "${APERTURE_APT_MIRROR%/}"; return 0
+    fi
+    local f uri
+    shopt -s nullglob
+    for f in /etc/apt/sources.list.d/*.sources; do
+        # Stanza-wise: pick URIs of enabled "deb" stanzas whose suites are not *-security.
+        uri=$(awk '
+            function flush() {
+                if (uris != "" && types ~ /(^|[ \t])deb([ \t]|$)/ && enabled != "no" && suites !~ /-security/) {
+                    split(uris, u, /[ \t]+/); for (i in u) if (u[i] ~ /^(https?|file):/ && u[i] !~ /security/) { print u[i]; found = 1; exit }
+                }
+                uris = ""; types = ""; suites = ""; enabled = ""
+            }
+            /^[ \t]*#/ { next }
+            /^[ \t]*$/ { flush(); next }
+            tolower($1) == "uris:"    { sub(/^[^:]*:[ \t]*/, ""); uris = $0 }
+            tolower($1) == "types:"   { sub(/^[^:]*:[ \t]*/, ""); types = $0 }
+            tolower($1) == "suites:"  { sub(/^[^:]*:[ \t]*/, ""); suites = $0 }
+            tolower($1) == "enabled:" { sub(/^[^:]*:[ \t]*/, ""); enabled = tolower($0) }
+            END { if (!found) flush() }
+        ' "$f")
+        if [[ -n "$uri" ]]; then shopt -u nullglob; printf '%s\n' "${uri%/}"; return 0; fi
+    done
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [[ -r "$f" ]] || continue
+        # deb [options] URI suite components...
+        uri=$(awk '$1 == "deb" {
+                  i = 2; if ($2 ~ /^\[/) { while (i <= NF && $i !~ /\]$/) i++; i++ }
+                  if ($i ~ /^(https?|file):/ && $i !~ /security/ && $(i+1) !~ /-security/) { print $i; exit }
+              }' "$f")
+        if [[ -n "$uri" ]]; then shopt -u nullglob; printf '%s\n' "${uri%/}"; return 0; fi
+    done
+    shopt -u nullglob
+    return 1
+}
+
+export DEBIAN_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+
+# List mount points at or below $1 (deepest first).
+mounts_under() {
+    local dir
+    dir=$(realpath -m "$1")
+    awk -v d="$dir" '{ m = $5; gsub(/\\040/, " ", m); if (m == d || index(m, d "/") == 1) print m }' /proc/self/mountinfo \
+        | awk '{ print length($0) "\t" $0 }' | sort -rn | cut -f2-
+}
+
+# Unmount everything below $1, then delete it. Refuses (loudly) if a mount survives,
+# so a bind mount can never make us delete host files.
+safe_rm_tree() {
+    local dir="$1" m
+    [[ -e "$dir" ]] || return 0
+    while IFS= read -r m; do
+        [[ -n "$m" ]] || continue
+        umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+    done < <(mounts_under "$dir")
+    if [[ -n "$(mounts_under "$dir")" ]]; then
+        die "refusing to delete $dir: still has mounts: $(mounts_under "$dir" | tr '\n' ' ')"
+    fi
+    rm -rf --one-file-system "$dir"
+}
+
+# Serialise provisioning runs that share one cache directory.
+take_cache_lock() {
+    mkdir -p "$APERTURE_CACHE"
+    exec {_ap_lock_fd}>"$APERTURE_CACHE/.lock"
+    if ! flock -n "$_ap_lock_fd"; then
+        log "waiting for another provisioning run holding $APERTURE_CACHE/.lock"
+        flock "$_ap_lock_fd"
+    fi
+}
+
+# "11.1.3" >= "10.1" ?
+version_ge() { [[ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" == "$2" ]]; }

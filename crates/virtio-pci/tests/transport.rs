@@ -1,0 +1,327 @@
+//! The transport driven as Linux's virtio_pci modern driver drives a function: find the
+//! capabilities, size BAR 0, negotiate features, set up a queue, DRIVER_OK, kick,
+//! receive the interrupt, reset. The device is a test echo device.
+#![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
+
+use std::sync::{Arc, Mutex};
+use virtio_pci::*;
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+type Mem = GuestMemoryMmap<()>;
+
+/// Copies each chain's readable bytes, reversed, into its writable part.
+#[derive(Default)]
+struct Echo {
+    acked: u64,
+    resets: u32,
+    cfg: [u8; 8],
+}
+
+impl VirtioDevice<Mem> for Echo {
+    fn device_type(&self) -> u16 {
+        4
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16, 8]
+    }
+    fn device_features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM) | (1 << 5)
+    }
+    fn set_acked_features(&mut self, f: u64) {
+        self.acked = f;
+    }
+    fn config_size(&self) -> u64 {
+        8
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.copy_from_slice(&self.cfg[offset as usize..offset as usize + data.len()]);
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.cfg[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+    }
+    fn process_queue(&mut self, _: usize, q: &mut Queue, mem: &Mem) -> Result<bool, String> {
+        while let Some(chain) = q.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let descs: Vec<_> = chain.collect();
+            let mut data = Vec::new();
+            for d in descs.iter().filter(|d| !d.is_write_only()) {
+                let mut b = vec![0; d.len() as usize];
+                mem.read_slice(&mut b, d.addr())
+                    .map_err(|e| e.to_string())?;
+                data.extend(b);
+            }
+            data.reverse();
+            let w = descs
+                .iter()
+                .find(|d| d.is_write_only())
+                .ok_or("no writable")?;
+            mem.write_slice(&data, w.addr())
+                .map_err(|e| e.to_string())?;
+            q.add_used(mem, head, data.len() as u32)
+                .map_err(|e| e.to_string())?;
+        }
+        q.needs_notification(mem).map_err(|e| e.to_string())
+    }
+    fn reset(&mut self) {
+        self.resets += 1;
+        self.acked = 0;
+    }
+}
+
+#[derive(Default)]
+struct Irqs(Mutex<Vec<u16>>);
+struct Sink(Arc<Irqs>);
+impl InterruptSink for Sink {
+    fn signal(&self, vector: u16) {
+        self.0 .0.lock().unwrap().push(vector);
+    }
+}
+
+fn transport() -> (VirtioPciTransport<Echo, Mem>, Arc<Irqs>) {
+    let mem = Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let irqs = Arc::new(Irqs::default());
+    let t = VirtioPciTransport::new(
+        Echo::default(),
+        0x00ff_0000,
+        mem,
+        Box::new(Sink(irqs.clone())),
+        1 << VIRTIO_F_ACCESS_PLATFORM,
+    )
+    .unwrap();
+    (t, irqs)
+}
+
+fn cfg_read(t: &mut VirtioPciTransport<Echo, Mem>, off: u64, len: usize) -> u32 {
+    let mut b = [0u8; 4];
+    t.read_config_space(off, &mut b[..len]);
+    u32::from_le_bytes(b)
+}
+
+fn bar_read(t: &mut VirtioPciTransport<Echo, Mem>, off: u64, len: usize) -> u64 {
+    let mut b = [0u8; 8];
+    t.read_bar(off, &mut b[..len]);
+    u64::from_le_bytes(b)
+}
+
+fn bar_write(t: &mut VirtioPciTransport<Echo, Mem>, off: u64, v: u64, len: usize) {
+    t.write_bar(off, &v.to_le_bytes()[..len]);
+}
+
+/// (cfg_type → (offset in BAR 0, length, notify multiplier)) as Linux's
+/// virtio_pci_find_capability walks them.
+fn virtio_caps(t: &mut VirtioPciTransport<Echo, Mem>) -> Vec<(u8, u32, u32, u32)> {
+    let mut caps = Vec::new();
+    let mut at = cfg_read(t, 0x34, 1) as u64;
+    let mut seen = 0;
+    while at != 0 {
+        seen += 1;
+        assert!(seen < 48, "capability list loops");
+        let id = cfg_read(t, at, 1);
+        if id == 0x09 {
+            let cfg_type = cfg_read(t, at + 3, 1) as u8;
+            let mult = if cfg_type == 2 {
+                cfg_read(t, at + 16, 4)
+            } else {
+                0
+            };
+            caps.push((
+                cfg_type,
+                cfg_read(t, at + 8, 4),
+                cfg_read(t, at + 12, 4),
+                mult,
+            ));
+        }
+        at = u64::from(cfg_read(t, at + 1, 1));
+    }
+    caps
+}
+
+#[test]
+fn pci_header_identifies_a_modern_virtio_device() {
+    let (mut t, _) = transport();
+    assert_eq!(cfg_read(&mut t, 0, 2), 0x1af4);
+    assert_eq!(cfg_read(&mut t, 2, 2), 0x1040 + 4);
+    assert_eq!(cfg_read(&mut t, 8, 1), 1, "revision 1: modern only");
+    assert!(cfg_read(&mut t, 0x2e, 2) >= 0x40, "subsystem ID >= 0x40");
+    assert_ne!(cfg_read(&mut t, 6, 2) & 0x10, 0, "capability list");
+    let caps = virtio_caps(&mut t);
+    let types: Vec<u8> = caps.iter().map(|c| c.0).collect();
+    assert_eq!(
+        types,
+        vec![1, 3, 4, 2, 5],
+        "common, ISR, device, notify, PCI_CFG"
+    );
+    assert_eq!(caps[0].2, 0x38, "common cfg length");
+    assert_eq!(caps[3].3, 4, "notify_off_multiplier");
+    assert_eq!(caps[3].2, 8, "two queues × 4 bytes");
+}
+
+#[test]
+fn bar0_sizing_reads_back_its_size_and_keeps_the_address() {
+    let (mut t, _) = transport();
+    t.write_config_space(0x10, &0xffff_ffffu32.to_le_bytes());
+    t.write_config_space(0x14, &0xffff_ffffu32.to_le_bytes());
+    let lo = cfg_read(&mut t, 0x10, 4);
+    assert_eq!(lo & 0x7, 0x4, "64-bit memory BAR");
+    assert_eq!(!(lo & !0xf) + 1, BAR0_SIZE as u32);
+    t.write_config_space(0x10, &0xfe00_0000u32.to_le_bytes());
+    t.write_config_space(0x14, &1u32.to_le_bytes());
+    assert_eq!(t.bar0_address(), 0x1_fe00_0000);
+}
+
+#[test]
+fn linux_modern_init_queue_kick_interrupt_and_reset() {
+    let (mut t, irqs) = transport();
+    bar_write(&mut t, 0x14, 1 | 2, 1); // ACKNOWLEDGE | DRIVER
+    bar_write(&mut t, 0x00, 0, 4);
+    let lo = bar_read(&mut t, 0x04, 4);
+    bar_write(&mut t, 0x00, 1, 4);
+    let hi = bar_read(&mut t, 0x04, 4);
+    let offered = lo | (hi << 32);
+    assert_eq!(offered, t.device().device_features());
+    let want = (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM);
+    bar_write(&mut t, 0x08, 0, 4);
+    bar_write(&mut t, 0x0c, want & 0xffff_ffff, 4);
+    bar_write(&mut t, 0x08, 1, 4);
+    bar_write(&mut t, 0x0c, want >> 32, 4);
+    bar_write(&mut t, 0x14, 1 | 2 | 8, 1);
+    assert_eq!(bar_read(&mut t, 0x14, 1), 1 | 2 | 8, "FEATURES_OK accepted");
+    assert_eq!(t.device().acked, want);
+    assert_eq!(bar_read(&mut t, 0x12, 2), 2, "num_queues");
+
+    // Queue 0 of 16 entries, rings laid out by the virtio-queue mock.
+    let mem = t.memory().clone();
+    let mock = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+    bar_write(&mut t, 0x10, 0, 2); // config vector 0
+    bar_write(&mut t, 0x16, 0, 2);
+    assert_eq!(bar_read(&mut t, 0x18, 2), 16);
+    bar_write(&mut t, 0x1a, 1, 2); // queue vector 1
+    assert_eq!(bar_read(&mut t, 0x1a, 2), 1);
+    bar_write(&mut t, 0x20, mock.desc_table_addr().0, 8);
+    bar_write(&mut t, 0x28, mock.avail_addr().0, 8);
+    bar_write(&mut t, 0x30, mock.used_addr().0, 8);
+    bar_write(&mut t, 0x1c, 1, 2);
+    bar_write(&mut t, 0x14, 1 | 2 | 8 | 4, 1);
+    assert_eq!(t.status(), 1 | 2 | 8 | 4);
+
+    mem.write_slice(b"olleh", GuestAddress(0x8_0000)).unwrap();
+    let descs = [
+        RawDescriptor::from(SplitDescriptor::new(0x8_0000, 5, 0, 0)),
+        RawDescriptor::from(SplitDescriptor::new(0x9_0000, 16, 2, 0)),
+    ];
+    mock.build_desc_chain(&descs).unwrap();
+    bar_write(&mut t, 0x3000, 0, 2); // notify queue 0 (queue_notify_off 0 × 4)
+    let mut out = [0u8; 5];
+    mem.read_slice(&mut out, GuestAddress(0x9_0000)).unwrap();
+    assert_eq!(&out, b"hello");
+    assert_eq!(*irqs.0.lock().unwrap(), vec![1], "queue vector signalled");
+    assert_eq!(
+        bar_read(&mut t, 0x1000, 1),
+        1,
+        "ISR queue bit, cleared by the read"
+    );
+    assert_eq!(bar_read(&mut t, 0x1000, 1), 0);
+
+    // Device config through BAR 0 and through the PCI_CFG window.
+    bar_write(&mut t, 0x2000, 0xabcd, 2);
+    assert_eq!(bar_read(&mut t, 0x2000, 2), 0xabcd);
+    let pci_cfg = 0x84;
+    t.write_config_space(pci_cfg + 8, &0x2000u32.to_le_bytes());
+    t.write_config_space(pci_cfg + 12, &2u32.to_le_bytes());
+    assert_eq!(cfg_read(&mut t, pci_cfg + 16, 2), 0xabcd);
+
+    bar_write(&mut t, 0x14, 0, 1);
+    assert_eq!(t.status(), 0);
+    assert_eq!(t.device().resets, 1);
+    assert_eq!(bar_read(&mut t, 0x1c, 2), 0, "queue disabled by reset");
+    assert_eq!(bar_read(&mut t, 0x1a, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
+}
+
+#[test]
+fn features_ok_is_refused_without_required_or_with_unoffered_features() {
+    for want in [
+        1u64 << VIRTIO_F_VERSION_1, // no ACCESS_PLATFORM
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM) | (1 << 7), // unoffered
+        1 << VIRTIO_F_ACCESS_PLATFORM, // no VERSION_1
+    ] {
+        let (mut t, _) = transport();
+        bar_write(&mut t, 0x14, 3, 1);
+        bar_write(&mut t, 0x08, 0, 4);
+        bar_write(&mut t, 0x0c, want & 0xffff_ffff, 4);
+        bar_write(&mut t, 0x08, 1, 4);
+        bar_write(&mut t, 0x0c, want >> 32, 4);
+        bar_write(&mut t, 0x14, 3 | 8, 1);
+        assert_eq!(
+            bar_read(&mut t, 0x14, 1),
+            3,
+            "{want:#x}: FEATURES_OK stays clear"
+        );
+        bar_write(&mut t, 0x14, 3 | 8 | 4, 1);
+        assert_eq!(
+            t.status() & 4,
+            0,
+            "{want:#x}: no DRIVER_OK without FEATURES_OK"
+        );
+    }
+}
+
+#[test]
+fn bad_vectors_sizes_and_queue_addresses_are_refused() {
+    let (mut t, irqs) = transport();
+    bar_write(&mut t, 0x16, 0, 2);
+    bar_write(&mut t, 0x1a, 3, 2);
+    assert_eq!(
+        bar_read(&mut t, 0x1a, 2),
+        u64::from(VIRTIO_MSI_NO_VECTOR),
+        "only vectors 0..3 exist"
+    );
+    bar_write(&mut t, 0x18, 12, 2);
+    assert_eq!(bar_read(&mut t, 0x18, 2), 16, "12 is not a power of two");
+    bar_write(&mut t, 0x18, 32, 2);
+    assert_eq!(bar_read(&mut t, 0x18, 2), 16, "above the maximum");
+    bar_write(&mut t, 0x16, 9, 2);
+    assert_eq!(bar_read(&mut t, 0x18, 2), 0, "no queue 9: size 0");
+    // A ring outside guest memory: DRIVER_OK turns into DEVICE_NEEDS_RESET.
+    let (mut t2, irqs2) = transport();
+    let want = (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM);
+    bar_write(&mut t2, 0x14, 3, 1);
+    bar_write(&mut t2, 0x08, 1, 4);
+    bar_write(&mut t2, 0x0c, want >> 32, 4);
+    bar_write(&mut t2, 0x14, 3 | 8, 1);
+    bar_write(&mut t2, 0x10, 0, 2);
+    bar_write(&mut t2, 0x20, 0x10_0000_0000, 8);
+    bar_write(&mut t2, 0x1c, 1, 2);
+    bar_write(&mut t2, 0x14, 3 | 8 | 4, 1);
+    assert_eq!(t2.status() & 0x44, 0x40, "NEEDS_RESET, not DRIVER_OK");
+    assert_eq!(*irqs2.0.lock().unwrap(), vec![0], "config vector signalled");
+    assert!(irqs.0.lock().unwrap().is_empty());
+}
+
+#[test]
+fn hostile_accesses_never_panic() {
+    let (mut t, _) = transport();
+    for off in [
+        0u64,
+        0x37,
+        0x38,
+        0xfff,
+        0x1000,
+        0x2007,
+        0x2008,
+        0x3000,
+        0x3008,
+        0x7fff,
+        u64::MAX - 2,
+    ] {
+        for len in [1usize, 2, 3, 4, 8] {
+            let mut b = [0xffu8; 8];
+            t.read_bar(off, &mut b[..len]);
+            t.write_bar(off, &b[..len]);
+            t.read_config_space(off, &mut b[..len]);
+            t.write_config_space(off, &b[..len]);
+        }
+    }
+}

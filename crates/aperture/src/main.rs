@@ -9,6 +9,7 @@
 
 mod demo;
 mod report;
+mod serve;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -22,12 +23,14 @@ const MAX_ENDPOINTS: u32 = 64;
     version,
     about = "Aperture hands virtio device backends only the guest memory the guest opens for them.\n\
 A backend (virtual disk, NIC, RNG...) normally sees all of guest RAM; here it sees only the\n\
-apertures the guest maps. Today: the virtio-iommu device model, and a demo driving it as Linux does.",
+apertures the guest maps. Today: the virtio-iommu device model, a demo driving it as Linux does,\n\
+and a vfio-user device host serving it (and devices behind it) to QEMU.",
     after_help = "Examples:\n  \
 aperture demo                  guest driver vs. virtio-iommu, human-readable report\n  \
 aperture demo --endpoints 4    the same with four endpoints, each in its own domain\n  \
 aperture demo --json           the same as a JSON summary (for scripts)\n\n\
-Not yet implemented: serve (vfio-user device host), backend, layout, bench.\n\
+aperture serve --dir /tmp/vm --disk disk.img --rng   serve devices to QEMU over vfio-user\n\n\
+Not yet implemented: backend, layout, bench.\n\
 Exit status: 0 success, 1 a demo check failed, 2 bad command line.",
     arg_required_else_help = true
 )]
@@ -36,8 +39,72 @@ struct Cli {
     command: Command,
 }
 
+/// `--iommu` of `serve`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum IommuArg {
+    /// Devices behind our virtio-iommu; boot bypass off: nothing reachable until mapped.
+    On,
+    /// No virtio-iommu: devices reach all guest RAM.
+    Off,
+    /// virtio-iommu present, boot bypass on: unattached devices reach all RAM.
+    Bypass,
+}
+
+/// One `--disk PATH[,ro]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct DiskArg {
+    path: std::path::PathBuf,
+    read_only: bool,
+}
+
+fn parse_disk(s: &str) -> Result<DiskArg, String> {
+    let (path, read_only) = match s.rsplit_once(',') {
+        Some((p, "ro")) => (p, true),
+        Some((_, opt)) => return Err(format!("unknown disk option '{opt}' (only 'ro' is known)")),
+        None => (s, false),
+    };
+    if path.is_empty() {
+        return Err("empty path".into());
+    }
+    Ok(DiskArg {
+        path: path.into(),
+        read_only,
+    })
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve virtio-pci devices to QEMU over vfio-user: our virtio-iommu and the
+    /// devices behind it.
+    ///
+    /// Creates one socket per PCI function in DIR, the VIOT table (DIR/viot.aml) that
+    /// tells the guest our virtio-iommu translates for the other devices, and
+    /// DIR/qemu-args: the QEMU arguments to append, one per line (guest RAM becomes a
+    /// shared memfd, which vfio-user needs). Then serves until QEMU goes away. QEMU 10.1
+    /// or newer with -device vfio-user-pci is needed (scripts/provision.sh installs one).
+    #[command(after_help = "Examples:\n  \
+aperture serve --dir /tmp/vm --disk disk.img --rng\n  \
+qemu-system-x86_64 -M q35 -nographic -kernel vmlinuz ... $(cat /tmp/vm/qemu-args)\n  \
+aperture serve --dir /tmp/vm --disk base.img,ro --iommu bypass\n\n\
+Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")]
+    Serve {
+        /// Directory for the sockets, viot.aml and qemu-args (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: std::path::PathBuf,
+        /// A virtio-blk backed by a raw image (size a multiple of 512); ",ro" for read-only.
+        #[arg(long, value_name = "PATH[,ro]", value_parser = parse_disk)]
+        disk: Vec<DiskArg>,
+        /// Add a virtio-rng.
+        #[arg(long)]
+        rng: bool,
+        /// How the virtio-iommu is presented.
+        #[arg(long, value_enum, default_value_t = IommuArg::On)]
+        iommu: IommuArg,
+        /// Guest RAM in MiB (QEMU's -m; RAM is a shared memfd of that size).
+        #[arg(long, value_name = "MIB", default_value_t = 512,
+              value_parser = clap::value_parser!(u32).range(64..=65536))]
+        mem: u32,
+    },
     /// Play Linux's virtio-iommu driver sequence and show what backends can reach.
     ///
     /// Builds a virtio-iommu with a virtio-blk (endpoint 0x08) and a virtio-rng
@@ -67,6 +134,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Demo { endpoints, json } => run_demo(endpoints, json),
+        Command::Serve {
+            dir,
+            disk,
+            rng,
+            iommu,
+            mem,
+        } => serve::run(&dir, &disk, rng, iommu, mem),
     }
 }
 

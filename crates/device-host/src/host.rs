@@ -1,0 +1,408 @@
+//! `aperture serve`: lays out the PCI functions (the virtio-iommu and its endpoints),
+//! binds one vfio-user socket per function, writes the VIOT table and the QEMU
+//! arguments, then serves every function on its own thread until the VMM goes away.
+
+use crate::iommu_device::IommuPciDevice;
+use crate::vfio::{irqs, lock, regions, EventFdSink, MemoryBuilder, MsixVectors, PciFunction};
+use crate::viot::{build_viot, EndpointRange, PciBdf};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use vfio_user::{Server, ServerBackend};
+use virtio_iommu::{EndpointConfig, EndpointIommu, IommuConfig, VirtioIommu};
+use virtio_pci::{VirtioDevice, VirtioPciTransport, VIRTIO_F_ACCESS_PLATFORM};
+use vm_memory::{GuestMemoryMmap, IommuMemory};
+
+/// Memory of an endpoint behind the virtio-iommu: guest-physical memory seen through
+/// the endpoint's translation.
+pub type EndpointMemory = IommuMemory<GuestMemoryMmap, EndpointIommu>;
+
+/// How the virtio-iommu is presented.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IommuMode {
+    /// Endpoints behind our virtio-iommu; `bypass` boots as 0: nothing is reachable
+    /// until the guest maps it.
+    On,
+    /// No virtio-iommu: endpoints reach all guest RAM.
+    Off,
+    /// Present, `bypass` boots as 1: unattached endpoints reach all RAM.
+    Bypass,
+}
+
+/// PCI slot of the virtio-iommu on bus 0; endpoints take the slots after it.
+pub const IOMMU_SLOT: u8 = 0x10;
+/// Slots after the IOMMU's on bus 0 (0x11..=0x1f).
+pub const MAX_ENDPOINTS: usize = 0x1f - IOMMU_SLOT as usize;
+
+/// Why the host could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// More endpoints than free slots.
+    #[error("{0} devices requested; at most {MAX_ENDPOINTS} fit on bus 0 after the IOMMU")]
+    TooManyDevices(usize),
+    /// The directory could not be prepared.
+    #[error("cannot use directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A socket could not be bound.
+    #[error("cannot listen on {path}: {source}")]
+    Socket {
+        /// Socket path.
+        path: PathBuf,
+        /// Why.
+        source: vfio_user::Error,
+    },
+    /// A device could not be built.
+    #[error("device {name}: {why}")]
+    Device {
+        /// Device name.
+        name: String,
+        /// Why.
+        why: String,
+    },
+    /// The VIOT could not be built.
+    #[error("VIOT: {0}")]
+    Viot(#[from] crate::viot::ViotError),
+}
+
+/// A device the host puts behind the IOMMU, as a factory so the host can build it
+/// for the memory type the mode needs.
+pub trait EndpointFactory: Send {
+    /// Short name, used for the socket file (`NAME.sock`).
+    fn name(&self) -> String;
+    /// Builds and serves the device with memory translated by `iommu` (or identity
+    /// when `None`): returns the backend for the server thread and the vector count.
+    ///
+    /// # Errors
+    /// A description of why the device could not be built.
+    fn build(
+        self: Box<Self>,
+        iommu: Option<EndpointIommu>,
+    ) -> Result<(Box<dyn ServerBackend + Send>, u16), String>;
+}
+
+/// Serves `device` as a PCI function, translated by `iommu` when given.
+///
+/// # Errors
+/// The transport's error, as text.
+pub fn serve_endpoint<D>(
+    device: D,
+    class_code: u32,
+    iommu: Option<EndpointIommu>,
+) -> Result<(Box<dyn ServerBackend + Send>, u16), String>
+where
+    D: VirtioDevice<GuestMemoryMmap> + VirtioDevice<EndpointMemory> + Send + 'static,
+{
+    match iommu {
+        Some(ep) => {
+            let mem = IommuMemory::new(GuestMemoryMmap::default(), ep.clone(), true, ());
+            let build: MemoryBuilder<EndpointMemory> =
+                Box::new(move |phys| IommuMemory::new(phys, ep.clone(), true, ()));
+            function(
+                device,
+                class_code,
+                mem,
+                build,
+                1 << VIRTIO_F_ACCESS_PLATFORM,
+            )
+        }
+        None => {
+            let build: MemoryBuilder<GuestMemoryMmap> = Box::new(|phys| phys);
+            function(device, class_code, GuestMemoryMmap::default(), build, 0)
+        }
+    }
+}
+
+fn function<D, M>(
+    device: D,
+    class_code: u32,
+    mem: M,
+    build: MemoryBuilder<M>,
+    required: u64,
+) -> Result<(Box<dyn ServerBackend + Send>, u16), String>
+where
+    D: VirtioDevice<M> + Send + 'static,
+    M: vm_memory::GuestMemory + Send + 'static,
+{
+    let n = device.queue_max_sizes().len() as u16 + 1;
+    let vectors = MsixVectors::new(n);
+    let t = VirtioPciTransport::new(
+        device,
+        class_code,
+        mem,
+        Box::new(EventFdSink(Arc::clone(&vectors))),
+        required,
+    )
+    .map_err(|e| e.to_string())?;
+    let n = t.msix_vectors();
+    Ok((
+        Box::new(PciFunction::new(Arc::new(Mutex::new(t)), vectors, build)),
+        n,
+    ))
+}
+
+struct Served {
+    name: String,
+    socket: PathBuf,
+    slot: u8,
+    server: Server,
+    backend: Box<dyn ServerBackend + Send>,
+}
+
+/// The functions of one VM, bound and ready to serve.
+pub struct DeviceHost {
+    dir: PathBuf,
+    served: Vec<Served>,
+    qemu_args: Vec<String>,
+}
+
+/// Endpoint ID of a function on bus 0 (the VIOT ranges use `endpoint_start = BDF`).
+pub fn endpoint_id(slot: u8) -> u32 {
+    u32::from(slot) << 3
+}
+
+impl DeviceHost {
+    /// Prepares `dir` (created if missing; stale `*.sock` files of ours removed), binds
+    /// the sockets, writes `viot.aml` (unless the mode is `Off`) and `qemu-args`.
+    ///
+    /// # Errors
+    /// [`HostError`] naming what could not be prepared; sockets bound so far are removed.
+    pub fn new(
+        dir: &Path,
+        mode: IommuMode,
+        mem_mib: u32,
+        endpoints: Vec<Box<dyn EndpointFactory>>,
+    ) -> Result<Self, HostError> {
+        if endpoints.len() > MAX_ENDPOINTS {
+            return Err(HostError::TooManyDevices(endpoints.len()));
+        }
+        let dir_err = |source| HostError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(dir_err)?;
+        let mut specs = Vec::new();
+        for (i, f) in endpoints.into_iter().enumerate() {
+            specs.push((IOMMU_SLOT + 1 + i as u8, f));
+        }
+        let mut served = Vec::new();
+        let mut iommu_handles = Vec::new();
+        if mode != IommuMode::Off {
+            let config = IommuConfig {
+                boot_bypass: mode == IommuMode::Bypass,
+                endpoints: specs
+                    .iter()
+                    .map(|(slot, _)| EndpointConfig::new(endpoint_id(*slot)))
+                    .collect(),
+                ..IommuConfig::default()
+            };
+            let iommu = VirtioIommu::new(&config).map_err(|e| HostError::Device {
+                name: "iommu".into(),
+                why: e.to_string(),
+            })?;
+            for (slot, _) in &specs {
+                let ep = iommu
+                    .endpoint_iommu(virtio_iommu::EndpointId(endpoint_id(*slot)))
+                    .map_err(|e| HostError::Device {
+                        name: "iommu".into(),
+                        why: e.to_string(),
+                    })?;
+                iommu_handles.push(Some(ep));
+            }
+            let dev = IommuPciDevice::new(iommu);
+            let vectors = MsixVectors::new(3);
+            let t = VirtioPciTransport::new(
+                dev,
+                0x00ff_0000,
+                GuestMemoryMmap::default(),
+                Box::new(EventFdSink(Arc::clone(&vectors))),
+                0,
+            )
+            .map_err(|e| HostError::Device {
+                name: "iommu".into(),
+                why: e.to_string(),
+            })?;
+            let t = Arc::new(Mutex::new(t));
+            // A fault raised by an endpoint's access is delivered on the eventq at once.
+            let weak = Arc::downgrade(&t);
+            lock(&t)
+                .device()
+                .iommu
+                .set_fault_notifier(Arc::new(move || {
+                    if let Some(t) = weak.upgrade() {
+                        lock(&t).notify(1);
+                    }
+                }));
+            let build: MemoryBuilder<GuestMemoryMmap> = Box::new(|phys| phys);
+            let backend = Box::new(PciFunction::new(t, vectors, build));
+            served.push(bind(dir, "iommu", IOMMU_SLOT, backend, 3)?);
+        } else {
+            iommu_handles.resize_with(specs.len(), || None);
+        }
+        for ((slot, factory), ep) in specs.into_iter().zip(iommu_handles) {
+            let name = factory.name();
+            let (backend, n) = factory.build(ep).map_err(|why| HostError::Device {
+                name: name.clone(),
+                why,
+            })?;
+            served.push(bind(dir, &name, slot, backend, n)?);
+        }
+        let mut host = Self {
+            dir: dir.to_path_buf(),
+            served,
+            qemu_args: Vec::new(),
+        };
+        host.write_files(mode, mem_mib)?;
+        Ok(host)
+    }
+
+    fn write_files(&mut self, mode: IommuMode, mem_mib: u32) -> Result<(), HostError> {
+        let dir_err = |source| HostError::Dir {
+            path: self.dir.clone(),
+            source,
+        };
+        let mut args = vec![
+            "-m".to_string(),
+            format!("{mem_mib}M"),
+            "-object".to_string(),
+            format!("memory-backend-memfd,id=aperture-ram,size={mem_mib}M,share=on"),
+            "-machine".to_string(),
+            "memory-backend=aperture-ram".to_string(),
+        ];
+        if mode != IommuMode::Off {
+            let iommu = PciBdf {
+                segment: 0,
+                bus: 0,
+                dev: IOMMU_SLOT,
+                func: 0,
+            };
+            let ranges: Vec<EndpointRange> = self
+                .served
+                .iter()
+                .filter(|s| s.slot != IOMMU_SLOT)
+                .map(|s| {
+                    let b = PciBdf {
+                        segment: 0,
+                        bus: 0,
+                        dev: s.slot,
+                        func: 0,
+                    };
+                    EndpointRange {
+                        first: b,
+                        last: b,
+                        endpoint_start: endpoint_id(s.slot),
+                    }
+                })
+                .collect();
+            let viot = build_viot(iommu, &ranges)?;
+            let path = self.dir.join("viot.aml");
+            std::fs::write(&path, viot).map_err(dir_err)?;
+            args.push("-acpitable".into());
+            args.push(format!("file={}", path.display()));
+        }
+        for s in &self.served {
+            args.push("-device".into());
+            args.push(format!(
+                "{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"path\":\"{}\",\"type\":\"unix\"}},\"addr\":\"{:#x}\",\"id\":\"aperture-{}\"}}",
+                s.socket.display(),
+                s.slot,
+                s.name
+            ));
+        }
+        let mut text = args.join("\n");
+        text.push('\n');
+        std::fs::write(self.dir.join("qemu-args"), text).map_err(dir_err)?;
+        self.qemu_args = args;
+        Ok(())
+    }
+
+    /// The QEMU arguments written to `DIR/qemu-args`.
+    pub fn qemu_args(&self) -> &[String] {
+        &self.qemu_args
+    }
+
+    /// `(name, socket, PCI slot)` of every function.
+    pub fn functions(&self) -> Vec<(String, PathBuf, u8)> {
+        self.served
+            .iter()
+            .map(|s| (s.name.clone(), s.socket.clone(), s.slot))
+            .collect()
+    }
+
+    /// Serves every function on its own thread. Returns when the VMM has gone away:
+    /// as soon as one function's connection ends (QEMU quit or the socket broke), the
+    /// others get `grace` to end too; what is still connected then is abandoned (its
+    /// thread ends with the process). Returns `(name, result)` per finished function.
+    pub fn run(self, grace: Duration) -> Vec<(String, Result<(), String>)> {
+        let (tx, rx) = mpsc::channel();
+        let total = self.served.len();
+        for s in self.served {
+            let thread_tx = tx.clone();
+            let name = s.name.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("aperture-{name}"))
+                .spawn(move || {
+                    let Served {
+                        name,
+                        server,
+                        mut backend,
+                        ..
+                    } = s;
+                    let r = server.run(backend.as_mut()).map_err(|e| e.to_string());
+                    // Drop the server (removes its socket) before reporting.
+                    drop(server);
+                    let _ = thread_tx.send((name, r));
+                });
+            if let Err(e) = spawned {
+                let _ = tx.send((name, Err(format!("cannot start its thread: {e}"))));
+            }
+        }
+        drop(tx);
+        let mut done = Vec::new();
+        if let Ok(first) = rx.recv() {
+            done.push(first);
+        }
+        while done.len() < total {
+            match rx.recv_timeout(grace) {
+                Ok(r) => done.push(r),
+                Err(_) => break,
+            }
+        }
+        done
+    }
+}
+
+fn bind(
+    dir: &Path,
+    name: &str,
+    slot: u8,
+    backend: Box<dyn ServerBackend + Send>,
+    vectors: u16,
+) -> Result<Served, HostError> {
+    let socket = dir.join(format!("{name}.sock"));
+    // A socket file left by an earlier run is ours to replace; anything else is not.
+    if let Ok(meta) = std::fs::symlink_metadata(&socket) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            let _ = std::fs::remove_file(&socket);
+        }
+    }
+    let server = Server::new(&socket, true, irqs(vectors), regions()).map_err(|source| {
+        HostError::Socket {
+            path: socket.clone(),
+            source,
+        }
+    })?;
+    Ok(Served {
+        name: name.to_string(),
+        socket,
+        slot,
+        server,
+        backend,
+    })
+}

@@ -1,0 +1,179 @@
+//! The device host driven over a real vfio-user socket by `vfio_user::Client`, as QEMU
+//! drives it: config space, DMA_MAP of a memfd-like file, MSI-X eventfds, virtio-pci
+//! initialisation of the virtio-iommu, one ATTACH through its requestq, the interrupt,
+//! reset, and the host returning once the client disconnects.
+#![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
+
+use device_host::host::{endpoint_id, DeviceHost, IommuMode, IOMMU_SLOT};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+use vfio_bindings::bindings::vfio::{
+    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_MSIX_IRQ_INDEX,
+};
+use vfio_user::Client;
+
+const RAM: u64 = 1 << 20;
+const BAR0: u32 = 0;
+const CONFIG: u32 = 7;
+
+fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("aperture-host-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn ram_file(dir: &std::path::Path) -> File {
+    let p = dir.join("ram");
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
+    f.set_len(RAM).unwrap();
+    f
+}
+
+fn eventfd() -> File {
+    // SAFETY: eventfd(2) takes no pointers; the result is checked before use and then
+    // owned by exactly one File.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
+    assert!(fd >= 0, "eventfd failed");
+    // SAFETY: `fd` is a fresh, valid descriptor nobody else owns.
+    unsafe { File::from_raw_fd(fd) }
+}
+
+fn read_u32(c: &mut Client, region: u32, off: u64, len: usize) -> u32 {
+    let mut b = [0u8; 4];
+    c.region_read(region, off, &mut b[..len]).unwrap();
+    u32::from_le_bytes(b)
+}
+
+fn write_le(c: &mut Client, off: u64, v: u64, len: usize) {
+    c.region_write(BAR0, off, &v.to_le_bytes()[..len]).unwrap();
+}
+
+#[test]
+fn iommu_served_over_vfio_user_answers_an_attach_and_interrupts() {
+    let dir = scratch_dir("attach");
+    let eps: Vec<Box<dyn device_host::host::EndpointFactory>> =
+        vec![Box::new(device_host::endpoints::RngFactory::new("rng"))];
+    let host = DeviceHost::new(&dir, IommuMode::On, 64, eps).unwrap();
+    let args = host.qemu_args().join(" ");
+    assert!(
+        args.contains("vfio-user-pci") && args.contains("viot.aml") && args.contains("share=on"),
+        "{args}"
+    );
+    assert!(dir.join("viot.aml").exists());
+    let served = std::thread::spawn(move || host.run(Duration::from_millis(200)));
+
+    let mut c = Client::new(&dir.join("iommu.sock")).unwrap();
+    assert_eq!(read_u32(&mut c, CONFIG, 0, 2), 0x1af4);
+    assert_eq!(
+        read_u32(&mut c, CONFIG, 2, 2),
+        0x1057,
+        "virtio-iommu PCI ID"
+    );
+    let ram = ram_file(&dir);
+    c.dma_map(0, 0, RAM, ram.as_raw_fd()).unwrap();
+    let fds: Vec<File> = (0..3).map(|_| eventfd()).collect();
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    c.set_irqs(
+        VFIO_PCI_MSIX_IRQ_INDEX,
+        VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+        0,
+        3,
+        &raw,
+    )
+    .unwrap();
+
+    // virtio-pci init (Linux's order): status, features, queue 0, DRIVER_OK.
+    write_le(&mut c, 0x14, 1 | 2, 1);
+    for sel in 0..2u64 {
+        write_le(&mut c, 0x00, sel, 4);
+        let f = read_u32(&mut c, BAR0, 0x04, 4);
+        write_le(&mut c, 0x08, sel, 4);
+        write_le(&mut c, 0x0c, u64::from(f), 4);
+    }
+    write_le(&mut c, 0x14, 1 | 2 | 8, 1);
+    assert_eq!(read_u32(&mut c, BAR0, 0x14, 1), 1 | 2 | 8, "FEATURES_OK");
+    write_le(&mut c, 0x16, 0, 2);
+    write_le(&mut c, 0x18, 16, 2);
+    write_le(&mut c, 0x1a, 1, 2);
+    write_le(&mut c, 0x20, 0x1000, 8);
+    write_le(&mut c, 0x28, 0x2000, 8);
+    write_le(&mut c, 0x30, 0x3000, 8);
+    write_le(&mut c, 0x1c, 1, 2);
+    write_le(&mut c, 0x14, 1 | 2 | 8 | 4, 1);
+    assert_eq!(read_u32(&mut c, BAR0, 0x14, 1), 1 | 2 | 8 | 4, "DRIVER_OK");
+
+    // ATTACH(domain 1, the rng's endpoint) in guest RAM, then kick queue 0.
+    let ep = endpoint_id(IOMMU_SLOT + 1);
+    let mut req = vec![1u8, 0, 0, 0];
+    req.extend_from_slice(&1u32.to_le_bytes());
+    req.extend_from_slice(&ep.to_le_bytes());
+    req.extend_from_slice(&[0; 8]);
+    ram.write_all_at(&req, 0x10000).unwrap();
+    ram.write_all_at(&[0xaa; 4], 0x11000).unwrap();
+    let desc = |addr: u64, len: u32, flags: u16, next: u16| {
+        let mut d = addr.to_le_bytes().to_vec();
+        d.extend_from_slice(&len.to_le_bytes());
+        d.extend_from_slice(&flags.to_le_bytes());
+        d.extend_from_slice(&next.to_le_bytes());
+        d
+    };
+    ram.write_all_at(&desc(0x10000, 20, 1, 1), 0x1000).unwrap();
+    ram.write_all_at(&desc(0x11000, 4, 2, 0), 0x1010).unwrap();
+    ram.write_all_at(&0u16.to_le_bytes(), 0x2004).unwrap();
+    ram.write_all_at(&1u16.to_le_bytes(), 0x2002).unwrap();
+    write_le(&mut c, 0x3000, 0, 2);
+    // The notify is a posted write; a config read after it is answered after it ran.
+    read_u32(&mut c, CONFIG, 0, 2);
+
+    let mut used = [0u8; 2];
+    ram.read_exact_at(&mut used, 0x3002).unwrap();
+    assert_eq!(u16::from_le_bytes(used), 1, "one chain used");
+    let mut len = [0u8; 4];
+    ram.read_exact_at(&mut len, 0x3008).unwrap();
+    assert_eq!(u32::from_le_bytes(len), 4, "used length = writable size");
+    let mut tail = [0u8; 4];
+    ram.read_exact_at(&mut tail, 0x11000).unwrap();
+    assert_eq!(tail, [0, 0, 0, 0], "S_OK, reserved zeroed");
+    let mut count = [0u8; 8];
+    let n = std::io::Read::read(&mut &fds[1], &mut count).unwrap_or(0);
+    assert_eq!(n, 8, "queue vector 1 signalled");
+
+    c.reset().unwrap();
+    assert_eq!(read_u32(&mut c, BAR0, 0x14, 1), 0, "reset clears status");
+    c.shutdown().unwrap();
+    drop(c);
+    let results = served.join().unwrap();
+    assert!(
+        results.iter().any(|(name, r)| name == "iommu" && r.is_ok()),
+        "{results:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_directory_and_too_many_devices_are_refused() {
+    let file = std::env::temp_dir().join(format!("aperture-host-file-{}", std::process::id()));
+    std::fs::write(&file, b"x").unwrap();
+    assert!(
+        DeviceHost::new(&file, IommuMode::On, 64, Vec::new()).is_err(),
+        "a file is not a directory"
+    );
+    let _ = std::fs::remove_file(&file);
+    let many: Vec<Box<dyn device_host::host::EndpointFactory>> = (0..20)
+        .map(|i| Box::new(device_host::endpoints::RngFactory::new(&format!("r{i}"))) as _)
+        .collect();
+    let dir = scratch_dir("many");
+    assert!(matches!(
+        DeviceHost::new(&dir, IommuMode::On, 64, many),
+        Err(device_host::host::HostError::TooManyDevices(20))
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -82,6 +82,8 @@ pub struct Counters {
     pub mappings: usize,
     /// Bytes reachable through mappings, per endpoint, in configuration order.
     pub mapped_bytes: Vec<(EndpointId, u128)>,
+    /// The most each endpoint could reach at one moment since boot.
+    pub peak_exposure: Vec<(EndpointId, crate::state::Exposure)>,
     /// Denied accesses (each one a fault event, delivered or dropped).
     pub faults_raised: u64,
     /// Fault events delivered on the eventq.
@@ -388,6 +390,9 @@ impl VirtioIommu {
             mappings: tables.mapping_count(),
             mapped_bytes: (0..tables.endpoint_count())
                 .map(|i| (tables.endpoint_id(i), tables.mapped_bytes(i)))
+                .collect(),
+            peak_exposure: (0..tables.endpoint_count())
+                .map(|i| (tables.endpoint_id(i), tables.peak_exposure(i)))
                 .collect(),
             faults_raised: self.shared.faults_raised.load(Ordering::Relaxed),
             faults_delivered: self.faults_delivered.load(Ordering::Relaxed),

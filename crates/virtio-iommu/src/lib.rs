@@ -90,6 +90,6 @@ pub use config::{ConfigError, EndpointConfig, IommuConfig, Limits, ReservedRegio
 pub use device::{Counters, DeviceError, VirtioIommu, DEVICE_FEATURES};
 pub use ids::{DomainId, EndpointId, Gpa, Iova};
 pub use request::{decode, DecodeError, Request, RequestType};
-pub use state::{MappingEvent, Tables};
+pub use state::{Exposure, MappingEvent, Tables};
 pub use translate::{EndpointIommu, MappingSubscriber};
 pub use wire::Status;

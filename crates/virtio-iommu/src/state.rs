@@ -132,6 +132,19 @@ pub struct Tables {
     index: HashMap<EndpointId, usize>,
     domains: HashMap<DomainId, Domain>,
     total_mappings: usize,
+    /// Per endpoint, the most it could reach at one moment so far.
+    peaks: Vec<Exposure>,
+}
+
+/// The most guest memory an endpoint could reach at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Exposure {
+    /// It was in identity translation (bypass) at some point: all of guest memory
+    /// outside its reserved regions.
+    pub identity: bool,
+    /// The largest total size of its domain's mappings while attached (IOVA bytes: two
+    /// IOVAs mapping one page count twice, so this is an upper bound).
+    pub mapped_bytes: u128,
 }
 
 impl Tables {
@@ -154,6 +167,13 @@ impl Tables {
             .enumerate()
             .map(|(i, e)| (e.id, i))
             .collect();
+        let peaks = vec![
+            Exposure {
+                identity: config.boot_bypass,
+                mapped_bytes: 0,
+            };
+            endpoints.len()
+        ];
         Self {
             granule: config.granule(),
             input_range: config.input_range.clone(),
@@ -167,7 +187,22 @@ impl Tables {
             index,
             domains: HashMap::new(),
             total_mappings: 0,
+            peaks,
         }
+    }
+
+    /// The most the endpoint at `index` could reach at one moment since boot.
+    pub fn peak_exposure(&self, index: usize) -> Exposure {
+        self.peaks[index]
+    }
+
+    /// Folds the endpoint's current reach into its peak.
+    fn note_exposure(&mut self, index: usize) {
+        let identity = self.is_identity(index);
+        let bytes = self.mapped_bytes(index);
+        let p = &mut self.peaks[index];
+        p.identity |= identity;
+        p.mapped_bytes = p.mapped_bytes.max(bytes);
     }
 
     /// Sets the negotiated feature bits (they decide which flags are known).
@@ -366,6 +401,7 @@ impl Tables {
         if !was_identity && bypass {
             sink(ep_ref, MappingEvent::Identity(true));
         }
+        self.note_exposure(ep);
         Status::Ok
     }
 
@@ -401,6 +437,7 @@ impl Tables {
         if !was_identity && now_identity {
             sink(self.ep_ref(ep), MappingEvent::Identity(true));
         }
+        self.note_exposure(ep);
     }
 
     /// Removes `ep` from `domain`, reporting every mapping it loses; the domain ceases
@@ -517,6 +554,8 @@ impl Tables {
                 },
                 ev,
             );
+            let p = &mut self.peaks[e];
+            p.mapped_bytes = p.mapped_bytes.max(d.mapped_bytes);
         }
         Status::Ok
     }
@@ -615,6 +654,7 @@ impl Tables {
                     EndpointRef { index: i, id: e.id },
                     MappingEvent::Identity(bypass),
                 );
+                self.peaks[i].identity |= bypass;
             }
         }
     }

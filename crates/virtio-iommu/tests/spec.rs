@@ -1391,6 +1391,47 @@ fn subscribers_see_replay_then_every_change_in_order() {
 }
 
 #[test]
+fn peak_exposure_is_the_most_an_endpoint_could_reach_at_once() {
+    // Booting with bypass = 1 would already expose everything.
+    let (mut dev, mut g) = setup_with(&IommuConfig { boot_bypass: false, ..config() });
+    send_all(
+        &mut g,
+        &mut dev,
+        &[
+            attach(1, EP1),
+            map(1, 0, 0x3fff, 0x10_0000, RW),
+            unmap(1, 0, 0x3fff),
+            map(1, 0, 0xfff, 0x10_0000, RW),
+        ],
+    );
+    let c = dev.counters();
+    assert_eq!(
+        c.peak_exposure[0],
+        (
+            EndpointId(EP1),
+            Exposure {
+                identity: false,
+                mapped_bytes: 0x4000
+            }
+        )
+    );
+    assert_eq!(
+        c.peak_exposure[1].1,
+        Exposure::default(),
+        "EP2 never reached anything"
+    );
+    dev.write_config(36, &[1]).unwrap();
+    assert!(
+        dev.counters().peak_exposure[1].1.identity,
+        "unattached EP2 entered bypass"
+    );
+    assert!(
+        !dev.counters().peak_exposure[0].1.identity,
+        "attached EP1 did not"
+    );
+}
+
+#[test]
 fn counters_report_requests_mappings_and_bytes_per_endpoint() {
     let (mut dev, mut g) = setup();
     send_all(

@@ -100,6 +100,10 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
         /// How the virtio-iommu is presented.
         #[arg(long, value_enum, default_value_t = IommuArg::On)]
         iommu: IommuArg,
+        /// Test switch for the end-to-end tests: reads of this sector of the first disk
+        /// are aimed at an IOVA the guest never mapped, so the IOMMU must deny them.
+        #[arg(long, value_name = "SECTOR", hide = true)]
+        test_fault_sector: Option<u64>,
         /// Guest RAM in MiB (QEMU's -m; RAM is a shared memfd of that size).
         #[arg(long, value_name = "MIB", default_value_t = 512,
               value_parser = clap::value_parser!(u32).range(64..=65536))]
@@ -140,7 +144,8 @@ fn main() -> ExitCode {
             rng,
             iommu,
             mem,
-        } => serve::run(&dir, &disk, rng, iommu, mem),
+            test_fault_sector,
+        } => serve::run(&dir, &disk, rng, iommu, mem, test_fault_sector),
     }
 }
 

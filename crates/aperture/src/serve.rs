@@ -10,7 +10,14 @@ use std::time::Duration;
 /// How long the other functions get to disconnect after the first one did.
 const GRACE: Duration = Duration::from_secs(3);
 
-pub(crate) fn run(dir: &Path, disks: &[DiskArg], rng: bool, iommu: IommuArg, mem: u32) -> ExitCode {
+pub(crate) fn run(
+    dir: &Path,
+    disks: &[DiskArg],
+    rng: bool,
+    iommu: IommuArg,
+    mem: u32,
+    test_fault_sector: Option<u64>,
+) -> ExitCode {
     let mode = match iommu {
         IommuArg::On => IommuMode::On,
         IommuArg::Off => IommuMode::Off,
@@ -23,7 +30,10 @@ pub(crate) fn run(dir: &Path, disks: &[DiskArg], rng: bool, iommu: IommuArg, mem
     let mut endpoints: Vec<Box<dyn EndpointFactory>> = Vec::new();
     for (i, d) in disks.iter().enumerate() {
         match device_host::endpoints::BlockFactory::new(&format!("blk{i}"), &d.path, d.read_only) {
-            Ok(f) => endpoints.push(Box::new(f)),
+            Ok(f) => {
+                let stray = if i == 0 { test_fault_sector } else { None };
+                endpoints.push(Box::new(f.with_test_stray_sector(stray)))
+            }
             Err(e) => {
                 eprintln!("aperture serve: --disk {}: {e}", d.path.display());
                 return ExitCode::from(2);

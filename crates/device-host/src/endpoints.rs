@@ -23,6 +23,13 @@ pub struct BlockFactory {
 }
 
 impl BlockFactory {
+    /// Test switch (see `virtio_devices::BlockConfig::test_stray_sector`): reads of
+    /// `sector` are aimed at an address the guest never mapped.
+    pub fn with_test_stray_sector(mut self, sector: Option<u64>) -> Self {
+        self.config.test_stray_sector = sector;
+        self
+    }
+
     /// Checks the image can be opened as asked and holds whole 512-byte sectors.
     ///
     /// # Errors
@@ -36,6 +43,7 @@ impl BlockFactory {
             path: PathBuf::from(path),
             read_only,
             access_platform: false,
+            test_stray_sector: None,
         };
         // Open once now to report a bad image before serving; `build` opens it again.
         Block::new(&config)?;

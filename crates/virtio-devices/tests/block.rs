@@ -26,6 +26,7 @@ fn disk(tag: &str, read_only: bool) -> (TempImage, Block) {
         path: img.path.clone(),
         read_only,
         access_platform: false,
+        test_stray_sector: None,
     })
     .unwrap();
     (img, dev)
@@ -151,6 +152,7 @@ fn blk_large_request_moves_in_chunks_and_header_may_span_descriptors() {
         path: img.path.clone(),
         read_only: false,
         access_platform: false,
+        test_stray_sector: None,
     })
     .unwrap();
     let mem = ram();
@@ -281,6 +283,7 @@ fn blk_read_only_image_is_opened_read_only() {
         path: img.path.clone(),
         read_only: true,
         access_platform: false,
+        test_stray_sector: None,
     });
     assert!(ro.is_ok(), "O_RDONLY needs no write permission");
     // Root may open anything read-write, so the converse is only checked where it holds.
@@ -291,6 +294,7 @@ fn blk_read_only_image_is_opened_read_only() {
                 path: img.path.clone(),
                 read_only: false,
                 access_platform: false,
+                test_stray_sector: None,
             }),
             Err(BlockError::Open { .. })
         ));
@@ -360,6 +364,7 @@ fn blk_get_id_returns_the_file_name_zero_padded() {
         path: short,
         read_only: true,
         access_platform: false,
+        test_stray_sector: None,
     });
     std::fs::remove_dir_all(&dir).unwrap();
     let dev2 = dev2.unwrap();
@@ -574,6 +579,7 @@ fn blk_open_rejects_images_that_are_not_whole_sectors_naming_the_file() {
         path: img.path.clone(),
         read_only: false,
         access_platform: false,
+        test_stray_sector: None,
     })
     .unwrap_err();
     assert!(matches!(err, BlockError::UnalignedSize { len: 1000, .. }));
@@ -587,6 +593,7 @@ fn blk_open_rejects_images_that_are_not_whole_sectors_naming_the_file() {
         path: missing.clone(),
         read_only: true,
         access_platform: false,
+        test_stray_sector: None,
     })
     .unwrap_err();
     assert!(matches!(err, BlockError::Open { .. }));
@@ -596,6 +603,7 @@ fn blk_open_rejects_images_that_are_not_whole_sectors_naming_the_file() {
         path: std::env::temp_dir(),
         read_only: true,
         access_platform: false,
+        test_stray_sector: None,
     })
     .unwrap_err();
     assert!(matches!(err, BlockError::NotAnImage { .. }), "{err}");
@@ -608,6 +616,7 @@ fn blk_empty_image_has_capacity_zero_and_refuses_every_transfer() {
         path: img.path.clone(),
         read_only: false,
         access_platform: true,
+        test_stray_sector: None,
     })
     .unwrap();
     assert_eq!(dev.capacity(), 0);

@@ -111,6 +111,7 @@ fn blk_behind_iommu(
         path: img.path.clone(),
         read_only: false,
         access_platform: true,
+        test_stray_sector: None,
     })
     .unwrap();
     let irqs = Arc::new(Irqs::default());

@@ -26,6 +26,7 @@ fn blk_transport(img: &TempImage, mem: Mem) -> (VirtioPciTransport<Block, Mem>, 
         path: img.path.clone(),
         read_only: false,
         access_platform: true,
+        test_stray_sector: None,
     })
     .unwrap();
     let irqs = Arc::new(Irqs::default());
@@ -130,6 +131,7 @@ fn blk_read_only_disk_offers_ro_through_virtio_pci() {
         path: img.path.clone(),
         read_only: true,
         access_platform: true,
+        test_stray_sector: None,
     })
     .unwrap();
     let irqs = Arc::new(Irqs::default());

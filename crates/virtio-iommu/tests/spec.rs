@@ -1393,7 +1393,10 @@ fn subscribers_see_replay_then_every_change_in_order() {
 #[test]
 fn peak_exposure_is_the_most_an_endpoint_could_reach_at_once() {
     // Booting with bypass = 1 would already expose everything.
-    let (mut dev, mut g) = setup_with(&IommuConfig { boot_bypass: false, ..config() });
+    let (mut dev, mut g) = setup_with(&IommuConfig {
+        boot_bypass: false,
+        ..config()
+    });
     send_all(
         &mut g,
         &mut dev,

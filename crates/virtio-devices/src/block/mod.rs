@@ -114,7 +114,15 @@ pub struct BlockConfig {
     /// Offer `VIRTIO_F_ACCESS_PLATFORM`: the device sits behind an IOMMU and its
     /// memory is an `IommuMemory`.
     pub access_platform: bool,
+    /// Test switch, never set in normal use: a read covering this sector sends its
+    /// data to [`STRAY_IOVA`], which no guest maps, so an IOMMU must deny it. It lets the
+    /// end-to-end tests show a denied device access failing one request cleanly.
+    pub test_stray_sector: Option<u64>,
 }
+
+/// Where [`BlockConfig::test_stray_sector`] aims a read: below 2^48 (inside the
+/// default IOMMU input range) and far from where Linux allocates IOVAs (top down).
+pub const STRAY_IOVA: u64 = 0xdead_0000_0000;
 
 /// What happened to the requests the device saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -139,6 +147,7 @@ pub struct Block {
     acked: u64,
     counters: BlockCounters,
     bounce: Box<[u8]>,
+    test_stray_sector: Option<u64>,
 }
 
 impl std::fmt::Debug for Block {
@@ -202,6 +211,7 @@ impl Block {
             acked: 0,
             counters: BlockCounters::default(),
             bounce: vec![0; CHUNK].into_boxed_slice(),
+            test_stray_sector: config.test_stray_sector,
         })
     }
 
@@ -330,13 +340,20 @@ impl Block {
     ) -> Result<u32, BlockError> {
         match request {
             Request::Read { offset, len } => {
-                let dst = chain::translate(
-                    mem,
-                    layout.writable(),
-                    0,
-                    u64::from(len),
-                    Permissions::Write,
-                )?;
+                let stray = [Segment {
+                    addr: vm_memory::GuestAddress(STRAY_IOVA),
+                    len,
+                }];
+                let aimed_astray = self.test_stray_sector.is_some_and(|s| {
+                    s.checked_mul(512)
+                        .is_some_and(|b| offset <= b && b < offset + u64::from(len))
+                });
+                let target = if aimed_astray {
+                    &stray[..]
+                } else {
+                    layout.writable()
+                };
+                let dst = chain::translate(mem, target, 0, u64::from(len), Permissions::Write)?;
                 let mut done = 0usize;
                 while done < dst.len() {
                     let n = (dst.len() - done).min(CHUNK);
@@ -505,6 +522,7 @@ mod tests {
             path: path.clone(),
             read_only: true,
             access_platform: false,
+            test_stray_sector: None,
         })
         .unwrap();
         std::fs::remove_file(&path).unwrap();

@@ -2,7 +2,7 @@
 //! device host, and serves until QEMU goes away.
 
 use crate::{DiskArg, IommuArg};
-use device_host::host::{DeviceHost, EndpointFactory, IommuMode};
+use device_host::host::{DeviceHost, EndpointFactory};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -18,11 +18,7 @@ pub(crate) fn run(
     mem: u32,
     test_fault_sector: Option<u64>,
 ) -> ExitCode {
-    let mode = match iommu {
-        IommuArg::On => IommuMode::On,
-        IommuArg::Off => IommuMode::Off,
-        IommuArg::Bypass => IommuMode::Bypass,
-    };
+    let mode = crate::mode(iommu);
     if disks.is_empty() && !rng {
         eprintln!("aperture serve: nothing to serve: give at least one --disk PATH or --rng");
         return ExitCode::from(2);

@@ -21,7 +21,7 @@ fn stderr(o: &Output) -> String {
 
 #[test]
 fn demo_passes_and_reports_the_key_outcomes() {
-    let o = aperture(&["demo"]);
+    let o = aperture(&["demo", "--model"]);
     let out = stdout(&o);
     assert_eq!(
         o.status.code(),
@@ -50,7 +50,7 @@ fn demo_passes_and_reports_the_key_outcomes() {
 
 #[test]
 fn demo_json_parses_and_summarises_the_run() {
-    let o = aperture(&["demo", "--json"]);
+    let o = aperture(&["demo", "--model", "--json"]);
     assert_eq!(o.status.code(), Some(0), "stderr:\n{}", stderr(&o));
     let v: serde_json::Value =
         serde_json::from_slice(&o.stdout).expect("`demo --json` prints one JSON document");
@@ -75,10 +75,10 @@ fn demo_json_parses_and_summarises_the_run() {
 
 #[test]
 fn demo_with_one_and_with_the_most_endpoints() {
-    let o = aperture(&["demo", "--endpoints", "1"]);
+    let o = aperture(&["demo", "--model", "--endpoints", "1"]);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
     assert!(stdout(&o).contains("[skip]"));
-    let o = aperture(&["demo", "--endpoints", "64", "--json"]);
+    let o = aperture(&["demo", "--model", "--endpoints", "64", "--json"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
     assert_eq!(v["endpoints"].as_array().map(Vec::len), Some(64));
@@ -91,15 +91,16 @@ fn help_explains_and_lists_demo() {
     assert_eq!(o.status.code(), Some(0));
     assert!(out.contains("Aperture"), "{out}");
     assert!(out.contains("demo"), "{out}");
-    assert!(out.contains("aperture demo --json"), "{out}");
+    assert!(out.contains("aperture demo --model"), "{out}");
+    assert!(out.contains("aperture serve"), "{out}");
 }
 
 #[test]
 fn zero_endpoints_is_a_usage_error_naming_the_flag() {
-    let o = aperture(&["demo", "--endpoints", "0"]);
+    let o = aperture(&["demo", "--model", "--endpoints", "0"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--endpoints"), "{}", stderr(&o));
-    let o = aperture(&["demo", "--endpoints", "65"]);
+    let o = aperture(&["demo", "--model", "--endpoints", "65"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--endpoints"), "{}", stderr(&o));
 }
@@ -112,4 +113,36 @@ fn unknown_subcommand_and_flag_are_usage_errors() {
     let o = aperture(&["demo", "--no-such-flag"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--no-such-flag"), "{}", stderr(&o));
+}
+
+#[test]
+fn serve_bad_input_is_one_line_naming_it_and_exit_2() {
+    let dir = std::env::temp_dir().join(format!("aperture-cli-serve-{}", std::process::id()));
+    let d = dir.to_string_lossy().to_string();
+    for (args, needle) in [
+        (
+            vec!["serve", "--dir", &d, "--disk", "/nonexistent/disk.img"],
+            "/nonexistent/disk.img",
+        ),
+        (vec!["serve", "--dir", &d], "nothing to serve"),
+        (vec!["serve", "--dir", &d, "--disk", "x.img,rw"], "--disk"),
+        (
+            vec!["serve", "--dir", &d, "--rng", "--iommu", "maybe"],
+            "--iommu",
+        ),
+        (vec!["serve", "--rng"], "--dir"),
+    ] {
+        let o = aperture(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert!(!dir.join("qemu-args").exists(), "nothing half-written");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn endpoints_is_a_model_demo_option() {
+    let o = aperture(&["demo", "--endpoints", "2"]);
+    assert_eq!(o.status.code(), Some(2));
 }

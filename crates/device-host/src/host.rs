@@ -154,11 +154,27 @@ struct Served {
     backend: Box<dyn ServerBackend + Send>,
 }
 
+/// The virtio-iommu's transport, shared with its server thread.
+type IommuTransport = Arc<Mutex<VirtioPciTransport<IommuPciDevice, GuestMemoryMmap>>>;
+
+/// A handle on the served virtio-iommu, for reading its counters while or after it
+/// serves.
+#[derive(Clone)]
+pub struct IommuHandle(IommuTransport);
+
+impl IommuHandle {
+    /// The device's counters now.
+    pub fn counters(&self) -> virtio_iommu::Counters {
+        lock(&self.0).device().iommu.counters()
+    }
+}
+
 /// The functions of one VM, bound and ready to serve.
 pub struct DeviceHost {
     dir: PathBuf,
     served: Vec<Served>,
     qemu_args: Vec<String>,
+    iommu: Option<IommuHandle>,
 }
 
 /// Endpoint ID of a function on bus 0 (the VIOT ranges use `endpoint_start = BDF`).
@@ -192,6 +208,7 @@ impl DeviceHost {
         }
         let mut served = Vec::new();
         let mut iommu_handles = Vec::new();
+        let mut handle = None;
         if mode != IommuMode::Off {
             let config = IommuConfig {
                 boot_bypass: mode == IommuMode::Bypass,
@@ -238,6 +255,7 @@ impl DeviceHost {
                         lock(&t).notify(1);
                     }
                 }));
+            handle = Some(IommuHandle(Arc::clone(&t)));
             let build: MemoryBuilder<GuestMemoryMmap> = Box::new(|phys| phys);
             let backend = Box::new(PciFunction::new(t, vectors, build));
             served.push(bind(dir, "iommu", IOMMU_SLOT, backend, 3)?);
@@ -256,6 +274,7 @@ impl DeviceHost {
             dir: dir.to_path_buf(),
             served,
             qemu_args: Vec::new(),
+            iommu: handle,
         };
         host.write_files(mode, mem_mib)?;
         Ok(host)
@@ -319,6 +338,11 @@ impl DeviceHost {
         std::fs::write(self.dir.join("qemu-args"), text).map_err(dir_err)?;
         self.qemu_args = args;
         Ok(())
+    }
+
+    /// The served virtio-iommu, unless the mode is `Off`.
+    pub fn iommu(&self) -> Option<IommuHandle> {
+        self.iommu.clone()
     }
 
     /// The QEMU arguments written to `DIR/qemu-args`.

@@ -19,13 +19,15 @@
 //!   batch is checked to complete with S_OK everywhere (tails and the device's
 //!   counters), and afterwards the counters must show no failed or unparseable request,
 //!   so the benchmark cannot silently measure failures. `..._iotlb_warm` is the same
-//!   with the 10,000 mappings also cached in the endpoint's IOTLB, as they are once a
-//!   backend has used them (each UNMAP then searches a 10,000-entry IOTLB).
+//!   after a backend touched all 10,000 mappings, so the endpoint's IOTLB is full (it
+//!   holds at most `IOTLB_ENTRIES`, 256) and each UNMAP searches it.
 //! - `translate/hit_*`: `vm_memory::Iommu::translate` of 8 bytes of a 4 KiB mapping
 //!   already in the IOTLB, taking the first `MappedRange` and dropping the guard.
-//!   `hit_1_cached`: only that page is cached; `hit_10k_cached`: the same page with all
-//!   10,000 mappings cached; `hit_10k_cached_rotating`: every iteration a different
-//!   one of the 10,000 cached pages, in a scrambled order.
+//!   `hit_1_cached`: only that page is cached; `hit_10k_cached`: the same page in a
+//!   domain of 10,000 mappings after all were touched (the IOTLB then holds its
+//!   capacity, 256 entries); `hit_10k_cached_rotating`: every iteration a different one
+//!   of the 10,000 pages in a scrambled order: with a 256-entry IOTLB nearly all of
+//!   these miss, so this shows the cost of a working set larger than the IOTLB.
 //! - `translate/miss_fill`: the same translation on an IOTLB miss that fills the entry
 //!   from the tables. Every timed translation is the first touch of a distinct page
 //!   after the endpoint's IOTLB was emptied, so every one misses: `iter_custom` runs

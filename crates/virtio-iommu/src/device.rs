@@ -15,7 +15,7 @@ use crate::wire::{
     VIRTIO_IOMMU_F_MAP_UNMAP, VIRTIO_IOMMU_F_MMIO, VIRTIO_IOMMU_F_PROBE,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use virtio_queue::QueueT;
 use vm_memory::iommu::Iotlb;
@@ -193,6 +193,7 @@ impl VirtioIommu {
         let shared = Arc::new(Shared {
             tables: RwLock::new(tables),
             iotlbs: (0..n).map(|_| RwLock::new(Iotlb::new())).collect(),
+            iotlb_fills: (0..n).map(|_| AtomicUsize::new(0)).collect(),
             subscribers: RwLock::new(vec![Vec::new(); n]),
             has_subscribers: AtomicBool::new(false),
             faults: Mutex::new(FaultQueue::default()),

@@ -22,11 +22,14 @@ use crate::wire::{
 use crate::{EndpointId, Iova};
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use vm_memory::iommu::{Error as IommuError, Iotlb, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, Iommu, Permissions};
 use zerocopy::byteorder::little_endian::{U32, U64};
+
+/// Most entries an endpoint's IOTLB holds before it is emptied and refilled on demand.
+pub const IOTLB_ENTRIES: usize = 256;
 
 /// Told, per endpoint, every change in what that endpoint can reach, while the change
 /// is being made (before the guest sees the request complete). Implementations must not
@@ -58,6 +61,10 @@ pub(crate) struct FaultQueue {
 pub(crate) struct Shared {
     pub(crate) tables: RwLock<Tables>,
     pub(crate) iotlbs: Box<[RwLock<Iotlb>]>,
+    /// Entries filled into each IOTLB since it was last emptied (an upper bound on its
+    /// size: merges and invalidations only shrink it). Changed under that IOTLB's
+    /// write lock.
+    pub(crate) iotlb_fills: Box<[AtomicUsize]>,
     pub(crate) subscribers: RwLock<Vec<Vec<Arc<dyn MappingSubscriber>>>>,
     pub(crate) has_subscribers: AtomicBool,
     pub(crate) faults: Mutex<FaultQueue>,
@@ -96,7 +103,11 @@ impl Shared {
                     write(&self.iotlbs[ep.index]).invalidate_mapping(base, len);
                 }
             }
-            MappingEvent::Identity(_) => write(&self.iotlbs[ep.index]).invalidate_all(),
+            MappingEvent::Identity(_) => {
+                let mut tlb = write(&self.iotlbs[ep.index]);
+                tlb.invalidate_all();
+                self.iotlb_fills[ep.index].store(0, Ordering::Relaxed);
+            }
         }
         if self.has_subscribers.load(Ordering::Acquire) {
             for s in &read(&self.subscribers)[ep.index] {
@@ -185,7 +196,15 @@ impl Iommu for EndpointIommu {
         let tables = read(&self.shared.tables);
         let filled = {
             let mut tlb = write(iotlb);
+            // A bounded IOTLB, as in hardware: when full, start over. Keeps lookups
+            // and fills fast and the cache's memory bounded whatever the guest maps.
+            let fills = &self.shared.iotlb_fills[self.index];
+            if fills.load(Ordering::Relaxed) >= IOTLB_ENTRIES {
+                tlb.invalidate_all();
+                fills.store(0, Ordering::Relaxed);
+            }
             tables.resolve(self.index, iova.0, end, access, |from, to, len, perms| {
+                fills.fetch_add(1, Ordering::Relaxed);
                 // `resolve` only yields non-empty spans ending at or below u64::MAX,
                 // which is what `set_mapping` needs; it never fails.
                 let _ = tlb.set_mapping(GuestAddress(from), GuestAddress(to), len as usize, perms);

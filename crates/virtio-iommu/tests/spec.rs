@@ -1337,6 +1337,37 @@ fn mappings_up_to_u64_max_are_accepted_and_translate_below_the_last_byte() {
     assert_eq!(read_ok(&dev, EP1, top), None);
 }
 
+#[test]
+fn translations_stay_exact_across_iotlb_capacity_flushes() {
+    let (mut dev, mut g) = setup();
+    send_all(&mut g, &mut dev, &[attach(1, EP1)]);
+    let n = 3 * virtio_iommu::translate::IOTLB_ENTRIES as u64;
+    for i in 0..n {
+        send_all(
+            &mut g,
+            &mut dev,
+            &[map(
+                1,
+                i * PAGE,
+                (i + 1) * PAGE - 1,
+                0x8000_0000 + 2 * i * PAGE,
+                R,
+            )],
+        );
+    }
+    for round in 0..2 {
+        for i in (0..n).rev() {
+            assert_eq!(
+                read_ok(&dev, EP1, i * PAGE + 8),
+                Some(0x8000_0000 + 2 * i * PAGE + 8),
+                "round {round} page {i}"
+            );
+        }
+    }
+    send_all(&mut g, &mut dev, &[unmap(1, 0, n * PAGE - 1)]);
+    assert_eq!(read_ok(&dev, EP1, 8), None);
+}
+
 #[derive(Default)]
 struct Recorder(Mutex<Vec<(EndpointId, MappingEvent)>>);
 

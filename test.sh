@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test run of Aperture, from a fresh clone on Debian 12 (bookworm):
 # formatting, lints, then every unit, integration, property and doc test
-# (`aperture demo` runs too, as an end-to-end smoke test in crates/aperture/tests/cli.rs).
+# (`aperture demo` runs too, as an end-to-end smoke test in crates/aperture/tests/cli.rs),
+# then the end-to-end suite scripts/e2e.sh (a real guest against `aperture serve`).
 # CI runs exactly this script (.ci/run).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -53,5 +54,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 say "cargo test --workspace"
 cargo test --workspace
+
+# End-to-end: an unmodified Linux guest under QEMU against `aperture serve`. Provisions
+# QEMU and the guest kernel first (cached; needs root the first time, as CI runs).
+say "scripts/e2e.sh"
+scripts/e2e.sh
 
 say "PASS: formatting, lints and all tests of the workspace"

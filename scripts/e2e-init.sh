@@ -12,6 +12,10 @@
 #   aperture.settle=SECS    how long to wait for the devices to bind (default 20)
 #   aperture.watchdog=SECS  after this long, print "APERTURE-E2E watchdog-expired", dump
 #                           dmesg and power off, even if I/O hangs (default 600)
+#   aperture.fault_sector=S before the block phase, read sector S alone (512 bytes, O_DIRECT)
+#                           and print fault-read (for `aperture serve --test-fault-sector S`,
+#                           which aims that read's DMA at an unmapped IOVA: expected "fail";
+#                           without that switch it is a plain one-sector read: "ok")
 #
 # Output, one line each (host side: grep '^APERTURE-E2E '):
 #   APERTURE-E2E start <uname -r>
@@ -22,6 +26,9 @@
 #   APERTURE-E2E iommu-group <pci addr> <group>
 #   APERTURE-E2E iommu-group-type <group> <DMA|DMA-FQ|identity|...>
 #   APERTURE-E2E iommu-groups <number of PCI devices in a group>
+#   APERTURE-E2E fault-read ok <md5 of the sector>  (only with aperture.fault_sector)
+#   APERTURE-E2E fault-read fail <dd's error message>
+#   APERTURE-E2E fault-read skipped <bad-sector=S|no-disk>
 #   APERTURE-E2E blk-size <bytes>                  (only with /dev/vda)
 #   APERTURE-E2E blk-read-md5 <md5 of the first N MiB of /dev/vda, read with O_DIRECT>
 #   APERTURE-E2E blk-write-md5 <md5 of the N MiB written at offset N MiB>
@@ -33,7 +40,8 @@
 #   APERTURE-E2E rng-md5 <md5 of those bytes>      (when any were read)
 #   APERTURE-E2E rng absent                        when there is no hwrng source (rng_current "none")
 #   APERTURE-E2E dmesg-faults <count of "fault from EP" lines>
-#   APERTURE-DMESG <line>                          dmesg lines matching iommu, virtio, viot or fault (not "default")
+#   APERTURE-DMESG <line>                          dmesg lines matching iommu, virtio, viot, fault (not
+#                                                  "default") or "I/O error"
 #   APERTURE-E2E done
 # then `poweroff -f`. Module load failures print "APERTURE-ERROR: ..." (aperture-load-modules).
 # The host can recompute the write checksum with: yes WORD | head -c $((N << 20)) | md5sum
@@ -51,17 +59,18 @@ link_name() { if [ -e "$1" ]; then basename "$(readlink "$1")"; else echo none; 
 is_uint() { case "$1" in '' | *[!0-9]*) return 1 ;; *) return 0 ;; esac; }
 # "fault" as a word start only, so that "default" does not match.
 dump_dmesg() {
-    dmesg | grep -i -E 'iommu|virtio|viot|(^|[^a-z])fault' | sed 's/^/APERTURE-DMESG /'
+    dmesg | grep -i -E 'iommu|virtio|viot|(^|[^a-z])fault|I/O error' | sed 's/^/APERTURE-DMESG /'
 }
 
 # --- parameters --------------------------------------------------------------------------
-MIB=64 PATTERN=APERTURE SETTLE=20 WATCHDOG=600
+MIB=64 PATTERN=APERTURE SETTLE=20 WATCHDOG=600 FAULT_SECTOR=
 for w in $(cat /proc/cmdline); do
     case "$w" in
         aperture.mib=*) MIB=${w#aperture.mib=} ;;
         aperture.pattern=*) PATTERN=${w#aperture.pattern=} ;;
         aperture.settle=*) SETTLE=${w#aperture.settle=} ;;
         aperture.watchdog=*) WATCHDOG=${w#aperture.watchdog=} ;;
+        aperture.fault_sector=*) FAULT_SECTOR=${w#aperture.fault_sector=} ;;
     esac
 done
 is_uint "$SETTLE" || { echo "APERTURE-ERROR: bad aperture.settle=$SETTLE, using 20"; SETTLE=20; }
@@ -148,6 +157,35 @@ for g in /sys/kernel/iommu_groups/*; do
     [ -r "$g/type" ] && e2e iommu-group-type "${g##*/}" "$(cat "$g/type")"
 done
 e2e iommu-groups "$ngroups"
+
+# --- one-sector read (the fault test) -------------------------------------------------------
+# Before the block phase, so that the block phase shows the device still works after it.
+fault_read() {
+    if ! is_uint "$FAULT_SECTOR"; then
+        echo "APERTURE-ERROR: bad aperture.fault_sector=$FAULT_SECTOR"
+        e2e fault-read skipped "bad-sector=$FAULT_SECTOR"
+        return
+    fi
+    [ -b /dev/vda ] || { e2e fault-read skipped no-disk; return; }
+    rm -f /tmp/fault.bin /tmp/fault.err
+    # Not `bs=512 skip=S count=1 iflag=direct`: busybox dd mallocs buffers smaller than a
+    # page, unaligned for O_DIRECT; the read then fails with EINVAL and dd silently
+    # retries it buffered (a 4 KiB readahead, retried once more by the page cache).
+    # bs=4096 gets a page-aligned buffer; the byte counts make it one 512-byte read.
+    if dd if=/dev/vda of=/tmp/fault.bin bs=4096 skip=$((FAULT_SECTOR * 512)) count=512 \
+        iflag=direct,skip_bytes,count_bytes 2>/tmp/fault.err; then
+        n=$(wc -c </tmp/fault.bin)
+        if [ "$n" -eq 512 ]; then
+            sum=$(md5sum </tmp/fault.bin)
+            e2e fault-read ok "${sum%% *}"
+        else
+            e2e fault-read fail "short read: $n bytes"
+        fi
+    else
+        e2e fault-read fail "$(tr '\n' ' ' </tmp/fault.err)"
+    fi
+}
+[ -z "$FAULT_SECTOR" ] || fault_read
 
 # --- block: read the host's pattern, write ours --------------------------------------------
 blk() {

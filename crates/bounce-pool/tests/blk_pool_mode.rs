@@ -1,0 +1,334 @@
+//! virtio-blk from `virtio-devices`, unchanged, serving a guest in pool mode: the
+//! device's memory is an `IommuMemory` over [`PoolIommu`], so it reaches the pool and
+//! nothing else; the guest's fake driver puts the ring in a coherent allocation from
+//! the pool and bounces every header, data buffer and status byte through it with
+//! [`GuestDma`], as Linux does for a device with a `restricted-dma-pool`. Reads and
+//! writes round-trip; a descriptor that points at guest RAM outside the pool is denied
+//! by the address space and fails only its own request.
+
+#![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
+
+use bounce_pool::*;
+use std::path::PathBuf;
+use std::sync::Arc;
+use virtio_bindings::virtio_blk::*;
+use virtio_devices::block::request::RequestHeader;
+use virtio_devices::{Block, BlockConfig};
+use virtio_pci::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, IommuMemory};
+use zerocopy::byteorder::little_endian::{U32, U64};
+use zerocopy::IntoBytes;
+
+type Mem = GuestMemoryMmap<()>;
+type DevMem = IommuMemory<Mem, PoolIommu>;
+
+const RAM: usize = 16 << 20;
+/// The restricted pool: 2 MiB at 8 MiB.
+const POOL: u64 = 0x80_0000;
+const POOL_SIZE: u64 = 2 << 20;
+/// The guest's own buffers, outside the pool: headers, status bytes, data.
+const HDR: u64 = 0x10_0000;
+const STATUS: u64 = 0x11_0000;
+const DATA: u64 = 0x20_0000;
+const SECTOR: u64 = 512;
+const OK: u8 = VIRTIO_BLK_S_OK as u8;
+const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+
+struct TempImage(PathBuf);
+
+impl TempImage {
+    fn new(tag: &str, contents: &[u8]) -> Self {
+        let p = std::env::temp_dir().join(format!("bounce-{}-{tag}.img", std::process::id()));
+        std::fs::write(&p, contents).unwrap();
+        Self(p)
+    }
+    fn contents(&self) -> Vec<u8> {
+        std::fs::read(&self.0).unwrap()
+    }
+}
+
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect()
+}
+
+fn r(addr: DmaAddr, len: usize) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr.0, len as u32, 0, 0))
+}
+
+fn w(addr: DmaAddr, len: usize) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr.0, len as u32, 2, 0))
+}
+
+fn header(request_type: u32, sector: u64) -> Vec<u8> {
+    RequestHeader {
+        request_type: U32::new(request_type),
+        reserved: U32::new(0),
+        sector: U64::new(sector),
+    }
+    .as_bytes()
+    .to_vec()
+}
+
+/// The guest: RAM, the pool, its DMA API, and a ring in coherent pool memory.
+struct Guest {
+    dma: GuestDma<Mem>,
+    ring: DmaAddr,
+}
+
+impl Guest {
+    fn new() -> Self {
+        let mem = Mem::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
+        let pool = BouncePool::new(
+            &mem,
+            &PoolConfig {
+                base: Gpa(POOL),
+                size: POOL_SIZE,
+                areas: 1,
+            },
+        )
+        .unwrap();
+        let dma = GuestDma::new(mem, Arc::new(pool), DeviceDma::default());
+        // vring_alloc_queue(): dma_alloc_coherent, which a restricted pool serves.
+        let ring = dma.alloc_coherent(8192).unwrap();
+        Self { dma, ring }
+    }
+
+    fn mem(&self) -> &Mem {
+        self.dma.memory()
+    }
+
+    fn queue(&self) -> MockSplitQueue<'_, Mem> {
+        MockSplitQueue::create(self.mem(), GuestAddress(self.ring.0), 256)
+    }
+
+    /// What the device gets: the pool and nothing else.
+    fn device_memory(&self) -> DevMem {
+        let iommu = PoolIommu::for_pool(self.dma.pool()).unwrap();
+        IommuMemory::new(self.mem().clone(), iommu, true, ())
+    }
+}
+
+fn blk(img: &TempImage) -> Block {
+    let mut b = Block::new(&BlockConfig {
+        path: img.0.clone(),
+        read_only: false,
+        access_platform: true,
+        test_stray_sector: None,
+    })
+    .unwrap();
+    <Block as VirtioDevice<DevMem>>::set_acked_features(
+        &mut b,
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM),
+    );
+    b
+}
+
+/// One request as virtio_blk does it: header, data and status mapped through the DMA
+/// API (data split at `max_mapping_size`), posted, served, used entry read, all
+/// unmapped (status and read data copied back). Returns (used length, status byte).
+#[allow(clippy::too_many_arguments)] // one request, spelled out as the driver has it
+fn request(
+    g: &Guest,
+    q: &MockSplitQueue<'_, Mem>,
+    queue: &mut Queue,
+    dev: &mut Block,
+    dev_mem: &DevMem,
+    request_type: u32,
+    sector: u64,
+    data_len: usize,
+) -> (u32, u8) {
+    g.mem()
+        .write_slice(&header(request_type, sector), GuestAddress(HDR))
+        .unwrap();
+    g.mem().write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    let to = DmaDirection::ToDevice;
+    let from = DmaDirection::FromDevice;
+    let data_dir = if request_type == VIRTIO_BLK_T_IN {
+        from
+    } else {
+        to
+    };
+    let hdr = g.dma.map(Gpa(HDR), 16, to).unwrap();
+    let mut data = Vec::new();
+    let mut at = 0;
+    while at < data_len {
+        let len = (data_len - at).min(g.dma.max_mapping_size());
+        data.push((
+            g.dma.map(Gpa(DATA + at as u64), len, data_dir).unwrap(),
+            len,
+        ));
+        at += len;
+    }
+    let status = g.dma.map(Gpa(STATUS), 1, from).unwrap();
+    let mut descs = vec![r(hdr, 16)];
+    for &(a, len) in &data {
+        descs.push(if data_dir == from {
+            w(a, len)
+        } else {
+            r(a, len)
+        });
+    }
+    descs.push(w(status, 1));
+    let used_before = q.used().idx().load();
+    q.build_desc_chain(&descs).unwrap();
+    dev.process_queue(0, queue, dev_mem).unwrap();
+    assert_eq!(q.used().idx().load(), used_before.wrapping_add(1));
+    let used = q
+        .used()
+        .ring()
+        .ref_at(usize::from(used_before % 256))
+        .unwrap()
+        .load()
+        .len();
+    g.dma.unmap(hdr, 16, to).unwrap();
+    for (a, len) in data {
+        g.dma.unmap(a, len, data_dir).unwrap();
+    }
+    g.dma.unmap(status, 1, from).unwrap();
+    (used, g.mem().read_obj(GuestAddress(STATUS)).unwrap())
+}
+
+#[test]
+fn blk_serves_a_pool_mode_guest_writes_and_reads_round_trip_through_the_pool() {
+    let g = Guest::new();
+    let img = TempImage::new("rt", &vec![0u8; 2048 * 512]);
+    let mut dev = blk(&img);
+    let dev_mem = g.device_memory();
+    let q = g.queue();
+    let mut queue: Queue = q.create_queue().unwrap();
+
+    // Write 300 KiB (two segments: 256 KiB + 44 KiB) at sector 8.
+    let len = 300 << 10;
+    let data = pattern(len, 7);
+    g.mem().write_slice(&data, GuestAddress(DATA)).unwrap();
+    let out = request(
+        &g,
+        &q,
+        &mut queue,
+        &mut dev,
+        &dev_mem,
+        VIRTIO_BLK_T_OUT,
+        8,
+        len,
+    );
+    assert_eq!(out, (1, OK));
+    let at = 8 * SECTOR as usize;
+    assert!(img.contents()[at..at + len] == data[..], "on disk");
+
+    // Read it back into a cleared buffer.
+    g.mem()
+        .write_slice(&vec![0u8; len], GuestAddress(DATA))
+        .unwrap();
+    let back = request(
+        &g,
+        &q,
+        &mut queue,
+        &mut dev,
+        &dev_mem,
+        VIRTIO_BLK_T_IN,
+        8,
+        len,
+    );
+    assert_eq!(back, (1 + len as u32, OK));
+    let mut got = vec![0u8; len];
+    g.mem().read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert!(got == data, "read back through the bounce buffers");
+
+    // Flush, and nothing was ever denied; every streaming slot was given back.
+    let flush = request(
+        &g,
+        &q,
+        &mut queue,
+        &mut dev,
+        &dev_mem,
+        VIRTIO_BLK_T_FLUSH,
+        0,
+        0,
+    );
+    assert_eq!(flush, (1, OK));
+    assert_eq!(dev_mem.iommu().faults(), 0);
+    assert_eq!(dev.counters().ok, 3);
+    let ring_slots = 4; // the 8 KiB coherent ring
+    assert_eq!(g.dma.pool().stats().used_slots, ring_slots);
+}
+
+#[test]
+fn blk_descriptor_pointing_outside_the_pool_is_denied_and_fails_only_its_request() {
+    let g = Guest::new();
+    let img = TempImage::new("deny", &pattern(64 * 512, 3));
+    let before = img.contents();
+    let mut dev = blk(&img);
+    let dev_mem = g.device_memory();
+    let q = g.queue();
+    let mut queue: Queue = q.create_queue().unwrap();
+    let to = DmaDirection::ToDevice;
+    let from = DmaDirection::FromDevice;
+
+    // A write whose data descriptor is the guest-physical address of a RAM buffer
+    // instead of a bounce buffer: the device may not read it.
+    g.mem()
+        .write_slice(&[0xee; 512], GuestAddress(DATA))
+        .unwrap();
+    g.mem()
+        .write_slice(&header(VIRTIO_BLK_T_OUT, 0), GuestAddress(HDR))
+        .unwrap();
+    g.mem().write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    let hdr = g.dma.map(Gpa(HDR), 16, to).unwrap();
+    let status = g.dma.map(Gpa(STATUS), 1, from).unwrap();
+    q.build_desc_chain(&[r(hdr, 16), r(DmaAddr(DATA), 512), w(status, 1)])
+        .unwrap();
+    dev.process_queue(0, &mut queue, &dev_mem).unwrap();
+    g.dma.unmap(hdr, 16, to).unwrap();
+    g.dma.unmap(status, 1, from).unwrap();
+    let st: u8 = g.mem().read_obj(GuestAddress(STATUS)).unwrap();
+    assert_eq!(st, IOERR);
+    assert!(
+        dev_mem.iommu().faults() > 0,
+        "the pool address space denied it"
+    );
+    assert_eq!(img.contents(), before, "file untouched");
+
+    // A read aimed at guest RAM outside the pool: denied, RAM untouched.
+    let faults = dev_mem.iommu().faults();
+    g.mem()
+        .write_slice(&header(VIRTIO_BLK_T_IN, 0), GuestAddress(HDR))
+        .unwrap();
+    let hdr = g.dma.map(Gpa(HDR), 16, to).unwrap();
+    let status = g.dma.map(Gpa(STATUS), 1, from).unwrap();
+    q.build_desc_chain(&[r(hdr, 16), w(DmaAddr(DATA), 512), w(status, 1)])
+        .unwrap();
+    dev.process_queue(0, &mut queue, &dev_mem).unwrap();
+    g.dma.unmap(hdr, 16, to).unwrap();
+    g.dma.unmap(status, 1, from).unwrap();
+    let st: u8 = g.mem().read_obj(GuestAddress(STATUS)).unwrap();
+    assert_eq!(st, IOERR);
+    assert!(dev_mem.iommu().faults() > faults);
+    let mut ram = [0u8; 512];
+    g.mem().read_slice(&mut ram, GuestAddress(DATA)).unwrap();
+    assert_eq!(ram, [0xee; 512], "guest RAM untouched");
+
+    // The device still serves the next, well-formed request.
+    let ok = request(
+        &g,
+        &q,
+        &mut queue,
+        &mut dev,
+        &dev_mem,
+        VIRTIO_BLK_T_OUT,
+        4,
+        512,
+    );
+    assert_eq!(ok, (1, OK));
+    assert_eq!(img.contents()[4 * 512..5 * 512], [0xee; 512]);
+}

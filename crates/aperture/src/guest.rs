@@ -5,18 +5,15 @@
 //! read, write and read back the disk with checksums, read the RNG), checks what the
 //! guest reports against the host, and prints what each device could reach.
 
+use crate::vm::{self, hex, ScriptOut, RAM_MIB};
 use device_host::endpoints::{BlockFactory, RngFactory};
 use device_host::host::{endpoint_id, DeviceHost, EndpointFactory, IommuMode, IOMMU_SLOT};
 use md5::{Digest, Md5};
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
 use virtio_iommu::{RequestType, Status};
 
-/// Guest RAM.
-const RAM_MIB: u32 = 512;
 /// How long the guest may take before the demo gives up on it.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -31,78 +28,6 @@ pub(crate) struct Options {
 
 fn say(msg: &str) {
     eprintln!("aperture demo: {msg}");
-}
-
-/// The repository the binary was built from: the demo runs from a clone.
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Runs a provisioning script, its progress going to our stderr.
-fn script(name: &str, args: &[&str]) -> Result<(), String> {
-    let path = repo().join("scripts").join(name);
-    let status = Command::new("bash")
-        .arg(&path)
-        .args(args)
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
-        .status()
-        .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} {} failed ({status})",
-            path.display(),
-            args.join(" ")
-        ))
-    }
-}
-
-/// `KEY=VALUE` lines of the provisioning cache's env file.
-fn cache_env() -> Result<BTreeMap<String, String>, String> {
-    let cache = std::env::var("APERTURE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            Path::new(&std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/aperture")
-        });
-    let path = cache.join("env");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect())
-}
-
-/// A disk of `2 * mib` MiB: deterministic host data, then zeros for the guest to write.
-/// Returns the md5 of the host data.
-fn make_disk(path: &Path, mib: u32) -> Result<String, String> {
-    let err = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
-    let mut f = std::fs::File::create(path).map_err(err)?;
-    let mut md5 = Md5::new();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut chunk = vec![0u8; 1 << 20];
-    for _ in 0..mib {
-        for w in chunk.chunks_exact_mut(8) {
-            // xorshift64: cheap, deterministic, not compressible.
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            w.copy_from_slice(&x.to_le_bytes());
-        }
-        md5.update(&chunk);
-        f.write_all(&chunk).map_err(err)?;
-    }
-    f.set_len((u64::from(mib) * 2) << 20).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    Ok(hex(&md5.finalize()))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// md5 of `yes APERTURE | head -c N MiB`, what the guest writes.
@@ -154,30 +79,42 @@ pub(crate) fn run(opts: Options) -> ExitCode {
     }
 }
 
+/// The guest's kernel command line.
+fn append(opts: Options) -> String {
+    let mut append = format!(
+        "console=ttyS0 panic=-1 loglevel=4 aperture.mib={}",
+        opts.mib
+    );
+    if opts.strict {
+        append.push_str(" iommu.strict=1");
+    }
+    append
+}
+
 fn run_inner(opts: Options) -> Result<bool, String> {
     say(
         "provisioning QEMU (vfio-user-pci) and the Debian guest kernel; cached after the first run",
     );
-    script("provision.sh", &[]).map_err(|e| format!("provisioning failed: {e}"))?;
-    let env = cache_env()?;
-    let get = |k: &str| {
-        env.get(k)
-            .cloned()
-            .ok_or(format!("provisioning left no {k} in its env file"))
-    };
-    let (qemu, kernel) = (get("APERTURE_QEMU")?, get("APERTURE_KERNEL_PVH")?);
+    vm::script("provision.sh", &[], ScriptOut::Stdout)
+        .map_err(|e| format!("provisioning failed: {e}"))?;
+    let env = vm::cache_env()?;
+    let (qemu, kernel) = (
+        vm::env_key(&env, "APERTURE_QEMU")?,
+        vm::env_key(&env, "APERTURE_KERNEL_PVH")?,
+    );
 
     let work = std::env::temp_dir().join(format!("aperture-demo-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
     let initrd = work.join("initramfs.cpio.gz");
-    let init = repo().join("scripts/e2e-init.sh");
-    script(
+    let init = vm::repo().join("scripts/e2e-init.sh");
+    vm::script(
         "mkinitramfs.sh",
         &[&initrd.to_string_lossy(), "--init", &init.to_string_lossy()],
+        ScriptOut::Stdout,
     )?;
     say(&format!("making a {} MiB disk image", 2 * opts.mib));
     let disk = work.join("disk.img");
-    let host_md5 = make_disk(&disk, opts.mib)?;
+    let host_md5 = vm::make_disk(&disk, opts.mib, 2 * opts.mib)?;
 
     let endpoints: Vec<Box<dyn EndpointFactory>> = vec![
         Box::new(BlockFactory::new("blk0", &disk, false).map_err(|e| e.to_string())?),
@@ -186,85 +123,32 @@ fn run_inner(opts: Options) -> Result<bool, String> {
     let host = DeviceHost::new(&work.join("serve"), opts.mode, RAM_MIB, endpoints)
         .map_err(|e| e.to_string())?;
     let iommu = host.iommu();
-    let args: Vec<String> = host.qemu_args().to_vec();
+    let mut args = vm::base_args(&kernel, &initrd, &append(opts));
+    args.extend(host.qemu_args().iter().cloned());
     let served = std::thread::spawn(move || host.run(Duration::from_secs(3)));
 
-    let mut append = format!(
-        "console=ttyS0 panic=-1 loglevel=4 aperture.mib={}",
-        opts.mib
-    );
-    if opts.strict {
-        append.push_str(" iommu.strict=1");
-    }
     say(&format!("booting Linux under QEMU TCG with a disk and an RNG served by this process (--iommu {:?}, {})", opts.mode, if opts.strict { "strict" } else { "lazy" }));
-    let t0 = Instant::now();
-    let mut child = Command::new(&qemu)
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .args([
-            "-machine", "q35", "-accel", "tcg", "-smp", "1", "-kernel", &kernel,
-        ])
-        .args(["-initrd", &initrd.to_string_lossy(), "-append", &append])
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start {qemu}: {e}"))?;
-    let stdout = child.stdout.take().ok_or("QEMU has no stdout")?;
-    // Kill QEMU if the guest hangs; told to stand down once QEMU has exited.
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        if done_rx.recv_timeout(BOOT_TIMEOUT).is_err() {
-            // SAFETY: kill(2) takes no pointers; `pid` is our child, not yet reaped
-            // (we reap it only after this thread is told to stand down or fires).
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-    });
     let console_path = work.join("console.log");
-    let mut console = std::fs::File::create(&console_path).map_err(|e| e.to_string())?;
-    let mut markers: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut t_init = None;
-    for line in BufReader::new(stdout).lines() {
-        let Ok(line) = line else { break };
-        let line = line.trim_end_matches('\r').to_string();
-        let _ = writeln!(console, "{line}");
-        if let Some(rest) = line.strip_prefix("APERTURE-E2E ") {
-            let (k, v) = rest.split_once(' ').unwrap_or((rest, ""));
+    let guest = vm::boot(
+        &qemu,
+        &args,
+        &console_path,
+        "APERTURE-E2E",
+        BOOT_TIMEOUT,
+        |k, _, elapsed| {
             if k == "start" {
-                t_init = Some(t0.elapsed());
+                t_init = Some(elapsed);
                 say("guest init is running the workload");
             }
-            markers
-                .entry(k.to_string())
-                .or_default()
-                .push(v.to_string());
-        }
-    }
-    let qemu_status = child.wait();
-    let _ = done_tx.send(());
-    let _ = watchdog.join();
-    let qemu_status = qemu_status.map_err(|e| e.to_string())?;
-    let wall = t0.elapsed();
+        },
+    )?;
+    let (markers, qemu_status, wall) = (&guest.markers, guest.status, guest.wall);
     let results = served
         .join()
         .map_err(|_| "the device host panicked".to_string())?;
 
-    let first = |k: &str| {
-        markers
-            .get(k)
-            .and_then(|v| v.first())
-            .cloned()
-            .unwrap_or_default()
-    };
+    let first = |k: &str| guest.first(k);
     let mut checks = Vec::new();
     let mut check = |what: &str, ok: bool, detail: String| {
         checks.push(Check {

@@ -1,16 +1,21 @@
 //! `aperture`, the one binary of the Aperture workspace.
 //!
-//! Today it has one subcommand, `demo`, which plays the requests Linux's virtio-iommu
-//! driver sends against the `virtio-iommu` device model (through its fake guest
-//! driver and real split virtqueues) and shows what device backends can and cannot
-//! reach afterwards. Every step is checked, so `demo` doubles as an end-to-end smoke
-//! test. The command line is defined here; the scenario lives in [`demo`] and its
-//! rendering in [`report`].
+//! Its subcommands: `serve` ([`serve`]) serves our virtio-iommu and the devices behind
+//! it to QEMU over vfio-user; `demo` boots an unmodified Linux guest against them
+//! ([`guest`]), or with `--model` plays the requests Linux's virtio-iommu driver sends
+//! against the device model through its fake guest driver ([`demo`], rendered by
+//! [`report`]); `bench` ([`bench`]) measures in-guest disk throughput against QEMU's own
+//! devices. What `demo` and `bench` share to boot the guest lives in [`vm`]. Every step
+//! of `demo` is checked, so it doubles as an end-to-end smoke test. The command line is
+//! defined here.
 
+mod bench;
 mod demo;
 mod guest;
+mod layout;
 mod report;
 mod serve;
+mod vm;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -30,8 +35,9 @@ Aperture serves it and the devices behind it to QEMU over vfio-user.",
 aperture demo                  boot Linux with a disk and an RNG behind our virtio-iommu\n  \
 aperture demo --iommu off      the same without it: every device reaches all RAM\n  \
 aperture demo --model          the device model driven as Linux drives it (no QEMU)\n  \
-aperture serve --dir /tmp/vm --disk disk.img --rng   serve them to your own QEMU\n\n\
-Not yet implemented: backend, layout, bench.\n\
+aperture serve --dir /tmp/vm --disk disk.img --rng   serve them to your own QEMU\n  \
+aperture bench                 in-guest disk throughput: ours against QEMU's own devices\n\n\
+Not yet implemented: backend (out-of-process backends).\n\
 Exit status: 0 success, 1 a demo check failed, 2 bad command line.",
     arg_required_else_help = true
 )]
@@ -75,6 +81,15 @@ fn parse_disk(s: &str) -> Result<DiskArg, String> {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Plan a q35 guest's memory around the reserved memory (RMRRs, reserved_regions)
+    /// of the devices to assign: low RAM ends below the regions, the rest goes above
+    /// 4 GiB, nothing is lost. Prints the e820, each region with its devices and what
+    /// was done with it (reserved, identity, dropped), and every conflict.
+    #[command(after_help = "Examples:\n  \
+aperture layout --ram 8G --dmar /sys/firmware/acpi/tables/DMAR --assign 00:02.0\n  \
+aperture layout --ram 4G --reserved-regions /sys/kernel/iommu_groups/7/reserved_regions --assign 00:14.0,relaxed --json\n\n\
+Exit status: 0 planned, 1 a strict conflict makes the plan impossible, 2 bad input.")]
+    Layout(layout::Args),
     /// Serve virtio-pci devices to QEMU over vfio-user: our virtio-iommu and the
     /// devices behind it.
     ///
@@ -154,12 +169,57 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
         #[arg(long)]
         json: bool,
     },
+    /// Measure in-guest disk throughput of our device host against QEMU's own devices.
+    ///
+    /// Boots the same Linux guest (QEMU TCG, q35, 1 vCPU, 512 MiB) once per
+    /// configuration, each time with the same raw disk image (read-only) as its only
+    /// disk, and runs two workloads inside with scripts/guest/diskbench.c (built here
+    /// with gcc -static; libc6-dev is installed with apt if its libc.a is missing):
+    /// 4 KiB random reads and 1 MiB sequential reads, O_DIRECT, one at a time, each
+    /// after a 1 s untimed warm-up. The six configurations (listed under --only) are
+    /// ours and QEMU's own devices (virtio-blk-pci, virtio-iommu-pci: no vfio-user), each
+    /// in three modes: behind a virtio-iommu with iommu.strict=1, behind it with lazy
+    /// invalidation (the guest's default), and without an IOMMU.
+    ///
+    /// Prints a table of IOPS and MiB/s (the median over --runs boots) with each of ours
+    /// as a ratio to QEMU's configuration of the same mode, and aperture-strict against
+    /// aperture-off (the cost of isolation); for ours also the doorbells the disk
+    /// received and the MAP/UNMAP requests per read request. Writes everything,
+    /// including each boot's QEMU arguments, to JSON. A boot whose guest reports another
+    /// IOMMU mode than asked (sysfs group type DMA, DMA-FQ or none) does not count.
+    /// Exit status 1 if any boot failed.
+    #[command(after_help = "Examples:\n  \
+aperture bench\n  \
+aperture bench --runs 3 --seconds 20\n  \
+aperture bench --only aperture-strict,qemu-viommu-strict --seconds 5\n\n\
+Figures come from TCG: they compare paths on this machine, not hardware speeds.")]
+    Bench {
+        /// Boot each configuration N times and report the median.
+        #[arg(long, value_name = "N", default_value_t = 1,
+              value_parser = clap::value_parser!(u32).range(1..=100))]
+        runs: u32,
+        /// Only these configurations (comma-separated).
+        #[arg(long, value_name = "NAME,...", value_enum, value_delimiter = ',')]
+        only: Vec<bench::Config>,
+        /// Timed seconds of each workload in each boot.
+        #[arg(long, value_name = "S", default_value_t = 10,
+              value_parser = clap::value_parser!(u32).range(1..=3600))]
+        seconds: u32,
+        /// Size of the disk image in MiB (random reads span all of it).
+        #[arg(long, value_name = "MIB", default_value_t = 256,
+              value_parser = clap::value_parser!(u32).range(16..=65536))]
+        disk_mib: u32,
+        /// Where to write the JSON [default: target/bench/guest-disk.json in the workspace].
+        #[arg(long, value_name = "PATH")]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     // Usage errors exit with status 2 from here, `--help` and `--version` with 0.
     let cli = Cli::parse();
     match cli.command {
+        Command::Layout(args) => layout::run(args),
         Command::Demo {
             iommu,
             lazy,
@@ -176,6 +236,19 @@ fn main() -> ExitCode {
         Command::Demo {
             endpoints, json, ..
         } => run_demo(endpoints, json),
+        Command::Bench {
+            runs,
+            only,
+            seconds,
+            disk_mib,
+            out,
+        } => bench::run(bench::Options {
+            runs,
+            only,
+            seconds,
+            disk_mib,
+            out,
+        }),
         Command::Serve {
             dir,
             disk,

@@ -1,0 +1,1307 @@
+//! `aperture bench`: in-guest disk throughput of our device host against QEMU's own
+//! devices, every figure a ratio of two configurations measured in the same run on the
+//! same guest.
+//!
+//! Each configuration is one boot of the same kernel and initramfs (QEMU TCG, q35, one
+//! vCPU, 512 MiB of shared-memfd RAM) with the same raw disk image, read-only, as its
+//! only disk. Its init (`scripts/bench-init.sh`) runs `diskbench`
+//! (`scripts/guest/diskbench.c`, built here with `gcc -static`): 4 KiB random reads and
+//! 1 MiB sequential reads, O_DIRECT, queue depth 1, an untimed warm-up before each.
+//! For our configurations the host also counts, over each timed part, the doorbells
+//! the virtio-blk received (each one a vfio-user REGION_WRITE message) and the MAP and
+//! UNMAP requests our virtio-iommu answered. [`crate::vm`] boots the guests.
+
+use crate::vm::{self, ScriptOut, RAM_MIB};
+use device_host::endpoints::BlockFactory;
+use device_host::host::{DeviceHost, EndpointFactory, IommuHandle, IommuMode};
+use md5::{Digest, Md5};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use vfio_bindings::bindings::vfio::VFIO_PCI_BAR0_REGION_INDEX;
+use vfio_user::{DmaMapFlags, DmaUnmapFlags, ServerBackend};
+use virtio_iommu::RequestType;
+use virtio_pci::Bar0Layout;
+
+/// Untimed seconds before each workload (`diskbench -w`).
+const WARMUP_S: u32 = 1;
+/// Where the JSON goes unless `--out` says otherwise, relative to the workspace.
+pub(crate) const DEFAULT_OUT: &str = "target/bench/guest-disk.json";
+/// The marker prefix of `scripts/bench-init.sh` and `diskbench`.
+const PREFIX: &str = "APERTURE-BENCH";
+/// The two workloads, as diskbench names them.
+const RANDREAD: &str = "randread4k";
+const SEQREAD: &str = "seqread1m";
+
+/// One way of serving the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub(crate) enum Config {
+    /// Our device host behind our virtio-iommu, guest booted with iommu.strict=1.
+    ApertureStrict,
+    /// Our device host behind our virtio-iommu, the guest's default lazy invalidation.
+    ApertureLazy,
+    /// Our device host without an IOMMU.
+    ApertureOff,
+    /// QEMU's virtio-blk-pci behind QEMU's virtio-iommu-pci, iommu.strict=1.
+    QemuViommuStrict,
+    /// QEMU's virtio-blk-pci behind QEMU's virtio-iommu-pci, lazy.
+    QemuViommuLazy,
+    /// QEMU's virtio-blk-pci without an IOMMU.
+    QemuOff,
+}
+
+impl Config {
+    /// Every configuration, in table order.
+    pub(crate) const ALL: [Config; 6] = [
+        Config::ApertureStrict,
+        Config::ApertureLazy,
+        Config::ApertureOff,
+        Config::QemuViommuStrict,
+        Config::QemuViommuLazy,
+        Config::QemuOff,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Config::ApertureStrict => "aperture-strict",
+            Config::ApertureLazy => "aperture-lazy",
+            Config::ApertureOff => "aperture-off",
+            Config::QemuViommuStrict => "qemu-viommu-strict",
+            Config::QemuViommuLazy => "qemu-viommu-lazy",
+            Config::QemuOff => "qemu-off",
+        }
+    }
+
+    /// Served by our device host (else by QEMU itself).
+    fn ours(self) -> bool {
+        matches!(
+            self,
+            Config::ApertureStrict | Config::ApertureLazy | Config::ApertureOff
+        )
+    }
+
+    /// The disk sits behind a virtio-iommu.
+    fn translated(self) -> bool {
+        !matches!(self, Config::ApertureOff | Config::QemuOff)
+    }
+
+    fn strict(self) -> bool {
+        matches!(self, Config::ApertureStrict | Config::QemuViommuStrict)
+    }
+
+    /// The QEMU configuration of the same mode, the baseline of our ratios.
+    fn peer(self) -> Option<Config> {
+        match self {
+            Config::ApertureStrict => Some(Config::QemuViommuStrict),
+            Config::ApertureLazy => Some(Config::QemuViommuLazy),
+            Config::ApertureOff => Some(Config::QemuOff),
+            _ => None,
+        }
+    }
+
+    /// The IOMMU group type the guest must report for the disk (sysfs `type`), so a
+    /// run that silently measured another mode is refused.
+    fn group_type(self) -> &'static str {
+        match (self.translated(), self.strict()) {
+            (false, _) => "none",
+            (true, true) => "DMA",
+            (true, false) => "DMA-FQ",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Config::ApertureStrict => "our virtio-blk and virtio-iommu over vfio-user, iommu.strict=1",
+            Config::ApertureLazy => "our virtio-blk and virtio-iommu over vfio-user, lazy (the guest's default)",
+            Config::ApertureOff => "our virtio-blk over vfio-user, no IOMMU",
+            Config::QemuViommuStrict => "QEMU's virtio-blk-pci (iommu_platform=on) behind QEMU's virtio-iommu-pci, iommu.strict=1",
+            Config::QemuViommuLazy => "QEMU's virtio-blk-pci (iommu_platform=on) behind QEMU's virtio-iommu-pci, lazy",
+            Config::QemuOff => "QEMU's virtio-blk-pci, no IOMMU",
+        }
+    }
+}
+
+/// What the bench was asked to do.
+#[derive(Clone, Debug)]
+pub(crate) struct Options {
+    pub(crate) runs: u32,
+    pub(crate) only: Vec<Config>,
+    pub(crate) seconds: u32,
+    pub(crate) disk_mib: u32,
+    pub(crate) out: Option<PathBuf>,
+}
+
+fn say(msg: &str) {
+    eprintln!("aperture bench: {msg}");
+}
+
+/// What our device host counted over one timed workload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct HostCounts {
+    /// Doorbells (queue notify writes) the virtio-blk received.
+    kicks: u64,
+    /// MAP requests our virtio-iommu answered.
+    maps: u64,
+    /// UNMAP requests our virtio-iommu answered.
+    unmaps: u64,
+}
+
+impl HostCounts {
+    fn since(self, before: HostCounts) -> HostCounts {
+        HostCounts {
+            kicks: self.kicks.saturating_sub(before.kicks),
+            maps: self.maps.saturating_sub(before.maps),
+            unmaps: self.unmaps.saturating_sub(before.unmaps),
+        }
+    }
+}
+
+/// Reads our device host's counters while the guest runs.
+struct Sampler {
+    kicks: Arc<AtomicU64>,
+    iommu: Option<IommuHandle>,
+}
+
+impl Sampler {
+    fn sample(&self) -> HostCounts {
+        let (maps, unmaps) = self.iommu.as_ref().map_or((0, 0), |h| {
+            let c = h.counters();
+            let sum = |t: RequestType| c.requests[t as usize].iter().sum::<u64>();
+            (sum(RequestType::Map), sum(RequestType::Unmap))
+        });
+        HostCounts {
+            kicks: self.kicks.load(Ordering::Relaxed),
+            maps,
+            unmaps,
+        }
+    }
+}
+
+/// An endpoint whose queue notifications are counted: the device host's backend for
+/// it, wrapped.
+struct Counted {
+    inner: Box<dyn EndpointFactory>,
+    kicks: Arc<AtomicU64>,
+}
+
+impl EndpointFactory for Counted {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+
+    fn build(
+        self: Box<Self>,
+        iommu: Option<virtio_iommu::EndpointIommu>,
+    ) -> Result<(Box<dyn ServerBackend + Send>, u16), String> {
+        let (inner, vectors) = self.inner.build(iommu)?;
+        Ok((
+            Box::new(CountingBackend {
+                inner,
+                kicks: self.kicks,
+            }),
+            vectors,
+        ))
+    }
+}
+
+/// Forwards everything to `inner`, counting BAR 0 writes into the notify area.
+struct CountingBackend {
+    inner: Box<dyn ServerBackend + Send>,
+    kicks: Arc<AtomicU64>,
+}
+
+impl ServerBackend for CountingBackend {
+    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
+        self.inner.region_read(region, offset, data)
+    }
+
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if region == VFIO_PCI_BAR0_REGION_INDEX
+            && (Bar0Layout::NOTIFY..Bar0Layout::MSIX_TABLE).contains(&offset)
+        {
+            self.kicks.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.region_write(region, offset, data)
+    }
+
+    fn dma_map(
+        &mut self,
+        flags: DmaMapFlags,
+        offset: u64,
+        address: u64,
+        size: u64,
+        fd: Option<File>,
+    ) -> std::io::Result<()> {
+        self.inner.dma_map(flags, offset, address, size, fd)
+    }
+
+    fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> std::io::Result<()> {
+        self.inner.dma_unmap(flags, address, size)
+    }
+
+    fn reset(&mut self) -> std::io::Result<()> {
+        self.inner.reset()
+    }
+
+    fn set_irqs(
+        &mut self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: Vec<File>,
+    ) -> std::io::Result<()> {
+        self.inner.set_irqs(index, flags, start, count, fds)
+    }
+}
+
+/// One workload's result in one boot.
+#[derive(Clone, Debug, PartialEq)]
+struct Workload {
+    /// IOPS (randread4k) or MiB/s (seqread1m).
+    rate: f64,
+    /// Reads done: operations (randread4k) or MiB (seqread1m).
+    count: u64,
+    /// Timed seconds, measured by the guest.
+    seconds: f64,
+    /// Read requests the guest's block layer completed on the device.
+    requests: u64,
+    /// Our device host's counts (our configurations only).
+    host: Option<HostCounts>,
+}
+
+/// `key=value` fields of a marker.
+fn fields(v: &str) -> BTreeMap<&str, &str> {
+    v.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .collect()
+}
+
+/// Parses diskbench's result line for a workload.
+fn parse_workload(value: &str, rate: &str, count: &str) -> Result<Workload, String> {
+    let f = fields(value);
+    let get = |k: &str| {
+        f.get(k)
+            .ok_or(format!("no {k}= in '{value}'"))
+            .and_then(|s| s.parse::<f64>().map_err(|e| format!("{k}={s}: {e}")))
+    };
+    let int = |k: &str| {
+        f.get(k)
+            .ok_or(format!("no {k}= in '{value}'"))
+            .and_then(|s| s.parse::<u64>().map_err(|e| format!("{k}={s}: {e}")))
+    };
+    Ok(Workload {
+        rate: get(rate)?,
+        count: int(count)?,
+        seconds: get("seconds")?,
+        requests: int("requests")?,
+        host: None,
+    })
+}
+
+/// One boot of one configuration.
+struct Run {
+    config: Config,
+    /// 1-based repetition.
+    index: u32,
+    randread: Option<Workload>,
+    seqread: Option<Workload>,
+    group_type: String,
+    /// `uname -r` as the guest printed it.
+    guest_kernel: String,
+    wall: Duration,
+    /// Other processes' CPU use over the timed workloads.
+    others: Option<Interference>,
+    append: String,
+    qemu_args: Vec<String>,
+    console: PathBuf,
+    /// Why the run does not count (empty: it does).
+    problems: Vec<String>,
+}
+
+/// What every boot shares.
+struct Prepared {
+    qemu: String,
+    kernel: String,
+    initrd: PathBuf,
+    disk: PathBuf,
+    work: PathBuf,
+}
+
+pub(crate) fn run(opts: Options) -> ExitCode {
+    match run_inner(&opts) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            say(&format!("FAILED: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_inner(opts: &Options) -> Result<bool, String> {
+    let configs: Vec<Config> = if opts.only.is_empty() {
+        Config::ALL.to_vec()
+    } else {
+        Config::ALL
+            .into_iter()
+            .filter(|c| opts.only.contains(c))
+            .collect()
+    };
+    if cfg!(debug_assertions) {
+        say(
+            "warning: this is a debug build, so our device host runs unoptimised against QEMU's \
+             optimised devices; use `cargo run --release -p aperture -- bench`",
+        );
+    }
+    say("provisioning QEMU and the Debian guest kernel; cached after the first run");
+    vm::script("provision.sh", &[], ScriptOut::Stderr)
+        .map_err(|e| format!("provisioning failed: {e}"))?;
+    let env = vm::cache_env()?;
+    let qemu = vm::env_key(&env, "APERTURE_QEMU")?;
+    let kernel = vm::env_key(&env, "APERTURE_KERNEL_PVH")?;
+    let kernel_release = vm::env_key(&env, "APERTURE_KERNEL_RELEASE")?;
+    let qemu_version = vm::env_key(&env, "APERTURE_QEMU_VERSION")?;
+    let diskbench = build_diskbench()?;
+
+    let work = std::env::temp_dir().join(format!("aperture-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    let initrd = work.join("initramfs.cpio.gz");
+    let init = vm::repo().join("scripts/bench-init.sh");
+    vm::script(
+        "mkinitramfs.sh",
+        &[
+            &initrd.to_string_lossy(),
+            "--init",
+            &init.to_string_lossy(),
+            "--add",
+            &diskbench.to_string_lossy(),
+            "/bin/diskbench",
+        ],
+        ScriptOut::Stderr,
+    )?;
+    say(&format!("making a {} MiB disk image", opts.disk_mib));
+    let disk = work.join("disk.img");
+    vm::make_disk(&disk, opts.disk_mib, opts.disk_mib)?;
+    let prepared = Prepared {
+        qemu,
+        kernel,
+        initrd,
+        disk,
+        work: work.clone(),
+    };
+
+    let date = utc_now();
+    let total = configs.len() as u32 * opts.runs;
+    let mut runs = Vec::new();
+    // Repetitions go round the configurations, so slow drift spreads over all of them.
+    for index in 1..=opts.runs {
+        for &config in &configs {
+            say(&format!(
+                "[{}/{total}] {} (run {index} of {}): booting",
+                runs.len() + 1,
+                config.name(),
+                opts.runs
+            ));
+            let r = run_one(&prepared, config, index, opts)?;
+            let fmt = |w: &Option<Workload>, unit: &str| {
+                w.as_ref()
+                    .map_or("-".to_string(), |w| format!("{:.1} {unit}", w.rate))
+            };
+            if r.problems.is_empty() {
+                say(&format!(
+                    "    {} 4k random reads, {} 1M sequential reads ({:.0} s; other load {})",
+                    fmt(&r.randread, "IOPS"),
+                    fmt(&r.seqread, "MiB/s"),
+                    r.wall.as_secs_f64(),
+                    opt(r.others.map(|o| o.load()), 2)
+                ));
+            } else {
+                say(&format!(
+                    "    does not count: {}; console {}",
+                    r.problems.join("; "),
+                    r.console.display()
+                ));
+            }
+            runs.push(r);
+        }
+    }
+
+    let summary = summarise(&configs, &runs);
+    print!(
+        "{}",
+        table(&summary, opts, &kernel_release, &qemu_version, &runs)
+    );
+    let json = to_json(&summary, &runs, opts, &kernel_release, &qemu_version, &date);
+    let out = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| vm::repo().join(DEFAULT_OUT));
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
+    std::fs::write(&out, text + "\n")
+        .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    println!(
+        "JSON: {}",
+        std::fs::canonicalize(&out).unwrap_or(out).display()
+    );
+    let failed = runs.iter().filter(|r| !r.problems.is_empty()).count();
+    if failed == 0 {
+        let _ = std::fs::remove_dir_all(&work);
+    } else {
+        say(&format!(
+            "{failed} of {} boots did not count; their consoles are in {}",
+            runs.len(),
+            work.display()
+        ));
+    }
+    Ok(failed == 0)
+}
+
+/// The guest's kernel command line for `config`.
+fn append(config: Config, seconds: u32) -> String {
+    // The guest's watchdog ends a hung run well after its workloads should be done.
+    let watchdog = 300 + 4 * (seconds + WARMUP_S);
+    let mut a = format!(
+        "console=ttyS0 panic=-1 loglevel=4 aperture.seconds={seconds} aperture.warmup={WARMUP_S} aperture.watchdog={watchdog}"
+    );
+    if config.strict() {
+        a.push_str(" iommu.strict=1");
+    }
+    a
+}
+
+/// Guest RAM as our device host gives it (`DeviceHost::qemu_args`): a shared memfd,
+/// used for QEMU's configurations too so that only the disk's path differs.
+fn memory_args() -> Vec<String> {
+    [
+        "-m".to_string(),
+        format!("{RAM_MIB}M"),
+        "-object".to_string(),
+        format!("memory-backend-memfd,id=aperture-ram,size={RAM_MIB}M,share=on"),
+        "-machine".to_string(),
+        "memory-backend=aperture-ram".to_string(),
+    ]
+    .to_vec()
+}
+
+/// QEMU's own devices for `config`: the same image, read-only, in the slots our device
+/// host would use (0x10 the IOMMU, 0x11 the disk). `boot-bypass=off` matches our
+/// `IommuMode::On`. The drive keeps QEMU's defaults (cache=writeback, aio=threads):
+/// both sides read through the host's page cache.
+fn qemu_device_args(config: Config, disk: &Path) -> Vec<String> {
+    let mut a = memory_args();
+    a.push("-drive".into());
+    a.push(format!(
+        "file={},format=raw,if=none,id=disk0,readonly=on",
+        disk.display()
+    ));
+    if config.translated() {
+        a.push("-device".into());
+        a.push("virtio-iommu-pci,addr=0x10,boot-bypass=off".into());
+        a.push("-device".into());
+        a.push("virtio-blk-pci,drive=disk0,addr=0x11,iommu_platform=on,disable-legacy=on".into());
+    } else {
+        a.push("-device".into());
+        a.push("virtio-blk-pci,drive=disk0,addr=0x11,disable-legacy=on".into());
+    }
+    a
+}
+
+fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<Run, String> {
+    let dir = p.work.join(format!("{}-{index}", config.name()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let append = append(config, opts.seconds);
+    let mut args = vm::base_args(&p.kernel, &p.initrd, &append);
+    let mut problems = Vec::new();
+
+    let mut sampler = None;
+    let mut served = None;
+    if config.ours() {
+        let kicks = Arc::new(AtomicU64::new(0));
+        let blk = BlockFactory::new("blk0", &p.disk, true).map_err(|e| e.to_string())?;
+        let endpoints: Vec<Box<dyn EndpointFactory>> = vec![Box::new(Counted {
+            inner: Box::new(blk),
+            kicks: Arc::clone(&kicks),
+        })];
+        let mode = if config.translated() {
+            IommuMode::On
+        } else {
+            IommuMode::Off
+        };
+        let host = DeviceHost::new(&dir.join("serve"), mode, RAM_MIB, endpoints)
+            .map_err(|e| e.to_string())?;
+        sampler = Some(Sampler {
+            kicks,
+            iommu: host.iommu(),
+        });
+        args.extend(host.qemu_args().iter().cloned());
+        served = Some(std::thread::spawn(move || host.run(Duration::from_secs(3))));
+    } else {
+        args.extend(qemu_device_args(config, &p.disk));
+    }
+
+    // Host counters at each workload's "begin" and at its result line.
+    let mut begun: BTreeMap<String, HostCounts> = BTreeMap::new();
+    let mut counted: BTreeMap<String, HostCounts> = BTreeMap::new();
+    let console = dir.join("console.log");
+    let timeout = Duration::from_secs(u64::from(600 + 4 * (opts.seconds + WARMUP_S)));
+    // The machine's CPU use from the first workload's start to the last one's end.
+    let (mut cpu_start, mut others) = (None, None);
+    let guest = vm::boot(
+        &p.qemu,
+        &args,
+        &console,
+        PREFIX,
+        timeout,
+        |k, v, elapsed| {
+            if k == "begin" && v == RANDREAD {
+                cpu_start = cpu_sample().map(|c| (c, elapsed));
+            } else if k == SEQREAD {
+                if let (Some((a, t0)), Some(b)) = (cpu_start, cpu_sample()) {
+                    others = Some(Interference::between(a, b, elapsed.saturating_sub(t0)));
+                }
+            }
+            let Some(s) = &sampler else { return };
+            if k == "begin" {
+                begun.insert(v.to_string(), s.sample());
+            } else if let Some(before) = begun.get(k) {
+                counted.insert(k.to_string(), s.sample().since(*before));
+            }
+        },
+    )?;
+    if let Some(served) = served {
+        match served.join() {
+            Ok(results) => {
+                for (name, r) in results {
+                    if let Err(e) = r {
+                        problems.push(format!("device host: {name}: {e}"));
+                    }
+                }
+            }
+            Err(_) => problems.push("the device host panicked".into()),
+        }
+    }
+
+    if !guest.status.success() {
+        problems.push(format!("QEMU: {}", guest.status));
+    }
+    for e in guest.markers.get("error").into_iter().flatten() {
+        problems.push(format!("diskbench: {e}"));
+    }
+    if guest.markers.contains_key("watchdog-expired") {
+        problems.push("the guest's watchdog expired".into());
+    }
+    if !guest.markers.contains_key("done") {
+        problems.push("the guest's init did not finish".into());
+    }
+    let exit = guest.first("diskbench-exit");
+    if exit != "0" {
+        problems.push(format!("diskbench exit status '{exit}'"));
+    }
+    let group_type = guest.first("iommu-group-type");
+    if group_type != config.group_type() {
+        problems.push(format!(
+            "the disk's IOMMU group type is '{group_type}', not '{}'",
+            config.group_type()
+        ));
+    }
+    if config.translated() && guest.first("dmesg-viommu") != "ok" {
+        problems.push("the guest's virtio-iommu driver did not probe".into());
+    }
+    let mut workload = |name: &str, rate: &str, count: &str| {
+        let line = guest.first(name);
+        if line.is_empty() {
+            problems.push(format!("no {name} result"));
+            return None;
+        }
+        match parse_workload(&line, rate, count) {
+            Ok(mut w) => {
+                w.host = counted.get(name).copied();
+                Some(w)
+            }
+            Err(e) => {
+                problems.push(format!("{name}: {e}"));
+                None
+            }
+        }
+    };
+    let randread = workload(RANDREAD, "iops", "ops");
+    let seqread = workload(SEQREAD, "mibps", "mib");
+    Ok(Run {
+        config,
+        index,
+        randread,
+        seqread,
+        group_type,
+        guest_kernel: guest.first("start"),
+        wall: guest.wall,
+        others,
+        append,
+        qemu_args: args,
+        console,
+        problems,
+    })
+}
+
+/// CPU time so far, in seconds: the whole machine's busy time (`/proc/stat`) and that
+/// of this process and its living descendants (QEMU).
+#[derive(Clone, Copy, Debug)]
+struct CpuSample {
+    machine_busy: f64,
+    steal: f64,
+    ours: f64,
+}
+
+/// What the rest of the machine did while the guest's workloads ran: the bench shares
+/// the machine, and TCG figures move with every CPU another process takes.
+#[derive(Clone, Copy, Debug)]
+struct Interference {
+    /// Wall seconds of the window.
+    window_s: f64,
+    /// CPU seconds used by everything but this process and QEMU.
+    other_cpu_s: f64,
+    /// CPU seconds the hypervisor under this machine took away (`steal`).
+    steal_s: f64,
+}
+
+impl Interference {
+    fn between(a: CpuSample, b: CpuSample, window: Duration) -> Self {
+        Self {
+            window_s: window.as_secs_f64(),
+            other_cpu_s: ((b.machine_busy - a.machine_busy) - (b.ours - a.ours)).max(0.0),
+            steal_s: (b.steal - a.steal).max(0.0),
+        }
+    }
+
+    /// Other processes' CPUs busy on average over the window.
+    fn load(&self) -> f64 {
+        if self.window_s > 0.0 {
+            self.other_cpu_s / self.window_s
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Clock ticks per second of the `/proc` CPU counters.
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf(3) takes no pointers.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// `(ppid, utime + stime in ticks)` of `/proc/PID/stat`.
+fn proc_stat(pid: u32) -> Option<(u32, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields restart after it.
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // proc(5): state is field 3, ppid 4, utime 14, stime 15.
+    let ppid = f.get(1)?.parse().ok()?;
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((ppid, utime + stime))
+}
+
+fn cpu_sample() -> Option<CpuSample> {
+    let tck = clock_ticks();
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // proc(5): user nice system idle iowait irq softirq steal (guest time is in user).
+    let at = |i: usize| cpu.get(i).copied().unwrap_or(0);
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6);
+    let me = std::process::id();
+    let procs: Vec<(u32, u32, u64)> = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| proc_stat(pid).map(|(ppid, t)| (pid, ppid, t)))
+        .collect();
+    let mut ours = vec![me];
+    let mut i = 0;
+    while let Some(&parent) = ours.get(i) {
+        ours.extend(procs.iter().filter(|p| p.1 == parent).map(|p| p.0));
+        i += 1;
+    }
+    let own: u64 = procs
+        .iter()
+        .filter(|p| ours.contains(&p.0))
+        .map(|p| p.2)
+        .sum();
+    Some(CpuSample {
+        machine_busy: busy as f64 / tck,
+        steal: at(7) as f64 / tck,
+        ours: own as f64 / tck,
+    })
+}
+
+/// Median of `v` (mean of the middle two for an even count); `None` when empty.
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// Medians of one configuration over its counted runs, and their spread.
+#[derive(Clone, Copy, Debug, Default)]
+struct Medians {
+    iops: Option<f64>,
+    mibps: Option<f64>,
+    /// Lowest and highest IOPS of the counted runs.
+    iops_range: Option<(f64, f64)>,
+    /// Lowest and highest MiB/s of the counted runs.
+    mibps_range: Option<(f64, f64)>,
+    /// Other processes' CPUs busy during the workloads ([`Interference::load`]).
+    other_load: Option<f64>,
+    counted_runs: usize,
+}
+
+/// Lowest and highest of `v`; `None` when empty.
+fn range(v: &[f64]) -> Option<(f64, f64)> {
+    let lo = v.iter().copied().min_by(f64::total_cmp)?;
+    let hi = v.iter().copied().max_by(f64::total_cmp)?;
+    Some((lo, hi))
+}
+
+/// One ratio of two configurations' medians.
+#[derive(Clone, Debug)]
+struct Ratio {
+    what: String,
+    numerator: Config,
+    denominator: Config,
+    iops: Option<f64>,
+    mibps: Option<f64>,
+}
+
+struct Summary {
+    medians: Vec<(Config, Medians)>,
+    ratios: Vec<Ratio>,
+}
+
+fn summarise(configs: &[Config], runs: &[Run]) -> Summary {
+    let medians: Vec<(Config, Medians)> = configs
+        .iter()
+        .map(|&c| {
+            let good: Vec<&Run> = runs
+                .iter()
+                .filter(|r| r.config == c && r.problems.is_empty())
+                .collect();
+            let rates = |f: fn(&Run) -> Option<&Workload>| -> Vec<f64> {
+                good.iter().filter_map(|r| f(r)).map(|w| w.rate).collect()
+            };
+            let (iops, mibps) = (
+                rates(|r| r.randread.as_ref()),
+                rates(|r| r.seqread.as_ref()),
+            );
+            (
+                c,
+                Medians {
+                    iops_range: range(&iops),
+                    mibps_range: range(&mibps),
+                    iops: median(iops),
+                    mibps: median(mibps),
+                    other_load: median(
+                        good.iter()
+                            .filter_map(|r| r.others.map(|o| o.load()))
+                            .collect(),
+                    ),
+                    counted_runs: good.len(),
+                },
+            )
+        })
+        .collect();
+    let get = |c: Config| medians.iter().find(|(m, _)| *m == c).map(|(_, m)| *m);
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let mut ratios = Vec::new();
+    let mut pair = |what: &str, n: Config, d: Config| {
+        if let (Some(a), Some(b)) = (get(n), get(d)) {
+            ratios.push(Ratio {
+                what: what.to_string(),
+                numerator: n,
+                denominator: d,
+                iops: ratio(a.iops, b.iops),
+                mibps: ratio(a.mibps, b.mibps),
+            });
+        }
+    };
+    for c in Config::ALL {
+        if let Some(peer) = c.peer() {
+            pair("against QEMU's peer of the same mode", c, peer);
+        }
+    }
+    pair(
+        "cost of isolation: ours with the IOMMU against ours without",
+        Config::ApertureStrict,
+        Config::ApertureOff,
+    );
+    Summary { medians, ratios }
+}
+
+fn opt(v: Option<f64>, prec: usize) -> String {
+    v.map_or("-".to_string(), |x| format!("{x:.prec$}"))
+}
+
+fn table(s: &Summary, opts: &Options, kernel: &str, qemu: &str, runs: &[Run]) -> String {
+    use std::fmt::Write as _;
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "aperture bench: in-guest disk reads, QD1, O_DIRECT (Linux {kernel}, QEMU {qemu} TCG, 1 vCPU, \
+{RAM_MIB} MiB RAM, {} MiB disk, {} s per workload after {WARMUP_S} s warm-up, median of {} run{})",
+        opts.disk_mib,
+        opts.seconds,
+        opts.runs,
+        if opts.runs == 1 { "" } else { "s" }
+    );
+    let _ = writeln!(t);
+    let _ = writeln!(
+        t,
+        "{:<20} {:>16} {:>16}  {:<20} {:>10} {:>11} {:>11}",
+        "configuration",
+        "randread4k IOPS",
+        "seqread1m MiB/s",
+        "baseline",
+        "IOPS ratio",
+        "MiB/s ratio",
+        "other load"
+    );
+    for (c, m) in &s.medians {
+        let r = s
+            .ratios
+            .iter()
+            .find(|r| r.numerator == *c && Some(r.denominator) == c.peer());
+        let mut name = c.name().to_string();
+        if m.counted_runs < opts.runs as usize {
+            name.push_str(&format!(" ({}/{} ok)", m.counted_runs, opts.runs));
+        }
+        let _ = writeln!(
+            t,
+            "{:<20} {:>16} {:>16}  {:<20} {:>10} {:>11} {:>11}",
+            name,
+            opt(m.iops, 1),
+            opt(m.mibps, 1),
+            r.map_or("-".into(), |r| r.denominator.name().to_string()),
+            opt(r.and_then(|r| r.iops), 3),
+            opt(r.and_then(|r| r.mibps), 3),
+            opt(m.other_load, 2),
+        );
+    }
+    for r in s
+        .ratios
+        .iter()
+        .filter(|r| r.numerator.peer() != Some(r.denominator))
+    {
+        let _ = writeln!(
+            t,
+            "{:<20} {:>16} {:>16}  {:<20} {:>10} {:>11}   ({})",
+            r.numerator.name(),
+            "",
+            "",
+            r.denominator.name(),
+            opt(r.iops, 3),
+            opt(r.mibps, 3),
+            r.what
+        );
+    }
+    let _ = writeln!(
+        t,
+        "(other load: CPUs that other processes kept busy during the workloads, median; \
+this machine has {}. Anything but ~0 skews TCG figures.)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    if opts.runs > 1 {
+        let _ = writeln!(t);
+        let _ = writeln!(t, "spread over the counted runs (lowest - highest):");
+        let span =
+            |r: Option<(f64, f64)>| r.map_or("-".to_string(), |(a, b)| format!("{a:.1} - {b:.1}"));
+        for (c, m) in &s.medians {
+            let _ = writeln!(
+                t,
+                "{:<20} {:>22} IOPS {:>22} MiB/s",
+                c.name(),
+                span(m.iops_range),
+                span(m.mibps_range)
+            );
+        }
+    }
+    // What our device host counted, per read request the guest's block layer completed.
+    let ours: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.config.ours() && r.problems.is_empty())
+        .collect();
+    if !ours.is_empty() {
+        let _ = writeln!(t);
+        let _ = writeln!(
+            t,
+            "our device host over each timed workload (run 1 of each; /req: per read request the guest completed):"
+        );
+        let _ = writeln!(
+            t,
+            "{:<20} {:<11} {:>9} {:>11} {:>9} {:>9} {:>10} {:>10}",
+            "configuration",
+            "workload",
+            "requests",
+            "blk kicks",
+            "kicks/req",
+            "MAPs",
+            "MAPs/req",
+            "UNMAPs"
+        );
+        for r in ours
+            .iter()
+            .filter(|r| r.index == 1 || ours.iter().all(|o| o.index != 1))
+        {
+            for (name, w) in [(RANDREAD, &r.randread), (SEQREAD, &r.seqread)] {
+                let Some(w) = w else { continue };
+                let Some(h) = w.host else { continue };
+                let per = |n: u64| {
+                    if w.requests > 0 {
+                        format!("{:.2}", n as f64 / w.requests as f64)
+                    } else {
+                        "-".into()
+                    }
+                };
+                let _ = writeln!(
+                    t,
+                    "{:<20} {:<11} {:>9} {:>11} {:>9} {:>9} {:>10} {:>10}",
+                    r.config.name(),
+                    name,
+                    w.requests,
+                    h.kicks,
+                    per(h.kicks),
+                    h.maps,
+                    per(h.maps),
+                    h.unmaps
+                );
+            }
+        }
+    }
+    t
+}
+
+fn workload_json(w: &Option<Workload>, rate: &str, count: &str) -> serde_json::Value {
+    match w {
+        None => serde_json::Value::Null,
+        Some(w) => {
+            let mut j = serde_json::json!({
+                rate: w.rate,
+                count: w.count,
+                "seconds": w.seconds,
+                "requests": w.requests,
+            });
+            if let Some(h) = w.host {
+                j["device_host"] = serde_json::json!({
+                    "blk_kicks": h.kicks,
+                    "iommu_map_requests": h.maps,
+                    "iommu_unmap_requests": h.unmaps,
+                });
+            }
+            j
+        }
+    }
+}
+
+fn to_json(
+    s: &Summary,
+    runs: &[Run],
+    opts: &Options,
+    kernel: &str,
+    qemu: &str,
+    date: &str,
+) -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    serde_json::json!({
+        "benchmark": "guest-disk",
+        "date": date,
+        "guest_kernel": kernel,
+        "qemu_version": qemu,
+        "aperture_build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "host": {
+            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "cpu_model": cpu,
+            "kernel": host_kernel,
+        },
+        "setup": {
+            "accel": "tcg",
+            "machine": "q35",
+            "vcpus": 1,
+            "guest_ram_mib": RAM_MIB,
+            "disk_mib": opts.disk_mib,
+            "disk_read_only": true,
+            "seconds_per_workload": opts.seconds,
+            "warmup_seconds": WARMUP_S,
+            "runs": opts.runs,
+            "workloads": {
+                RANDREAD: "4 KiB pread, O_DIRECT, QD1, offsets 4 KiB-aligned from xorshift64* seed 1 over the whole disk",
+                SEQREAD: "1 MiB pread, O_DIRECT, QD1, sequential from 0, wrapping",
+            },
+        },
+        "configurations": s.medians.iter().map(|(c, m)| serde_json::json!({
+            "name": c.name(),
+            "description": c.describe(),
+            "served_by": if c.ours() { "aperture device host (vfio-user)" } else { "qemu" },
+            "iommu": c.translated(),
+            "strict": c.strict(),
+            "expected_iommu_group_type": c.group_type(),
+            "median": { "randread4k_iops": m.iops, "seqread1m_mibps": m.mibps },
+            "min_max": {
+                "randread4k_iops": m.iops_range.map(|(a, b)| [a, b]),
+                "seqread1m_mibps": m.mibps_range.map(|(a, b)| [a, b]),
+            },
+            "counted_runs": m.counted_runs,
+            "median_other_load_cpus": m.other_load,
+        })).collect::<Vec<_>>(),
+        "ratios": s.ratios.iter().map(|r| serde_json::json!({
+            "numerator": r.numerator.name(),
+            "denominator": r.denominator.name(),
+            "what": r.what,
+            "randread4k_iops": r.iops,
+            "seqread1m_mibps": r.mibps,
+        })).collect::<Vec<_>>(),
+        "runs": runs.iter().map(|r| serde_json::json!({
+            "configuration": r.config.name(),
+            "run": r.index,
+            "counted": r.problems.is_empty(),
+            "problems": r.problems,
+            "guest_uname_r": r.guest_kernel,
+            "iommu_group_type": r.group_type,
+            "wall_s": r.wall.as_secs_f64(),
+            "interference": r.others.map(|o| serde_json::json!({
+                "window_s": o.window_s,
+                "other_processes_cpu_s": o.other_cpu_s,
+                "steal_s": o.steal_s,
+            })),
+            RANDREAD: workload_json(&r.randread, "iops", "ops"),
+            SEQREAD: workload_json(&r.seqread, "mibps", "mib"),
+            "kernel_append": r.append,
+            "qemu_args": r.qemu_args,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Builds `scripts/guest/diskbench.c` with `gcc -static -O2` into the cache, once per
+/// source version (the file name carries a hash of the source).
+///
+/// # Errors
+/// gcc is missing or fails, or glibc's static library is missing and cannot be
+/// installed.
+fn build_diskbench() -> Result<PathBuf, String> {
+    let src = vm::repo().join("scripts/guest/diskbench.c");
+    let text = std::fs::read(&src).map_err(|e| format!("cannot read {}: {e}", src.display()))?;
+    let hash = vm::hex(&Md5::digest(&text));
+    let tools = vm::cache_dir().join("tools");
+    let out = tools.join(format!("diskbench-{}", &hash[..12]));
+    if out.is_file() {
+        return Ok(out);
+    }
+    ensure_static_libc()?;
+    std::fs::create_dir_all(&tools)
+        .map_err(|e| format!("cannot create {}: {e}", tools.display()))?;
+    let tmp = tools.join(format!(".diskbench.{}", std::process::id()));
+    say(&format!("building {} (gcc -static -O2)", src.display()));
+    let status = Command::new("gcc")
+        .args(["-static", "-O2", "-Wall", "-o"])
+        .arg(&tmp)
+        .arg(&src)
+        .stdout(Stdio::from(std::io::stderr()))
+        .status()
+        .map_err(|e| format!("cannot run gcc ({e}); install it: apt-get install gcc"))?;
+    if !status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!(
+            "gcc -static failed on {} ({status})",
+            src.display()
+        ));
+    }
+    std::fs::rename(&tmp, &out).map_err(|e| format!("cannot move it to {}: {e}", out.display()))?;
+    Ok(out)
+}
+
+/// Whether gcc finds glibc's static `libc.a`.
+fn have_static_libc() -> Result<bool, String> {
+    let o = Command::new("gcc")
+        .arg("-print-file-name=libc.a")
+        .output()
+        .map_err(|e| format!("cannot run gcc ({e}); install it: apt-get install gcc"))?;
+    let path = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    // gcc echoes the bare name when it finds no such file.
+    Ok(o.status.success() && Path::new(&path).is_absolute() && Path::new(&path).is_file())
+}
+
+/// Installs libc6-dev with apt when glibc's static library is missing.
+fn ensure_static_libc() -> Result<(), String> {
+    if have_static_libc()? {
+        return Ok(());
+    }
+    say("glibc's static libc.a is missing; installing libc6-dev with apt-get");
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends", "libc6-dev"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(Stdio::from(std::io::stderr()))
+        .status()
+        .map_err(|e| format!("cannot run apt-get ({e}); install libc6-dev yourself"))?;
+    if !status.success() || !have_static_libc()? {
+        return Err(format!(
+            "apt-get install libc6-dev failed ({status}) and gcc still finds no libc.a; \
+             install libc6-dev (as root) and run again"
+        ));
+    }
+    Ok(())
+}
+
+/// Now as `YYYY-MM-DDTHH:MM:SSZ`.
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    rfc3339(secs)
+}
+
+/// `secs` after the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (proleptic Gregorian, UTC):
+/// Howard Hinnant's `civil_from_days`.
+fn rfc3339(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
+
+    use super::*;
+
+    #[test]
+    fn dates_are_utc_calendar_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn diskbench_lines_parse() {
+        let w = parse_workload(
+            "iops=1234.5 ops=12345 seconds=10.001 requests=12346",
+            "iops",
+            "ops",
+        )
+        .unwrap();
+        assert_eq!((w.rate, w.count, w.requests), (1234.5, 12345, 12346));
+        assert!(parse_workload("iops=x ops=1 seconds=1 requests=1", "iops", "ops").is_err());
+        assert!(parse_workload("ops=1 seconds=1 requests=1", "iops", "ops").is_err());
+    }
+
+    #[test]
+    fn medians_and_baselines() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        for c in Config::ALL {
+            assert_eq!(c.peer().is_some(), c.ours(), "{c:?}");
+            if let Some(p) = c.peer() {
+                assert_eq!((p.translated(), p.strict()), (c.translated(), c.strict()));
+                assert!(!p.ours());
+            }
+        }
+    }
+
+    #[test]
+    fn notify_writes_are_counted_and_nothing_else() {
+        struct Sink;
+        impl ServerBackend for Sink {
+            fn region_read(&mut self, _: u32, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn dma_map(
+                &mut self,
+                _: DmaMapFlags,
+                _: u64,
+                _: u64,
+                _: u64,
+                _: Option<File>,
+            ) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn dma_unmap(&mut self, _: DmaUnmapFlags, _: u64, _: u64) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn reset(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn set_irqs(
+                &mut self,
+                _: u32,
+                _: u32,
+                _: u32,
+                _: u32,
+                _: Vec<File>,
+            ) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let kicks = Arc::new(AtomicU64::new(0));
+        let mut b = CountingBackend {
+            inner: Box::new(Sink),
+            kicks: Arc::clone(&kicks),
+        };
+        b.region_write(0, Bar0Layout::NOTIFY, &[0, 0]).unwrap();
+        b.region_write(0, Bar0Layout::NOTIFY + 4, &[1, 0]).unwrap();
+        b.region_write(0, Bar0Layout::COMMON, &[1]).unwrap();
+        b.region_write(7, Bar0Layout::NOTIFY, &[0, 0]).unwrap();
+        b.region_write(0, Bar0Layout::MSIX_TABLE, &[0; 4]).unwrap();
+        assert_eq!(kicks.load(Ordering::Relaxed), 2);
+    }
+}

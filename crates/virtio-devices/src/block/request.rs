@@ -223,14 +223,16 @@ fn range(sector: u64, len: u32, disk: Disk) -> Result<u64, RequestError> {
             capacity: disk.capacity,
         });
     }
-    // `sector` ≤ capacity = file length / 512, so this cannot overflow; checked anyway.
-    sector
-        .checked_mul(SECTOR_SIZE)
-        .ok_or(RequestError::OutOfRange {
-            sector,
-            sectors,
-            capacity: disk.capacity,
-        })
+    // For a disk opened from a file, capacity ≤ u64::MAX / 512 and neither byte
+    // address can overflow; `Disk` is public, so both are checked all the same.
+    let out = RequestError::OutOfRange {
+        sector,
+        sectors,
+        capacity: disk.capacity,
+    };
+    let offset = sector.checked_mul(SECTOR_SIZE).ok_or(out)?;
+    offset.checked_add(u64::from(len)).ok_or(out)?;
+    Ok(offset)
 }
 
 #[cfg(test)]
@@ -285,6 +287,21 @@ mod tests {
             }),
             "an empty transfer at the end is inside"
         );
+    }
+
+    #[test]
+    fn byte_ranges_that_would_wrap_are_ioerr_even_on_an_absurd_disk() {
+        let disk = Disk {
+            capacity: u64::MAX,
+            read_only: false,
+        };
+        let sector = (u64::MAX / SECTOR_SIZE) - 1;
+        let shape = Shape {
+            readable: 16,
+            writable_data: 4096,
+        };
+        let r = decode(&hdr(VIRTIO_BLK_T_IN, sector), shape, disk);
+        assert!(matches!(r, Err(RequestError::OutOfRange { .. })), "{r:?}");
     }
 
     #[test]

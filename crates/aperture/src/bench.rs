@@ -11,7 +11,7 @@
 //! the virtio-blk received (each one a vfio-user REGION_WRITE message) and the MAP and
 //! UNMAP requests our virtio-iommu answered. [`crate::vm`] boots the guests.
 
-use crate::vm::{self, ScriptOut, RAM_MIB};
+use crate::vm::{self, RAM_MIB};
 use device_host::endpoints::BlockFactory;
 use device_host::host::{DeviceHost, EndpointFactory, IommuHandle, IommuMode};
 use md5::{Digest, Md5};
@@ -359,8 +359,7 @@ fn run_inner(opts: &Options) -> Result<bool, String> {
         );
     }
     say("provisioning QEMU and the Debian guest kernel; cached after the first run");
-    vm::script("provision.sh", &[], ScriptOut::Stderr)
-        .map_err(|e| format!("provisioning failed: {e}"))?;
+    vm::script("provision.sh", &[]).map_err(|e| format!("provisioning failed: {e}"))?;
     let env = vm::cache_env()?;
     let qemu = vm::env_key(&env, "APERTURE_QEMU")?;
     let kernel = vm::env_key(&env, "APERTURE_KERNEL_PVH")?;
@@ -382,7 +381,6 @@ fn run_inner(opts: &Options) -> Result<bool, String> {
             &diskbench.to_string_lossy(),
             "/bin/diskbench",
         ],
-        ScriptOut::Stderr,
     )?;
     say(&format!("making a {} MiB disk image", opts.disk_mib));
     let disk = work.join("disk.img");

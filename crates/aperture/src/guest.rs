@@ -5,7 +5,7 @@
 //! read, write and read back the disk with checksums, read the RNG), checks what the
 //! guest reports against the host, and prints what each device could reach.
 
-use crate::vm::{self, hex, ScriptOut, RAM_MIB};
+use crate::vm::{self, hex, RAM_MIB};
 use device_host::endpoints::{BlockFactory, RngFactory};
 use device_host::host::{endpoint_id, DeviceHost, EndpointFactory, IommuMode, IOMMU_SLOT};
 use md5::{Digest, Md5};
@@ -95,8 +95,7 @@ fn run_inner(opts: Options) -> Result<bool, String> {
     say(
         "provisioning QEMU (vfio-user-pci) and the Debian guest kernel; cached after the first run",
     );
-    vm::script("provision.sh", &[], ScriptOut::Stdout)
-        .map_err(|e| format!("provisioning failed: {e}"))?;
+    vm::script("provision.sh", &[]).map_err(|e| format!("provisioning failed: {e}"))?;
     let env = vm::cache_env()?;
     let (qemu, kernel) = (
         vm::env_key(&env, "APERTURE_QEMU")?,
@@ -110,7 +109,6 @@ fn run_inner(opts: Options) -> Result<bool, String> {
     vm::script(
         "mkinitramfs.sh",
         &[&initrd.to_string_lossy(), "--init", &init.to_string_lossy()],
-        ScriptOut::Stdout,
     )?;
     say(&format!("making a {} MiB disk image", 2 * opts.mib));
     let disk = work.join("disk.img");

@@ -18,29 +18,17 @@ pub(crate) fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Where a script's standard output goes.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum ScriptOut {
-    /// Our standard output.
-    Stdout,
-    /// Our standard error (when our stdout carries a report).
-    Stderr,
-}
-
-/// Runs `scripts/NAME`, its progress going to our stderr.
+/// Runs `scripts/NAME`, all its output going to our stderr: our stdout carries only
+/// the report (text or JSON).
 ///
 /// # Errors
 /// A sentence naming the script when it cannot start or fails.
-pub(crate) fn script(name: &str, args: &[&str], out: ScriptOut) -> Result<(), String> {
+pub(crate) fn script(name: &str, args: &[&str]) -> Result<(), String> {
     let path = repo().join("scripts").join(name);
-    let stdout = match out {
-        ScriptOut::Stdout => Stdio::inherit(),
-        ScriptOut::Stderr => Stdio::from(std::io::stderr()),
-    };
     let status = Command::new("bash")
         .arg(&path)
         .args(args)
-        .stdout(stdout)
+        .stdout(Stdio::from(std::io::stderr()))
         .stderr(Stdio::inherit())
         .status()
         .map_err(|e| format!("cannot run {}: {e}", path.display()))?;

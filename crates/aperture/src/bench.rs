@@ -476,26 +476,13 @@ fn append(config: Config, seconds: u32) -> String {
     a
 }
 
-/// Guest RAM as our device host gives it (`DeviceHost::qemu_args`): a shared memfd,
-/// used for QEMU's configurations too so that only the disk's path differs.
-fn memory_args() -> Vec<String> {
-    [
-        "-m".to_string(),
-        format!("{RAM_MIB}M"),
-        "-object".to_string(),
-        format!("memory-backend-memfd,id=aperture-ram,size={RAM_MIB}M,share=on"),
-        "-machine".to_string(),
-        "memory-backend=aperture-ram".to_string(),
-    ]
-    .to_vec()
-}
-
 /// QEMU's own devices for `config`: the same image, read-only, in the slots our device
 /// host would use (0x10 the IOMMU, 0x11 the disk). `boot-bypass=off` matches our
 /// `IommuMode::On`. The drive keeps QEMU's defaults (cache=writeback, aio=threads):
 /// both sides read through the host's page cache.
 fn qemu_device_args(config: Config, disk: &Path) -> Vec<String> {
-    let mut a = memory_args();
+    // Guest RAM exactly as our device host gives it, so only the devices differ.
+    let mut a = device_host::host::memory_args(RAM_MIB);
     a.push("-drive".into());
     a.push(format!(
         "file={},format=raw,if=none,id=disk0,readonly=on",

@@ -177,6 +177,19 @@ pub struct DeviceHost {
     iommu: Option<IommuHandle>,
 }
 
+/// The QEMU arguments that make guest RAM (`mem_mib` MiB) a shared memfd, as
+/// vfio-user needs: the first arguments of `DIR/qemu-args`.
+pub fn memory_args(mem_mib: u32) -> Vec<String> {
+    vec![
+        "-m".to_string(),
+        format!("{mem_mib}M"),
+        "-object".to_string(),
+        format!("memory-backend-memfd,id=aperture-ram,size={mem_mib}M,share=on"),
+        "-machine".to_string(),
+        "memory-backend=aperture-ram".to_string(),
+    ]
+}
+
 /// Endpoint ID of a function on bus 0 (the VIOT ranges use `endpoint_start = BDF`).
 pub fn endpoint_id(slot: u8) -> u32 {
     u32::from(slot) << 3
@@ -285,14 +298,7 @@ impl DeviceHost {
             path: self.dir.clone(),
             source,
         };
-        let mut args = vec![
-            "-m".to_string(),
-            format!("{mem_mib}M"),
-            "-object".to_string(),
-            format!("memory-backend-memfd,id=aperture-ram,size={mem_mib}M,share=on"),
-            "-machine".to_string(),
-            "memory-backend=aperture-ram".to_string(),
-        ];
+        let mut args = memory_args(mem_mib);
         if mode != IommuMode::Off {
             let iommu = PciBdf {
                 segment: 0,

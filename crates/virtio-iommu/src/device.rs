@@ -108,53 +108,50 @@ struct Writable {
 }
 
 impl Writable {
-    /// Writes `data` at byte `offset` of the writable part.
-    fn write_at<M: GuestMemory>(&self, mem: &M, mut offset: u64, mut data: &[u8]) -> bool {
-        for &(addr, len) in &self.segs {
-            let len = u64::from(len);
-            if data.is_empty() {
-                break;
-            }
-            if offset >= len {
-                offset -= len;
-                continue;
-            }
-            let n = data.len().min((len - offset) as usize);
-            let Some(a) = addr.0.checked_add(offset) else {
-                return false;
-            };
-            if mem.write_slice(&data[..n], GuestAddress(a)).is_err() {
-                return false;
-            }
-            data = &data[n..];
-            offset = 0;
-        }
-        data.is_empty()
-    }
-
-    /// Whether `[offset, offset + len)` of the writable part is writable memory.
-    fn check<M: GuestMemory>(&self, mem: &M, mut offset: u64, len: u64) -> bool {
-        let mut left = len;
+    /// Walks `[offset, offset + len)` of the writable part, calling `piece(addr, at, n)`
+    /// for each run of `n` bytes at guest address `addr`, `at` bytes into the range.
+    /// False if a piece fails, an address wraps, or the range runs past the segments.
+    fn walk(
+        &self,
+        mut offset: u64,
+        len: u64,
+        mut piece: impl FnMut(GuestAddress, usize, usize) -> bool,
+    ) -> bool {
+        let mut done = 0;
         for &(addr, seg) in &self.segs {
             let seg = u64::from(seg);
-            if left == 0 {
+            if done == len {
                 break;
             }
             if offset >= seg {
                 offset -= seg;
                 continue;
             }
-            let n = left.min(seg - offset);
+            let n = (len - done).min(seg - offset);
             let Some(a) = addr.0.checked_add(offset) else {
                 return false;
             };
-            if !mem.check_range(GuestAddress(a), n as usize, Permissions::Write) {
+            if !piece(GuestAddress(a), done as usize, n as usize) {
                 return false;
             }
-            left -= n;
+            done += n;
             offset = 0;
         }
-        left == 0
+        done == len
+    }
+
+    /// Writes `data` at byte `offset` of the writable part.
+    fn write_at<M: GuestMemory>(&self, mem: &M, offset: u64, data: &[u8]) -> bool {
+        self.walk(offset, data.len() as u64, |a, at, n| {
+            mem.write_slice(&data[at..at + n], a).is_ok()
+        })
+    }
+
+    /// Whether `[offset, offset + len)` of the writable part is writable memory.
+    fn check<M: GuestMemory>(&self, mem: &M, offset: u64, len: u64) -> bool {
+        self.walk(offset, len, |a, _, n| {
+            mem.check_range(a, n, Permissions::Write)
+        })
     }
 }
 

@@ -26,6 +26,9 @@
 #   APERTURE-E2E iommu-group <pci addr> <group>
 #   APERTURE-E2E iommu-group-type <group> <DMA|DMA-FQ|identity|...>
 #   APERTURE-E2E iommu-groups <number of PCI devices in a group>
+#   APERTURE-E2E iommu-resv <group> <start> <end> <type>   a line of the group's reserved_regions
+#   APERTURE-E2E e820 <start> <end> <type...>      an entry of /sys/firmware/memmap (end inclusive)
+#   APERTURE-E2E e820 absent                       without /sys/firmware/memmap
 #   APERTURE-E2E fault-read ok <md5 of the sector>  (only with aperture.fault_sector)
 #   APERTURE-E2E fault-read fail <dd's error message>
 #   APERTURE-E2E fault-read skipped <bad-sector=S|no-disk>
@@ -157,6 +160,21 @@ for g in /sys/kernel/iommu_groups/*; do
     [ -r "$g/type" ] && e2e iommu-group-type "${g##*/}" "$(cat "$g/type")"
 done
 e2e iommu-groups "$ngroups"
+# What the kernel itself reports of reserved memory: each group's reserved regions
+# (from the virtio-iommu's PROBE answers) and the firmware memory map it booted with.
+for g in /sys/kernel/iommu_groups/*; do
+    [ -r "$g/reserved_regions" ] || continue
+    while read -r start end type; do
+        e2e iommu-resv "${g##*/}" "$start" "$end" "$type"
+    done <"$g/reserved_regions"
+done
+if [ -d /sys/firmware/memmap ]; then
+    for d in /sys/firmware/memmap/*; do
+        e2e e820 "$(cat "$d/start")" "$(cat "$d/end")" "$(cat "$d/type")"
+    done
+else
+    e2e e820 absent
+fi
 
 # --- one-sector read (the fault test) -------------------------------------------------------
 # Before the block phase, so that the block phase shows the device still works after it.

@@ -18,6 +18,11 @@
 #      iommu-off         --iommu off (no virtio-iommu)
 #      fault             --iommu on --test-fault-sector TAIL_SECTOR: that read fails with
 #                        EIO, the guest logs the fault, the rest of the I/O still works
+#      reserved          --iommu on --mem 2560 and an RMRR-like region for each device
+#                        (--reserved): the guest's own memory map has no RAM on them and
+#                        all 2560 MiB (low RAM lowered as serve planned it, the rest
+#                        above 4 GiB), and each device's IOMMU group lists its region
+#                        (and not the other's) next to the MSI window
 #      qemu-killed       SIGKILL to QEMU during I/O: serve exits by itself, sockets gone
 # Prints "PASS name (...)" or "FAIL name: reason (logs: DIR)" per scenario, then exactly
 # one line "N passed, M failed". Exit status 0 only if M == 0.
@@ -35,7 +40,7 @@ set -uo pipefail
 
 SCRIPTS="$APERTURE_SCRIPTS_DIR"
 ROOT="$(cd "$SCRIPTS/.." && pwd)"
-ALL=(iommu-on-strict iommu-on-lazy iommu-bypass iommu-off fault qemu-killed)
+ALL=(iommu-on-strict iommu-on-lazy iommu-bypass iommu-off fault reserved qemu-killed)
 MIB="${E2E_MIB:-32}"
 KILL_MIB="${E2E_KILL_MIB:-256}"
 BOOT_TIMEOUT="${E2E_BOOT_TIMEOUT:-240}"
@@ -43,6 +48,11 @@ BOOT_TIMEOUT="${E2E_BOOT_TIMEOUT:-240}"
 WATCHDOG=$((BOOT_TIMEOUT * 2 / 3))
 SERVE_EXIT_LIMIT=10     # seconds serve may take to exit after QEMU is gone (its grace is 3 s)
 KILL_AFTER=2            # qemu-killed: seconds between the first block I/O and SIGKILL
+# reserved: guest RAM (MiB) and one region per device. Low RAM (q35 keeps 2560 MiB below
+# 4 GiB) must end below the blk0 region at 2 MiB alignment; the rng region is then free.
+RESV_MEM=2560
+RESV_BLK=(0x90301000 0x90301fff)
+RESV_RNG=(0x98000000 0x980fffff)
 
 for v in MIB KILL_MIB BOOT_TIMEOUT; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "E2E_$v must be a positive integer, not '${!v}'"
@@ -326,6 +336,57 @@ check_io() {   # check_io IMG N PATTERN
     [[ "$(m rng)" == "ok 64" ]] || bad "rng: got '$(m rng)', want 'ok 64'"
 }
 
+# The guest's view of reserved memory against serve's plan (its "guest RAM" log line).
+# check_reserved DIR
+check_reserved() {
+    local dir="$1" plan low_last high_last=0 e820 s e t r rs re os oe g g_blk g_rng lines want pair name
+    plan=$(grep -m1 'aperture serve: guest RAM' "$dir.serve.log")
+    if [[ "$plan" =~ low\ RAM\ \[0x0-(0x[0-9a-f]+)\](,\ high\ RAM\ \[0x100000000-(0x[0-9a-f]+)\])? ]]; then
+        low_last=${BASH_REMATCH[1]}
+        [[ -n "${BASH_REMATCH[3]}" ]] && high_last=${BASH_REMATCH[3]}
+    else
+        bad "serve printed no plan line ('guest RAM ... low RAM [0x0-...]'): '$plan'"
+        return
+    fi
+    (( low_last < ${RESV_BLK[0]} )) || bad "serve's plan keeps low RAM up to $low_last, over the blk0 region ${RESV_BLK[0]}"
+    e820=$(awk '$2 == "e820"' "$MARKERS")
+    if [[ -z "$e820" || "$e820" == *absent* ]]; then
+        bad "the guest reported no memory map (/sys/firmware/memmap)"
+        return
+    fi
+    # No RAM on a region; the end of low memory (RAM or firmware's own reserved RAM
+    # below MMCONFIG) and of high RAM exactly as planned.
+    local low_end_seen=0 high_end_seen=0
+    while read -r _ _ s e t; do
+        for r in "${RESV_BLK[*]}" "${RESV_RNG[*]}"; do
+            read -r rs re <<<"$r"
+            if [[ "$t" == "System RAM" ]] && (( s <= re && rs <= e )); then
+                bad "guest e820 has RAM [$s-$e] on reserved region [$rs-$re]"
+            fi
+        done
+        if (( e < 0xb0000000 && e + 1 > low_end_seen )); then low_end_seen=$((e + 1)); fi
+        if [[ "$t" == "System RAM" ]] && (( s >= 0x100000000 && e + 1 > high_end_seen )); then high_end_seen=$((e + 1)); fi
+    done <<<"$e820"
+    expect "guest's end of low memory" "$(printf '%#x' "$low_end_seen")" "$(printf '%#x' $((low_last + 1)))"
+    if (( high_last )); then
+        expect "guest's end of high RAM" "$(printf '%#x' "$high_end_seen")" "$(printf '%#x' $((high_last + 1)))"
+    fi
+    local total=$(( low_end_seen + (high_end_seen > 0 ? high_end_seen - 0x100000000 : 0) ))
+    expect "guest RAM (low memory + high RAM), MiB" "$((total >> 20))" "$RESV_MEM"
+    # Each group lists its own region and the MSI window, and not the other's region.
+    g_blk=$(group_of "$BLK_PCI") g_rng=$(group_of "$RNG_PCI")
+    for pair in "$g_blk blk0 ${RESV_BLK[*]} ${RESV_RNG[*]}" "$g_rng rng ${RESV_RNG[*]} ${RESV_BLK[*]}"; do
+        read -r g name rs re os oe <<<"$pair"
+        if [[ -z "$g" ]]; then bad "$name is in no IOMMU group"; continue; fi
+        lines=$(awk -v g="$g" '$2 == "iommu-resv" && $3 == g { print $4, $5, $6 }' "$MARKERS")
+        want=$(printf '0x%016x 0x%016x reserved' "$rs" "$re")
+        grep -qx "$want" <<<"$lines" || bad "group $g ($name) reserved_regions lacks '$want': $(tr '\n' ';' <<<"$lines")"
+        grep -qx '0x00000000fee00000 0x00000000feefffff msi' <<<"$lines" || bad "group $g ($name) reserved_regions lacks the MSI window"
+        grep -q "$(printf '0x%016x' "$os")" <<<"$lines" && bad "group $g ($name) lists the other device's region $os"
+    done
+    RESV_INFO="low RAM to $(printf '%#x' "$low_end_seen"), high RAM to $(printf '%#x' "$high_end_seen"), $((total >> 20)) MiB; groups $g_blk/$g_rng list their regions"
+}
+
 # --- scenarios ------------------------------------------------------------------------------------
 # io_scenario NAME SERVE_IOMMU APPEND KIND: KIND is strict|lazy|bypass|off|fault.
 io_scenario() {
@@ -341,6 +402,8 @@ io_scenario() {
     fi
     pat="W-$name"
     [[ "$kind" == fault ]] && extra=(--test-fault-sector "$TAIL_SECTOR")
+    [[ "$kind" == reserved ]] && extra=(--mem "$RESV_MEM"
+        --reserved "${RESV_BLK[0]}-${RESV_BLK[1]}@blk0" --reserved "${RESV_RNG[0]}-${RESV_RNG[1]}@rng")
     if ! start_serve "$dir" --disk "$img" --rng --iommu "$iommu" "${extra[@]}"; then
         fail "$name: $WHY (logs: $sd)"; KEEP_RUN=1; return
     fi
@@ -359,8 +422,9 @@ io_scenario() {
     check_pci "$viommu"
     case "$kind" in
         strict) check_groups DMA ;;
-        lazy) check_groups DMA-FQ ;;
+        lazy | reserved) check_groups DMA-FQ ;;
     esac
+    [[ "$kind" == reserved ]] && check_reserved "$dir"
     if has done; then
         check_io "$img" "$MIB" "$pat"
         if [[ "$kind" == fault ]]; then
@@ -384,6 +448,7 @@ io_scenario() {
     case "$kind" in
         strict | lazy | bypass) info+="; $(groups_summary)" ;;
         fault) info+="; ${fault_line#APERTURE-DMESG }" ;;
+        reserved) info+="; ${RESV_INFO:-}" ;;
     esac
     if ((${#REASONS[@]} == 0)); then
         pass "$name ($info)"
@@ -468,6 +533,7 @@ for s in "${SELECTED[@]}"; do
         iommu-bypass) io_scenario "$s" bypass "" bypass ;;
         iommu-off) io_scenario "$s" off "" off ;;
         fault) io_scenario "$s" on "" fault ;;
+        reserved) io_scenario "$s" on "" reserved ;;
         qemu-killed) killed_scenario ;;
     esac
 done

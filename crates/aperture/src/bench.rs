@@ -480,9 +480,9 @@ fn append(config: Config, seconds: u32) -> String {
 /// host would use (0x10 the IOMMU, 0x11 the disk). `boot-bypass=off` matches our
 /// `IommuMode::On`. The drive keeps QEMU's defaults (cache=writeback, aio=threads):
 /// both sides read through the host's page cache.
-fn qemu_device_args(config: Config, disk: &Path) -> Vec<String> {
+fn qemu_device_args(config: Config, disk: &Path) -> Result<Vec<String>, String> {
     // Guest RAM exactly as our device host gives it, so only the devices differ.
-    let mut a = device_host::host::memory_args(RAM_MIB);
+    let mut a = device_host::host::memory_args(&vm::ram_layout()?);
     a.push("-drive".into());
     a.push(format!(
         "file={},format=raw,if=none,id=disk0,readonly=on",
@@ -497,7 +497,7 @@ fn qemu_device_args(config: Config, disk: &Path) -> Vec<String> {
         a.push("-device".into());
         a.push("virtio-blk-pci,drive=disk0,addr=0x11,disable-legacy=on".into());
     }
-    a
+    Ok(a)
 }
 
 fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<Run, String> {
@@ -521,7 +521,7 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
         } else {
             IommuMode::Off
         };
-        let host = DeviceHost::new(&dir.join("serve"), mode, RAM_MIB, endpoints)
+        let host = DeviceHost::new(&dir.join("serve"), mode, &vm::ram_layout()?, endpoints)
             .map_err(|e| e.to_string())?;
         sampler = Some(Sampler {
             kicks,
@@ -530,7 +530,7 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
         args.extend(host.qemu_args().iter().cloned());
         served = Some(std::thread::spawn(move || host.run(Duration::from_secs(3))));
     } else {
-        args.extend(qemu_device_args(config, &p.disk));
+        args.extend(qemu_device_args(config, &p.disk)?);
     }
 
     // Host counters at each workload's "begin" and at its result line.

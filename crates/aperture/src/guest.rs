@@ -118,8 +118,13 @@ fn run_inner(opts: Options) -> Result<bool, String> {
         Box::new(BlockFactory::new("blk0", &disk, false).map_err(|e| e.to_string())?),
         Box::new(RngFactory::new("rng")),
     ];
-    let host = DeviceHost::new(&work.join("serve"), opts.mode, RAM_MIB, endpoints)
-        .map_err(|e| e.to_string())?;
+    let host = DeviceHost::new(
+        &work.join("serve"),
+        opts.mode,
+        &vm::ram_layout()?,
+        endpoints,
+    )
+    .map_err(|e| e.to_string())?;
     let iommu = host.iommu();
     let mut args = vm::base_args(&kernel, &initrd, &append(opts));
     args.extend(host.qemu_args().iter().cloned());

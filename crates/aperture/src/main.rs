@@ -101,7 +101,9 @@ Exit status: 0 planned, 1 a strict conflict makes the plan impossible, 2 bad inp
     #[command(after_help = "Examples:\n  \
 aperture serve --dir /tmp/vm --disk disk.img --rng\n  \
 qemu-system-x86_64 -M q35 -nographic -kernel vmlinuz ... $(cat /tmp/vm/qemu-args)\n  \
-aperture serve --dir /tmp/vm --disk base.img,ro --iommu bypass\n\n\
+aperture serve --dir /tmp/vm --disk base.img,ro --iommu bypass\n  \
+aperture serve --dir /tmp/vm --disk disk.img --rng --mem 2560 \\\n      \
+--reserved 0x90301000-0x90301fff@blk0 --reserved 0x98000000-0x980fffff@rng\n\n\
 Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")]
     Serve {
         /// Directory for the sockets, viot.aml and qemu-args (created if missing).
@@ -124,6 +126,14 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
         #[arg(long, value_name = "MIB", default_value_t = 512,
               value_parser = clap::value_parser!(u32).range(64..=65536))]
         mem: u32,
+        /// Reserved device memory (like an Intel RMRR) of a served device: START and END
+        /// (inclusive) are guest-physical addresses, DEVICE is blk0, blk1... (the --disk
+        /// order) or rng. The guest layout keeps RAM off the range (low RAM ends below
+        /// it, the rest goes above 4 GiB: no RAM is lost; QEMU gets max-ram-below-4g)
+        /// and the device's virtio-iommu PROBE lists it. A range that cannot be kept
+        /// free is refused (the policy is strict, as for an assigned device).
+        #[arg(long, value_name = "START-END@DEVICE", value_parser = serve::parse_reserved)]
+        reserved: Vec<serve::ReservedArg>,
     },
     /// Boot an unmodified Linux guest whose disk and RNG sit behind our virtio-iommu,
     /// run a workload in it, and report what each device could reach.
@@ -255,8 +265,17 @@ fn main() -> ExitCode {
             rng,
             iommu,
             mem,
+            reserved,
             test_fault_sector,
-        } => serve::run(&dir, &disk, rng, iommu, mem, test_fault_sector),
+        } => serve::run(serve::Options {
+            dir: &dir,
+            disks: &disk,
+            rng,
+            iommu,
+            mem,
+            reserved: &reserved,
+            test_fault_sector,
+        }),
     }
 }
 

@@ -1,8 +1,16 @@
-//! `aperture serve`: builds the devices the command line asks for, hands them to the
-//! device host, and serves until QEMU goes away.
+//! `aperture serve`: plans the guest's memory, builds the devices the command line asks
+//! for, hands both to the device host, and serves until QEMU goes away.
+//!
+//! The memory plan is one [`mem_layout::Layout`]: RAM as q35 lays it out, lowered below
+//! the reserved regions given with `--reserved` (libxl's algorithm, see
+//! [`mem_layout::layout`]); the device host turns the same value into QEMU's RAM
+//! arguments and each endpoint's PROBE answers.
 
 use crate::{DiskArg, IommuArg};
-use device_host::host::{DeviceHost, EndpointFactory};
+use device_host::host::{endpoint_slot, slot_bdf, DeviceHost, EndpointFactory};
+use mem_layout::reserved_regions::ResvRegion;
+use mem_layout::{Bdf, Layout, LayoutConfig, MemRange, RdmDatabase, RegionKind};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -10,24 +18,154 @@ use std::time::Duration;
 /// How long the other functions get to disconnect after the first one did.
 const GRACE: Duration = Duration::from_secs(3);
 
-pub(crate) fn run(
-    dir: &Path,
-    disks: &[DiskArg],
-    rng: bool,
-    iommu: IommuArg,
-    mem: u32,
-    test_fault_sector: Option<u64>,
-) -> ExitCode {
-    let mode = crate::mode(iommu);
-    if disks.is_empty() && !rng {
+/// One `--reserved START-END@DEVICE`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ReservedArg {
+    range: MemRange,
+    device: String,
+}
+
+fn parse_addr(s: &str) -> Result<u64, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("'{s}' is not an address (0x-prefixed hex or decimal)"))
+}
+
+/// Parses `START-END@DEVICE` (END inclusive).
+pub(crate) fn parse_reserved(s: &str) -> Result<ReservedArg, String> {
+    let (range, device) = s
+        .rsplit_once('@')
+        .ok_or_else(|| format!("'{s}' has no '@DEVICE' (e.g. 0x90301000-0x90301fff@blk0)"))?;
+    let (start, end) = range
+        .split_once('-')
+        .ok_or_else(|| format!("'{range}' is not START-END"))?;
+    let (start, end) = (parse_addr(start)?, parse_addr(end)?);
+    let range = MemRange::new(start, end)
+        .map_err(|_| format!("'{range}': END {end:#x} is below START {start:#x}"))?;
+    if device.is_empty() {
+        return Err(format!("'{s}' names no device after '@'"));
+    }
+    Ok(ReservedArg {
+        range,
+        device: device.to_string(),
+    })
+}
+
+/// What `aperture serve` was asked to do.
+pub(crate) struct Options<'a> {
+    pub dir: &'a Path,
+    pub disks: &'a [DiskArg],
+    pub rng: bool,
+    pub iommu: IommuArg,
+    pub mem: u32,
+    pub reserved: &'a [ReservedArg],
+    pub test_fault_sector: Option<u64>,
+}
+
+/// The guest layout: `mem` MiB of RAM around the `--reserved` regions of the devices
+/// named `names` (endpoint `i` is `names[i]`). Errors are bad input, as a sentence.
+fn plan_layout(mem: u32, names: &[String], reserved: &[ReservedArg]) -> Result<Layout, String> {
+    // Regions by range, each with every device that needs it.
+    let mut by_range: BTreeMap<MemRange, BTreeSet<Bdf>> = BTreeMap::new();
+    for r in reserved {
+        let index = names.iter().position(|n| *n == r.device).ok_or_else(|| {
+            format!(
+                "--reserved {}@{}: no device '{}' is served (devices: {})",
+                r.range,
+                r.device,
+                r.device,
+                names.join(", ")
+            )
+        })?;
+        let slot = endpoint_slot(index).ok_or("too many devices")?;
+        by_range.entry(r.range).or_default().insert(slot_bdf(slot));
+    }
+    let mut db = RdmDatabase::new();
+    let mut cfg = LayoutConfig::new(u64::from(mem) << 20);
+    for (range, devices) in &by_range {
+        let region = ResvRegion {
+            range: *range,
+            kind: RegionKind::Direct,
+        };
+        db.add_reserved_regions(&[region], devices, "--reserved")
+            .map_err(|e| format!("--reserved: {e}"))?;
+        for bdf in devices {
+            if !cfg.assigned.iter().any(|(b, _)| b == bdf) {
+                cfg.assigned.push((*bdf, None));
+            }
+        }
+    }
+    for w in db.warnings() {
+        eprintln!("aperture serve: warning: {}: {}", w.range, w.message);
+    }
+    let layout = mem_layout::plan(&cfg, &db).map_err(|e| format!("--reserved: {e}"))?;
+    // Strict (every region's policy here) never leaves a conflict behind; relaxed
+    // would, and would be worth saying.
+    for c in &layout.conflicts {
+        eprintln!("aperture serve: warning: {}", c.message);
+    }
+    Ok(layout)
+}
+
+fn describe(layout: &Layout, names: &[String]) {
+    let high = if layout.high_ram_end > mem_layout::layout::FOUR_GIB {
+        format!(
+            ", high RAM [{:#x}-{:#x}]",
+            mem_layout::layout::FOUR_GIB,
+            layout.high_ram_end - 1
+        )
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "aperture serve: guest RAM {} MiB: low RAM [0x0-{:#x}]{high}",
+        layout.ram_size >> 20,
+        layout.low_ram_end - 1
+    );
+    for r in &layout.regions {
+        let devices: Vec<String> = r
+            .devices
+            .iter()
+            .map(|b| {
+                let name = (0..names.len())
+                    .find(|&i| endpoint_slot(i).map(slot_bdf) == Some(*b))
+                    .map_or("?", |i| names[i].as_str());
+                format!("{name} ({b})")
+            })
+            .collect();
+        eprintln!(
+            "aperture serve: reserved {} for {}: {} (no RAM on it; PROBE lists it as reserved)",
+            r.range,
+            devices.join(", "),
+            r.action.as_str()
+        );
+    }
+}
+
+pub(crate) fn run(o: Options<'_>) -> ExitCode {
+    let mode = crate::mode(o.iommu);
+    if o.disks.is_empty() && !o.rng {
         eprintln!("aperture serve: nothing to serve: give at least one --disk PATH or --rng");
         return ExitCode::from(2);
     }
+    let mut names: Vec<String> = (0..o.disks.len()).map(|i| format!("blk{i}")).collect();
+    if o.rng {
+        names.push("rng".into());
+    }
+    let layout = match plan_layout(o.mem, &names, o.reserved) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("aperture serve: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let mut endpoints: Vec<Box<dyn EndpointFactory>> = Vec::new();
-    for (i, d) in disks.iter().enumerate() {
-        match device_host::endpoints::BlockFactory::new(&format!("blk{i}"), &d.path, d.read_only) {
+    for (i, d) in o.disks.iter().enumerate() {
+        match device_host::endpoints::BlockFactory::new(&names[i], &d.path, d.read_only) {
             Ok(f) => {
-                let stray = if i == 0 { test_fault_sector } else { None };
+                let stray = if i == 0 { o.test_fault_sector } else { None };
                 endpoints.push(Box::new(f.with_test_stray_sector(stray)))
             }
             Err(e) => {
@@ -36,16 +174,17 @@ pub(crate) fn run(
             }
         }
     }
-    if rng {
+    if o.rng {
         endpoints.push(Box::new(device_host::endpoints::RngFactory::new("rng")));
     }
-    let host = match DeviceHost::new(dir, mode, mem, endpoints) {
+    let host = match DeviceHost::new(o.dir, mode, &layout, endpoints) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("aperture serve: {e}");
             return ExitCode::FAILURE;
         }
     };
+    describe(&layout, &names);
     for (name, socket, slot) in host.functions() {
         eprintln!(
             "aperture serve: {name} at 00:{slot:02x}.0 on {}",
@@ -54,7 +193,7 @@ pub(crate) fn run(
     }
     eprintln!(
         "aperture serve: QEMU arguments in {}",
-        dir.join("qemu-args").display()
+        o.dir.join("qemu-args").display()
     );
     let results = host.run(GRACE);
     let mut failed = false;
@@ -71,5 +210,60 @@ pub(crate) fn run(
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn names() -> Vec<String> {
+        vec!["blk0".into(), "rng".into()]
+    }
+
+    #[test]
+    fn reserved_argument_forms() {
+        let r = parse_reserved("0x90301000-0x90301fff@blk0").unwrap();
+        assert_eq!((r.range.start(), r.range.end()), (0x9030_1000, 0x9030_1fff));
+        assert_eq!(r.device, "blk0");
+        assert_eq!(parse_reserved("4096-8191@rng").unwrap().range.start(), 4096);
+        for bad in [
+            "0x1000-0x1fff",
+            "0x1000@blk0",
+            "0x2000-0x1000@blk0",
+            "0x1000-0xzz@blk0",
+            "0x1000-0x1fff@",
+        ] {
+            assert!(parse_reserved(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn reserved_region_lowers_low_ram_and_keeps_all_ram() {
+        let r = [parse_reserved("0x90301000-0x90301fff@blk0").unwrap()];
+        let l = plan_layout(2560, &names(), &r).unwrap();
+        assert_eq!(l.low_ram_end, 0x9020_0000);
+        assert_eq!(l.e820_ram(), 2560 << 20);
+        assert_eq!(l.max_ram_below_4g(), Some(0x9020_0000));
+        let blk = slot_bdf(endpoint_slot(0).unwrap());
+        let rng = slot_bdf(endpoint_slot(1).unwrap());
+        assert_eq!(l.reserved_for(blk).len(), 1);
+        assert!(l.reserved_for(rng).is_empty());
+    }
+
+    #[test]
+    fn reserved_for_an_unknown_device_is_refused_naming_it() {
+        let r = [parse_reserved("0x90301000-0x90301fff@blk7").unwrap()];
+        let e = plan_layout(2560, &names(), &r).unwrap_err();
+        assert!(e.contains("'blk7'") && e.contains("blk0, rng"), "{e}");
+    }
+
+    #[test]
+    fn reserved_region_under_unmovable_ram_is_refused() {
+        // Below the 2 GiB boundary low RAM is not moved: strict refuses the plan.
+        let r = [parse_reserved("0x100000-0x100fff@rng").unwrap()];
+        let e = plan_layout(512, &names(), &r).unwrap_err();
+        assert!(e.contains("0x100000"), "{e}");
     }
 }

@@ -13,6 +13,12 @@ use std::time::{Duration, Instant};
 /// Guest RAM in MiB.
 pub(crate) const RAM_MIB: u32 = 512;
 
+/// The guest memory layout of the demo and the bench: [`RAM_MIB`] with no reserved
+/// memory.
+pub(crate) fn ram_layout() -> Result<mem_layout::Layout, String> {
+    device_host::host::plain_layout(RAM_MIB).map_err(|e| format!("guest memory layout: {e}"))
+}
+
 /// The repository the binary was built from: the demo and the bench run from a clone.
 pub(crate) fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

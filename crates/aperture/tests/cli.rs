@@ -131,6 +131,44 @@ fn serve_bad_input_is_one_line_naming_it_and_exit_2() {
             "--iommu",
         ),
         (vec!["serve", "--rng"], "--dir"),
+        (
+            vec!["serve", "--dir", &d, "--rng", "--reserved", "0x1000-0x1fff"],
+            "@DEVICE",
+        ),
+        (
+            vec![
+                "serve",
+                "--dir",
+                &d,
+                "--rng",
+                "--reserved",
+                "0x9000-0x1000@rng",
+            ],
+            "below START",
+        ),
+        (
+            vec![
+                "serve",
+                "--dir",
+                &d,
+                "--rng",
+                "--reserved",
+                "0x90301000-0x90301fff@blk0",
+            ],
+            "no device 'blk0'",
+        ),
+        // Under low RAM below the 2 GiB boundary: a strict region the plan cannot keep.
+        (
+            vec![
+                "serve",
+                "--dir",
+                &d,
+                "--rng",
+                "--reserved",
+                "0x100000-0x100fff@rng",
+            ],
+            "0x100000",
+        ),
     ] {
         let o = aperture(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");

@@ -37,7 +37,9 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use device_host::endpoints::RngFactory;
-use device_host::host::{endpoint_id, DeviceHost, EndpointFactory, IommuMode, IOMMU_SLOT};
+use device_host::host::{
+    endpoint_id, plain_layout, DeviceHost, EndpointFactory, IommuMode, IOMMU_SLOT,
+};
 use std::fs::File;
 use std::hint::black_box;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -169,7 +171,7 @@ fn doorbell(c: &mut Criterion) {
     // Over the socket: the device host serving our virtio-iommu and an rng behind it.
     let dir = scratch_dir("doorbell");
     let eps: Vec<Box<dyn EndpointFactory>> = vec![Box::new(RngFactory::new("rng"))];
-    let host = DeviceHost::new(&dir, IommuMode::On, 64, eps).unwrap();
+    let host = DeviceHost::new(&dir, IommuMode::On, &plain_layout(64).unwrap(), eps).unwrap();
     let served = std::thread::spawn(move || host.run(Duration::from_millis(200)));
     let mut client = Client::new(&dir.join("iommu.sock")).unwrap();
     let ram = ram_file(&dir);

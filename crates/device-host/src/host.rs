@@ -5,12 +5,15 @@
 use crate::iommu_device::IommuPciDevice;
 use crate::vfio::{irqs, lock, regions, EventFdSink, MemoryBuilder, MsixVectors, PciFunction};
 use crate::viot::{build_viot, EndpointRange, PciBdf};
+use mem_layout::{Bdf, Layout, LayoutConfig, LayoutError, RdmDatabase};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vfio_user::{Server, ServerBackend};
-use virtio_iommu::{EndpointConfig, EndpointIommu, IommuConfig, VirtioIommu};
+use virtio_iommu::{
+    EndpointConfig, EndpointIommu, IommuConfig, Iova, ReservedRegion, ResvKind, VirtioIommu,
+};
 use virtio_pci::{VirtioDevice, VirtioPciTransport, VIRTIO_F_ACCESS_PLATFORM};
 use vm_memory::{GuestMemoryMmap, IommuMemory};
 
@@ -177,17 +180,36 @@ pub struct DeviceHost {
     iommu: Option<IommuHandle>,
 }
 
-/// The QEMU arguments that make guest RAM (`mem_mib` MiB) a shared memfd, as
-/// vfio-user needs: the first arguments of `DIR/qemu-args`.
-pub fn memory_args(mem_mib: u32) -> Vec<String> {
-    vec![
+/// The QEMU arguments that build guest RAM as `layout` plans it, the first arguments
+/// of `DIR/qemu-args`: RAM is a shared memfd (vfio-user needs one), and when the plan
+/// ends low RAM below where q35 would, `max-ram-below-4g` says where; q35 then puts
+/// the rest above 4 GiB, so the guest keeps all of it.
+pub fn memory_args(layout: &Layout) -> Vec<String> {
+    let ram = layout.ram_size;
+    let mut args = vec![
         "-m".to_string(),
-        format!("{mem_mib}M"),
+        format!("{ram}B"),
         "-object".to_string(),
-        format!("memory-backend-memfd,id=aperture-ram,size={mem_mib}M,share=on"),
+        format!("memory-backend-memfd,id=aperture-ram,size={ram}B,share=on"),
         "-machine".to_string(),
         "memory-backend=aperture-ram".to_string(),
-    ]
+    ];
+    if let Some(low) = layout.max_ram_below_4g() {
+        args.push("-machine".to_string());
+        args.push(format!("max-ram-below-4g={low}B"));
+    }
+    args
+}
+
+/// The layout of `mem_mib` MiB of RAM with no reserved memory: q35's own split.
+///
+/// # Errors
+/// [`LayoutError`] when the RAM does not fit the guest's physical address width.
+pub fn plain_layout(mem_mib: u32) -> Result<Layout, LayoutError> {
+    mem_layout::plan(
+        &LayoutConfig::new(u64::from(mem_mib) << 20),
+        &RdmDatabase::new(),
+    )
 }
 
 /// Endpoint ID of a function on bus 0 (the VIOT ranges use `endpoint_start = BDF`).
@@ -195,16 +217,55 @@ pub fn endpoint_id(slot: u8) -> u32 {
     u32::from(slot) << 3
 }
 
+/// PCI slot on bus 0 of the `index`-th endpoint given to [`DeviceHost::new`].
+pub fn endpoint_slot(index: usize) -> Option<u8> {
+    u8::try_from(index)
+        .ok()
+        .filter(|&i| usize::from(i) < MAX_ENDPOINTS)
+        .map(|i| IOMMU_SLOT + 1 + i)
+}
+
+/// Guest address (segment 0, bus 0, function 0) of the function in `slot`.
+pub fn slot_bdf(slot: u8) -> Bdf {
+    Bdf {
+        segment: 0,
+        bus: 0,
+        device: slot,
+        function: 0,
+    }
+}
+
+/// What an endpoint's PROBE lists besides the MSI window: every region `layout` keeps
+/// for the device in `slot`, as `RESV_MEM_T_RESERVED` (virtio-iommu has no subtype for
+/// direct-mapped regions: the guest must simply never use these IOVAs).
+fn endpoint_config(layout: &Layout, slot: u8) -> EndpointConfig {
+    let mut ep = EndpointConfig::new(endpoint_id(slot));
+    ep.reserved = layout
+        .reserved_for(slot_bdf(slot))
+        .into_iter()
+        .map(|r| ReservedRegion {
+            start: Iova(r.range.start()),
+            end: Iova(r.range.end()),
+            kind: ResvKind::Reserved,
+        })
+        .collect();
+    ep
+}
+
 impl DeviceHost {
     /// Prepares `dir` (created if missing; stale `*.sock` files of ours removed), binds
     /// the sockets, writes `viot.aml` (unless the mode is `Off`) and `qemu-args`.
+    ///
+    /// `layout` is the single source of truth for guest memory: it gives the RAM
+    /// arguments ([`memory_args`]) and each endpoint's reserved regions, which its PROBE
+    /// answers list (endpoint `i` is [`slot_bdf`]`(`[`endpoint_slot`]`(i))` in it).
     ///
     /// # Errors
     /// [`HostError`] naming what could not be prepared; sockets bound so far are removed.
     pub fn new(
         dir: &Path,
         mode: IommuMode,
-        mem_mib: u32,
+        layout: &Layout,
         endpoints: Vec<Box<dyn EndpointFactory>>,
     ) -> Result<Self, HostError> {
         if endpoints.len() > MAX_ENDPOINTS {
@@ -217,7 +278,8 @@ impl DeviceHost {
         std::fs::create_dir_all(dir).map_err(dir_err)?;
         let mut specs = Vec::new();
         for (i, f) in endpoints.into_iter().enumerate() {
-            specs.push((IOMMU_SLOT + 1 + i as u8, f));
+            let slot = endpoint_slot(i).ok_or(HostError::TooManyDevices(i + 1))?;
+            specs.push((slot, f));
         }
         let mut served = Vec::new();
         let mut iommu_handles = Vec::new();
@@ -227,7 +289,7 @@ impl DeviceHost {
                 boot_bypass: mode == IommuMode::Bypass,
                 endpoints: specs
                     .iter()
-                    .map(|(slot, _)| EndpointConfig::new(endpoint_id(*slot)))
+                    .map(|(slot, _)| endpoint_config(layout, *slot))
                     .collect(),
                 ..IommuConfig::default()
             };
@@ -289,16 +351,16 @@ impl DeviceHost {
             qemu_args: Vec::new(),
             iommu: handle,
         };
-        host.write_files(mode, mem_mib)?;
+        host.write_files(mode, layout)?;
         Ok(host)
     }
 
-    fn write_files(&mut self, mode: IommuMode, mem_mib: u32) -> Result<(), HostError> {
+    fn write_files(&mut self, mode: IommuMode, layout: &Layout) -> Result<(), HostError> {
         let dir_err = |source| HostError::Dir {
             path: self.dir.clone(),
             source,
         };
-        let mut args = memory_args(mem_mib);
+        let mut args = memory_args(layout);
         if mode != IommuMode::Off {
             let iommu = PciBdf {
                 segment: 0,

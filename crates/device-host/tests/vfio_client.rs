@@ -1,10 +1,16 @@
 //! The device host driven over a real vfio-user socket by `vfio_user::Client`, as QEMU
 //! drives it: config space, DMA_MAP of a memfd-like file, MSI-X eventfds, virtio-pci
-//! initialisation of the virtio-iommu, one ATTACH through its requestq, the interrupt,
-//! reset, and the host returning once the client disconnects.
+//! initialisation of the virtio-iommu, one ATTACH and one PROBE through its requestq
+//! (the PROBE lists the reserved region the memory layout gave the endpoint), the
+//! interrupt, reset, and the host returning once the client disconnects.
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
-use device_host::host::{endpoint_id, DeviceHost, IommuMode, IOMMU_SLOT};
+use device_host::host::{
+    endpoint_id, endpoint_slot, plain_layout, slot_bdf, DeviceHost, IommuMode, IOMMU_SLOT,
+};
+use mem_layout::reserved_regions::ResvRegion;
+use mem_layout::{Layout, LayoutConfig, MemRange, RdmDatabase, RegionKind};
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
@@ -56,15 +62,52 @@ fn write_le(c: &mut Client, off: u64, v: u64, len: usize) {
     c.region_write(BAR0, off, &v.to_le_bytes()[..len]).unwrap();
 }
 
+/// The RMRR-like region the layout keeps for the first endpoint.
+const RESERVED: (u64, u64) = (0x9030_1000, 0x9030_1fff);
+
+/// 2.5 GiB of RAM with [`RESERVED`] for the first endpoint: low RAM must end below it.
+fn layout_with_reserved_region() -> Layout {
+    let bdf = slot_bdf(endpoint_slot(0).unwrap());
+    let mut db = RdmDatabase::new();
+    let region = ResvRegion {
+        range: MemRange::new(RESERVED.0, RESERVED.1).unwrap(),
+        kind: RegionKind::Direct,
+    };
+    db.add_reserved_regions(&[region], &BTreeSet::from([bdf]), "test")
+        .unwrap();
+    let mut cfg = LayoutConfig::new(2560 << 20);
+    cfg.assigned.push((bdf, None));
+    mem_layout::plan(&cfg, &db).unwrap()
+}
+
 #[test]
-fn iommu_served_over_vfio_user_answers_an_attach_and_interrupts() {
+fn plain_layout_needs_no_max_ram_below_4g() {
+    let dir = scratch_dir("plain");
+    let host =
+        DeviceHost::new(&dir, IommuMode::Off, &plain_layout(64).unwrap(), Vec::new()).unwrap();
+    let args = host.qemu_args().join(" ");
+    assert!(args.contains("-m 67108864B"), "{args}");
+    assert!(!args.contains("max-ram-below-4g"), "{args}");
+    drop(host);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn iommu_served_over_vfio_user_answers_attach_and_probe_from_the_layout() {
     let dir = scratch_dir("attach");
     let eps: Vec<Box<dyn device_host::host::EndpointFactory>> =
         vec![Box::new(device_host::endpoints::RngFactory::new("rng"))];
-    let host = DeviceHost::new(&dir, IommuMode::On, 64, eps).unwrap();
+    let layout = layout_with_reserved_region();
+    let host = DeviceHost::new(&dir, IommuMode::On, &layout, eps).unwrap();
     let args = host.qemu_args().join(" ");
     assert!(
         args.contains("vfio-user-pci") && args.contains("viot.aml") && args.contains("share=on"),
+        "{args}"
+    );
+    // Low RAM ends at the 2 MiB boundary below the region; q35 puts the rest above 4 GiB.
+    assert_eq!(layout.low_ram_end, 0x9020_0000);
+    assert!(
+        args.contains(&format!("max-ram-below-4g={}B", 0x9020_0000u64)),
         "{args}"
     );
     assert!(dir.join("viot.aml").exists());
@@ -146,6 +189,41 @@ fn iommu_served_over_vfio_user_answers_an_attach_and_interrupts() {
     let n = std::io::Read::read(&mut &fds[1], &mut count).unwrap_or(0);
     assert_eq!(n, 8, "queue vector 1 signalled");
 
+    // PROBE(the same endpoint): head, endpoint, 64 reserved bytes; then 512 bytes of
+    // properties and the tail, written by the device.
+    let mut probe = vec![5u8, 0, 0, 0];
+    probe.extend_from_slice(&ep.to_le_bytes());
+    probe.extend_from_slice(&[0; 64]);
+    ram.write_all_at(&probe, 0x12000).unwrap();
+    ram.write_all_at(&[0xaa; 516], 0x13000).unwrap();
+    ram.write_all_at(&desc(0x12000, 72, 1, 3), 0x1020).unwrap();
+    ram.write_all_at(&desc(0x13000, 516, 2, 0), 0x1030).unwrap();
+    ram.write_all_at(&2u16.to_le_bytes(), 0x2006).unwrap();
+    ram.write_all_at(&2u16.to_le_bytes(), 0x2002).unwrap();
+    write_le(&mut c, 0x3000, 0, 2);
+    read_u32(&mut c, CONFIG, 0, 2);
+    ram.read_exact_at(&mut used, 0x3002).unwrap();
+    assert_eq!(u16::from_le_bytes(used), 2, "PROBE chain used");
+    let mut props = vec![0u8; 516];
+    ram.read_exact_at(&mut props, 0x13000).unwrap();
+    assert_eq!(&props[512..], &[0, 0, 0, 0], "PROBE: S_OK");
+    // RESV_MEM properties: type 1, length 20, subtype, 3 reserved, start, end.
+    let mut resv = Vec::new();
+    for p in props[..512].chunks(24).take_while(|p| p[0..2] == [1, 0]) {
+        assert_eq!(u16::from_le_bytes([p[2], p[3]]), 20);
+        let start = u64::from_le_bytes(p[8..16].try_into().unwrap());
+        let end = u64::from_le_bytes(p[16..24].try_into().unwrap());
+        resv.push((p[4], start, end));
+    }
+    resv.sort();
+    assert_eq!(
+        resv,
+        vec![
+            (0, RESERVED.0, RESERVED.1),   // RESV_MEM_T_RESERVED, from the layout
+            (1, 0xfee0_0000, 0xfeef_ffff), // RESV_MEM_T_MSI
+        ]
+    );
+
     c.reset().unwrap();
     assert_eq!(read_u32(&mut c, BAR0, 0x14, 1), 0, "reset clears status");
     c.shutdown().unwrap();
@@ -163,7 +241,7 @@ fn bad_directory_and_too_many_devices_are_refused() {
     let file = std::env::temp_dir().join(format!("aperture-host-file-{}", std::process::id()));
     std::fs::write(&file, b"x").unwrap();
     assert!(
-        DeviceHost::new(&file, IommuMode::On, 64, Vec::new()).is_err(),
+        DeviceHost::new(&file, IommuMode::On, &plain_layout(64).unwrap(), Vec::new()).is_err(),
         "a file is not a directory"
     );
     let _ = std::fs::remove_file(&file);
@@ -172,7 +250,7 @@ fn bad_directory_and_too_many_devices_are_refused() {
         .collect();
     let dir = scratch_dir("many");
     assert!(matches!(
-        DeviceHost::new(&dir, IommuMode::On, 64, many),
+        DeviceHost::new(&dir, IommuMode::On, &plain_layout(64).unwrap(), many),
         Err(device_host::host::HostError::TooManyDevices(20))
     ));
     let _ = std::fs::remove_dir_all(&dir);

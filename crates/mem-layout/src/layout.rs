@@ -18,7 +18,7 @@
 //! The starting split is QEMU q35's (`hw/i386/pc_q35.c`): RAM of 0xB000_0000 bytes or
 //! more is split at 2 GiB, smaller RAM stays below the MMCONFIG window at 0xB000_0000;
 //! `max-ram-below-4g` can only lower it. The planned low end is what `aperture serve`
-//! will pass to QEMU as `max-ram-below-4g` (not wired yet).
+//! passes to QEMU as `max-ram-below-4g` ([`Layout::max_ram_below_4g`]).
 //!
 //! Defaults follow Xen: global policy relaxed, each explicitly assigned device strict
 //! unless it says otherwise or a global policy was given explicitly (xl copies it into
@@ -276,6 +276,13 @@ impl Layout {
             .sum()
     }
 
+    /// The `max-ram-below-4g` QEMU needs to build this layout: the planned end of low
+    /// RAM when it is below where q35 would end it by itself, else `None`.
+    pub fn max_ram_below_4g(&self) -> Option<u64> {
+        (self.low_ram_end < self.ram_size.min(q35_low_ram_limit(self.ram_size)))
+            .then_some(self.low_ram_end)
+    }
+
     /// The regions a device will see reserved (for its PROBE RESV_MEM list), i.e. the
     /// kept regions that list it.
     pub fn reserved_for(&self, bdf: Bdf) -> Vec<&PlannedRegion> {
@@ -421,6 +428,17 @@ fn collect(cfg: &LayoutConfig, db: &RdmDatabase) -> Vec<PlannedRegion> {
         .collect()
 }
 
+/// Where QEMU's q35 ends low RAM by itself for `ram` bytes (no `max-ram-below-4g`):
+/// at 2 GiB from 0xB000_0000 bytes of RAM on, else below the MMCONFIG window
+/// (`pc_q35_init`).
+pub fn q35_low_ram_limit(ram: u64) -> u64 {
+    if ram >= Q35_SPLIT_THRESHOLD {
+        Q35_LOWMEM_SPLIT
+    } else {
+        Q35_SPLIT_THRESHOLD
+    }
+}
+
 /// Plans a layout.
 ///
 /// # Errors
@@ -438,13 +456,8 @@ pub fn plan(cfg: &LayoutConfig, db: &RdmDatabase) -> Result<Layout, LayoutError>
             return Err(LayoutError::BadMaxRamBelow4g { value: v });
         }
     }
-    // QEMU q35: split at 2 GiB from 0xB000_0000 on, else below MMCONFIG; then
-    // min(qemu limit, user limit).
-    let mut lowmem = if ram >= Q35_SPLIT_THRESHOLD {
-        Q35_LOWMEM_SPLIT
-    } else {
-        Q35_SPLIT_THRESHOLD
-    };
+    // QEMU q35: min(qemu limit, user limit).
+    let mut lowmem = q35_low_ram_limit(ram);
     if let Some(user) = cfg.max_ram_below_4g {
         lowmem = lowmem.min(user);
     }

@@ -15,8 +15,9 @@
 //! - [`identity`]: identity maps on assignment and the shared-region rule.
 //! - [`types`]: device ids, inclusive ranges, region kinds, policies.
 //!
-//! The `aperture layout` command is the front end; `aperture serve` is meant to apply
-//! the same [`layout::Layout`] to QEMU and to the virtio-iommu's PROBE answers.
+//! The `aperture layout` command is the front end; `aperture serve --reserved` applies
+//! the same [`layout::Layout`] to QEMU (`max-ram-below-4g`) and to the virtio-iommu's
+//! PROBE answers.
 
 #![deny(missing_docs)]
 

@@ -7,7 +7,7 @@
 use crate::config::{ConfigError, IommuConfig};
 use crate::ids::{DomainId, EndpointId};
 use crate::request::{decode, DecodeError, Request, RequestType};
-use crate::state::{MappingEvent, Tables};
+use crate::state::Tables;
 use crate::translate::{lock, read, write, EndpointIommu, FaultQueue, MappingSubscriber, Shared};
 use crate::wire::{
     Config, Status, CONFIG_BYPASS_OFFSET, MAX_READABLE, TAIL_SIZE, VIRTIO_F_VERSION_1,
@@ -310,6 +310,9 @@ impl VirtioIommu {
             shared: Arc::clone(&self.shared),
             index,
             id,
+            window_start: 0,
+            window_end: 0,
+            window: None,
         })
     }
 
@@ -323,28 +326,7 @@ impl VirtioIommu {
         id: EndpointId,
         subscriber: Arc<dyn MappingSubscriber>,
     ) -> Result<(), DeviceError> {
-        // Hold the tables' write lock so no request runs between replay and registration.
-        let tables = write(&self.shared.tables);
-        let index = tables
-            .endpoint_index(id)
-            .ok_or(DeviceError::UnknownEndpoint(id))?;
-        if tables.is_identity(index) {
-            subscriber.on_event(id, &MappingEvent::Identity(true));
-        } else if let Some(d) = tables.endpoint_domain(index) {
-            for (start, m) in tables.mappings(d) {
-                subscriber.on_event(
-                    id,
-                    &MappingEvent::Mapped {
-                        start,
-                        end: crate::Iova(m.end),
-                        phys: crate::Gpa(m.phys),
-                        perms: m.permissions(),
-                    },
-                );
-            }
-        }
-        write(&self.shared.subscribers)[index].push(subscriber);
-        self.shared.has_subscribers.store(true, Ordering::Release);
+        self.endpoint_iommu(id)?.subscribe(subscriber);
         Ok(())
     }
 

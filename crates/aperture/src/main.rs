@@ -9,6 +9,7 @@
 //! of `demo` is checked, so it doubles as an end-to-end smoke test. The command line is
 //! defined here.
 
+mod backend;
 mod bench;
 mod demo;
 mod guest;
@@ -37,7 +38,6 @@ aperture demo --iommu off      the same without it: every device reaches all RAM
 aperture demo --model          the device model driven as Linux drives it (no QEMU)\n  \
 aperture serve --dir /tmp/vm --disk disk.img --rng   serve them to your own QEMU\n  \
 aperture bench                 in-guest disk throughput: ours against QEMU's own devices\n\n\
-Not yet implemented: backend (out-of-process backends).\n\
 Exit status: 0 success, 1 a demo check failed, 2 bad command line.",
     arg_required_else_help = true
 )]
@@ -57,14 +57,54 @@ enum IommuArg {
     Bypass,
 }
 
-/// One `--disk PATH[,ro]`.
+/// One `--disk PATH[,ro]` or `--disk vhost-user=SOCK`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct DiskArg {
     path: std::path::PathBuf,
     read_only: bool,
+    /// `path` is the socket of an external vhost-user back-end, not an image.
+    vhost_user: bool,
+}
+
+/// Prefix of a device argument served by an external vhost-user back-end.
+const VHOST_USER: &str = "vhost-user=";
+
+/// The socket of `vhost-user=SOCK`, `None` when `s` is not of that form.
+fn vhost_user_socket(s: &str) -> Option<Result<std::path::PathBuf, String>> {
+    let sock = s.strip_prefix(VHOST_USER)?;
+    Some(if sock.is_empty() {
+        Err(format!("'{s}' names no socket after '{VHOST_USER}'"))
+    } else if sock.ends_with(",ro") {
+        Err(format!(
+            "'{s}': ',ro' does not apply to a vhost-user back-end (the back-end decides)"
+        ))
+    } else {
+        Ok(sock.into())
+    })
+}
+
+/// One `--rng vhost-user=SOCK` (the in-process virtio-rng is `--rng` alone).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RngArg(Option<std::path::PathBuf>);
+
+fn parse_rng(s: &str) -> Result<RngArg, String> {
+    match vhost_user_socket(s) {
+        _ if s.is_empty() => Ok(RngArg(None)),
+        Some(sock) => sock.map(|p| RngArg(Some(p))),
+        None => Err(format!(
+            "'{s}' is not vhost-user=SOCK (give --rng alone for our own virtio-rng)"
+        )),
+    }
 }
 
 fn parse_disk(s: &str) -> Result<DiskArg, String> {
+    if let Some(sock) = vhost_user_socket(s) {
+        return sock.map(|path| DiskArg {
+            path,
+            read_only: false,
+            vhost_user: true,
+        });
+    }
     let (path, read_only) = match s.rsplit_once(',') {
         Some((p, "ro")) => (p, true),
         Some((_, opt)) => return Err(format!("unknown disk option '{opt}' (only 'ro' is known)")),
@@ -76,6 +116,7 @@ fn parse_disk(s: &str) -> Result<DiskArg, String> {
     Ok(DiskArg {
         path: path.into(),
         read_only,
+        vhost_user: false,
     })
 }
 
@@ -90,6 +131,18 @@ aperture layout --ram 8G --dmar /sys/firmware/acpi/tables/DMAR --assign 00:02.0\
 aperture layout --ram 4G --reserved-regions /sys/kernel/iommu_groups/7/reserved_regions --assign 00:14.0,relaxed --json\n\n\
 Exit status: 0 planned, 1 a strict conflict makes the plan impossible, 2 bad input.")]
     Layout(layout::Args),
+    /// Run one of our devices as an out-of-process vhost-user back-end (blk or rng).
+    ///
+    /// With iommu_platform=on at the front-end (VIRTIO_F_IOMMU_PLATFORM), the back-end
+    /// maps only the guest memory windows the guest's IOMMU opened for the device
+    /// (vhost-user IOTLB updates and misses) and unmaps them on invalidate, never the
+    /// whole of guest RAM; without it, it maps guest RAM like any vhost-user back-end.
+    /// After each connection it prints its peak exposure (--stats writes it as JSON).
+    #[command(after_help = "Examples:\n  \
+aperture backend blk --socket /tmp/blk.sock --disk disk.img --stats /tmp/blk.json --once\n  \
+aperture backend rng --socket /tmp/rng.sock --require-iommu\n\n\
+Exit status: 0 after the front-end disconnected (--once), 1 a socket failure, 2 bad input.")]
+    Backend(backend::Args),
     /// Serve virtio-pci devices to QEMU over vfio-user: our virtio-iommu and the
     /// devices behind it.
     ///
@@ -102,6 +155,8 @@ Exit status: 0 planned, 1 a strict conflict makes the plan impossible, 2 bad inp
 aperture serve --dir /tmp/vm --disk disk.img --rng\n  \
 qemu-system-x86_64 -M q35 -nographic -kernel vmlinuz ... $(cat /tmp/vm/qemu-args)\n  \
 aperture serve --dir /tmp/vm --disk base.img,ro --iommu bypass\n  \
+aperture serve --dir /tmp/vm --disk vhost-user=/tmp/blk.sock   (after: aperture backend blk --socket /tmp/blk.sock --disk disk.img)\n  \
+aperture serve --dir /tmp/vm --rng vhost-user=/tmp/rng.sock --iommu off   (a third-party back-end, e.g. vhost-device-rng)\n  \
 aperture serve --dir /tmp/vm --disk disk.img --rng --mem 2560 \\\n      \
 --reserved 0x90301000-0x90301fff@blk0 --reserved 0x98000000-0x980fffff@rng\n\n\
 Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")]
@@ -110,11 +165,17 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
         #[arg(long, value_name = "DIR")]
         dir: std::path::PathBuf,
         /// A virtio-blk backed by a raw image (size a multiple of 512); ",ro" for read-only.
-        #[arg(long, value_name = "PATH[,ro]", value_parser = parse_disk)]
+        /// "vhost-user=SOCK": a virtio-blk run by the vhost-user back-end listening at
+        /// SOCK (start it first, e.g. aperture backend blk); behind the virtio-iommu it
+        /// must offer VIRTIO_F_ACCESS_PLATFORM and gets only IOTLB windows.
+        #[arg(long, value_name = "PATH[,ro]|vhost-user=SOCK", value_parser = parse_disk)]
         disk: Vec<DiskArg>,
-        /// Add a virtio-rng.
-        #[arg(long)]
-        rng: bool,
+        /// Add a virtio-rng: ours alone, or with "vhost-user=SOCK" one run by the
+        /// vhost-user back-end at SOCK (a back-end without VIRTIO_F_ACCESS_PLATFORM,
+        /// such as vhost-device-rng, needs --iommu off).
+        #[arg(long, value_name = "vhost-user=SOCK", num_args = 0..=1, default_missing_value = "",
+              value_parser = parse_rng)]
+        rng: Option<RngArg>,
         /// How the virtio-iommu is presented.
         #[arg(long, value_enum, default_value_t = IommuArg::On)]
         iommu: IommuArg,
@@ -230,6 +291,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Layout(args) => layout::run(args),
+        Command::Backend(args) => backend::run(args),
         Command::Demo {
             iommu,
             lazy,
@@ -270,11 +332,12 @@ fn main() -> ExitCode {
         } => serve::run(serve::Options {
             dir: &dir,
             disks: &disk,
-            rng,
+            rng: rng.is_some(),
             iommu,
             mem,
             reserved: &reserved,
             test_fault_sector,
+            rng_vhost_user: rng.as_ref().and_then(|r| r.0.as_deref()),
         }),
     }
 }
@@ -332,6 +395,30 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn vhost_user_device_arguments_name_a_socket() {
+        let d = parse_disk("vhost-user=/tmp/b.sock").unwrap_or_else(|e| panic!("{e}"));
+        assert!(d.vhost_user && !d.read_only && d.path == std::path::Path::new("/tmp/b.sock"));
+        assert!(!parse_disk("disk.img").is_ok_and(|d| d.vhost_user));
+        for bad in ["vhost-user=", "vhost-user=/tmp/b.sock,ro"] {
+            assert!(parse_disk(bad).is_err(), "{bad}");
+            assert!(parse_rng(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_rng(""), Ok(RngArg(None)));
+        assert!(parse_rng("/tmp/r.sock").is_err_and(|e| e.contains("vhost-user=SOCK")));
+        let rng = |a: &[&str]| {
+            let mut v = vec!["aperture", "serve", "--dir", "/tmp/x"];
+            v.extend_from_slice(a);
+            Cli::try_parse_from(v)
+        };
+        assert!(
+            rng(&["--rng", "--iommu", "off"]).is_ok(),
+            "--rng alone still works"
+        );
+        assert!(rng(&["--rng", "vhost-user=/tmp/r.sock"]).is_ok());
+        assert!(rng(&["--rng", "bogus"]).is_err());
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! arguments and each endpoint's PROBE answers.
 
 use crate::{DiskArg, IommuArg};
+use device_host::endpoints::VhostUserFactory;
 use device_host::host::{endpoint_slot, slot_bdf, DeviceHost, EndpointFactory};
+use device_host::vhost_user::DeviceKind;
 use mem_layout::reserved_regions::ResvRegion;
 use mem_layout::{Bdf, Layout, LayoutConfig, MemRange, RdmDatabase, RegionKind};
 use std::collections::{BTreeMap, BTreeSet};
@@ -62,6 +64,8 @@ pub(crate) struct Options<'a> {
     pub mem: u32,
     pub reserved: &'a [ReservedArg],
     pub test_fault_sector: Option<u64>,
+    /// With `rng`: the socket of the vhost-user back-end that runs it.
+    pub rng_vhost_user: Option<&'a Path>,
 }
 
 /// The guest layout: `mem` MiB of RAM around the `--reserved` regions of the devices
@@ -144,6 +148,16 @@ fn describe(layout: &Layout, names: &[String]) {
     }
 }
 
+/// A device run by the vhost-user back-end at `sock` (connected when the host builds
+/// it; each answer awaited at most 1 s).
+fn vhost_user(
+    name: &str,
+    sock: &Path,
+    kind: DeviceKind,
+) -> Result<VhostUserFactory, device_host::endpoints::VhostUserArgError> {
+    VhostUserFactory::new(name, sock, kind, device_host::vhost_user::DEFAULT_TIMEOUT)
+}
+
 pub(crate) fn run(o: Options<'_>) -> ExitCode {
     let mode = crate::mode(o.iommu);
     if o.disks.is_empty() && !o.rng {
@@ -163,6 +177,16 @@ pub(crate) fn run(o: Options<'_>) -> ExitCode {
     };
     let mut endpoints: Vec<Box<dyn EndpointFactory>> = Vec::new();
     for (i, d) in o.disks.iter().enumerate() {
+        if d.vhost_user {
+            match vhost_user(&names[i], &d.path, DeviceKind::Block) {
+                Ok(f) => endpoints.push(Box::new(f)),
+                Err(e) => {
+                    eprintln!("aperture serve: --disk vhost-user={e}");
+                    return ExitCode::from(2);
+                }
+            }
+            continue;
+        }
         match device_host::endpoints::BlockFactory::new(&names[i], &d.path, d.read_only) {
             Ok(f) => {
                 let stray = if i == 0 { o.test_fault_sector } else { None };
@@ -174,7 +198,15 @@ pub(crate) fn run(o: Options<'_>) -> ExitCode {
             }
         }
     }
-    if o.rng {
+    if let Some(sock) = o.rng_vhost_user {
+        match vhost_user("rng", sock, DeviceKind::Rng) {
+            Ok(f) => endpoints.push(Box::new(f)),
+            Err(e) => {
+                eprintln!("aperture serve: --rng vhost-user={e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else if o.rng {
         endpoints.push(Box::new(device_host::endpoints::RngFactory::new("rng")));
     }
     let host = match DeviceHost::new(o.dir, mode, &layout, endpoints) {

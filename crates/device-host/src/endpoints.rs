@@ -1,11 +1,14 @@
 //! The endpoint devices the host can serve, as [`EndpointFactory`]s: virtio-blk on a
-//! raw image and virtio-rng (from `virtio-devices`). A factory checks what it can up
+//! raw image and virtio-rng (from `virtio-devices`), and either one run by an external
+//! vhost-user back-end ([`VhostUserFactory`]). A factory checks what it can up
 //! front (the image opens, its size is whole sectors) so bad input is reported before
 //! any socket exists; the device is built once the host knows whether it sits behind
 //! the IOMMU.
 
 use crate::host::{serve_endpoint, EndpointFactory};
+use crate::vhost_user::{serve_vhost_user, DeviceKind, VhostUserHandle};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use vfio_user::ServerBackend;
 use virtio_devices::{Block, BlockConfig, Rng, RngConfig};
 use virtio_iommu::EndpointIommu;
@@ -102,5 +105,86 @@ impl EndpointFactory for RngFactory {
         };
         let dev = Rng::new(&config).map_err(|e| e.to_string())?;
         serve_endpoint(dev, CLASS_OTHER, iommu)
+    }
+}
+
+/// A device served by an external vhost-user back-end at a unix socket
+/// ([`crate::vhost_user`]).
+#[derive(Debug)]
+pub struct VhostUserFactory {
+    name: String,
+    socket: PathBuf,
+    kind: DeviceKind,
+    timeout: Duration,
+    handle: Option<std::sync::mpsc::Sender<VhostUserHandle>>,
+}
+
+/// Why a vhost-user socket argument was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserArgError {
+    /// The path does not exist or is not a unix socket.
+    #[error("{path}: {why}")]
+    NotSocket {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+impl VhostUserFactory {
+    /// A `kind` device whose back-end listens at `socket`; each back-end answer is
+    /// awaited at most `timeout` ([`crate::vhost_user::DEFAULT_TIMEOUT`] is 1 s). The
+    /// connection is made when the host builds the device.
+    ///
+    /// # Errors
+    /// [`VhostUserArgError`] if `socket` is not a unix socket.
+    pub fn new(
+        name: &str,
+        socket: &Path,
+        kind: DeviceKind,
+        timeout: Duration,
+    ) -> Result<Self, VhostUserArgError> {
+        use std::os::unix::fs::FileTypeExt;
+        let not = |why: String| VhostUserArgError::NotSocket {
+            path: socket.to_path_buf(),
+            why,
+        };
+        let meta = std::fs::metadata(socket).map_err(|e| not(e.to_string()))?;
+        if !meta.file_type().is_socket() {
+            return Err(not(
+                "is not a unix socket (start the vhost-user back-end first)".into(),
+            ));
+        }
+        Ok(Self {
+            name: name.to_string(),
+            socket: socket.to_path_buf(),
+            kind,
+            timeout,
+            handle: None,
+        })
+    }
+
+    /// Sends the device's handle (counters, broken state) on `tx` once it is built.
+    pub fn with_handle_sender(mut self, tx: std::sync::mpsc::Sender<VhostUserHandle>) -> Self {
+        self.handle = Some(tx);
+        self
+    }
+}
+
+impl EndpointFactory for VhostUserFactory {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn build(
+        self: Box<Self>,
+        iommu: Option<EndpointIommu>,
+    ) -> Result<(Box<dyn ServerBackend + Send>, u16), String> {
+        let (backend, n, handle) = serve_vhost_user(&self.socket, self.kind, self.timeout, iommu)?;
+        if let Some(tx) = self.handle {
+            let _ = tx.send(handle);
+        }
+        Ok((backend, n))
     }
 }

@@ -8,6 +8,8 @@
 //! translation, so they reach only what the guest mapped; all devices share this
 //! process, which is how the IOMMU's translations reach them. A VIOT table ([`viot`]),
 //! passed to QEMU with `-acpitable`, tells the guest which device translates for which.
+//! A device may also run in another process: [`vhost_user`] is the vhost-user front-end,
+//! with the IOTLB protocol when that device sits behind the virtio-iommu.
 
 #![deny(missing_docs)]
 
@@ -16,4 +18,5 @@ pub mod endpoints;
 pub mod host;
 pub mod iommu_device;
 pub mod vfio;
+pub mod vhost_user;
 pub mod viot;

@@ -67,6 +67,29 @@ pub trait VirtioDevice<M: GuestMemory> {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &M) -> Result<bool, String>;
     /// Device reset: forget all driver-visible state.
     fn reset(&mut self);
+    /// Called when the driver sets DRIVER_OK, after the transport checked every ready
+    /// queue (§3.1.1 step 8), with those queues and their MSI-X vectors. A device whose
+    /// queues run elsewhere (an out-of-process backend) starts them here; the default
+    /// does nothing.
+    ///
+    /// # Errors
+    /// A description of why the device cannot start; the transport then refuses
+    /// DRIVER_OK and sets DEVICE_NEEDS_RESET.
+    fn activate(&mut self, queues: &[ActiveQueue<'_>], mem: &M) -> Result<(), String> {
+        let _ = (queues, mem);
+        Ok(())
+    }
+}
+
+/// A ready queue as [`VirtioDevice::activate`] sees it.
+#[derive(Debug)]
+pub struct ActiveQueue<'a> {
+    /// Queue index.
+    pub index: usize,
+    /// The queue as the driver configured it (size, ring addresses, event index).
+    pub queue: &'a Queue,
+    /// Its MSI-X vector, or [`VIRTIO_MSI_NO_VECTOR`].
+    pub vector: u16,
 }
 
 /// Why a transport could not be built.
@@ -338,6 +361,16 @@ impl<D: VirtioDevice<M>, M: GuestMemory> VirtioPciTransport<D, M> {
         self.config_changed();
     }
 
+    /// Marks the device as needing reset (§2.1.2: DEVICE_NEEDS_RESET, then a
+    /// configuration-change interrupt), for failures the device learns of outside a
+    /// queue notification (an out-of-process backend went away). Queue notifications
+    /// are ignored until the driver resets the device.
+    pub fn set_needs_reset(&mut self) {
+        if self.status & DEVICE_NEEDS_RESET == 0 {
+            self.needs_reset();
+        }
+    }
+
     fn interrupt(&mut self, vector: u16, isr_bit: u8) {
         self.isr |= isr_bit;
         if vector != VIRTIO_MSI_NO_VECTOR {
@@ -502,6 +535,22 @@ impl<D: VirtioDevice<M>, M: GuestMemory> VirtioPciTransport<D, M> {
                 .iter()
                 .all(|q| !q.queue.ready() || q.queue.is_valid(&self.mem));
             if !valid {
+                self.status = new & !DRIVER_OK;
+                self.needs_reset();
+                return;
+            }
+            let active: Vec<ActiveQueue<'_>> = self
+                .queues
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| q.queue.ready())
+                .map(|(index, q)| ActiveQueue {
+                    index,
+                    queue: &q.queue,
+                    vector: q.vector,
+                })
+                .collect();
+            if self.device.activate(&active, &self.mem).is_err() {
                 self.status = new & !DRIVER_OK;
                 self.needs_reset();
                 return;

@@ -1,0 +1,329 @@
+//! `aperture backend blk|rng`: our devices as out-of-process vhost-user back-ends.
+//!
+//! The same device code as in-process (`virtio_devices::Block` and `Rng`) runs over
+//! [`vhost_iotlb::GuestView`]: with `iommu_platform=on` at the front-end the back-end
+//! maps only the windows the guest's IOMMU opened (IOTLB updates and misses) and loses
+//! them on invalidate; without it, it maps guest RAM as any vhost-user back-end.
+//! Listens on a Unix socket (the front-end connects, as QEMU's `-chardev socket` does),
+//! serves one front-end at a time, and after each connection prints its exposure
+//! figures and, with `--stats`, writes them as JSON.
+//!
+//! Exit status: 0 after the front-end disconnected (`--once`), 1 a socket failure, 2 bad
+//! command line or input (a disk that cannot be opened, a socket path in use).
+
+use serde_json::json;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use vhost_iotlb::{Limits, Mode, Report, Session, SessionConfig};
+use virtio_devices::{Block, BlockConfig, Rng, RngConfig};
+
+/// Arguments of `aperture backend`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    device: Device,
+}
+
+/// Options every back-end takes.
+#[derive(Debug, clap::Args)]
+struct Common {
+    /// Unix socket to listen on (created; a stale socket there is replaced).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Refuse a front-end that does not negotiate VIRTIO_F_IOMMU_PLATFORM, so this
+    /// back-end never maps all of guest RAM.
+    #[arg(long)]
+    require_iommu: bool,
+    /// After each connection, write the exposure figures there as JSON.
+    #[arg(long, value_name = "FILE")]
+    stats: Option<PathBuf>,
+    /// Exit after the first front-end disconnects (default: wait for the next).
+    #[arg(long)]
+    once: bool,
+    /// Most IOTLB windows held at once; past it the oldest is dropped (16 to 60000).
+    #[arg(long, value_name = "N", default_value_t = 16384,
+          value_parser = clap::value_parser!(u32).range(16..=60000))]
+    max_windows: u32,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Device {
+    /// virtio-blk on a raw image (a whole number of 512-byte sectors).
+    #[command(
+        after_help = "Example (QEMU as the front-end, guest behind its virtio-iommu):\n  \
+aperture backend blk --socket /tmp/blk.sock --disk disk.img --stats /tmp/blk.json --once &\n  \
+qemu-system-x86_64 -M q35,memory-backend=mem -m 512M \\\n    \
+-object memory-backend-memfd,id=mem,size=512M,share=on \\\n    \
+-device virtio-iommu-pci -chardev socket,id=blk,path=/tmp/blk.sock \\\n    \
+-device vhost-user-blk-pci,chardev=blk,iommu_platform=on,disable-legacy=on ..."
+    )]
+    Blk {
+        #[command(flatten)]
+        common: Common,
+        /// The disk image.
+        #[arg(long, value_name = "FILE")]
+        disk: PathBuf,
+        /// Open the image read-only and offer VIRTIO_BLK_F_RO.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// virtio-rng reading the host's /dev/urandom.
+    #[command(after_help = "Example:\n  \
+aperture backend rng --socket /tmp/rng.sock &\n  \
+qemu-system-x86_64 ... -chardev socket,id=rng,path=/tmp/rng.sock \\\n    \
+-device vhost-user-rng-pci,chardev=rng,iommu_platform=on")]
+    Rng {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// Runs `aperture backend`.
+pub fn run(args: Args) -> ExitCode {
+    match args.device {
+        Device::Blk {
+            common,
+            disk,
+            read_only,
+        } => {
+            let config = BlockConfig {
+                path: disk,
+                read_only,
+                // Offered always; the front-end decides (iommu_platform=on).
+                access_platform: true,
+                test_stray_sector: None,
+            };
+            // Opened once up front so a bad image is a command-line error.
+            if let Err(e) = Block::new(&config) {
+                eprintln!("aperture backend blk: --disk: {e}");
+                return ExitCode::from(2);
+            }
+            let make = || {
+                Block::new(&config)
+                    .map(VhostBlock)
+                    .map_err(|e| e.to_string())
+            };
+            serve(&common, "blk", make, |b| {
+                let c = b.0.counters();
+                json!({"ok": c.ok, "ioerr": c.ioerr, "unsupp": c.unsupp, "dropped": c.dropped})
+            })
+        }
+        Device::Rng { common } => {
+            let config = RngConfig {
+                access_platform: true,
+                ..RngConfig::default()
+            };
+            serve(
+                &common,
+                "rng",
+                || Rng::new(&config).map_err(|e| e.to_string()),
+                |_| json!({}),
+            )
+        }
+    }
+}
+
+/// Ring size a vhost-user front-end gives the block queue unless told otherwise
+/// (QEMU's `vhost-user-blk` `queue-size` default).
+const FRONTEND_QUEUE_SIZE: u32 = 128;
+
+/// [`Block`] as a vhost-user back-end: the same device, except that its `seg_max`
+/// leaves room for header and status in the ring the front-end chose. In process the
+/// transport offers the device's own 256-entry queue; QEMU's vhost-user-blk sets 128,
+/// and Linux, without indirect descriptors, must fit seg_max + 2 descriptors in the
+/// ring (virtio_ring.c refuses a longer chain and retries it forever).
+struct VhostBlock(Block);
+
+impl<M: vm_memory::GuestMemory> virtio_pci::VirtioDevice<M> for VhostBlock {
+    fn device_type(&self) -> u16 {
+        virtio_pci::VirtioDevice::<M>::device_type(&self.0)
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        virtio_pci::VirtioDevice::<M>::queue_max_sizes(&self.0)
+    }
+    fn device_features(&self) -> u64 {
+        virtio_pci::VirtioDevice::<M>::device_features(&self.0)
+    }
+    fn set_acked_features(&mut self, features: u64) {
+        virtio_pci::VirtioDevice::<M>::set_acked_features(&mut self.0, features)
+    }
+    fn config_size(&self) -> u64 {
+        virtio_pci::VirtioDevice::<M>::config_size(&self.0)
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        virtio_pci::VirtioDevice::<M>::read_config(&self.0, offset, data);
+        // Patch the bytes of `seg_max` that fall inside this read.
+        let seg_max =
+            (virtio_devices::block::request::SEG_MAX.min(FRONTEND_QUEUE_SIZE - 2)).to_le_bytes();
+        let field = virtio_devices::block::config::SEG_MAX as u64;
+        for (i, b) in data.iter_mut().enumerate() {
+            if let Some(k) = offset
+                .checked_add(i as u64)
+                .and_then(|a| a.checked_sub(field))
+            {
+                if k < 4 {
+                    *b = seg_max[k as usize];
+                }
+            }
+        }
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        virtio_pci::VirtioDevice::<M>::write_config(&mut self.0, offset, data)
+    }
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut virtio_queue::Queue,
+        mem: &M,
+    ) -> Result<bool, String> {
+        self.0.process_queue(index, queue, mem)
+    }
+    fn reset(&mut self) {
+        virtio_pci::VirtioDevice::<M>::reset(&mut self.0)
+    }
+}
+
+/// Binds the socket: refuses a path that exists and is not a socket, replaces a socket
+/// nobody listens on.
+fn bind(path: &Path) -> Result<UnixListener, String> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(format!("{} exists and is not a socket", path.display()));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!("{} is in use by a running server", path.display()));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
+    }
+    UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))
+}
+
+fn serve<D>(
+    common: &Common,
+    name: &str,
+    make: impl Fn() -> Result<D, String>,
+    counters: impl Fn(&D) -> serde_json::Value,
+) -> ExitCode
+where
+    D: virtio_pci::VirtioDevice<vhost_iotlb::GuestView> + Send,
+{
+    let prog = format!("aperture backend {name}");
+    let listener = match bind(&common.socket) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{prog}: --socket: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = SessionConfig {
+        limits: Limits {
+            max_windows: common.max_windows as usize,
+            ..Limits::default()
+        },
+        require_iommu: common.require_iommu,
+    };
+    eprintln!("{prog}: listening on {}", common.socket.display());
+    let status = loop {
+        let sock = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                eprintln!("{prog}: accept on {} failed: {e}", common.socket.display());
+                break ExitCode::FAILURE;
+            }
+        };
+        let device = match make() {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("{prog}: {e}");
+                break ExitCode::FAILURE;
+            }
+        };
+        let report = Session::new(device, config).and_then(|s| s.run(sock));
+        let ok = match report {
+            Ok(r) => {
+                let stats = stats_json(name, &r, counters(&r.device));
+                eprintln!("{prog}: front-end disconnected: {}", summary(&r));
+                if let Some(path) = &common.stats {
+                    let text = serde_json::to_string_pretty(&stats).unwrap_or_default();
+                    if let Err(e) = std::fs::write(path, text + "\n") {
+                        eprintln!("{prog}: --stats: cannot write {}: {e}", path.display());
+                        break ExitCode::FAILURE;
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                eprintln!("{prog}: the connection failed: {e}");
+                false
+            }
+        };
+        if common.once {
+            break if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+    };
+    let _ = std::fs::remove_file(&common.socket);
+    status
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Unset => "unset",
+        Mode::Plain => "plain",
+        Mode::Iotlb => "iotlb",
+    }
+}
+
+fn share(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
+fn summary<D>(r: &Report<D>) -> String {
+    let e = &r.exposure;
+    format!(
+        "mode {}, peak exposure {} KiB of {} MiB guest RAM ({:.3}%), peak windows {}, \
+updates {}, invalidates {}, misses {} ({} failed), access failures {}",
+        mode_name(r.mode),
+        e.peak_mapped_bytes >> 10,
+        e.guest_ram_bytes >> 20,
+        100.0 * share(e.peak_mapped_bytes, e.guest_ram_bytes),
+        e.peak_windows,
+        e.updates,
+        e.invalidates,
+        e.misses,
+        e.miss_failures,
+        e.access_fails
+    )
+}
+
+fn stats_json<D>(name: &str, r: &Report<D>, device: serde_json::Value) -> serde_json::Value {
+    let e = &r.exposure;
+    json!({
+        "device": name,
+        "mode": mode_name(r.mode),
+        "guest_ram_bytes": e.guest_ram_bytes,
+        "mapped_bytes": e.mapped_bytes,
+        "peak_mapped_bytes": e.peak_mapped_bytes,
+        "peak_share": share(e.peak_mapped_bytes, e.guest_ram_bytes),
+        "windows": e.windows,
+        "peak_windows": e.peak_windows,
+        "updates": e.updates,
+        "invalidates": e.invalidates,
+        "evictions": e.evictions,
+        "revoked_in_use": e.revoked_in_use,
+        "misses": e.misses,
+        "miss_failures": e.miss_failures,
+        "access_fails": e.access_fails,
+        "requests": device,
+    })
+}

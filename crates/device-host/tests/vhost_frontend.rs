@@ -1,0 +1,790 @@
+//! The vhost-user front-end against a scripted back-end on a unix socket: the messages
+//! it sends, how it answers the back-end's IOTLB misses through the virtio-iommu, strict
+//! invalidation on UNMAP, the deadline, and a back-end that goes away.
+
+#![allow(clippy::unwrap_used)]
+
+use device_host::dma::DmaMap;
+use device_host::host::EndpointMemory;
+use device_host::vhost_user::wire::{self, req};
+use device_host::vhost_user::{DeviceKind, VhostUserDevice, UADDR_BASE};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::FromRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use virtio_iommu::fake_driver::FakeGuest;
+use virtio_iommu::{
+    DomainId, EndpointConfig, EndpointId, IommuConfig, Iova, Request, Status, VirtioIommu,
+};
+use virtio_pci::{ActiveQueue, InterruptSink, VirtioDevice};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestMemoryMmap, IommuMemory};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use zerocopy::{FromBytes, IntoBytes};
+
+const F_VERSION_1: u64 = 1 << 32;
+const F_ACCESS_PLATFORM: u64 = 1 << 33;
+const F_PROTOCOL: u64 = 1 << 30;
+const P_ALL: u64 = (1 << 3) | (1 << 5) | (1 << 9);
+const EP: u32 = 8;
+const RAM: u64 = 1 << 20;
+
+/// How the scripted back-end answers an IOTLB INVALIDATE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AckMode {
+    Now,
+    After(Duration),
+    Never,
+}
+
+struct Msg {
+    request: u32,
+    flags: u32,
+    body: Vec<u8>,
+    files: Vec<File>,
+}
+
+fn recv_msg(s: &UnixStream) -> Option<Msg> {
+    let mut hdr = [0u8; 12];
+    let mut fds = [-1; 8];
+    let mut iov = [libc::iovec {
+        iov_base: hdr.as_mut_ptr().cast(),
+        iov_len: hdr.len(),
+    }];
+    // SAFETY: the iovec points at `hdr`, which is live and writable for its length.
+    let (n, nfds) = unsafe { s.recv_with_fds(&mut iov, &mut fds) }.ok()?;
+    let files = fds[..nfds]
+        .iter()
+        // SAFETY: these descriptors were just received and are owned by nobody else.
+        .map(|&fd| unsafe { File::from_raw_fd(fd) })
+        .collect();
+    if n == 0 {
+        return None;
+    }
+    let mut r = s;
+    if n < hdr.len() {
+        r.read_exact(&mut hdr[n..]).ok()?;
+    }
+    let h = wire::Header::read_from_bytes(&hdr).ok()?;
+    let mut body = vec![0u8; h.size as usize];
+    r.read_exact(&mut body).ok()?;
+    Some(Msg {
+        request: h.request,
+        flags: h.flags,
+        body,
+        files,
+    })
+}
+
+fn send_reply(mut s: &UnixStream, request: u32, body: &[u8]) {
+    let h = wire::Header {
+        request,
+        flags: wire::VERSION | wire::FLAG_REPLY,
+        size: body.len() as u32,
+    };
+    let _ = s.write_all(h.as_bytes());
+    let _ = s.write_all(body);
+}
+
+/// What the scripted back-end saw and holds.
+#[derive(Default)]
+struct Seen {
+    /// Every request: code and payload.
+    log: Vec<(u32, Vec<u8>)>,
+    /// Descriptors received, by request code.
+    files: Vec<(u32, Vec<File>)>,
+    backend_req: Option<UnixStream>,
+    main: Option<UnixStream>,
+}
+
+struct FakeBackend {
+    path: PathBuf,
+    seen: Arc<Mutex<Seen>>,
+    /// Set just before an INVALIDATE is acknowledged.
+    invalidate_acked: Arc<AtomicBool>,
+    connections: Arc<AtomicU32>,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir(tag: &str) -> TempDir {
+    let p = std::env::temp_dir().join(format!("aperture-vhost-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    TempDir(p)
+}
+
+impl FakeBackend {
+    fn start(tag: &str, features: u64, protocol: u64, ack: AckMode, refuse: Option<u32>) -> Self {
+        let dir = tempdir(tag);
+        let path = dir.0.join("backend.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let invalidate_acked = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicU32::new(0));
+        let (s2, a2, c2) = (
+            Arc::clone(&seen),
+            Arc::clone(&invalidate_acked),
+            Arc::clone(&connections),
+        );
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                c2.fetch_add(1, Ordering::SeqCst);
+                s2.lock().unwrap().main = conn.try_clone().ok();
+                serve(&conn, &s2, &a2, features, protocol, ack, refuse);
+            }
+        });
+        Self {
+            path,
+            seen,
+            invalidate_acked,
+            connections,
+            _dir: dir,
+        }
+    }
+
+    fn requests(&self) -> Vec<u32> {
+        self.seen.lock().unwrap().log.iter().map(|m| m.0).collect()
+    }
+
+    fn iotlb(&self) -> Vec<wire::IotlbMsg> {
+        self.seen
+            .lock()
+            .unwrap()
+            .log
+            .iter()
+            .filter(|m| m.0 == req::IOTLB_MSG)
+            .map(|m| wire::IotlbMsg::read_from_bytes(&m.1).unwrap())
+            .collect()
+    }
+
+    fn file(&self, request: u32) -> File {
+        let seen = self.seen.lock().unwrap();
+        let (_, f) = seen
+            .files
+            .iter()
+            .rev()
+            .find(|(r, _)| *r == request)
+            .unwrap();
+        f[0].try_clone().unwrap()
+    }
+
+    /// Sends a back-end request with NEED_REPLY; returns the reply-ack status.
+    fn backend_request(&self, request: u32, body: &[u8]) -> u64 {
+        let s = self
+            .seen
+            .lock()
+            .unwrap()
+            .backend_req
+            .as_ref()
+            .unwrap()
+            .try_clone()
+            .unwrap();
+        let h = wire::Header {
+            request,
+            flags: wire::VERSION | wire::FLAG_NEED_REPLY,
+            size: body.len() as u32,
+        };
+        let mut w = &s;
+        w.write_all(h.as_bytes()).unwrap();
+        w.write_all(body).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut rh = wire::Header::default();
+        (&s).read_exact(rh.as_mut_bytes()).unwrap();
+        assert_eq!(rh.request, request);
+        assert_eq!(rh.flags, wire::VERSION | wire::FLAG_REPLY);
+        let mut code = 0u64;
+        (&s).read_exact(code.as_mut_bytes()).unwrap();
+        code
+    }
+
+    fn miss(&self, iova: u64, perm: u8) -> u64 {
+        let m = wire::IotlbMsg {
+            iova,
+            perm,
+            kind: wire::IOTLB_MISS,
+            ..Default::default()
+        };
+        self.backend_request(wire::backend_req::IOTLB_MSG, m.as_bytes())
+    }
+
+    /// The back-end process dies: both of its sockets close.
+    fn die(&self) {
+        let mut seen = self.seen.lock().unwrap();
+        for s in [seen.main.take(), seen.backend_req.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn serve(
+    conn: &UnixStream,
+    seen: &Mutex<Seen>,
+    acked: &AtomicBool,
+    features: u64,
+    protocol: u64,
+    ack: AckMode,
+    refuse: Option<u32>,
+) {
+    while let Some(m) = recv_msg(conn) {
+        {
+            let mut s = seen.lock().unwrap();
+            s.log.push((m.request, m.body.clone()));
+            if m.request == req::SET_BACKEND_REQ_FD {
+                let f = m.files.into_iter().next().unwrap();
+                s.backend_req = Some(UnixStream::from(std::os::fd::OwnedFd::from(f)));
+            } else if !m.files.is_empty() {
+                s.files.push((m.request, m.files));
+            }
+        }
+        match m.request {
+            req::GET_FEATURES => send_reply(conn, m.request, features.as_bytes()),
+            req::GET_PROTOCOL_FEATURES => send_reply(conn, m.request, protocol.as_bytes()),
+            req::GET_CONFIG => {
+                let mut body = m.body.clone();
+                for (i, b) in body.iter_mut().enumerate().skip(12) {
+                    *b = i as u8;
+                }
+                send_reply(conn, m.request, &body);
+            }
+            req::GET_VRING_BASE => send_reply(conn, m.request, &m.body),
+            _ if m.flags & wire::FLAG_NEED_REPLY != 0 => {
+                let invalidate = m.request == req::IOTLB_MSG
+                    && wire::IotlbMsg::read_from_bytes(&m.body).unwrap().kind
+                        == wire::IOTLB_INVALIDATE;
+                if invalidate {
+                    match ack {
+                        AckMode::Now => {}
+                        AckMode::After(d) => std::thread::sleep(d),
+                        AckMode::Never => continue,
+                    }
+                    acked.store(true, Ordering::SeqCst);
+                }
+                let status: u64 = u64::from(refuse == Some(m.request));
+                send_reply(conn, m.request, status.as_bytes());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Records the vectors signalled.
+struct Irqs(Mutex<mpsc::Sender<u16>>);
+impl InterruptSink for Irqs {
+    fn signal(&self, vector: u16) {
+        let _ = self.0.lock().unwrap().send(vector);
+    }
+}
+
+fn irqs() -> (Arc<dyn InterruptSink>, mpsc::Receiver<u16>) {
+    let (tx, rx) = mpsc::channel();
+    (Arc::new(Irqs(Mutex::new(tx))), rx)
+}
+
+/// Guest RAM as the VMM hands it over: one file-backed DMA range at 0.
+fn guest_ram(tag: &str) -> GuestMemoryMmap {
+    let path =
+        std::env::temp_dir().join(format!("aperture-vhost-ram-{tag}-{}", std::process::id()));
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    f.set_len(RAM).unwrap();
+    let mut dma = DmaMap::new();
+    dma.map(0, RAM, 0, Some(f), true).unwrap();
+    dma.memory()
+}
+
+fn ready_queue(desc: u64) -> Queue {
+    let mut q = Queue::new(256).unwrap();
+    q.set_size(256);
+    q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
+    let avail = desc + 0x1000;
+    q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
+    let used = desc + 0x2000;
+    q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+    q.set_ready(true);
+    q
+}
+
+fn read_eventfd(f: &File) -> Option<u64> {
+    let mut b = [0u8; 8];
+    (&*f).read_exact(&mut b).ok().map(|_| u64::from_le_bytes(b))
+}
+
+#[test]
+fn session_start_activation_notify_call_and_reset_send_the_spec_messages() {
+    let be = FakeBackend::start(
+        "seq",
+        F_VERSION_1 | F_PROTOCOL | (1 << 9) | (1 << 12),
+        P_ALL,
+        AckMode::Now,
+        None,
+    );
+    let (irq, vectors) = irqs();
+    let mut dev =
+        VhostUserDevice::connect(&be.path, DeviceKind::Block, Duration::from_secs(1), irq).unwrap();
+    assert_eq!(
+        be.requests(),
+        [
+            req::SET_OWNER,
+            req::GET_FEATURES,
+            req::GET_PROTOCOL_FEATURES,
+            req::SET_PROTOCOL_FEATURES,
+            req::SET_BACKEND_REQ_FD,
+            req::GET_CONFIG
+        ]
+    );
+    let d: &mut dyn VirtioDevice<GuestMemoryMmap> = &mut dev;
+    // MQ (12) is not passed on: the function has one queue.
+    assert_eq!(d.device_features(), F_VERSION_1 | (1 << 9));
+    let mut cfg = [0u8; 4];
+    d.read_config(20, &mut cfg);
+    assert_eq!(
+        cfg,
+        [32, 33, 34, 35],
+        "the back-end's configuration bytes 20..24"
+    );
+
+    let mem = guest_ram("seq");
+    d.set_acked_features(F_VERSION_1);
+    let q = ready_queue(0x4000);
+    d.activate(
+        &[ActiveQueue {
+            index: 0,
+            queue: &q,
+            vector: 3,
+        }],
+        &mem,
+    )
+    .unwrap();
+    let log = be.seen.lock().unwrap().log.clone();
+    let codes: Vec<u32> = log.iter().skip(6).map(|m| m.0).collect();
+    assert_eq!(
+        codes,
+        [
+            req::SET_FEATURES,
+            req::SET_MEM_TABLE,
+            req::SET_VRING_NUM,
+            req::SET_VRING_BASE,
+            req::SET_VRING_ADDR,
+            req::SET_VRING_CALL,
+            req::SET_VRING_KICK,
+            req::SET_VRING_ENABLE
+        ]
+    );
+    assert_eq!(
+        u64::read_from_bytes(&log[6].1).unwrap(),
+        F_VERSION_1 | F_PROTOCOL
+    );
+    let (head, regions) = wire::MemoryHead::read_from_prefix(&log[7].1).unwrap();
+    assert_eq!(head.nregions, 1);
+    let r = wire::MemoryRegion::read_from_bytes(regions).unwrap();
+    assert_eq!(
+        (
+            r.guest_phys_addr,
+            r.memory_size,
+            r.userspace_addr,
+            r.mmap_offset
+        ),
+        (0, RAM, UADDR_BASE, 0)
+    );
+    assert_eq!(
+        be.seen
+            .lock()
+            .unwrap()
+            .files
+            .iter()
+            .find(|f| f.0 == req::SET_MEM_TABLE)
+            .unwrap()
+            .1
+            .len(),
+        1
+    );
+    let addr = wire::VringAddr::read_from_bytes(&log[10].1).unwrap();
+    // Without the IOMMU, ring addresses are front-end addresses.
+    assert_eq!(
+        (addr.desc, addr.avail, addr.used),
+        (
+            UADDR_BASE + 0x4000,
+            UADDR_BASE + 0x5000,
+            UADDR_BASE + 0x6000
+        )
+    );
+
+    let kick = be.file(req::SET_VRING_KICK);
+    let call = be.file(req::SET_VRING_CALL);
+    let _ = read_eventfd(&kick); // the kick made at activation
+    let mut q = q;
+    assert_eq!(d.process_queue(0, &mut q, &mem), Ok(false));
+    assert_eq!(read_eventfd(&kick), Some(1), "a notify is one kick");
+    (&call).write_all(&1u64.to_ne_bytes()).unwrap();
+    assert_eq!(
+        vectors.recv_timeout(Duration::from_secs(2)),
+        Ok(3),
+        "a call is the queue's vector"
+    );
+
+    d.reset();
+    let codes: Vec<u32> = be.requests().into_iter().skip(14).collect();
+    assert_eq!(codes, [req::SET_VRING_ENABLE, req::GET_VRING_BASE]);
+}
+
+#[test]
+fn malformed_reply_at_session_start_fails_connect() {
+    // A back-end whose GET_FEATURES reply carries 4 bytes instead of 8.
+    let dir = tempdir("short");
+    let path = dir.0.join("b.sock");
+    let l = UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        let (c, _) = l.accept().unwrap();
+        while let Some(m) = recv_msg(&c) {
+            if m.request == req::GET_FEATURES {
+                send_reply(&c, m.request, &[1, 2, 3, 4]);
+            }
+        }
+    });
+    let (irq, _) = irqs();
+    let e = VhostUserDevice::connect(&path, DeviceKind::Rng, Duration::from_millis(500), irq)
+        .unwrap_err();
+    assert!(e.to_string().contains("4 payload bytes, 8 expected"), "{e}");
+}
+
+#[test]
+fn refused_activation_changes_nothing_and_keeps_the_connection() {
+    let be = FakeBackend::start(
+        "refuse",
+        F_VERSION_1 | F_PROTOCOL,
+        P_ALL,
+        AckMode::Now,
+        Some(req::SET_MEM_TABLE),
+    );
+    let (irq, _) = irqs();
+    let mut dev =
+        VhostUserDevice::connect(&be.path, DeviceKind::Rng, Duration::from_secs(1), irq).unwrap();
+    let d: &mut dyn VirtioDevice<GuestMemoryMmap> = &mut dev;
+    let mem = guest_ram("refuse");
+    d.set_acked_features(F_VERSION_1);
+    let mut q = ready_queue(0x4000);
+    let e = d
+        .activate(
+            &[ActiveQueue {
+                index: 0,
+                queue: &q,
+                vector: 1,
+            }],
+            &mem,
+        )
+        .unwrap_err();
+    assert!(e.contains("refused request 5"), "{e}");
+    assert!(
+        !dev.handle().is_broken(),
+        "a refusal is an answer: the link stays up"
+    );
+    let d: &mut dyn VirtioDevice<GuestMemoryMmap> = &mut dev;
+    let before = be.requests().len();
+    assert_eq!(d.process_queue(0, &mut q, &mem), Ok(false));
+    assert_eq!(be.requests().len(), before, "no vring was started");
+}
+
+#[test]
+fn backend_messages_of_unknown_type_or_malformed_are_answered_with_an_error() {
+    let be = FakeBackend::start(
+        "badreq",
+        F_VERSION_1 | F_PROTOCOL,
+        P_ALL,
+        AckMode::Now,
+        None,
+    );
+    let (irq, _) = irqs();
+    let dev =
+        VhostUserDevice::connect(&be.path, DeviceKind::Rng, Duration::from_secs(1), irq).unwrap();
+    assert_ne!(be.backend_request(99, &[0; 8]), 0, "unknown request");
+    assert_ne!(
+        be.backend_request(wire::backend_req::IOTLB_MSG, &[0; 16]),
+        0,
+        "short IOTLB message"
+    );
+    let update = wire::IotlbMsg {
+        kind: wire::IOTLB_UPDATE,
+        ..Default::default()
+    };
+    assert_ne!(
+        be.backend_request(wire::backend_req::IOTLB_MSG, update.as_bytes()),
+        0,
+        "UPDATE is not the back-end's to send"
+    );
+    // A miss before the device is behind an IOMMU and started: refused.
+    assert_ne!(be.miss(0x1000, wire::ACCESS_RO), 0);
+    let c = dev.handle().counters();
+    assert_eq!((c.bad_messages, c.updates), (3, 0));
+    assert!(be.iotlb().is_empty(), "nothing sent in answer");
+    assert!(!dev.handle().is_broken());
+}
+
+struct IommuRig {
+    iommu: VirtioIommu,
+    guest: FakeGuest,
+    dev: VhostUserDevice,
+    mem: EndpointMemory,
+    queue: Queue,
+}
+
+impl IommuRig {
+    fn new(be: &FakeBackend, timeout: Duration) -> Self {
+        let config = IommuConfig {
+            boot_bypass: false,
+            endpoints: vec![EndpointConfig::new(EP)],
+            ..IommuConfig::default()
+        };
+        let mut iommu = VirtioIommu::new(&config).unwrap();
+        let mut guest = FakeGuest::new(iommu.config().probe_size.get());
+        guest.negotiate(&mut iommu);
+        let ep = iommu.endpoint_iommu(EndpointId(EP)).unwrap();
+        let (irq, _) = irqs();
+        let mut dev = VhostUserDevice::connect(&be.path, DeviceKind::Rng, timeout, irq).unwrap();
+        dev.attach_iommu(ep.clone()).unwrap();
+        let mem = IommuMemory::new(guest_ram("iommu"), ep, true, ());
+        let queue = ready_queue(0x8_0000);
+        let mut rig = Self {
+            iommu,
+            guest,
+            dev,
+            mem,
+            queue,
+        };
+        let d: &mut dyn VirtioDevice<EndpointMemory> = &mut rig.dev;
+        assert_eq!(d.device_features() & F_ACCESS_PLATFORM, F_ACCESS_PLATFORM);
+        d.set_acked_features(F_VERSION_1 | F_ACCESS_PLATFORM);
+        d.activate(
+            &[ActiveQueue {
+                index: 0,
+                queue: &rig.queue,
+                vector: 1,
+            }],
+            &rig.mem,
+        )
+        .unwrap();
+        let addr = be
+            .seen
+            .lock()
+            .unwrap()
+            .log
+            .iter()
+            .find(|m| m.0 == req::SET_VRING_ADDR)
+            .map(|m| wire::VringAddr::read_from_bytes(&m.1).unwrap())
+            .unwrap();
+        assert_eq!(
+            addr.desc, 0x8_0000,
+            "behind the IOMMU, ring addresses are IOVAs"
+        );
+        assert_eq!(
+            rig.send(Request::Attach {
+                domain: DomainId(1),
+                endpoint: EndpointId(EP),
+                flags: 0,
+                reserved_nonzero: false
+            }),
+            Status::Ok
+        );
+        rig
+    }
+
+    fn send(&mut self, r: Request) -> Status {
+        self.guest.send(&mut self.iommu, &r)
+    }
+
+    fn map(&mut self, start: u64, end: u64, phys: u64, flags: u32) {
+        let r = Request::Map {
+            domain: DomainId(1),
+            virt_start: Iova(start),
+            virt_end: Iova(end),
+            phys_start: phys,
+            flags,
+        };
+        assert_eq!(self.send(r), Status::Ok);
+    }
+
+    fn unmap(&mut self, start: u64, end: u64) -> Status {
+        self.send(Request::Unmap {
+            domain: DomainId(1),
+            virt_start: Iova(start),
+            virt_end: Iova(end),
+            reserved_nonzero: false,
+        })
+    }
+
+    fn notify(&mut self) -> Result<bool, String> {
+        let d: &mut dyn VirtioDevice<EndpointMemory> = &mut self.dev;
+        d.process_queue(0, &mut self.queue, &self.mem)
+    }
+}
+
+#[test]
+fn miss_on_a_mapped_iova_gets_the_mapping_window_and_an_unmapped_one_a_refusal_and_a_fault() {
+    let be = FakeBackend::start(
+        "miss",
+        F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
+        P_ALL,
+        AckMode::Now,
+        None,
+    );
+    let mut rig = IommuRig::new(&be, Duration::from_secs(1));
+    rig.map(0x10000, 0x1ffff, 0x40000, 1); // read-only
+    assert_eq!(be.miss(0x10800, wire::ACCESS_RO), 0);
+    assert_eq!(
+        be.iotlb(),
+        [wire::IotlbMsg {
+            iova: 0x10000,
+            size: 0x10000,
+            uaddr: UADDR_BASE + 0x40000,
+            perm: wire::ACCESS_RO,
+            kind: wire::IOTLB_UPDATE,
+            padding: [0; 6]
+        }]
+    );
+    // A write to a read-only mapping, and an IOVA never mapped: refused, faulted.
+    assert_ne!(be.miss(0x10800, wire::ACCESS_WO), 0);
+    assert_ne!(be.miss(0x30000, wire::ACCESS_RO), 0);
+    assert_eq!(be.iotlb().len(), 1, "no UPDATE for a refused miss");
+    assert_eq!(rig.iommu.counters().faults_raised, 2);
+    assert_eq!(
+        rig.iommu.pending_faults(),
+        2,
+        "both reach the guest's eventq"
+    );
+    // A mapping that runs past guest RAM is clipped to the memory-table region.
+    rig.map(0x100000, 0x1fffff, RAM - 0x1000, 3);
+    assert_eq!(be.miss(0x100000, wire::ACCESS_RW), 0);
+    let w = be.iotlb()[1];
+    assert_eq!(
+        (w.iova, w.size, w.uaddr, w.perm),
+        (0x100000, 0x1000, UADDR_BASE + RAM - 0x1000, wire::ACCESS_RW)
+    );
+    let c = rig.dev.handle().counters();
+    assert_eq!((c.misses, c.updates, c.refused), (4, 2, 2));
+}
+
+#[test]
+fn strict_unmap_completes_only_after_the_backend_acknowledged_the_invalidate() {
+    let delay = Duration::from_millis(200);
+    let be = FakeBackend::start(
+        "strict",
+        F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
+        P_ALL,
+        AckMode::After(delay),
+        None,
+    );
+    let mut rig = IommuRig::new(&be, Duration::from_secs(2));
+    rig.map(0x10000, 0x1ffff, 0x40000, 3);
+    rig.map(0x50000, 0x5ffff, 0x50000, 3);
+    assert_eq!(be.miss(0x10000, wire::ACCESS_RW), 0);
+    // The back-end never held 0x50000: its UNMAP needs no INVALIDATE.
+    let t = Instant::now();
+    assert_eq!(rig.unmap(0x50000, 0x5ffff), Status::Ok);
+    assert!(t.elapsed() < delay);
+    assert_eq!(be.iotlb().len(), 1);
+    assert!(!be.invalidate_acked.load(Ordering::SeqCst));
+    assert_eq!(rig.unmap(0x10000, 0x1ffff), Status::Ok);
+    assert!(
+        be.invalidate_acked.load(Ordering::SeqCst),
+        "the guest saw S_OK before the back-end acked"
+    );
+    let inv = be.iotlb()[1];
+    assert_eq!(
+        (inv.kind, inv.iova, inv.size),
+        (wire::IOTLB_INVALIDATE, 0x10000, 0x10000)
+    );
+    assert_eq!(rig.dev.handle().counters().invalidates, 1);
+    // The window is gone: a new miss there is refused.
+    assert_ne!(be.miss(0x10000, wire::ACCESS_RW), 0);
+}
+
+#[test]
+fn a_backend_that_never_acks_hits_the_deadline_and_the_device_needs_reset() {
+    let be = FakeBackend::start(
+        "never",
+        F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
+        P_ALL,
+        AckMode::Never,
+        None,
+    );
+    let timeout = Duration::from_millis(300);
+    let mut rig = IommuRig::new(&be, timeout);
+    let (tx, rx) = mpsc::channel();
+    rig.dev.handle().set_on_broken(Box::new(move || {
+        let _ = tx.send(());
+    }));
+    rig.map(0x10000, 0x1ffff, 0x40000, 3);
+    assert_eq!(be.miss(0x10000, wire::ACCESS_RW), 0);
+    let t = Instant::now();
+    assert_eq!(
+        rig.unmap(0x10000, 0x1ffff),
+        Status::Ok,
+        "the UNMAP completes at the deadline"
+    );
+    assert!(
+        t.elapsed() >= timeout && t.elapsed() < timeout * 5,
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(rig.dev.handle().is_broken());
+    assert_eq!(rig.dev.handle().counters().invalidate_failures, 1);
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(2)),
+        Ok(()),
+        "the transport is told"
+    );
+    assert!(rig.notify().is_err(), "the guest's requests fail");
+}
+
+#[test]
+fn a_backend_that_dies_marks_the_device_broken_and_a_reset_reconnects() {
+    let be = FakeBackend::start(
+        "dies",
+        F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
+        P_ALL,
+        AckMode::Now,
+        None,
+    );
+    let mut rig = IommuRig::new(&be, Duration::from_secs(1));
+    let (tx, rx) = mpsc::channel();
+    rig.dev.handle().set_on_broken(Box::new(move || {
+        let _ = tx.send(());
+    }));
+    rig.map(0x10000, 0x1ffff, 0x40000, 3);
+    assert_eq!(be.miss(0x10000, wire::ACCESS_RW), 0);
+    be.die();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(2)), Ok(()));
+    assert!(rig.dev.handle().is_broken());
+    assert!(rig.notify().is_err());
+    // The guest's UNMAP does not wait on a dead back-end.
+    let t = Instant::now();
+    assert_eq!(rig.unmap(0x10000, 0x1ffff), Status::Ok);
+    assert!(t.elapsed() < Duration::from_millis(500));
+    // A device reset connects again.
+    let d: &mut dyn VirtioDevice<EndpointMemory> = &mut rig.dev;
+    d.reset();
+    assert!(!rig.dev.handle().is_broken());
+    assert_eq!(be.connections.load(Ordering::SeqCst), 2);
+    assert_eq!(rig.dev.handle().counters().reconnects, 1);
+}

@@ -1,0 +1,1042 @@
+//! The back-end's view of guest memory: an [`AddressSpace`] that holds only *windows*,
+//! and [`GuestView`], the `vm_memory::GuestMemory` a device reads and writes through.
+//!
+//! With `VIRTIO_F_IOMMU_PLATFORM` negotiated ([`Mode::Iotlb`]) a window is one IOTLB
+//! entry: `IOTLB_MSG` update maps exactly that piece of the front-end's memory file
+//! (whole pages around it), invalidate unmaps it, and an address no window covers is a
+//! miss, sent to the front-end on the back-end request channel; the thread that needs
+//! the translation waits for the reply, while the thread reading the main socket
+//! receives the update. The memory table's file descriptors are kept, never mapped
+//! whole. Without it ([`Mode::Plain`]) the windows are the memory table's regions by
+//! guest physical address, mapped whole, as any vhost-user back-end does.
+//!
+//! Invalidation is strict: when [`AddressSpace::invalidate`] returns, no guest page of
+//! the range is mapped in this process any more. A window a device is still using (a
+//! [`GuestView`] pinned it for the current batch) is not unmapped under it; its guest
+//! pages are replaced in place by anonymous pages ([`Mapping::revoke`]), so the late
+//! access lands in scratch and the range is unmapped when the pin drops.
+//!
+//! Exposure ([`Exposure`]) counts the guest bytes mapped now and at the peak.
+
+use crate::channel::{MissChannel, MissError};
+use crate::mmap::{Mapping, MmapError};
+use crate::wire::{iotlb, MemoryRegion};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use vm_memory::bitmap::BS;
+use vm_memory::guest_memory::GuestMemorySliceIterator;
+use vm_memory::iommu::{Error as IommuError, IovaRange};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryError, Permissions, VolatileSlice};
+
+/// What the front-end may make this address space hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Windows held at once. An update past it evicts the oldest window (an IOTLB is a
+    /// cache: a dropped entry only costs a later miss), so the front-end cannot make
+    /// the back-end hold unbounded mappings (each one a kernel VMA; Linux allows 65530
+    /// per process by default).
+    pub max_windows: usize,
+    /// How long a miss waits for the front-end's reply before the access fails.
+    pub miss_timeout: Duration,
+    /// Misses one access may raise. QEMU answers a miss with one IOMMU page (4 KiB with
+    /// its virtio-iommu), so a 1 MiB buffer costs 256; a chain's buffers are bounded by
+    /// the device, this bounds a front-end that answers without covering the address.
+    pub max_misses_per_access: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_windows: 16384,
+            miss_timeout: Duration::from_secs(5),
+            max_misses_per_access: 4096,
+        }
+    }
+}
+
+/// What the address space translates with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Features not negotiated yet: nothing is mapped, every access fails.
+    Unset,
+    /// No IOMMU: guest physical addresses, the memory table's regions mapped whole.
+    Plain,
+    /// `VIRTIO_F_IOMMU_PLATFORM`: IOVAs, only the windows of IOTLB updates.
+    Iotlb,
+}
+
+/// Guest memory exposure of the back-end, and the IOTLB traffic behind it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Exposure {
+    /// Guest bytes mapped in this process now (whole pages).
+    pub mapped_bytes: u64,
+    /// Most guest bytes mapped at one moment.
+    pub peak_mapped_bytes: u64,
+    /// Windows held now.
+    pub windows: u64,
+    /// Most windows held at one moment.
+    pub peak_windows: u64,
+    /// Guest RAM the memory table describes (the denominator of the exposure share).
+    pub guest_ram_bytes: u64,
+    /// IOTLB updates applied.
+    pub updates: u64,
+    /// IOTLB invalidates applied.
+    pub invalidates: u64,
+    /// Windows dropped to stay within [`Limits::max_windows`].
+    pub evictions: u64,
+    /// Windows invalidated while a device batch still pinned them (revoked in place).
+    pub revoked_in_use: u64,
+    /// Misses sent to the front-end.
+    pub misses: u64,
+    /// Misses that did not produce a covering window (refused, timed out, cancelled).
+    pub miss_failures: u64,
+    /// Access failures reported to the front-end.
+    pub access_fails: u64,
+}
+
+/// Why the front-end's memory table or IOTLB message was refused. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpaceError {
+    /// A region that is empty or whose addresses or file range overflow.
+    #[error("memory region {index} ({size:#x} bytes at user address {uaddr:#x}, file offset {offset:#x}) is empty or overflows")]
+    RegionRange {
+        /// Position in the table.
+        index: usize,
+        /// Its size.
+        size: u64,
+        /// Its user address.
+        uaddr: u64,
+        /// Its file offset.
+        offset: u64,
+    },
+    /// Two regions overlap in user or guest physical addresses.
+    #[error("memory regions {a} and {b} overlap")]
+    RegionOverlap {
+        /// One region.
+        a: usize,
+        /// The other.
+        b: usize,
+    },
+    /// The region reaches past the end of its file (an access there would be SIGBUS).
+    #[error("memory region {index} needs {needed:#x} bytes of its file, which has {len:#x}")]
+    RegionFile {
+        /// Position in the table.
+        index: usize,
+        /// File bytes the region needs.
+        needed: u64,
+        /// File size.
+        len: u64,
+    },
+    /// The region's file cannot be examined.
+    #[error("cannot examine the file of memory region {index}: {source}")]
+    RegionStat {
+        /// Position in the table.
+        index: usize,
+        /// What the kernel said.
+        source: std::io::Error,
+    },
+    /// An IOTLB message while `VIRTIO_F_IOMMU_PLATFORM` is not negotiated.
+    #[error("IOTLB message while VIRTIO_F_IOMMU_PLATFORM is not negotiated")]
+    NotIotlb,
+    /// An IOTLB range that is empty or overflows.
+    #[error("IOTLB range of {size:#x} bytes at {iova:#x} is empty or overflows")]
+    IotlbRange {
+        /// First IOVA.
+        iova: u64,
+        /// Bytes.
+        size: u64,
+    },
+    /// An update whose user range lies in no single memory region.
+    #[error(
+        "IOTLB update of {size:#x} bytes at user address {uaddr:#x} is outside the memory table"
+    )]
+    OutsideRegions {
+        /// User address.
+        uaddr: u64,
+        /// Bytes.
+        size: u64,
+    },
+    /// Mapping the window failed.
+    #[error(transparent)]
+    Mmap(#[from] MmapError),
+}
+
+/// Why an access could not be translated. The device sees it as a guest memory error.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Fault {
+    /// No window covers the address and no miss can be raised (plain mode, no request
+    /// channel, or too many misses).
+    #[error("no window covers {addr:#x}")]
+    Unmapped {
+        /// First uncovered address.
+        addr: u64,
+    },
+    /// The front-end did not map the address after a miss.
+    #[error("the front-end did not map {addr:#x} after a miss: {reason}")]
+    Refused {
+        /// First uncovered address.
+        addr: u64,
+        /// The miss's outcome.
+        reason: String,
+    },
+    /// A window covers the address without the access asked for.
+    #[error("the window at {addr:#x} does not allow {access:?}")]
+    Denied {
+        /// Address.
+        addr: u64,
+        /// Access asked for.
+        access: Permissions,
+    },
+    /// The range wraps around the end of the address space.
+    #[error("range of {len} bytes at {addr:#x} overflows")]
+    Overflow {
+        /// First address.
+        addr: u64,
+        /// Bytes.
+        len: usize,
+    },
+}
+
+/// Outcome of one lookup.
+enum Lookup {
+    /// Host address and bytes available from there.
+    Hit(*mut u8, u64),
+    /// A window covers the address without the access.
+    Denied,
+    /// No window covers the address.
+    Miss,
+}
+
+/// One memory-table region: kept as its file, never mapped in [`Mode::Iotlb`].
+#[derive(Debug)]
+struct Region {
+    gpa: u64,
+    size: u64,
+    uaddr: u64,
+    offset: u64,
+    file: File,
+}
+
+/// A mapped window: addresses `[start, start + len)` (IOVAs or guest physical).
+#[derive(Debug)]
+pub struct Window {
+    start: u64,
+    len: u64,
+    perm: Permissions,
+    map: Mapping,
+    seq: u64,
+}
+
+impl Window {
+    /// First address covered.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+    /// Bytes covered.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Whether the window covers nothing (never true: empty windows are refused).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Host address of the whole-page mapping behind it.
+    pub fn host_base(&self) -> usize {
+        self.map.base()
+    }
+    /// Bytes of the whole-page mapping behind it.
+    pub fn mapped_len(&self) -> u64 {
+        self.map.mapped_len()
+    }
+}
+
+#[derive(Debug)]
+struct Table {
+    mode: Mode,
+    regions: Vec<Region>,
+    /// Windows by first address; never overlapping.
+    windows: BTreeMap<u64, Arc<Window>>,
+    /// Insertion order (sequence number → first address), for eviction.
+    fifo: BTreeMap<u64, u64>,
+    next_seq: u64,
+    stats: Exposure,
+}
+
+/// The windows of guest memory this back-end holds. Shared by the thread reading the
+/// main socket (updates, invalidates, memory table) and the device threads (lookups,
+/// misses).
+#[derive(Debug)]
+pub struct AddressSpace {
+    table: RwLock<Table>,
+    channel: Mutex<Option<MissChannel>>,
+    cancel: AtomicBool,
+    limits: Limits,
+    misses: AtomicU64,
+    miss_failures: AtomicU64,
+    access_fails: AtomicU64,
+}
+
+fn perm_of(p: u8) -> Permissions {
+    match p & iotlb::PERM_RW {
+        iotlb::PERM_RO => Permissions::Read,
+        iotlb::PERM_WO => Permissions::Write,
+        iotlb::PERM_RW => Permissions::ReadWrite,
+        _ => Permissions::No,
+    }
+}
+
+fn wire_perm(p: Permissions) -> u8 {
+    match p {
+        Permissions::No => iotlb::PERM_NONE,
+        Permissions::Read => iotlb::PERM_RO,
+        Permissions::Write => iotlb::PERM_WO,
+        Permissions::ReadWrite => iotlb::PERM_RW,
+    }
+}
+
+/// Inclusive last address of `[start, start + len)`, `None` if empty or overflowing.
+/// Ranges ending exactly at 2^64 are legal.
+fn last(start: u64, len: u64) -> Option<u64> {
+    len.checked_sub(1).and_then(|l| start.checked_add(l))
+}
+
+impl Table {
+    fn find(&self, addr: u64) -> Option<&Arc<Window>> {
+        let (_, w) = self.windows.range(..=addr).next_back()?;
+        (addr - w.start < w.len).then_some(w)
+    }
+
+    /// Removes every window overlapping `[first, last]`.
+    fn take_overlapping(&mut self, first: u64, last: u64) -> Vec<Arc<Window>> {
+        let mut starts: Vec<u64> = Vec::new();
+        if let Some((&s, w)) = self.windows.range(..first).next_back() {
+            if s.saturating_add(w.len - 1) >= first {
+                starts.push(s);
+            }
+        }
+        starts.extend(
+            self.windows
+                .range((Bound::Included(first), Bound::Included(last)))
+                .map(|(&s, _)| s),
+        );
+        starts
+            .into_iter()
+            .filter_map(|s| self.windows.remove(&s))
+            .inspect(|w| {
+                self.fifo.remove(&w.seq);
+            })
+            .collect()
+    }
+
+    /// Drops a window taken out of the table: unmapped now if nobody uses it,
+    /// revoked in place otherwise. Either way its guest pages leave this process now.
+    fn retire(&mut self, w: Arc<Window>) {
+        self.stats.mapped_bytes -= w.map.mapped_len();
+        self.stats.windows -= 1;
+        match Arc::try_unwrap(w) {
+            Ok(w) => drop(w),
+            Err(shared) => {
+                self.stats.revoked_in_use += 1;
+                if let Err(e) = shared.map.revoke() {
+                    // The guest pages stay until the pinning batch ends; say so loudly.
+                    eprintln!("vhost-iotlb: {e}; the window is unmapped when its batch ends");
+                }
+            }
+        }
+    }
+
+    fn insert(&mut self, start: u64, len: u64, perm: Permissions, map: Mapping) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.stats.mapped_bytes += map.mapped_len();
+        self.stats.peak_mapped_bytes = self.stats.peak_mapped_bytes.max(self.stats.mapped_bytes);
+        self.stats.windows += 1;
+        self.stats.peak_windows = self.stats.peak_windows.max(self.stats.windows);
+        self.fifo.insert(seq, start);
+        self.windows.insert(
+            start,
+            Arc::new(Window {
+                start,
+                len,
+                perm,
+                map,
+                seq,
+            }),
+        );
+    }
+
+    fn clear_windows(&mut self) {
+        let all = std::mem::take(&mut self.windows);
+        self.fifo.clear();
+        for w in all.into_values() {
+            self.retire(w);
+        }
+    }
+
+    /// Maps every region whole by guest physical address ([`Mode::Plain`]).
+    fn map_regions(&mut self) -> Result<(), MmapError> {
+        let mut maps = Vec::with_capacity(self.regions.len());
+        for r in &self.regions {
+            maps.push((
+                r.gpa,
+                r.size,
+                Mapping::new(&r.file, r.offset, r.size, true)?,
+            ));
+        }
+        for (gpa, size, map) in maps {
+            self.insert(gpa, size, Permissions::ReadWrite, map);
+        }
+        Ok(())
+    }
+}
+
+impl AddressSpace {
+    /// An empty address space in [`Mode::Unset`].
+    pub fn new(limits: Limits) -> Arc<Self> {
+        Arc::new(Self {
+            table: RwLock::new(Table {
+                mode: Mode::Unset,
+                regions: Vec::new(),
+                windows: BTreeMap::new(),
+                fifo: BTreeMap::new(),
+                next_seq: 0,
+                stats: Exposure::default(),
+            }),
+            channel: Mutex::new(None),
+            cancel: AtomicBool::new(false),
+            limits,
+            misses: AtomicU64::new(0),
+            miss_failures: AtomicU64::new(0),
+            access_fails: AtomicU64::new(0),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        // A poisoned lock means a panic elsewhere while holding it; the table itself is
+        // updated in small steps that keep it consistent, so keep using it.
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> Mode {
+        self.read().mode
+    }
+
+    /// Switches mode: every window is dropped; [`Mode::Plain`] then maps the regions.
+    ///
+    /// # Errors
+    /// [`SpaceError::Mmap`] if a region cannot be mapped; the space is then left in
+    /// [`Mode::Unset`] with nothing mapped.
+    pub fn set_mode(&self, mode: Mode) -> Result<(), SpaceError> {
+        let mut t = self.write();
+        if t.mode == mode {
+            return Ok(());
+        }
+        t.clear_windows();
+        t.mode = mode;
+        if mode == Mode::Plain {
+            if let Err(e) = t.map_regions() {
+                t.clear_windows();
+                t.mode = Mode::Unset;
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the memory table (`SET_MEM_TABLE`). Each region is checked: not empty, no
+    /// overflow of its guest, user or file range, inside its file, no overlap with
+    /// another region. Every window is dropped (the IOTLB refills through misses); in
+    /// [`Mode::Plain`] the new regions are mapped.
+    ///
+    /// # Errors
+    /// A [`SpaceError`] naming the region; the old table and windows then stay.
+    pub fn set_regions(&self, table: Vec<(MemoryRegion, File)>) -> Result<(), SpaceError> {
+        let mut regions = Vec::with_capacity(table.len());
+        for (index, (r, file)) in table.into_iter().enumerate() {
+            let range_err = || SpaceError::RegionRange {
+                index,
+                size: r.memory_size,
+                uaddr: r.userspace_addr,
+                offset: r.mmap_offset,
+            };
+            let ok = last(r.guest_phys_addr, r.memory_size).is_some()
+                && last(r.userspace_addr, r.memory_size).is_some()
+                && r.mmap_offset.checked_add(r.memory_size).is_some();
+            if !ok {
+                return Err(range_err());
+            }
+            let needed = r.mmap_offset + r.memory_size;
+            let meta = file
+                .metadata()
+                .map_err(|source| SpaceError::RegionStat { index, source })?;
+            // Regular files and memfds have a length to check; a mapping past it would
+            // raise SIGBUS on access. (Device files report 0 and are not checked.)
+            if meta.is_file() && meta.len() < needed {
+                return Err(SpaceError::RegionFile {
+                    index,
+                    needed,
+                    len: meta.len(),
+                });
+            }
+            regions.push(Region {
+                gpa: r.guest_phys_addr,
+                size: r.memory_size,
+                uaddr: r.userspace_addr,
+                offset: r.mmap_offset,
+                file,
+            });
+        }
+        for (a, ra) in regions.iter().enumerate() {
+            for (b, rb) in regions.iter().enumerate().skip(a + 1) {
+                let overlap = |s1: u64, s2: u64| {
+                    // Both non-empty and non-overflowing (checked above).
+                    s1 <= s2 + (rb.size - 1) && s2 <= s1 + (ra.size - 1)
+                };
+                if overlap(ra.uaddr, rb.uaddr) || overlap(ra.gpa, rb.gpa) {
+                    return Err(SpaceError::RegionOverlap { a, b });
+                }
+            }
+        }
+        let mut t = self.write();
+        let old = std::mem::replace(&mut t.regions, regions);
+        t.clear_windows();
+        t.stats.guest_ram_bytes = t.regions.iter().map(|r| r.size).sum();
+        if t.mode == Mode::Plain {
+            if let Err(e) = t.map_regions() {
+                t.clear_windows();
+                t.regions = old;
+                t.stats.guest_ram_bytes = t.regions.iter().map(|r| r.size).sum();
+                let _ = t.map_regions();
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Converts a front-end user address to a guest physical address through the
+    /// memory table (ring addresses without an IOMMU are user addresses).
+    pub fn uaddr_to_gpa(&self, uaddr: u64) -> Option<u64> {
+        let t = self.read();
+        t.regions
+            .iter()
+            .find(|r| uaddr >= r.uaddr && uaddr - r.uaddr < r.size)
+            .map(|r| r.gpa + (uaddr - r.uaddr))
+    }
+
+    /// Applies an IOTLB update: maps the window `[iova, iova + size)` → `[uaddr, ...)`
+    /// with `perm`. Windows it overlaps are dropped first (over-invalidating a cache is
+    /// always safe); past [`Limits::max_windows`] the oldest window is evicted.
+    ///
+    /// # Errors
+    /// [`SpaceError::NotIotlb`], [`SpaceError::IotlbRange`],
+    /// [`SpaceError::OutsideRegions`] or [`SpaceError::Mmap`]; nothing changed.
+    pub fn update(&self, iova: u64, size: u64, uaddr: u64, perm: u8) -> Result<(), SpaceError> {
+        let range_err = SpaceError::IotlbRange { iova, size };
+        let last_iova = last(iova, size).ok_or(range_err)?;
+        let last_u = last(uaddr, size).ok_or(SpaceError::OutsideRegions { uaddr, size })?;
+        let perm = perm_of(perm);
+        // Map outside the lock: lookups go on meanwhile.
+        let (file, offset) = {
+            let t = self.read();
+            if t.mode != Mode::Iotlb {
+                return Err(SpaceError::NotIotlb);
+            }
+            // Vhost-user spec, "IOMMU support": addresses and size must be within the
+            // memory regions; a window never spans two regions.
+            let r = t
+                .regions
+                .iter()
+                .find(|r| uaddr >= r.uaddr && last_u - r.uaddr < r.size)
+                .ok_or(SpaceError::OutsideRegions { uaddr, size })?;
+            let file = r.file.try_clone().map_err(|e| {
+                SpaceError::Mmap(MmapError::Map {
+                    offset: r.offset,
+                    len: size,
+                    source: e,
+                })
+            })?;
+            (file, r.offset + (uaddr - r.uaddr))
+        };
+        let map = Mapping::new(&file, offset, size, perm.has_write())?;
+        drop(file);
+        let mut t = self.write();
+        if t.mode != Mode::Iotlb {
+            return Err(SpaceError::NotIotlb);
+        }
+        for w in t.take_overlapping(iova, last_iova) {
+            t.retire(w);
+        }
+        while t.windows.len() >= self.limits.max_windows.max(1) {
+            let Some((_, oldest)) = t.fifo.pop_first() else {
+                break;
+            };
+            if let Some(w) = t.windows.remove(&oldest) {
+                t.stats.evictions += 1;
+                t.retire(w);
+            }
+        }
+        t.insert(iova, size, perm, map);
+        t.stats.updates += 1;
+        Ok(())
+    }
+
+    /// Applies an IOTLB invalidate: every window overlapping `[iova, iova + size)` is
+    /// gone from this process's memory when this returns (unmapped, or revoked in place
+    /// if a device batch still pins it).
+    ///
+    /// # Errors
+    /// [`SpaceError::NotIotlb`] or [`SpaceError::IotlbRange`]; nothing changed.
+    pub fn invalidate(&self, iova: u64, size: u64) -> Result<(), SpaceError> {
+        let last_iova = last(iova, size).ok_or(SpaceError::IotlbRange { iova, size })?;
+        let mut t = self.write();
+        if t.mode != Mode::Iotlb {
+            return Err(SpaceError::NotIotlb);
+        }
+        for w in t.take_overlapping(iova, last_iova) {
+            t.retire(w);
+        }
+        t.stats.invalidates += 1;
+        Ok(())
+    }
+
+    /// Installs (or removes) the back-end request channel misses go to.
+    pub fn set_channel(&self, channel: Option<MissChannel>) {
+        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = channel;
+    }
+
+    /// While set, misses fail at once instead of waiting: the front-end is blocked on a
+    /// request of its own and will not answer them (see the crate docs).
+    pub fn set_cancel_misses(&self, cancel: bool) {
+        self.cancel.store(cancel, Ordering::Release);
+    }
+
+    /// Exposure and IOTLB counters now.
+    pub fn exposure(&self) -> Exposure {
+        let mut e = self.read().stats;
+        e.misses = self.misses.load(Ordering::Relaxed);
+        e.miss_failures = self.miss_failures.load(Ordering::Relaxed);
+        e.access_fails = self.access_fails.load(Ordering::Relaxed);
+        e
+    }
+
+    /// The windows held now: (first address, length, host base, mapped bytes).
+    pub fn windows(&self) -> Vec<(u64, u64, usize, u64)> {
+        self.read()
+            .windows
+            .values()
+            .map(|w| (w.start, w.len, w.host_base(), w.mapped_len()))
+            .collect()
+    }
+
+    /// Raises a miss for `addr` with `access` and waits for the answer.
+    fn miss(&self, addr: u64, len: u64, access: Permissions) -> Result<(), Fault> {
+        let mut guard = self.channel.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(ch) = guard.as_mut() else {
+            return Err(Fault::Unmapped { addr });
+        };
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        crate::trace!("miss {addr:#x}+{len:#x} {access:?}");
+        let r = ch.miss(
+            addr,
+            len,
+            wire_perm(access),
+            &self.cancel,
+            self.limits.miss_timeout,
+        );
+        crate::trace!("miss {addr:#x}: {r:?}");
+        r.map_err(|e: MissError| {
+            self.miss_failures.fetch_add(1, Ordering::Relaxed);
+            Fault::Refused {
+                addr,
+                reason: e.to_string(),
+            }
+        })
+    }
+
+    /// Reports an access failure to the front-end (best effort: it is a notification).
+    fn access_fail(&self, addr: u64, len: u64, access: Permissions) {
+        self.access_fails.fetch_add(1, Ordering::Relaxed);
+        let mut guard = self.channel.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ch) = guard.as_mut() {
+            if let Err(e) = ch.access_fail(addr, len, wire_perm(access)) {
+                eprintln!("vhost-iotlb: cannot report an access failure at {addr:#x}: {e}");
+            }
+        }
+    }
+
+    /// Translates `[addr, addr + len)` for `access` into host pieces, raising misses
+    /// as needed. Each window used is pushed to `pins` when given.
+    ///
+    /// # Errors
+    /// A [`Fault`]; an access failure is then reported to the front-end.
+    pub fn translate(
+        &self,
+        addr: u64,
+        len: usize,
+        access: Permissions,
+        mut pins: Option<&mut Vec<Arc<Window>>>,
+    ) -> Result<Vec<(*mut u8, usize)>, Fault> {
+        let mut out = Vec::new();
+        if len == 0 {
+            return Ok(out);
+        }
+        last(addr, len as u64).ok_or(Fault::Overflow { addr, len })?;
+        let mut cur = addr;
+        let mut left = len as u64;
+        let mut misses = 0usize;
+        let mut retried_perm = false;
+        while left > 0 {
+            let (lookup, mode) = {
+                let t = self.read();
+                let lookup = match t.find(cur) {
+                    Some(w) if w.perm.allow(access) => {
+                        let off = cur - w.start;
+                        let n = (w.len - off).min(left);
+                        if let Some(p) = pins.as_deref_mut() {
+                            if !p.last().is_some_and(|l| Arc::ptr_eq(l, w)) {
+                                p.push(Arc::clone(w));
+                            }
+                        }
+                        // `off` < w.len ≤ the mapping's length.
+                        Lookup::Hit(w.map.ptr().wrapping_add(off as usize), n)
+                    }
+                    Some(_) => Lookup::Denied,
+                    None => Lookup::Miss,
+                };
+                (lookup, t.mode)
+            };
+            match lookup {
+                Lookup::Hit(ptr, n) => {
+                    out.push((ptr, n as usize));
+                    left -= n;
+                    // Cannot overflow: `last` checked the whole range.
+                    cur = cur.wrapping_add(n);
+                }
+                Lookup::Denied => {
+                    if mode != Mode::Iotlb {
+                        return Err(Fault::Denied { addr: cur, access });
+                    }
+                    // A narrower IOTLB entry: ask once whether the guest now allows more.
+                    if !retried_perm {
+                        retried_perm = true;
+                        misses += 1;
+                        if self.miss(cur, left, access).is_ok() {
+                            continue;
+                        }
+                    }
+                    self.access_fail(cur, left, access);
+                    return Err(Fault::Denied { addr: cur, access });
+                }
+                Lookup::Miss => {
+                    if mode != Mode::Iotlb || misses >= self.limits.max_misses_per_access {
+                        return Err(Fault::Unmapped { addr: cur });
+                    }
+                    misses += 1;
+                    if let Err(f) = self.miss(cur, left, access) {
+                        self.access_fail(cur, left, access);
+                        return Err(f);
+                    }
+                    // Vhost-user spec, "IOMMU support": a miss is complete when the
+                    // front-end sent the update, or sent nothing because the miss was
+                    // invalid. Nothing covering it now means the latter.
+                    if self.read().find(cur).is_none() {
+                        self.access_fail(cur, left, access);
+                        return Err(Fault::Refused {
+                            addr: cur,
+                            reason: "the reply came without an update covering it".into(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A device's view for one batch of work.
+    pub fn view(self: &Arc<Self>) -> GuestView {
+        GuestView {
+            space: Arc::clone(self),
+            pins: RefCell::new(Vec::new()),
+        }
+    }
+}
+
+/// The guest memory a device sees: every access is translated by the
+/// [`AddressSpace`], and every window it touches stays mapped (or revoked in place,
+/// never unmapped) until the view is dropped. Make one per batch of queue work.
+#[derive(Debug)]
+pub struct GuestView {
+    space: Arc<AddressSpace>,
+    pins: RefCell<Vec<Arc<Window>>>,
+}
+
+impl GuestView {
+    /// Windows pinned so far.
+    pub fn pinned(&self) -> usize {
+        self.pins.borrow().len()
+    }
+
+    fn fault(addr: GuestAddress, count: usize, f: Fault) -> GuestMemoryError {
+        GuestMemoryError::IommuError(IommuError::CannotResolve {
+            iova_range: IovaRange {
+                base: addr,
+                length: count,
+            },
+            reason: f.to_string(),
+        })
+    }
+}
+
+/// The host pieces of one translated access.
+#[derive(Debug)]
+pub struct Slices<'a>(std::vec::IntoIter<VolatileSlice<'a>>);
+
+impl<'a> Iterator for Slices<'a> {
+    type Item = vm_memory::GuestMemoryResult<VolatileSlice<'a>>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next().map(Ok)
+    }
+}
+
+impl std::iter::FusedIterator for Slices<'_> {}
+
+impl<'a> GuestMemorySliceIterator<'a, ()> for Slices<'a> {}
+
+impl GuestMemory for GuestView {
+    type PhysicalMemory = vm_memory::GuestMemoryMmap<()>;
+    type Bitmap = ();
+
+    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        self.space.translate(addr.0, count, access, None).is_ok()
+    }
+
+    fn get_slices<'a>(
+        &'a self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> vm_memory::GuestMemoryResult<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
+        let mut pins = self.pins.borrow_mut();
+        let pieces = self
+            .space
+            .translate(addr.0, count, access, Some(&mut pins))
+            .map_err(|f| Self::fault(addr, count, f))?;
+        let slices: Vec<VolatileSlice<'a>> = pieces
+            .into_iter()
+            // SAFETY: each piece lies inside a window's mapping (`translate` bounds it by
+            // the window's length, which the mapping covers), and that window is now in
+            // `self.pins`, which only drops with `self`, outliving `'a`. An invalidate
+            // in between revokes the pages in place (`Mapping::revoke`) instead of
+            // unmapping, so the memory stays valid for volatile access throughout.
+            .map(|(ptr, n)| unsafe { VolatileSlice::new(ptr, n) })
+            .collect();
+        Ok(Slices(slices.into_iter()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
+
+    use super::*;
+    use vm_memory::Bytes;
+
+    const RAM: u64 = 1 << 20;
+    const UBASE: u64 = 0x7f00_0000_0000;
+
+    fn ram() -> File {
+        crate::test_util::memfd("space-unit-ram", RAM)
+    }
+
+    fn space(mode: Mode) -> Arc<AddressSpace> {
+        let s = AddressSpace::new(Limits {
+            max_windows: 4,
+            miss_timeout: Duration::from_millis(200),
+            max_misses_per_access: 16,
+        });
+        let region = MemoryRegion {
+            guest_phys_addr: 0,
+            memory_size: RAM,
+            userspace_addr: UBASE,
+            mmap_offset: 0,
+        };
+        s.set_regions(vec![(region, ram())]).unwrap();
+        s.set_mode(mode).unwrap();
+        s
+    }
+
+    #[test]
+    fn iotlb_mode_maps_nothing_until_an_update_and_only_the_window_then() {
+        let s = space(Mode::Iotlb);
+        assert_eq!(
+            s.exposure().mapped_bytes,
+            0,
+            "the memory table is never mapped"
+        );
+        assert_eq!(s.exposure().guest_ram_bytes, RAM);
+        let v = s.view();
+        assert!(v.read_obj::<u32>(GuestAddress(0x1000)).is_err());
+        s.update(0x10_0000_0000, 4096, UBASE + 0x3000, iotlb::PERM_RW)
+            .unwrap();
+        assert_eq!(s.exposure().mapped_bytes, 4096);
+        v.write_obj(0xdead_beef_u32, GuestAddress(0x10_0000_0010))
+            .unwrap();
+        assert_eq!(
+            v.read_obj::<u32>(GuestAddress(0x10_0000_0010)).unwrap(),
+            0xdead_beef
+        );
+        assert!(
+            v.read_obj::<u32>(GuestAddress(0x10_0000_1000)).is_err(),
+            "one byte past"
+        );
+    }
+
+    #[test]
+    fn plain_mode_maps_the_regions_by_guest_physical_address() {
+        let s = space(Mode::Plain);
+        assert_eq!(s.exposure().mapped_bytes, RAM);
+        let v = s.view();
+        v.write_obj(7u8, GuestAddress(RAM - 1)).unwrap();
+        assert!(v.read_obj::<u8>(GuestAddress(RAM)).is_err());
+        assert_eq!(s.uaddr_to_gpa(UBASE + 0x1234), Some(0x1234));
+        assert_eq!(s.uaddr_to_gpa(UBASE + RAM), None);
+        assert!(matches!(
+            s.update(0, 4096, UBASE, 3),
+            Err(SpaceError::NotIotlb)
+        ));
+    }
+
+    #[test]
+    fn permissions_of_the_update_are_enforced() {
+        let s = space(Mode::Iotlb);
+        s.update(0x2000, 4096, UBASE, iotlb::PERM_RO).unwrap();
+        let v = s.view();
+        assert!(v.read_obj::<u8>(GuestAddress(0x2000)).is_ok());
+        assert!(v.write_obj(1u8, GuestAddress(0x2000)).is_err());
+        // No channel: a denied access is counted as an access failure all the same.
+        assert_eq!(s.exposure().access_fails, 1);
+    }
+
+    #[test]
+    fn updates_outside_the_memory_table_or_overflowing_change_nothing() {
+        let s = space(Mode::Iotlb);
+        let before = s.exposure();
+        assert!(matches!(
+            s.update(0, 4096, UBASE + RAM - 100, 3),
+            Err(SpaceError::OutsideRegions { .. })
+        ));
+        assert!(matches!(
+            s.update(0, 4096, 0x1000, 3),
+            Err(SpaceError::OutsideRegions { .. })
+        ));
+        assert!(matches!(
+            s.update(u64::MAX, 2, UBASE, 3),
+            Err(SpaceError::IotlbRange { .. })
+        ));
+        assert!(matches!(
+            s.update(0, 0, UBASE, 3),
+            Err(SpaceError::IotlbRange { .. })
+        ));
+        assert!(matches!(
+            s.invalidate(5, 0),
+            Err(SpaceError::IotlbRange { .. })
+        ));
+        assert_eq!(s.exposure(), before);
+        assert!(s.windows().is_empty());
+    }
+
+    #[test]
+    fn a_window_ending_at_the_top_of_the_address_space_is_legal() {
+        let s = space(Mode::Iotlb);
+        s.update(u64::MAX - 4095, 4096, UBASE, 3).unwrap();
+        let v = s.view();
+        v.write_obj(9u8, GuestAddress(u64::MAX)).unwrap();
+        assert!(v.read_obj::<u16>(GuestAddress(u64::MAX)).is_err());
+        s.invalidate(u64::MAX - 4095, 4096).unwrap();
+        assert!(s.windows().is_empty());
+    }
+
+    #[test]
+    fn window_count_is_bounded_by_evicting_the_oldest() {
+        let s = space(Mode::Iotlb);
+        for i in 0..6u64 {
+            s.update(i * 4096, 4096, UBASE + i * 4096, 3).unwrap();
+        }
+        let e = s.exposure();
+        assert_eq!(e.windows, 4);
+        assert_eq!(e.evictions, 2);
+        assert_eq!(e.peak_windows, 4);
+        let starts: Vec<u64> = s.windows().iter().map(|w| w.0).collect();
+        assert_eq!(starts, vec![0x2000, 0x3000, 0x4000, 0x5000]);
+    }
+
+    #[test]
+    fn an_update_over_existing_windows_replaces_them() {
+        let s = space(Mode::Iotlb);
+        s.update(0x1000, 4096, UBASE, 3).unwrap();
+        s.update(0x2000, 4096, UBASE + 0x1000, 3).unwrap();
+        s.update(0x1800, 4096, UBASE + 0x5000, 1).unwrap();
+        let w = s.windows();
+        assert_eq!(w.len(), 1);
+        assert_eq!((w[0].0, w[0].1), (0x1800, 4096));
+    }
+
+    #[test]
+    fn exposure_counts_pages_now_and_at_the_peak() {
+        let s = space(Mode::Iotlb);
+        s.update(0, 8192, UBASE, 3).unwrap();
+        s.update(0x10000, 100, UBASE + 0x8010, 3).unwrap();
+        let e = s.exposure();
+        assert_eq!(
+            e.mapped_bytes,
+            8192 + 4096,
+            "a 100-byte window costs its page"
+        );
+        s.invalidate(0, 8192).unwrap();
+        let e = s.exposure();
+        assert_eq!(e.mapped_bytes, 4096);
+        assert_eq!(e.peak_mapped_bytes, 12288);
+        assert_eq!((e.updates, e.invalidates), (2, 1));
+        s.set_mode(Mode::Unset).unwrap();
+        assert_eq!(s.exposure().mapped_bytes, 0);
+    }
+
+    #[test]
+    fn bad_memory_tables_are_refused_and_keep_the_old_one() {
+        let s = space(Mode::Plain);
+        let r = |gpa, size, uaddr, off| MemoryRegion {
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: uaddr,
+            mmap_offset: off,
+        };
+        let cases = vec![
+            vec![(r(0, 0, UBASE, 0), ram())],
+            vec![(r(u64::MAX, 2, UBASE, 0), ram())],
+            vec![(r(0, RAM * 2, UBASE, 0), ram())],
+            vec![
+                (r(0, 4096, UBASE, 0), ram()),
+                (r(4096, 4096, UBASE + 10, 0), ram()),
+            ],
+            vec![
+                (r(0, 4096, UBASE, 0), ram()),
+                (r(100, 4096, UBASE + RAM, 0), ram()),
+            ],
+        ];
+        for table in cases {
+            assert!(s.set_regions(table).is_err());
+            assert_eq!(s.exposure().mapped_bytes, RAM);
+            assert_eq!(s.uaddr_to_gpa(UBASE), Some(0));
+        }
+    }
+}

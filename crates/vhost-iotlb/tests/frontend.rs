@@ -1,0 +1,755 @@
+//! The back-end driven over real sockets by a test front-end: protocol round trips for
+//! every message handled, malformed and hostile messages (refused, nothing changes), a
+//! virtio-blk request served through IOTLB windows filled by misses, a front-end that
+//! refuses a miss for memory the guest never mapped (the request fails, the secret
+//! there never reaches the disk), and what /proc/self/maps shows after an invalidate.
+
+#![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use vhost_iotlb::wire::{
+    flags, iotlb, protocol, req, ConfigHeader, Header, IotlbMsg, MemoryHeader, MemoryRegion,
+    VringAddr, VringState, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_IOMMU_PLATFORM,
+};
+use vhost_iotlb::{AddressSpace, Limits, Mode, Report, Session, SessionConfig, PROTOCOL_FEATURES};
+use virtio_devices::{Block, BlockConfig};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use zerocopy::{FromBytes, IntoBytes};
+
+const RAM: u64 = 1 << 20;
+const UBASE: u64 = 0x7f12_0000_0000;
+/// IOVA = GPA + this, so that a mix-up of the two fails.
+const IOVA_OFF: u64 = 0x40_0000_0000;
+const RING: u64 = 0x10000; // desc; avail at +0x100; used at +0x200 (queue of 16)
+const HDR: u64 = 0x20000;
+const DATA: u64 = 0x21000;
+const STATUS: u64 = 0x22000;
+const SECRET: u64 = 0x80000;
+const QSIZE: u16 = 16;
+
+fn memfd(name: &str, len: u64) -> File {
+    let cname = std::ffi::CString::new(name).unwrap();
+    // SAFETY: a valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh fd we own.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(len).unwrap();
+    f
+}
+
+fn disk(name: &str, sectors: u64) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("vhost-iotlb-it-{}-{name}.img", std::process::id()));
+    let data: Vec<u8> = (0..sectors * 512).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+struct Frontend {
+    sock: UnixStream,
+    worker: Option<JoinHandle<Report<Block>>>,
+}
+
+impl Frontend {
+    fn start(disk: &std::path::Path, require_iommu: bool) -> (Self, std::sync::Arc<AddressSpace>) {
+        let dev = Block::new(&BlockConfig {
+            path: disk.to_path_buf(),
+            read_only: false,
+            access_platform: true,
+            test_stray_sector: None,
+        })
+        .unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let session = Session::new(
+            dev,
+            SessionConfig {
+                limits: Limits {
+                    max_windows: 64,
+                    miss_timeout: Duration::from_secs(5),
+                    max_misses_per_access: 64,
+                },
+                require_iommu,
+            },
+        )
+        .unwrap();
+        let space = session.space();
+        let worker = std::thread::spawn(move || session.run(theirs).unwrap());
+        ours.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        (
+            Self {
+                sock: ours,
+                worker: Some(worker),
+            },
+            space,
+        )
+    }
+
+    fn send(&self, request: u32, fl: u32, payload: &[u8], fds: &[RawFd]) {
+        let h = Header {
+            request,
+            flags: fl,
+            size: payload.len() as u32,
+        };
+        let mut msg = h.as_bytes().to_vec();
+        msg.extend_from_slice(payload);
+        if fds.is_empty() {
+            (&self.sock).write_all(&msg).unwrap();
+        } else {
+            let n = self.sock.send_with_fds(&[&msg[..]], fds).unwrap();
+            (&self.sock).write_all(&msg[n..]).unwrap();
+        }
+    }
+
+    fn reply(&self) -> (Header, Vec<u8>) {
+        read_msg(&self.sock)
+    }
+
+    /// Sends with need_reply and returns the reply-ack value.
+    fn ack(&self, request: u32, payload: &[u8], fds: &[RawFd]) -> u64 {
+        self.send(request, flags::VERSION | flags::NEED_REPLY, payload, fds);
+        let (h, p) = self.reply();
+        assert_eq!(h.request, request);
+        assert_eq!(h.flags & flags::REPLY, flags::REPLY);
+        u64::from_ne_bytes(p.try_into().unwrap())
+    }
+
+    fn get(&self, request: u32, payload: &[u8]) -> Vec<u8> {
+        self.send(request, flags::VERSION, payload, &[]);
+        let (h, p) = self.reply();
+        assert_eq!(h.request, request);
+        p
+    }
+
+    fn finish(mut self) -> Report<Block> {
+        drop(std::mem::replace(
+            &mut self.sock,
+            UnixStream::pair().unwrap().0,
+        ));
+        self.worker.take().unwrap().join().unwrap()
+    }
+}
+
+fn read_msg(sock: &UnixStream) -> (Header, Vec<u8>) {
+    let mut h = [0u8; 12];
+    (&*sock).read_exact(&mut h).unwrap();
+    let h = Header::read_from_bytes(&h[..]).unwrap();
+    let mut p = vec![0u8; h.size as usize];
+    (&*sock).read_exact(&mut p).unwrap();
+    (h, p)
+}
+
+fn state(index: u32, num: u32) -> Vec<u8> {
+    VringState { index, num }.as_bytes().to_vec()
+}
+
+fn mem_table(region: MemoryRegion) -> Vec<u8> {
+    let mut p = MemoryHeader {
+        nregions: 1,
+        padding: 0,
+    }
+    .as_bytes()
+    .to_vec();
+    p.extend_from_slice(region.as_bytes());
+    p.extend_from_slice(&[0u8; 7 * 32]);
+    p
+}
+
+fn ram_region() -> MemoryRegion {
+    MemoryRegion {
+        guest_phys_addr: 0,
+        memory_size: RAM,
+        userspace_addr: UBASE,
+        mmap_offset: 0,
+    }
+}
+
+fn iotlb_msg(kind: u8, iova: u64, size: u64, uaddr: u64, perm: u8) -> Vec<u8> {
+    IotlbMsg {
+        iova,
+        size,
+        uaddr,
+        perm,
+        kind,
+        padding: [0; 6],
+    }
+    .as_bytes()
+    .to_vec()
+}
+
+/// Negotiates features (with IOMMU_PLATFORM if `iommu`), protocol features, the memory
+/// table and, with `chan`, the back-end channel. Returns the front-end's end of it.
+fn negotiate(fe: &Frontend, ram: &File, iommu: bool) -> UnixStream {
+    let features = u64::from_ne_bytes(fe.get(req::GET_FEATURES, &[]).try_into().unwrap());
+    fe.send(req::SET_FEATURES, flags::VERSION, &[], &[]); // malformed, no reply asked
+    let proto = u64::from_ne_bytes(fe.get(req::GET_PROTOCOL_FEATURES, &[]).try_into().unwrap());
+    fe.send(
+        req::SET_PROTOCOL_FEATURES,
+        flags::VERSION,
+        &proto.to_ne_bytes(),
+        &[],
+    );
+    let mut acked = VHOST_USER_F_PROTOCOL_FEATURES | (1 << 32);
+    if iommu {
+        acked |= VIRTIO_F_IOMMU_PLATFORM;
+    }
+    assert_eq!(acked & !features, 0);
+    assert_eq!(fe.ack(req::SET_FEATURES, &acked.to_ne_bytes(), &[]), 0);
+    assert_eq!(fe.ack(req::SET_OWNER, &[], &[]), 0);
+    assert_eq!(
+        fe.ack(
+            req::SET_MEM_TABLE,
+            &mem_table(ram_region()),
+            &[ram.as_raw_fd()]
+        ),
+        0
+    );
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    assert_eq!(
+        fe.ack(req::SET_BACKEND_REQ_FD, &[], &[theirs.as_raw_fd()]),
+        0
+    );
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    ours
+}
+
+/// Sets up vring 0 at `RING` (bus addresses `bus(gpa)`); returns kick and call.
+fn setup_ring(fe: &Frontend, bus: impl Fn(u64) -> u64) -> (EventFd, EventFd) {
+    assert_eq!(fe.ack(req::SET_VRING_NUM, &state(0, QSIZE.into()), &[]), 0);
+    assert_eq!(fe.ack(req::SET_VRING_BASE, &state(0, 0), &[]), 0);
+    let addr = VringAddr {
+        index: 0,
+        flags: 0,
+        desc: bus(RING),
+        used: bus(RING + 0x200),
+        avail: bus(RING + 0x100),
+        log: 0,
+    };
+    assert_eq!(fe.ack(req::SET_VRING_ADDR, addr.as_bytes(), &[]), 0);
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    let kick = EventFd::new(0).unwrap();
+    assert_eq!(
+        fe.ack(
+            req::SET_VRING_CALL,
+            &0u64.to_ne_bytes(),
+            &[call.as_raw_fd()]
+        ),
+        0
+    );
+    assert_eq!(
+        fe.ack(
+            req::SET_VRING_KICK,
+            &0u64.to_ne_bytes(),
+            &[kick.as_raw_fd()]
+        ),
+        0
+    );
+    assert_eq!(fe.ack(req::SET_VRING_ENABLE, &state(0, 1), &[]), 0);
+    (kick, call)
+}
+
+/// Writes a virtio-blk request (type, sector) whose data segment is at `data`
+/// (device-writable for IN) into the ring as avail entry `n`.
+fn post_request(ram: &File, bus: impl Fn(u64) -> u64, n: u16, kind: u32, data: u64) {
+    let desc = |i: u64, addr: u64, len: u32, fl: u16, next: u16| {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&bus(addr).to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&fl.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        ram.write_all_at(&d, RING + i * 16).unwrap();
+    };
+    let mut hdr = [0u8; 16];
+    hdr[0..4].copy_from_slice(&kind.to_le_bytes());
+    hdr[8..16].copy_from_slice(&0u64.to_le_bytes()); // sector 0
+    ram.write_all_at(&hdr, HDR).unwrap();
+    ram.write_all_at(&[0xff], STATUS).unwrap();
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    let data_flags = if kind == 0 { WRITE } else { 0 };
+    desc(0, HDR, 16, NEXT, 1);
+    desc(1, data, 4096, NEXT | data_flags, 2);
+    desc(2, STATUS, 1, WRITE, 0);
+    ram.write_all_at(
+        &0u16.to_le_bytes(),
+        RING + 0x100 + 4 + u64::from(n % QSIZE) * 2,
+    )
+    .unwrap();
+    ram.write_all_at(&(n + 1).to_le_bytes(), RING + 0x100 + 2)
+        .unwrap();
+}
+
+/// Plays the front-end's part of misses until the call eventfd fires: each miss is
+/// answered by an update (if `allow(gpa)`) and a reply-ack. Returns (misses, access
+/// failures) seen.
+fn serve_misses(
+    fe: &Frontend,
+    chan: &UnixStream,
+    call: &EventFd,
+    allow: impl Fn(u64) -> bool,
+) -> (u32, u32) {
+    let (mut misses, mut fails) = (0, 0);
+    let mut done = false;
+    for _ in 0..1000 {
+        if done {
+            return (misses, fails);
+        }
+        // The completion comes after any message about the request: read those first.
+        done = call.read().is_ok();
+        let mut pfd = libc::pollfd {
+            fd: chan.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd on the stack.
+        if unsafe { libc::poll(&mut pfd, 1, 10) } <= 0 {
+            continue;
+        }
+        let (h, p) = read_msg(chan);
+        let m = IotlbMsg::read_from_bytes(&p[..]).unwrap();
+        assert_eq!(h.request, 1, "BACKEND_IOTLB_MSG");
+        match m.kind {
+            iotlb::MISS => {
+                misses += 1;
+                assert_eq!(h.flags & flags::NEED_REPLY, flags::NEED_REPLY);
+                let page = m.iova & !0xfff;
+                let gpa = page - IOVA_OFF;
+                let ok = page >= IOVA_OFF && gpa < RAM && allow(gpa);
+                if ok {
+                    let u = iotlb_msg(iotlb::UPDATE, page, 4096, UBASE + gpa, iotlb::PERM_RW);
+                    assert_eq!(fe.ack(req::IOTLB_MSG, &u, &[]), 0);
+                }
+                let rh = Header {
+                    request: 1,
+                    flags: flags::VERSION | flags::REPLY,
+                    size: 8,
+                };
+                let mut r = rh.as_bytes().to_vec();
+                r.extend_from_slice(&u64::from(!ok).to_ne_bytes());
+                (&*chan).write_all(&r).unwrap();
+            }
+            iotlb::ACCESS_FAIL => fails += 1,
+            k => panic!("unexpected IOTLB message type {k}"),
+        }
+    }
+    panic!("the request did not complete");
+}
+
+#[test]
+fn negotiation_messages_get_the_spec_answers() {
+    let img = disk("nego", 16);
+    let (fe, _space) = Frontend::start(&img, false);
+    let f = u64::from_ne_bytes(fe.get(req::GET_FEATURES, &[]).try_into().unwrap());
+    assert_ne!(f & VHOST_USER_F_PROTOCOL_FEATURES, 0);
+    assert_ne!(f & VIRTIO_F_IOMMU_PLATFORM, 0, "ACCESS_PLATFORM offered");
+    let p = u64::from_ne_bytes(fe.get(req::GET_PROTOCOL_FEATURES, &[]).try_into().unwrap());
+    assert_eq!(p, PROTOCOL_FEATURES);
+    for needed in [
+        protocol::REPLY_ACK,
+        protocol::BACKEND_REQ,
+        protocol::CONFIG,
+        protocol::MQ,
+    ] {
+        assert_ne!(p & needed, 0);
+    }
+    fe.send(
+        req::SET_PROTOCOL_FEATURES,
+        flags::VERSION,
+        &p.to_ne_bytes(),
+        &[],
+    );
+    assert_eq!(
+        u64::from_ne_bytes(fe.get(req::GET_QUEUE_NUM, &[]).try_into().unwrap()),
+        1
+    );
+    let mut cfg = ConfigHeader {
+        offset: 0,
+        size: 24,
+        flags: 0,
+    }
+    .as_bytes()
+    .to_vec();
+    cfg.extend_from_slice(&[0; 24]);
+    let c = fe.get(req::GET_CONFIG, &cfg);
+    assert_eq!(c.len(), 12 + 24);
+    assert_eq!(
+        u64::from_le_bytes(c[12..20].try_into().unwrap()),
+        16,
+        "capacity in sectors"
+    );
+    assert_ne!(
+        fe.ack(req::SET_CONFIG, &cfg, &[]),
+        0,
+        "read-only configuration"
+    );
+    assert_eq!(fe.ack(req::SET_OWNER, &[], &[]), 0);
+    let err = EventFd::new(0).unwrap();
+    assert_eq!(
+        fe.ack(req::SET_VRING_ERR, &0u64.to_ne_bytes(), &[err.as_raw_fd()]),
+        0
+    );
+    // GET_VRING_BASE stops the ring and returns where it was.
+    assert_eq!(fe.ack(req::SET_VRING_BASE, &state(0, 7), &[]), 0);
+    assert_eq!(fe.get(req::GET_VRING_BASE, &state(0, 0)), state(0, 7));
+    let r = fe.finish();
+    assert_eq!(r.exposure.peak_mapped_bytes, 0, "nothing was ever mapped");
+    std::fs::remove_file(img).unwrap();
+}
+
+#[test]
+fn malformed_and_out_of_bounds_requests_are_refused_without_state_change() {
+    let img = disk("bad", 16);
+    let (fe, space) = Frontend::start(&img, true);
+    let ram = memfd("vhost-iotlb-it-bad", RAM);
+    fe.send(
+        req::SET_PROTOCOL_FEATURES,
+        flags::VERSION,
+        &PROTOCOL_FEATURES.to_ne_bytes(),
+        &[],
+    );
+    let plain = VHOST_USER_F_PROTOCOL_FEATURES | (1 << 32);
+    // --require-iommu: a front-end without IOMMU_PLATFORM is refused, nothing mapped.
+    assert_ne!(fe.ack(req::SET_FEATURES, &plain.to_ne_bytes(), &[]), 0);
+    assert_ne!(
+        fe.ack(req::SET_FEATURES, &(1u64 << 60).to_ne_bytes(), &[]),
+        0,
+        "bit not offered"
+    );
+    assert_eq!(space.mode(), Mode::Unset);
+    assert_eq!(
+        fe.ack(
+            req::SET_MEM_TABLE,
+            &mem_table(ram_region()),
+            &[ram.as_raw_fd()]
+        ),
+        0
+    );
+    assert_eq!(
+        space.exposure().mapped_bytes,
+        0,
+        "undecided mode maps nothing"
+    );
+    // IOTLB before IOMMU_PLATFORM is negotiated.
+    let upd = iotlb_msg(iotlb::UPDATE, IOVA_OFF, 4096, UBASE, iotlb::PERM_RW);
+    assert_ne!(fe.ack(req::IOTLB_MSG, &upd, &[]), 0);
+    let iommu = plain | VIRTIO_F_IOMMU_PLATFORM;
+    assert_eq!(fe.ack(req::SET_FEATURES, &iommu.to_ne_bytes(), &[]), 0);
+    assert_eq!(space.mode(), Mode::Iotlb);
+    assert_eq!(
+        space.exposure().mapped_bytes,
+        0,
+        "the memory table is not mapped"
+    );
+
+    let before = space.exposure();
+    let bad_acks: Vec<(u32, Vec<u8>, Vec<RawFd>)> = vec![
+        (req::SET_VRING_NUM, state(0, 3), vec![]),
+        (req::SET_VRING_NUM, state(0, 512), vec![]),
+        (req::SET_VRING_NUM, state(9, 16), vec![]),
+        (req::SET_VRING_BASE, state(0, 70000), vec![]),
+        (req::SET_VRING_ENABLE, state(0, 2), vec![]),
+        (
+            req::SET_VRING_KICK,
+            (0x100u64).to_ne_bytes().to_vec(),
+            vec![],
+        ),
+        (
+            req::SET_VRING_ADDR,
+            VringAddr {
+                index: 0,
+                flags: 0,
+                desc: 8,
+                used: 0,
+                avail: 0,
+                log: 0,
+            }
+            .as_bytes()
+            .to_vec(),
+            vec![],
+        ),
+        (
+            req::SET_VRING_ADDR,
+            VringAddr {
+                index: 0,
+                flags: 1,
+                ..Default::default()
+            }
+            .as_bytes()
+            .to_vec(),
+            vec![],
+        ),
+        (req::SET_MEM_TABLE, mem_table(ram_region()), vec![]),
+        (
+            req::SET_MEM_TABLE,
+            mem_table(MemoryRegion {
+                memory_size: RAM * 4,
+                ..ram_region()
+            }),
+            vec![ram.as_raw_fd()],
+        ),
+        (
+            req::IOTLB_MSG,
+            iotlb_msg(iotlb::UPDATE, IOVA_OFF, 4096, UBASE + RAM, iotlb::PERM_RW),
+            vec![],
+        ),
+        (
+            req::IOTLB_MSG,
+            iotlb_msg(
+                iotlb::UPDATE,
+                IOVA_OFF,
+                8192,
+                UBASE + RAM - 4096,
+                iotlb::PERM_RW,
+            ),
+            vec![],
+        ),
+        (
+            req::IOTLB_MSG,
+            iotlb_msg(iotlb::UPDATE, u64::MAX - 10, 4096, UBASE, iotlb::PERM_RW),
+            vec![],
+        ),
+        (
+            req::IOTLB_MSG,
+            iotlb_msg(iotlb::UPDATE, IOVA_OFF, 4096, UBASE, 0),
+            vec![],
+        ),
+        (
+            req::IOTLB_MSG,
+            iotlb_msg(iotlb::MISS, IOVA_OFF, 4096, UBASE, 1),
+            vec![],
+        ),
+        (
+            req::IOTLB_MSG,
+            iotlb_msg(iotlb::INVALIDATE, IOVA_OFF, 0, 0, 0),
+            vec![],
+        ),
+        (req::IOTLB_MSG, vec![0; 31], vec![]),
+        (req::SET_OWNER, vec![], vec![ram.as_raw_fd()]),
+        (33, vec![], vec![]),
+    ];
+    for (r, p, fds) in &bad_acks {
+        assert_ne!(
+            fe.ack(*r, p, fds),
+            0,
+            "request {r} with {} bytes must be refused",
+            p.len()
+        );
+    }
+    // An oversized payload is skipped and refused; the stream stays usable.
+    assert_ne!(fe.ack(req::SET_FEATURES, &vec![0u8; 5000], &[]), 0);
+    // Bad header flags (reply bit set) are refused too.
+    fe.send(req::GET_QUEUE_NUM, flags::VERSION | flags::REPLY, &[], &[]);
+    assert!(
+        fe.reply().1.is_empty(),
+        "an explicit-reply request answers an error with no body"
+    );
+    assert!(fe.get(req::GET_VRING_BASE, &state(4, 0)).is_empty());
+    assert_eq!(
+        u64::from_ne_bytes(fe.get(req::GET_QUEUE_NUM, &[]).try_into().unwrap()),
+        1
+    );
+    assert_eq!(space.exposure(), before, "nothing changed");
+    assert!(space.windows().is_empty());
+    let r = fe.finish();
+    assert_eq!(r.exposure.updates, 0);
+    std::fs::remove_file(img).unwrap();
+}
+
+#[test]
+fn blk_request_is_served_through_windows_filled_by_misses_and_nothing_else() {
+    let img = disk("read", 16);
+    let (fe, space) = Frontend::start(&img, true);
+    let ram = memfd("vhost-iotlb-it-read", RAM);
+    ram.write_all_at(b"the guest's secret", SECRET).unwrap();
+    let chan = negotiate(&fe, &ram, true);
+    let bus = |gpa| gpa + IOVA_OFF;
+    let (kick, call) = setup_ring(&fe, bus);
+    // The front-end may tell the used ring up front, as QEMU does.
+    let u = iotlb_msg(iotlb::UPDATE, bus(RING), 4096, UBASE + RING, iotlb::PERM_RW);
+    assert_eq!(fe.ack(req::IOTLB_MSG, &u, &[]), 0);
+
+    // IN (read sector 0 into DATA).
+    post_request(&ram, bus, 0, 0, DATA);
+    kick.write(1).unwrap();
+    let (misses, fails) = serve_misses(&fe, &chan, &call, |_| true);
+    assert!(
+        misses >= 3,
+        "header, data and status pages were missed: {misses}"
+    );
+    assert_eq!(fails, 0);
+    let mut status = [0xffu8];
+    ram.read_exact_at(&mut status, STATUS).unwrap();
+    assert_eq!(status[0], 0, "VIRTIO_BLK_S_OK");
+    let mut got = vec![0u8; 4096];
+    ram.read_exact_at(&mut got, DATA).unwrap();
+    let want: Vec<u8> = (0..4096u64).map(|i| (i % 251) as u8).collect();
+    assert_eq!(
+        got, want,
+        "the disk's sector reached guest memory through a window"
+    );
+    let e = space.exposure();
+    assert!(
+        e.peak_mapped_bytes <= 4 * 4096,
+        "ring, header, data, status pages at most: {e:?}"
+    );
+    assert_eq!(e.guest_ram_bytes, RAM);
+    // Every window is an IOTLB entry; none covers the secret.
+    for (start, len, _, _) in space.windows() {
+        assert!(!(start..start + len).contains(&bus(SECRET)));
+    }
+
+    // OUT from the secret page, which the guest never mapped: the front-end refuses the
+    // miss, the back-end reports the access failure, the request fails, the disk keeps
+    // its data.
+    post_request(&ram, bus, 1, 1, SECRET);
+    kick.write(1).unwrap();
+    let (_, fails) = serve_misses(&fe, &chan, &call, |gpa| gpa != SECRET);
+    assert!(fails >= 1, "an access failure was reported");
+    ram.read_exact_at(&mut status, STATUS).unwrap();
+    assert_eq!(status[0], 1, "VIRTIO_BLK_S_IOERR");
+    let on_disk = std::fs::read(&img).unwrap();
+    assert_eq!(
+        &on_disk[..4096],
+        &want[..],
+        "the secret never reached the disk"
+    );
+
+    // Invalidate everything: nothing of guest RAM stays mapped.
+    let inv = iotlb_msg(iotlb::INVALIDATE, 0, u64::MAX, 0, 0);
+    assert_eq!(fe.ack(req::IOTLB_MSG, &inv, &[]), 0);
+    assert_eq!(space.exposure().mapped_bytes, 0);
+    assert!(!maps_mention("vhost-iotlb-it-read"));
+    let r = fe.finish();
+    assert_eq!(r.mode, Mode::Iotlb);
+    assert_eq!(r.device.counters().ok, 1);
+    assert_eq!(r.device.counters().ioerr, 1);
+    assert!(r.exposure.miss_failures >= 1);
+    std::fs::remove_file(img).unwrap();
+}
+
+#[test]
+fn without_iommu_platform_the_regions_are_mapped_and_ring_addresses_are_user_addresses() {
+    let img = disk("plain", 16);
+    let (fe, space) = Frontend::start(&img, false);
+    let ram = memfd("vhost-iotlb-it-plain", RAM);
+    let _chan = negotiate(&fe, &ram, false);
+    assert_eq!(space.mode(), Mode::Plain);
+    assert_eq!(space.exposure().mapped_bytes, RAM);
+    let (kick, call) = setup_ring(&fe, |gpa| gpa + UBASE);
+    post_request(&ram, |gpa| gpa, 0, 0, DATA);
+    kick.write(1).unwrap();
+    for _ in 0..500 {
+        if call.read().is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut status = [0xffu8];
+    ram.read_exact_at(&mut status, STATUS).unwrap();
+    assert_eq!(status[0], 0);
+    let r = fe.finish();
+    assert_eq!((r.mode, r.exposure.misses), (Mode::Plain, 0));
+    assert_eq!(
+        r.exposure.peak_mapped_bytes, RAM,
+        "the comparison point: all of RAM"
+    );
+    std::fs::remove_file(img).unwrap();
+}
+
+fn maps_mention(name: &str) -> bool {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .contains(name)
+}
+
+/// The lines of /proc/self/maps covering `addr`.
+fn maps_at(addr: usize) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            let range = l.split_whitespace().next().unwrap();
+            let (a, b) = range.split_once('-').unwrap();
+            let (a, b) = (
+                usize::from_str_radix(a, 16).unwrap(),
+                usize::from_str_radix(b, 16).unwrap(),
+            );
+            a <= addr && addr < b
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn after_an_invalidate_the_window_is_gone_from_proc_maps_and_access_fails_cleanly() {
+    let space = AddressSpace::new(Limits::default());
+    let ram = memfd("vhost-iotlb-it-maps", RAM);
+    ram.write_all_at(b"SECRET!!", 0x3000).unwrap();
+    space
+        .set_regions(vec![(ram_region(), ram.try_clone().unwrap())])
+        .unwrap();
+    space.set_mode(Mode::Iotlb).unwrap();
+    assert!(
+        !maps_mention("vhost-iotlb-it-maps"),
+        "the memory table is not mapped"
+    );
+
+    // Unpinned window: unmapped outright.
+    space
+        .update(0x1000_0000, 4096, UBASE + 0x3000, iotlb::PERM_RW)
+        .unwrap();
+    let host = space.windows()[0].2;
+    assert!(maps_at(host)
+        .iter()
+        .any(|l| l.contains("vhost-iotlb-it-maps")));
+    space.invalidate(0x1000_0000, 4096).unwrap();
+    assert!(!maps_mention("vhost-iotlb-it-maps"));
+    let view = space.view();
+    assert!(
+        view.read_obj::<u64>(GuestAddress(0x1000_0000)).is_err(),
+        "access fails, no crash"
+    );
+
+    // Window pinned by a device batch (a slice still held): revoked in place — the
+    // memfd is gone from the maps at once, the stale slice reads zeros, not the secret.
+    space
+        .update(0x2000_0000, 4096, UBASE + 0x3000, iotlb::PERM_RW)
+        .unwrap();
+    let host = space.windows()[0].2;
+    let view = space.view();
+    let slice = view
+        .get_slices(GuestAddress(0x2000_0000), 8, Permissions::Read)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let mut b = [0u8; 8];
+    slice.copy_to(&mut b[..]);
+    assert_eq!(&b, b"SECRET!!");
+    space.invalidate(0x2000_0000, 4096).unwrap();
+    assert!(
+        !maps_mention("vhost-iotlb-it-maps"),
+        "guest pages left the process"
+    );
+    assert_eq!(space.exposure().mapped_bytes, 0);
+    assert_eq!(space.exposure().revoked_in_use, 1);
+    slice.copy_to(&mut b[..]);
+    assert_eq!(b, [0; 8], "a late access lands in scratch");
+    assert!(view.read_obj::<u64>(GuestAddress(0x2000_0000)).is_err());
+    drop(view);
+    assert!(
+        maps_at(host)
+            .iter()
+            .all(|l| !l.contains("vhost-iotlb-it-maps")),
+        "unmapped once the batch let go"
+    );
+}

@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# End-to-end tests of our device host as a vhost-user FRONT-END: an unmodified Linux guest
+# (QEMU TCG) against `aperture serve`, with devices run by vhost-user back-ends in other
+# processes.
+#
+#   third-party-rng   rust-vmm's vhost-device-rng (crate registry, pinned in versions.env,
+#                     built by scripts/install-vhost-device-rng.sh) behind
+#                     `serve --rng vhost-user=SOCK --iommu off`, next to our in-process
+#                     virtio-blk: the guest reads 64 random bytes from /dev/hwrng through it.
+#   ours-blk-strict   `aperture backend blk` behind `serve --disk vhost-user=SOCK --iommu on`,
+#   ours-blk-lazy     guest iommu.strict=1 / Linux's default lazy mode: the guest reads host
+#                     data and writes a pattern with checksums through the back-end, and the
+#                     host image holds what the guest wrote.
+# Each scenario boots with scripts/e2e-init.sh (see scripts/e2e.sh for its markers).
+# Prints "PASS name (...)" or "FAIL name: reason" per scenario, then exactly one line
+# "N passed, M failed". Exit status 0 only if M == 0.
+#
+# Environment: E2E_ONLY=a,b, APERTURE_BIN=PATH, E2E_MIB=N (default 8), E2E_BOOT_TIMEOUT=S
+# (default 240), E2E_KEEP=1, APERTURE_CACHE, as for scripts/e2e.sh.
+set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+SCRIPTS="$APERTURE_SCRIPTS_DIR"
+ROOT="$(cd "$SCRIPTS/.." && pwd)"
+ALL=(third-party-rng ours-blk-strict ours-blk-lazy)
+MIB="${E2E_MIB:-8}"
+BOOT_TIMEOUT="${E2E_BOOT_TIMEOUT:-240}"
+WATCHDOG=$((BOOT_TIMEOUT * 2 / 3))
+for v in MIB BOOT_TIMEOUT; do
+    [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "E2E_$v must be a positive integer, not '${!v}'"
+done
+
+SELECTED=()
+if [[ -n "${E2E_ONLY:-}" ]]; then
+    IFS=',' read -r -a want <<<"$E2E_ONLY"
+    for w in "${want[@]}"; do
+        [[ -n "$w" ]] || continue
+        [[ " ${ALL[*]} " == *" $w "* ]] || die "E2E_ONLY: unknown scenario '$w' (known: ${ALL[*]})"
+        SELECTED+=("$w")
+    done
+    ((${#SELECTED[@]})) || die "E2E_ONLY='$E2E_ONLY' names no scenario (known: ${ALL[*]})"
+else
+    SELECTED=("${ALL[@]}")
+fi
+
+PASSED=0 FAILED=0
+pass() { PASSED=$((PASSED + 1)); printf 'PASS %s\n' "$*"; }
+fail() { FAILED=$((FAILED + 1)); printf 'FAIL %s\n' "$*"; }
+summary() { printf '%d passed, %d failed\n' "$PASSED" "$FAILED"; }
+abort_all() {
+    local s
+    for s in "${SELECTED[@]}"; do fail "$s: not run: $*"; done
+    summary
+    exit 1
+}
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+RUN=$(mktemp -d "${TMPDIR:-/tmp}/aperture-e2ef.XXXXXX") || die "cannot create a work directory"
+(( ${#RUN} + 40 < 108 )) || die "work directory path too long for unix sockets: $RUN (set TMPDIR shorter)"
+PIDS=()
+KEEP_RUN=0
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null; done
+    if ((KEEP_RUN)) || [[ -n "${E2E_KEEP:-}" ]]; then log "work directory kept: $RUN"; else rm -rf "$RUN"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+forget_pid() { local p keep=(); for p in "${PIDS[@]}"; do [[ "$p" == "$1" ]] || keep+=("$p"); done; PIDS=("${keep[@]}"); }
+T_ALL=$(now)
+
+# --- provisioning, binaries, initramfs ------------------------------------------------------
+log "provisioning: scripts/provision.sh (log: $RUN/provision.log)"
+if ! "$SCRIPTS/provision.sh" >"$RUN/provision.log" 2>&1; then
+    KEEP_RUN=1
+    abort_all "provisioning failed (log: $RUN/provision.log)"
+fi
+# shellcheck disable=SC1091
+. "$APERTURE_CACHE/env" 2>/dev/null || abort_all "provisioning left no $APERTURE_CACHE/env"
+QEMU="${APERTURE_QEMU:-}" KERNEL="${APERTURE_KERNEL_PVH:-}" KREL="${APERTURE_KERNEL_RELEASE:-}"
+[[ -x "$QEMU" && -s "$KERNEL" ]] || abort_all "provisioning did not produce QEMU and the PVH kernel"
+
+if [[ -n "${APERTURE_BIN:-}" ]]; then
+    BIN="$APERTURE_BIN"
+else
+    log "binary: cargo build -p aperture"
+    if ! (cd "$ROOT" && cargo build -p aperture) >"$RUN/build.log" 2>&1; then
+        KEEP_RUN=1
+        abort_all "cargo build -p aperture failed (log: $RUN/build.log)"
+    fi
+    BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/aperture"
+fi
+[[ -x "$BIN" ]] || abort_all "no executable aperture binary at $BIN"
+INITRD="$RUN/initramfs.cpio.gz"
+if ! "$SCRIPTS/mkinitramfs.sh" "$INITRD" --init "$SCRIPTS/e2e-init.sh" >"$RUN/initramfs.log" 2>&1; then
+    KEEP_RUN=1
+    abort_all "scripts/mkinitramfs.sh failed (log: $RUN/initramfs.log)"
+fi
+
+# --- helpers ------------------------------------------------------------------------------------
+md5_of() { md5sum | cut -d' ' -f1; }
+yes_bytes() { yes "$1" | head -c "$2"; return "${PIPESTATUS[1]}"; }
+md5_range() { dd if="$1" bs=1M skip="$2" count="$3" status=none | md5_of; }
+# make_image IMG NAME: [0,N) pseudo-random host data, [N,2N) zeros, 1 MiB tail; HOST_MD5.
+make_image() {
+    local key
+    key=$(printf 'aperture-e2ef %s' "$2" | md5_of)
+    yes_bytes "HOSTDATA $2 $key" $((MIB << 20)) >"$1" || return 1
+    truncate -s $(((2 * MIB + 1) << 20)) "$1" || return 1
+    HOST_MD5=$(md5_range "$1" 0 "$MIB")
+}
+# wait_for PID FILE TEXT: until FILE holds TEXT (10 s); 1 if PID died first.
+wait_for() {
+    local i
+    for ((i = 0; i < 200; i++)); do
+        grep -q "$3" "$2" 2>/dev/null && return 0
+        kill -0 "$1" 2>/dev/null || return 1
+        sleep 0.05
+    done
+    return 1
+}
+wait_exit() {   # wait_exit PID SECONDS: sets EXIT_RC to its status, or "hung" (then killed)
+    local i
+    for ((i = 0; i < $2 * 20; i++)); do kill -0 "$1" 2>/dev/null || break; sleep 0.05; done
+    if kill -0 "$1" 2>/dev/null; then
+        kill -KILL "$1" 2>/dev/null; wait "$1" 2>/dev/null; forget_pid "$1"; EXIT_RC=hung; return
+    fi
+    wait "$1"; EXIT_RC=$?; forget_pid "$1"
+}
+m() { awk -v k="$1" '$2 == k { sub(/^APERTURE-E2E [^ ]+ ?/, ""); print; exit }' "$MARKERS"; }
+has() { awk -v k="$1" '$2 == k { f = 1 } END { exit !f }' "$MARKERS"; }
+REASONS=()
+bad() { REASONS+=("$*"); }
+expect() { [[ "$2" == "$3" ]] || bad "$1: got '${2:-<none>}', want '$3'"; }
+reasons_text() { printf '%s; ' "${REASONS[@]:0:4}"; }
+
+# scenario NAME: one boot.
+scenario() {
+    local name="$1" sd="$RUN/$1" t0 backend_pid serve_pid qrc iommu append sock disk_arg rng_arg pat want_w
+    local extra=()
+    t0=$(now)
+    REASONS=()
+    mkdir -p "$sd"
+    local dir="$sd/vm" img="$sd/disk.img"
+    CONSOLE="$sd/console.log" MARKERS="$sd/markers.txt"
+    make_image "$img" "$name" || { fail "$name: cannot write $img"; KEEP_RUN=1; return; }
+    pat="W-$name"
+    case "$name" in
+        third-party-rng)
+            local vdr
+            if ! vdr=$("$SCRIPTS/install-vhost-device-rng.sh" 2>"$sd/install.log"); then
+                fail "$name: scripts/install-vhost-device-rng.sh failed (log: $sd/install.log)"; KEEP_RUN=1; return
+            fi
+            # With --socket-count 1 it listens on SOCKET-PATH with "0" appended.
+            "$vdr" --socket-path "$sd/rng.sock" >"$sd/backend.log" 2>&1 &
+            backend_pid=$!
+            sock="$sd/rng.sock0"
+            iommu=off append=""
+            disk_arg=("$img") rng_arg=("vhost-user=$sock")
+            ;;
+        ours-blk-*)
+            "$BIN" backend blk --socket "$sd/blk.sock" --disk "$img" >"$sd/backend.log" 2>&1 &
+            backend_pid=$!
+            sock="$sd/blk.sock"
+            iommu=on
+            append=""
+            [[ "$name" == *strict ]] && append="iommu.strict=1"
+            disk_arg=("vhost-user=$sock") rng_arg=()
+            ;;
+    esac
+    PIDS+=("$backend_pid")
+    local i
+    for ((i = 0; i < 200; i++)); do [[ -S "$sock" ]] && break; kill -0 "$backend_pid" 2>/dev/null || break; sleep 0.05; done
+    if [[ ! -S "$sock" ]]; then
+        fail "$name: the back-end did not listen on $sock: $(tail -n 3 "$sd/backend.log" | tr '\n' ' ')"; KEEP_RUN=1; return
+    fi
+    "$BIN" serve --dir "$dir" --disk "${disk_arg[0]}" --rng "${rng_arg[@]}" --iommu "$iommu" >"$sd/serve.log" 2>&1 &
+    serve_pid=$!
+    PIDS+=("$serve_pid")
+    if ! wait_for "$serve_pid" "$sd/serve.log" 'QEMU arguments in'; then
+        fail "$name: aperture serve did not come up: $(tail -n 3 "$sd/serve.log" | tr '\n' ' ')"; KEEP_RUN=1; return
+    fi
+    mapfile -t extra <"$dir/qemu-args"
+    log "$name: booting (serve --disk ${disk_arg[0]} --rng ${rng_arg[*]} --iommu $iommu; append: ${append:-none})"
+    timeout -k 10 "$BOOT_TIMEOUT" "$QEMU" -nodefaults -no-user-config -display none -serial stdio -no-reboot \
+        -machine q35 -accel tcg -smp 1 -kernel "$KERNEL" -initrd "$INITRD" \
+        -append "console=ttyS0 panic=-1 loglevel=4 aperture.mib=$MIB aperture.pattern=$pat aperture.watchdog=$WATCHDOG $append" \
+        "${extra[@]}" </dev/null >"$sd/console.raw" 2>"$sd/qemu.err"
+    qrc=$?
+    local serve_rc
+    wait_exit "$serve_pid" 10
+    serve_rc=$EXIT_RC
+    kill -TERM "$backend_pid" 2>/dev/null
+    wait_exit "$backend_pid" 5
+    tr -d '\r' <"$sd/console.raw" >"$CONSOLE"
+    grep -o 'APERTURE-E2E .*' "$CONSOLE" >"$MARKERS"
+
+    ((qrc == 0)) || bad "QEMU exited with status $qrc: $(tail -n 2 "$sd/qemu.err" | tr '\n' ' ')"
+    expect "serve exit status" "$serve_rc" 0
+    expect "start" "$(m start)" "$KREL"
+    has done || bad "guest did not reach 'APERTURE-E2E done'"
+    has watchdog-expired && bad "guest watchdog expired (I/O hung?)"
+    [[ "$(m settle)" == ok* ]] || bad "devices did not bind: settle $(m settle)"
+    grep -q '^APERTURE-ERROR' "$CONSOLE" && bad "guest errors: $(grep '^APERTURE-ERROR' "$CONSOLE" | head -n 2 | tr '\n' ' ')"
+    [[ "$(m rng)" == "ok 64" ]] || bad "rng: got '$(m rng)', want 'ok 64'"
+    want_w=$(yes_bytes "$pat" $((MIB << 20)) | md5_of)
+    expect "blk-read-md5 (host data)" "$(m blk-read-md5)" "$HOST_MD5"
+    expect "blk-write-md5" "$(m blk-write-md5)" "$want_w"
+    expect "blk-readback-md5" "$(m blk-readback-md5)" "$want_w"
+    expect "host md5 of what the guest wrote" "$(md5_range "$img" "$MIB" "$MIB")" "$want_w"
+    local info="" g
+    if [[ "$name" == ours-blk-* ]]; then
+        # The guest's IOMMU mode, and the back-end's own account of the IOTLB traffic.
+        g=$(awk '$2 == "iommu-group" && $3 == "0000:00:11.0" { print $4; exit }' "$MARKERS")
+        local want_type=DMA-FQ
+        [[ "$name" == *strict ]] && want_type=DMA
+        expect "IOMMU group type of the blk" "$(awk -v g="$g" '$2 == "iommu-group-type" && $3 == g { print $4; exit }' "$MARKERS")" "$want_type"
+        info=$(grep -m1 'front-end disconnected' "$sd/backend.log" | sed 's/.*front-end disconnected: //')
+        [[ "$info" == *"mode iotlb"* ]] || bad "the back-end did not run in IOTLB mode: '${info:-no summary line}'"
+        info="; back-end: $info"
+    fi
+    if ((${#REASONS[@]} == 0)); then
+        pass "$name ($(since "$t0")s; blk $(m blk-seconds)s for $MIB MiB read+write+readback; rng $(m rng-current)$info)"
+        [[ -n "${E2E_KEEP:-}" ]] || rm -rf "$sd"
+    else
+        KEEP_RUN=1
+        fail "$name: $(reasons_text)(logs: $sd)"
+    fi
+}
+
+log "scenarios: ${SELECTED[*]} (aperture.mib=$MIB; QEMU ${APERTURE_QEMU_VERSION:-?}; work dir $RUN)"
+for s in "${SELECTED[@]}"; do scenario "$s"; done
+log "total $(since "$T_ALL")s"
+summary
+((FAILED == 0))

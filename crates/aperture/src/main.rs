@@ -11,6 +11,7 @@
 
 mod backend;
 mod bench;
+mod cost_survey;
 mod demo;
 mod guest;
 mod layout;
@@ -240,48 +241,80 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
         #[arg(long)]
         json: bool,
     },
-    /// Measure in-guest disk throughput of our device host against QEMU's own devices.
+    /// The cost survey: what each way of sharing guest memory with a device costs, per
+    /// device access pattern, measured in this process in one run.
     ///
-    /// Boots the same Linux guest (QEMU TCG, q35, 1 vCPU, 512 MiB) once per
-    /// configuration, each time with the same raw disk image (read-only) as its only
-    /// disk, and runs two workloads inside with scripts/guest/diskbench.c (built here
-    /// with gcc -static; libc6-dev is installed with apt if its libc.a is missing):
-    /// 4 KiB random reads and 1 MiB sequential reads, O_DIRECT, one at a time, each
-    /// after a 1 s untimed warm-up. The six configurations (listed under --only) are
-    /// ours and QEMU's own devices (virtio-blk-pci, virtio-iommu-pci: no vfio-user), each
-    /// in three modes: behind a virtio-iommu with iommu.strict=1, behind it with lazy
-    /// invalidation (the guest's default), and without an IOMMU.
+    /// Every sharing mode — none (the backend reaches all RAM), viommu-strict and
+    /// viommu-lazy (every buffer a MAP and an UNMAP request to our virtio-iommu, the
+    /// UNMAP waited for or deferred to the next sync), pool (every buffer bounced
+    /// through a restricted DMA pool, swiotlb's rules) and auto (small buffers bounced
+    /// through the pool, which is mapped once, large ones mapped) — against every
+    /// pattern — blk 4 KiB random, 64 KiB and 1 MiB sequential reads, network-like
+    /// transmits of 64 and 1500 bytes (header + payload buffers), rng 64 B reads — with
+    /// the same device backends driven by a model of the guest's driver and DMA layer.
+    /// Per cell: throughput, CPU per byte and per request, mapping operations per
+    /// request, bytes copied per byte moved, and exposure (most guest memory the
+    /// backend could reach). First it measures where mapping one buffer becomes
+    /// cheaper than bouncing it, and auto bounces below that size unless
+    /// --auto-threshold says otherwise; the table ends with auto against the cheaper
+    /// of pool and viommu-strict per pattern.
     ///
-    /// Prints a table of IOPS and MiB/s (the median over --runs boots) with each of ours
-    /// as a ratio to QEMU's configuration of the same mode, and aperture-strict against
-    /// aperture-off (the cost of isolation); for ours also the doorbells the disk
-    /// received and the MAP/UNMAP requests per read request. Writes everything,
-    /// including each boot's QEMU arguments, to JSON. A boot whose guest reports another
-    /// IOMMU mode than asked (sysfs group type DMA, DMA-FQ or none) does not count.
-    /// Exit status 1 if any boot failed.
+    /// Writes JSON (every figure and the machine) and an SVG plot of CPU per byte
+    /// against request size. With --guest it also boots the Linux guest (QEMU TCG) to
+    /// measure in-guest disk reads with our device host and with QEMU's own devices,
+    /// and reports how the model's cost of isolation agrees with the guest's.
     #[command(after_help = "Examples:\n  \
-aperture bench\n  \
-aperture bench --runs 3 --seconds 20\n  \
-aperture bench --only aperture-strict,qemu-viommu-strict --seconds 5\n\n\
-Figures come from TCG: they compare paths on this machine, not hardware speeds.")]
+aperture bench                       the survey, about 40 s (release build)\n  \
+aperture bench --quick               every cell briefly, for CI and smoke checks\n  \
+aperture bench --auto-threshold 4096 --json /tmp/s.json --svg /tmp/s.svg\n  \
+aperture bench --guest --runs 3      also in the Linux guest (minutes per boot)\n\n\
+Figures compare paths on this machine; the guest runs under TCG, not at hardware speed.\n\
+Exit status: 0 done, 1 a cell or a boot failed, 2 bad command line.")]
     Bench {
-        /// Boot each configuration N times and report the median.
-        #[arg(long, value_name = "N", default_value_t = 1,
+        /// Every cell for 100 ms instead of 1 s (under a minute in all).
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the JSON [default: target/bench/survey.json in the workspace].
+        #[arg(long, value_name = "FILE")]
+        json: Option<std::path::PathBuf>,
+        /// Where to write the plot [default: target/bench/survey.svg in the workspace].
+        #[arg(long, value_name = "FILE")]
+        svg: Option<std::path::PathBuf>,
+        /// auto bounces buffers shorter than this and maps the rest [default: the
+        /// measured crossover].
+        #[arg(long, value_name = "BYTES",
+              value_parser = clap::value_parser!(u32).range(1..=262144))]
+        auto_threshold: Option<u32>,
+        /// Also measure in the Linux guest: 4 KiB random and 1 MiB sequential O_DIRECT
+        /// reads (scripts/guest/diskbench.c) through our device host and through QEMU's
+        /// own virtio-blk-pci / virtio-iommu-pci, strict, lazy and without an IOMMU;
+        /// each boot's guest must report the IOMMU mode asked for.
+        #[arg(long)]
+        guest: bool,
+        /// With --guest: boot each configuration N times and report the median.
+        #[arg(long, value_name = "N", default_value_t = 1, requires = "guest",
               value_parser = clap::value_parser!(u32).range(1..=100))]
         runs: u32,
-        /// Only these configurations (comma-separated).
-        #[arg(long, value_name = "NAME,...", value_enum, value_delimiter = ',')]
+        /// With --guest: only these configurations (comma-separated).
+        #[arg(
+            long,
+            value_name = "NAME,...",
+            value_enum,
+            value_delimiter = ',',
+            requires = "guest"
+        )]
         only: Vec<bench::Config>,
-        /// Timed seconds of each workload in each boot.
-        #[arg(long, value_name = "S", default_value_t = 10,
+        /// With --guest: timed seconds of each workload in each boot.
+        #[arg(long, value_name = "S", default_value_t = 10, requires = "guest",
               value_parser = clap::value_parser!(u32).range(1..=3600))]
         seconds: u32,
-        /// Size of the disk image in MiB (random reads span all of it).
-        #[arg(long, value_name = "MIB", default_value_t = 256,
+        /// With --guest: size of the disk image in MiB (random reads span all of it).
+        #[arg(long, value_name = "MIB", default_value_t = 256, requires = "guest",
               value_parser = clap::value_parser!(u32).range(16..=65536))]
         disk_mib: u32,
-        /// Where to write the JSON [default: target/bench/guest-disk.json in the workspace].
-        #[arg(long, value_name = "PATH")]
+        /// With --guest: where to write the guest's JSON [default:
+        /// target/bench/guest-disk.json in the workspace].
+        #[arg(long, value_name = "PATH", requires = "guest")]
         out: Option<std::path::PathBuf>,
     },
 }
@@ -309,17 +342,28 @@ fn main() -> ExitCode {
             endpoints, json, ..
         } => run_demo(endpoints, json),
         Command::Bench {
+            quick,
+            json,
+            svg,
+            auto_threshold,
+            guest,
             runs,
             only,
             seconds,
             disk_mib,
             out,
-        } => bench::run(bench::Options {
-            runs,
-            only,
-            seconds,
-            disk_mib,
-            out,
+        } => cost_survey::run(cost_survey::Options {
+            quick,
+            json,
+            svg,
+            auto_threshold: auto_threshold.map(|t| t as usize),
+            guest: guest.then_some(bench::Options {
+                runs,
+                only,
+                seconds,
+                disk_mib,
+                out,
+            }),
         }),
         Command::Serve {
             dir,

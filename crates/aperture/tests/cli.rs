@@ -1,6 +1,7 @@
 //! End-to-end tests of the `aperture` binary: they run the built executable the way a
 //! user or CI would and check its exit status and output, so the demo's own checks
 //! (every step compared against the expected outcome) run as part of `cargo test`.
+#![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
 use std::process::{Command, Output};
 
@@ -183,4 +184,73 @@ fn serve_bad_input_is_one_line_naming_it_and_exit_2() {
 fn endpoints_is_a_model_demo_option() {
     let o = aperture(&["demo", "--endpoints", "2"]);
     assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn bench_quick_writes_every_cell_as_json_and_a_plot() {
+    let dir = std::env::temp_dir().join(format!("aperture-cli-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, svg) = (dir.join("s.json"), dir.join("s.svg"));
+    let o = aperture(&[
+        "bench",
+        "--quick",
+        "--json",
+        json.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("blk-4k-random") && out.contains("Crossover"),
+        "{out}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let cells = v["cells"].as_array().unwrap();
+    let modes: std::collections::BTreeSet<&str> =
+        cells.iter().map(|c| c["mode"].as_str().unwrap()).collect();
+    let patterns: std::collections::BTreeSet<&str> = cells
+        .iter()
+        .map(|c| c["pattern"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        cells.len(),
+        modes.len() * patterns.len(),
+        "one cell per mode x pattern"
+    );
+    assert!(
+        modes.len() >= 5 && patterns.len() == 6,
+        "{modes:?} {patterns:?}"
+    );
+    for c in cells {
+        for key in [
+            "throughput_bytes_per_s",
+            "cpu_ns_per_byte",
+            "map_ops_per_request",
+            "copy_bytes_per_byte",
+        ] {
+            assert!(c[key].as_f64().is_some_and(|x| x >= 0.0), "{key}: {c}");
+        }
+        assert!(c["throughput_bytes_per_s"].as_f64().unwrap() > 0.0, "{c}");
+        assert!(
+            c["exposure_peak_bytes"].as_u64().is_some_and(|x| x > 0),
+            "{c}"
+        );
+        assert!(c["placement"].is_string(), "{c}");
+    }
+    assert!(v["machine"]["cpus"].as_u64().is_some_and(|n| n > 0));
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        plot.starts_with("<svg") && plot.contains("viommu-strict"),
+        "svg"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bench_guest_options_need_guest() {
+    let o = aperture(&["bench", "--runs", "3"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--guest"), "{}", stderr(&o));
 }

@@ -1,0 +1,459 @@
+//! `aperture bench`: the cost survey ([`survey`]) — every sharing mode against every
+//! device access pattern in this process — printed as a table, written as JSON and as
+//! an SVG plot of cost per byte against request size; with `--guest`, the in-guest
+//! disk comparison ([`crate::bench`]) too, and how well the model's ratios agree with
+//! the guest's.
+
+use crate::bench::{self, Config, GuestMedians};
+use plotters::prelude::*;
+use serde_json::json;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use survey::run::Pattern;
+use survey::{Budget, Cell, Mode, Survey};
+
+/// Default JSON output, relative to the workspace.
+pub(crate) const DEFAULT_JSON: &str = "target/bench/survey.json";
+/// Default plot, relative to the workspace.
+pub(crate) const DEFAULT_SVG: &str = "target/bench/survey.svg";
+
+/// What `aperture bench` was asked to do.
+pub(crate) struct Options {
+    pub(crate) quick: bool,
+    pub(crate) json: Option<PathBuf>,
+    pub(crate) svg: Option<PathBuf>,
+    pub(crate) auto_threshold: Option<usize>,
+    /// Also run the in-guest comparison with these options.
+    pub(crate) guest: Option<bench::Options>,
+}
+
+fn say(msg: &str) {
+    eprintln!("aperture bench: {msg}");
+}
+
+pub(crate) fn run(opts: Options) -> ExitCode {
+    match run_inner(&opts) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            say(&format!("FAILED: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cell(s: &Survey, mode: Mode, pattern: Pattern) -> Option<&Cell> {
+    s.cells
+        .iter()
+        .find(|c| c.mode == mode && c.pattern == pattern)
+}
+
+fn human_bytes(b: f64) -> String {
+    if b >= f64::from(1u32 << 30) {
+        format!("{:.1} GiB", b / f64::from(1u32 << 30))
+    } else if b >= f64::from(1u32 << 20) {
+        format!("{:.1} MiB", b / f64::from(1u32 << 20))
+    } else if b >= 1024.0 {
+        format!("{:.0} KiB", b / 1024.0)
+    } else {
+        format!("{b:.0} B")
+    }
+}
+
+fn table(s: &Survey, budget: Budget) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "aperture bench: the cost of each sharing mode per device access pattern \
+(in-process backends, one thread, {} ms per cell)",
+        budget.per_cell.as_millis()
+    );
+    let _ = writeln!(t);
+    let _ = writeln!(
+        t,
+        "{:<14} {:<17} {:>10} {:>7} {:>10} {:>9} {:>8} {:>8} {:>10}",
+        "pattern",
+        "mode",
+        "MiB/s",
+        "x none",
+        "ns/req",
+        "ns/byte",
+        "maps/req",
+        "copy B/B",
+        "exposure"
+    );
+    for p in Pattern::ALL {
+        let none = cell(s, Mode::None, p).map(Cell::throughput);
+        for c in s.cells.iter().filter(|c| c.pattern == p) {
+            let ratio = none.map_or("-".into(), |n| format!("{:.2}", c.throughput() / n));
+            let _ = writeln!(
+                t,
+                "{:<14} {:<17} {:>10.1} {:>7} {:>10.0} {:>9.3} {:>8.2} {:>8.2} {:>10}",
+                p.name(),
+                c.mode.name(),
+                c.throughput() / f64::from(1u32 << 20),
+                ratio,
+                c.cpu_ns_per_request(),
+                c.cpu_ns_per_byte(),
+                c.map_ops_per_request(),
+                c.copy_bytes_per_byte(),
+                human_bytes(c.measured.stats.exposure_peak as f64)
+            );
+        }
+    }
+    let _ = writeln!(t);
+    let _ = writeln!(
+        t,
+        "Crossover (one device-written buffer: bounce = copy in + copy back, map = MAP + UNMAP, strict):"
+    );
+    for &(size, p, v) in &s.calibration.points {
+        let _ = writeln!(
+            t,
+            "  {:>8}  bounce {:>8.0} ns  map {:>8.0} ns  {}",
+            human_bytes(size as f64),
+            p,
+            v,
+            if v <= p { "map" } else { "bounce" }
+        );
+    }
+    let _ = writeln!(
+        t,
+        "  mapping is no dearer from {} on; auto bounced buffers below {}",
+        s.calibration
+            .crossover
+            .map_or("no size measured".into(), |x| human_bytes(x as f64)),
+        human_bytes(s.auto_threshold as f64)
+    );
+    let _ = writeln!(t);
+    let _ = writeln!(
+        t,
+        "auto against the cheaper of pool and viommu-strict, {} alternating rounds \
+(CPU per request, median ratio; noise: the other mode's own spread over the rounds):",
+        survey::AutoCheck::ROUNDS
+    );
+    for a in &s.auto_checks {
+        let r = a.ratio();
+        let _ = writeln!(
+            t,
+            "  {:<14} vs {:<14} auto x{r:.3} (noise {:.1}%) {}",
+            a.pattern.name(),
+            a.best.name(),
+            a.noise * 100.0,
+            if r <= 1.0 {
+                "cheaper"
+            } else if a.ok() {
+                "within noise"
+            } else {
+                "DEARER"
+            }
+        );
+    }
+    t
+}
+
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "kernel": kernel,
+        "arch": std::env::consts::ARCH,
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+    })
+}
+
+fn to_json(s: &Survey, budget: Budget, agreement: &serde_json::Value) -> serde_json::Value {
+    let cells: Vec<serde_json::Value> = s
+        .cells
+        .iter()
+        .map(|c| {
+            json!({
+                "mode": c.mode.name(),
+                "pattern": c.pattern.name(),
+                "placement": c.placement,
+                "throughput_bytes_per_s": c.throughput(),
+                "cpu_ns_per_byte": c.cpu_ns_per_byte(),
+                "cpu_ns_per_request": c.cpu_ns_per_request(),
+                "cpu_ns_per_request_slices": c.measured.slice_cpu_ns_per_request,
+                "map_ops_per_request": c.map_ops_per_request(),
+                "copy_bytes_per_byte": c.copy_bytes_per_byte(),
+                "exposure_peak_bytes": c.measured.stats.exposure_peak,
+                "requests": c.measured.requests,
+                "bytes": c.measured.bytes,
+                "wall_ns": c.measured.wall.as_nanos() as u64,
+                "cpu_ns": c.measured.cpu.as_nanos() as u64,
+            })
+        })
+        .collect();
+    json!({
+        "machine": machine(),
+        "per_cell_ms": budget.per_cell.as_millis() as u64,
+        "calibration": {
+            "points": s.calibration.points.iter().map(|&(size, p, v)| json!({
+                "bytes": size, "bounce_ns": p, "map_strict_ns": v,
+            })).collect::<Vec<_>>(),
+            "crossover_bytes": s.calibration.crossover,
+        },
+        "auto_threshold_bytes": s.auto_threshold,
+        "auto_vs_best": s.auto_checks.iter().map(|a| json!({
+            "pattern": a.pattern.name(), "best_fixed_mode": a.best.name(),
+            "cpu_ratio_median": a.ratio(), "cpu_ratios": a.ratios, "noise": a.noise,
+            "ok": a.ok(),
+        })).collect::<Vec<_>>(),
+        "cells": cells,
+        "model_vs_guest": agreement,
+    })
+}
+
+/// Eight distinguishable line colours, one per mode.
+const COLOURS: [RGBColor; 8] = [
+    RGBColor(0, 0, 0),
+    RGBColor(31, 119, 180),
+    RGBColor(23, 190, 207),
+    RGBColor(214, 39, 40),
+    RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+];
+
+/// Lowest and highest of `v` (positive), widened for a log axis.
+fn log_bounds(v: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = v
+        .filter(|x| *x > 0.0)
+        .fold((f64::INFINITY, 0.0f64), |(l, h), x| (l.min(x), h.max(x)));
+    if lo.is_finite() {
+        (lo / 1.5, hi * 1.5)
+    } else {
+        (0.01, 1.0)
+    }
+}
+
+/// Two panels, log-log. Left: host CPU per byte moved against request size, one line
+/// per mode over the blk and net patterns (rng-64 has net-64's size and is left out).
+/// Right: one device-written buffer bounced against mapped (the calibration), with
+/// the crossover marked: where copying stops being cheaper than mapping.
+fn plot(s: &Survey, path: &std::path::Path) -> Result<(), String> {
+    let e = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let root = SVGBackend::new(path, (1200, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let (left, right) = root.split_horizontally(720);
+
+    let shown = |c: &&Cell| c.pattern != Pattern::Rng64;
+    let (lo, hi) = log_bounds(s.cells.iter().filter(shown).map(Cell::cpu_ns_per_byte));
+    let mut chart = ChartBuilder::on(&left)
+        .caption(
+            "Host CPU per byte moved, by request size",
+            ("sans-serif", 17),
+        )
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d((40f64..1.6 * 1048576f64).log_scale(), (lo..hi).log_scale())
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_desc("request payload, bytes (net 64, 1500; blk 4 KiB, 64 KiB, 1 MiB)")
+        .y_desc("CPU ns per byte")
+        .draw()
+        .map_err(|x| e(&x))?;
+    for (i, mode) in Mode::ALL.into_iter().enumerate() {
+        let mut pts: Vec<(f64, f64)> = s
+            .cells
+            .iter()
+            .filter(shown)
+            .filter(|c| c.mode == mode)
+            .map(|c| (c.pattern.bytes() as f64, c.cpu_ns_per_byte()))
+            .collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let colour = COLOURS[i % COLOURS.len()];
+        chart
+            .draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2)))
+            .map_err(|x| e(&x))?
+            .label(mode.name())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
+            });
+        chart
+            .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, colour.filled())))
+            .map_err(|x| e(&x))?;
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()
+        .map_err(|x| e(&x))?;
+
+    let per_byte = |ns: f64, size: usize| ns / size as f64;
+    let pts = &s.calibration.points;
+    let (lo, hi) = log_bounds(
+        pts.iter()
+            .flat_map(|&(size, p, v)| [per_byte(p, size), per_byte(v, size)]),
+    );
+    let mut chart = ChartBuilder::on(&right)
+        .caption("One buffer: bounce or map?", ("sans-serif", 17))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d((40f64..400_000f64).log_scale(), (lo..hi).log_scale())
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_desc("buffer bytes (device-written)")
+        .y_desc("CPU ns per byte, map + unmap")
+        .draw()
+        .map_err(|x| e(&x))?;
+    for (label, colour, pick) in [
+        ("bounce (pool)", COLOURS[6], 1usize),
+        ("map (viommu strict)", COLOURS[1], 2),
+    ] {
+        let line: Vec<(f64, f64)> = pts
+            .iter()
+            .map(|&(size, p, v)| (size as f64, per_byte(if pick == 1 { p } else { v }, size)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(line.clone(), colour.stroke_width(2)))
+            .map_err(|x| e(&x))?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
+            });
+        chart
+            .draw_series(line.into_iter().map(|p| Circle::new(p, 3, colour.filled())))
+            .map_err(|x| e(&x))?;
+    }
+    if let Some(x) = s.calibration.crossover {
+        let x = x as f64;
+        chart
+            .draw_series(LineSeries::new(
+                vec![(x, lo), (x, hi)],
+                BLACK.stroke_width(1),
+            ))
+            .map_err(|x| e(&x))?
+            .label(format!("crossover {}", human_bytes(x)))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()
+        .map_err(|x| e(&x))?;
+    root.present().map_err(|x| e(&x))
+}
+
+/// Model against guest: the cost of isolation (viommu throughput over none) for the
+/// two disk patterns the guest runs, in both.
+fn agreement(s: &Survey, guest: &GuestMedians) -> (String, serde_json::Value) {
+    let g = |c: Config| guest.iter().find(|(x, _, _)| *x == c);
+    let mut text = String::from(
+        "\nModel against the Linux guest (throughput with the IOMMU / without, our device host):\n",
+    );
+    let mut rows = Vec::new();
+    for (pattern, mode, config) in [
+        (
+            Pattern::Blk4kRandom,
+            Mode::ViommuStrict,
+            Config::ApertureStrict,
+        ),
+        (Pattern::Blk4kRandom, Mode::ViommuLazy, Config::ApertureLazy),
+        (
+            Pattern::Blk1mSeq,
+            Mode::ViommuStrict,
+            Config::ApertureStrict,
+        ),
+        (Pattern::Blk1mSeq, Mode::ViommuLazy, Config::ApertureLazy),
+    ] {
+        let model = cell(s, mode, pattern)
+            .zip(cell(s, Mode::None, pattern))
+            .map(|(m, n)| m.throughput() / n.throughput());
+        let pick = |(_, iops, mibps): &(Config, Option<f64>, Option<f64>)| {
+            if pattern == Pattern::Blk4kRandom {
+                *iops
+            } else {
+                *mibps
+            }
+        };
+        let guest_ratio = g(config)
+            .and_then(pick)
+            .zip(g(Config::ApertureOff).and_then(pick))
+            .map(|(a, b)| a / b);
+        let _ = writeln!(
+            text,
+            "  {:<14} {:<14} model x{}  guest x{}",
+            pattern.name(),
+            mode.name(),
+            model.map_or("-".into(), |r| format!("{r:.2}")),
+            guest_ratio.map_or("-".into(), |r| format!("{r:.2}"))
+        );
+        rows.push(json!({
+            "pattern": pattern.name(), "mode": mode.name(),
+            "model_ratio_to_none": model, "guest_ratio_to_none": guest_ratio,
+        }));
+    }
+    (text, serde_json::Value::Array(rows))
+}
+
+fn run_inner(opts: &Options) -> Result<bool, String> {
+    let budget = if opts.quick {
+        Budget::QUICK
+    } else {
+        Budget::FULL
+    };
+    if cfg!(debug_assertions) {
+        say("warning: a debug build measures unoptimised code; use `cargo run --release -p aperture -- bench`");
+    }
+    let out_dir = crate::vm::repo().join("target/bench");
+    std::fs::create_dir_all(&out_dir)
+        .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+    let disk = out_dir.join("survey-disk.img");
+    let s = survey::run_survey(&disk, budget, opts.auto_threshold, say)?;
+    print!("{}", table(&s, budget));
+    let mut ok = true;
+    let mut agree = serde_json::Value::Null;
+    if let Some(g) = &opts.guest {
+        let (guest_ok, medians) = bench::run(g)?;
+        ok &= guest_ok;
+        let (text, value) = agreement(&s, &medians);
+        print!("{text}");
+        agree = value;
+    }
+    let json_path = opts
+        .json
+        .clone()
+        .unwrap_or_else(|| crate::vm::repo().join(DEFAULT_JSON));
+    let svg_path = opts
+        .svg
+        .clone()
+        .unwrap_or_else(|| crate::vm::repo().join(DEFAULT_SVG));
+    for p in [&json_path, &svg_path] {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+    }
+    let text =
+        serde_json::to_string_pretty(&to_json(&s, budget, &agree)).map_err(|e| e.to_string())?;
+    std::fs::write(&json_path, text + "\n")
+        .map_err(|e| format!("cannot write {}: {e}", json_path.display()))?;
+    plot(&s, &svg_path)?;
+    println!(
+        "JSON: {}\nplot: {}",
+        json_path.display(),
+        svg_path.display()
+    );
+    Ok(ok)
+}

@@ -1,0 +1,371 @@
+//! The cost survey: what each way of sharing guest memory with a device backend costs,
+//! per device access pattern, measured in one process and one run — and the `auto`
+//! mode that uses the answer.
+//!
+//! Every cell is one [`Mode`] × one [`Pattern`]: the same device backends
+//! (`virtio-devices`' virtio-blk and virtio-rng, and a virtio-net-like transmit sink,
+//! [`net::NetTx`]) serve requests that a guest-side driver model posts on a split ring
+//! ([`ring::GuestRing`]), mapping every buffer the way Linux's DMA layer does in that
+//! mode ([`modes`]). Driver, device and backend run on one thread, so the thread's CPU
+//! time is the whole cost of the path; the figures compare paths on this machine.
+//!
+//! `auto` bounces buffers shorter than a threshold through the pool and maps the rest;
+//! [`calibrate`] measures where mapping becomes cheaper than copying one buffer, and
+//! [`run_survey`] uses that crossover unless told a threshold.
+
+pub mod modes;
+pub mod net;
+pub mod ring;
+pub mod run;
+
+use modes::{Auto, Dir, Direct, Grant, GrantKind, Pool, Sharing, Viommu};
+use run::{run_cell, Measured, Pattern};
+use std::path::Path;
+use std::time::Duration;
+
+/// A sharing mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mode {
+    /// No isolation: the backend reaches all guest RAM.
+    None,
+    /// Our virtio-iommu, UNMAP waited for.
+    ViommuStrict,
+    /// Our virtio-iommu, UNMAP deferred to the next sync.
+    ViommuLazy,
+    /// Xen grants, granted and mapped per I/O.
+    GrantMap,
+    /// Xen persistent grants: a pool granted and mapped once, data copied through it.
+    GrantPersistent,
+    /// Xen grant copy: granted per I/O, the backend copies instead of mapping.
+    GrantCopy,
+    /// The restricted pool: every buffer bounced.
+    Pool,
+    /// Small buffers bounced through the (mapped) pool, large ones mapped strictly.
+    Auto,
+}
+
+impl Mode {
+    /// Every mode, in report order.
+    pub const ALL: [Mode; 8] = [
+        Mode::None,
+        Mode::ViommuStrict,
+        Mode::ViommuLazy,
+        Mode::GrantMap,
+        Mode::GrantPersistent,
+        Mode::GrantCopy,
+        Mode::Pool,
+        Mode::Auto,
+    ];
+
+    /// The name in tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::None => "none",
+            Mode::ViommuStrict => "viommu-strict",
+            Mode::ViommuLazy => "viommu-lazy",
+            Mode::GrantMap => "grant-map",
+            Mode::GrantPersistent => "grant-persistent",
+            Mode::GrantCopy => "grant-copy",
+            Mode::Pool => "pool",
+            Mode::Auto => "auto",
+        }
+    }
+}
+
+/// One measured cell.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cell {
+    /// The mode.
+    pub mode: Mode,
+    /// The pattern.
+    pub pattern: Pattern,
+    /// Where the backend ran (`in-process`).
+    pub placement: &'static str,
+    /// What was measured.
+    pub measured: Measured,
+}
+
+impl Cell {
+    /// Payload bytes per second of wall time.
+    pub fn throughput(&self) -> f64 {
+        self.measured.bytes as f64 / self.measured.wall.as_secs_f64()
+    }
+    /// CPU nanoseconds per payload byte.
+    pub fn cpu_ns_per_byte(&self) -> f64 {
+        self.measured.cpu.as_nanos() as f64 / self.measured.bytes as f64
+    }
+    /// CPU nanoseconds per request.
+    pub fn cpu_ns_per_request(&self) -> f64 {
+        self.measured.cpu.as_nanos() as f64 / self.measured.requests as f64
+    }
+    /// Mapping operations (MAP and UNMAP requests) per request.
+    pub fn map_ops_per_request(&self) -> f64 {
+        self.measured.stats.map_ops as f64 / self.measured.requests as f64
+    }
+    /// Bytes copied per payload byte moved.
+    pub fn copy_bytes_per_byte(&self) -> f64 {
+        self.measured.stats.copy_bytes as f64 / self.measured.bytes as f64
+    }
+    /// Lowest and highest CPU ns per request over the cell's slices: its noise.
+    pub fn cpu_ns_per_request_range(&self) -> (f64, f64) {
+        let v = &self.measured.slice_cpu_ns_per_request;
+        let m = self.cpu_ns_per_request();
+        (
+            v.first().copied().unwrap_or(m),
+            v.last().copied().unwrap_or(m),
+        )
+    }
+}
+
+/// How long and how much to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// Timed wall time per cell.
+    pub per_cell: Duration,
+    /// Fewest timed requests per cell.
+    pub min_requests: u64,
+    /// Timed iterations per size and mode in [`calibrate`].
+    pub calibration_iters: u32,
+}
+
+impl Budget {
+    /// The full survey: 1 s per cell.
+    pub const FULL: Budget = Budget {
+        per_cell: Duration::from_secs(1),
+        min_requests: 256,
+        calibration_iters: 400,
+    };
+    /// `--quick`: a tenth of it.
+    pub const QUICK: Budget = Budget {
+        per_cell: Duration::from_millis(100),
+        min_requests: 32,
+        calibration_iters: 40,
+    };
+}
+
+/// Sizes [`calibrate`] tries: 64 B to 256 KiB, doubling.
+pub const CALIBRATION_SIZES: [usize; 13] = [
+    64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144,
+];
+
+/// Cost of mapping one device-written buffer, per size, both ways.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Calibration {
+    /// `(size, pool ns, viommu-strict ns)` per map + unmap of one buffer.
+    pub points: Vec<(usize, f64, f64)>,
+    /// Smallest size at which a strict mapping costs no more than bouncing, if any.
+    pub crossover: Option<usize>,
+}
+
+/// Rounds of [`calibrate`]'s timing per size and mode; the fastest counts (the others
+/// were disturbed by something else on the machine).
+const CALIBRATION_ROUNDS: u32 = 5;
+
+fn time_map_unmap<S: Sharing>(s: &mut S, len: usize, iters: u32) -> Result<f64, String> {
+    const BUF: u64 = 0x100_0000;
+    for _ in 0..iters.min(64) {
+        let m = s.map(BUF, len, Dir::FromDevice)?;
+        s.unmap(m)?;
+    }
+    let mut best = f64::INFINITY;
+    for _ in 0..CALIBRATION_ROUNDS {
+        // This thread's CPU time: time spent preempted by other work does not count.
+        let t0 = run::thread_cpu();
+        for _ in 0..iters {
+            let m = s.map(BUF, len, Dir::FromDevice)?;
+            s.unmap(m)?;
+        }
+        s.flush()?;
+        let spent = run::thread_cpu().saturating_sub(t0);
+        best = best.min(spent.as_nanos() as f64 / f64::from(iters));
+    }
+    Ok(best)
+}
+
+/// Measures, per size, one device-written buffer mapped and unmapped by bouncing
+/// (copy in, copy back) and by a strict virtio-iommu mapping (MAP, UNMAP), the fastest
+/// of five rounds of `iters` each (thread CPU time), and finds the crossover: where `auto` should stop
+/// copying.
+///
+/// # Errors
+/// A mode refused a mapping.
+pub fn calibrate(iters: u32) -> Result<Calibration, String> {
+    let mut pool = Pool::new()?;
+    let mut viommu = Viommu::new(false)?;
+    let mut points = Vec::new();
+    for &size in &CALIBRATION_SIZES {
+        let p = time_map_unmap(&mut pool, size, iters)?;
+        let v = time_map_unmap(&mut viommu, size, iters)?;
+        points.push((size, p, v));
+    }
+    // The first size from which mapping stays at least as cheap for every larger size.
+    let crossover = (0..points.len())
+        .find(|&i| points[i..].iter().all(|&(_, p, v)| v <= p))
+        .map(|i| points[i].0);
+    Ok(Calibration { points, crossover })
+}
+
+/// `auto` against the cheaper fixed mode of one pattern, measured in alternating
+/// rounds (auto, other, auto, other...) so that both see the same machine.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AutoCheck {
+    /// The pattern.
+    pub pattern: Pattern,
+    /// The cheaper of `pool` and `viommu-strict` in the survey's table.
+    pub best: Mode,
+    /// Per round: auto's CPU per request over the other's.
+    pub ratios: Vec<f64>,
+    /// The other mode's own spread over the rounds (highest over lowest CPU per
+    /// request, minus 1): the noise of a measurement on this machine now.
+    pub noise: f64,
+}
+
+impl AutoCheck {
+    /// Rounds [`check_auto`] runs.
+    pub const ROUNDS: usize = 5;
+
+    /// Median of the per-round ratios.
+    pub fn ratio(&self) -> f64 {
+        let mut v = self.ratios.clone();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+
+    /// auto is no dearer than the best fixed mode, or dearer by less than the noise.
+    pub fn ok(&self) -> bool {
+        self.ratio() <= 1.0 + self.noise
+    }
+}
+
+/// Measures `auto` against `best` on `pattern` in [`AutoCheck::ROUNDS`] alternating
+/// rounds of `budget.per_cell / 2` each.
+///
+/// # Errors
+/// A cell failed.
+pub fn check_auto(
+    pattern: Pattern,
+    best: Mode,
+    disk: &Path,
+    budget: Budget,
+    auto_threshold: usize,
+) -> Result<AutoCheck, String> {
+    let half = Budget {
+        per_cell: budget.per_cell / 2,
+        ..budget
+    };
+    let cost = |m: &Measured| m.cpu.as_nanos() as f64 / m.requests as f64;
+    let (mut ratios, mut others) = (Vec::new(), Vec::new());
+    for _ in 0..AutoCheck::ROUNDS {
+        let a = cost(&run_one(Mode::Auto, pattern, disk, half, auto_threshold)?);
+        let b = cost(&run_one(best, pattern, disk, half, auto_threshold)?);
+        ratios.push(a / b);
+        others.push(b);
+    }
+    let lo = others.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = others.iter().copied().fold(0.0, f64::max);
+    Ok(AutoCheck {
+        pattern,
+        best,
+        ratios,
+        noise: hi / lo - 1.0,
+    })
+}
+
+/// The whole survey.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Survey {
+    /// The crossover measurement.
+    pub calibration: Calibration,
+    /// The threshold `auto` ran with.
+    pub auto_threshold: usize,
+    /// Every cell, modes × patterns.
+    pub cells: Vec<Cell>,
+    /// `auto` against the cheaper fixed mode, per pattern.
+    pub auto_checks: Vec<AutoCheck>,
+}
+
+/// Runs one mode over one pattern on a fresh guest.
+///
+/// # Errors
+/// The mode's setup or a request failed.
+pub fn run_one(
+    mode: Mode,
+    pattern: Pattern,
+    disk: &Path,
+    budget: Budget,
+    auto_threshold: usize,
+) -> Result<Measured, String> {
+    let (t, n) = (budget.per_cell, budget.min_requests);
+    match mode {
+        Mode::None => run_cell(&mut Direct::new()?, pattern, disk, t, n),
+        Mode::ViommuStrict => run_cell(&mut Viommu::new(false)?, pattern, disk, t, n),
+        Mode::ViommuLazy => run_cell(&mut Viommu::new(true)?, pattern, disk, t, n),
+        Mode::GrantMap => run_cell(&mut Grant::new(GrantKind::PerIo)?, pattern, disk, t, n),
+        Mode::GrantPersistent => {
+            run_cell(&mut Grant::new(GrantKind::Persistent)?, pattern, disk, t, n)
+        }
+        Mode::GrantCopy => run_cell(&mut Grant::new(GrantKind::Copy)?, pattern, disk, t, n),
+        Mode::Pool => run_cell(&mut Pool::new()?, pattern, disk, t, n),
+        Mode::Auto => run_cell(&mut Auto::new(auto_threshold)?, pattern, disk, t, n),
+    }
+}
+
+/// Calibrates, then runs every mode against every pattern. `auto_threshold`: `None`
+/// takes the measured crossover (or, without one, 4 KiB).
+///
+/// # Errors
+/// A cell failed, named with its mode and pattern.
+pub fn run_survey(
+    disk: &Path,
+    budget: Budget,
+    auto_threshold: Option<usize>,
+    mut progress: impl FnMut(&str),
+) -> Result<Survey, String> {
+    run::prepare_disk(disk)?;
+    progress("calibrating the copy/map crossover");
+    let calibration = calibrate(budget.calibration_iters)?;
+    let threshold = auto_threshold.or(calibration.crossover).unwrap_or(4096);
+    let mut cells = Vec::new();
+    for pattern in Pattern::ALL {
+        for mode in Mode::ALL {
+            progress(&format!("{} {}", mode.name(), pattern.name()));
+            let measured = run_one(mode, pattern, disk, budget, threshold)
+                .map_err(|e| format!("{} {}: {e}", mode.name(), pattern.name()))?;
+            cells.push(Cell {
+                mode,
+                pattern,
+                placement: "in-process",
+                measured,
+            });
+        }
+    }
+    let mut auto_checks = Vec::new();
+    for pattern in Pattern::ALL {
+        let cost = |m: Mode| {
+            cells
+                .iter()
+                .find(|c| c.mode == m && c.pattern == pattern)
+                .map_or(f64::INFINITY, Cell::cpu_ns_per_request)
+        };
+        let best = if cost(Mode::Pool) <= cost(Mode::ViommuStrict) {
+            Mode::Pool
+        } else {
+            Mode::ViommuStrict
+        };
+        progress(&format!(
+            "auto against {} on {}",
+            best.name(),
+            pattern.name()
+        ));
+        auto_checks.push(
+            check_auto(pattern, best, disk, budget, threshold)
+                .map_err(|e| format!("auto check {}: {e}", pattern.name()))?,
+        );
+    }
+    Ok(Survey {
+        calibration,
+        auto_threshold: threshold,
+        cells,
+        auto_checks,
+    })
+}

@@ -1,0 +1,815 @@
+//! The sharing modes, each as the guest's DMA layer does it for a device (what Linux's
+//! `dma_map_*` ends up doing in that mode) together with the address space the device
+//! backend gets:
+//!
+//! - [`Direct`] (`none`): no translation; the DMA address is the guest-physical one and
+//!   the backend reaches all of RAM.
+//! - [`Viommu`] (`viommu-strict`, `viommu-lazy`): every buffer is a MAP request to our
+//!   virtio-iommu through its request queue (Linux's `viommu_map_pages` + sync) and an
+//!   UNMAP after completion — strict waits for each UNMAP; lazy queues it and the
+//!   device sees it with the next MAP (Linux's flush queue: the UNMAP is added to the
+//!   queue at once, the sync that kicks it is deferred). The backend reaches what is
+//!   mapped, through [`virtio_iommu::EndpointIommu`].
+//! - [`Grant`] (`grant-map`, `grant-persistent`, `grant-copy`): Xen grant tables
+//!   (`grant-table`): the guest grants each buffer's pages and the backend maps them
+//!   per I/O, or the guest copies through a pool granted and mapped once, or the
+//!   backend copies with `GNTTABOP_copy`. The backend reaches what is granted, through
+//!   [`grant_table::GrantIommu`].
+//! - [`Pool`] (`pool`): every buffer bounces through a restricted DMA pool
+//!   ([`bounce_pool::GuestDma`], swiotlb's rules); the backend reaches the pool only.
+//! - [`Auto`] (`auto`): the device is behind the virtio-iommu and also reaches the pool,
+//!   a static window the host shares for good ([`EndpointIommu::with_static_window`]);
+//!   buffers shorter than a threshold bounce through the pool, longer ones are mapped
+//!   strictly (Linux bounces sub-page buffers of untrusted devices the same way, with a
+//!   fixed threshold and the bounce slot mapped per use).
+//!
+//! Each mode counts what the survey reports: mapping operations, bytes copied, and the
+//! peak number of guest bytes the backend could reach.
+
+use bounce_pool::{
+    BouncePool, DeviceDma, DmaAddr, DmaDirection, Gpa, GuestDma, PoolConfig, PoolIommu,
+};
+use std::sync::Arc;
+use virtio_iommu::fake_driver::FakeGuest;
+use virtio_iommu::{
+    DomainId, EndpointConfig, EndpointId, EndpointIommu, IommuConfig, Iova, Request, Status,
+    VirtioIommu,
+};
+use vm_memory::{GuestMemory, GuestMemoryMmap, IommuMemory};
+
+/// Guest RAM of the survey's guest.
+pub const RAM_SIZE: u64 = 64 << 20;
+/// Where every mode's ring lives unless the pool serves it.
+pub const RING_GPA: u64 = 0x10_0000;
+/// The restricted pool (8 MiB at 32 MiB).
+pub const POOL_GPA: u64 = 0x200_0000;
+/// Pool size: four 1 MiB requests in flight and the rings fit.
+pub const POOL_SIZE: u64 = 8 << 20;
+/// Endpoint ID of the device behind the virtio-iommu.
+const EP: u32 = 8;
+/// The domain it is attached to.
+const DOMAIN: u32 = 1;
+/// Dynamic IOVAs are handed out from here (above guest RAM, so they never alias the
+/// identity-mapped ring and pool).
+const IOVA_BASE: u64 = 1 << 32;
+/// The dynamic IOVA window wraps at this size.
+const IOVA_WINDOW: u64 = 1 << 36;
+const PAGE: u64 = 4096;
+
+/// Direction of a buffer, as the DMA API takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// The device reads it.
+    ToDevice,
+    /// The device writes it.
+    FromDevice,
+}
+
+impl Dir {
+    fn pool(self) -> DmaDirection {
+        match self {
+            Dir::ToDevice => DmaDirection::ToDevice,
+            Dir::FromDevice => DmaDirection::FromDevice,
+        }
+    }
+
+    fn map_flags(self) -> u32 {
+        match self {
+            Dir::ToDevice => virtio_iommu::wire::VIRTIO_IOMMU_MAP_F_READ,
+            Dir::FromDevice => virtio_iommu::wire::VIRTIO_IOMMU_MAP_F_WRITE,
+        }
+    }
+}
+
+/// One mapped buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// The address the device uses.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: usize,
+    /// Direction.
+    pub dir: Dir,
+    /// Mode-private: what unmapping needs (an IOVA range start, or a bounce flag).
+    token: u64,
+}
+
+/// What a mode counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModeStats {
+    /// Mapping operations the guest asked for (MAP and UNMAP requests).
+    pub map_ops: u64,
+    /// Bytes copied between the guest's buffers and shared memory.
+    pub copy_bytes: u64,
+    /// Most guest bytes the backend could reach at one moment.
+    pub exposure_peak: u64,
+}
+
+/// A sharing mode: the guest's DMA API and the backend's address space.
+pub trait Sharing {
+    /// The memory the device backend is given.
+    type Mem: GuestMemory;
+    /// The backend's address space.
+    fn device_memory(&self) -> &Self::Mem;
+    /// The guest's RAM (what its CPU writes).
+    fn guest_memory(&self) -> &GuestMemoryMmap;
+    /// Guest-physical address of the ring, and the address the device is told.
+    fn ring(&self) -> (u64, u64);
+    /// Longest buffer one mapping may cover (`dma_max_mapping_size`).
+    fn max_segment(&self) -> usize {
+        usize::MAX
+    }
+    /// Maps `len` bytes at guest-physical `gpa` for the device.
+    ///
+    /// # Errors
+    /// The mode refused (pool full, IOMMU error), as a sentence.
+    fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String>;
+    /// Unmaps what [`Sharing::map`] returned (copying back where the mode copies).
+    ///
+    /// # Errors
+    /// The mode refused, as a sentence.
+    fn unmap(&mut self, m: Mapping) -> Result<(), String>;
+    /// Called after the device processed the queue (the device path's end of batch).
+    fn after_process(&mut self) {}
+    /// Completes deferred work (lazy invalidation) before the counters are read.
+    ///
+    /// # Errors
+    /// The mode refused, as a sentence.
+    fn flush(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// The counters so far.
+    fn stats(&self) -> ModeStats;
+}
+
+fn guest_ram() -> Result<GuestMemoryMmap, String> {
+    GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), RAM_SIZE as usize)])
+        .map_err(|e| format!("guest RAM: {e}"))
+}
+
+/// `none`: the backend sees guest-physical memory.
+#[derive(Debug)]
+pub struct Direct {
+    mem: GuestMemoryMmap,
+}
+
+impl Direct {
+    /// A guest with [`RAM_SIZE`] of RAM.
+    ///
+    /// # Errors
+    /// RAM cannot be allocated.
+    pub fn new() -> Result<Self, String> {
+        Ok(Self { mem: guest_ram()? })
+    }
+}
+
+impl Sharing for Direct {
+    type Mem = GuestMemoryMmap;
+    fn device_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+    fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+    fn ring(&self) -> (u64, u64) {
+        (RING_GPA, RING_GPA)
+    }
+    fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String> {
+        Ok(Mapping {
+            addr: gpa,
+            len,
+            dir,
+            token: 0,
+        })
+    }
+    fn unmap(&mut self, _m: Mapping) -> Result<(), String> {
+        Ok(())
+    }
+    fn stats(&self) -> ModeStats {
+        ModeStats {
+            exposure_peak: RAM_SIZE,
+            ..ModeStats::default()
+        }
+    }
+}
+
+/// Our virtio-iommu driven as Linux drives it, and the guest's side of one domain.
+pub struct Viommu {
+    mem: GuestMemoryMmap,
+    dev: VirtioIommu,
+    driver: FakeGuest,
+    dev_mem: IommuMemory<GuestMemoryMmap, EndpointIommu>,
+    lazy: bool,
+    /// UNMAPs queued but not yet kicked (lazy).
+    pending: Vec<Request>,
+    next_iova: u64,
+    map_ops: u64,
+    live: u64,
+    peak: u64,
+}
+
+impl std::fmt::Debug for Viommu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Viommu")
+            .field("lazy", &self.lazy)
+            .field("live", &self.live)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Viommu {
+    /// The device, the endpoint attached to a DMA domain, the ring mapped once (as
+    /// `dma_alloc_coherent` maps it), UNMAPs waited for (`lazy == false`) or deferred.
+    ///
+    /// # Errors
+    /// The device refuses the setup.
+    pub fn new(lazy: bool) -> Result<Self, String> {
+        let mem = guest_ram()?;
+        let cfg = IommuConfig {
+            endpoints: vec![EndpointConfig::new(EP)],
+            ..IommuConfig::default()
+        };
+        let mut dev = VirtioIommu::new(&cfg).map_err(|e| e.to_string())?;
+        let mut driver = FakeGuest::new(cfg.probe_size);
+        driver.negotiate(&mut dev);
+        let attach = Request::Attach {
+            domain: DomainId(DOMAIN),
+            endpoint: EndpointId(EP),
+            flags: 0,
+            reserved_nonzero: false,
+        };
+        expect_ok(driver.send(&mut dev, &attach), "ATTACH")?;
+        let ep = dev
+            .endpoint_iommu(EndpointId(EP))
+            .map_err(|e| e.to_string())?;
+        let dev_mem = IommuMemory::new(mem.clone(), ep, true, ());
+        let mut v = Self {
+            mem,
+            dev,
+            driver,
+            dev_mem,
+            lazy,
+            pending: Vec::new(),
+            next_iova: 0,
+            map_ops: 0,
+            live: 0,
+            peak: 0,
+        };
+        v.identity_map(RING_GPA, crate::ring::RING_BYTES as u64)?;
+        Ok(v)
+    }
+
+    /// Maps `[gpa, gpa + len)` at the same IOVA, read and write, for good.
+    fn identity_map(&mut self, gpa: u64, len: u64) -> Result<(), String> {
+        let map = Request::Map {
+            domain: DomainId(DOMAIN),
+            virt_start: Iova(gpa),
+            virt_end: Iova(gpa + len - 1),
+            phys_start: gpa,
+            flags: Dir::ToDevice.map_flags() | Dir::FromDevice.map_flags(),
+        };
+        expect_ok(self.driver.send(&mut self.dev, &map), "MAP (identity)")?;
+        self.add_live(len);
+        Ok(())
+    }
+
+    fn add_live(&mut self, bytes: u64) {
+        self.live += bytes;
+        self.peak = self.peak.max(self.live);
+    }
+
+    /// Sends `req` (if any) after the UNMAPs still queued, in one kick, and waits for
+    /// all; what they unmapped is no longer reachable.
+    fn sync_with(&mut self, req: Option<Request>) -> Result<(), String> {
+        if self.pending.is_empty() {
+            return match req {
+                Some(r) => expect_ok(self.driver.send(&mut self.dev, &r), "MAP"),
+                None => Ok(()),
+            };
+        }
+        let mut reqs = std::mem::take(&mut self.pending);
+        let unmapped: u64 = reqs
+            .iter()
+            .map(|r| match r {
+                Request::Unmap {
+                    virt_start,
+                    virt_end,
+                    ..
+                } => virt_end.0 - virt_start.0 + 1,
+                _ => 0,
+            })
+            .sum();
+        reqs.extend(req);
+        self.send_batch(&reqs)?;
+        self.live -= unmapped;
+        Ok(())
+    }
+
+    fn send_batch(&mut self, reqs: &[Request]) -> Result<(), String> {
+        let batch = self.driver.prepare(reqs);
+        self.driver.post(&batch);
+        self.dev
+            .process_requestq(&mut self.driver.requestq, &self.driver.mem)
+            .map_err(|e| e.to_string())?;
+        let done = self.driver.reap();
+        if done != reqs.len() {
+            return Err(format!("{done} of {} requests completed", reqs.len()));
+        }
+        for (st, r) in self.driver.batch_statuses(&batch, reqs).iter().zip(reqs) {
+            if *st != Some(Status::Ok) {
+                return Err(format!("{r:?}: {st:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands out a page-aligned IOVA range for `pages` pages.
+    fn alloc_iova(&mut self, bytes: u64) -> u64 {
+        if self.next_iova + bytes > IOVA_WINDOW {
+            self.next_iova = 0;
+        }
+        let iova = IOVA_BASE + self.next_iova;
+        self.next_iova += bytes;
+        iova
+    }
+
+    fn map_pages(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String> {
+        let first = gpa & !(PAGE - 1);
+        let bytes = (gpa + len as u64).next_multiple_of(PAGE) - first;
+        let iova = self.alloc_iova(bytes);
+        let map = Request::Map {
+            domain: DomainId(DOMAIN),
+            virt_start: Iova(iova),
+            virt_end: Iova(iova + bytes - 1),
+            phys_start: first,
+            flags: dir.map_flags(),
+        };
+        self.sync_with(Some(map))?;
+        self.map_ops += 1;
+        self.add_live(bytes);
+        Ok(Mapping {
+            addr: iova + (gpa - first),
+            len,
+            dir,
+            token: iova,
+        })
+    }
+
+    fn unmap_pages(&mut self, m: Mapping) -> Result<(), String> {
+        let iova = m.token;
+        let bytes = (m.addr + m.len as u64).next_multiple_of(PAGE) - iova;
+        let unmap = Request::Unmap {
+            domain: DomainId(DOMAIN),
+            virt_start: Iova(iova),
+            virt_end: Iova(iova + bytes - 1),
+            reserved_nonzero: false,
+        };
+        self.map_ops += 1;
+        if self.lazy {
+            // Queued now, seen by the device with the next sync; still reachable until then.
+            self.pending.push(unmap);
+            if self.pending.len() + 1 >= virtio_iommu::fake_driver::MAX_BATCH {
+                self.flush()?;
+            }
+            Ok(())
+        } else {
+            expect_ok(self.driver.send(&mut self.dev, &unmap), "UNMAP")?;
+            self.live -= bytes;
+            Ok(())
+        }
+    }
+}
+
+fn expect_ok(st: Status, what: &str) -> Result<(), String> {
+    if st == Status::Ok {
+        Ok(())
+    } else {
+        Err(format!("{what}: {st:?}"))
+    }
+}
+
+impl Sharing for Viommu {
+    type Mem = IommuMemory<GuestMemoryMmap, EndpointIommu>;
+    fn device_memory(&self) -> &Self::Mem {
+        &self.dev_mem
+    }
+    fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+    fn ring(&self) -> (u64, u64) {
+        (RING_GPA, RING_GPA)
+    }
+    fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String> {
+        self.map_pages(gpa, len, dir)
+    }
+    fn unmap(&mut self, m: Mapping) -> Result<(), String> {
+        self.unmap_pages(m)
+    }
+    fn flush(&mut self) -> Result<(), String> {
+        self.sync_with(None)
+    }
+    fn stats(&self) -> ModeStats {
+        ModeStats {
+            map_ops: self.map_ops,
+            copy_bytes: 0,
+            exposure_peak: self.peak,
+        }
+    }
+}
+
+fn pool_dma(mem: &GuestMemoryMmap) -> Result<GuestDma<GuestMemoryMmap>, String> {
+    let pool = BouncePool::new(
+        mem,
+        &PoolConfig {
+            base: Gpa(POOL_GPA),
+            size: POOL_SIZE,
+            areas: 1,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(GuestDma::new(
+        mem.clone(),
+        Arc::new(pool),
+        DeviceDma::default(),
+    ))
+}
+
+/// Bytes swiotlb copies for one buffer over its life: in at map (every direction, so
+/// no stale pool data reaches the device), back at unmap for device-written buffers.
+fn bounce_copies(len: usize, dir: Dir) -> u64 {
+    match dir {
+        Dir::ToDevice => len as u64,
+        Dir::FromDevice => 2 * len as u64,
+    }
+}
+
+/// `pool`: every buffer bounced through the restricted pool.
+#[derive(Debug)]
+pub struct Pool {
+    dma: GuestDma<GuestMemoryMmap>,
+    dev_mem: IommuMemory<GuestMemoryMmap, PoolIommu>,
+    ring: u64,
+    copies: u64,
+}
+
+impl Pool {
+    /// The pool at [`POOL_GPA`], the ring a coherent allocation from it.
+    ///
+    /// # Errors
+    /// The pool cannot be built.
+    pub fn new() -> Result<Self, String> {
+        let mem = guest_ram()?;
+        let dma = pool_dma(&mem)?;
+        let ring = dma
+            .alloc_coherent(crate::ring::RING_BYTES)
+            .map_err(|e| e.to_string())?;
+        let iommu = PoolIommu::for_pool(dma.pool()).map_err(|e| e.to_string())?;
+        let dev_mem = IommuMemory::new(mem, iommu, true, ());
+        Ok(Self {
+            dma,
+            dev_mem,
+            ring: ring.0,
+            copies: 0,
+        })
+    }
+}
+
+impl Sharing for Pool {
+    type Mem = IommuMemory<GuestMemoryMmap, PoolIommu>;
+    fn device_memory(&self) -> &Self::Mem {
+        &self.dev_mem
+    }
+    fn guest_memory(&self) -> &GuestMemoryMmap {
+        self.dma.memory()
+    }
+    fn ring(&self) -> (u64, u64) {
+        (self.ring, self.ring)
+    }
+    fn max_segment(&self) -> usize {
+        self.dma.max_mapping_size()
+    }
+    fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String> {
+        let a = self
+            .dma
+            .map(Gpa(gpa), len, dir.pool())
+            .map_err(|e| e.to_string())?;
+        self.copies += bounce_copies(len, dir);
+        Ok(Mapping {
+            addr: a.0,
+            len,
+            dir,
+            token: 0,
+        })
+    }
+    fn unmap(&mut self, m: Mapping) -> Result<(), String> {
+        self.dma
+            .unmap(DmaAddr(m.addr), m.len, m.dir.pool())
+            .map_err(|e| e.to_string())
+    }
+    fn stats(&self) -> ModeStats {
+        ModeStats {
+            map_ops: 0,
+            copy_bytes: self.copies,
+            exposure_peak: POOL_SIZE,
+        }
+    }
+}
+
+/// `auto`: bounce below a threshold, map at or above it.
+pub struct Auto {
+    iommu: Viommu,
+    dma: GuestDma<GuestMemoryMmap>,
+    /// The endpoint's translation with the pool as a static window.
+    dev_mem: IommuMemory<GuestMemoryMmap, EndpointIommu>,
+    ring: u64,
+    threshold: usize,
+    copies: u64,
+}
+
+impl std::fmt::Debug for Auto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auto")
+            .field("threshold", &self.threshold)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `Mapping::token` of a bounced buffer in [`Auto`] (IOVAs never take this value).
+const BOUNCED: u64 = u64::MAX;
+
+impl Auto {
+    /// Buffers shorter than `threshold` bytes bounce through the pool, which the
+    /// device reaches as a static window, as it does the ring (a coherent allocation
+    /// from the pool); longer ones get their own strict mapping.
+    ///
+    /// # Errors
+    /// The device or the pool refuses the setup.
+    pub fn new(threshold: usize) -> Result<Self, String> {
+        let iommu = Viommu::new(false)?;
+        let dma = pool_dma(&iommu.mem)?;
+        let ring = dma
+            .alloc_coherent(crate::ring::RING_BYTES)
+            .map_err(|e| e.to_string())?;
+        let ep = iommu
+            .dev_mem
+            .iommu()
+            .with_static_window(POOL_GPA, POOL_SIZE)
+            .ok_or("the pool is not a valid static window")?;
+        let dev_mem = IommuMemory::new(iommu.mem.clone(), ep, true, ());
+        Ok(Self {
+            iommu,
+            dma,
+            dev_mem,
+            ring: ring.0,
+            threshold,
+            copies: 0,
+        })
+    }
+}
+
+impl Sharing for Auto {
+    type Mem = IommuMemory<GuestMemoryMmap, EndpointIommu>;
+    fn device_memory(&self) -> &Self::Mem {
+        &self.dev_mem
+    }
+    fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.iommu.mem
+    }
+    fn ring(&self) -> (u64, u64) {
+        (self.ring, self.ring)
+    }
+    fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String> {
+        if len < self.threshold {
+            let a = self
+                .dma
+                .map(Gpa(gpa), len, dir.pool())
+                .map_err(|e| e.to_string())?;
+            self.copies += bounce_copies(len, dir);
+            Ok(Mapping {
+                addr: a.0,
+                len,
+                dir,
+                token: BOUNCED,
+            })
+        } else {
+            self.iommu.map_pages(gpa, len, dir)
+        }
+    }
+    fn unmap(&mut self, m: Mapping) -> Result<(), String> {
+        if m.token == BOUNCED {
+            self.dma
+                .unmap(DmaAddr(m.addr), m.len, m.dir.pool())
+                .map_err(|e| e.to_string())
+        } else {
+            self.iommu.unmap_pages(m)
+        }
+    }
+    fn stats(&self) -> ModeStats {
+        ModeStats {
+            map_ops: self.iommu.map_ops,
+            copy_bytes: self.copies,
+            // The pool (window) plus the live mappings (Viommu's ring mapping included,
+            // though auto's ring is in the pool: a bound, not an exact figure).
+            exposure_peak: POOL_SIZE + self.iommu.peak,
+        }
+    }
+}
+
+/// How the `grant` modes share (the three ways of reference §1.11).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantKind {
+    /// Per-I/O grants: the guest grants each buffer's pages and revokes them after
+    /// the request; the backend maps and unmaps each page (Xen blkback without
+    /// persistent grants).
+    PerIo,
+    /// Persistent grants: the guest grants a pool once and copies every buffer
+    /// through it; the backend keeps the pool mapped (blkfront/blkback's feature).
+    Persistent,
+    /// Grant copy: per-I/O grants, and the backend copies through its own scratch
+    /// frames with `GNTTABOP_copy` instead of mapping (QEMU's Xen disk backend).
+    Copy,
+}
+
+/// Xen domain of the survey's guest and of its backend.
+const GUEST_DOM: grant_table::DomainId = grant_table::DomainId(5);
+const BACKEND_DOM: grant_table::DomainId = grant_table::DomainId(1);
+/// The guest's grant table frames (8 v1 frames: 4096 refs) at 3 MiB.
+const GRANT_TABLE_GFN: u64 = 0x300;
+/// The persistent pool: 264 pages (a 1 MiB request, its header and status, and slack)
+/// at 48 MiB.
+const PERSISTENT_GFN: u64 = 0x3000;
+const PERSISTENT_PAGES: u32 = 264;
+/// The backend's own RAM (copy mode's scratch frames live there).
+const BACKEND_RAM: usize = 4 << 20;
+const SCRATCH_GFN: u64 = 0x100;
+const SCRATCH_FRAMES: u32 = 300;
+
+/// `grant-map`, `grant-persistent`, `grant-copy`: Xen grant tables, in-process.
+pub struct Grant {
+    mem: GuestMemoryMmap,
+    dma: grant_table::GrantDma,
+    dev_mem: IommuMemory<GuestMemoryMmap, grant_table::GrantIommu>,
+    kind: GrantKind,
+    ring_dev: u64,
+    copies: u64,
+    live_pages: u64,
+    peak_pages: u64,
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+fn pages(gpa: u64, len: usize) -> u64 {
+    (gpa + len as u64).div_ceil(PAGE) - gpa / PAGE
+}
+
+impl Grant {
+    /// A guest domain with a v1 grant table, its backend domain, the guest's grant DMA
+    /// API for the backend and the backend's `GrantIommu`, the ring granted and mapped
+    /// once.
+    ///
+    /// # Errors
+    /// The grant world refuses the setup.
+    pub fn new(kind: GrantKind) -> Result<Self, String> {
+        use grant_table::{
+            DomainConfig, Gfn, GrantDma, GrantIommu, GuestGrants, IommuMode, PersistentConfig,
+            TableSetup, Xen,
+        };
+        let e = |x: &dyn std::fmt::Display| x.to_string();
+        let mem = guest_ram()?;
+        let xen = Arc::new(Xen::new());
+        xen.create_domain(GUEST_DOM, mem.clone(), DomainConfig::default())
+            .map_err(|x| e(&x))?;
+        let bram = GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), BACKEND_RAM)])
+            .map_err(|x| e(&x))?;
+        xen.create_domain(BACKEND_DOM, bram, DomainConfig::default())
+            .map_err(|x| e(&x))?;
+        let frames = (0..8).map(|i| Gfn(GRANT_TABLE_GFN + i)).collect();
+        let grants = Arc::new(
+            GuestGrants::new(xen.clone(), GUEST_DOM, mem.clone(), TableSetup::v1(frames))
+                .map_err(|x| e(&x))?,
+        );
+        let (dma, mode) = match kind {
+            GrantKind::PerIo => (GrantDma::new(grants, BACKEND_DOM), IommuMode::PerIo),
+            GrantKind::Persistent => (
+                GrantDma::persistent(
+                    grants,
+                    BACKEND_DOM,
+                    &PersistentConfig {
+                        base: Gfn(PERSISTENT_GFN),
+                        pages: PERSISTENT_PAGES,
+                    },
+                )
+                .map_err(|x| e(&x))?,
+                IommuMode::Persistent {
+                    max: PERSISTENT_PAGES as usize,
+                },
+            ),
+            GrantKind::Copy => (
+                GrantDma::new(grants, BACKEND_DOM),
+                IommuMode::Copy {
+                    scratch: Gfn(SCRATCH_GFN),
+                    frames: SCRATCH_FRAMES,
+                },
+            ),
+        };
+        let iommu = GrantIommu::new(xen, BACKEND_DOM, GUEST_DOM, mode).map_err(|x| e(&x))?;
+        let ring_len = crate::ring::RING_BYTES;
+        let ring = dma
+            .map_coherent(grant_table::Gpa(RING_GPA), ring_len)
+            .map_err(|x| e(&x))?;
+        iommu.map_ring(ring, ring_len as u64).map_err(|x| e(&x))?;
+        let dev_mem = IommuMemory::new(iommu.device_memory().map_err(|x| e(&x))?, iommu, true, ());
+        let ring_pages = pages(RING_GPA, ring_len);
+        let granted = match kind {
+            GrantKind::Persistent => ring_pages + u64::from(PERSISTENT_PAGES),
+            _ => ring_pages,
+        };
+        Ok(Self {
+            mem,
+            dma,
+            dev_mem,
+            kind,
+            ring_dev: ring.0,
+            copies: 0,
+            live_pages: granted,
+            peak_pages: granted,
+        })
+    }
+
+    fn direction(dir: Dir) -> grant_table::DmaDirection {
+        match dir {
+            Dir::ToDevice => grant_table::DmaDirection::ToDevice,
+            Dir::FromDevice => grant_table::DmaDirection::FromDevice,
+        }
+    }
+}
+
+impl Sharing for Grant {
+    type Mem = IommuMemory<GuestMemoryMmap, grant_table::GrantIommu>;
+    fn device_memory(&self) -> &Self::Mem {
+        &self.dev_mem
+    }
+    fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+    fn ring(&self) -> (u64, u64) {
+        (RING_GPA, self.ring_dev)
+    }
+    fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String> {
+        let a = self
+            .dma
+            .map(grant_table::Gpa(gpa), len, Self::direction(dir))
+            .map_err(|e| e.to_string())?;
+        match self.kind {
+            // The driver copies the buffer into the pool (device-bound data now, the
+            // device's data back at unmap): once per buffer either way.
+            GrantKind::Persistent => self.copies += len as u64,
+            // GNTTABOP_copy in for every buffer (a read's scratch page too, so a short
+            // device write cannot expose stale scratch bytes), out for device-written.
+            GrantKind::Copy => self.copies += bounce_copies(len, dir),
+            GrantKind::PerIo => {}
+        }
+        if self.kind != GrantKind::Persistent {
+            self.live_pages += pages(gpa, len);
+            self.peak_pages = self.peak_pages.max(self.live_pages);
+        }
+        Ok(Mapping {
+            addr: a.0,
+            len,
+            dir,
+            token: gpa,
+        })
+    }
+    fn unmap(&mut self, m: Mapping) -> Result<(), String> {
+        self.dma
+            .unmap(
+                grant_table::GrantDmaAddr(m.addr),
+                m.len,
+                Self::direction(m.dir),
+            )
+            .map_err(|e| e.to_string())?;
+        if self.kind != GrantKind::Persistent {
+            self.live_pages -= pages(m.token, m.len);
+        }
+        Ok(())
+    }
+    fn after_process(&mut self) {
+        // The device path's end of batch: per-I/O unmaps, copy-mode copies out.
+        self.dev_mem.iommu().complete();
+    }
+    fn stats(&self) -> ModeStats {
+        let s = self.dev_mem.iommu().stats();
+        ModeStats {
+            // The backend's grant operations (GNTTABOP_map/unmap/copy).
+            map_ops: s.maps + s.unmaps + s.copies,
+            copy_bytes: self.copies,
+            exposure_peak: self.peak_pages * PAGE,
+        }
+    }
+}

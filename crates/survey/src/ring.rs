@@ -1,0 +1,129 @@
+//! The guest side of one split virtqueue: what Linux's `virtio_ring` does for a driver
+//! that posts one chain at a time and waits for it — descriptors, the available ring
+//! and reading the used ring — over any DMA addresses the mode hands out.
+//!
+//! The ring lives at a guest-physical address the driver writes; the device is told a
+//! possibly different *device* address for it (an IOVA, a pool address, a grant
+//! address), which is what its `Queue` is programmed with.
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Entries in the ring.
+pub const QUEUE_SIZE: u16 = 256;
+/// Bytes the ring occupies: descriptor table, available ring, used ring, each in its
+/// own 4 KiB page.
+pub const RING_BYTES: usize = 3 * 4096;
+const AVAIL: u64 = 4096;
+const USED: u64 = 8192;
+
+/// `VRING_DESC_F_NEXT`.
+const F_NEXT: u16 = 1;
+/// `VRING_DESC_F_WRITE`.
+const F_WRITE: u16 = 2;
+
+/// One buffer of a chain, as the device addresses it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buf {
+    /// Device address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// The device writes it.
+    pub write: bool,
+}
+
+/// A driver's view of a split ring.
+#[derive(Debug)]
+pub struct GuestRing {
+    gpa: u64,
+    avail_idx: u16,
+    used_idx: u16,
+}
+
+impl GuestRing {
+    /// A ring whose memory the driver reaches at `gpa` (zeroed here).
+    ///
+    /// # Errors
+    /// The ring does not lie in `mem`.
+    pub fn new(mem: &GuestMemoryMmap, gpa: u64) -> Result<Self, String> {
+        mem.write_slice(&[0u8; RING_BYTES], GuestAddress(gpa))
+            .map_err(|e| format!("ring at {gpa:#x}: {e}"))?;
+        Ok(Self {
+            gpa,
+            avail_idx: 0,
+            used_idx: 0,
+        })
+    }
+
+    /// The device's queue, programmed with the ring's device address `dev_addr`.
+    ///
+    /// # Errors
+    /// The queue rejects the size (cannot happen for [`QUEUE_SIZE`]).
+    pub fn device_queue(dev_addr: u64) -> Result<Queue, String> {
+        let mut q = Queue::new(QUEUE_SIZE).map_err(|e| e.to_string())?;
+        q.set_size(QUEUE_SIZE);
+        let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+        let (lo, hi) = split(dev_addr);
+        q.set_desc_table_address(lo, hi);
+        let (lo, hi) = split(dev_addr + AVAIL);
+        q.set_avail_ring_address(lo, hi);
+        let (lo, hi) = split(dev_addr + USED);
+        q.set_used_ring_address(lo, hi);
+        q.set_ready(true);
+        Ok(q)
+    }
+
+    /// Writes `bufs` as one chain starting at descriptor 0 and makes it available.
+    ///
+    /// # Errors
+    /// More buffers than the ring has entries, or a write outside `mem`.
+    pub fn post(&mut self, mem: &GuestMemoryMmap, bufs: &[Buf]) -> Result<(), String> {
+        if bufs.is_empty() || bufs.len() > usize::from(QUEUE_SIZE) {
+            return Err(format!("a chain of {} buffers", bufs.len()));
+        }
+        let err = |e: vm_memory::GuestMemoryError| format!("ring: {e}");
+        for (i, b) in bufs.iter().enumerate() {
+            let last = i + 1 == bufs.len();
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&b.addr.to_le_bytes());
+            d[8..12].copy_from_slice(&b.len.to_le_bytes());
+            let flags = if b.write { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            let next = if last { 0 } else { i as u16 + 1 };
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            mem.write_slice(&d, GuestAddress(self.gpa + 16 * i as u64))
+                .map_err(err)?;
+        }
+        let slot = u64::from(self.avail_idx % QUEUE_SIZE);
+        mem.write_obj(0u16.to_le(), GuestAddress(self.gpa + AVAIL + 4 + 2 * slot))
+            .map_err(err)?;
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        mem.write_obj(self.avail_idx.to_le(), GuestAddress(self.gpa + AVAIL + 2))
+            .map_err(err)
+    }
+
+    /// The used length of the chain the device returned, if it returned one.
+    ///
+    /// # Errors
+    /// A read outside `mem`, or the device returning more chains than were posted.
+    pub fn reap(&mut self, mem: &GuestMemoryMmap) -> Result<Option<u32>, String> {
+        let err = |e: vm_memory::GuestMemoryError| format!("ring: {e}");
+        let idx = u16::from_le(
+            mem.read_obj(GuestAddress(self.gpa + USED + 2))
+                .map_err(err)?,
+        );
+        if idx == self.used_idx {
+            return Ok(None);
+        }
+        if idx.wrapping_sub(self.used_idx) > self.avail_idx.wrapping_sub(self.used_idx) {
+            return Err(format!("used index {idx} ran past the available index"));
+        }
+        let slot = u64::from(self.used_idx % QUEUE_SIZE);
+        let len: u32 = mem
+            .read_obj(GuestAddress(self.gpa + USED + 4 + 8 * slot + 4))
+            .map_err(err)?;
+        self.used_idx = self.used_idx.wrapping_add(1);
+        Ok(Some(u32::from_le(len)))
+    }
+}

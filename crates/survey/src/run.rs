@@ -1,0 +1,408 @@
+//! Running one cell: a device access pattern served by one device backend under one
+//! sharing mode, with the guest's driver doing what Linux's drivers do per request
+//! (write the request, map every buffer, post one chain, wait, unmap in order, check
+//! the status), timed on the wall clock and on the thread's CPU clock.
+
+use crate::modes::{Dir, Mapping, ModeStats, Sharing};
+use crate::net::{NetTx, NET_HDR_LEN};
+use crate::ring::{Buf, GuestRing};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use virtio_devices::{Block, BlockConfig, Rng, RngConfig};
+use virtio_pci::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+/// Where the driver keeps a request header.
+const HDR: u64 = 0x20_0000;
+/// Where it keeps the status byte.
+const STATUS: u64 = 0x21_0000;
+/// Where its data buffers start (up to 1 MiB).
+const DATA: u64 = 0x100_0000;
+/// Size of the disk image the blk patterns read.
+pub const DISK_BYTES: u64 = 64 << 20;
+const SECTOR: u64 = 512;
+const VIRTIO_BLK_T_IN: u32 = 0;
+
+/// A device access pattern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Pattern {
+    /// virtio-blk 4 KiB reads at random 4 KiB-aligned offsets.
+    Blk4kRandom,
+    /// virtio-blk 64 KiB sequential reads.
+    Blk64k,
+    /// virtio-blk 1 MiB sequential reads (split at the mode's longest mapping).
+    Blk1mSeq,
+    /// Network-like transmit of 64-byte packets: a 12-byte header buffer + payload.
+    Net64,
+    /// The same with 1500-byte packets.
+    Net1500,
+    /// virtio-rng 64-byte reads.
+    Rng64,
+}
+
+impl Pattern {
+    /// Every pattern, in report order.
+    pub const ALL: [Pattern; 6] = [
+        Pattern::Blk4kRandom,
+        Pattern::Blk64k,
+        Pattern::Blk1mSeq,
+        Pattern::Net64,
+        Pattern::Net1500,
+        Pattern::Rng64,
+    ];
+
+    /// The name in tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pattern::Blk4kRandom => "blk-4k-random",
+            Pattern::Blk64k => "blk-64k",
+            Pattern::Blk1mSeq => "blk-1m-seq",
+            Pattern::Net64 => "net-64",
+            Pattern::Net1500 => "net-1500",
+            Pattern::Rng64 => "rng-64",
+        }
+    }
+
+    /// Payload bytes one request moves (headers and status bytes not counted).
+    pub fn bytes(self) -> usize {
+        match self {
+            Pattern::Blk4kRandom => 4096,
+            Pattern::Blk64k => 64 << 10,
+            Pattern::Blk1mSeq => 1 << 20,
+            Pattern::Net64 | Pattern::Rng64 => 64,
+            Pattern::Net1500 => 1500,
+        }
+    }
+}
+
+/// What one cell measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Measured {
+    /// Requests completed in the timed part.
+    pub requests: u64,
+    /// Payload bytes moved.
+    pub bytes: u64,
+    /// Wall time of the timed part.
+    pub wall: Duration,
+    /// CPU time of this thread in it (driver, device and backend all run on it).
+    pub cpu: Duration,
+    /// The mode's counters over the timed part (exposure: the peak over the whole cell).
+    pub stats: ModeStats,
+    /// CPU nanoseconds per request in each of [`SLICES`] equal parts of the timed part,
+    /// sorted: their spread is the cell's noise.
+    pub slice_cpu_ns_per_request: Vec<f64>,
+}
+
+/// Parts the timed part of a cell is cut into, to see its noise.
+pub const SLICES: u32 = 5;
+
+enum Device {
+    Blk(Block),
+    Rng(Rng),
+    Net(NetTx),
+}
+
+impl Device {
+    fn new(p: Pattern, disk: &Path) -> Result<Self, String> {
+        let features = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM);
+        Ok(match p {
+            Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => {
+                let mut b = Block::new(&BlockConfig {
+                    path: disk.to_path_buf(),
+                    read_only: true,
+                    access_platform: true,
+                    test_stray_sector: None,
+                })
+                .map_err(|e| format!("{}: {e}", disk.display()))?;
+                <Block as VirtioDevice<vm_memory::GuestMemoryMmap>>::set_acked_features(
+                    &mut b, features,
+                );
+                Device::Blk(b)
+            }
+            Pattern::Rng64 => {
+                let mut r = Rng::new(&RngConfig {
+                    access_platform: true,
+                    ..RngConfig::default()
+                })
+                .map_err(|e| e.to_string())?;
+                <Rng as VirtioDevice<vm_memory::GuestMemoryMmap>>::set_acked_features(
+                    &mut r, features,
+                );
+                Device::Rng(r)
+            }
+            Pattern::Net64 | Pattern::Net1500 => Device::Net(NetTx::default()),
+        })
+    }
+
+    fn process<M: GuestMemory>(
+        &mut self,
+        q: &mut virtio_queue::Queue,
+        mem: &M,
+    ) -> Result<bool, String> {
+        match self {
+            Device::Blk(d) => d.process_queue(0, q, mem),
+            Device::Rng(d) => d.process_queue(0, q, mem),
+            Device::Net(d) => d.process_queue(0, q, mem),
+        }
+    }
+}
+
+/// Where the next request of a pattern goes, deterministic per cell.
+struct Cursor {
+    pattern: Pattern,
+    n: u64,
+    lcg: u64,
+}
+
+impl Cursor {
+    fn next_offset(&mut self) -> u64 {
+        let len = self.pattern.bytes() as u64;
+        let slots = DISK_BYTES / len;
+        self.n += 1;
+        match self.pattern {
+            Pattern::Blk4kRandom => {
+                // Knuth's MMIX LCG; the high bits are the random ones.
+                self.lcg = self
+                    .lcg
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((self.lcg >> 33) % slots) * len
+            }
+            _ => (self.n % slots) * len,
+        }
+    }
+}
+
+/// Creates (or reuses, reading it once) the disk image the blk patterns read:
+/// [`DISK_BYTES`] of a position-dependent pattern, so a read can be checked.
+///
+/// # Errors
+/// The file cannot be written.
+pub fn prepare_disk(path: &Path) -> Result<(), String> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == DISK_BYTES) {
+        // Read it once, so that every mode reads from the page cache, not the disk.
+        return std::fs::read(path)
+            .map(drop)
+            .map_err(|e| format!("{}: {e}", path.display()));
+    }
+    let mut data = vec![0u8; DISK_BYTES as usize];
+    for (i, chunk) in data.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(&(i as u64 * 8).to_le_bytes());
+    }
+    std::fs::write(path, data).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// One request: write it, map its buffers, post, serve, reap, unmap, check.
+fn request<S: Sharing>(
+    s: &mut S,
+    dev: &mut Device,
+    ring: &mut GuestRing,
+    queue: &mut virtio_queue::Queue,
+    pattern: Pattern,
+    offset: u64,
+    maps: &mut Vec<Mapping>,
+) -> Result<(), String> {
+    let len = pattern.bytes();
+    let gerr = |e: vm_memory::GuestMemoryError| e.to_string();
+    maps.clear();
+    match pattern {
+        Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => {
+            let mut hdr = [0u8; 16];
+            hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+            hdr[8..16].copy_from_slice(&(offset / SECTOR).to_le_bytes());
+            s.guest_memory()
+                .write_slice(&hdr, GuestAddress(HDR))
+                .map_err(gerr)?;
+            s.guest_memory()
+                .write_obj(0xffu8, GuestAddress(STATUS))
+                .map_err(gerr)?;
+            maps.push(s.map(HDR, 16, Dir::ToDevice)?);
+            let seg = s.max_segment();
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(seg);
+                maps.push(s.map(DATA + at as u64, n, Dir::FromDevice)?);
+                at += n;
+            }
+            maps.push(s.map(STATUS, 1, Dir::FromDevice)?);
+        }
+        Pattern::Net64 | Pattern::Net1500 => {
+            maps.push(s.map(HDR, NET_HDR_LEN, Dir::ToDevice)?);
+            maps.push(s.map(DATA, len, Dir::ToDevice)?);
+        }
+        Pattern::Rng64 => maps.push(s.map(DATA, len, Dir::FromDevice)?),
+    }
+    let bufs: Vec<Buf> = maps
+        .iter()
+        .map(|m| Buf {
+            addr: m.addr,
+            len: m.len as u32,
+            write: m.dir == Dir::FromDevice,
+        })
+        .collect();
+    ring.post(s.guest_memory(), &bufs)?;
+    dev.process(queue, s.device_memory())?;
+    s.after_process();
+    let used = ring
+        .reap(s.guest_memory())?
+        .ok_or("the device returned no chain")?;
+    for m in maps.drain(..) {
+        s.unmap(m)?;
+    }
+    let want = match pattern {
+        Pattern::Net64 | Pattern::Net1500 => 0,
+        Pattern::Rng64 => len as u32,
+        _ => len as u32 + 1,
+    };
+    if used != want {
+        let st: Option<u8> = s.guest_memory().read_obj(GuestAddress(STATUS)).ok();
+        return Err(format!(
+            "{}: used length {used}, want {want} (blk status byte {st:?})",
+            pattern.name()
+        ));
+    }
+    if want == len as u32 + 1 {
+        let st: u8 = s
+            .guest_memory()
+            .read_obj(GuestAddress(STATUS))
+            .map_err(gerr)?;
+        if st != 0 {
+            return Err(format!("{}: status {st}", pattern.name()));
+        }
+    }
+    Ok(())
+}
+
+/// CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`).
+pub(crate) fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call; the
+    // clock id is a constant the kernel knows; on failure `ts` stays zero.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Checks what the first request moved: blk data equals the image at its offset, rng
+/// data is not all zero, the net sink took the frame.
+fn check_first<S: Sharing>(
+    s: &S,
+    dev: &Device,
+    pattern: Pattern,
+    offset: u64,
+    disk: &Path,
+) -> Result<(), String> {
+    let len = pattern.bytes();
+    let mut got = vec![0u8; len];
+    s.guest_memory()
+        .read_slice(&mut got, GuestAddress(DATA))
+        .map_err(|e| e.to_string())?;
+    match dev {
+        Device::Blk(_) => {
+            use std::os::unix::fs::FileExt;
+            let mut want = vec![0u8; len];
+            std::fs::File::open(disk)
+                .and_then(|f| f.read_exact_at(&mut want, offset))
+                .map_err(|e| format!("{}: {e}", disk.display()))?;
+            if got != want {
+                return Err(format!(
+                    "{}: the data read differs from the image at {offset:#x}",
+                    pattern.name()
+                ));
+            }
+        }
+        Device::Rng(_) if got.iter().all(|&b| b == 0) => {
+            return Err("rng-64: 64 zero bytes".into());
+        }
+        Device::Net(n) if n.frames != 1 || n.errors != 0 => {
+            return Err(format!(
+                "{}: the sink took {} frames, refused {}",
+                pattern.name(),
+                n.frames,
+                n.errors
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Runs `pattern` under `s`: one checked request, a warm-up, then requests until
+/// `budget` has passed (at least `min_requests`).
+///
+/// # Errors
+/// A request failed (a mode refused, the device returned an error), as a sentence.
+pub fn run_cell<S: Sharing>(
+    s: &mut S,
+    pattern: Pattern,
+    disk: &Path,
+    budget: Duration,
+    min_requests: u64,
+) -> Result<Measured, String> {
+    let mut dev = Device::new(pattern, disk)?;
+    let (ring_gpa, ring_dev) = s.ring();
+    let mut ring = GuestRing::new(s.guest_memory(), ring_gpa)?;
+    let mut queue = GuestRing::device_queue(ring_dev)?;
+    if pattern == Pattern::Net64 || pattern == Pattern::Net1500 {
+        let frame: Vec<u8> = (0..pattern.bytes()).map(|i| i as u8).collect();
+        s.guest_memory()
+            .write_slice(&frame, GuestAddress(DATA))
+            .map_err(|e| e.to_string())?;
+    }
+    let mut cursor = Cursor {
+        pattern,
+        n: 0,
+        lcg: 0x5eed,
+    };
+    let mut maps = Vec::with_capacity(8);
+    let first = cursor.next_offset();
+    request(
+        s, &mut dev, &mut ring, &mut queue, pattern, first, &mut maps,
+    )?;
+    check_first(s, &dev, pattern, first, disk)?;
+    for _ in 0..min_requests.min(64) {
+        let off = cursor.next_offset();
+        request(s, &mut dev, &mut ring, &mut queue, pattern, off, &mut maps)?;
+    }
+    s.flush()?;
+    let before = s.stats();
+    let (t0, c0) = (Instant::now(), thread_cpu());
+    let mut requests = 0u64;
+    let mut slices = Vec::with_capacity(SLICES as usize);
+    for _ in 0..SLICES {
+        let (c1, mut n) = (thread_cpu(), 0u64);
+        loop {
+            // Check the clock every 16 requests only.
+            for _ in 0..16 {
+                let off = cursor.next_offset();
+                request(s, &mut dev, &mut ring, &mut queue, pattern, off, &mut maps)?;
+            }
+            n += 16;
+            if n * u64::from(SLICES) >= min_requests
+                && t0.elapsed() * SLICES >= budget * (slices.len() as u32 + 1)
+            {
+                break;
+            }
+        }
+        requests += n;
+        slices.push(thread_cpu().saturating_sub(c1).as_nanos() as f64 / n as f64);
+    }
+    slices.sort_by(f64::total_cmp);
+    s.flush()?;
+    let (wall, cpu) = (t0.elapsed(), thread_cpu().saturating_sub(c0));
+    let after = s.stats();
+    Ok(Measured {
+        requests,
+        bytes: requests * pattern.bytes() as u64,
+        wall,
+        cpu,
+        stats: ModeStats {
+            map_ops: after.map_ops - before.map_ops,
+            copy_bytes: after.copy_bytes - before.copy_bytes,
+            exposure_peak: after.exposure_peak,
+        },
+        slice_cpu_ns_per_request: slices,
+    })
+}

@@ -1,0 +1,138 @@
+//! Every mode serves every pattern correctly (the first request's data is checked
+//! against the disk image, the rng's against zeros, the net sink's frame count) and
+//! counts what the survey reports as the mode's rules say it must.
+#![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
+
+use std::time::Duration;
+use survey::modes::{POOL_SIZE, RAM_SIZE};
+use survey::run::{prepare_disk, Pattern, SLICES};
+use survey::{calibrate, run_one, Budget, Mode};
+
+const TINY: Budget = Budget {
+    per_cell: Duration::ZERO,
+    min_requests: 16,
+    calibration_iters: 16,
+};
+
+fn disk(tag: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("aperture-survey-{tag}-{}.img", std::process::id()));
+    prepare_disk(&p).unwrap();
+    p
+}
+
+/// Bytes of a request's buffers besides its payload: blk header 16 and status 1, net
+/// header 12.
+fn overhead(p: Pattern) -> u64 {
+    match p {
+        Pattern::Net64 | Pattern::Net1500 => 12,
+        Pattern::Rng64 => 0,
+        _ => 17,
+    }
+}
+
+#[test]
+fn every_mode_serves_every_pattern_and_counts_by_its_rules() {
+    let d = disk("all");
+    for pattern in Pattern::ALL {
+        for mode in Mode::ALL {
+            let m = run_one(mode, pattern, &d, TINY, 2048).unwrap_or_else(|e| {
+                panic!("{} {}: {e}", mode.name(), pattern.name());
+            });
+            let what = format!("{} {}", mode.name(), pattern.name());
+            // 16 requests in each slice.
+            let n = 16 * u64::from(SLICES);
+            assert_eq!(m.requests, n, "{what}");
+            assert_eq!(m.bytes, n * pattern.bytes() as u64, "{what}");
+            assert_eq!(m.slice_cpu_ns_per_request.len(), SLICES as usize, "{what}");
+            let buffers: u64 = match pattern {
+                // header, data (split at 256 KiB in pool mode), status
+                Pattern::Blk1mSeq if mode == Mode::Pool => 6,
+                Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => 3,
+                Pattern::Net64 | Pattern::Net1500 => 2,
+                Pattern::Rng64 => 1,
+            };
+            let s = m.stats;
+            match mode {
+                Mode::None => {
+                    assert_eq!((s.map_ops, s.copy_bytes), (0, 0), "{what}");
+                    assert_eq!(s.exposure_peak, RAM_SIZE, "{what}");
+                }
+                Mode::ViommuStrict | Mode::ViommuLazy => {
+                    // One MAP and one UNMAP per buffer, nothing copied, and the backend
+                    // reaches far less than RAM.
+                    assert_eq!(s.map_ops, n * 2 * buffers, "{what}");
+                    assert_eq!(s.copy_bytes, 0, "{what}");
+                    assert!(
+                        s.exposure_peak < RAM_SIZE / 8,
+                        "{what}: {}",
+                        s.exposure_peak
+                    );
+                }
+                Mode::GrantMap | Mode::GrantCopy => {
+                    // The backend maps (or copies) and unmaps every granted page of a
+                    // request; exposure is what is granted at once, far below RAM.
+                    assert!(s.map_ops >= n * buffers, "{what}: {}", s.map_ops);
+                    assert!(
+                        s.exposure_peak < RAM_SIZE / 8,
+                        "{what}: {}",
+                        s.exposure_peak
+                    );
+                    if mode == Mode::GrantCopy {
+                        assert!(s.copy_bytes >= m.bytes, "{what}: every byte copied");
+                    } else {
+                        assert_eq!(s.copy_bytes, 0, "{what}");
+                    }
+                }
+                Mode::GrantPersistent => {
+                    // Mapped once: no grant operation per request, one copy per byte.
+                    assert_eq!(s.map_ops, 0, "{what}");
+                    assert_eq!(s.copy_bytes, m.bytes + n * overhead(pattern), "{what}");
+                }
+                Mode::Pool => {
+                    assert_eq!(s.map_ops, 0, "{what}");
+                    assert!(s.copy_bytes >= m.bytes, "{what}: every byte bounced");
+                    assert_eq!(s.exposure_peak, POOL_SIZE, "{what}");
+                }
+                Mode::Auto => {
+                    // 2048-byte threshold: headers, status bytes and small packets bounce,
+                    // 4 KiB and larger data buffers are mapped.
+                    let mapped_per_req = match pattern {
+                        Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => 1,
+                        _ => 0,
+                    };
+                    assert_eq!(s.map_ops, n * 2 * mapped_per_req, "{what}");
+                    assert!(s.exposure_peak >= POOL_SIZE, "{what}");
+                    assert!(s.exposure_peak < POOL_SIZE + (4 << 20), "{what}");
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&d);
+}
+
+#[test]
+fn strict_unmap_leaves_nothing_reachable_but_the_ring() {
+    // After the cell, strict mode has unmapped every buffer: what stays is the ring.
+    let d = disk("strict");
+    let m = run_one(Mode::ViommuStrict, Pattern::Blk64k, &d, TINY, 0).unwrap();
+    // Peak: ring (3 pages) + header page + 64 KiB + status page at most.
+    assert!(m.stats.exposure_peak <= 3 * 4096 + 4096 + (64 << 10) + 4096);
+    let _ = std::fs::remove_file(&d);
+}
+
+#[test]
+fn calibration_finds_where_mapping_beats_copying() {
+    let c = calibrate(16).unwrap();
+    assert_eq!(c.points.len(), survey::CALIBRATION_SIZES.len());
+    for &(size, p, v) in &c.points {
+        assert!(p > 0.0 && v > 0.0, "{size}: {p} {v}");
+    }
+    // Whatever the machine, if a crossover is reported, mapping is no dearer from it on.
+    if let Some(x) = c.crossover {
+        assert!(c
+            .points
+            .iter()
+            .filter(|p| p.0 >= x)
+            .all(|&(_, p, v)| v <= p));
+    }
+}

@@ -17,6 +17,11 @@
 //! - [`iommu`]: [`PoolIommu`], the device side: a `vm_memory::Iommu` that translates
 //!   exactly the pool's range (identity) and faults everything else, so a backend
 //!   written against `GuestMemory` runs unchanged through `vm_memory::IommuMemory`.
+//! - [`ram`]: [`SplitRam`], guest RAM whose pool is its own memfd, so a backend in
+//!   another process can be handed the pool's file and nothing else, and
+//!   [`map_pool_file`], that backend's pool-only guest memory.
+//! - [`dt`]: the `restricted-dma-pool` reserved-memory node for a DT guest, and the
+//!   rules Linux applies when it builds a pool from one and attaches devices.
 //!
 //! The facts followed are in `reference/grants-pools-reserved.md` §2 (Linux
 //! `kernel/dma/swiotlb.c`, `include/linux/swiotlb.h`).
@@ -24,13 +29,17 @@
 #![deny(missing_docs)]
 
 pub mod dma;
+pub mod dt;
 pub mod iommu;
 pub mod pool;
+pub mod ram;
 pub mod slots;
 
 pub use dma::{DmaError, GuestDma};
+pub use dt::{DeviceNode, DtError, ReservedMemoryNode};
 pub use iommu::{PoolIommu, PoolIommuError};
 pub use pool::{BouncePool, PoolConfig, PoolError};
+pub use ram::{map_pool_file, RamError, SplitRam};
 pub use slots::{DeviceDma, PoolStats, SlotError, SlotIndex};
 
 use std::fmt;

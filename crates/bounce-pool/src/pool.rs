@@ -353,8 +353,21 @@ impl BouncePool {
             .lookup(addr.0)
             .filter(|r| r.kind == Kind::Streaming && addr.0 >= r.start)
             .ok_or(PoolError::NotMapped { addr })?;
+        self.bounce_in(mem, &rec, addr, size, to_device)
+    }
+
+    /// The copy of [`Self::bounce`] within the streaming mapping `rec`, which holds
+    /// `addr` at or after its start.
+    fn bounce_in<M: GuestMemory>(
+        &self,
+        mem: &M,
+        rec: &Record,
+        addr: DmaAddr,
+        size: usize,
+        to_device: bool,
+    ) -> Result<(), PoolError> {
         let orig = rec.orig + (addr.0 - rec.start);
-        let room = usize::try_from(rec.alloc_end - addr.0).unwrap_or(usize::MAX);
+        let room = usize::try_from(rec.alloc_end.saturating_sub(addr.0)).unwrap_or(usize::MAX);
         let len = if size > room {
             self.slots.note_overflow();
             room
@@ -424,12 +437,16 @@ impl BouncePool {
         dir: DmaDirection,
         attrs: Attrs,
     ) -> Result<(), PoolError> {
-        match self.slots.lookup(addr.0) {
-            Some(r) if r.kind == Kind::Streaming && r.start == addr.0 => {}
-            _ => return Err(PoolError::NotMapped { addr }),
-        }
+        // One lookup (no lock) finds the record for the copy back; the release takes
+        // the area lock once and re-checks the record, so a racing double unmap frees
+        // nothing twice.
+        let rec = self
+            .slots
+            .lookup(addr.0)
+            .filter(|r| r.kind == Kind::Streaming && r.start == addr.0)
+            .ok_or(PoolError::NotMapped { addr })?;
         let copied = if !attrs.skip_cpu_sync && dir.from_device() {
-            self.bounce(mem, addr, size, false)
+            self.bounce_in(mem, &rec, addr, size, false)
         } else {
             Ok(())
         };

@@ -6,14 +6,16 @@
 //! The pool is cut into 2 KiB slots grouped in 128-slot segments, and into areas of
 //! whole segments, each with its own lock and next-fit cursor; a thread starts in "its"
 //! area and tries the others in turn, so several vCPUs allocate without one global lock.
-//! Each slot records how many free slots run from it to the end of its segment
-//! (`list`), so an allocation never crosses a segment and a release merges with its
-//! free neighbours in one pass. Nothing here ever blocks for space: a search that finds
-//! no room fails at once.
+//! Each segment keeps one bit per free slot (Linux keeps `list`, the free slots from
+//! each slot to the end of its run; the bitmap answers the same question with a few
+//! word operations and merges a freed run with its neighbours for free), so an
+//! allocation never crosses a segment. The fast path is one area lock per allocation
+//! and one per release; looking up a mapping (syncs, unmap) takes none. Nothing here
+//! ever blocks for space: a search that finds no room fails at once.
 
 use crate::{IO_TLB_SEGSIZE, IO_TLB_SHIFT, IO_TLB_SIZE, MAX_MAPPING_SIZE, PAGE_SIZE};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// Index of a slot in its pool (0 = the slot at the pool's base).
@@ -218,37 +220,54 @@ pub(crate) struct Record {
 /// No owner.
 const FREE: u32 = u32::MAX;
 
+/// A segment's free map with every slot free.
+const ALL_FREE: u128 = u128::MAX;
+
+/// The lock-protected part of an area: which slots are free, and the cursor.
+///
+/// Linux keeps `slots[i].list` (free slots from `i` to the end of its segment) and
+/// walks it to merge runs; here a segment is one `u128` with a bit per free slot, so
+/// "`list[i] >= nslots`" is "bits `i..i + nslots` are all set" (one shift-and per
+/// doubling of `nslots`), taking a run is clearing its bits, and freeing is setting
+/// them — the merge with free neighbours is implicit. [`SlotAllocator::free_run`]
+/// gives Linux's `list` value back for tests.
 struct Area {
-    /// `area->index`: where the next search starts (area-local).
+    /// `area->index`: where the next search starts (area-local slot).
     index: usize,
     /// `area->used`.
     used: usize,
-    /// `slots[i].list`: free slots from i to the end of its segment, 0 if in use.
-    list: Vec<u32>,
-    /// Area-local first slot of the allocation holding each slot, or [`FREE`].
-    owner: Vec<u32>,
-    /// The record of the allocation starting at each slot (valid where it starts).
-    records: Vec<Option<Record>>,
+    /// Bit `j` of `free[s]`: area-local slot `s * 128 + j` is free.
+    free: Vec<u128>,
 }
 
-impl Area {
-    fn new(nslots: usize) -> Self {
-        Self {
-            index: 0,
-            used: 0,
-            // Initialised 128, 127, … 1 in each segment.
-            list: (0..nslots)
-                .map(|i| (IO_TLB_SEGSIZE - i % IO_TLB_SEGSIZE) as u32)
-                .collect(),
-            owner: vec![FREE; nslots],
-            records: vec![None; nslots],
-        }
+/// A value alone on its cache line(s) (128 bytes: two lines, for CPUs that fetch
+/// lines in pairs), so that threads using different areas, or the shared counters,
+/// do not slow each other down by writing to the same line.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
     }
 }
 
 fn lock(a: &Mutex<Area>) -> MutexGuard<'_, Area> {
     // Areas are mutated only after every check, in steps that leave them consistent.
     a.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A live allocation's record, readable without the area lock. Written only under
+/// the lock of the area holding the slots, before the slots' owner entries are
+/// published (`Release`); read after loading an owner entry (`Acquire`).
+#[derive(Default)]
+struct RecCell {
+    start: AtomicU64,
+    orig: AtomicU64,
+    alloc_end: AtomicU64,
+    /// `size << 1 | coherent`.
+    size_kind: AtomicU64,
 }
 
 /// Source of per-thread start areas (Linux: `raw_smp_processor_id()`).
@@ -268,14 +287,74 @@ fn thread_area_hint() -> usize {
     })
 }
 
+/// Bits `0, stride, 2 * stride, …` of a segment (`stride` a power of two ≤ 128).
+fn every(stride: usize) -> u128 {
+    /// `EVERY[k]`: every `2^k`-th bit.
+    const EVERY: [u128; 8] = {
+        let mut t = [0u128; 8];
+        let mut k = 0;
+        while k < 8 {
+            let mut m = 1u128;
+            let mut s = 1usize << k;
+            while s < IO_TLB_SEGSIZE {
+                m |= m << s;
+                s *= 2;
+            }
+            t[k] = m;
+            k += 1;
+        }
+        t
+    };
+    EVERY[(stride.clamp(1, IO_TLB_SEGSIZE).trailing_zeros() as usize).min(7)]
+}
+
+/// Bit `p` set iff bits `p .. p + n` of `free` are all set (`1 <= n <= 128`): the
+/// run starts that fit `n` slots without leaving the segment.
+fn run_starts(free: u128, n: usize) -> u128 {
+    let mut r = free;
+    let mut len = 1;
+    while len < n {
+        let s = len.min(n - len);
+        r &= r >> s;
+        len += s;
+    }
+    r
+}
+
+/// `n` bits from bit `at` (`at + n <= 128`).
+fn bits(at: usize, n: usize) -> u128 {
+    let ones = if n >= 128 {
+        u128::MAX
+    } else {
+        (1u128 << n) - 1
+    };
+    ones << at
+}
+
 /// The allocator of one pool at guest-physical `base`.
+///
+/// # Locking
+/// A search and a release each take exactly one area lock. Lookups (syncs, and the
+/// check an unmap makes before it copies back) take none: they read the owner and
+/// record tables, which only change under an area lock while the slots concerned are
+/// allocated or being freed. A caller that holds a mapping therefore reads exactly
+/// what its map stored; a driver racing an unmap against another unmap or sync of the
+/// same mapping (a bug Linux does not catch either) can at worst have its own copy use
+/// a stale record — every copy is still bounded by guest memory, and the release
+/// itself re-checks under the lock, so a slot is never freed twice.
 pub struct SlotAllocator {
     base: u64,
     nslots: usize,
     area_nslots: usize,
-    areas: Box<[Mutex<Area>]>,
-    used: AtomicUsize,
-    high_water: AtomicUsize,
+    areas: Box<[Padded<Mutex<Area>>]>,
+    /// Per slot: the (pool-wide) first slot of the allocation holding it, or [`FREE`].
+    owner: Box<[AtomicU32]>,
+    /// Per first slot: the record of the allocation starting there.
+    recs: Box<[RecCell]>,
+    /// Written by every allocation and release of every area (Linux's `total_used`).
+    used: Padded<AtomicUsize>,
+    /// Read by every allocation, written only when the mark rises.
+    high_water: Padded<AtomicUsize>,
     failed: AtomicU64,
     overflows: AtomicU64,
 }
@@ -286,8 +365,26 @@ impl std::fmt::Debug for SlotAllocator {
             .field("base", &format_args!("{:#x}", self.base))
             .field("nslots", &self.nslots)
             .field("areas", &self.areas.len())
-            .field("used", &self.used)
+            .field("used", &*self.used)
             .finish_non_exhaustive()
+    }
+}
+
+/// The alignment constraints of one request, fixed before the search.
+struct Placement {
+    /// Candidate first slots in every segment (alignment and `min_align_mask`).
+    accept: u128,
+    /// `nr_slots(tbl_dma_addr)` of `iommu_is_span_boundary`.
+    shift: u64,
+    /// Slots per device boundary window (a power of two).
+    max_slots: u64,
+}
+
+impl Placement {
+    /// `iommu_is_span_boundary(slot, nslots, shift, max_slots)`.
+    fn crosses(&self, slot: usize, nslots: usize) -> bool {
+        let offset = self.shift.wrapping_add(slot as u64) & (self.max_slots - 1);
+        offset + nslots as u64 > self.max_slots
     }
 }
 
@@ -317,10 +414,18 @@ impl SlotAllocator {
             nslots,
             area_nslots,
             areas: (0..areas)
-                .map(|_| Mutex::new(Area::new(area_nslots)))
+                .map(|_| {
+                    Padded(Mutex::new(Area {
+                        index: 0,
+                        used: 0,
+                        free: vec![ALL_FREE; area_nslots / IO_TLB_SEGSIZE],
+                    }))
+                })
                 .collect(),
-            used: AtomicUsize::new(0),
-            high_water: AtomicUsize::new(0),
+            owner: (0..nslots).map(|_| AtomicU32::new(FREE)).collect(),
+            recs: (0..nslots).map(|_| RecCell::default()).collect(),
+            used: Padded(AtomicUsize::new(0)),
+            high_water: Padded(AtomicUsize::new(0)),
             failed: AtomicU64::new(0),
             overflows: AtomicU64::new(0),
         })
@@ -368,8 +473,8 @@ impl SlotAllocator {
 
     /// `swiotlb_find_slots`: finds `nr_slots(alloc_size)` free slots for a buffer at
     /// `orig` (`None` for a coherent allocation, which has no original) and records
-    /// the allocation `make(first slot address)` returns, under the area's lock.
-    /// Starts in the calling thread's area and tries every other once.
+    /// the allocation `make(first slot address, slots)` returns, under the area's
+    /// lock. Starts in the calling thread's area and tries every other once.
     pub(crate) fn alloc(
         &self,
         orig: Option<u64>,
@@ -390,20 +495,17 @@ impl SlotAllocator {
             });
         }
         let nslots = nslots as usize;
+        let place = self.placement(orig, alloc_size, alloc_align_mask, dev);
         let nareas = self.areas.len();
-        let start = thread_area_hint() & (nareas - 1);
+        let start = if nareas == 1 {
+            0
+        } else {
+            thread_area_hint() & (nareas - 1)
+        };
         let mut make = Some(make);
         for k in 0..nareas {
             let a = (start + k) & (nareas - 1);
-            if let Some(rec) = self.search_area(
-                a,
-                orig,
-                alloc_size,
-                nslots,
-                alloc_align_mask,
-                dev,
-                &mut make,
-            ) {
+            if let Some(rec) = self.search_area(a, nslots, &place, &mut make) {
                 return Ok(rec);
             }
         }
@@ -415,21 +517,16 @@ impl SlotAllocator {
         })
     }
 
-    /// `swiotlb_search_pool_area`, step for step.
-    #[allow(clippy::too_many_arguments)]
-    fn search_area<F: FnOnce(u64, usize) -> Record>(
+    /// The alignment rules of `swiotlb_search_pool_area`, as a set of candidate first
+    /// slots per segment.
+    fn placement(
         &self,
-        area_index: usize,
         orig: Option<u64>,
         alloc_size: u64,
-        nslots: usize,
         mut alloc_align_mask: u64,
         dev: &DeviceDma,
-        make: &mut Option<F>,
-    ) -> Option<Record> {
-        let boundary_mask = dev.seg_boundary_mask;
-        let tbl_dma_addr = self.base & boundary_mask;
-        let max_slots = dev.max_slots();
+    ) -> Placement {
+        let tbl_dma_addr = self.base & dev.seg_boundary_mask;
         let mut iotlb_align_mask = dev.min_align_mask;
         // "Historically, swiotlb allocations >= PAGE_SIZE were guaranteed to be
         // page-aligned in the absence of any other alignment requirements."
@@ -440,77 +537,141 @@ impl SlotAllocator {
         // kept by the pre-padding offset instead of by slot choice.
         alloc_align_mask |= IO_TLB_SIZE - 1;
         iotlb_align_mask &= !alloc_align_mask;
+        // Linux's stride: the acceptable first slots repeat every `stride` slots, one
+        // per period (the rules fix the address bits below `stride * 2 KiB`). Masks
+        // are below a segment (checked by the callers), so `stride` divides 128 and
+        // every segment — which starts at a multiple of 256 KiB from the base — has
+        // the same candidates.
         let stride = (nr_slots(alloc_align_mask.max(iotlb_align_mask).saturating_add(1)) as usize)
-            .clamp(1, self.area_nslots);
-        let n = self.area_nslots;
-        let wrap = |i: usize| if i >= n { 0 } else { i };
+            .clamp(1, IO_TLB_SEGSIZE);
+        let ok = |slot: usize| {
+            let tlb_addr = tbl_dma_addr.wrapping_add((slot as u64) << IO_TLB_SHIFT);
+            tlb_addr & alloc_align_mask == 0
+                && orig.is_none_or(|o| tlb_addr & iotlb_align_mask == o & iotlb_align_mask)
+        };
+        // The slot address is `tbl_dma_addr + slot * 2 KiB`; the pool base may be only
+        // page-aligned, so find the phase by trying one period.
+        let accept = (0..stride)
+            .find(|&p| ok(p))
+            .map_or(0, |p| every(stride) << p);
+        Placement {
+            accept,
+            shift: nr_slots(tbl_dma_addr),
+            max_slots: dev.max_slots(),
+        }
+    }
 
+    /// `swiotlb_search_pool_area`: the first candidate slot at or after the area's
+    /// cursor, wrapping around once, whose `nslots` slots are free, in one segment
+    /// and inside one device boundary window — Linux's visiting order, a segment's
+    /// worth of candidates at a time.
+    fn search_area<F: FnOnce(u64, usize) -> Record>(
+        &self,
+        area_index: usize,
+        nslots: usize,
+        place: &Placement,
+        make: &mut Option<F>,
+    ) -> Option<Record> {
+        let n = self.area_nslots;
+        let slot_base = area_index * n;
         let mut area = lock(&self.areas[area_index]);
         if nslots > n - area.used {
             return None;
         }
-        let slot_base = area_index * n;
-        let mut index = area.index;
-        let mut checked = 0;
-        let found = loop {
-            if checked >= n {
-                return None;
+        let nsegs = area.free.len();
+        let (seg0, off) = (area.index / IO_TLB_SEGSIZE, area.index % IO_TLB_SEGSIZE);
+        let below_off = bits(0, off);
+        // Segment seg0 from the cursor, the other segments in order, then seg0 below
+        // the cursor.
+        let visits = std::iter::once((seg0, !below_off))
+            .chain((1..nsegs).map(|k| ((seg0 + k) % nsegs, ALL_FREE)))
+            .chain((off > 0).then_some((seg0, below_off)));
+        let mut found = None;
+        'outer: for (seg, window) in visits {
+            let mut cand = run_starts(area.free[seg], nslots) & place.accept & window;
+            while cand != 0 {
+                let p = cand.trailing_zeros() as usize;
+                let local = seg * IO_TLB_SEGSIZE + p;
+                if !place.crosses(slot_base + local, nslots) {
+                    found = Some((seg, p));
+                    break 'outer;
+                }
+                cand &= cand - 1;
             }
-            let slot_index = slot_base + index;
-            let tlb_addr = tbl_dma_addr.wrapping_add((slot_index as u64) << IO_TLB_SHIFT);
-            let misaligned = tlb_addr & alloc_align_mask != 0
-                || orig.is_some_and(|o| tlb_addr & iotlb_align_mask != o & iotlb_align_mask);
-            if misaligned {
-                index = wrap(index + 1);
-                checked += 1;
-                continue;
-            }
-            // iommu_is_span_boundary(slot_index, nslots, nr_slots(tbl_dma_addr), max_slots)
-            let shift = nr_slots(tbl_dma_addr);
-            let offset = shift.wrapping_add(slot_index as u64) & (max_slots - 1);
-            let crosses = offset + nslots as u64 > max_slots;
-            if !crosses && area.list[index] as usize >= nslots {
-                break index;
-            }
-            index = wrap(index + stride);
-            checked += stride;
-        };
-
-        // Take the run, and shorten the free run counts of the free slots before it in
-        // the same segment.
-        for i in found..found + nslots {
-            area.list[i] = 0;
-            area.owner[i] = found as u32;
         }
-        let mut count = 0;
-        let mut i = found;
-        while !i.is_multiple_of(IO_TLB_SEGSIZE) && area.list[i - 1] != 0 {
-            i -= 1;
-            count += 1;
-            area.list[i] = count;
-        }
-        area.index = wrap(found + nslots);
+        let (seg, p) = found?;
+        let local = seg * IO_TLB_SEGSIZE + p;
+        area.free[seg] &= !bits(p, nslots);
+        let next = local + nslots;
+        area.index = if next >= n { 0 } else { next };
         area.used += nslots;
         let used = self.used.fetch_add(nslots, Ordering::Relaxed) + nslots;
-        self.high_water.fetch_max(used, Ordering::Relaxed);
+        if used > self.high_water.load(Ordering::Relaxed) {
+            self.high_water.fetch_max(used, Ordering::Relaxed);
+        }
         let make = make
             .take()
             .expect("called once: the search returns after it");
-        let rec = make(self.slot_addr(SlotIndex(slot_base + found)), nslots);
-        area.records[found] = Some(rec);
+        let first = slot_base + local;
+        let rec = make(self.slot_addr(SlotIndex(first)), nslots);
+        let cell = &self.recs[first];
+        cell.start.store(rec.start, Ordering::Relaxed);
+        cell.orig.store(rec.orig, Ordering::Relaxed);
+        cell.alloc_end.store(rec.alloc_end, Ordering::Relaxed);
+        cell.size_kind.store(
+            ((rec.size as u64) << 1) | u64::from(rec.kind == Kind::Coherent),
+            Ordering::Relaxed,
+        );
+        // `first` < 2^31: checked in `new`.
+        for o in &self.owner[first..first + nslots] {
+            o.store(first as u32, Ordering::Release);
+        }
         Some(rec)
     }
 
-    /// The live allocation holding the slot at guest-physical `addr`, if any.
+    /// The record at first slot `first`.
+    fn record(&self, first: usize) -> Record {
+        let cell = &self.recs[first];
+        let start = cell.start.load(Ordering::Relaxed);
+        let alloc_end = cell.alloc_end.load(Ordering::Relaxed);
+        let size_kind = cell.size_kind.load(Ordering::Relaxed);
+        let first_addr = self.slot_addr(SlotIndex(first));
+        Record {
+            kind: if size_kind & 1 == 1 {
+                Kind::Coherent
+            } else {
+                Kind::Streaming
+            },
+            start,
+            orig: cell.orig.load(Ordering::Relaxed),
+            size: usize::try_from(size_kind >> 1).unwrap_or(usize::MAX),
+            alloc_end,
+            first: SlotIndex(first),
+            // The allocation was nr_slots(alloc_end - first_addr) slots, at most a
+            // segment (a stale record under a racing bug is clamped to one).
+            nslots: (nr_slots(alloc_end.saturating_sub(first_addr)) as usize)
+                .clamp(1, IO_TLB_SEGSIZE),
+        }
+    }
+
+    /// The live allocation holding the slot at guest-physical `addr`, if any, read
+    /// without a lock (see the type's "Locking").
     pub(crate) fn lookup(&self, addr: u64) -> Option<Record> {
         let slot = self.slot_of(addr)?;
-        let (a, local) = (slot / self.area_nslots, slot % self.area_nslots);
-        let area = lock(&self.areas[a]);
-        let owner = area.owner[local];
-        if owner == FREE {
+        let first = self.owner[slot].load(Ordering::Acquire);
+        if first == FREE {
             return None;
         }
-        area.records[owner as usize]
+        Some(self.record(first as usize))
+    }
+
+    /// The area of pool-wide slot `slot`, and the slot's index in it.
+    fn area_of(&self, slot: usize) -> (usize, usize) {
+        if self.areas.len() == 1 {
+            (0, slot)
+        } else {
+            (slot / self.area_nslots, slot % self.area_nslots)
+        }
     }
 
     /// The slot holding guest-physical `addr`, if it is in the pool.
@@ -520,42 +681,38 @@ impl SlotAllocator {
         (slot < self.nslots).then_some(slot)
     }
 
-    /// `swiotlb_release_slots`: frees the allocation of `kind` handed out at `start`,
-    /// merging the run with its free neighbours in the segment. Returns its record.
+    /// `swiotlb_release_slots`: frees the allocation of `kind` handed out at `start`
+    /// (re-checked under the area lock), which merges it with its free neighbours.
+    /// Returns its record.
+    ///
+    /// Placement differs from Linux in one respect: Linux's cursor only moves
+    /// forward, so a map after an unmap lands on slots no one touched lately; here a
+    /// release before the cursor pulls the cursor back to it, so the next search
+    /// starts at the lowest recently freed run and reuses slots that are still in
+    /// the CPU's cache. Which free slots a mapping gets is not part of swiotlb's
+    /// contract (it already depends on the CPU and on other mappings); every
+    /// placement rule still holds.
     pub(crate) fn release(&self, start: u64, kind: Kind) -> Option<Record> {
         let slot = self.slot_of(start)?;
-        let (a, local) = (slot / self.area_nslots, slot % self.area_nslots);
+        let (a, local) = self.area_of(slot);
         let mut area = lock(&self.areas[a]);
-        let owner = area.owner[local];
-        if owner == FREE {
+        let first = self.owner[slot].load(Ordering::Relaxed);
+        if first == FREE {
             return None;
         }
-        let first = owner as usize;
-        let rec = area.records[first]?;
+        let first = first as usize;
+        let rec = self.record(first);
         if rec.start != start || rec.kind != kind {
             return None;
         }
         let nslots = rec.nslots;
-        // Step 1: free the run, merging with the free run after it in the segment.
-        let end = first + nslots;
-        let mut count = if end < (first + 1).next_multiple_of(IO_TLB_SEGSIZE) {
-            area.list[end]
-        } else {
-            0
-        };
-        for i in (first..end).rev() {
-            count += 1;
-            area.list[i] = count;
-            area.owner[i] = FREE;
+        for o in &self.owner[first..first + nslots] {
+            o.store(FREE, Ordering::Relaxed);
         }
-        area.records[first] = None;
-        // Step 2: merge with the free slots before it in the segment.
-        let mut i = first;
-        while !i.is_multiple_of(IO_TLB_SEGSIZE) && area.list[i - 1] != 0 {
-            i -= 1;
-            count += 1;
-            area.list[i] = count;
-        }
+        let local_first = local - (slot - first);
+        let (seg, p) = (local_first / IO_TLB_SEGSIZE, local_first % IO_TLB_SEGSIZE);
+        area.free[seg] |= bits(p, nslots);
+        area.index = area.index.min(local_first);
         area.used -= nslots;
         self.used.fetch_sub(nslots, Ordering::Relaxed);
         Some(rec)
@@ -566,9 +723,22 @@ impl SlotAllocator {
     pub fn free_map(&self) -> Vec<bool> {
         let mut out = Vec::with_capacity(self.nslots);
         for a in self.areas.iter() {
-            out.extend(lock(a).owner.iter().map(|&o| o == FREE));
+            for seg in &lock(a).free {
+                out.extend((0..IO_TLB_SEGSIZE).map(|j| seg >> j & 1 == 1));
+            }
         }
         out
+    }
+
+    /// Linux's `slots[i].list` for slot `i`: free slots from `i` up to the first used
+    /// one or the end of its segment (0 if `i` is used).
+    pub fn free_run(&self, i: SlotIndex) -> usize {
+        let (a, local) = (i.0 / self.area_nslots, i.0 % self.area_nslots);
+        let Some(area) = self.areas.get(a) else {
+            return 0;
+        };
+        let seg = lock(area).free[local / IO_TLB_SEGSIZE];
+        (!(seg >> (local % IO_TLB_SEGSIZE))).trailing_zeros() as usize
     }
 }
 
@@ -589,13 +759,28 @@ mod tests {
         }
     }
 
+    fn lists(s: &SlotAllocator) -> Vec<usize> {
+        (0..s.total_slots())
+            .map(|i| s.free_run(SlotIndex(i)))
+            .collect()
+    }
+
     #[test]
     fn list_counts_start_at_128_down_to_1_per_segment() {
         let s = SlotAllocator::new(0x10_0000, 2, 1).unwrap();
-        let a = lock(&s.areas[0]);
-        assert_eq!(a.list[0], 128);
-        assert_eq!(a.list[127], 1);
-        assert_eq!(a.list[128], 128);
+        let l = lists(&s);
+        assert_eq!((l[0], l[127], l[128], l[255]), (128, 1, 128, 1));
+    }
+
+    #[test]
+    fn list_counts_stop_at_a_used_slot() {
+        let s = SlotAllocator::new(0x10_0000, 1, 1).unwrap();
+        let d = DeviceDma::default();
+        let x = s.alloc(Some(0), 3 * 2048, 0, &d, rec(Kind::Streaming));
+        let x = x.unwrap();
+        assert_eq!(x.start, 0x10_0000, "page-aligned at slot 0");
+        let l = lists(&s);
+        assert_eq!(&l[..5], &[0, 0, 0, 125, 124]);
     }
 
     #[test]
@@ -608,10 +793,62 @@ mod tests {
         s.release(y.start, Kind::Streaming).unwrap();
         s.release(x.start, Kind::Streaming).unwrap();
         s.release(z.start, Kind::Streaming).unwrap();
-        let a = lock(&s.areas[0]);
-        let expect: Vec<u32> = (1..=128).rev().collect();
-        assert_eq!(a.list, expect);
-        assert_eq!(a.used, 0);
+        let expect: Vec<usize> = (1..=128).rev().collect();
+        assert_eq!(lists(&s), expect);
+        assert_eq!(s.stats().used_slots, 0);
+    }
+
+    #[test]
+    fn release_pulls_the_cursor_back_so_freed_slots_are_reused_first() {
+        let s = SlotAllocator::new(0x10_0000, 1, 1).unwrap();
+        let d = DeviceDma::default();
+        let x = s.alloc(Some(0), 2048, 0, &d, rec(Kind::Streaming)).unwrap();
+        let y = s.alloc(Some(0), 2048, 0, &d, rec(Kind::Streaming)).unwrap();
+        s.release(x.start, Kind::Streaming).unwrap();
+        let z = s.alloc(Some(0), 2048, 0, &d, rec(Kind::Streaming)).unwrap();
+        assert_eq!(
+            z.start, x.start,
+            "the freed slot, not the next untouched one"
+        );
+        let w = s.alloc(Some(0), 2048, 0, &d, rec(Kind::Streaming)).unwrap();
+        assert_eq!(w.start, y.start + 2048, "then on past the live ones");
+    }
+
+    #[test]
+    fn search_wraps_from_the_cursor_and_visits_the_segment_below_it_last() {
+        let s = SlotAllocator::new(0x10_0000, 2, 1).unwrap();
+        let d = DeviceDma::default();
+        let a = s.alloc(Some(0), 2048, 0, &d, rec(Kind::Streaming)).unwrap();
+        // Fill the rest of segment 0 and all of segment 1 in one-segment pieces.
+        let b = s
+            .alloc(Some(0), 127 * 2048, 0x7ff, &d, rec(Kind::Streaming))
+            .unwrap();
+        let c = s
+            .alloc(Some(0), 128 * 2048, 0x7ff, &d, rec(Kind::Streaming))
+            .unwrap();
+        assert_eq!((b.start, c.start), (0x10_0800, 0x14_0000));
+        s.release(a.start, Kind::Streaming).unwrap();
+        let e = s.alloc(Some(0), 2048, 0, &d, rec(Kind::Streaming)).unwrap();
+        assert_eq!(e.start, a.start);
+        assert!(matches!(
+            s.alloc(Some(0), 2048, 0, &d, rec(Kind::Streaming)),
+            Err(SlotError::Full {
+                total: 256,
+                used: 256,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn run_starts_and_every_are_exact() {
+        assert_eq!(run_starts(0b1110111, 3), 0b0010001);
+        assert_eq!(run_starts(u128::MAX, 128), 1);
+        assert_eq!(run_starts(u128::MAX, 127), 0b11);
+        assert_eq!(every(1), u128::MAX);
+        assert_eq!(every(2) & 0xff, 0x55);
+        assert_eq!(every(64), 1 | (1 << 64));
+        assert_eq!(every(128), 1);
     }
 
     #[test]

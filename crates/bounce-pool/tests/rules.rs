@@ -1,6 +1,7 @@
 //! The restricted-pool acceptance list (reference/grants-pools-reserved.md §2.7, items
-//! 2–9), one test per rule, on guest RAM with the pool inside it and the original
-//! buffers elsewhere in it.
+//! 1–9), one test per rule, on guest RAM with the pool inside it and the original
+//! buffers elsewhere in it. (Item 10, concurrency, is in `model.rs`; item 9 for a
+//! backend in its own process is in `backend_process.rs`.)
 
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
@@ -61,6 +62,179 @@ const BIDI: DmaDirection = DmaDirection::Bidirectional;
 
 fn nodev() -> DeviceDma {
     DeviceDma::default()
+}
+
+// §2.7 item 1: pools from the device tree.
+
+const MIB: u64 = 1 << 20;
+
+fn dt_ram() -> [std::ops::Range<u64>; 1] {
+    #[allow(clippy::single_range_in_vec_init)] // one RAM range, not a list of numbers
+    [0..RAM as u64]
+}
+
+fn restricted_node(phandle: u32) -> ReservedMemoryNode {
+    ReservedMemoryNode::restricted(Gpa(POOL), POOL_SIZE, phandle)
+}
+
+#[test]
+fn dt_pool_from_reg_is_built_at_reg_with_one_area() {
+    let cfg = restricted_node(1).pool_config(&dt_ram()).unwrap();
+    assert_eq!(
+        cfg,
+        PoolConfig {
+            base: Gpa(POOL),
+            size: POOL_SIZE,
+            areas: 1
+        }
+    );
+    let pool = BouncePool::new(&ram(), &cfg).unwrap();
+    assert_eq!(pool.range(), POOL..POOL + POOL_SIZE);
+    // A reg outside RAM, or not page-aligned, builds nothing.
+    let mut n = restricted_node(1);
+    n.reg = Some((RAM as u64 - MIB / 2, MIB));
+    assert!(matches!(
+        n.pool_config(&dt_ram()),
+        Err(DtError::NotInRam { .. })
+    ));
+    n.reg = Some((POOL + 0x800, MIB));
+    assert!(matches!(
+        n.pool_config(&dt_ram()),
+        Err(DtError::BadReg { .. })
+    ));
+}
+
+#[test]
+fn dt_pool_from_size_and_alignment_is_placed_top_down_aligned_in_alloc_ranges() {
+    let node = |size, alignment, alloc_ranges| ReservedMemoryNode {
+        name: "restricted-dma-pool".into(),
+        compatible: vec!["restricted-dma-pool".into()],
+        size: Some(size),
+        alignment,
+        alloc_ranges,
+        ..Default::default()
+    };
+    // Anywhere in RAM: the top of it.
+    let c = node(MIB, Some(0x1000), vec![])
+        .pool_config(&dt_ram())
+        .unwrap();
+    assert_eq!((c.base, c.size, c.areas), (Gpa(RAM as u64 - MIB), MIB, 1));
+    // Inside an alloc-range ending off alignment: the highest 4 MiB-aligned base.
+    let c = node(MIB, Some(4 * MIB), vec![(MIB, 10 * MIB - 0x1000)])
+        .pool_config(&dt_ram())
+        .unwrap();
+    assert_eq!(c.base, Gpa(8 * MIB));
+    // Ranges are cut to RAM; a size off whole segments keeps whole segments.
+    let c = node(MIB + 0x1000, None, vec![(12 * MIB, 64 * MIB)])
+        .pool_config(&dt_ram())
+        .unwrap();
+    assert_eq!((c.base.0 % PAGE_SIZE, c.size), (0, MIB));
+    assert!(c.base.0 + MIB + 0x1000 <= RAM as u64);
+    // No room, bad alignment.
+    assert!(matches!(
+        node(2 * MIB, None, vec![(0, MIB)]).pool_config(&dt_ram()),
+        Err(DtError::NoRoom { .. })
+    ));
+    assert!(matches!(
+        node(MIB, Some(0x3000), vec![]).pool_config(&dt_ram()),
+        Err(DtError::BadAlignment { .. })
+    ));
+}
+
+#[test]
+fn dt_node_with_no_map_reusable_cma_default_or_dma_default_is_rejected() {
+    type Set = fn(&mut ReservedMemoryNode);
+    let cases: [(&str, Set); 4] = [
+        ("no-map", |n| n.no_map = true),
+        ("reusable", |n| n.reusable = true),
+        ("linux,cma-default", |n| n.linux_cma_default = true),
+        ("linux,dma-default", |n| n.linux_dma_default = true),
+    ];
+    for (prop, set) in cases {
+        let mut n = restricted_node(1);
+        set(&mut n);
+        let e = n.pool_config(&dt_ram()).unwrap_err();
+        assert_eq!(
+            e,
+            DtError::Forbidden {
+                node: n.name.clone(),
+                property: prop
+            }
+        );
+        assert!(e.to_string().contains(prop), "{e}");
+    }
+    let mut other = restricted_node(1);
+    other.compatible = vec!["shared-dma-pool".into()];
+    assert!(matches!(
+        other.pool_config(&dt_ram()),
+        Err(DtError::NotRestricted { .. })
+    ));
+}
+
+#[test]
+fn dt_second_restricted_pool_on_one_device_is_ignored() {
+    let mut cma = restricted_node(1);
+    cma.compatible = vec!["shared-dma-pool".into()];
+    let mut off = restricted_node(2);
+    off.status = Some("disabled".into());
+    let first = restricted_node(3);
+    let second = ReservedMemoryNode::restricted(Gpa(POOL + POOL_SIZE), POOL_SIZE, 4);
+    let nodes = [cma, off, first.clone(), second];
+    let dev = dt::DeviceNode {
+        memory_region: vec![1, 2, 3, 4],
+        behind_iommu: false,
+    };
+    // Not the shared pool, not the disabled one, the first restricted one; the
+    // fourth is ignored.
+    assert_eq!(dt::restricted_pool_for(&dev, None, &nodes), Some(&first));
+    // With no memory-region of its own, the device takes its DMA parent's.
+    let bare = dt::DeviceNode::default();
+    let bridge = dt::DeviceNode {
+        memory_region: vec![4],
+        behind_iommu: false,
+    };
+    assert_eq!(
+        dt::restricted_pool_for(&bare, Some(&bridge), &nodes).map(|n| n.phandle),
+        Some(4)
+    );
+    assert_eq!(dt::restricted_pool_for(&bare, None, &nodes), None);
+}
+
+#[test]
+fn dt_device_behind_an_iommu_ignores_the_pool() {
+    let nodes = [restricted_node(7)];
+    let dev = dt::DeviceNode {
+        memory_region: vec![7],
+        behind_iommu: true,
+    };
+    assert_eq!(dt::restricted_pool_for(&dev, None, &nodes), None);
+}
+
+#[test]
+fn dt_emitted_node_is_the_binding_form_and_builds_the_same_pool() {
+    let n = ReservedMemoryNode::restricted(Gpa(0x1_4000_0000), 64 * MIB, 0x8001);
+    assert_eq!(
+        dt::reserved_memory_dts(std::slice::from_ref(&n)),
+        "reserved-memory {\n\
+         \t#address-cells = <0x2>;\n\
+         \t#size-cells = <0x2>;\n\
+         \tranges;\n\
+         \n\
+         \trestricted_dma_reserved: restricted-dma-pool@140000000 {\n\
+         \t\tcompatible = \"restricted-dma-pool\";\n\
+         \t\treg = <0x1 0x40000000 0x0 0x4000000>;\n\
+         \t\tphandle = <0x8001>;\n\
+         \t};\n\
+         };\n"
+    );
+    assert_eq!(
+        dt::memory_region_property(dt::POOL_LABEL),
+        "memory-region = <&restricted_dma_reserved>;"
+    );
+    // What we emit is what a guest accepts, at the same place.
+    let ram = [0..0x2_0000_0000u64, 0x3_0000_0000..0x3_1000_0000];
+    let cfg = n.pool_config(&ram).unwrap();
+    assert_eq!((cfg.base, cfg.size), (Gpa(0x1_4000_0000), 64 * MIB));
 }
 
 // §2.7 item 2: geometry.

@@ -2,7 +2,8 @@
 # The whole test run of Aperture, from a fresh clone on Debian 12 (bookworm):
 # formatting, lints, then every unit, integration, property and doc test
 # (`aperture demo` runs too, as an end-to-end smoke test in crates/aperture/tests/cli.rs),
-# then the end-to-end suite scripts/e2e.sh (a real guest against `aperture serve`).
+# then the end-to-end suites: scripts/e2e.sh (a real guest against `aperture serve`),
+# scripts/e2e-vhost.sh and scripts/e2e-frontend.sh (vhost-user back-ends out of process).
 # CI runs exactly this script (.ci/run).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -59,5 +60,13 @@ cargo test --workspace
 # QEMU and the guest kernel first (cached; needs root the first time, as CI runs).
 say "scripts/e2e.sh"
 scripts/e2e.sh
+
+# Out-of-process back-ends over vhost-user: QEMU as the front-end of ours, then our
+# device host as the front-end of ours and of a third-party back-end from the registry.
+say "scripts/e2e-vhost.sh"
+scripts/e2e-vhost.sh
+
+say "scripts/e2e-frontend.sh"
+scripts/e2e-frontend.sh
 
 say "PASS: formatting, lints and all tests of the workspace"

@@ -417,23 +417,6 @@ impl Sharing for Viommu {
     }
 }
 
-fn pool_dma(mem: &GuestMemoryMmap) -> Result<GuestDma<GuestMemoryMmap>, String> {
-    let pool = BouncePool::new(
-        mem,
-        &PoolConfig {
-            base: Gpa(POOL_GPA),
-            size: POOL_SIZE,
-            areas: 1,
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    Ok(GuestDma::new(
-        mem.clone(),
-        Arc::new(pool),
-        DeviceDma::default(),
-    ))
-}
-
 /// Bytes swiotlb copies for one buffer over its life: in at map (every direction, so
 /// no stale pool data reaches the device), back at unmap for device-written buffers.
 fn bounce_copies(len: usize, dir: Dir) -> u64 {
@@ -443,52 +426,40 @@ fn bounce_copies(len: usize, dir: Dir) -> u64 {
     }
 }
 
-/// `pool`: every buffer bounced through the restricted pool.
+/// The guest's side of the restricted pool, shared by `pool` and `auto`: the DMA API
+/// over a pool at [`POOL_GPA`], the ring as a coherent allocation from it, and the
+/// bytes bounced.
 #[derive(Debug)]
-pub struct Pool {
+struct Bouncer {
     dma: GuestDma<GuestMemoryMmap>,
-    dev_mem: IommuMemory<GuestMemoryMmap, PoolIommu>,
     ring: u64,
     copies: u64,
 }
 
-impl Pool {
-    /// The pool at [`POOL_GPA`], the ring a coherent allocation from it.
-    ///
-    /// # Errors
-    /// The pool cannot be built.
-    pub fn new() -> Result<Self, String> {
-        let mem = guest_ram()?;
-        let dma = pool_dma(&mem)?;
+impl Bouncer {
+    fn new(mem: &GuestMemoryMmap) -> Result<Self, String> {
+        let pool = BouncePool::new(
+            mem,
+            &PoolConfig {
+                base: Gpa(POOL_GPA),
+                size: POOL_SIZE,
+                areas: 1,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let dma = GuestDma::new(mem.clone(), Arc::new(pool), DeviceDma::default());
         let ring = dma
             .alloc_coherent(crate::ring::RING_BYTES)
             .map_err(|e| e.to_string())?;
-        let iommu = PoolIommu::for_pool(dma.pool()).map_err(|e| e.to_string())?;
-        let dev_mem = IommuMemory::new(mem, iommu, true, ());
         Ok(Self {
             dma,
-            dev_mem,
             ring: ring.0,
             copies: 0,
         })
     }
-}
 
-impl Sharing for Pool {
-    type Mem = IommuMemory<GuestMemoryMmap, PoolIommu>;
-    fn device_memory(&self) -> &Self::Mem {
-        &self.dev_mem
-    }
-    fn guest_memory(&self) -> &GuestMemoryMmap {
-        self.dma.memory()
-    }
-    fn ring(&self) -> (u64, u64) {
-        (self.ring, self.ring)
-    }
-    fn max_segment(&self) -> usize {
-        self.dma.max_mapping_size()
-    }
-    fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String> {
+    /// Bounces a buffer; `token` goes into the mapping for the caller.
+    fn map(&mut self, gpa: u64, len: usize, dir: Dir, token: u64) -> Result<Mapping, String> {
         let a = self
             .dma
             .map(Gpa(gpa), len, dir.pool())
@@ -498,18 +469,63 @@ impl Sharing for Pool {
             addr: a.0,
             len,
             dir,
-            token: 0,
+            token,
         })
     }
+
     fn unmap(&mut self, m: Mapping) -> Result<(), String> {
         self.dma
             .unmap(DmaAddr(m.addr), m.len, m.dir.pool())
             .map_err(|e| e.to_string())
     }
+}
+
+/// `pool`: every buffer bounced through the restricted pool.
+#[derive(Debug)]
+pub struct Pool {
+    bouncer: Bouncer,
+    dev_mem: IommuMemory<GuestMemoryMmap, PoolIommu>,
+}
+
+impl Pool {
+    /// The pool at [`POOL_GPA`], the ring a coherent allocation from it, the device
+    /// reaching the pool and nothing else.
+    ///
+    /// # Errors
+    /// The pool cannot be built.
+    pub fn new() -> Result<Self, String> {
+        let mem = guest_ram()?;
+        let bouncer = Bouncer::new(&mem)?;
+        let iommu = PoolIommu::for_pool(bouncer.dma.pool()).map_err(|e| e.to_string())?;
+        let dev_mem = IommuMemory::new(mem, iommu, true, ());
+        Ok(Self { bouncer, dev_mem })
+    }
+}
+
+impl Sharing for Pool {
+    type Mem = IommuMemory<GuestMemoryMmap, PoolIommu>;
+    fn device_memory(&self) -> &Self::Mem {
+        &self.dev_mem
+    }
+    fn guest_memory(&self) -> &GuestMemoryMmap {
+        self.bouncer.dma.memory()
+    }
+    fn ring(&self) -> (u64, u64) {
+        (self.bouncer.ring, self.bouncer.ring)
+    }
+    fn max_segment(&self) -> usize {
+        self.bouncer.dma.max_mapping_size()
+    }
+    fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String> {
+        self.bouncer.map(gpa, len, dir, 0)
+    }
+    fn unmap(&mut self, m: Mapping) -> Result<(), String> {
+        self.bouncer.unmap(m)
+    }
     fn stats(&self) -> ModeStats {
         ModeStats {
             map_ops: 0,
-            copy_bytes: self.copies,
+            copy_bytes: self.bouncer.copies,
             exposure_peak: POOL_SIZE,
         }
     }
@@ -518,12 +534,10 @@ impl Sharing for Pool {
 /// `auto`: bounce below a threshold, map at or above it.
 pub struct Auto {
     iommu: Viommu,
-    dma: GuestDma<GuestMemoryMmap>,
+    bouncer: Bouncer,
     /// The endpoint's translation with the pool as a static window.
     dev_mem: IommuMemory<GuestMemoryMmap, EndpointIommu>,
-    ring: u64,
     threshold: usize,
-    copies: u64,
 }
 
 impl std::fmt::Debug for Auto {
@@ -546,10 +560,7 @@ impl Auto {
     /// The device or the pool refuses the setup.
     pub fn new(threshold: usize) -> Result<Self, String> {
         let iommu = Viommu::new(false)?;
-        let dma = pool_dma(&iommu.mem)?;
-        let ring = dma
-            .alloc_coherent(crate::ring::RING_BYTES)
-            .map_err(|e| e.to_string())?;
+        let bouncer = Bouncer::new(&iommu.mem)?;
         let ep = iommu
             .dev_mem
             .iommu()
@@ -558,11 +569,9 @@ impl Auto {
         let dev_mem = IommuMemory::new(iommu.mem.clone(), ep, true, ());
         Ok(Self {
             iommu,
-            dma,
+            bouncer,
             dev_mem,
-            ring: ring.0,
             threshold,
-            copies: 0,
         })
     }
 }
@@ -576,30 +585,18 @@ impl Sharing for Auto {
         &self.iommu.mem
     }
     fn ring(&self) -> (u64, u64) {
-        (self.ring, self.ring)
+        (self.bouncer.ring, self.bouncer.ring)
     }
     fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String> {
         if len < self.threshold {
-            let a = self
-                .dma
-                .map(Gpa(gpa), len, dir.pool())
-                .map_err(|e| e.to_string())?;
-            self.copies += bounce_copies(len, dir);
-            Ok(Mapping {
-                addr: a.0,
-                len,
-                dir,
-                token: BOUNCED,
-            })
+            self.bouncer.map(gpa, len, dir, BOUNCED)
         } else {
             self.iommu.map_pages(gpa, len, dir)
         }
     }
     fn unmap(&mut self, m: Mapping) -> Result<(), String> {
         if m.token == BOUNCED {
-            self.dma
-                .unmap(DmaAddr(m.addr), m.len, m.dir.pool())
-                .map_err(|e| e.to_string())
+            self.bouncer.unmap(m)
         } else {
             self.iommu.unmap_pages(m)
         }
@@ -607,7 +604,7 @@ impl Sharing for Auto {
     fn stats(&self) -> ModeStats {
         ModeStats {
             map_ops: self.iommu.map_ops,
-            copy_bytes: self.copies,
+            copy_bytes: self.bouncer.copies,
             // The pool (window) plus the live mappings (Viommu's ring mapping included,
             // though auto's ring is in the pool: a bound, not an exact figure).
             exposure_peak: POOL_SIZE + self.iommu.peak,

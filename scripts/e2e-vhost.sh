@@ -32,9 +32,9 @@
 #   E2E_KEEP=1            keep the work directory of passed scenarios too
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/e2e-lib.sh"
 
 SCRIPTS="$APERTURE_SCRIPTS_DIR"
-ROOT="$(cd "$SCRIPTS/.." && pwd)"
 ALL=(iommu-strict iommu-lazy no-iommu)
 MIB="${E2E_MIB:-16}"
 MAX_SHARE="${E2E_MAX_SHARE:-0.05}"
@@ -45,90 +45,14 @@ for v in MIB BOOT_TIMEOUT; do
 done
 [[ "$MAX_SHARE" =~ ^(0|1)?\.[0-9]+$ ]] || die "E2E_MAX_SHARE must be a fraction like 0.05, not '$MAX_SHARE'"
 
-SELECTED=()
-if [[ -n "${E2E_ONLY:-}" ]]; then
-    IFS=',' read -r -a want <<<"$E2E_ONLY"
-    for w in "${want[@]}"; do
-        [[ -n "$w" ]] || continue
-        [[ " ${ALL[*]} " == *" $w "* ]] || die "E2E_ONLY: unknown scenario '$w' (known: ${ALL[*]})"
-        SELECTED+=("$w")
-    done
-    ((${#SELECTED[@]})) || die "E2E_ONLY='$E2E_ONLY' names no scenario (known: ${ALL[*]})"
-else
-    SELECTED=("${ALL[@]}")
-fi
+e2e_select
+e2e_workdir vh
 
-PASSED=0 FAILED=0
-pass() { PASSED=$((PASSED + 1)); printf 'PASS %s\n' "$*"; }
-fail() { FAILED=$((FAILED + 1)); printf 'FAIL %s\n' "$*"; }
-summary() { printf '%d passed, %d failed\n' "$PASSED" "$FAILED"; }
-abort_all() {
-    local s
-    for s in "${SELECTED[@]}"; do fail "$s: not run: $*"; done
-    summary
-    exit 1
-}
-
-RUN=$(mktemp -d "${TMPDIR:-/tmp}/aperture-vh.XXXXXX") || die "cannot create a work directory"
-(( ${#RUN} + 40 < 108 )) || die "work directory path too long for unix sockets: $RUN (set TMPDIR shorter)"
-PIDS=()
-KEEP_RUN=0
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null; done
-    if ((KEEP_RUN)) || [[ -n "${E2E_KEEP:-}" ]]; then log "work directory kept: $RUN"; else rm -rf "$RUN"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-forget_pid() { local p keep=(); for p in "${PIDS[@]}"; do [[ "$p" == "$1" ]] || keep+=("$p"); done; PIDS=("${keep[@]}"); }
-
-# --- provisioning, binary, initramfs ----------------------------------------------------------
-log "provisioning: scripts/provision.sh (log: $RUN/provision.log)"
-if ! "$SCRIPTS/provision.sh" >"$RUN/provision.log" 2>&1; then
-    KEEP_RUN=1
-    why=$(grep -E 'ERROR|could not|must run as root' "$RUN/provision.log" | grep -v 'provisioning FAILED' | head -n 3 | tr '\n' ' ')
-    sed 's/^/  provision: /' "$RUN/provision.log" | tail -n 15 >&2
-    abort_all "provisioning failed: ${why:-see $RUN/provision.log} (log: $RUN/provision.log)"
-fi
-ENVF="$APERTURE_CACHE/env"
-[[ -r "$ENVF" ]] || abort_all "provisioning left no $ENVF"
-# shellcheck disable=SC1090
-. "$ENVF"
-QEMU="${APERTURE_QEMU:-}" KERNEL="${APERTURE_KERNEL_PVH:-}" KREL="${APERTURE_KERNEL_RELEASE:-}"
-[[ -x "$QEMU" ]] || abort_all "provisioning did not produce a QEMU wrapper (APERTURE_QEMU=$QEMU)"
-[[ -s "$KERNEL" ]] || abort_all "provisioning did not produce the PVH guest kernel (APERTURE_KERNEL_PVH=$KERNEL)"
-log "provisioned: QEMU ${APERTURE_QEMU_VERSION:-?}, guest kernel $KREL"
-
-if [[ -n "${APERTURE_BIN:-}" ]]; then
-    BIN="$APERTURE_BIN"
-else
-    log "binary: cargo build -p aperture"
-    if ! (cd "$ROOT" && cargo build -p aperture) >"$RUN/build.log" 2>&1; then
-        KEEP_RUN=1
-        tail -n 20 "$RUN/build.log" >&2
-        abort_all "cargo build -p aperture failed (log: $RUN/build.log)"
-    fi
-    BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/aperture"
-fi
-[[ -x "$BIN" ]] || abort_all "no executable aperture binary at $BIN"
-INITRD="$RUN/initramfs.cpio.gz"
-if ! "$SCRIPTS/mkinitramfs.sh" "$INITRD" --init "$SCRIPTS/e2e-vhost-init.sh" >"$RUN/initramfs.log" 2>&1; then
-    KEEP_RUN=1
-    cat "$RUN/initramfs.log" >&2
-    abort_all "scripts/mkinitramfs.sh failed (log: $RUN/initramfs.log)"
-fi
+e2e_provision
+e2e_binary
+e2e_initramfs "$SCRIPTS/e2e-vhost-init.sh"
 
 # --- helpers -------------------------------------------------------------------------------------
-md5_of() { md5sum | cut -d' ' -f1; }
-yes_bytes() { yes "$1" | head -c "$2"; return "${PIPESTATUS[1]}"; }
-md5_range() { dd if="$1" bs=1M skip="$2" count="$3" status=none | md5_of; }
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-
-REASONS=()
-bad() { REASONS+=("$*"); }
-expect() { [[ "$2" == "$3" ]] || bad "$1: got '${2:-<none>}', want '$3'"; }
-reasons_text() { printf '%s; ' "${REASONS[@]:0:4}"; ((${#REASONS[@]} > 4)) && printf '(+%d more) ' $((${#REASONS[@]} - 4)); }
 m() { awk -v k="$1" '$2 == k { sub(/^VHOST-E2E [^ ]+ ?/, ""); print; exit }' "$MARKERS"; }
 has() { awk -v k="$1" '$2 == k { f = 1 } END { exit !f }' "$MARKERS"; }
 # j FILE KEY: a top-level number or string of a back-end's stats JSON.

@@ -37,9 +37,9 @@
 #   APERTURE_CACHE       the provisioning cache (default ~/.cache/aperture)
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/e2e-lib.sh"
 
 SCRIPTS="$APERTURE_SCRIPTS_DIR"
-ROOT="$(cd "$SCRIPTS/.." && pwd)"
 ALL=(iommu-on-strict iommu-on-lazy iommu-bypass iommu-off fault reserved qemu-killed)
 MIB="${E2E_MIB:-32}"
 KILL_MIB="${E2E_KILL_MIB:-256}"
@@ -58,103 +58,15 @@ for v in MIB KILL_MIB BOOT_TIMEOUT; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "E2E_$v must be a positive integer, not '${!v}'"
 done
 
-# --- which scenarios ------------------------------------------------------------------------
-SELECTED=()
-if [[ -n "${E2E_ONLY:-}" ]]; then
-    IFS=',' read -r -a want <<<"$E2E_ONLY"
-    for w in "${want[@]}"; do
-        [[ -n "$w" ]] || continue
-        [[ " ${ALL[*]} " == *" $w "* ]] || die "E2E_ONLY: unknown scenario '$w' (known: ${ALL[*]})"
-        SELECTED+=("$w")
-    done
-    ((${#SELECTED[@]})) || die "E2E_ONLY='$E2E_ONLY' names no scenario (known: ${ALL[*]})"
-else
-    SELECTED=("${ALL[@]}")
-fi
-
-PASSED=0 FAILED=0
-pass() { PASSED=$((PASSED + 1)); printf 'PASS %s\n' "$*"; }
-fail() { FAILED=$((FAILED + 1)); printf 'FAIL %s\n' "$*"; }
-summary() { printf '%d passed, %d failed\n' "$PASSED" "$FAILED"; }
-# Setup failed: every selected scenario fails with the reason, then the summary.
-abort_all() {
-    local s
-    for s in "${SELECTED[@]}"; do fail "$s: not run: $*"; done
-    summary
-    exit 1
-}
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-
-# --- work directory and cleanup ---------------------------------------------------------------
-RUN=$(mktemp -d "${TMPDIR:-/tmp}/aperture-e2e.XXXXXX") || die "cannot create a work directory"
-# vfio-user socket paths must fit sun_path (108 bytes).
-(( ${#RUN} + 40 < 108 )) || die "work directory path too long for unix sockets: $RUN (set TMPDIR shorter)"
-PIDS=()     # background processes of ours still to reap on exit
-KEEP_RUN=0
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do
-        kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null
-    done
-    if ((KEEP_RUN)) || [[ -n "${E2E_KEEP:-}" ]]; then
-        log "work directory kept: $RUN"
-    else
-        rm -rf "$RUN"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-forget_pid() { local p keep=(); for p in "${PIDS[@]}"; do [[ "$p" == "$1" ]] || keep+=("$p"); done; PIDS=("${keep[@]}"); }
-
+e2e_select
+e2e_workdir e2e
 T_ALL=$(now)
 
-# --- 1. provisioning ----------------------------------------------------------------------------
-log "provisioning: scripts/provision.sh (log: $RUN/provision.log)"
-if ! "$SCRIPTS/provision.sh" >"$RUN/provision.log" 2>&1; then
-    KEEP_RUN=1
-    why=$(grep -E 'ERROR|could not|must run as root' "$RUN/provision.log" | grep -v 'provisioning FAILED' | head -n 3 | tr '\n' ' ')
-    why=$(printf "%s" "$why" | sed "s/  *$//")
-    sed 's/^/  provision: /' "$RUN/provision.log" | tail -n 15 >&2
-    abort_all "provisioning failed: ${why:-see $RUN/provision.log} (log: $RUN/provision.log)"
-fi
-ENVF="$APERTURE_CACHE/env"
-[[ -r "$ENVF" ]] || abort_all "provisioning left no $ENVF"
-# shellcheck disable=SC1090
-. "$ENVF"
-QEMU="${APERTURE_QEMU:-}" KERNEL="${APERTURE_KERNEL_PVH:-}" KREL="${APERTURE_KERNEL_RELEASE:-}"
-[[ -x "$QEMU" ]] || abort_all "provisioning did not produce a QEMU wrapper (APERTURE_QEMU=$QEMU)"
-[[ -s "$KERNEL" ]] || abort_all "provisioning did not produce the PVH guest kernel (APERTURE_KERNEL_PVH=$KERNEL)"
-log "provisioned: QEMU ${APERTURE_QEMU_VERSION:-?}, guest kernel $KREL"
-
-# --- 2. binary and initramfs ------------------------------------------------------------------
-if [[ -n "${APERTURE_BIN:-}" ]]; then
-    BIN="$APERTURE_BIN"
-    log "binary: $BIN (APERTURE_BIN)"
-else
-    log "binary: cargo build -p aperture"
-    if ! (cd "$ROOT" && cargo build -p aperture) >"$RUN/build.log" 2>&1; then
-        KEEP_RUN=1
-        tail -n 20 "$RUN/build.log" >&2
-        abort_all "cargo build -p aperture failed (log: $RUN/build.log)"
-    fi
-    BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/aperture"
-fi
-[[ -x "$BIN" ]] || abort_all "no executable aperture binary at $BIN"
-
-INITRD="$RUN/initramfs.cpio.gz"
-if ! "$SCRIPTS/mkinitramfs.sh" "$INITRD" --init "$SCRIPTS/e2e-init.sh" >"$RUN/initramfs.log" 2>&1; then
-    KEEP_RUN=1
-    cat "$RUN/initramfs.log" >&2
-    abort_all "scripts/mkinitramfs.sh failed (log: $RUN/initramfs.log)"
-fi
+e2e_provision
+e2e_binary
+e2e_initramfs "$SCRIPTS/e2e-init.sh"
 
 # --- helpers for one scenario -------------------------------------------------------------------
-md5_of() { md5sum | cut -d' ' -f1; }
-# N bytes of `yes WORD` (status of head: yes itself always dies of SIGPIPE).
-yes_bytes() { yes "$1" | head -c "$2"; return "${PIPESTATUS[1]}"; }
-# md5 of COUNT MiB of FILE from MiB SKIP.
-md5_range() { dd if="$1" bs=1M skip="$2" count="$3" status=none | md5_of; }
 # Deterministic pseudo-random bytes: AES-128-CTR keystream under a key derived from SEED.
 host_data() {   # host_data SEED MIB
     local key
@@ -243,16 +155,6 @@ parse_console() {
 # m KEY: the rest of the first "APERTURE-E2E KEY ..." line (empty if none).
 m() { awk -v k="$1" '$2 == k { sub(/^APERTURE-E2E [^ ]+ ?/, ""); print; exit }' "$MARKERS"; }
 has() { awk -v k="$1" '$2 == k { f = 1 } END { exit !f }' "$MARKERS"; }
-
-REASONS=()
-bad() { REASONS+=("$*"); }
-# The first four reasons, "; "-separated, with a trailing "; ".
-reasons_text() {
-    printf '%s; ' "${REASONS[@]:0:4}"
-    if ((${#REASONS[@]} > 4)); then printf '(+%d more) ' $((${#REASONS[@]} - 4)); fi
-}
-# expect WHAT GOT WANT
-expect() { [[ "$2" == "$3" ]] || bad "$1: got '${2:-<none>}', want '$3'"; }
 
 # Checks common to every boot that ran to the end: the run itself, serve's exit and sockets.
 check_run() {   # check_run DIR QEMU_RC

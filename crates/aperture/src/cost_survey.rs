@@ -1,8 +1,10 @@
 //! `aperture bench`: the cost survey ([`survey`]) — every sharing mode against every
-//! device access pattern in this process — printed as a table, written as JSON and as
-//! an SVG plot of cost per byte against request size; with `--guest`, the in-guest
-//! disk comparison ([`crate::bench`]) too, and how well the model's ratios agree with
-//! the guest's.
+//! device access pattern in this process, then the cells that have an out-of-process
+//! backend with `aperture backend` (this binary, [`std::env::current_exe`]) in a
+//! child process over vhost-user — printed as a table, written as JSON and as an SVG
+//! plot of cost per byte against request size (in-process cells); with `--guest`, the
+//! in-guest disk comparison ([`crate::bench`]) too, and how well the model's ratios
+//! agree with the guest's.
 
 use crate::bench::{self, Config, GuestMedians};
 use plotters::prelude::*;
@@ -10,8 +12,9 @@ use serde_json::json;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use survey::remote::BackendCommand;
 use survey::run::Pattern;
-use survey::{Budget, Cell, Mode, Survey};
+use survey::{Budget, Cell, Mode, Survey, IN_PROCESS, OUT_OF_PROCESS};
 
 /// Default JSON output, relative to the workspace.
 pub(crate) const DEFAULT_JSON: &str = "target/bench/survey.json";
@@ -43,10 +46,9 @@ pub(crate) fn run(opts: Options) -> ExitCode {
     }
 }
 
+/// The in-process cell of `mode` × `pattern`.
 fn cell(s: &Survey, mode: Mode, pattern: Pattern) -> Option<&Cell> {
-    s.cells
-        .iter()
-        .find(|c| c.mode == mode && c.pattern == pattern)
+    s.cell(mode, pattern, IN_PROCESS)
 }
 
 fn human_bytes(b: f64) -> String {
@@ -85,7 +87,11 @@ fn table(s: &Survey, budget: Budget) -> String {
     );
     for p in Pattern::ALL {
         let none = cell(s, Mode::None, p).map(Cell::throughput);
-        for c in s.cells.iter().filter(|c| c.pattern == p) {
+        for c in s
+            .cells
+            .iter()
+            .filter(|c| c.pattern == p && c.placement == IN_PROCESS)
+        {
             let ratio = none.map_or("-".into(), |n| format!("{:.2}", c.throughput() / n));
             let _ = writeln!(
                 t,
@@ -102,6 +108,7 @@ fn table(s: &Survey, budget: Budget) -> String {
             );
         }
     }
+    out_of_process_table(&mut t, s);
     let _ = writeln!(t);
     let _ = writeln!(
         t,
@@ -152,6 +159,80 @@ fn table(s: &Survey, budget: Budget) -> String {
     t
 }
 
+/// Per request, `n` counted over a cell's timed part.
+fn per_request(c: &Cell, n: u64) -> f64 {
+    n as f64 / c.measured.requests as f64
+}
+
+/// Share of the cell's CPU spent in the backend process.
+fn backend_share(c: &Cell) -> Option<f64> {
+    let b = c.measured.backend.as_ref()?;
+    Some(b.cpu.as_nanos() as f64 / c.measured.cpu.as_nanos().max(1) as f64)
+}
+
+/// The out-of-process cells, each against its in-process twin, and what has none.
+fn out_of_process_table(t: &mut String, s: &Survey) {
+    let _ = writeln!(t);
+    let _ = writeln!(
+        t,
+        "Out of process: `aperture backend` in a child process over vhost-user (CPU = this \
+process + the backend process; exposure = the backend's own peak mapped bytes):"
+    );
+    let _ = writeln!(
+        t,
+        "{:<14} {:<14} {:>9} {:>9} {:>10} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10}",
+        "pattern",
+        "mode",
+        "MiB/s",
+        "x in-proc",
+        "ns/req",
+        "ns/byte",
+        "backend%",
+        "maps/req",
+        "miss/req",
+        "inval/req",
+        "exposure"
+    );
+    for c in s.cells.iter().filter(|c| c.placement == OUT_OF_PROCESS) {
+        let twin = cell(s, c.mode, c.pattern).map(Cell::throughput);
+        let (misses, invals) = c
+            .measured
+            .backend
+            .as_ref()
+            .map_or((0, 0), |b| (b.misses, b.invalidates));
+        let _ = writeln!(
+            t,
+            "{:<14} {:<14} {:>9.1} {:>9} {:>10.0} {:>9.3} {:>7.0}% {:>8.2} {:>8.2} {:>8.2} {:>10}",
+            c.pattern.name(),
+            c.mode.name(),
+            c.throughput() / f64::from(1u32 << 20),
+            twin.map_or("-".into(), |n| format!("{:.2}", c.throughput() / n)),
+            c.cpu_ns_per_request(),
+            c.cpu_ns_per_byte(),
+            100.0 * backend_share(c).unwrap_or(0.0),
+            c.map_ops_per_request(),
+            per_request(c, misses),
+            per_request(c, invals),
+            human_bytes(c.measured.stats.exposure_peak as f64)
+        );
+    }
+    // One line per reason, naming what it covers.
+    let mut reasons: Vec<(&str, Vec<String>)> = Vec::new();
+    for (m, p, why) in &s.not_out_of_process {
+        let what = format!("{} {}", m.name(), p.name());
+        match reasons.iter_mut().find(|(w, _)| *w == why.as_str()) {
+            Some((_, v)) => v.push(what),
+            None => reasons.push((why.as_str(), vec![what])),
+        }
+    }
+    if !reasons.is_empty() {
+        let _ = writeln!(t, "  no out-of-process cell (not measured):");
+    }
+    for (why, what) in reasons {
+        let _ = writeln!(t, "    {} cells: {why}", what.len());
+    }
+}
+
 fn machine() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -194,6 +275,16 @@ fn to_json(s: &Survey, budget: Budget, agreement: &serde_json::Value) -> serde_j
                 "bytes": c.measured.bytes,
                 "wall_ns": c.measured.wall.as_nanos() as u64,
                 "cpu_ns": c.measured.cpu.as_nanos() as u64,
+                "backend": c.measured.backend.as_ref().map(|b| json!({
+                    "cpu_ns": b.cpu.as_nanos() as u64,
+                    "iotlb_misses_per_request": per_request(c, b.misses),
+                    "iotlb_updates_per_request": per_request(c, b.updates),
+                    "iotlb_invalidates_per_request": per_request(c, b.invalidates),
+                    "peak_mapped_bytes": b.peak_mapped_bytes,
+                    "memory_table_bytes": b.table_bytes,
+                    "peak_windows": b.peak_windows,
+                    "mode": b.mode,
+                })),
             })
         })
         .collect();
@@ -213,6 +304,13 @@ fn to_json(s: &Survey, budget: Budget, agreement: &serde_json::Value) -> serde_j
             "ok": a.ok(),
         })).collect::<Vec<_>>(),
         "cells": cells,
+        "cpu_accounting": {
+            IN_PROCESS: "CPU time of the one thread running driver, device and backend",
+            OUT_OF_PROCESS: "CPU time of this whole process (driver thread, the vhost-user front-end's miss and interrupt threads) plus the backend process's CPU clock, both over the timed part",
+        },
+        "out_of_process_not_measured": s.not_out_of_process.iter().map(|(m, p, why)| json!({
+            "mode": m.name(), "pattern": p.name(), "reason": why,
+        })).collect::<Vec<_>>(),
         "model_vs_guest": agreement,
     })
 }
@@ -251,11 +349,12 @@ fn plot(s: &Survey, path: &std::path::Path) -> Result<(), String> {
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let (left, right) = root.split_horizontally(720);
 
-    let shown = |c: &&Cell| c.pattern != Pattern::Rng64;
+    // In-process cells only: the out-of-process ones are in the table and the JSON.
+    let shown = |c: &&Cell| c.pattern != Pattern::Rng64 && c.placement == IN_PROCESS;
     let (lo, hi) = log_bounds(s.cells.iter().filter(shown).map(Cell::cpu_ns_per_byte));
     let mut chart = ChartBuilder::on(&left)
         .caption(
-            "Host CPU per byte moved, by request size",
+            "Host CPU per byte moved, by request size (in-process backends)",
             ("sans-serif", 17),
         )
         .margin(12)
@@ -420,7 +519,11 @@ fn run_inner(opts: &Options) -> Result<bool, String> {
     std::fs::create_dir_all(&out_dir)
         .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
     let disk = out_dir.join("survey-disk.img");
-    let s = survey::run_survey(&disk, budget, opts.auto_threshold, say)?;
+    // `aperture backend` is this very binary.
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find this executable to run `aperture backend`: {e}"))?;
+    let backend = BackendCommand::aperture(exe);
+    let s = survey::run_survey(&disk, budget, opts.auto_threshold, Some(&backend), say)?;
     print!("{}", table(&s, budget));
     let mut ok = true;
     let mut agree = serde_json::Value::Null;

@@ -214,11 +214,24 @@ fn bench_quick_writes_every_cell_as_json_and_a_plot() {
         .iter()
         .map(|c| c["pattern"].as_str().unwrap())
         .collect();
+    let placed = |p: &str| cells.iter().filter(|c| c["placement"] == p).count();
     assert_eq!(
-        cells.len(),
+        placed("in-process"),
         modes.len() * patterns.len(),
-        "one cell per mode x pattern"
+        "one in-process cell per mode x pattern"
     );
+    // Out of process: a cell, or a stated reason why not, for every mode x pattern.
+    let gaps = v["out_of_process_not_measured"].as_array().unwrap();
+    assert!(placed("out-of-process") > 0, "no out-of-process cell");
+    assert_eq!(
+        placed("out-of-process") + gaps.len(),
+        modes.len() * patterns.len(),
+        "{gaps:?}"
+    );
+    assert!(gaps
+        .iter()
+        .all(|g| g["reason"].as_str().is_some_and(|r| !r.is_empty())));
+    assert!(out.contains("Out of process"), "{out}");
     assert!(
         modes.len() >= 5 && patterns.len() == 6,
         "{modes:?} {patterns:?}"

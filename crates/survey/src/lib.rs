@@ -9,16 +9,23 @@
 //! mode ([`modes`]). Driver, device and backend run on one thread, so the thread's CPU
 //! time is the whole cost of the path; the figures compare paths on this machine.
 //!
+//! Each cell runs in one of two placements: `in-process` as above, and, for the modes
+//! and patterns a real out-of-process backend exists for, `out-of-process`: the
+//! backend is `aperture backend` in a child process behind the vhost-user front-end,
+//! and the cell's CPU is both processes' ([`remote`]).
+//!
 //! `auto` bounces buffers shorter than a threshold through the pool and maps the rest;
 //! [`calibrate`] measures where mapping becomes cheaper than copying one buffer, and
 //! [`run_survey`] uses that crossover unless told a threshold.
 
 pub mod modes;
 pub mod net;
+pub mod remote;
 pub mod ring;
 pub mod run;
 
 use modes::{Auto, Dir, Direct, Grant, GrantKind, Pool, Sharing, Viommu};
+use remote::BackendCommand;
 use run::{run_cell, Measured, Pattern};
 use std::path::Path;
 use std::time::Duration;
@@ -72,6 +79,11 @@ impl Mode {
     }
 }
 
+/// [`Cell::placement`] of a backend on the driver's thread.
+pub const IN_PROCESS: &str = "in-process";
+/// [`Cell::placement`] of a backend in a child process over vhost-user.
+pub const OUT_OF_PROCESS: &str = "out-of-process";
+
 /// One measured cell.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Cell {
@@ -79,7 +91,7 @@ pub struct Cell {
     pub mode: Mode,
     /// The pattern.
     pub pattern: Pattern,
-    /// Where the backend ran (`in-process`).
+    /// Where the backend ran: [`IN_PROCESS`] or [`OUT_OF_PROCESS`].
     pub placement: &'static str,
     /// What was measured.
     pub measured: Measured,
@@ -282,6 +294,18 @@ pub struct Survey {
     pub cells: Vec<Cell>,
     /// `auto` against the cheaper fixed mode, per pattern.
     pub auto_checks: Vec<AutoCheck>,
+    /// Cells with no out-of-process counterpart, and why ([`remote::not_measured`]);
+    /// every cell when no backend command was given.
+    pub not_out_of_process: Vec<(Mode, Pattern, String)>,
+}
+
+impl Survey {
+    /// The cell of `mode` × `pattern` in `placement`, if measured.
+    pub fn cell(&self, mode: Mode, pattern: Pattern, placement: &str) -> Option<&Cell> {
+        self.cells
+            .iter()
+            .find(|c| c.mode == mode && c.pattern == pattern && c.placement == placement)
+    }
 }
 
 /// Runs one mode over one pattern on a fresh guest.
@@ -310,15 +334,18 @@ pub fn run_one(
     }
 }
 
-/// Calibrates, then runs every mode against every pattern. `auto_threshold`: `None`
-/// takes the measured crossover (or, without one, 4 KiB).
+/// Calibrates, then runs every mode against every pattern in process, then, with
+/// `backend` (the command that runs `aperture backend`), every cell that has an
+/// out-of-process backend with it out of process. `auto_threshold`: `None` takes the
+/// measured crossover (or, without one, 4 KiB).
 ///
 /// # Errors
-/// A cell failed, named with its mode and pattern.
+/// A cell failed, named with its mode, pattern and placement.
 pub fn run_survey(
     disk: &Path,
     budget: Budget,
     auto_threshold: Option<usize>,
+    backend: Option<&BackendCommand>,
     mut progress: impl FnMut(&str),
 ) -> Result<Survey, String> {
     run::prepare_disk(disk)?;
@@ -334,9 +361,37 @@ pub fn run_survey(
             cells.push(Cell {
                 mode,
                 pattern,
-                placement: "in-process",
+                placement: IN_PROCESS,
                 measured,
             });
+        }
+    }
+    let mut not_out_of_process = Vec::new();
+    for pattern in Pattern::ALL {
+        for mode in Mode::ALL {
+            let why = match (remote::not_measured(mode, pattern), backend) {
+                (Some(why), _) => why.to_string(),
+                (None, None) => "no backend command was given".to_string(),
+                (None, Some(cmd)) => {
+                    progress(&format!(
+                        "{} {} out of process",
+                        mode.name(),
+                        pattern.name()
+                    ));
+                    let measured = remote::run_one_remote(mode, pattern, disk, budget, cmd)
+                        .map_err(|e| {
+                            format!("{} {} out of process: {e}", mode.name(), pattern.name())
+                        })?;
+                    cells.push(Cell {
+                        mode,
+                        pattern,
+                        placement: OUT_OF_PROCESS,
+                        measured,
+                    });
+                    continue;
+                }
+            };
+            not_out_of_process.push((mode, pattern, why));
         }
     }
     let mut auto_checks = Vec::new();
@@ -344,7 +399,7 @@ pub fn run_survey(
         let cost = |m: Mode| {
             cells
                 .iter()
-                .find(|c| c.mode == m && c.pattern == pattern)
+                .find(|c| c.mode == m && c.pattern == pattern && c.placement == IN_PROCESS)
                 .map_or(f64::INFINITY, Cell::cpu_ns_per_request)
         };
         let best = if cost(Mode::Pool) <= cost(Mode::ViommuStrict) {
@@ -367,5 +422,6 @@ pub fn run_survey(
         auto_threshold: threshold,
         cells,
         auto_checks,
+        not_out_of_process,
     })
 }

@@ -159,7 +159,13 @@ impl Direct {
     /// # Errors
     /// RAM cannot be allocated.
     pub fn new() -> Result<Self, String> {
-        Ok(Self { mem: guest_ram()? })
+        Ok(Self::with_memory(guest_ram()?))
+    }
+
+    /// The same over the given guest RAM (file-backed RAM, for a backend in another
+    /// process).
+    pub fn with_memory(mem: GuestMemoryMmap) -> Self {
+        Self { mem }
     }
 }
 
@@ -224,7 +230,15 @@ impl Viommu {
     /// # Errors
     /// The device refuses the setup.
     pub fn new(lazy: bool) -> Result<Self, String> {
-        let mem = guest_ram()?;
+        Self::with_memory(lazy, guest_ram()?)
+    }
+
+    /// The same over the given guest RAM (file-backed RAM, for a backend in another
+    /// process).
+    ///
+    /// # Errors
+    /// The device refuses the setup.
+    pub fn with_memory(lazy: bool, mem: GuestMemoryMmap) -> Result<Self, String> {
         let cfg = IommuConfig {
             endpoints: vec![EndpointConfig::new(EP)],
             ..IommuConfig::default()
@@ -257,6 +271,12 @@ impl Viommu {
         };
         v.identity_map(RING_GPA, crate::ring::RING_BYTES as u64)?;
         Ok(v)
+    }
+
+    /// The endpoint's translation: what a vhost-user front-end answers the
+    /// backend's misses from and subscribes to for invalidations.
+    pub fn endpoint(&self) -> EndpointIommu {
+        EndpointIommu::clone(self.dev_mem.iommu())
     }
 
     /// Maps `[gpa, gpa + len)` at the same IOVA, read and write, for good.
@@ -494,7 +514,15 @@ impl Pool {
     /// # Errors
     /// The pool cannot be built.
     pub fn new() -> Result<Self, String> {
-        let mem = guest_ram()?;
+        Self::with_memory(guest_ram()?)
+    }
+
+    /// The same over the given guest RAM (RAM whose pool is its own memory file, for
+    /// a backend in another process that is handed the pool alone).
+    ///
+    /// # Errors
+    /// The pool cannot be built in `mem`.
+    pub fn with_memory(mem: GuestMemoryMmap) -> Result<Self, String> {
         let bouncer = Bouncer::new(&mem)?;
         let iommu = PoolIommu::for_pool(bouncer.dma.pool()).map_err(|e| e.to_string())?;
         let dev_mem = IommuMemory::new(mem, iommu, true, ());

@@ -15,7 +15,8 @@ pub const QUEUE_SIZE: u16 = 256;
 /// own 4 KiB page.
 pub const RING_BYTES: usize = 3 * 4096;
 const AVAIL: u64 = 4096;
-const USED: u64 = 8192;
+/// Offset of the used ring in the ring's memory.
+pub(crate) const USED: u64 = 8192;
 
 /// `VRING_DESC_F_NEXT`.
 const F_NEXT: u16 = 1;

@@ -84,22 +84,30 @@ pub struct Measured {
     pub bytes: u64,
     /// Wall time of the timed part.
     pub wall: Duration,
-    /// CPU time of this thread in it (driver, device and backend all run on it).
+    /// CPU time in it: in process, this thread's (driver, device and backend all run
+    /// on it); out of process, this process's and the backend process's
+    /// ([`crate::remote`]).
     pub cpu: Duration,
     /// The mode's counters over the timed part (exposure: the peak over the whole cell).
     pub stats: ModeStats,
     /// CPU nanoseconds per request in each of [`SLICES`] equal parts of the timed part,
     /// sorted: their spread is the cell's noise.
     pub slice_cpu_ns_per_request: Vec<f64>,
+    /// Out of process: what the backend process did (its CPU is in `cpu` too, its
+    /// exposure is `stats.exposure_peak`).
+    pub backend: Option<crate::remote::BackendFigures>,
 }
 
 /// Parts the timed part of a cell is cut into, to see its noise.
 pub const SLICES: u32 = 5;
 
-enum Device {
+/// The device serving a cell.
+pub(crate) enum Device {
     Blk(Block),
     Rng(Rng),
     Net(NetTx),
+    /// A backend in another process, through the vhost-user front-end.
+    Remote(Box<crate::remote::Remote>),
 }
 
 impl Device {
@@ -143,6 +151,15 @@ impl Device {
             Device::Blk(d) => d.process_queue(0, q, mem),
             Device::Rng(d) => d.process_queue(0, q, mem),
             Device::Net(d) => d.process_queue(0, q, mem),
+            Device::Remote(r) => r.notify_and_wait(q).map(|()| true),
+        }
+    }
+
+    /// The CPU time that counts for this device's cells (see [`Measured::cpu`]).
+    fn cpu(&self) -> Result<Duration, String> {
+        match self {
+            Device::Remote(r) => r.cpu(),
+            _ => Ok(thread_cpu()),
         }
     }
 }
@@ -273,16 +290,47 @@ fn request<S: Sharing>(
     Ok(())
 }
 
-/// CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`).
-pub(crate) fn thread_cpu() -> Duration {
+/// CPU time on clock `id`, or `None` if the kernel refuses (a process clock of a
+/// process that has exited).
+pub(crate) fn clock_cpu(id: libc::clockid_t) -> Option<Duration> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a valid, writable timespec for the duration of the call; the
-    // clock id is a constant the kernel knows; on failure `ts` stays zero.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call; an
+    // unknown clock id is refused with -1, which is checked.
+    let rc = unsafe { libc::clock_gettime(id, &mut ts) };
+    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+/// CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`).
+pub(crate) fn thread_cpu() -> Duration {
+    clock_cpu(libc::CLOCK_THREAD_CPUTIME_ID).unwrap_or_default()
+}
+
+/// CPU time this process has used, all threads (`CLOCK_PROCESS_CPUTIME_ID`).
+pub(crate) fn process_cpu() -> Duration {
+    clock_cpu(libc::CLOCK_PROCESS_CPUTIME_ID).unwrap_or_default()
+}
+
+/// The CPU clock of process `pid` (Linux lets any process read another's).
+///
+/// # Errors
+/// The kernel refuses (no such process).
+pub(crate) fn cpu_clock_of(pid: u32) -> Result<libc::clockid_t, String> {
+    let p = libc::pid_t::try_from(pid).map_err(|_| format!("process id {pid} out of range"))?;
+    let mut id: libc::clockid_t = 0;
+    // SAFETY: `id` is a valid, writable clockid_t for the duration of the call; the
+    // return value is checked.
+    let rc = unsafe { libc::clock_getcpuclockid(p, &mut id) };
+    if rc == 0 {
+        Ok(id)
+    } else {
+        Err(format!(
+            "cannot get the CPU clock of process {pid}: {}",
+            std::io::Error::from_raw_os_error(rc)
+        ))
+    }
 }
 
 /// Checks what the first request moved: blk data equals the image at its offset, rng
@@ -300,7 +348,7 @@ fn check_first<S: Sharing>(
         .read_slice(&mut got, GuestAddress(DATA))
         .map_err(|e| e.to_string())?;
     match dev {
-        Device::Blk(_) => {
+        Device::Blk(_) | Device::Remote(_) if pattern != Pattern::Rng64 => {
             use std::os::unix::fs::FileExt;
             let mut want = vec![0u8; len];
             std::fs::File::open(disk)
@@ -313,7 +361,7 @@ fn check_first<S: Sharing>(
                 ));
             }
         }
-        Device::Rng(_) if got.iter().all(|&b| b == 0) => {
+        Device::Rng(_) | Device::Remote(_) if got.iter().all(|&b| b == 0) => {
             return Err("rng-64: 64 zero bytes".into());
         }
         Device::Net(n) if n.frames != 1 || n.errors != 0 => {
@@ -341,7 +389,19 @@ pub fn run_cell<S: Sharing>(
     budget: Duration,
     min_requests: u64,
 ) -> Result<Measured, String> {
-    let mut dev = Device::new(pattern, disk)?;
+    let dev = Device::new(pattern, disk)?;
+    run_device(s, dev, pattern, disk, budget, min_requests)
+}
+
+/// [`run_cell`] with the device given (an out-of-process one, already activated).
+pub(crate) fn run_device<S: Sharing>(
+    s: &mut S,
+    mut dev: Device,
+    pattern: Pattern,
+    disk: &Path,
+    budget: Duration,
+    min_requests: u64,
+) -> Result<Measured, String> {
     let (ring_gpa, ring_dev) = s.ring();
     let mut ring = GuestRing::new(s.guest_memory(), ring_gpa)?;
     let mut queue = GuestRing::device_queue(ring_dev)?;
@@ -367,12 +427,15 @@ pub fn run_cell<S: Sharing>(
         request(s, &mut dev, &mut ring, &mut queue, pattern, off, &mut maps)?;
     }
     s.flush()?;
+    if let Device::Remote(r) = &mut dev {
+        r.mark()?;
+    }
     let before = s.stats();
-    let (t0, c0) = (Instant::now(), thread_cpu());
+    let (t0, c0) = (Instant::now(), dev.cpu()?);
     let mut requests = 0u64;
     let mut slices = Vec::with_capacity(SLICES as usize);
     for _ in 0..SLICES {
-        let (c1, mut n) = (thread_cpu(), 0u64);
+        let (c1, mut n) = (dev.cpu()?, 0u64);
         loop {
             // Check the clock every 16 requests only.
             for _ in 0..16 {
@@ -387,12 +450,16 @@ pub fn run_cell<S: Sharing>(
             }
         }
         requests += n;
-        slices.push(thread_cpu().saturating_sub(c1).as_nanos() as f64 / n as f64);
+        slices.push(dev.cpu()?.saturating_sub(c1).as_nanos() as f64 / n as f64);
     }
     slices.sort_by(f64::total_cmp);
     s.flush()?;
-    let (wall, cpu) = (t0.elapsed(), thread_cpu().saturating_sub(c0));
+    let (wall, cpu) = (t0.elapsed(), dev.cpu()?.saturating_sub(c0));
     let after = s.stats();
+    let backend = match dev {
+        Device::Remote(r) => Some(r.finish()?),
+        _ => None,
+    };
     Ok(Measured {
         requests,
         bytes: requests * pattern.bytes() as u64,
@@ -401,8 +468,12 @@ pub fn run_cell<S: Sharing>(
         stats: ModeStats {
             map_ops: after.map_ops - before.map_ops,
             copy_bytes: after.copy_bytes - before.copy_bytes,
-            exposure_peak: after.exposure_peak,
+            // Out of process, what the backend's own address space held.
+            exposure_peak: backend
+                .as_ref()
+                .map_or(after.exposure_peak, |b| b.peak_mapped_bytes),
         },
         slice_cpu_ns_per_request: slices,
+        backend,
     })
 }

@@ -136,3 +136,31 @@ fn calibration_finds_where_mapping_beats_copying() {
             .all(|&(_, p, v)| v <= p));
     }
 }
+
+#[test]
+fn out_of_process_cells_are_blk_and_rng_under_none_viommu_and_pool_only() {
+    use survey::remote::not_measured;
+    for pattern in Pattern::ALL {
+        for mode in Mode::ALL {
+            let has_backend = matches!(
+                pattern,
+                Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq | Pattern::Rng64
+            );
+            let placeable = matches!(
+                mode,
+                Mode::None | Mode::ViommuStrict | Mode::ViommuLazy | Mode::Pool
+            );
+            let why = not_measured(mode, pattern);
+            assert_eq!(
+                why.is_none(),
+                has_backend && placeable,
+                "{} {}: {why:?}",
+                mode.name(),
+                pattern.name()
+            );
+            if matches!(pattern, Pattern::Net64 | Pattern::Net1500) {
+                assert!(why.is_some_and(|w| w.contains("network backend")));
+            }
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The survey's out-of-process placement with the real backend, `aperture backend`
+//! (this package's binary) in a child process: one short cell per mode that has one,
+//! checked against what the backend itself reports — IOTLB misses behind the
+//! virtio-iommu and an address space far below guest RAM, all of RAM without it, the
+//! pool alone in pool mode — and the data checked as in process (the first blk read
+//! against the image, rng bytes not all zero).
+#![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
+
+use std::time::Duration;
+use survey::modes::{POOL_SIZE, RAM_SIZE};
+use survey::remote::{not_measured, run_one_remote, BackendCommand};
+use survey::run::{prepare_disk, Pattern, SLICES};
+use survey::{Budget, Mode};
+
+const TINY: Budget = Budget {
+    per_cell: Duration::ZERO,
+    min_requests: 16,
+    calibration_iters: 0,
+};
+
+fn backend() -> BackendCommand {
+    BackendCommand::aperture(env!("CARGO_BIN_EXE_aperture"))
+}
+
+fn disk(tag: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("aperture-oop-{tag}-{}.img", std::process::id()));
+    prepare_disk(&p).unwrap();
+    p
+}
+
+#[test]
+fn each_mode_out_of_process_serves_requests_and_the_backend_holds_what_the_mode_allows() {
+    let d = disk("modes");
+    let n = 16 * u64::from(SLICES);
+    for (mode, pattern) in [
+        (Mode::None, Pattern::Blk4kRandom),
+        (Mode::ViommuStrict, Pattern::Blk64k),
+        (Mode::ViommuLazy, Pattern::Blk4kRandom),
+        (Mode::Pool, Pattern::Blk1mSeq),
+        (Mode::ViommuStrict, Pattern::Rng64),
+    ] {
+        let what = format!("{} {}", mode.name(), pattern.name());
+        assert_eq!(not_measured(mode, pattern), None, "{what}");
+        let m = run_one_remote(mode, pattern, &d, TINY, &backend())
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(m.requests, n, "{what}");
+        let b = m
+            .backend
+            .clone()
+            .expect("an out-of-process cell has backend figures");
+        // The backend's CPU is part of the cell's.
+        assert!(
+            b.cpu > Duration::ZERO && b.cpu < m.cpu,
+            "{what}: {:?} of {:?}",
+            b.cpu,
+            m.cpu
+        );
+        assert_eq!(m.stats.exposure_peak, b.peak_mapped_bytes, "{what}");
+        match mode {
+            Mode::None => {
+                // No IOMMU: the memory table is all of RAM, mapped whole.
+                assert_eq!(b.mode, "plain", "{what}");
+                assert_eq!(
+                    (b.table_bytes, b.peak_mapped_bytes),
+                    (RAM_SIZE, RAM_SIZE),
+                    "{what}"
+                );
+                assert_eq!((b.misses, b.invalidates), (0, 0), "{what}");
+            }
+            Mode::ViommuStrict | Mode::ViommuLazy => {
+                assert_eq!(b.mode, "iotlb", "{what}");
+                assert_eq!(b.table_bytes, RAM_SIZE, "{what}: the table covers RAM");
+                // Every request's buffers are fresh IOVAs: at least one miss per buffer
+                // (blk: header, data, status), and every UNMAP an acknowledged
+                // INVALIDATE (lazy: the queued ones are flushed by the cell's end).
+                let buffers = if pattern == Pattern::Rng64 { 1 } else { 3 };
+                assert!(b.misses >= n * buffers, "{what}: {} misses", b.misses);
+                assert_eq!(b.updates, b.misses, "{what}: every miss answered");
+                assert_eq!(b.invalidates, n * buffers, "{what}");
+                assert!(
+                    b.peak_mapped_bytes < RAM_SIZE / 8,
+                    "{what}: {} bytes mapped at peak",
+                    b.peak_mapped_bytes
+                );
+                if mode == Mode::ViommuStrict {
+                    // The ring, and one request's header, data and status pages.
+                    let bound = 3 * 4096 + 4096 + pattern.bytes() as u64 + 4096;
+                    assert!(
+                        b.peak_mapped_bytes <= bound,
+                        "{what}: {}",
+                        b.peak_mapped_bytes
+                    );
+                }
+            }
+            Mode::Pool => {
+                // The memory table is the pool's file alone.
+                assert_eq!(b.mode, "plain", "{what}");
+                assert_eq!(
+                    (b.table_bytes, b.peak_mapped_bytes),
+                    (POOL_SIZE, POOL_SIZE),
+                    "{what}"
+                );
+            }
+            _ => unreachable!(),
+        }
+    }
+    let _ = std::fs::remove_file(&d);
+}
+
+#[test]
+fn cells_without_an_out_of_process_backend_are_refused_not_faked() {
+    let d = disk("gaps");
+    for (mode, pattern) in [
+        (Mode::None, Pattern::Net64),
+        (Mode::Auto, Pattern::Blk4kRandom),
+        (Mode::GrantMap, Pattern::Rng64),
+    ] {
+        let why = not_measured(mode, pattern).expect("a reason");
+        let e = run_one_remote(mode, pattern, &d, TINY, &backend()).unwrap_err();
+        assert!(e.contains("not measured") && e.contains(why), "{e}");
+    }
+    let _ = std::fs::remove_file(&d);
+}
+
+#[test]
+fn a_backend_that_cannot_start_is_a_clear_error() {
+    let d = disk("nostart");
+    let missing = BackendCommand::aperture("/nonexistent/aperture");
+    let e = run_one_remote(Mode::None, Pattern::Rng64, &d, TINY, &missing).unwrap_err();
+    assert!(e.contains("/nonexistent/aperture"), "{e}");
+    // A program that exits at once instead of listening.
+    let e = run_one_remote(
+        Mode::None,
+        Pattern::Rng64,
+        &d,
+        TINY,
+        &BackendCommand::new("/bin/false", []),
+    )
+    .unwrap_err();
+    assert!(e.contains("exited"), "{e}");
+    let _ = std::fs::remove_file(&d);
+}

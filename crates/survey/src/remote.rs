@@ -1,0 +1,556 @@
+//! The out-of-process placement: the same cells with the device backend in a child
+//! process, reached over vhost-user.
+//!
+//! The backend is `aperture backend blk|rng` (`vhost-iotlb`'s session running the same
+//! `virtio-devices` devices as in process), started by the [`BackendCommand`] the
+//! caller names — the `aperture` binary passes its own path. The front-end is
+//! `device-host`'s [`VhostUserDevice`], driven as a virtio-pci transport would drive
+//! it: features acked, queue 0 activated (memory table, vring set-up), every notify a
+//! kick. Guest RAM is file-backed ([`bounce_pool::SplitRam`]: RAM and the pool as two
+//! memfds) so its descriptors can go in `SET_MEM_TABLE`:
+//!
+//! - `none`: the memory table is all of RAM; the backend maps it whole.
+//! - `viommu-strict`, `viommu-lazy`: the front-end sits behind our virtio-iommu and
+//!   the backend negotiates `VIRTIO_F_IOMMU_PLATFORM` (it is started with
+//!   `--require-iommu`): it maps only the windows its IOTLB misses obtain, and every
+//!   UNMAP the guest sends reaches it as an INVALIDATE the front-end waits for —
+//!   those round trips are part of the cell's cost.
+//! - `pool`: the memory table is the pool's memfd alone; the backend cannot map
+//!   anything else.
+//!
+//! The driver posts on the ring as in process, kicks, then waits for the used ring:
+//! a [`SPIN`] of polling, then blocking until the front-end turns the backend's call
+//! eventfd into an interrupt ([`virtio_pci::InterruptSink`]).
+//!
+//! CPU time: the cell's CPU is this process's CPU clock (`CLOCK_PROCESS_CPUTIME_ID`:
+//! the driver thread and the front-end's miss and interrupt threads) plus the
+//! backend process's CPU clock (`clock_getcpuclockid` on the child), both read at
+//! nanosecond resolution while the child runs, so `cpu_ns_per_byte` counts both
+//! sides of the path as the in-process cells count their one thread. Exposure is the
+//! backend's own figure (`--stats`): the most guest bytes its address space held.
+
+use crate::modes::{Direct, Pool, Sharing, Viommu, POOL_GPA, POOL_SIZE, RAM_SIZE};
+use crate::run::{self, Device, Measured, Pattern};
+use crate::{Budget, Mode};
+use bounce_pool::{map_pool_file, Gpa, SplitRam};
+use device_host::vhost_user::{
+    DeviceKind, VhostUserCounters, VhostUserDevice, VhostUserError, VhostUserHandle,
+    DEFAULT_TIMEOUT,
+};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use virtio_iommu::EndpointIommu;
+use virtio_pci::{
+    ActiveQueue, InterruptSink, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// How long the driver polls the used ring before it sleeps until the interrupt.
+pub const SPIN: Duration = Duration::from_micros(10);
+/// How long a request may take before the cell fails (the backend hung or died).
+const COMPLETION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the backend may take to start listening, and to exit after disconnect.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The command that runs a vhost-user backend: `program args... blk|rng --socket S
+/// --stats F --once [--require-iommu] [--disk D --read-only]`, the command line of
+/// `aperture backend`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendCommand {
+    program: PathBuf,
+    args: Vec<OsString>,
+}
+
+impl BackendCommand {
+    /// `program` with `args` before the device name.
+    pub fn new(program: impl Into<PathBuf>, args: impl IntoIterator<Item = OsString>) -> Self {
+        Self {
+            program: program.into(),
+            args: args.into_iter().collect(),
+        }
+    }
+
+    /// `aperture backend`, where `exe` is the `aperture` binary.
+    pub fn aperture(exe: impl Into<PathBuf>) -> Self {
+        Self::new(exe, [OsString::from("backend")])
+    }
+
+    /// The program run.
+    pub fn program(&self) -> &Path {
+        &self.program
+    }
+}
+
+/// Why `mode` × `pattern` has no out-of-process cell, or `None` when it has one.
+pub fn not_measured(mode: Mode, pattern: Pattern) -> Option<&'static str> {
+    match (mode, pattern) {
+        (_, Pattern::Net64 | Pattern::Net1500) => Some(
+            "no out-of-process network backend exists (the net patterns' transmit sink runs in process only)",
+        ),
+        (Mode::GrantMap | Mode::GrantPersistent | Mode::GrantCopy, _) => Some(
+            "grant tables are modelled in process only: there is no Xen backend domain to run a backend in",
+        ),
+        (Mode::Auto, _) => Some(
+            "auto's pool is a static window of the endpoint (EndpointIommu::with_static_window), which the \
+             vhost-user front-end does not know, so it would refuse the backend's misses on pool addresses",
+        ),
+        _ => None,
+    }
+}
+
+/// What the backend process did in a cell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendFigures {
+    /// Its CPU time in the timed part (included in [`Measured::cpu`]).
+    pub cpu: Duration,
+    /// IOTLB misses the front-end answered in the timed part.
+    pub misses: u64,
+    /// IOTLB updates it sent in the timed part.
+    pub updates: u64,
+    /// IOTLB invalidates the backend acknowledged in the timed part.
+    pub invalidates: u64,
+    /// Most guest bytes the backend's address space held at once, over the session
+    /// (its `--stats` `peak_mapped_bytes`).
+    pub peak_mapped_bytes: u64,
+    /// Guest bytes its memory table described (`guest_ram_bytes`).
+    pub table_bytes: u64,
+    /// Most IOTLB windows it held at once.
+    pub peak_windows: u64,
+    /// Its translation mode: `plain` (memory table mapped whole) or `iotlb`.
+    pub mode: String,
+}
+
+/// The interrupt the driver sleeps on: the front-end signals it from its call-eventfd
+/// thread once the backend returned a chain.
+#[derive(Default)]
+struct Wake {
+    fired: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl InterruptSink for Wake {
+    fn signal(&self, _vector: u16) {
+        *self.fired.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_one();
+    }
+}
+
+impl Wake {
+    /// Sleeps until signalled or `left` passed; clears the signal.
+    fn wait(&self, left: Duration) {
+        let g = self.fired.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut g, _) = self
+            .cv
+            .wait_timeout_while(g, left, |fired| !*fired)
+            .unwrap_or_else(|e| e.into_inner());
+        *g = false;
+    }
+}
+
+/// Counters at the start of the timed part.
+#[derive(Clone, Copy, Debug)]
+struct Mark {
+    counters: VhostUserCounters,
+    backend_cpu: Duration,
+}
+
+/// A backend process and the front-end device connected to it.
+pub(crate) struct Remote {
+    dev: Option<VhostUserDevice>,
+    wake: Arc<Wake>,
+    child: Child,
+    /// The child's process CPU clock.
+    clock: libc::clockid_t,
+    /// The driver's RAM, to read the used index from.
+    guest: GuestMemoryMmap,
+    used_idx: GuestAddress,
+    seen: u16,
+    dir: PathBuf,
+    mark: Option<Mark>,
+}
+
+/// A fresh directory for one backend's socket, stats and log.
+fn work_dir() -> Result<PathBuf, String> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "aperture-survey-backend-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+/// The end of the backend's log, for error messages.
+fn log_tail(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("backend.log")).unwrap_or_default();
+    let t = text.trim();
+    let start = t.char_indices().rev().nth(600).map_or(0, |(i, _)| i);
+    if t.is_empty() {
+        "(the backend wrote nothing)".into()
+    } else {
+        format!("backend log: {}", &t[start..])
+    }
+}
+
+impl Remote {
+    /// Starts the backend for `pattern`, connects the front-end, puts it behind
+    /// `iommu` when given, acks VERSION_1 (and ACCESS_PLATFORM behind the IOMMU) and
+    /// activates queue 0 with the ring at `ring = (gpa, device address)` and `table`
+    /// as the memory the VMM shares.
+    fn start(
+        cmd: &BackendCommand,
+        pattern: Pattern,
+        disk: &Path,
+        guest: &GuestMemoryMmap,
+        ring: (u64, u64),
+        table: &GuestMemoryMmap,
+        iommu: Option<EndpointIommu>,
+    ) -> Result<Self, String> {
+        let kind = match pattern {
+            Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => DeviceKind::Block,
+            Pattern::Rng64 => DeviceKind::Rng,
+            Pattern::Net64 | Pattern::Net1500 => {
+                return Err(format!("{}: no out-of-process backend", pattern.name()))
+            }
+        };
+        let dir = work_dir()?;
+        let socket = dir.join("backend.sock");
+        let log = std::fs::File::create(dir.join("backend.log"))
+            .map_err(|e| format!("cannot create the backend log in {}: {e}", dir.display()))?;
+        let mut c = Command::new(&cmd.program);
+        c.args(&cmd.args)
+            .arg(if kind == DeviceKind::Block {
+                "blk"
+            } else {
+                "rng"
+            })
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--stats")
+            .arg(dir.join("stats.json"))
+            .arg("--once");
+        if iommu.is_some() {
+            c.arg("--require-iommu");
+        }
+        if kind == DeviceKind::Block {
+            c.arg("--disk").arg(disk).arg("--read-only");
+        }
+        let child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| {
+                let _ = std::fs::remove_dir_all(&dir);
+                format!("cannot run the backend {}: {e}", cmd.program.display())
+            })?;
+        let wake = Arc::new(Wake::default());
+        // From here on, dropping `this` kills the child and removes `dir`.
+        let mut this = Self {
+            dev: None,
+            wake,
+            child,
+            clock: 0,
+            guest: guest.clone(),
+            used_idx: GuestAddress(ring.0 + crate::ring::USED + 2),
+            seen: 0,
+            dir,
+            mark: None,
+        };
+        this.clock = run::cpu_clock_of(this.child.id())?;
+        let mut dev = this.connect(&socket, kind)?;
+        let behind_iommu = iommu.is_some();
+        if let Some(ep) = iommu {
+            dev.attach_iommu(ep).map_err(|e| e.to_string())?;
+        }
+        let d: &mut dyn VirtioDevice<GuestMemoryMmap> = &mut dev;
+        let want = (1 << VIRTIO_F_VERSION_1)
+            | if behind_iommu {
+                1 << VIRTIO_F_ACCESS_PLATFORM
+            } else {
+                0
+            };
+        let offered = d.device_features();
+        if offered & want != want {
+            return Err(format!(
+                "the backend offers features {offered:#x}, without all of {want:#x}"
+            ));
+        }
+        d.set_acked_features(want);
+        let queue = crate::ring::GuestRing::device_queue(ring.1)?;
+        d.activate(
+            &[ActiveQueue {
+                index: 0,
+                queue: &queue,
+                vector: 0,
+            }],
+            table,
+        )
+        .map_err(|e| format!("activating the vhost-user device: {e}"))?;
+        this.dev = Some(dev);
+        Ok(this)
+    }
+
+    /// Connects to the backend once it listens; fails early if it exits.
+    fn connect(&mut self, socket: &Path, kind: DeviceKind) -> Result<VhostUserDevice, String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Err(format!(
+                    "the backend exited ({st}) before accepting a connection; {}",
+                    log_tail(&self.dir)
+                ));
+            }
+            if socket.exists() {
+                let irq: Arc<dyn InterruptSink> = Arc::clone(&self.wake) as _;
+                match VhostUserDevice::connect(socket, kind, DEFAULT_TIMEOUT, irq) {
+                    Ok(d) => return Ok(d),
+                    // Bound but not yet listening.
+                    Err(VhostUserError::Connect { .. }) => {}
+                    Err(e) => return Err(format!("{e}; {}", log_tail(&self.dir))),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the backend did not listen on {} within {START_TIMEOUT:?}; {}",
+                    socket.display(),
+                    log_tail(&self.dir)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn handle(&self) -> Result<VhostUserHandle, String> {
+        self.dev
+            .as_ref()
+            .map(VhostUserDevice::handle)
+            .ok_or_else(|| "the vhost-user device is gone".to_string())
+    }
+
+    /// The backend process's CPU time so far.
+    fn backend_cpu(&self) -> Result<Duration, String> {
+        run::clock_cpu(self.clock).ok_or_else(|| {
+            format!(
+                "cannot read the CPU clock of the backend (pid {})",
+                self.child.id()
+            )
+        })
+    }
+
+    /// CPU time of both sides: this process and the backend's.
+    pub(crate) fn cpu(&self) -> Result<Duration, String> {
+        Ok(run::process_cpu() + self.backend_cpu()?)
+    }
+
+    /// Whether the backend returned a chain since the last call.
+    fn used_moved(&mut self) -> Result<bool, String> {
+        // Acquire: the used element the backend wrote before the index is visible.
+        let idx: u16 = self
+            .guest
+            .load(self.used_idx, Ordering::Acquire)
+            .map_err(|e| format!("used index: {e}"))?;
+        let idx = u16::from_le(idx);
+        if idx == self.seen {
+            return Ok(false);
+        }
+        self.seen = idx;
+        Ok(true)
+    }
+
+    /// The driver's notify: kicks the backend, then waits for the used ring — polls
+    /// for [`SPIN`], then sleeps until the interrupt.
+    pub(crate) fn notify_and_wait(
+        &mut self,
+        queue: &mut virtio_queue::Queue,
+    ) -> Result<(), String> {
+        let Self { dev, guest, .. } = self;
+        let dev = dev.as_mut().ok_or("the vhost-user device is gone")?;
+        VirtioDevice::<GuestMemoryMmap>::process_queue(dev, 0, queue, guest)?;
+        let spin_end = Instant::now() + SPIN;
+        loop {
+            if self.used_moved()? {
+                return Ok(());
+            }
+            if Instant::now() >= spin_end {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        let deadline = Instant::now() + COMPLETION_TIMEOUT;
+        loop {
+            if self.used_moved()? {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.handle()?.is_broken() {
+                return Err(format!(
+                    "the backend did not complete the request within {COMPLETION_TIMEOUT:?}{}; {}",
+                    if self.handle()?.is_broken() {
+                        " (the vhost-user connection broke)"
+                    } else {
+                        ""
+                    },
+                    log_tail(&self.dir)
+                ));
+            }
+            self.wake.wait(left);
+        }
+    }
+
+    /// Marks the start of the timed part.
+    pub(crate) fn mark(&mut self) -> Result<(), String> {
+        self.mark = Some(Mark {
+            counters: self.handle()?.counters(),
+            backend_cpu: self.backend_cpu()?,
+        });
+        Ok(())
+    }
+
+    /// Ends the cell: the figures since [`Remote::mark`], then disconnects, waits for
+    /// the backend to exit and reads its exposure figures.
+    pub(crate) fn finish(mut self) -> Result<BackendFigures, String> {
+        let mark = self.mark.ok_or("the timed part was never marked")?;
+        let now = self.handle()?.counters();
+        let cpu = self.backend_cpu()?.saturating_sub(mark.backend_cpu);
+        if now.invalidate_failures != 0 || now.refused != 0 {
+            return Err(format!(
+                "the front-end refused {} misses and {} invalidates were not acknowledged",
+                now.refused, now.invalidate_failures
+            ));
+        }
+        // Disconnect: the backend (`--once`) writes its stats and exits.
+        self.dev = None;
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(None) => {
+                    let tail = log_tail(&self.dir);
+                    return Err(format!(
+                        "the backend did not exit within {EXIT_TIMEOUT:?} after the front-end left; {tail}"
+                    ));
+                }
+                Err(e) => return Err(format!("waiting for the backend: {e}")),
+            }
+        };
+        if !status.success() {
+            return Err(format!(
+                "the backend exited with {status}; {}",
+                log_tail(&self.dir)
+            ));
+        }
+        let path = self.dir.join("stats.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("the backend's stats {}: {e}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("the backend's stats {}: {e}", path.display()))?;
+        let num = |k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .ok_or_else(|| format!("the backend's stats {} lack {k}", path.display()))
+        };
+        Ok(BackendFigures {
+            cpu,
+            misses: now.misses - mark.counters.misses,
+            updates: now.updates - mark.counters.updates,
+            invalidates: now.invalidates - mark.counters.invalidates,
+            peak_mapped_bytes: num("peak_mapped_bytes")?,
+            table_bytes: num("guest_ram_bytes")?,
+            peak_windows: num("peak_windows")?,
+            mode: v
+                .get("mode")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("unknown")
+                .to_string(),
+        })
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        self.dev = None;
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `mode` over `pattern` with the backend out of process, started by `cmd`, on a
+/// fresh guest whose RAM is file-backed.
+///
+/// # Errors
+/// The cell is not measured out of process ([`not_measured`]), the backend could not
+/// be started or connected, or a request failed.
+pub fn run_one_remote(
+    mode: Mode,
+    pattern: Pattern,
+    disk: &Path,
+    budget: Budget,
+    cmd: &BackendCommand,
+) -> Result<Measured, String> {
+    if let Some(why) = not_measured(mode, pattern) {
+        return Err(format!(
+            "{} {} out of process: not measured: {why}",
+            mode.name(),
+            pattern.name()
+        ));
+    }
+    let ram = SplitRam::new(RAM_SIZE, Gpa(POOL_GPA), POOL_SIZE).map_err(|e| e.to_string())?;
+    let mem = ram.memory().clone();
+    let (t, n) = (budget.per_cell, budget.min_requests);
+    match mode {
+        Mode::None => {
+            let mut s = Direct::with_memory(mem);
+            let r = Remote::start(
+                cmd,
+                pattern,
+                disk,
+                s.guest_memory(),
+                s.ring(),
+                s.guest_memory(),
+                None,
+            )?;
+            run::run_device(&mut s, Device::Remote(Box::new(r)), pattern, disk, t, n)
+        }
+        Mode::ViommuStrict | Mode::ViommuLazy => {
+            let mut s = Viommu::with_memory(mode == Mode::ViommuLazy, mem)?;
+            let ep = s.endpoint();
+            let r = Remote::start(
+                cmd,
+                pattern,
+                disk,
+                s.guest_memory(),
+                s.ring(),
+                s.guest_memory(),
+                Some(ep),
+            )?;
+            run::run_device(&mut s, Device::Remote(Box::new(r)), pattern, disk, t, n)
+        }
+        Mode::Pool => {
+            let mut s = Pool::with_memory(mem)?;
+            // The backend is handed the pool's file and nothing else.
+            let pool_file = ram
+                .pool_file()
+                .try_clone()
+                .map_err(|e| format!("pool memfd: {e}"))?;
+            let table =
+                map_pool_file(pool_file, Gpa(POOL_GPA), POOL_SIZE).map_err(|e| e.to_string())?;
+            let r = Remote::start(cmd, pattern, disk, s.guest_memory(), s.ring(), &table, None)?;
+            run::run_device(&mut s, Device::Remote(Box::new(r)), pattern, disk, t, n)
+        }
+        _ => Err(format!("{}: not measured out of process", mode.name())),
+    }
+}

@@ -73,7 +73,7 @@ fn each_mode_out_of_process_serves_requests_and_the_backend_holds_what_the_mode_
                 // Every request's buffers are fresh IOVAs: at least one miss per buffer
                 // (blk: header, data, status), and every UNMAP an acknowledged
                 // INVALIDATE (lazy: the queued ones are flushed by the cell's end).
-                let buffers = if pattern == Pattern::Rng64 { 1 } else { 3 };
+                let buffers = pattern.buffers();
                 assert!(b.misses >= n * buffers, "{what}: {} misses", b.misses);
                 assert_eq!(b.updates, b.misses, "{what}: every miss answered");
                 assert_eq!(b.invalidates, n * buffers, "{what}");

@@ -115,10 +115,6 @@ pub trait Sharing {
     fn guest_memory(&self) -> &GuestMemoryMmap;
     /// Guest-physical address of the ring, and the address the device is told.
     fn ring(&self) -> (u64, u64);
-    /// Longest buffer one mapping may cover (`dma_max_mapping_size`).
-    fn max_segment(&self) -> usize {
-        usize::MAX
-    }
     /// Maps `len` bytes at guest-physical `gpa` for the device.
     ///
     /// # Errors
@@ -540,9 +536,6 @@ impl Sharing for Pool {
     }
     fn ring(&self) -> (u64, u64) {
         (self.bouncer.ring, self.bouncer.ring)
-    }
-    fn max_segment(&self) -> usize {
-        self.bouncer.dma.max_mapping_size()
     }
     fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String> {
         self.bouncer.map(gpa, len, dir, 0)

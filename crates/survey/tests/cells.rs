@@ -44,13 +44,17 @@ fn every_mode_serves_every_pattern_and_counts_by_its_rules() {
             assert_eq!(m.requests, n, "{what}");
             assert_eq!(m.bytes, n * pattern.bytes() as u64, "{what}");
             assert_eq!(m.slice_cpu_ns_per_request.len(), SLICES as usize, "{what}");
-            let buffers: u64 = match pattern {
-                // header, data (split at 256 KiB in pool mode), status
-                Pattern::Blk1mSeq if mode == Mode::Pool => 6,
-                Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => 3,
-                Pattern::Net64 | Pattern::Net1500 => 2,
-                Pattern::Rng64 => 1,
+            // blk: header, the data's pieces, status; net: header, payload; rng: one.
+            let buffers = pattern.buffers();
+            let pieces = match pattern {
+                Pattern::Blk4kRandom => 1,
+                Pattern::Blk64k => 8,
+                Pattern::Blk1mSeq => 128,
+                _ => 0,
             };
+            if pieces > 0 {
+                assert_eq!(buffers, pieces + 2, "{what}");
+            }
             let s = m.stats;
             match mode {
                 Mode::None => {
@@ -95,12 +99,8 @@ fn every_mode_serves_every_pattern_and_counts_by_its_rules() {
                 }
                 Mode::Auto => {
                     // 2048-byte threshold: headers, status bytes and small packets bounce,
-                    // 4 KiB and larger data buffers are mapped.
-                    let mapped_per_req = match pattern {
-                        Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => 1,
-                        _ => 0,
-                    };
-                    assert_eq!(s.map_ops, n * 2 * mapped_per_req, "{what}");
+                    // the blk data pieces (4 and 8 KiB) are mapped.
+                    assert_eq!(s.map_ops, n * 2 * pieces, "{what}");
                     assert!(s.exposure_peak >= POOL_SIZE, "{what}");
                     assert!(s.exposure_peak < POOL_SIZE + (4 << 20), "{what}");
                 }

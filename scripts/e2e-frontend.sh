@@ -11,7 +11,13 @@
 #   ours-blk-lazy     guest iommu.strict=1 / Linux's default lazy mode: the guest reads host
 #                     data and writes a pattern with checksums through the back-end, and the
 #                     host image holds what the guest wrote.
-# Each scenario boots with scripts/e2e-init.sh (see scripts/e2e.sh for its markers).
+#   ours-blk-killed   `aperture backend blk` behind the virtio-iommu is SIGKILLed while the
+#                     guest reads the disk (scripts/e2e-kill-init.sh): the guest's read must
+#                     fail with EIO within KILL_BOUND seconds of the kill (the device host
+#                     completes the requests the dead back-end took with VIRTIO_BLK_S_IOERR),
+#                     a read after that must fail too, the guest reaches 'done' and
+#                     `aperture serve` exits cleanly.
+# The other scenarios boot with scripts/e2e-init.sh (see scripts/e2e.sh for its markers).
 # Prints "PASS name (...)" or "FAIL name: reason" per scenario, then exactly one line
 # "N passed, M failed". Exit status 0 only if M == 0.
 #
@@ -22,7 +28,10 @@ set -uo pipefail
 
 SCRIPTS="$APERTURE_SCRIPTS_DIR"
 ROOT="$(cd "$SCRIPTS/.." && pwd)"
-ALL=(third-party-rng ours-blk-strict ours-blk-lazy)
+ALL=(third-party-rng ours-blk-strict ours-blk-lazy ours-blk-killed)
+# Most seconds from the back-end's SIGKILL to the guest's failed read (TCG is slow; the
+# front-end notices the death at once and its deadline is 1 s).
+KILL_BOUND=20
 MIB="${E2E_MIB:-8}"
 BOOT_TIMEOUT="${E2E_BOOT_TIMEOUT:-240}"
 WATCHDOG=$((BOOT_TIMEOUT * 2 / 3))
@@ -135,6 +144,92 @@ bad() { REASONS+=("$*"); }
 expect() { [[ "$2" == "$3" ]] || bad "$1: got '${2:-<none>}', want '$3'"; }
 reasons_text() { printf '%s; ' "${REASONS[@]:0:4}"; }
 
+# killed_scenario NAME: the back-end is SIGKILLed during the guest's reads.
+killed_scenario() {
+    local name="$1" sd="$RUN/$1" t0 backend_pid serve_pid qemu_pid qrc serve_rc sock i t_kill waited
+    t0=$(now)
+    REASONS=()
+    mkdir -p "$sd"
+    local dir="$sd/vm" img="$sd/disk.img" initrd="$RUN/initramfs-kill.cpio.gz"
+    CONSOLE="$sd/console.log" MARKERS="$sd/markers.txt"
+    if [[ ! -s "$initrd" ]] && ! "$SCRIPTS/mkinitramfs.sh" "$initrd" --init "$SCRIPTS/e2e-kill-init.sh" >"$sd/initramfs.log" 2>&1; then
+        fail "$name: scripts/mkinitramfs.sh failed (log: $sd/initramfs.log)"; KEEP_RUN=1; return
+    fi
+    make_image "$img" "$name" || { fail "$name: cannot write $img"; KEEP_RUN=1; return; }
+    sock="$sd/blk.sock"
+    "$BIN" backend blk --socket "$sock" --disk "$img" --read-only >"$sd/backend.log" 2>&1 &
+    backend_pid=$!
+    PIDS+=("$backend_pid")
+    for ((i = 0; i < 200; i++)); do [[ -S "$sock" ]] && break; kill -0 "$backend_pid" 2>/dev/null || break; sleep 0.05; done
+    if [[ ! -S "$sock" ]]; then
+        fail "$name: the back-end did not listen on $sock: $(tail -n 3 "$sd/backend.log" | tr '\n' ' ')"; KEEP_RUN=1; return
+    fi
+    "$BIN" serve --dir "$dir" --disk "vhost-user=$sock" --iommu on >"$sd/serve.log" 2>&1 &
+    serve_pid=$!
+    PIDS+=("$serve_pid")
+    if ! wait_for "$serve_pid" "$sd/serve.log" 'QEMU arguments in'; then
+        fail "$name: aperture serve did not come up: $(tail -n 3 "$sd/serve.log" | tr '\n' ' ')"; KEEP_RUN=1; return
+    fi
+    local extra=()
+    mapfile -t extra <"$dir/qemu-args"
+    log "$name: booting (serve --disk vhost-user=SOCK --iommu on; the back-end is killed during the guest's reads)"
+    timeout -k 10 "$BOOT_TIMEOUT" "$QEMU" -nodefaults -no-user-config -display none -serial stdio -no-reboot \
+        -machine q35 -accel tcg -smp 1 -kernel "$KERNEL" -initrd "$initrd" \
+        -append "console=ttyS0 panic=-1 loglevel=4 aperture.kill_limit=60 aperture.watchdog=$WATCHDOG" \
+        "${extra[@]}" </dev/null >"$sd/console.raw" 2>"$sd/qemu.err" &
+    qemu_pid=$!
+    PIDS+=("$qemu_pid")
+    # The guest's reads have begun: give them a second to be in flight, then kill.
+    for ((i = 0; i < BOOT_TIMEOUT * 10; i++)); do
+        grep -q 'APERTURE-E2E kill-io-start' "$sd/console.raw" 2>/dev/null && break
+        kill -0 "$qemu_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    t_kill=""
+    if grep -q 'APERTURE-E2E kill-io-start' "$sd/console.raw" 2>/dev/null; then
+        sleep 1
+        kill -KILL "$backend_pid" 2>/dev/null
+        t_kill=$(now)
+        for ((i = 0; i < (KILL_BOUND + 30) * 10; i++)); do
+            grep -q 'APERTURE-E2E kill-io ' "$sd/console.raw" 2>/dev/null && break
+            kill -0 "$qemu_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        waited=$(since "$t_kill")
+    fi
+    wait "$qemu_pid"
+    qrc=$?
+    forget_pid "$qemu_pid"
+    wait_exit "$serve_pid" 10
+    serve_rc=$EXIT_RC
+    { wait "$backend_pid"; } 2>/dev/null   # SIGKILLed: bash would report it
+    forget_pid "$backend_pid"
+    tr -d '\r' <"$sd/console.raw" >"$CONSOLE"
+    grep -o 'APERTURE-E2E .*' "$CONSOLE" >"$MARKERS"
+
+    ((qrc == 0)) || bad "QEMU exited with status $qrc: $(tail -n 2 "$sd/qemu.err" | tr '\n' ' ')"
+    expect "serve exit status" "$serve_rc" 0
+    expect "start" "$(m start)" "$KREL"
+    [[ "$(m settle)" == ok* ]] || bad "/dev/vda did not appear: settle $(m settle)"
+    [[ -n "$t_kill" ]] || bad "the guest never began its reads (no kill-io-start)"
+    has done || bad "guest did not reach 'APERTURE-E2E done'"
+    has watchdog-expired && bad "guest watchdog expired (I/O hung)"
+    grep -q '^APERTURE-ERROR' "$CONSOLE" && bad "guest errors: $(grep '^APERTURE-ERROR' "$CONSOLE" | head -n 2 | tr '\n' ' ')"
+    local io
+    io=$(m kill-io)
+    [[ "$io" == fail\ * && "$io" == *"Input/output error"* ]] || bad "kill-io: got '${io:-<none>}', want a read failing with EIO (Input/output error)"
+    [[ -n "${waited:-}" ]] && awk -v w="$waited" -v b="$KILL_BOUND" 'BEGIN { exit !(w <= b) }' \
+        || bad "the failed read took ${waited:-?} s after the kill (bound $KILL_BOUND s)"
+    expect "kill-io-again (a read after the failure)" "$(m kill-io-again)" fail
+    if ((${#REASONS[@]} == 0)); then
+        pass "$name ($(since "$t0")s; the read failed ${waited}s after the kill (kill-io $io); guest I/O errors logged: $(m dmesg-io-errors))"
+        [[ -n "${E2E_KEEP:-}" ]] || rm -rf "$sd"
+    else
+        KEEP_RUN=1
+        fail "$name: $(reasons_text)(logs: $sd)"
+    fi
+}
+
 # scenario NAME: one boot.
 scenario() {
     local name="$1" sd="$RUN/$1" t0 backend_pid serve_pid qrc iommu append sock disk_arg rng_arg pat want_w
@@ -230,7 +325,9 @@ scenario() {
 }
 
 log "scenarios: ${SELECTED[*]} (aperture.mib=$MIB; QEMU ${APERTURE_QEMU_VERSION:-?}; work dir $RUN)"
-for s in "${SELECTED[@]}"; do scenario "$s"; done
+for s in "${SELECTED[@]}"; do
+    if [[ "$s" == ours-blk-killed ]]; then killed_scenario "$s"; else scenario "$s"; fi
+done
 log "total $(since "$T_ALL")s"
 summary
 ((FAILED == 0))

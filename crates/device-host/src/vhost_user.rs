@@ -17,11 +17,25 @@
 //! request completes only once the back-end acknowledged (strict semantics across the
 //! process boundary) or the deadline passed, after which the device needs a reset.
 //!
+//! # When the back-end is gone
+//! A back-end that dies, breaks the protocol or misses a deadline is cut off (both of
+//! its sockets shut down) before the device is marked broken. From then on the
+//! front-end itself completes what the back-end left: every chain between the used
+//! and the available index of each started ring gets a used element, virtio-blk's
+//! with `VIRTIO_BLK_S_IOERR` in its status byte, and the queue's interrupt is raised
+//! ([`VhostUserDevice::fail_pending`]). It does so when the device is marked as
+//! needing reset and again on every notification until the driver resets the device,
+//! so a driver that ignores DEVICE_NEEDS_RESET (Linux does) sees its requests fail
+//! instead of waiting for them forever. The walk assumes the back-end completed in
+//! order (ours and every single-queue virtio-blk back-end we know do); a back-end that
+//! completed out of order and died leaves chains this walk completes a second time.
+//!
 //! # What this does not do
 //! The IOTLB tells a *cooperating* back-end what it may touch; it does not confine a
 //! hostile one: `SET_MEM_TABLE` hands over the descriptors of all guest RAM, as every
 //! vhost-user front-end does. Confinement needs the back-end to receive only shared
-//! memory (the restricted DMA pool, a separate issue).
+//! memory: in pool mode ([`VhostUserDevice::share_only`]) it receives the restricted
+//! DMA pool's own memory file and nothing else.
 //!
 //! # Threads and locks
 //! The function's server thread drives the device (activation, kicks, reset). The
@@ -47,16 +61,18 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
+use vfio_bindings::bindings::vfio::VFIO_PCI_BAR0_REGION_INDEX;
 use vfio_user::ServerBackend;
+use vfio_user::{DmaMapFlags, DmaUnmapFlags};
 use virtio_iommu::{EndpointId, EndpointIommu, MappingEvent, MappingSubscriber};
 use virtio_pci::{
-    ActiveQueue, InterruptSink, VirtioDevice, VirtioPciTransport, VIRTIO_F_ACCESS_PLATFORM,
-    VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR,
+    device_status, ActiveQueue, Bar0Layout, InterruptSink, VirtioDevice, VirtioPciTransport,
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{
-    GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, Iommu,
-    Permissions,
+    Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    Iommu, Permissions,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -329,6 +345,10 @@ pub enum VhostUserError {
     /// The guest configured something the back-end cannot be given.
     #[error("{0}")]
     Guest(String),
+    /// Pool mode ([`VhostUserDevice::share_only`]) cannot be set up as asked: a bad
+    /// range, a memory file that holds guest memory outside it, or a ring outside it.
+    #[error("pool mode: {0}")]
+    PoolMode(String),
     /// The connection broke earlier; the device needs a reset (which reconnects).
     #[error("the vhost-user back-end connection is broken; the device needs a reset")]
     Broken,
@@ -415,6 +435,8 @@ pub struct VhostUserCounters {
     pub bad_messages: u64,
     /// Successful reconnections after the connection broke.
     pub reconnects: u64,
+    /// Requests the front-end completed with an error because the back-end was gone.
+    pub failed_requests: u64,
 }
 
 #[derive(Default)]
@@ -427,6 +449,7 @@ struct AtomicCounters {
     invalidate_failures: AtomicU64,
     bad_messages: AtomicU64,
     reconnects: AtomicU64,
+    failed_requests: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -827,12 +850,14 @@ impl Shared {
         lock(&self.link).clone().ok_or(VhostUserError::Broken)
     }
 
-    /// The connection is unusable: mark it, wake the watch thread.
+    /// The connection is unusable: close it, then mark it and wake the watch thread.
+    /// Closed first, so whoever sees `broken` ([`VhostUserDevice::fail_pending`]) can
+    /// take over the rings from a back-end that no longer hears from us.
     fn break_link(&self) {
+        if let Some(l) = lock(&self.link).as_ref() {
+            l.shutdown();
+        }
         if !self.broken.swap(true, Ordering::AcqRel) {
-            if let Some(l) = lock(&self.link).as_ref() {
-                l.shutdown();
-            }
             let _ = self.broken_evt.write(1);
         }
     }
@@ -1025,6 +1050,7 @@ impl VhostUserHandle {
             invalidate_failures: l(&c.invalidate_failures),
             bad_messages: l(&c.bad_messages),
             reconnects: l(&c.reconnects),
+            failed_requests: l(&c.failed_requests),
         }
     }
 
@@ -1186,15 +1212,86 @@ impl PhysicalMemory for EndpointMemory {
     }
 }
 
+/// Pool mode: the one guest-physical range given to the back-end, `[first, last]`
+/// (page-granular, see [`VhostUserDevice::share_only`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SharedRange {
+    first: u64,
+    last: u64,
+}
+
+impl std::fmt::Display for SharedRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "guest-physical {:#x}..={:#x}", self.first, self.last)
+    }
+}
+
+impl SharedRange {
+    /// The part of `[gpa, gpa + size)` inside the range, as (start, size).
+    fn clip(&self, gpa: u64, size: u64) -> Option<(u64, u64)> {
+        let last = gpa.checked_add(size.checked_sub(1)?)?;
+        let (a, b) = (gpa.max(self.first), last.min(self.last));
+        (a <= b).then(|| (a, b - a + 1))
+    }
+
+    /// Whether all of `[addr, addr + len)` (`len` > 0) is inside the range.
+    fn holds(&self, addr: u64, len: u64) -> bool {
+        addr >= self.first
+            && len
+                .checked_sub(1)
+                .and_then(|l| addr.checked_add(l))
+                .is_some_and(|e| e <= self.last)
+    }
+
+    /// Refuses rings outside the range: the back-end could not reach them, and the
+    /// guest would be waiting on a device that never runs.
+    fn check_rings(&self, queues: &[ActiveQueue<'_>]) -> Result<(), VhostUserError> {
+        for q in queues {
+            let n = u64::from(q.queue.size());
+            // Virtio 1.2 §2.7: descriptor table 16·n, used ring 6 + 8·n, available
+            // ring 6 + 2·n bytes.
+            for (what, addr, len) in [
+                ("descriptor table", q.queue.desc_table(), 16 * n),
+                ("used ring", q.queue.used_ring(), 6 + 8 * n),
+                ("available ring", q.queue.avail_ring(), 6 + 2 * n),
+            ] {
+                if !self.holds(addr, len) {
+                    return Err(VhostUserError::PoolMode(format!(
+                        "queue {}: the {what} at {addr:#x} ({len} bytes) lies outside {self}, \
+                         the only memory the back-end is given (the driver must allocate its \
+                         rings from the pool)",
+                        q.index
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The memory table of `mem`: every region with a file, adjacent pieces of one file
 /// merged (QEMU hands RAM over in pieces around holes), at most
-/// [`wire::MAX_MEM_REGIONS`].
+/// [`wire::MAX_MEM_REGIONS`]. In pool mode (`share`) only the parts of regions inside
+/// the shared range, and only if each file sent holds nothing but them.
 fn mem_table(
     mem: &GuestMemoryMmap,
+    share: Option<SharedRange>,
 ) -> Result<(Vec<wire::MemoryRegion>, Vec<Arc<File>>), VhostUserError> {
     let mut regions: Vec<(wire::MemoryRegion, Arc<File>, (u64, u64))> = Vec::new();
     for r in mem.iter() {
         let Some(fo) = r.file_offset() else {
+            continue;
+        };
+        let (gpa, size) = match share {
+            None => (r.start_addr().0, r.len()),
+            Some(s) => match s.clip(r.start_addr().0, r.len()) {
+                Some(piece) => piece,
+                None => continue,
+            },
+        };
+        // The clipped piece starts `gpa - start` bytes into the region, and so into
+        // its file (vm-memory checked that the region's file range does not overflow).
+        let Some(offset) = fo.start().checked_add(gpa - r.start_addr().0) else {
             continue;
         };
         let file = Arc::clone(fo.arc());
@@ -1202,12 +1299,10 @@ fn mem_table(
             .metadata()
             .map(|m| (m.dev(), m.ino()))
             .map_err(|e| VhostUserError::Guest(format!("guest RAM file: {e}")))?;
-        let gpa = r.start_addr().0;
-        let size = r.len();
         if let Some((last, _, last_id)) = regions.last_mut() {
             if *last_id == id
                 && last.guest_phys_addr + last.memory_size == gpa
-                && last.mmap_offset + last.memory_size == fo.start()
+                && last.mmap_offset + last.memory_size == offset
             {
                 last.memory_size += size;
                 continue;
@@ -1218,16 +1313,41 @@ fn mem_table(
                 guest_phys_addr: gpa,
                 memory_size: size,
                 userspace_addr: UADDR_BASE + gpa,
-                mmap_offset: fo.start(),
+                mmap_offset: offset,
             },
             file,
             id,
         ));
     }
     if regions.is_empty() {
-        return Err(VhostUserError::Guest(
-            "no shareable guest RAM (the VMM mapped none)".into(),
-        ));
+        return Err(match share {
+            Some(s) => VhostUserError::PoolMode(format!(
+                "no file-backed guest RAM lies in {s}, the only memory the back-end may be given"
+            )),
+            None => VhostUserError::Guest("no shareable guest RAM (the VMM mapped none)".into()),
+        });
+    }
+    if let Some(s) = share {
+        // A descriptor gives the back-end the whole file, whatever the table says: each
+        // file sent must be exactly the bytes of one region inside the range.
+        for (r, file, _) in &regions {
+            let meta = file
+                .metadata()
+                .map_err(|e| VhostUserError::PoolMode(format!("guest RAM file: {e}")))?;
+            let first = r.guest_phys_addr;
+            let last = first + (r.memory_size - 1);
+            if !meta.is_file() || r.mmap_offset != 0 || r.memory_size != meta.len() {
+                return Err(VhostUserError::PoolMode(format!(
+                    "{first:#x}..={last:#x} of {s} is bytes {:#x}..+{:#x} of a memory file of \
+                     {:#x} bytes, so its descriptor would hand the back-end guest memory \
+                     outside the shared range too; the shared range needs its own memory \
+                     file (as bounce_pool::SplitRam builds guest RAM)",
+                    r.mmap_offset,
+                    r.memory_size,
+                    meta.len()
+                )));
+            }
+        }
     }
     if regions.len() > wire::MAX_MEM_REGIONS {
         return Err(VhostUserError::Guest(format!(
@@ -1255,9 +1375,15 @@ pub struct VhostUserDevice {
     config: Vec<u8>,
     queues: Vec<QueueFds>,
     started: Vec<bool>,
+    /// Each started ring as the driver configured it, for [`Self::fail_pending`].
+    rings: Vec<Option<QueueState>>,
     vectors: Arc<Mutex<Vec<u16>>>,
+    /// The queues' interrupts (the watch thread holds the same sink).
+    irq: Arc<dyn InterruptSink>,
     /// Our RAM descriptors as last sent (kept open while the back-end may map them).
     sent_files: Vec<Arc<File>>,
+    /// Pool mode: the only guest memory the back-end is given ([`Self::share_only`]).
+    share: Option<SharedRange>,
     stop: EventFd,
 }
 
@@ -1349,7 +1475,10 @@ impl VhostUserDevice {
         let (w_shared, w_vectors) = (Arc::downgrade(&shared), Arc::clone(&vectors));
         std::thread::Builder::new()
             .name("aperture-vhost-watch".into())
-            .spawn(move || watch_loop(w_shared, w_stop, w_broken, calls, w_vectors, irq))
+            .spawn({
+                let irq = Arc::clone(&irq);
+                move || watch_loop(w_shared, w_stop, w_broken, calls, w_vectors, irq)
+            })
             .map(drop)
             .map_err(|source| VhostUserError::Io { request: 0, source })?;
         Ok(Self {
@@ -1359,9 +1488,12 @@ impl VhostUserDevice {
             acked: 0,
             config,
             started: vec![false; queues.len()],
+            rings: vec![None; queues.len()],
             queues,
             vectors,
+            irq,
             sent_files: Vec::new(),
+            share: None,
             stop,
         })
     }
@@ -1374,6 +1506,11 @@ impl VhostUserDevice {
     /// VIRTIO_F_ACCESS_PLATFORM, or lacks the REPLY_ACK or BACKEND_REQ protocol
     /// features the IOTLB protocol needs.
     pub fn attach_iommu(&mut self, iommu: EndpointIommu) -> Result<(), VhostUserError> {
+        if let Some(share) = self.share {
+            return Err(VhostUserError::PoolMode(format!(
+                "the device shares only {share} with its back-end; it cannot also sit behind the virtio-iommu"
+            )));
+        }
         let link = self.shared.current()?;
         let unsupported = |why: &str| VhostUserError::Unsupported {
             path: self.shared.socket.clone(),
@@ -1396,13 +1533,64 @@ impl VhostUserDevice {
         Ok(())
     }
 
+    /// Pool mode: from the next activation on, the back-end is given only the guest
+    /// memory in `[start, start + size)` — the restricted DMA pool (issue 6) — instead
+    /// of all guest RAM. The memory table then holds only the regions inside that
+    /// range (clipped to it), and activation is refused unless
+    /// - every memory file sent is wholly inside the range (a descriptor of a file
+    ///   that also backs other guest memory would let a hostile back-end map that
+    ///   memory too, whatever the table says), so the pool must be its own memory
+    ///   file, as `bounce_pool::SplitRam` builds guest RAM; and
+    /// - every ring lies inside the range (the guest's driver allocates them
+    ///   coherently from the pool).
+    ///
+    /// The back-end is driven without the IOTLB: the guest gives the device
+    /// guest-physical addresses inside the pool, and an address outside it is simply
+    /// not in the back-end's memory. A guest's `VIRTIO_F_ACCESS_PLATFORM` (which tells
+    /// Linux to use its DMA API, and so the pool) is not passed on.
+    ///
+    /// Not offered by `aperture serve`: an x86 Linux guest learns of a restricted pool
+    /// only from a device tree (`restricted-dma-pool`), which it does not have; the
+    /// mode is exercised by a fake guest driver (`crates/aperture/tests/pool_backend.rs`).
+    ///
+    /// # Errors
+    /// [`VhostUserError::PoolMode`] if `start` or `size` is not a non-zero multiple of
+    /// 4096, the range passes the top of the address space, or the device is behind
+    /// the virtio-iommu ([`Self::attach_iommu`]).
+    pub fn share_only(&mut self, start: GuestAddress, size: u64) -> Result<(), VhostUserError> {
+        let bad = |why: &str| {
+            VhostUserError::PoolMode(format!(
+                "shared range at {:#x} of {size:#x} bytes: {why}",
+                start.0
+            ))
+        };
+        // Page-granular, so the back-end's mappings of the files sent hold nothing else.
+        if size == 0 || !start.0.is_multiple_of(4096) || !size.is_multiple_of(4096) {
+            return Err(bad("start and size must be non-zero multiples of 4096"));
+        }
+        let last = start
+            .0
+            .checked_add(size - 1)
+            .ok_or_else(|| bad("it passes the top of the address space"))?;
+        if has(self.offered, VIRTIO_F_ACCESS_PLATFORM) {
+            return Err(bad(
+                "the device is behind the virtio-iommu; pool mode and the IOTLB exclude each other",
+            ));
+        }
+        self.share = Some(SharedRange {
+            first: start.0,
+            last,
+        });
+        Ok(())
+    }
+
     /// A handle for counters and state.
     pub fn handle(&self) -> VhostUserHandle {
         VhostUserHandle(Arc::clone(&self.shared))
     }
 
     fn iotlb_on(&self) -> bool {
-        has(self.acked, VIRTIO_F_ACCESS_PLATFORM)
+        has(self.acked, VIRTIO_F_ACCESS_PLATFORM) && self.share.is_none()
     }
 
     /// Starts the back-end's rings: features, memory table, then each ready queue.
@@ -1411,7 +1599,10 @@ impl VhostUserDevice {
         queues: &[ActiveQueue<'_>],
         mem: &GuestMemoryMmap,
     ) -> Result<(), VhostUserError> {
-        let (table, files) = mem_table(mem)?;
+        let (table, files) = mem_table(mem, self.share)?;
+        if let Some(share) = self.share {
+            share.check_rings(queues)?;
+        }
         let regions: Vec<Region> = table
             .iter()
             .map(|r| Region {
@@ -1435,6 +1626,11 @@ impl VhostUserDevice {
         let s = Arc::clone(&self.shared);
         let link = s.current()?;
         let mut features = self.acked & link.features;
+        if self.share.is_some() {
+            // Pool mode: a guest's ACCESS_PLATFORM only says it bounces through the pool
+            // (its DMA API); the back-end gets guest-physical addresses, no IOTLB.
+            features &= !(1 << VIRTIO_F_ACCESS_PLATFORM);
+        }
         if has(link.features, wire::F_PROTOCOL_FEATURES) {
             features |= 1 << wire::F_PROTOCOL_FEATURES;
         }
@@ -1495,10 +1691,52 @@ impl VhostUserDevice {
             })?;
             lock(&self.vectors)[q.index] = q.vector;
             self.started[q.index] = true;
+            self.rings[q.index] = Some(q.queue.state());
             // Buffers the driver queued before DRIVER_OK were notified to nobody.
             let _ = qf.kick.write(1);
         }
         Ok(())
+    }
+
+    /// Once the connection is broken, completes every request the back-end was given
+    /// and did not complete: on each started ring, each chain between the used index
+    /// and the available index gets a used element (virtio-blk: `VIRTIO_BLK_S_IOERR`
+    /// written to the chain's status byte, its last device-writable byte, length 1;
+    /// virtio-rng: length 0), then the queue's interrupt is raised. Memory is reached
+    /// through `mem`, the function's memory, so behind the IOMMU every ring and status
+    /// address is an IOVA translated with the access it needs.
+    ///
+    /// Does nothing while the connection is up: only a back-end already cut off
+    /// ([`Shared::break_link`] closes its sockets before marking the device broken)
+    /// leaves the rings to us. At most one ring's worth of chains per queue; a ring
+    /// whose indices say more are pending than it holds, or that cannot be read, is
+    /// left alone. Callers serialize through the transport's lock. Returns the number
+    /// of requests completed.
+    pub fn fail_pending<M: GuestMemory>(&self, mem: &M) -> usize {
+        if !self.shared.broken.load(Ordering::Acquire) {
+            return 0;
+        }
+        let mut total = 0;
+        for (index, state) in self.rings.iter().enumerate() {
+            let Some(state) = state else { continue };
+            let n = fail_ring(self.kind, *state, mem);
+            if n == 0 {
+                continue;
+            }
+            total += n;
+            self.shared
+                .counters
+                .failed_requests
+                .fetch_add(n as u64, Ordering::Relaxed);
+            let v = lock(&self.vectors)
+                .get(index)
+                .copied()
+                .unwrap_or(VIRTIO_MSI_NO_VECTOR);
+            if v != VIRTIO_MSI_NO_VECTOR {
+                self.irq.signal(v);
+            }
+        }
+        total
     }
 
     fn ring_addr(
@@ -1546,6 +1784,7 @@ impl VhostUserDevice {
         let protocol_on = s
             .current()
             .is_ok_and(|l| has(l.features, wire::F_PROTOCOL_FEATURES));
+        self.rings.fill(None);
         for (i, started) in self.started.iter_mut().enumerate() {
             if !std::mem::take(started) {
                 continue;
@@ -1729,13 +1968,9 @@ impl<M: PhysicalMemory> VirtioDevice<M> for VhostUserDevice {
         }
     }
 
-    fn process_queue(
-        &mut self,
-        index: usize,
-        _queue: &mut Queue,
-        _mem: &M,
-    ) -> Result<bool, String> {
+    fn process_queue(&mut self, index: usize, _queue: &mut Queue, mem: &M) -> Result<bool, String> {
         if self.shared.broken.load(Ordering::Acquire) {
+            self.fail_pending(mem);
             return Err(VhostUserError::Broken.to_string());
         }
         if let (Some(q), Some(true)) = (self.queues.get(index), self.started.get(index)) {
@@ -1790,9 +2025,8 @@ pub fn serve_vhost_user(
             )
             .map_err(|e| e.to_string())?;
             let t = Arc::new(Mutex::new(t));
-            on_broken(&handle, &t);
             let n = lock(&t).msix_vectors();
-            Ok((Box::new(PciFunction::new(t, vectors, build)), n, handle))
+            Ok((function(&handle, t, vectors, build), n, handle))
         }
         None => {
             let build: MemoryBuilder<GuestMemoryMmap> = Box::new(|phys| phys);
@@ -1805,9 +2039,8 @@ pub fn serve_vhost_user(
             )
             .map_err(|e| e.to_string())?;
             let t = Arc::new(Mutex::new(t));
-            on_broken(&handle, &t);
             let n = lock(&t).msix_vectors();
-            Ok((Box::new(PciFunction::new(t, vectors, build)), n, handle))
+            Ok((function(&handle, t, vectors, build), n, handle))
         }
     }
 }
@@ -1819,9 +2052,145 @@ fn on_broken<M: PhysicalMemory + Send + 'static>(
     let weak = Arc::downgrade(t);
     handle.set_on_broken(Box::new(move || {
         if let Some(t) = weak.upgrade() {
-            lock(&t).set_needs_reset();
+            let mut t = lock(&t);
+            t.set_needs_reset();
+            let t = &*t;
+            t.device().fail_pending(t.memory());
         }
     }));
+}
+
+/// The function of a vhost-user device: [`PciFunction`], except that a queue
+/// notification while the connection is broken fails what the driver queued
+/// ([`VhostUserDevice::fail_pending`]). The transport ignores notifications once the
+/// device needs a reset; a driver that ignores DEVICE_NEEDS_RESET would otherwise
+/// wait on those requests forever.
+struct VhostUserFunction<M> {
+    inner: PciFunction<VhostUserDevice, M>,
+    transport: Arc<Mutex<VirtioPciTransport<VhostUserDevice, M>>>,
+    shared: Arc<Shared>,
+}
+
+impl<M: PhysicalMemory> ServerBackend for VhostUserFunction<M> {
+    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
+        self.inner.region_read(region, offset, data)
+    }
+
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.inner.region_write(region, offset, data)?;
+        let notify = region == VFIO_PCI_BAR0_REGION_INDEX
+            && (Bar0Layout::NOTIFY..Bar0Layout::MSIX_TABLE).contains(&offset);
+        if notify && self.shared.broken.load(Ordering::Acquire) {
+            let t = lock(&self.transport);
+            if t.status() & device_status::DRIVER_OK != 0 {
+                t.device().fail_pending(t.memory());
+            }
+        }
+        Ok(())
+    }
+
+    fn dma_map(
+        &mut self,
+        flags: DmaMapFlags,
+        offset: u64,
+        address: u64,
+        size: u64,
+        fd: Option<File>,
+    ) -> std::io::Result<()> {
+        self.inner.dma_map(flags, offset, address, size, fd)
+    }
+
+    fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> std::io::Result<()> {
+        self.inner.dma_unmap(flags, address, size)
+    }
+
+    fn reset(&mut self) -> std::io::Result<()> {
+        self.inner.reset()
+    }
+
+    fn set_irqs(
+        &mut self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: Vec<File>,
+    ) -> std::io::Result<()> {
+        self.inner.set_irqs(index, flags, start, count, fds)
+    }
+}
+
+fn function<M: PhysicalMemory + Send + 'static>(
+    handle: &VhostUserHandle,
+    t: Arc<Mutex<VirtioPciTransport<VhostUserDevice, M>>>,
+    vectors: Arc<MsixVectors>,
+    build: MemoryBuilder<M>,
+) -> Box<dyn ServerBackend + Send> {
+    on_broken(handle, &t);
+    Box::new(VhostUserFunction {
+        inner: PciFunction::new(Arc::clone(&t), vectors, build),
+        transport: t,
+        shared: Arc::clone(&handle.0),
+    })
+}
+
+/// Completes with an error the chains the driver made available on the ring `state`
+/// describes and nobody used: those from the used index (where the back-end stopped)
+/// to the available index. Returns how many it completed. Ring contents are the
+/// driver's (and a dead back-end's): indices claiming more than a ring's worth, a
+/// descriptor index out of range or memory that cannot be reached end the walk; the
+/// descriptor walk itself is bounded by virtio-queue (the queue size, per chain).
+fn fail_ring<M: GuestMemory>(kind: DeviceKind, state: QueueState, mem: &M) -> usize {
+    let Ok(mut q) = Queue::try_from(state) else {
+        return 0;
+    };
+    let (Ok(used), Ok(avail)) = (
+        q.used_idx(mem, Ordering::Acquire),
+        q.avail_idx(mem, Ordering::Acquire),
+    ) else {
+        return 0;
+    };
+    // §2.7.6: the driver never has more than the ring's size outstanding.
+    let pending = (avail - used).0;
+    if pending > q.size() {
+        return 0;
+    }
+    q.set_next_avail(used.0);
+    q.set_next_used(used.0);
+    let mut done = 0;
+    for _ in 0..pending {
+        let Some(chain) = q.pop_descriptor_chain(mem) else {
+            break;
+        };
+        let head = chain.head_index();
+        let len = match kind {
+            DeviceKind::Block => write_ioerr(chain, mem),
+            DeviceKind::Rng => 0,
+        };
+        if q.add_used(mem, head, len).is_err() {
+            break;
+        }
+        done += 1;
+    }
+    done
+}
+
+/// Writes `VIRTIO_BLK_S_IOERR` into a virtio-blk request's status byte, the last byte
+/// of its last device-writable descriptor (§5.2.6); returns the bytes written (1, or
+/// 0 when the chain has no writable byte or the guest did not map it writable).
+fn write_ioerr<M: GuestMemory>(chain: virtio_queue::DescriptorChain<&M>, mem: &M) -> u32 {
+    let status = chain.filter(|d| d.is_write_only() && d.len() > 0).last();
+    let Some(d) = status else {
+        return 0;
+    };
+    let Some(addr) = d.addr().0.checked_add(u64::from(d.len() - 1)) else {
+        return 0;
+    };
+    let ioerr = virtio_devices::block::request::Status::IoErr as u8;
+    match mem.write_slice(&[ioerr], GuestAddress(addr)) {
+        Ok(()) => 1,
+        Err(_) => 0,
+    }
 }
 
 #[cfg(test)]

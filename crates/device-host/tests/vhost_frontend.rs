@@ -23,7 +23,7 @@ use virtio_iommu::{
 };
 use virtio_pci::{ActiveQueue, InterruptSink, VirtioDevice};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestMemoryMmap, IommuMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, IommuMemory};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -547,10 +547,16 @@ struct IommuRig {
     dev: VhostUserDevice,
     mem: EndpointMemory,
     queue: Queue,
+    /// The queues' interrupts.
+    vectors: mpsc::Receiver<u16>,
 }
 
 impl IommuRig {
     fn new(be: &FakeBackend, timeout: Duration) -> Self {
+        Self::with_kind(be, timeout, DeviceKind::Rng)
+    }
+
+    fn with_kind(be: &FakeBackend, timeout: Duration, kind: DeviceKind) -> Self {
         let config = IommuConfig {
             boot_bypass: false,
             endpoints: vec![EndpointConfig::new(EP)],
@@ -560,8 +566,8 @@ impl IommuRig {
         let mut guest = FakeGuest::new(iommu.config().probe_size.get());
         guest.negotiate(&mut iommu);
         let ep = iommu.endpoint_iommu(EndpointId(EP)).unwrap();
-        let (irq, _) = irqs();
-        let mut dev = VhostUserDevice::connect(&be.path, DeviceKind::Rng, timeout, irq).unwrap();
+        let (irq, vectors) = irqs();
+        let mut dev = VhostUserDevice::connect(&be.path, kind, timeout, irq).unwrap();
         dev.attach_iommu(ep.clone()).unwrap();
         let mem = IommuMemory::new(guest_ram("iommu"), ep, true, ());
         let queue = ready_queue(0x8_0000);
@@ -571,6 +577,7 @@ impl IommuRig {
             dev,
             mem,
             queue,
+            vectors,
         };
         let d: &mut dyn VirtioDevice<EndpointMemory> = &mut rig.dev;
         assert_eq!(d.device_features() & F_ACCESS_PLATFORM, F_ACCESS_PLATFORM);
@@ -787,4 +794,180 @@ fn a_backend_that_dies_marks_the_device_broken_and_a_reset_reconnects() {
     assert!(!rig.dev.handle().is_broken());
     assert_eq!(be.connections.load(Ordering::SeqCst), 2);
     assert_eq!(rig.dev.handle().counters().reconnects, 1);
+}
+
+/// The split ring of [`ready_queue`]`(RING)`, as the guest driver writes it: through
+/// guest-physical memory, at the IOVAs [`IommuRig::map`] maps one to one.
+const RING: u64 = 0x8_0000;
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+const VIRTIO_BLK_S_IOERR: u8 = 1;
+
+struct GuestRing<'a>(&'a GuestMemoryMmap);
+
+impl GuestRing<'_> {
+    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let a = RING + 16 * u64::from(i);
+        self.0.write_obj(addr, GuestAddress(a)).unwrap();
+        self.0.write_obj(len, GuestAddress(a + 8)).unwrap();
+        self.0.write_obj(flags, GuestAddress(a + 12)).unwrap();
+        self.0.write_obj(next, GuestAddress(a + 14)).unwrap();
+    }
+
+    /// Makes the chain at `head` available at ring position `pos` and publishes
+    /// `pos + 1` as the available index.
+    fn offer(&self, pos: u16, head: u16) {
+        let avail = RING + 0x1000;
+        self.0
+            .write_obj(head, GuestAddress(avail + 4 + 2 * u64::from(pos % 256)))
+            .unwrap();
+        self.0
+            .write_obj(pos.wrapping_add(1), GuestAddress(avail + 2))
+            .unwrap();
+    }
+
+    /// A virtio-blk read of one sector: header, data, status (§5.2.6), status 0xff.
+    fn blk_read(&self, head: u16, buf: u64) -> GuestAddress {
+        self.0.write_obj(0u32, GuestAddress(buf)).unwrap(); // VIRTIO_BLK_T_IN
+        self.desc(head, buf, 16, DESC_F_NEXT, head + 1);
+        self.desc(
+            head + 1,
+            buf + 0x100,
+            512,
+            DESC_F_NEXT | DESC_F_WRITE,
+            head + 2,
+        );
+        self.desc(head + 2, buf + 0x400, 1, DESC_F_WRITE, 0);
+        let status = GuestAddress(buf + 0x400);
+        self.0.write_obj(0xffu8, status).unwrap();
+        status
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.0.read_obj(GuestAddress(RING + 0x2002)).unwrap()
+    }
+
+    /// Used element `pos`: (id, len).
+    fn used(&self, pos: u16) -> (u32, u32) {
+        let e = RING + 0x2004 + 8 * u64::from(pos % 256);
+        (
+            self.0.read_obj(GuestAddress(e)).unwrap(),
+            self.0.read_obj(GuestAddress(e + 4)).unwrap(),
+        )
+    }
+
+    fn set_used_idx(&self, v: u16) {
+        self.0.write_obj(v, GuestAddress(RING + 0x2002)).unwrap();
+    }
+}
+
+fn blk_rig(tag: &str) -> (FakeBackend, IommuRig) {
+    let be = FakeBackend::start(
+        tag,
+        F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
+        P_ALL,
+        AckMode::Now,
+        None,
+    );
+    let mut rig = IommuRig::with_kind(&be, Duration::from_secs(1), DeviceKind::Block);
+    // The rings and the request buffers, mapped one to one.
+    rig.map(RING, RING + 0xffff, RING, 3);
+    rig.map(0x9_0000, 0x9_ffff, 0x9_0000, 3);
+    (be, rig)
+}
+
+#[test]
+fn requests_a_dead_backend_took_complete_with_ioerr_and_a_used_entry() {
+    let (be, mut rig) = blk_rig("ioerr");
+    let ram = rig.mem.get_backend().clone();
+    let g = GuestRing(&ram);
+    // Two requests handed to the back-end (kicked), which it takes and never completes.
+    let s0 = g.blk_read(0, 0x9_0000);
+    let s1 = g.blk_read(3, 0x9_1000);
+    g.offer(0, 0);
+    g.offer(1, 3);
+    assert_eq!(rig.notify(), Ok(false));
+    assert_eq!(
+        rig.dev.fail_pending(&rig.mem),
+        0,
+        "nothing is failed while the back-end is connected"
+    );
+    assert_eq!((g.used_idx(), ram.read_obj::<u8>(s0).unwrap()), (0, 0xff));
+
+    let (tx, rx) = mpsc::channel();
+    rig.dev.handle().set_on_broken(Box::new(move || {
+        let _ = tx.send(());
+    }));
+    be.die();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(2)), Ok(()));
+    // What the transport's on-broken hook runs (serve_vhost_user wires it).
+    assert_eq!(rig.dev.fail_pending(&rig.mem), 2);
+    assert_eq!(ram.read_obj::<u8>(s0).unwrap(), VIRTIO_BLK_S_IOERR);
+    assert_eq!(ram.read_obj::<u8>(s1).unwrap(), VIRTIO_BLK_S_IOERR);
+    assert_eq!(g.used_idx(), 2);
+    assert_eq!((g.used(0), g.used(1)), ((0, 1), (3, 1)));
+    assert_eq!(
+        rig.vectors.recv_timeout(Duration::from_secs(2)),
+        Ok(1),
+        "the queue's interrupt"
+    );
+    assert_eq!(rig.dev.fail_pending(&rig.mem), 0, "each request once");
+
+    // A request the guest queues afterwards fails at its notification.
+    let s2 = g.blk_read(6, 0x9_2000);
+    g.offer(2, 6);
+    assert!(rig.notify().is_err());
+    assert_eq!(ram.read_obj::<u8>(s2).unwrap(), VIRTIO_BLK_S_IOERR);
+    assert_eq!((g.used_idx(), g.used(2)), (3, (6, 1)));
+    assert_eq!(rig.vectors.recv_timeout(Duration::from_secs(2)), Ok(1));
+    assert_eq!(rig.dev.handle().counters().failed_requests, 3);
+
+    // Until the guest resets the device, which reconnects and forgets the rings.
+    let d: &mut dyn VirtioDevice<EndpointMemory> = &mut rig.dev;
+    d.reset();
+    assert!(!rig.dev.handle().is_broken());
+    g.blk_read(9, 0x9_3000);
+    g.offer(3, 9);
+    assert_eq!(rig.dev.fail_pending(&rig.mem), 0);
+    assert_eq!(g.used_idx(), 3);
+}
+
+#[test]
+fn failing_pending_requests_is_bounded_on_a_hostile_ring() {
+    let (be, rig) = blk_rig("hostile");
+    let ram = rig.mem.get_backend().clone();
+    let g = GuestRing(&ram);
+    be.die();
+    for _ in 0..200 {
+        if rig.dev.handle().is_broken() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(rig.dev.handle().is_broken());
+    // Indices claiming more outstanding chains than the ring holds: left alone.
+    g.offer(299, 0);
+    assert_eq!(rig.dev.fail_pending(&rig.mem), 0);
+    assert_eq!(g.used_idx(), 0);
+    // A chain whose descriptors loop, one whose status lies outside anything the guest
+    // mapped (IOVA 0x50000), and a head out of range: the looping chain is walked as
+    // far as the ring allows and completed, the unmapped status byte is not written
+    // (length 0), and the out-of-range head ends the walk.
+    g.desc(0, 0x9_0000, 16, DESC_F_NEXT, 1);
+    g.desc(1, 0x9_0100, 16, DESC_F_NEXT | DESC_F_WRITE, 0);
+    g.offer(0, 0);
+    g.desc(5, 0x9_0000, 16, DESC_F_NEXT, 6);
+    g.desc(6, 0x5_0000, 1, DESC_F_WRITE, 0);
+    g.offer(1, 5);
+    g.offer(2, 4000);
+    assert_eq!(rig.dev.fail_pending(&rig.mem), 2);
+    assert_eq!((g.used(0), g.used(1)), ((0, 1), (5, 0)));
+    assert_eq!(
+        ram.read_obj::<u8>(GuestAddress(0x9_010f)).unwrap(),
+        VIRTIO_BLK_S_IOERR
+    );
+    assert_eq!(g.used_idx(), 2);
+    // A used index beyond the available index (a dead back-end's last write): nothing.
+    g.set_used_idx(40);
+    assert_eq!(rig.dev.fail_pending(&rig.mem), 0);
 }

@@ -10,13 +10,23 @@
 //! For our configurations the host also counts, over each timed part, the doorbells
 //! the virtio-blk received (each one a vfio-user REGION_WRITE message) and the MAP and
 //! UNMAP requests our virtio-iommu answered. [`crate::vm`] boots the guests.
+//!
+//! The `aperture-vhost-*` configurations run the same disk out of process: the device
+//! host is the vhost-user front-end of `aperture backend blk` (a child process, the
+//! same image read-only), both behind our virtio-iommu, so the back-end holds only the
+//! IOTLB windows the guest mapped. Each is compared with the in-process configuration
+//! of the same mode, and the IOTLB traffic (misses, updates, invalidates) is counted
+//! per timed workload at the front-end and over the whole connection by the back-end
+//! (its `--stats` JSON).
 
 use crate::vm::{self, RAM_MIB};
-use device_host::endpoints::BlockFactory;
+use device_host::endpoints::{BlockFactory, VhostUserFactory};
 use device_host::host::{DeviceHost, EndpointFactory, IommuHandle, IommuMode};
+use device_host::vhost_user::{DeviceKind, VhostUserHandle, DEFAULT_TIMEOUT};
 use md5::{Digest, Md5};
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +56,11 @@ pub(crate) enum Config {
     ApertureLazy,
     /// Our device host without an IOMMU.
     ApertureOff,
+    /// Our device host as the vhost-user front-end of `aperture backend blk` in another
+    /// process, behind our virtio-iommu (IOTLB), iommu.strict=1.
+    ApertureVhostStrict,
+    /// As [`Config::ApertureVhostStrict`], the guest's default lazy invalidation.
+    ApertureVhostLazy,
     /// QEMU's virtio-blk-pci behind QEMU's virtio-iommu-pci, iommu.strict=1.
     QemuViommuStrict,
     /// QEMU's virtio-blk-pci behind QEMU's virtio-iommu-pci, lazy.
@@ -56,10 +71,12 @@ pub(crate) enum Config {
 
 impl Config {
     /// Every configuration, in table order.
-    pub(crate) const ALL: [Config; 6] = [
+    pub(crate) const ALL: [Config; 8] = [
         Config::ApertureStrict,
         Config::ApertureLazy,
         Config::ApertureOff,
+        Config::ApertureVhostStrict,
+        Config::ApertureVhostLazy,
         Config::QemuViommuStrict,
         Config::QemuViommuLazy,
         Config::QemuOff,
@@ -70,6 +87,8 @@ impl Config {
             Config::ApertureStrict => "aperture-strict",
             Config::ApertureLazy => "aperture-lazy",
             Config::ApertureOff => "aperture-off",
+            Config::ApertureVhostStrict => "aperture-vhost-strict",
+            Config::ApertureVhostLazy => "aperture-vhost-lazy",
             Config::QemuViommuStrict => "qemu-viommu-strict",
             Config::QemuViommuLazy => "qemu-viommu-lazy",
             Config::QemuOff => "qemu-off",
@@ -81,6 +100,14 @@ impl Config {
         matches!(
             self,
             Config::ApertureStrict | Config::ApertureLazy | Config::ApertureOff
+        ) || self.vhost()
+    }
+
+    /// The disk runs in `aperture backend blk`, a vhost-user back-end process.
+    fn vhost(self) -> bool {
+        matches!(
+            self,
+            Config::ApertureVhostStrict | Config::ApertureVhostLazy
         )
     }
 
@@ -90,15 +117,21 @@ impl Config {
     }
 
     fn strict(self) -> bool {
-        matches!(self, Config::ApertureStrict | Config::QemuViommuStrict)
+        matches!(
+            self,
+            Config::ApertureStrict | Config::QemuViommuStrict | Config::ApertureVhostStrict
+        )
     }
 
-    /// The QEMU configuration of the same mode, the baseline of our ratios.
+    /// The baseline of our ratios: for an in-process configuration QEMU's of the
+    /// same mode, for an out-of-process one our in-process one of the same mode.
     fn peer(self) -> Option<Config> {
         match self {
             Config::ApertureStrict => Some(Config::QemuViommuStrict),
             Config::ApertureLazy => Some(Config::QemuViommuLazy),
             Config::ApertureOff => Some(Config::QemuOff),
+            Config::ApertureVhostStrict => Some(Config::ApertureStrict),
+            Config::ApertureVhostLazy => Some(Config::ApertureLazy),
             _ => None,
         }
     }
@@ -118,6 +151,8 @@ impl Config {
             Config::ApertureStrict => "our virtio-blk and virtio-iommu over vfio-user, iommu.strict=1",
             Config::ApertureLazy => "our virtio-blk and virtio-iommu over vfio-user, lazy (the guest's default)",
             Config::ApertureOff => "our virtio-blk over vfio-user, no IOMMU",
+            Config::ApertureVhostStrict => "our device host as vhost-user front-end of `aperture backend blk` (another process, IOTLB) behind our virtio-iommu, iommu.strict=1",
+            Config::ApertureVhostLazy => "our device host as vhost-user front-end of `aperture backend blk` (another process, IOTLB) behind our virtio-iommu, lazy",
             Config::QemuViommuStrict => "QEMU's virtio-blk-pci (iommu_platform=on) behind QEMU's virtio-iommu-pci, iommu.strict=1",
             Config::QemuViommuLazy => "QEMU's virtio-blk-pci (iommu_platform=on) behind QEMU's virtio-iommu-pci, lazy",
             Config::QemuOff => "QEMU's virtio-blk-pci, no IOMMU",
@@ -148,6 +183,19 @@ struct HostCounts {
     maps: u64,
     /// UNMAP requests our virtio-iommu answered.
     unmaps: u64,
+    /// The vhost-user front-end's IOTLB traffic (out-of-process configurations only).
+    iotlb: Option<IotlbCounts>,
+}
+
+/// IOTLB messages between our front-end and the back-end process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct IotlbCounts {
+    /// Misses the back-end sent.
+    misses: u64,
+    /// Updates sent in answer.
+    updates: u64,
+    /// Invalidates the back-end acknowledged.
+    invalidates: u64,
 }
 
 impl HostCounts {
@@ -156,6 +204,14 @@ impl HostCounts {
             kicks: self.kicks.saturating_sub(before.kicks),
             maps: self.maps.saturating_sub(before.maps),
             unmaps: self.unmaps.saturating_sub(before.unmaps),
+            iotlb: self.iotlb.map(|a| {
+                let b = before.iotlb.unwrap_or_default();
+                IotlbCounts {
+                    misses: a.misses.saturating_sub(b.misses),
+                    updates: a.updates.saturating_sub(b.updates),
+                    invalidates: a.invalidates.saturating_sub(b.invalidates),
+                }
+            }),
         }
     }
 }
@@ -164,6 +220,8 @@ impl HostCounts {
 struct Sampler {
     kicks: Arc<AtomicU64>,
     iommu: Option<IommuHandle>,
+    /// The vhost-user device's handle (out-of-process configurations).
+    vhost: Option<VhostUserHandle>,
 }
 
 impl Sampler {
@@ -177,6 +235,14 @@ impl Sampler {
             kicks: self.kicks.load(Ordering::Relaxed),
             maps,
             unmaps,
+            iotlb: self.vhost.as_ref().map(|h| {
+                let c = h.counters();
+                IotlbCounts {
+                    misses: c.misses,
+                    updates: c.updates,
+                    invalidates: c.invalidates,
+                }
+            }),
         }
     }
 }
@@ -321,6 +387,8 @@ struct Run {
     console: PathBuf,
     /// Why the run does not count (empty: it does).
     problems: Vec<String>,
+    /// `aperture backend blk --stats` after the run (out-of-process configurations).
+    backend_stats: Option<serde_json::Value>,
 }
 
 /// What every boot shares.
@@ -517,11 +585,24 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
 
     let mut sampler = None;
     let mut served = None;
+    let mut backend = None;
+    let mut vhost = None;
     if config.ours() {
         let kicks = Arc::new(AtomicU64::new(0));
-        let blk = BlockFactory::new("blk0", &p.disk, true).map_err(|e| e.to_string())?;
+        let blk: Box<dyn EndpointFactory> = if config.vhost() {
+            let b = BackendProcess::spawn(&dir, &p.disk)?;
+            let (tx, rx) = std::sync::mpsc::channel();
+            vhost = Some(rx);
+            let f = VhostUserFactory::new("blk0", &b.socket, DeviceKind::Block, DEFAULT_TIMEOUT)
+                .map_err(|e| format!("aperture backend blk: {e}"))?
+                .with_handle_sender(tx);
+            backend = Some(b);
+            Box::new(f)
+        } else {
+            Box::new(BlockFactory::new("blk0", &p.disk, true).map_err(|e| e.to_string())?)
+        };
         let endpoints: Vec<Box<dyn EndpointFactory>> = vec![Box::new(Counted {
-            inner: Box::new(blk),
+            inner: blk,
             kicks: Arc::clone(&kicks),
         })];
         let mode = if config.translated() {
@@ -534,6 +615,8 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
         sampler = Some(Sampler {
             kicks,
             iommu: host.iommu(),
+            // The device was built (and its handle sent) by DeviceHost::new.
+            vhost: vhost.and_then(|rx| rx.try_recv().ok()),
         });
         args.extend(host.qemu_args().iter().cloned());
         served = Some(std::thread::spawn(move || host.run(Duration::from_secs(3))));
@@ -582,6 +665,15 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
             Err(_) => problems.push("the device host panicked".into()),
         }
     }
+    // The back-end exits once the front-end disconnected (--once) and leaves its stats.
+    let backend_stats = match backend.take().map(BackendProcess::finish) {
+        None => None,
+        Some(Ok(stats)) => Some(stats),
+        Some(Err(e)) => {
+            problems.push(e);
+            None
+        }
+    };
 
     if !guest.status.success() {
         problems.push(format!("QEMU: {}", guest.status));
@@ -641,7 +733,124 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
         qemu_args: args,
         console,
         problems,
+        backend_stats,
     })
+}
+
+/// `aperture backend blk` serving the bench's image read-only, a child process.
+struct BackendProcess {
+    child: std::process::Child,
+    socket: PathBuf,
+    stats: PathBuf,
+    log: PathBuf,
+}
+
+impl BackendProcess {
+    /// Starts it (this executable) in `dir` and waits until it listens.
+    ///
+    /// # Errors
+    /// The process cannot be started, or exits or does not listen within 10 s.
+    fn spawn(dir: &Path, disk: &Path) -> Result<Self, String> {
+        let exe = std::env::current_exe()
+            .map_err(|e| format!("cannot find this executable to run `aperture backend`: {e}"))?;
+        // Rebuilt while the bench runs (`cargo build` replaces the file): Linux names the
+        // old file "PATH (deleted)"; the new build at PATH runs the same back-end.
+        let exe = match exe.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+            Some(p) if !exe.exists() => PathBuf::from(p),
+            _ => exe,
+        };
+        let socket = dir.join("blk.sock");
+        let stats = dir.join("backend-stats.json");
+        let log = dir.join("backend.log");
+        let _ = std::fs::remove_file(&stats);
+        let err =
+            File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        let child = Command::new(exe)
+            .args(["backend", "blk", "--read-only", "--once"])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--disk")
+            .arg(disk)
+            .arg("--stats")
+            .arg(&stats)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start `aperture backend blk`: {e}"))?;
+        let mut b = Self {
+            child,
+            socket,
+            stats,
+            log,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::metadata(&b.socket).is_ok_and(|m| m.file_type().is_socket()) {
+            let exited = b.child.try_wait().ok().flatten();
+            if exited.is_some() || std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "`aperture backend blk` did not listen on {} ({}); its log: {}",
+                    b.socket.display(),
+                    exited.map_or("10 s passed".to_string(), |s| s.to_string()),
+                    b.log.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(b)
+    }
+
+    /// Waits (10 s at most) for it to exit after the front-end disconnected and reads
+    /// its `--stats` JSON.
+    ///
+    /// # Errors
+    /// It does not exit, exits with an error, leaves no readable stats, or did not run
+    /// in IOTLB mode.
+    fn finish(mut self) -> Result<serde_json::Value, String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => break s,
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => {
+                    return Err(format!(
+                        "`aperture backend blk` did not exit 10 s after the front-end disconnected (log: {})",
+                        self.log.display()
+                    ))
+                }
+            }
+        };
+        if !status.success() {
+            return Err(format!(
+                "`aperture backend blk` exited with {status} (log: {})",
+                self.log.display()
+            ));
+        }
+        let text = std::fs::read_to_string(&self.stats)
+            .map_err(|e| format!("no back-end stats at {}: {e}", self.stats.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("back-end stats {}: {e}", self.stats.display()))?;
+        if v["mode"] != "iotlb" {
+            return Err(format!(
+                "the back-end ran in mode {}, not iotlb (stats {})",
+                v["mode"],
+                self.stats.display()
+            ));
+        }
+        Ok(v)
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        // Not waited for by `finish` (an error on the way): do not leave it running.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// CPU time so far, in seconds: the whole machine's busy time (`/proc/stat`) and that
@@ -846,7 +1055,15 @@ fn summarise(configs: &[Config], runs: &[Run]) -> Summary {
     };
     for c in Config::ALL {
         if let Some(peer) = c.peer() {
-            pair("against QEMU's peer of the same mode", c, peer);
+            if c.vhost() {
+                pair(
+                    "out of process (vhost-user, IOTLB) against in process, same mode",
+                    c,
+                    peer,
+                );
+            } else {
+                pair("against QEMU's peer of the same mode", c, peer);
+            }
         }
     }
     pair(
@@ -876,7 +1093,7 @@ fn table(s: &Summary, opts: &Options, kernel: &str, qemu: &str, runs: &[Run]) ->
     let _ = writeln!(t);
     let _ = writeln!(
         t,
-        "{:<20} {:>16} {:>16}  {:<20} {:>10} {:>11} {:>11}",
+        "{:<22} {:>16} {:>16}  {:<22} {:>10} {:>11} {:>11}",
         "configuration",
         "randread4k IOPS",
         "seqread1m MiB/s",
@@ -896,7 +1113,7 @@ fn table(s: &Summary, opts: &Options, kernel: &str, qemu: &str, runs: &[Run]) ->
         }
         let _ = writeln!(
             t,
-            "{:<20} {:>16} {:>16}  {:<20} {:>10} {:>11} {:>11}",
+            "{:<22} {:>16} {:>16}  {:<22} {:>10} {:>11} {:>11}",
             name,
             opt(m.iops, 1),
             opt(m.mibps, 1),
@@ -913,7 +1130,7 @@ fn table(s: &Summary, opts: &Options, kernel: &str, qemu: &str, runs: &[Run]) ->
     {
         let _ = writeln!(
             t,
-            "{:<20} {:>16} {:>16}  {:<20} {:>10} {:>11}   ({})",
+            "{:<22} {:>16} {:>16}  {:<22} {:>10} {:>11}   ({})",
             r.numerator.name(),
             "",
             "",
@@ -937,7 +1154,7 @@ this machine has {}. Anything but ~0 skews TCG figures.)",
         for (c, m) in &s.medians {
             let _ = writeln!(
                 t,
-                "{:<20} {:>22} IOPS {:>22} MiB/s",
+                "{:<22} {:>22} IOPS {:>22} MiB/s",
                 c.name(),
                 span(m.iops_range),
                 span(m.mibps_range)
@@ -957,7 +1174,7 @@ this machine has {}. Anything but ~0 skews TCG figures.)",
         );
         let _ = writeln!(
             t,
-            "{:<20} {:<11} {:>9} {:>11} {:>9} {:>9} {:>10} {:>10}",
+            "{:<22} {:<11} {:>9} {:>11} {:>9} {:>9} {:>10} {:>10}",
             "configuration",
             "workload",
             "requests",
@@ -983,7 +1200,7 @@ this machine has {}. Anything but ~0 skews TCG figures.)",
                 };
                 let _ = writeln!(
                     t,
-                    "{:<20} {:<11} {:>9} {:>11} {:>9} {:>9} {:>10} {:>10}",
+                    "{:<22} {:<11} {:>9} {:>11} {:>9} {:>9} {:>10} {:>10}",
                     r.config.name(),
                     name,
                     w.requests,
@@ -996,7 +1213,94 @@ this machine has {}. Anything but ~0 skews TCG figures.)",
             }
         }
     }
+    // The vhost-user IOTLB traffic of the out-of-process configurations.
+    let vhost: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.config.vhost() && r.problems.is_empty())
+        .filter(|r| r.index == 1 || runs.iter().all(|o| o.config != r.config || o.index != 1))
+        .collect();
+    if !vhost.is_empty() {
+        let _ = writeln!(t);
+        let _ = writeln!(
+            t,
+            "vhost-user IOTLB messages over each timed workload, counted by our front-end (run 1; /req: per read request):"
+        );
+        let _ = writeln!(
+            t,
+            "{:<22} {:<11} {:>9} {:>9} {:>10} {:>9} {:>11} {:>12} {:>9}",
+            "configuration",
+            "workload",
+            "requests",
+            "misses",
+            "misses/req",
+            "updates",
+            "updates/req",
+            "invalidates",
+            "inval/req"
+        );
+        for r in &vhost {
+            for (name, w) in [(RANDREAD, &r.randread), (SEQREAD, &r.seqread)] {
+                let Some(w) = w else { continue };
+                let Some(c) = w.host.and_then(|h| h.iotlb) else {
+                    continue;
+                };
+                let per = |n: u64| per_request(n, w.requests);
+                let _ = writeln!(
+                    t,
+                    "{:<22} {:<11} {:>9} {:>9} {:>10} {:>9} {:>11} {:>12} {:>9}",
+                    r.config.name(),
+                    name,
+                    w.requests,
+                    c.misses,
+                    per(c.misses),
+                    c.updates,
+                    per(c.updates),
+                    c.invalidates,
+                    per(c.invalidates)
+                );
+            }
+        }
+        let _ = writeln!(
+            t,
+            "the back-end's own count over its whole connection (boot, warm-ups and both workloads; --stats):"
+        );
+        for r in &vhost {
+            let Some(b) = &r.backend_stats else { continue };
+            let n = |k: &str| b[k].as_u64().unwrap_or(0);
+            let requests: u64 = [&r.randread, &r.seqread]
+                .into_iter()
+                .flatten()
+                .map(|w| w.requests)
+                .sum();
+            let _ = writeln!(
+                t,
+                "{:<22} misses {} ({} failed), updates {}, invalidates {}, evictions {}; \
+per timed request: {} misses, {} updates, {} invalidates; peak exposure {} KiB ({:.3}% of guest RAM), peak windows {}",
+                r.config.name(),
+                n("misses"),
+                n("miss_failures"),
+                n("updates"),
+                n("invalidates"),
+                n("evictions"),
+                per_request(n("misses"), requests),
+                per_request(n("updates"), requests),
+                per_request(n("invalidates"), requests),
+                n("peak_mapped_bytes") >> 10,
+                100.0 * b["peak_share"].as_f64().unwrap_or(0.0),
+                n("peak_windows"),
+            );
+        }
+    }
     t
+}
+
+/// `n` per request, two decimals; `-` without requests.
+fn per_request(n: u64, requests: u64) -> String {
+    if requests > 0 {
+        format!("{:.2}", n as f64 / requests as f64)
+    } else {
+        "-".into()
+    }
 }
 
 fn workload_json(w: &Option<Workload>, rate: &str, count: &str) -> serde_json::Value {
@@ -1015,6 +1319,18 @@ fn workload_json(w: &Option<Workload>, rate: &str, count: &str) -> serde_json::V
                     "iommu_map_requests": h.maps,
                     "iommu_unmap_requests": h.unmaps,
                 });
+                if let Some(c) = h.iotlb {
+                    let per = |n: u64| (w.requests > 0).then(|| n as f64 / w.requests as f64);
+                    j["vhost_user_iotlb"] = serde_json::json!({
+                        "counted_by": "front-end",
+                        "misses": c.misses,
+                        "updates": c.updates,
+                        "invalidates": c.invalidates,
+                        "misses_per_request": per(c.misses),
+                        "updates_per_request": per(c.updates),
+                        "invalidates_per_request": per(c.invalidates),
+                    });
+                }
             }
             j
         }
@@ -1069,7 +1385,14 @@ fn to_json(
         "configurations": s.medians.iter().map(|(c, m)| serde_json::json!({
             "name": c.name(),
             "description": c.describe(),
-            "served_by": if c.ours() { "aperture device host (vfio-user)" } else { "qemu" },
+            "served_by": if c.vhost() {
+                "aperture device host (vfio-user) as vhost-user front-end of aperture backend blk (another process)"
+            } else if c.ours() {
+                "aperture device host (vfio-user)"
+            } else {
+                "qemu"
+            },
+            "out_of_process": c.vhost(),
             "iommu": c.translated(),
             "strict": c.strict(),
             "expected_iommu_group_type": c.group_type(),
@@ -1103,6 +1426,7 @@ fn to_json(
             })),
             RANDREAD: workload_json(&r.randread, "iops", "ops"),
             SEQREAD: workload_json(&r.seqread, "mibps", "mib"),
+            "backend_stats": r.backend_stats,
             "kernel_append": r.append,
             "qemu_args": r.qemu_args,
         })).collect::<Vec<_>>(),
@@ -1243,9 +1567,32 @@ mod tests {
             assert_eq!(c.peer().is_some(), c.ours(), "{c:?}");
             if let Some(p) = c.peer() {
                 assert_eq!((p.translated(), p.strict()), (c.translated(), c.strict()));
-                assert!(!p.ours());
+                // Out of process is measured against ours in process, the rest
+                // against QEMU.
+                assert_eq!(p.ours(), c.vhost(), "{c:?}");
+                assert!(!p.vhost());
             }
         }
+        assert!(Config::ApertureVhostStrict.translated() && Config::ApertureVhostLazy.translated());
+        assert_eq!(Config::ApertureVhostStrict.group_type(), "DMA");
+        assert_eq!(Config::ApertureVhostLazy.group_type(), "DMA-FQ");
+    }
+
+    #[test]
+    fn iotlb_counts_are_taken_over_the_workload_only() {
+        let at = |misses, updates, invalidates| HostCounts {
+            iotlb: Some(IotlbCounts {
+                misses,
+                updates,
+                invalidates,
+            }),
+            ..HostCounts::default()
+        };
+        let d = at(130, 130, 120).since(at(30, 30, 20)).iotlb.unwrap();
+        assert_eq!((d.misses, d.updates, d.invalidates), (100, 100, 100));
+        assert_eq!(HostCounts::default().since(at(1, 1, 1)).iotlb, None);
+        assert_eq!(per_request(150, 100), "1.50");
+        assert_eq!(per_request(3, 0), "-");
     }
 
     #[test]

@@ -78,202 +78,55 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use zerocopy::{FromBytes, IntoBytes};
 
-/// The wire format ("Message Specification" of vhost-user.rst), host byte order.
+/// The wire format ("Message Specification" of vhost-user.rst): the structs and codes
+/// of `vhost_iotlb::wire`, which the back-end library decodes with, under the names
+/// this front-end uses.
 pub mod wire {
-    use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+    use vhost_iotlb::wire as w;
 
-    /// Front-end request codes this front-end sends.
-    pub mod req {
-        /// Reply: `u64` virtio features.
-        pub const GET_FEATURES: u32 = 1;
-        /// `u64` features the front-end enables.
-        pub const SET_FEATURES: u32 = 2;
-        /// Session start.
-        pub const SET_OWNER: u32 = 3;
-        /// Memory regions, one descriptor each.
-        pub const SET_MEM_TABLE: u32 = 5;
-        /// Vring size.
-        pub const SET_VRING_NUM: u32 = 8;
-        /// Vring addresses.
-        pub const SET_VRING_ADDR: u32 = 9;
-        /// Next available index.
-        pub const SET_VRING_BASE: u32 = 10;
-        /// Stops a vring; reply: its next available index.
-        pub const GET_VRING_BASE: u32 = 11;
-        /// Kick eventfd.
-        pub const SET_VRING_KICK: u32 = 12;
-        /// Call eventfd.
-        pub const SET_VRING_CALL: u32 = 13;
-        /// Reply: `u64` protocol features.
-        pub const GET_PROTOCOL_FEATURES: u32 = 15;
-        /// `u64` protocol features the front-end enables.
-        pub const SET_PROTOCOL_FEATURES: u32 = 16;
-        /// Enables or disables a vring.
-        pub const SET_VRING_ENABLE: u32 = 18;
-        /// The back-end request channel's descriptor.
-        pub const SET_BACKEND_REQ_FD: u32 = 21;
-        /// IOTLB update or invalidate.
-        pub const IOTLB_MSG: u32 = 22;
-        /// Reads device configuration.
-        pub const GET_CONFIG: u32 = 24;
-        /// Writes device configuration.
-        pub const SET_CONFIG: u32 = 25;
-    }
-
-    /// Back-end request codes (on the back-end request channel).
-    pub mod backend_req {
-        /// IOTLB miss or access failure.
-        pub const IOTLB_MSG: u32 = 1;
-    }
+    pub use w::{backend_req, req, Header, IotlbMsg, MemoryRegion, VringAddr, VringState};
+    pub use w::{ConfigHeader as ConfigHead, MemoryHeader as MemoryHead};
 
     /// Header flags: version 1 in bits 0–1.
-    pub const VERSION: u32 = 1;
+    pub const VERSION: u32 = w::flags::VERSION;
     /// Header flags: the version field.
-    pub const VERSION_MASK: u32 = 3;
+    pub const VERSION_MASK: u32 = w::flags::VERSION_MASK;
     /// Header flags: this is a reply.
-    pub const FLAG_REPLY: u32 = 1 << 2;
+    pub const FLAG_REPLY: u32 = w::flags::REPLY;
     /// Header flags: the sender wants a reply-ack.
-    pub const FLAG_NEED_REPLY: u32 = 1 << 3;
+    pub const FLAG_NEED_REPLY: u32 = w::flags::NEED_REPLY;
 
     /// `VHOST_USER_F_PROTOCOL_FEATURES`, a virtio feature bit reused by vhost-user.
-    pub const F_PROTOCOL_FEATURES: u32 = 30;
-    /// `VHOST_USER_PROTOCOL_F_REPLY_ACK`.
-    pub const PROTOCOL_F_REPLY_ACK: u32 = 3;
-    /// `VHOST_USER_PROTOCOL_F_BACKEND_REQ`.
-    pub const PROTOCOL_F_BACKEND_REQ: u32 = 5;
-    /// `VHOST_USER_PROTOCOL_F_CONFIG`.
-    pub const PROTOCOL_F_CONFIG: u32 = 9;
+    pub const F_PROTOCOL_FEATURES: u32 = w::VHOST_USER_F_PROTOCOL_FEATURES.trailing_zeros();
+    /// `VHOST_USER_PROTOCOL_F_REPLY_ACK` (bit number).
+    pub const PROTOCOL_F_REPLY_ACK: u32 = w::protocol::REPLY_ACK.trailing_zeros();
+    /// `VHOST_USER_PROTOCOL_F_BACKEND_REQ` (bit number).
+    pub const PROTOCOL_F_BACKEND_REQ: u32 = w::protocol::BACKEND_REQ.trailing_zeros();
+    /// `VHOST_USER_PROTOCOL_F_CONFIG` (bit number).
+    pub const PROTOCOL_F_CONFIG: u32 = w::protocol::CONFIG.trailing_zeros();
 
     /// IOTLB message type: back-end lacks a translation.
-    pub const IOTLB_MISS: u8 = 1;
+    pub const IOTLB_MISS: u8 = w::iotlb::MISS;
     /// IOTLB message type: a translation.
-    pub const IOTLB_UPDATE: u8 = 2;
+    pub const IOTLB_UPDATE: u8 = w::iotlb::UPDATE;
     /// IOTLB message type: drop translations of a range.
-    pub const IOTLB_INVALIDATE: u8 = 3;
+    pub const IOTLB_INVALIDATE: u8 = w::iotlb::INVALIDATE;
     /// IOTLB message type: an access the IOTLB does not allow.
-    pub const IOTLB_ACCESS_FAIL: u8 = 4;
+    pub const IOTLB_ACCESS_FAIL: u8 = w::iotlb::ACCESS_FAIL;
     /// IOTLB permission: read.
-    pub const ACCESS_RO: u8 = 1;
+    pub const ACCESS_RO: u8 = w::iotlb::PERM_RO;
     /// IOTLB permission: write.
-    pub const ACCESS_WO: u8 = 2;
+    pub const ACCESS_WO: u8 = w::iotlb::PERM_WO;
     /// IOTLB permission: read and write.
-    pub const ACCESS_RW: u8 = 3;
+    pub const ACCESS_RW: u8 = w::iotlb::PERM_RW;
 
     /// Most regions in one `SET_MEM_TABLE` (`VHOST_MEMORY_BASELINE_NREGIONS`).
-    pub const MAX_MEM_REGIONS: usize = 8;
+    pub const MAX_MEM_REGIONS: usize = w::MAX_REGIONS;
     /// Most device configuration bytes one `GET_CONFIG` carries.
-    pub const MAX_CONFIG: usize = 256;
+    pub const MAX_CONFIG: usize = w::MAX_CONFIG_SIZE as usize;
     /// Largest payload read from a back-end: more than any message we accept needs
     /// (`GET_CONFIG` with 256 bytes), bounded so a back-end cannot make us allocate.
-    pub const MAX_PAYLOAD: u32 = 4096;
-
-    /// Message header.
-    #[repr(C)]
-    #[derive(
-        Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
-    )]
-    pub struct Header {
-        /// Request code.
-        pub request: u32,
-        /// Version and reply bits.
-        pub flags: u32,
-        /// Payload size in bytes.
-        pub size: u32,
-    }
-
-    /// `struct vhost_vring_state`.
-    #[repr(C)]
-    #[derive(
-        Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
-    )]
-    pub struct VringState {
-        /// Vring index.
-        pub index: u32,
-        /// Value (size, base index, enable).
-        pub num: u32,
-    }
-
-    /// `struct vhost_vring_addr`.
-    #[repr(C)]
-    #[derive(
-        Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
-    )]
-    pub struct VringAddr {
-        /// Vring index.
-        pub index: u32,
-        /// `VHOST_VRING_F_LOG` (never set here).
-        pub flags: u32,
-        /// Descriptor table.
-        pub desc: u64,
-        /// Used ring.
-        pub used: u64,
-        /// Available ring.
-        pub avail: u64,
-        /// Log address (unused).
-        pub log: u64,
-    }
-
-    /// Head of the `SET_MEM_TABLE` payload.
-    #[repr(C)]
-    #[derive(
-        Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
-    )]
-    pub struct MemoryHead {
-        /// Number of regions that follow.
-        pub nregions: u32,
-        /// Zero.
-        pub padding: u32,
-    }
-
-    /// One memory region.
-    #[repr(C)]
-    #[derive(
-        Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
-    )]
-    pub struct MemoryRegion {
-        /// Guest-physical address.
-        pub guest_phys_addr: u64,
-        /// Size.
-        pub memory_size: u64,
-        /// Front-end ("user") address: the key UPDATEs and ring addresses use.
-        pub userspace_addr: u64,
-        /// Offset into the region's file.
-        pub mmap_offset: u64,
-    }
-
-    /// `struct vhost_iotlb_msg`: 26 bytes of fields, 32 with the C padding.
-    #[repr(C)]
-    #[derive(
-        Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
-    )]
-    pub struct IotlbMsg {
-        /// I/O virtual address.
-        pub iova: u64,
-        /// Size.
-        pub size: u64,
-        /// Front-end address of `iova` (UPDATE).
-        pub uaddr: u64,
-        /// `ACCESS_*`.
-        pub perm: u8,
-        /// `IOTLB_*`.
-        pub kind: u8,
-        /// C padding.
-        pub padding: [u8; 6],
-    }
-
-    /// Head of the `GET_CONFIG`/`SET_CONFIG` payload; the bytes follow.
-    #[repr(C)]
-    #[derive(
-        Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
-    )]
-    pub struct ConfigHead {
-        /// Offset in the device configuration.
-        pub offset: u32,
-        /// Number of bytes.
-        pub size: u32,
-        /// 0: written by the front-end.
-        pub flags: u32,
-    }
+    pub const MAX_PAYLOAD: u32 = w::MAX_PAYLOAD as u32;
 }
 
 use wire::{req, Header};

@@ -25,9 +25,9 @@
 # (default 240), E2E_KEEP=1, APERTURE_CACHE, as for scripts/e2e.sh.
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/e2e-lib.sh"
 
 SCRIPTS="$APERTURE_SCRIPTS_DIR"
-ROOT="$(cd "$SCRIPTS/.." && pwd)"
 ALL=(third-party-rng ours-blk-strict ours-blk-lazy ours-blk-killed)
 # Most seconds from the back-end's SIGKILL to the guest's failed read (TCG is slow; the
 # front-end notices the death at once and its deadline is 1 s).
@@ -39,78 +39,15 @@ for v in MIB BOOT_TIMEOUT; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "E2E_$v must be a positive integer, not '${!v}'"
 done
 
-SELECTED=()
-if [[ -n "${E2E_ONLY:-}" ]]; then
-    IFS=',' read -r -a want <<<"$E2E_ONLY"
-    for w in "${want[@]}"; do
-        [[ -n "$w" ]] || continue
-        [[ " ${ALL[*]} " == *" $w "* ]] || die "E2E_ONLY: unknown scenario '$w' (known: ${ALL[*]})"
-        SELECTED+=("$w")
-    done
-    ((${#SELECTED[@]})) || die "E2E_ONLY='$E2E_ONLY' names no scenario (known: ${ALL[*]})"
-else
-    SELECTED=("${ALL[@]}")
-fi
-
-PASSED=0 FAILED=0
-pass() { PASSED=$((PASSED + 1)); printf 'PASS %s\n' "$*"; }
-fail() { FAILED=$((FAILED + 1)); printf 'FAIL %s\n' "$*"; }
-summary() { printf '%d passed, %d failed\n' "$PASSED" "$FAILED"; }
-abort_all() {
-    local s
-    for s in "${SELECTED[@]}"; do fail "$s: not run: $*"; done
-    summary
-    exit 1
-}
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-
-RUN=$(mktemp -d "${TMPDIR:-/tmp}/aperture-e2ef.XXXXXX") || die "cannot create a work directory"
-(( ${#RUN} + 40 < 108 )) || die "work directory path too long for unix sockets: $RUN (set TMPDIR shorter)"
-PIDS=()
-KEEP_RUN=0
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null; done
-    if ((KEEP_RUN)) || [[ -n "${E2E_KEEP:-}" ]]; then log "work directory kept: $RUN"; else rm -rf "$RUN"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-forget_pid() { local p keep=(); for p in "${PIDS[@]}"; do [[ "$p" == "$1" ]] || keep+=("$p"); done; PIDS=("${keep[@]}"); }
+e2e_select
+e2e_workdir e2ef
 T_ALL=$(now)
 
-# --- provisioning, binaries, initramfs ------------------------------------------------------
-log "provisioning: scripts/provision.sh (log: $RUN/provision.log)"
-if ! "$SCRIPTS/provision.sh" >"$RUN/provision.log" 2>&1; then
-    KEEP_RUN=1
-    abort_all "provisioning failed (log: $RUN/provision.log)"
-fi
-# shellcheck disable=SC1091
-. "$APERTURE_CACHE/env" 2>/dev/null || abort_all "provisioning left no $APERTURE_CACHE/env"
-QEMU="${APERTURE_QEMU:-}" KERNEL="${APERTURE_KERNEL_PVH:-}" KREL="${APERTURE_KERNEL_RELEASE:-}"
-[[ -x "$QEMU" && -s "$KERNEL" ]] || abort_all "provisioning did not produce QEMU and the PVH kernel"
-
-if [[ -n "${APERTURE_BIN:-}" ]]; then
-    BIN="$APERTURE_BIN"
-else
-    log "binary: cargo build -p aperture"
-    if ! (cd "$ROOT" && cargo build -p aperture) >"$RUN/build.log" 2>&1; then
-        KEEP_RUN=1
-        abort_all "cargo build -p aperture failed (log: $RUN/build.log)"
-    fi
-    BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/aperture"
-fi
-[[ -x "$BIN" ]] || abort_all "no executable aperture binary at $BIN"
-INITRD="$RUN/initramfs.cpio.gz"
-if ! "$SCRIPTS/mkinitramfs.sh" "$INITRD" --init "$SCRIPTS/e2e-init.sh" >"$RUN/initramfs.log" 2>&1; then
-    KEEP_RUN=1
-    abort_all "scripts/mkinitramfs.sh failed (log: $RUN/initramfs.log)"
-fi
+e2e_provision
+e2e_binary
+e2e_initramfs "$SCRIPTS/e2e-init.sh"
 
 # --- helpers ------------------------------------------------------------------------------------
-md5_of() { md5sum | cut -d' ' -f1; }
-yes_bytes() { yes "$1" | head -c "$2"; return "${PIPESTATUS[1]}"; }
-md5_range() { dd if="$1" bs=1M skip="$2" count="$3" status=none | md5_of; }
 # make_image IMG NAME: [0,N) pseudo-random host data, [N,2N) zeros, 1 MiB tail; HOST_MD5.
 make_image() {
     local key
@@ -139,10 +76,6 @@ wait_exit() {   # wait_exit PID SECONDS: sets EXIT_RC to its status, or "hung" (
 }
 m() { awk -v k="$1" '$2 == k { sub(/^APERTURE-E2E [^ ]+ ?/, ""); print; exit }' "$MARKERS"; }
 has() { awk -v k="$1" '$2 == k { f = 1 } END { exit !f }' "$MARKERS"; }
-REASONS=()
-bad() { REASONS+=("$*"); }
-expect() { [[ "$2" == "$3" ]] || bad "$1: got '${2:-<none>}', want '$3'"; }
-reasons_text() { printf '%s; ' "${REASONS[@]:0:4}"; }
 
 # killed_scenario NAME: the back-end is SIGKILLed during the guest's reads.
 killed_scenario() {

@@ -136,7 +136,7 @@ fn table(s: &Survey, budget: Budget) -> String {
     let _ = writeln!(
         t,
         "auto against the cheaper of pool and viommu-strict, {} alternating rounds \
-(CPU per request, median ratio; noise: the other mode's own spread over the rounds):",
+(CPU per request, median ratio; noise: the larger of the two modes' spreads over the rounds):",
         survey::AutoCheck::ROUNDS
     );
     for a in &s.auto_checks {

@@ -23,6 +23,7 @@ pub mod net;
 pub mod remote;
 pub mod ring;
 pub mod run;
+pub mod windowed;
 
 use modes::{Auto, Dir, Direct, Grant, GrantKind, Pool, Sharing, Viommu};
 use remote::BackendCommand;
@@ -227,8 +228,8 @@ pub struct AutoCheck {
     pub best: Mode,
     /// Per round: auto's CPU per request over the other's.
     pub ratios: Vec<f64>,
-    /// The other mode's own spread over the rounds (highest over lowest CPU per
-    /// request, minus 1): the noise of a measurement on this machine now.
+    /// The noise of a measurement on this machine now: the larger of the two modes'
+    /// own spreads over the rounds (highest over lowest CPU per request, minus 1).
     pub noise: f64,
 }
 
@@ -266,20 +267,24 @@ pub fn check_auto(
         ..budget
     };
     let cost = |m: &Measured| m.cpu.as_nanos() as f64 / m.requests as f64;
-    let (mut ratios, mut others) = (Vec::new(), Vec::new());
+    let (mut ratios, mut autos, mut others) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..AutoCheck::ROUNDS {
         let a = cost(&run_one(Mode::Auto, pattern, disk, half, auto_threshold)?);
         let b = cost(&run_one(best, pattern, disk, half, auto_threshold)?);
         ratios.push(a / b);
+        autos.push(a);
         others.push(b);
     }
-    let lo = others.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = others.iter().copied().fold(0.0, f64::max);
+    let spread = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
+        hi / lo - 1.0
+    };
     Ok(AutoCheck {
         pattern,
         best,
         ratios,
-        noise: hi / lo - 1.0,
+        noise: spread(&autos).max(spread(&others)),
     })
 }
 

@@ -18,7 +18,7 @@
 //! - [`Pool`] (`pool`): every buffer bounces through a restricted DMA pool
 //!   ([`bounce_pool::GuestDma`], swiotlb's rules); the backend reaches the pool only.
 //! - [`Auto`] (`auto`): the device is behind the virtio-iommu and also reaches the pool,
-//!   a static window the host shares for good ([`EndpointIommu::with_static_window`]);
+//!   which the host shares for good ([`crate::windowed::WindowedMemory`]);
 //!   buffers shorter than a threshold bounce through the pool, longer ones are mapped
 //!   strictly (Linux bounces sub-page buffers of untrusted devices the same way, with a
 //!   fixed threshold and the bounce slot mapped per use).
@@ -26,6 +26,7 @@
 //! Each mode counts what the survey reports: mapping operations, bytes copied, and the
 //! peak number of guest bytes the backend could reach.
 
+use crate::windowed::WindowedMemory;
 use bounce_pool::{
     BouncePool, DeviceDma, DmaAddr, DmaDirection, Gpa, GuestDma, PoolConfig, PoolIommu,
 };
@@ -500,7 +501,8 @@ impl Bouncer {
 #[derive(Debug)]
 pub struct Pool {
     bouncer: Bouncer,
-    dev_mem: IommuMemory<GuestMemoryMmap, PoolIommu>,
+    /// The pool and nothing else (the addresses `bounce_pool::PoolIommu` allows).
+    dev_mem: WindowedMemory,
 }
 
 impl Pool {
@@ -520,14 +522,14 @@ impl Pool {
     /// The pool cannot be built in `mem`.
     pub fn with_memory(mem: GuestMemoryMmap) -> Result<Self, String> {
         let bouncer = Bouncer::new(&mem)?;
-        let iommu = PoolIommu::for_pool(bouncer.dma.pool()).map_err(|e| e.to_string())?;
-        let dev_mem = IommuMemory::new(mem, iommu, true, ());
+        let pool = PoolIommu::for_pool(bouncer.dma.pool()).map_err(|e| e.to_string())?;
+        let dev_mem = WindowedMemory::new(mem, pool.range(), None);
         Ok(Self { bouncer, dev_mem })
     }
 }
 
 impl Sharing for Pool {
-    type Mem = IommuMemory<GuestMemoryMmap, PoolIommu>;
+    type Mem = WindowedMemory;
     fn device_memory(&self) -> &Self::Mem {
         &self.dev_mem
     }
@@ -556,8 +558,8 @@ impl Sharing for Pool {
 pub struct Auto {
     iommu: Viommu,
     bouncer: Bouncer,
-    /// The endpoint's translation with the pool as a static window.
-    dev_mem: IommuMemory<GuestMemoryMmap, EndpointIommu>,
+    /// The pool as a window, the rest through the endpoint's translation.
+    dev_mem: WindowedMemory,
     threshold: usize,
 }
 
@@ -574,7 +576,7 @@ const BOUNCED: u64 = u64::MAX;
 
 impl Auto {
     /// Buffers shorter than `threshold` bytes bounce through the pool, which the
-    /// device reaches as a static window, as it does the ring (a coherent allocation
+    /// device reaches at its own addresses, as it does the ring (a coherent allocation
     /// from the pool); longer ones get their own strict mapping.
     ///
     /// # Errors
@@ -582,12 +584,12 @@ impl Auto {
     pub fn new(threshold: usize) -> Result<Self, String> {
         let iommu = Viommu::new(false)?;
         let bouncer = Bouncer::new(&iommu.mem)?;
-        let ep = iommu
-            .dev_mem
-            .iommu()
-            .with_static_window(POOL_GPA, POOL_SIZE)
-            .ok_or("the pool is not a valid static window")?;
-        let dev_mem = IommuMemory::new(iommu.mem.clone(), ep, true, ());
+        let pool = PoolIommu::for_pool(bouncer.dma.pool()).map_err(|e| e.to_string())?;
+        let dev_mem = WindowedMemory::new(
+            iommu.mem.clone(),
+            pool.range(),
+            Some((**iommu.dev_mem.iommu()).clone()),
+        );
         Ok(Self {
             iommu,
             bouncer,
@@ -598,7 +600,7 @@ impl Auto {
 }
 
 impl Sharing for Auto {
-    type Mem = IommuMemory<GuestMemoryMmap, EndpointIommu>;
+    type Mem = WindowedMemory;
     fn device_memory(&self) -> &Self::Mem {
         &self.dev_mem
     }

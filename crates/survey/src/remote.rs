@@ -96,8 +96,8 @@ pub fn not_measured(mode: Mode, pattern: Pattern) -> Option<&'static str> {
             "grant tables are modelled in process only: there is no Xen backend domain to run a backend in",
         ),
         (Mode::Auto, _) => Some(
-            "auto's pool is a static window of the endpoint (EndpointIommu::with_static_window), which the \
-             vhost-user front-end does not know, so it would refuse the backend's misses on pool addresses",
+            "auto's device reaches the pool outside its IOMMU mappings (survey::windowed), and the \
+             vhost-user front-end has no such mode: it shares either the pool alone or IOTLB windows",
         ),
         _ => None,
     }

@@ -310,9 +310,6 @@ impl VirtioIommu {
             shared: Arc::clone(&self.shared),
             index,
             id,
-            window_start: 0,
-            window_end: 0,
-            window: None,
         })
     }
 

@@ -153,65 +153,12 @@ pub struct EndpointIommu {
     pub(crate) shared: Arc<Shared>,
     pub(crate) index: usize,
     pub(crate) id: EndpointId,
-    /// A host-declared identity window, see [`EndpointIommu::with_static_window`]:
-    /// its bounds (the end exclusive; empty without a window) are kept inline, so the
-    /// check costs no pointer chase.
-    pub(crate) window_start: u64,
-    pub(crate) window_end: u64,
-    pub(crate) window: Option<Arc<Iotlb>>,
-}
-
-/// The IOTLB a translation holds while the access runs: the endpoint's, read-locked
-/// (so an invalidation waits for the access), or a static window's, which never
-/// changes.
-#[derive(Debug)]
-pub enum IotlbRef<'a> {
-    /// The endpoint's IOTLB, read-locked.
-    Cached(RwLockReadGuard<'a, Iotlb>),
-    /// A static window's fixed identity translation.
-    Window(&'a Iotlb),
-}
-
-impl std::ops::Deref for IotlbRef<'_> {
-    type Target = Iotlb;
-    fn deref(&self) -> &Iotlb {
-        match self {
-            IotlbRef::Cached(g) => g,
-            IotlbRef::Window(t) => t,
-        }
-    }
 }
 
 impl EndpointIommu {
     /// The endpoint this handle translates for.
     pub fn endpoint(&self) -> EndpointId {
         self.id
-    }
-
-    /// This translation plus a static window: accesses that lie wholly inside
-    /// `[start, start + len)` reach that guest-physical range at their own address,
-    /// read and write, without a mapping and without taking the IOTLB's lock. For a
-    /// range the host shares with the device for good, such as the bounce pool of the
-    /// `auto` mode: the device's exposure is the window plus the live mappings. The
-    /// guest does not control the window and cannot unmap it; its DMA layer must not
-    /// hand out IOVAs inside it (they would reach the window, not their mapping).
-    /// Returns `None` if the range is empty or wraps.
-    pub fn with_static_window(&self, start: u64, len: u64) -> Option<Self> {
-        let end = start.checked_add(len).filter(|_| len > 0)?;
-        let mut tlb = Iotlb::new();
-        tlb.set_mapping(
-            GuestAddress(start),
-            GuestAddress(start),
-            usize::try_from(len).ok()?,
-            Permissions::ReadWrite,
-        )
-        .ok()?;
-        Some(Self {
-            window_start: start,
-            window_end: end,
-            window: Some(Arc::new(tlb)),
-            ..self.clone()
-        })
     }
 
     /// Adds a subscriber for this endpoint, as [`VirtioIommu::subscribe`] does: it is
@@ -252,40 +199,14 @@ impl EndpointIommu {
 }
 
 impl Iommu for EndpointIommu {
-    type IotlbGuard<'a> = IotlbRef<'a>;
+    type IotlbGuard<'a> = RwLockReadGuard<'a, Iotlb>;
 
-    #[inline]
     fn translate(
         &self,
         iova: GuestAddress,
         length: usize,
         access: Permissions,
     ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, IommuError> {
-        // Empty without a window (start == end == 0), so this is one compare then.
-        if iova.0 >= self.window_start
-            && (length as u64) <= self.window_end - iova.0.min(self.window_end)
-        {
-            if let Some(w) = &self.window {
-                if let Ok(hit) = Iotlb::lookup(IotlbRef::Window(w), iova, length, access) {
-                    return Ok(hit);
-                }
-            }
-        }
-        self.translate_mapped(iova, length, access)
-    }
-}
-
-impl EndpointIommu {
-    /// [`Iommu::translate`] outside the static window: the IOTLB, filled from the
-    /// tables on a miss. Kept out of line so the window's path stays small enough to
-    /// inline into the backend's accesses.
-    #[inline(never)]
-    fn translate_mapped(
-        &self,
-        iova: GuestAddress,
-        length: usize,
-        access: Permissions,
-    ) -> Result<IotlbIterator<IotlbRef<'_>>, IommuError> {
         let iotlb = &self.shared.iotlbs[self.index];
         // The access must end at or below 2^64 - 1 to be a half-open u64 range.
         let Some(end) = iova.0.checked_add(length as u64) else {
@@ -296,7 +217,7 @@ impl EndpointIommu {
             self.shared.raise_fault(self.id, denied, access);
             return Err(self.deny(iova, length, "range wraps past 2^64"));
         };
-        if let Ok(hit) = Iotlb::lookup(IotlbRef::Cached(read(iotlb)), iova, length, access) {
+        if let Ok(hit) = Iotlb::lookup(read(iotlb), iova, length, access) {
             return Ok(hit);
         }
         // Miss: fill from the tables while holding their read lock (see the module
@@ -319,7 +240,7 @@ impl EndpointIommu {
             })
         };
         match filled {
-            Ok(()) => Iotlb::lookup(IotlbRef::Cached(read(iotlb)), iova, length, access)
+            Ok(()) => Iotlb::lookup(read(iotlb), iova, length, access)
                 .map_err(|_| self.deny(iova, length, "IOTLB fill did not cover the access")),
             Err(denied) => {
                 drop(tables);

@@ -32,13 +32,18 @@ const MAX_ENDPOINTS: u32 = 64;
     about = "Aperture hands virtio device backends only the guest memory the guest opens for them.\n\
 A backend (virtual disk, NIC, RNG...) normally sees all of guest RAM; here it sees only the\n\
 apertures the guest maps, through our virtio-iommu, which an unmodified Linux guest drives:\n\
-Aperture serves it and the devices behind it to QEMU over vfio-user.",
+Aperture serves it and the devices behind it to QEMU over vfio-user, and runs devices in\n\
+their own processes over vhost-user. It also models Xen grant tables and a restricted DMA\n\
+pool, and measures what each way of sharing costs (bench).",
     after_help = "Examples:\n  \
 aperture demo                  boot Linux with a disk and an RNG behind our virtio-iommu\n  \
 aperture demo --iommu off      the same without it: every device reaches all RAM\n  \
 aperture demo --model          the device model driven as Linux drives it (no QEMU)\n  \
 aperture serve --dir /tmp/vm --disk disk.img --rng   serve them to your own QEMU\n  \
-aperture bench                 in-guest disk throughput: ours against QEMU's own devices\n\n\
+aperture backend blk --socket /tmp/blk.sock --disk disk.img   a disk in its own process\n  \
+aperture serve --dir /tmp/vm --disk vhost-user=/tmp/blk.sock    ...served through it\n  \
+aperture layout --ram 8G --dmar /sys/firmware/acpi/tables/DMAR --assign 00:02.0\n  \
+aperture bench                 what each way of sharing costs, per access pattern\n\n\
 Exit status: 0 success, 1 a demo check failed, 2 bad command line.",
     arg_required_else_help = true
 )]
@@ -264,7 +269,7 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
     /// measure in-guest disk reads with our device host and with QEMU's own devices,
     /// and reports how the model's cost of isolation agrees with the guest's.
     #[command(after_help = "Examples:\n  \
-aperture bench                       the survey, about 40 s (release build)\n  \
+aperture bench                       the survey, about 1.5 min (release build)\n  \
 aperture bench --quick               every cell briefly, for CI and smoke checks\n  \
 aperture bench --auto-threshold 4096 --json /tmp/s.json --svg /tmp/s.svg\n  \
 aperture bench --guest --runs 3      also in the Linux guest (minutes per boot)\n\n\

@@ -219,7 +219,8 @@ pub fn calibrate(iters: u32) -> Result<Calibration, String> {
 }
 
 /// `auto` against the cheaper fixed mode of one pattern, measured in alternating
-/// rounds (auto, other, auto, other...) so that both see the same machine.
+/// rounds (auto then the other, the other then auto, ...) so that both see the same
+/// machine.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AutoCheck {
     /// The pattern.
@@ -235,7 +236,7 @@ pub struct AutoCheck {
 
 impl AutoCheck {
     /// Rounds [`check_auto`] runs.
-    pub const ROUNDS: usize = 5;
+    pub const ROUNDS: usize = 7;
 
     /// Median of the per-round ratios.
     pub fn ratio(&self) -> f64 {
@@ -268,9 +269,19 @@ pub fn check_auto(
     };
     let cost = |m: &Measured| m.cpu.as_nanos() as f64 / m.requests as f64;
     let (mut ratios, mut autos, mut others) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..AutoCheck::ROUNDS {
-        let a = cost(&run_one(Mode::Auto, pattern, disk, half, auto_threshold)?);
-        let b = cost(&run_one(best, pattern, disk, half, auto_threshold)?);
+    for round in 0..AutoCheck::ROUNDS {
+        // Which of the two runs first alternates too, so that neither always meets
+        // the machine in the state the other left it in.
+        let run = |m: Mode| -> Result<f64, String> {
+            Ok(cost(&run_one(m, pattern, disk, half, auto_threshold)?))
+        };
+        let (a, b) = if round % 2 == 0 {
+            let a = run(Mode::Auto)?;
+            (a, run(best)?)
+        } else {
+            let b = run(best)?;
+            (run(Mode::Auto)?, b)
+        };
         ratios.push(a / b);
         autos.push(a);
         others.push(b);

@@ -22,6 +22,7 @@
 use crate::vm::{self, RAM_MIB};
 use device_host::endpoints::{BlockFactory, VhostUserFactory};
 use device_host::host::{DeviceHost, EndpointFactory, IommuHandle, IommuMode};
+use device_host::vfio::NotifyHook;
 use device_host::vhost_user::{DeviceKind, VhostUserHandle, DEFAULT_TIMEOUT};
 use md5::{Digest, Md5};
 use std::collections::BTreeMap;
@@ -32,10 +33,8 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use vfio_bindings::bindings::vfio::VFIO_PCI_BAR0_REGION_INDEX;
-use vfio_user::{DmaMapFlags, DmaUnmapFlags, ServerBackend};
+use vfio_user::ServerBackend;
 use virtio_iommu::RequestType;
-use virtio_pci::Bar0Layout;
 
 /// Untimed seconds before each workload (`diskbench -w`).
 const WARMUP_S: u32 = 1;
@@ -264,64 +263,11 @@ impl EndpointFactory for Counted {
         iommu: Option<virtio_iommu::EndpointIommu>,
     ) -> Result<(Box<dyn ServerBackend + Send>, u16), String> {
         let (inner, vectors) = self.inner.build(iommu)?;
-        Ok((
-            Box::new(CountingBackend {
-                inner,
-                kicks: self.kicks,
-            }),
-            vectors,
-        ))
-    }
-}
-
-/// Forwards everything to `inner`, counting BAR 0 writes into the notify area.
-struct CountingBackend {
-    inner: Box<dyn ServerBackend + Send>,
-    kicks: Arc<AtomicU64>,
-}
-
-impl ServerBackend for CountingBackend {
-    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
-        self.inner.region_read(region, offset, data)
-    }
-
-    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        if region == VFIO_PCI_BAR0_REGION_INDEX
-            && (Bar0Layout::NOTIFY..Bar0Layout::MSIX_TABLE).contains(&offset)
-        {
-            self.kicks.fetch_add(1, Ordering::Relaxed);
-        }
-        self.inner.region_write(region, offset, data)
-    }
-
-    fn dma_map(
-        &mut self,
-        flags: DmaMapFlags,
-        offset: u64,
-        address: u64,
-        size: u64,
-        fd: Option<File>,
-    ) -> std::io::Result<()> {
-        self.inner.dma_map(flags, offset, address, size, fd)
-    }
-
-    fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> std::io::Result<()> {
-        self.inner.dma_unmap(flags, address, size)
-    }
-
-    fn reset(&mut self) -> std::io::Result<()> {
-        self.inner.reset()
-    }
-
-    fn set_irqs(
-        &mut self,
-        index: u32,
-        flags: u32,
-        start: u32,
-        count: u32,
-        fds: Vec<File>,
-    ) -> std::io::Result<()> {
-        self.inner.set_irqs(index, flags, start, count, fds)
+        let kicks = self.kicks;
+        let counted = NotifyHook::new(inner, move || {
+            kicks.fetch_add(1, Ordering::Relaxed);
+        });
+        Ok((Box::new(counted), vectors))
     }
 }
 
@@ -1593,55 +1539,5 @@ mod tests {
         assert_eq!(HostCounts::default().since(at(1, 1, 1)).iotlb, None);
         assert_eq!(per_request(150, 100), "1.50");
         assert_eq!(per_request(3, 0), "-");
-    }
-
-    #[test]
-    fn notify_writes_are_counted_and_nothing_else() {
-        struct Sink;
-        impl ServerBackend for Sink {
-            fn region_read(&mut self, _: u32, _: u64, _: &mut [u8]) -> std::io::Result<()> {
-                Ok(())
-            }
-            fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> std::io::Result<()> {
-                Ok(())
-            }
-            fn dma_map(
-                &mut self,
-                _: DmaMapFlags,
-                _: u64,
-                _: u64,
-                _: u64,
-                _: Option<File>,
-            ) -> std::io::Result<()> {
-                Ok(())
-            }
-            fn dma_unmap(&mut self, _: DmaUnmapFlags, _: u64, _: u64) -> std::io::Result<()> {
-                Ok(())
-            }
-            fn reset(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-            fn set_irqs(
-                &mut self,
-                _: u32,
-                _: u32,
-                _: u32,
-                _: u32,
-                _: Vec<File>,
-            ) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let kicks = Arc::new(AtomicU64::new(0));
-        let mut b = CountingBackend {
-            inner: Box::new(Sink),
-            kicks: Arc::clone(&kicks),
-        };
-        b.region_write(0, Bar0Layout::NOTIFY, &[0, 0]).unwrap();
-        b.region_write(0, Bar0Layout::NOTIFY + 4, &[1, 0]).unwrap();
-        b.region_write(0, Bar0Layout::COMMON, &[1]).unwrap();
-        b.region_write(7, Bar0Layout::NOTIFY, &[0, 0]).unwrap();
-        b.region_write(0, Bar0Layout::MSIX_TABLE, &[0; 4]).unwrap();
-        assert_eq!(kicks.load(Ordering::Relaxed), 2);
     }
 }

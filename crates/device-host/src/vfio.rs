@@ -283,3 +283,126 @@ impl<D: VirtioDevice<M>, M: GuestMemory> ServerBackend for PciFunction<D, M> {
         Ok(())
     }
 }
+
+/// Whether a write to `region` at `offset` is a queue notification (a write into BAR 0's
+/// notify area).
+pub fn is_notify(region: u32, offset: u64) -> bool {
+    region == VFIO_PCI_BAR0_REGION_INDEX
+        && (virtio_pci::Bar0Layout::NOTIFY..virtio_pci::Bar0Layout::MSIX_TABLE).contains(&offset)
+}
+
+/// A function whose queue notifications also call `on_notify`, after the function
+/// handled the write; everything else is the function's own.
+pub struct NotifyHook<F> {
+    inner: Box<dyn ServerBackend + Send>,
+    on_notify: F,
+}
+
+impl<F: FnMut() + Send> NotifyHook<F> {
+    /// `inner`, with `on_notify` called after every queue notification it handled.
+    pub fn new(inner: Box<dyn ServerBackend + Send>, on_notify: F) -> Self {
+        Self { inner, on_notify }
+    }
+}
+
+impl<F: FnMut() + Send> ServerBackend for NotifyHook<F> {
+    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
+        self.inner.region_read(region, offset, data)
+    }
+
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.inner.region_write(region, offset, data)?;
+        if is_notify(region, offset) {
+            (self.on_notify)();
+        }
+        Ok(())
+    }
+
+    fn dma_map(
+        &mut self,
+        flags: DmaMapFlags,
+        offset: u64,
+        address: u64,
+        size: u64,
+        fd: Option<File>,
+    ) -> std::io::Result<()> {
+        self.inner.dma_map(flags, offset, address, size, fd)
+    }
+
+    fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> std::io::Result<()> {
+        self.inner.dma_unmap(flags, address, size)
+    }
+
+    fn reset(&mut self) -> std::io::Result<()> {
+        self.inner.reset()
+    }
+
+    fn set_irqs(
+        &mut self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: Vec<File>,
+    ) -> std::io::Result<()> {
+        self.inner.set_irqs(index, flags, start, count, fds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use virtio_pci::Bar0Layout;
+
+    #[test]
+    fn notify_hook_sees_queue_notifications_and_nothing_else() {
+        struct Sink;
+        impl ServerBackend for Sink {
+            fn region_read(&mut self, _: u32, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn dma_map(
+                &mut self,
+                _: DmaMapFlags,
+                _: u64,
+                _: u64,
+                _: u64,
+                _: Option<File>,
+            ) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn dma_unmap(&mut self, _: DmaUnmapFlags, _: u64, _: u64) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn reset(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn set_irqs(
+                &mut self,
+                _: u32,
+                _: u32,
+                _: u32,
+                _: u32,
+                _: Vec<File>,
+            ) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let kicks = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&kicks);
+        let mut b = NotifyHook::new(Box::new(Sink), move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+        b.region_write(0, Bar0Layout::NOTIFY, &[0, 0]).unwrap();
+        b.region_write(0, Bar0Layout::NOTIFY + 4, &[1, 0]).unwrap();
+        b.region_write(0, Bar0Layout::COMMON, &[1]).unwrap();
+        b.region_write(7, Bar0Layout::NOTIFY, &[0, 0]).unwrap();
+        b.region_write(0, Bar0Layout::MSIX_TABLE, &[0; 4]).unwrap();
+        assert_eq!(kicks.load(Ordering::Relaxed), 2);
+    }
+}

@@ -50,7 +50,7 @@
 //! socket cannot be served (the UPDATE needs that socket); the deadline bounds it.
 
 use crate::host::EndpointMemory;
-use crate::vfio::{lock, EventFdSink, MemoryBuilder, MsixVectors, PciFunction};
+use crate::vfio::{lock, EventFdSink, MemoryBuilder, MsixVectors, NotifyHook, PciFunction};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
@@ -61,12 +61,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use vfio_bindings::bindings::vfio::VFIO_PCI_BAR0_REGION_INDEX;
 use vfio_user::ServerBackend;
-use vfio_user::{DmaMapFlags, DmaUnmapFlags};
 use virtio_iommu::{EndpointId, EndpointIommu, MappingEvent, MappingSubscriber};
 use virtio_pci::{
-    device_status, ActiveQueue, Bar0Layout, InterruptSink, VirtioDevice, VirtioPciTransport,
+    device_status, ActiveQueue, InterruptSink, VirtioDevice, VirtioPciTransport,
     VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR,
 };
 use virtio_queue::{Queue, QueueState, QueueT};
@@ -1913,66 +1911,6 @@ fn on_broken<M: PhysicalMemory + Send + 'static>(
     }));
 }
 
-/// The function of a vhost-user device: [`PciFunction`], except that a queue
-/// notification while the connection is broken fails what the driver queued
-/// ([`VhostUserDevice::fail_pending`]). The transport ignores notifications once the
-/// device needs a reset; a driver that ignores DEVICE_NEEDS_RESET would otherwise
-/// wait on those requests forever.
-struct VhostUserFunction<M> {
-    inner: PciFunction<VhostUserDevice, M>,
-    transport: Arc<Mutex<VirtioPciTransport<VhostUserDevice, M>>>,
-    shared: Arc<Shared>,
-}
-
-impl<M: PhysicalMemory> ServerBackend for VhostUserFunction<M> {
-    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
-        self.inner.region_read(region, offset, data)
-    }
-
-    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.inner.region_write(region, offset, data)?;
-        let notify = region == VFIO_PCI_BAR0_REGION_INDEX
-            && (Bar0Layout::NOTIFY..Bar0Layout::MSIX_TABLE).contains(&offset);
-        if notify && self.shared.broken.load(Ordering::Acquire) {
-            let t = lock(&self.transport);
-            if t.status() & device_status::DRIVER_OK != 0 {
-                t.device().fail_pending(t.memory());
-            }
-        }
-        Ok(())
-    }
-
-    fn dma_map(
-        &mut self,
-        flags: DmaMapFlags,
-        offset: u64,
-        address: u64,
-        size: u64,
-        fd: Option<File>,
-    ) -> std::io::Result<()> {
-        self.inner.dma_map(flags, offset, address, size, fd)
-    }
-
-    fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> std::io::Result<()> {
-        self.inner.dma_unmap(flags, address, size)
-    }
-
-    fn reset(&mut self) -> std::io::Result<()> {
-        self.inner.reset()
-    }
-
-    fn set_irqs(
-        &mut self,
-        index: u32,
-        flags: u32,
-        start: u32,
-        count: u32,
-        fds: Vec<File>,
-    ) -> std::io::Result<()> {
-        self.inner.set_irqs(index, flags, start, count, fds)
-    }
-}
-
 fn function<M: PhysicalMemory + Send + 'static>(
     handle: &VhostUserHandle,
     t: Arc<Mutex<VirtioPciTransport<VhostUserDevice, M>>>,
@@ -1980,11 +1918,20 @@ fn function<M: PhysicalMemory + Send + 'static>(
     build: MemoryBuilder<M>,
 ) -> Box<dyn ServerBackend + Send> {
     on_broken(handle, &t);
-    Box::new(VhostUserFunction {
-        inner: PciFunction::new(Arc::clone(&t), vectors, build),
-        transport: t,
-        shared: Arc::clone(&handle.0),
-    })
+    // A queue notification while the connection is broken fails what the driver
+    // queued ([`VhostUserDevice::fail_pending`]): the transport ignores notifications
+    // once the device needs a reset, and a driver that ignores DEVICE_NEEDS_RESET would
+    // otherwise wait on those requests forever.
+    let shared = Arc::clone(&handle.0);
+    let inner = Box::new(PciFunction::new(Arc::clone(&t), vectors, build));
+    Box::new(NotifyHook::new(inner, move || {
+        if shared.broken.load(Ordering::Acquire) {
+            let t = lock(&t);
+            if t.status() & device_status::DRIVER_OK != 0 {
+                t.device().fail_pending(t.memory());
+            }
+        }
+    }))
 }
 
 /// Completes with an error the chains the driver made available on the ring `state`

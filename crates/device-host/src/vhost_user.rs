@@ -1998,6 +1998,112 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    #[test]
+    fn shared_range_clips_regions_to_its_bytes_and_nothing_more() {
+        let s = SharedRange {
+            first: 0x1000,
+            last: 0x1fff,
+        };
+        assert_eq!(
+            s.clip(0, 0x10_0000),
+            Some((0x1000, 0x1000)),
+            "region around it"
+        );
+        assert_eq!(
+            s.clip(0x1800, 0x1000),
+            Some((0x1800, 0x800)),
+            "overlaps the end"
+        );
+        assert_eq!(
+            s.clip(0x800, 0x1000),
+            Some((0x1000, 0x800)),
+            "overlaps the start"
+        );
+        assert_eq!(s.clip(0x2000, 0x1000), None, "just after");
+        assert_eq!(s.clip(0, 0x1000), None, "just before");
+        assert_eq!(s.clip(0x1000, 0), None, "empty region");
+        assert_eq!(s.clip(u64::MAX, 2), None, "wraps");
+        assert!(s.holds(0x1000, 0x1000) && s.holds(0x1fff, 1));
+        assert!(!s.holds(0x1fff, 2) && !s.holds(0xfff, 1) && !s.holds(0x1000, 0));
+        assert!(!s.holds(u64::MAX, 2));
+    }
+
+    /// Guest RAM of two memfds: [0, 1 MiB) and the "pool" [1 MiB, 1.25 MiB).
+    fn split_ram() -> GuestMemoryMmap {
+        let file = |len: u64| {
+            // SAFETY: memfd_create takes a NUL-terminated name and flags; the result is
+            // checked before it is owned by exactly one File.
+            let fd = unsafe { libc::memfd_create(c"aperture-test".as_ptr(), 0) };
+            assert!(fd >= 0);
+            // SAFETY: `fd` is a fresh descriptor nobody else owns.
+            let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            f.set_len(len).unwrap();
+            f
+        };
+        let (ram, pool) = (file(1 << 20), file(256 << 10));
+        GuestMemoryMmap::from_ranges_with_files(&[
+            (
+                GuestAddress(0),
+                1 << 20,
+                Some(vm_memory::FileOffset::new(ram, 0)),
+            ),
+            (
+                GuestAddress(1 << 20),
+                256 << 10,
+                Some(vm_memory::FileOffset::new(pool, 0)),
+            ),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn pool_mode_table_is_the_pool_file_alone_or_refused() {
+        let mem = split_ram();
+        let (all, files) = mem_table(&mem, None).unwrap();
+        assert_eq!(
+            (all.len(), files.len()),
+            (2, 2),
+            "both files without pool mode"
+        );
+        let pool = SharedRange {
+            first: 1 << 20,
+            last: (1 << 20) + (256 << 10) - 1,
+        };
+        let (t, files) = mem_table(&mem, Some(pool)).unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(
+            (t[0].guest_phys_addr, t[0].memory_size, t[0].mmap_offset),
+            (1 << 20, 256 << 10, 0)
+        );
+        // Half the pool: the file would still hand over all of it.
+        let half = SharedRange {
+            first: 1 << 20,
+            last: (1 << 20) + (128 << 10) - 1,
+        };
+        assert!(matches!(
+            mem_table(&mem, Some(half)),
+            Err(VhostUserError::PoolMode(_))
+        ));
+        // A range that reaches into RAM's file too.
+        let wide = SharedRange {
+            first: (1 << 20) - 4096,
+            last: pool.last,
+        };
+        assert!(matches!(
+            mem_table(&mem, Some(wide)),
+            Err(VhostUserError::PoolMode(_))
+        ));
+        // Nothing file-backed in the range.
+        let beyond = SharedRange {
+            first: 4 << 20,
+            last: (5 << 20) - 1,
+        };
+        assert!(matches!(
+            mem_table(&mem, Some(beyond)),
+            Err(VhostUserError::PoolMode(_))
+        ));
+    }
+
     /// A link whose back-end end answers GET_FEATURES with `reply` (raw bytes).
     fn link_answering(reply: Vec<u8>, protocol: u64) -> Link {
         let (ours, theirs) = UnixStream::pair().unwrap();

@@ -53,6 +53,9 @@ cargo fmt --all -- --check
 say "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
+say "cargo doc --workspace --no-deps (warnings are errors: no broken doc links)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+
 say "cargo test --workspace"
 cargo test --workspace
 

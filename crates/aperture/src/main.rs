@@ -1,13 +1,16 @@
 //! `aperture`, the one binary of the Aperture workspace.
 //!
 //! Its subcommands: `serve` ([`serve`]) serves our virtio-iommu and the devices behind
-//! it to QEMU over vfio-user; `demo` boots an unmodified Linux guest against them
-//! ([`guest`]), or with `--model` plays the requests Linux's virtio-iommu driver sends
-//! against the device model through its fake guest driver ([`demo`], rendered by
-//! [`report`]); `bench` ([`bench`]) measures in-guest disk throughput against QEMU's own
-//! devices. What `demo` and `bench` share to boot the guest lives in [`vm`]. Every step
-//! of `demo` is checked, so it doubles as an end-to-end smoke test. The command line is
-//! defined here.
+//! it to QEMU over vfio-user (and devices run by vhost-user back-ends); `backend`
+//! ([`backend`]) runs one of our devices as such a back-end; `demo` boots an unmodified
+//! Linux guest against them ([`guest`]), or with `--model` plays the requests Linux's
+//! virtio-iommu driver sends against the device model through its fake guest driver
+//! ([`demo`], rendered by [`report`]); `bench` ([`cost_survey`]) measures what each way
+//! of sharing costs, and with `--guest` in-guest disk throughput against QEMU's own
+//! devices ([`mod@bench`]); `layout` ([`layout`]) plans a guest's memory around reserved
+//! device memory. What `demo` and `bench` share to boot the guest lives in [`vm`].
+//! Every step of `demo` is checked, so it doubles as an end-to-end smoke test. The
+//! command line is defined here.
 
 mod backend;
 mod bench;

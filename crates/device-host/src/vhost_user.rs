@@ -1558,7 +1558,7 @@ impl VhostUserDevice {
     /// address is an IOVA translated with the access it needs.
     ///
     /// Does nothing while the connection is up: only a back-end already cut off
-    /// ([`Shared::break_link`] closes its sockets before marking the device broken)
+    /// (`Shared::break_link` closes its sockets before marking the device broken)
     /// leaves the rings to us. At most one ring's worth of chains per queue; a ring
     /// whose indices say more are pending than it holds, or that cannot be read, is
     /// left alone. Callers serialize through the transport's lock. Returns the number

@@ -5,7 +5,7 @@
 //! regions of every device in the group are merged into one file, so the file says
 //! nothing about which device needs which line: the caller tells
 //! [`crate::rdm::RdmDatabase::add_reserved_regions`] which devices the group holds.
-//! [`format`] writes the exact bytes Linux writes, so tests can compare with a guest's
+//! [`format()`] writes the exact bytes Linux writes, so tests can compare with a guest's
 //! sysfs byte for byte.
 
 use crate::types::{MemRange, RegionKind};

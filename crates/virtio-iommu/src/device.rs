@@ -1,5 +1,5 @@
 //! The queue shell: [`VirtioIommu`] moves request bytes between virtqueues and the
-//! pure [`Tables`](crate::state::Tables), and fault events onto the eventq. It does no
+//! pure [`Tables`], and fault events onto the eventq. It does no
 //! I/O of its own: the VMM hands it a `virtio_queue` queue and any
 //! `vm_memory::GuestMemory` when the guest kicks, and wires config-space accesses and
 //! feature negotiation from its transport.

@@ -21,12 +21,11 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
+use bounce_pool::inspect::{self, file_id, mapped_files, occurrences_in_memory, random_bytes};
 use bounce_pool::ram::{POOL_MEMFD_NAME, RAM_MEMFD_NAME};
 use bounce_pool::{BouncePool, DeviceDma, DmaDirection, Gpa, GuestDma, PoolConfig, SplitRam};
 use device_host::vhost_user::{DeviceKind, VhostUserDevice, VhostUserError};
 use std::fs::File;
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -385,26 +384,6 @@ impl Session {
     }
 }
 
-/// (device, inode) of a file.
-fn id(f: &File) -> (u64, u64) {
-    let m = f.metadata().unwrap();
-    (m.dev(), m.ino())
-}
-
-/// (inode, path) of every file mapping in `/proc/<pid>/maps`.
-fn mapped_files(pid: &str) -> Vec<(u64, String)> {
-    std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            let inode: u64 = it.nth(4)?.parse().ok()?;
-            Some((inode, it.collect::<Vec<_>>().join(" ")))
-        })
-        .filter(|(inode, _)| *inode != 0)
-        .collect()
-}
-
 fn maps_memfd(maps: &[(u64, String)], file: &File, name: &str) -> bool {
     let ino = id(file).1;
     maps.iter()
@@ -413,55 +392,16 @@ fn maps_memfd(maps: &[(u64, String)], file: &File, name: &str) -> bool {
 
 /// (device, inode) of every open descriptor of `pid`.
 fn open_files(pid: &str) -> Vec<(u64, u64)> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
+    inspect::open_files(pid)
         .unwrap()
-        .filter_map(|e| {
-            let m = std::fs::metadata(e.ok()?.path()).ok()?;
-            Some((m.dev(), m.ino()))
-        })
+        .into_iter()
+        .map(|(_, f)| f)
         .collect()
 }
 
-/// Occurrences of `needle` in the readable memory of `pid`, or `None` if the kernel
-/// does not let this process read it (`/proc/<pid>/mem` needs ptrace access).
-fn occurrences_in_memory(pid: &str, needle: &[u8]) -> Option<usize> {
-    use std::os::unix::fs::FileExt;
-    let mem = File::open(format!("/proc/{pid}/mem")).ok()?;
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    let mut hits = 0;
-    let mut readable = false;
-    for l in maps.lines() {
-        let mut it = l.split_whitespace();
-        let (Some(range), Some(perms)) = (it.next(), it.next()) else {
-            continue;
-        };
-        if !perms.starts_with('r') || l.ends_with("[vvar]") || l.ends_with("[vsyscall]") {
-            continue;
-        }
-        let Some((a, b)) = range.split_once('-') else {
-            continue;
-        };
-        let (a, b) = (
-            u64::from_str_radix(a, 16).unwrap(),
-            u64::from_str_radix(b, 16).unwrap(),
-        );
-        let mut buf = vec![0u8; (b - a) as usize];
-        if mem.read_exact_at(&mut buf, a).is_err() {
-            continue;
-        }
-        readable = true;
-        hits += buf.windows(needle.len()).filter(|w| *w == needle).count();
-    }
-    readable.then_some(hits)
-}
-
-fn random_bytes() -> [u8; SECRET_LEN] {
-    let mut s = [0u8; SECRET_LEN];
-    File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut s)
-        .unwrap();
-    s
+/// (device, inode) of a file.
+fn id(f: &File) -> (u64, u64) {
+    file_id(f).unwrap()
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -502,18 +442,18 @@ fn pool_mode_backend_process_holds_only_the_pool_memfd_and_serves_blk_through_it
     let mem = s.guest.mem().clone();
     // The guest's secret, made at run time so no binary or argument carries it; and a
     // marker in the pool, which the back-end does hold.
-    let secret = random_bytes();
+    let secret = random_bytes::<SECRET_LEN>().unwrap();
     mem.write_slice(&secret, GuestAddress(SECRET)).unwrap();
-    let marker = random_bytes();
+    let marker = random_bytes::<SECRET_LEN>().unwrap();
     let marker_at = s.guest.dma.alloc_coherent(SECRET_LEN).unwrap();
     mem.write_slice(&marker, GuestAddress(marker_at.0)).unwrap();
 
     // What the back-end maps: the pool memfd, not the RAM memfd. This process maps
     // both, so the same check finds guest RAM where it is.
     let (ram_file, pool_file) = (s.guest.ram.ram_file(), s.guest.ram.pool_file());
-    let mine = mapped_files("self");
+    let mine = mapped_files("self").unwrap();
     assert!(maps_memfd(&mine, ram_file, RAM_MEMFD_NAME), "{mine:?}");
-    let theirs = mapped_files(&pid);
+    let theirs = mapped_files(&pid).unwrap();
     assert!(
         maps_memfd(&theirs, pool_file, POOL_MEMFD_NAME),
         "the back-end maps the pool: {theirs:?}"
@@ -594,10 +534,14 @@ fn without_pool_mode_the_same_checks_find_guest_ram_and_the_secret_in_the_backen
     let mut s = Session::start("all", false);
     let pid = s.backend.pid();
     let mem = s.guest.mem().clone();
-    let secret = random_bytes();
+    let secret = random_bytes::<SECRET_LEN>().unwrap();
     mem.write_slice(&secret, GuestAddress(SECRET)).unwrap();
     let ram_file = s.guest.ram.ram_file();
-    assert!(maps_memfd(&mapped_files(&pid), ram_file, RAM_MEMFD_NAME));
+    assert!(maps_memfd(
+        &mapped_files(&pid).unwrap(),
+        ram_file,
+        RAM_MEMFD_NAME
+    ));
     assert!(open_files(&pid).contains(&id(ram_file)));
     write_then_read_back(&mut s);
     assert_eq!(

@@ -30,6 +30,8 @@
 
 pub mod dma;
 pub mod dt;
+#[cfg(feature = "test-utils")]
+pub mod inspect;
 pub mod iommu;
 pub mod pool;
 pub mod ram;

@@ -26,10 +26,13 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
+use bounce_pool::inspect::{
+    file_id, mapped_files, occurrences_in_memory, open_files, random_bytes,
+};
 use bounce_pool::ram::{POOL_MEMFD_NAME, RAM_MEMFD_NAME};
 use bounce_pool::*;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -217,68 +220,6 @@ impl Drop for Backend {
     }
 }
 
-/// (device, inode) of a file.
-fn id(f: &File) -> (u64, u64) {
-    let m = f.metadata().unwrap();
-    (m.dev(), m.ino())
-}
-
-/// The (inode, path) of every file mapping in `/proc/<pid>/maps`.
-fn mapped_files(pid: &str) -> Vec<(u64, String)> {
-    std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            let inode: u64 = it.nth(4)?.parse().ok()?;
-            Some((inode, it.collect::<Vec<_>>().join(" ")))
-        })
-        .filter(|(inode, _)| *inode != 0)
-        .collect()
-}
-
-/// (fd number, (device, inode)) of every open descriptor of `pid`.
-fn open_files(pid: &str) -> Vec<(i32, (u64, u64))> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let fd = e.file_name().to_str()?.parse().ok()?;
-            let m = std::fs::metadata(e.path()).ok()?;
-            Some((fd, (m.dev(), m.ino())))
-        })
-        .collect()
-}
-
-/// Occurrences of `needle` in the readable memory of `pid`, or `None` if the kernel
-/// does not let this process read it.
-fn occurrences_in_memory(pid: &str, needle: &[u8]) -> Option<usize> {
-    use std::os::unix::fs::FileExt;
-    let mem = File::open(format!("/proc/{pid}/mem")).ok()?;
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let mut hits = 0;
-    for l in maps.lines() {
-        let mut it = l.split_whitespace();
-        let (Some(range), Some(perms)) = (it.next(), it.next()) else {
-            continue;
-        };
-        if !perms.starts_with('r') || l.ends_with("[vvar]") || l.ends_with("[vsyscall]") {
-            continue;
-        }
-        let (a, b) = range.split_once('-').unwrap();
-        let (a, b) = (
-            u64::from_str_radix(a, 16).unwrap(),
-            u64::from_str_radix(b, 16).unwrap(),
-        );
-        let mut buf = vec![0u8; (b - a) as usize];
-        if mem.read_exact_at(&mut buf, a).is_err() {
-            continue;
-        }
-        hits += buf.windows(needle.len()).filter(|w| *w == needle).count();
-    }
-    Some(hits)
-}
-
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
@@ -352,15 +293,6 @@ fn request(
     mem.read_obj(GuestAddress(STATUS)).unwrap()
 }
 
-fn random_secret() -> [u8; SECRET_LEN] {
-    let mut s = [0u8; SECRET_LEN];
-    File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut s)
-        .unwrap();
-    s
-}
-
 fn backend_process_holds_only_the_pool() {
     let ram = SplitRam::new(RAM, Gpa(POOL), POOL_SIZE).unwrap();
     let mem = ram.memory().clone();
@@ -377,10 +309,10 @@ fn backend_process_holds_only_the_pool() {
     let ring = dma.alloc_coherent(8192).unwrap();
     let q = MockSplitQueue::create(&mem, GuestAddress(ring.0), QSIZE);
     // The guest's secret, made at run time so no binary or argument carries it.
-    let secret = random_secret();
+    let secret = random_bytes::<SECRET_LEN>().unwrap();
     mem.write_slice(&secret, GuestAddress(SECRET)).unwrap();
     // And a marker in the pool, which the backend does hold.
-    let marker = random_secret();
+    let marker = random_bytes::<SECRET_LEN>().unwrap();
     let marker_at = dma.alloc_coherent(SECRET_LEN).unwrap();
     mem.write_slice(&marker, GuestAddress(marker_at.0)).unwrap();
 
@@ -391,8 +323,11 @@ fn backend_process_holds_only_the_pool() {
     let pid = be.child.id().to_string();
 
     // What the child holds: fd 3 is the pool, nothing is the RAM memfd.
-    let (ram_id, pool_id) = (id(ram.ram_file()), id(ram.pool_file()));
-    let fds = open_files(&pid);
+    let (ram_id, pool_id) = (
+        file_id(ram.ram_file()).unwrap(),
+        file_id(ram.pool_file()).unwrap(),
+    );
+    let fds = open_files(&pid).unwrap();
     assert!(fds.contains(&(POOL_FD, pool_id)), "pool at fd 3: {fds:?}");
     assert!(
         fds.iter().all(|&(_, f)| f != ram_id),
@@ -411,11 +346,11 @@ fn backend_process_holds_only_the_pool() {
     );
     // What the child maps: the pool memfd, and not the RAM memfd. The parent maps
     // both, so the check below is a real one.
-    let mine = mapped_files("self");
+    let mine = mapped_files("self").unwrap();
     assert!(mine
         .iter()
         .any(|(i, p)| *i == ram_id.1 && p.contains(RAM_MEMFD_NAME)));
-    let theirs = mapped_files(&pid);
+    let theirs = mapped_files(&pid).unwrap();
     assert!(
         theirs
             .iter()

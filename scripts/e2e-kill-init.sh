@@ -59,14 +59,8 @@ e2e start "$(uname -r)"
     poweroff -f
 ) &
 
-if command -v aperture-load-modules >/dev/null 2>&1; then
-    aperture-load-modules || echo "APERTURE-ERROR: $? module(s) failed to load"
-else
-    while read -r ko; do
-        [ -n "$ko" ] || continue
-        insmod "/lib/aperture/modules/$ko" || echo "APERTURE-ERROR: insmod $ko failed"
-    done </lib/aperture/modules/load-order
-fi
+# scripts/mkinitramfs.sh installs it in every initramfs.
+aperture-load-modules || echo "APERTURE-ERROR: $? module(s) failed to load"
 
 t0=$(uptime_s)
 i=0

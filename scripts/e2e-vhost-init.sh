@@ -53,14 +53,8 @@ say start "$(uname -r)"
     poweroff -f
 ) &
 
-if command -v aperture-load-modules >/dev/null 2>&1; then
-    aperture-load-modules || echo "VHOST-E2E-ERROR: $? module(s) failed to load"
-else
-    while read -r ko; do
-        [ -n "$ko" ] || continue
-        insmod "/lib/aperture/modules/$ko" || echo "VHOST-E2E-ERROR: insmod $ko failed"
-    done </lib/aperture/modules/load-order
-fi
+# scripts/mkinitramfs.sh installs it in every initramfs.
+aperture-load-modules || echo "VHOST-E2E-ERROR: $? module(s) failed to load"
 
 # Wait until every virtio-vendor PCI function and every blk/rng virtio device has a
 # driver, and /dev/vda exists if the disk does.

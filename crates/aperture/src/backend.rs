@@ -1,6 +1,8 @@
-//! `aperture backend blk|rng`: our devices as out-of-process vhost-user back-ends.
+//! `aperture backend blk|rng|net-tx`: our devices as out-of-process vhost-user
+//! back-ends.
 //!
-//! The same device code as in-process (`virtio_devices::Block` and `Rng`) runs over
+//! The same device code as in-process (`virtio_devices::Block` and `Rng`, and the cost
+//! survey's transmit sink `survey::net::NetTx`) runs over
 //! [`vhost_iotlb::GuestView`]: with `iommu_platform=on` at the front-end the back-end
 //! maps only the windows the guest's IOMMU opened (IOTLB updates and misses) and loses
 //! them on invalidate; without it, it maps guest RAM as any vhost-user back-end.
@@ -16,6 +18,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use survey::net::NetTx;
 use vhost_iotlb::{Limits, Mode, Report, Session, SessionConfig};
 use virtio_devices::{Block, BlockConfig, Rng, RngConfig};
 
@@ -78,6 +81,16 @@ qemu-system-x86_64 ... -chardev socket,id=rng,path=/tmp/rng.sock \\\n    \
         #[command(flatten)]
         common: Common,
     },
+    /// The cost survey's virtio-net transmit sink: one transmit queue whose frames
+    /// (a 12-byte virtio_net_hdr_v1 and up to 1514 bytes) are read and dropped.
+    ///
+    /// Not a whole virtio-net device (no receive queue, no tap), so no guest driver
+    /// binds it; `aperture bench` drives it for the network patterns out of process.
+    #[command(name = "net-tx")]
+    NetTx {
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 /// Runs `aperture backend`.
@@ -122,6 +135,12 @@ pub fn run(args: Args) -> ExitCode {
                 |_| json!({}),
             )
         }
+        Device::NetTx { common } => serve(
+            &common,
+            "net-tx",
+            || Ok(NetTx::default()),
+            |n| json!({"frames": n.frames, "errors": n.errors}),
+        ),
     }
 }
 

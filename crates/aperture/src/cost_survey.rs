@@ -112,25 +112,32 @@ fn table(s: &Survey, budget: Budget) -> String {
     let _ = writeln!(t);
     let _ = writeln!(
         t,
-        "Crossover (one device-written buffer: bounce = copy in + copy back, map = MAP + UNMAP, strict):"
+        "Crossover (one device-written buffer: bounce = copy in + copy back, map = MAP + UNMAP, \
+strict; auto = the same buffer through auto, against the cheaper of the two):"
     );
-    for &(size, p, v) in &s.calibration.points {
+    let c = &s.calibration;
+    for p in &c.points {
         let _ = writeln!(
             t,
-            "  {:>8}  bounce {:>8.0} ns  map {:>8.0} ns  {}",
-            human_bytes(size as f64),
-            p,
-            v,
-            if v <= p { "map" } else { "bounce" }
+            "  {:>8}  bounce {:>8.0} ns  map {:>8.0} ns  {:<6}  auto {:>8.0} ns  x{:.3}",
+            human_bytes(p.size as f64),
+            p.bounce_ns,
+            p.map_ns,
+            if p.map_ns <= p.bounce_ns {
+                "map"
+            } else {
+                "bounce"
+            },
+            p.auto_ns,
+            p.auto_ratio()
         );
     }
     let _ = writeln!(
         t,
         "  mapping is no dearer from {} on; auto bounced buffers below {}",
-        s.calibration
-            .crossover
+        c.crossover
             .map_or("no size measured".into(), |x| human_bytes(x as f64)),
-        human_bytes(s.auto_threshold as f64)
+        human_bytes(c.auto_threshold as f64)
     );
     let _ = writeln!(t);
     let _ = writeln!(
@@ -292,12 +299,13 @@ fn to_json(s: &Survey, budget: Budget, agreement: &serde_json::Value) -> serde_j
         "machine": machine(),
         "per_cell_ms": budget.per_cell.as_millis() as u64,
         "calibration": {
-            "points": s.calibration.points.iter().map(|&(size, p, v)| json!({
-                "bytes": size, "bounce_ns": p, "map_strict_ns": v,
+            "points": s.calibration.points.iter().map(|p| json!({
+                "bytes": p.size, "bounce_ns": p.bounce_ns, "map_strict_ns": p.map_ns,
+                "auto_ns": p.auto_ns, "auto_over_cheaper": p.auto_ratio(),
             })).collect::<Vec<_>>(),
             "crossover_bytes": s.calibration.crossover,
         },
-        "auto_threshold_bytes": s.auto_threshold,
+        "auto_threshold_bytes": s.calibration.auto_threshold,
         "auto_vs_best": s.auto_checks.iter().map(|a| json!({
             "pattern": a.pattern.name(), "best_fixed_mode": a.best.name(),
             "cpu_ratio_median": a.ratio(), "cpu_ratios": a.ratios, "noise": a.noise,
@@ -339,6 +347,27 @@ fn log_bounds(v: impl Iterator<Item = f64>) -> (f64, f64) {
     }
 }
 
+type LogChart<'a> = ChartContext<'a, SVGBackend<'a>, Cartesian2d<LogCoord<f64>, LogCoord<f64>>>;
+
+/// One labelled series on `chart`: a line through `pts` and a dot on each.
+fn series(
+    chart: &mut LogChart<'_>,
+    pts: Vec<(f64, f64)>,
+    colour: RGBColor,
+    label: &str,
+) -> Result<(), String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    chart
+        .draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2)))
+        .map_err(|x| e(&x))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
+    chart
+        .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, colour.filled())))
+        .map_err(|x| e(&x))?;
+    Ok(())
+}
+
 /// Two panels, log-log. Left: host CPU per byte moved against request size, one line
 /// per mode over the blk and net patterns (rng-64 has net-64's size and is left out).
 /// Right: one device-written buffer bounced against mapped (the calibration), with
@@ -377,17 +406,7 @@ fn plot(s: &Survey, path: &std::path::Path) -> Result<(), String> {
             .map(|c| (c.pattern.bytes() as f64, c.cpu_ns_per_byte()))
             .collect();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let colour = COLOURS[i % COLOURS.len()];
-        chart
-            .draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2)))
-            .map_err(|x| e(&x))?
-            .label(mode.name())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
-            });
-        chart
-            .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, colour.filled())))
-            .map_err(|x| e(&x))?;
+        series(&mut chart, pts, COLOURS[i % COLOURS.len()], mode.name()).map_err(|x| e(&x))?;
     }
     chart
         .configure_series_labels()
@@ -396,11 +415,10 @@ fn plot(s: &Survey, path: &std::path::Path) -> Result<(), String> {
         .draw()
         .map_err(|x| e(&x))?;
 
-    let per_byte = |ns: f64, size: usize| ns / size as f64;
     let pts = &s.calibration.points;
     let (lo, hi) = log_bounds(
         pts.iter()
-            .flat_map(|&(size, p, v)| [per_byte(p, size), per_byte(v, size)]),
+            .flat_map(|p| [p.bounce_ns, p.map_ns, p.auto_ns].map(|ns| ns / p.size as f64)),
     );
     let mut chart = ChartBuilder::on(&right)
         .caption("One buffer: bounce or map?", ("sans-serif", 17))
@@ -415,24 +433,15 @@ fn plot(s: &Survey, path: &std::path::Path) -> Result<(), String> {
         .y_desc("CPU ns per byte, map + unmap")
         .draw()
         .map_err(|x| e(&x))?;
-    for (label, colour, pick) in [
-        ("bounce (pool)", COLOURS[6], 1usize),
-        ("map (viommu strict)", COLOURS[1], 2),
-    ] {
-        let line: Vec<(f64, f64)> = pts
-            .iter()
-            .map(|&(size, p, v)| (size as f64, per_byte(if pick == 1 { p } else { v }, size)))
-            .collect();
-        chart
-            .draw_series(LineSeries::new(line.clone(), colour.stroke_width(2)))
-            .map_err(|x| e(&x))?
-            .label(label)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
-            });
-        chart
-            .draw_series(line.into_iter().map(|p| Circle::new(p, 3, colour.filled())))
-            .map_err(|x| e(&x))?;
+    type Way = (&'static str, RGBColor, fn(&survey::CalibrationPoint) -> f64);
+    let ways: [Way; 3] = [
+        ("bounce (pool)", COLOURS[6], |p| p.bounce_ns),
+        ("map (viommu strict)", COLOURS[1], |p| p.map_ns),
+        ("auto", COLOURS[7], |p| p.auto_ns),
+    ];
+    for (label, colour, ns) in ways {
+        let line = pts.iter().map(|p| (p.size as f64, ns(p) / p.size as f64));
+        series(&mut chart, line.collect(), colour, label).map_err(|x| e(&x))?;
     }
     if let Some(x) = s.calibration.crossover {
         let x = x as f64;

@@ -250,22 +250,28 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
         json: bool,
     },
     /// The cost survey: what each way of sharing guest memory with a device costs, per
-    /// device access pattern, measured in this process in one run.
+    /// device access pattern, measured in one run.
     ///
     /// Every sharing mode — none (the backend reaches all RAM), viommu-strict and
     /// viommu-lazy (every buffer a MAP and an UNMAP request to our virtio-iommu, the
-    /// UNMAP waited for or deferred to the next sync), pool (every buffer bounced
-    /// through a restricted DMA pool, swiotlb's rules) and auto (small buffers bounced
-    /// through the pool, which is mapped once, large ones mapped) — against every
-    /// pattern — blk 4 KiB random, 64 KiB and 1 MiB sequential reads, network-like
-    /// transmits of 64 and 1500 bytes (header + payload buffers), rng 64 B reads — with
-    /// the same device backends driven by a model of the guest's driver and DMA layer.
-    /// Per cell: throughput, CPU per byte and per request, mapping operations per
-    /// request, bytes copied per byte moved, and exposure (most guest memory the
-    /// backend could reach). First it measures where mapping one buffer becomes
-    /// cheaper than bouncing it, and auto bounces below that size unless
-    /// --auto-threshold says otherwise; the table ends with auto against the cheaper
-    /// of pool and viommu-strict per pattern.
+    /// UNMAP waited for or deferred to the next sync), grant-map, grant-persistent and
+    /// grant-copy (Xen grant tables: pages granted and mapped per I/O, a pool granted
+    /// once and copied through, or granted and copied by the backend), pool (every
+    /// buffer bounced through a restricted DMA pool, swiotlb's rules) and auto (small
+    /// buffers bounced through the pool, which is mapped once, large ones mapped) —
+    /// against every pattern — blk 4 KiB random, 64 KiB and 1 MiB sequential reads,
+    /// network-like transmits of 64 and 1500 bytes (header + payload buffers), rng 64 B
+    /// reads — with the same device backends driven by a model of the guest's driver
+    /// and DMA layer. Per cell: throughput, CPU per byte and per request, mapping
+    /// operations per request, bytes copied per byte moved, and exposure (most guest
+    /// memory the backend could reach). Every cell runs with the backend in this
+    /// process; those a backend process exists for (blk and rng under none, viommu,
+    /// pool and auto) run again with `aperture backend` in a child process over
+    /// vhost-user.
+    ///
+    /// First it measures where mapping one buffer becomes cheaper than bouncing it, and
+    /// auto bounces below that size unless --auto-threshold says otherwise; the table
+    /// ends with auto against the cheaper of pool and viommu-strict per pattern.
     ///
     /// Writes JSON (every figure and the machine) and an SVG plot of CPU per byte
     /// against request size. With --guest it also boots the Linux guest (QEMU TCG) to

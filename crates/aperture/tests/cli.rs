@@ -253,12 +253,32 @@ fn bench_quick_writes_every_cell_as_json_and_a_plot() {
         assert!(c["placement"].is_string(), "{c}");
     }
     assert!(v["machine"]["cpus"].as_u64().is_some_and(|n| n > 0));
+    // Per buffer size: bounce, map, and auto against the cheaper of the two.
+    let points = v["calibration"]["points"].as_array().unwrap();
+    assert_eq!(points.len(), survey::CALIBRATION_SIZES.len());
+    for p in points {
+        assert!(p["auto_over_cheaper"].as_f64().is_some_and(|r| r > 0.0), "{p}");
+    }
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(
         plot.starts_with("<svg") && plot.contains("viommu-strict"),
         "svg"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn backend_net_tx_says_what_it_is_and_needs_a_socket() {
+    let o = aperture(&["backend", "net-tx", "--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(
+        stdout(&o).contains("transmit sink") && stdout(&o).contains("no guest driver"),
+        "{}",
+        stdout(&o)
+    );
+    let o = aperture(&["backend", "net-tx"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--socket"), "{}", stderr(&o));
 }
 
 #[test]

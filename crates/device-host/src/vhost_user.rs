@@ -220,6 +220,10 @@ pub enum DeviceKind {
     Block,
     /// virtio-rng (device type 4), one queue.
     Rng,
+    /// A virtio-net transmit queue alone (device type 1): the cost survey's sink
+    /// (`aperture backend net-tx`), which takes frames and drops them. Not a whole
+    /// virtio-net device (it has no receive queue), so no guest driver binds it.
+    NetTx,
 }
 
 /// Queue size offered for each kind's single queue (QEMU's vhost-user-blk default).
@@ -231,6 +235,7 @@ impl DeviceKind {
         match self {
             Self::Block => 2,
             Self::Rng => 4,
+            Self::NetTx => 1,
         }
     }
 
@@ -239,15 +244,17 @@ impl DeviceKind {
         match self {
             Self::Block => 0x01_80_00,
             Self::Rng => 0xff_00_00,
+            Self::NetTx => 0x02_00_00,
         }
     }
 
     /// Bytes of device configuration forwarded: virtio-blk up to `blk_size` (§5.2.4:
-    /// capacity, size_max, seg_max, geometry, blk_size), virtio-rng has none.
+    /// capacity, size_max, seg_max, geometry, blk_size), virtio-rng and the transmit
+    /// sink have none.
     pub fn config_size(self) -> u32 {
         match self {
             Self::Block => 24,
-            Self::Rng => 0,
+            Self::Rng | Self::NetTx => 0,
         }
     }
 
@@ -257,7 +264,7 @@ impl DeviceKind {
     fn device_bits(self) -> u64 {
         match self {
             Self::Block => (1 << 1) | (1 << 2) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 9),
-            Self::Rng => 0,
+            Self::Rng | Self::NetTx => 0,
         }
     }
 }
@@ -1965,7 +1972,8 @@ fn fail_ring<M: GuestMemory>(kind: DeviceKind, state: QueueState, mem: &M) -> us
         let head = chain.head_index();
         let len = match kind {
             DeviceKind::Block => write_ioerr(chain, mem),
-            DeviceKind::Rng => 0,
+            // Nothing written: a transmit chain is returned with length 0 anyway.
+            DeviceKind::Rng | DeviceKind::NetTx => 0,
         };
         if q.add_used(mem, head, len).is_err() {
             break;

@@ -25,7 +25,7 @@ pub mod ring;
 pub mod run;
 pub mod windowed;
 
-use modes::{Auto, Dir, Direct, Grant, GrantKind, Pool, Sharing, Viommu};
+use modes::{Dir, Direct, Grant, GrantKind, Pool, Sharing, Viommu};
 use remote::BackendCommand;
 use run::{run_cell, Measured, Pattern};
 use std::path::Path;
@@ -161,13 +161,37 @@ pub const CALIBRATION_SIZES: [usize; 13] = [
     64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144,
 ];
 
-/// Cost of mapping one device-written buffer, per size, both ways.
+/// Cost of one device-written buffer of one size, mapped and unmapped each way.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CalibrationPoint {
+    /// Buffer bytes.
+    pub size: usize,
+    /// Bounced through the pool (copy in, copy back), ns.
+    pub bounce_ns: f64,
+    /// Mapped strictly through the virtio-iommu (MAP, UNMAP), ns.
+    pub map_ns: f64,
+    /// Through `auto` with the survey's threshold, ns.
+    pub auto_ns: f64,
+}
+
+impl CalibrationPoint {
+    /// `auto` over the cheaper of bouncing and mapping this buffer.
+    pub fn auto_ratio(&self) -> f64 {
+        self.auto_ns / self.bounce_ns.min(self.map_ns)
+    }
+}
+
+/// Where mapping one buffer becomes cheaper than bouncing it, and what `auto` does
+/// with that.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Calibration {
-    /// `(size, pool ns, viommu-strict ns)` per map + unmap of one buffer.
-    pub points: Vec<(usize, f64, f64)>,
-    /// Smallest size at which a strict mapping costs no more than bouncing, if any.
+    /// Per size in [`CALIBRATION_SIZES`].
+    pub points: Vec<CalibrationPoint>,
+    /// Smallest size from which a strict mapping costs no more than bouncing, if any.
     pub crossover: Option<usize>,
+    /// The threshold `auto` ran with: the one asked for, else the crossover, else
+    /// 4 KiB.
+    pub auto_threshold: usize,
 }
 
 /// Rounds of [`calibrate`]'s timing per size and mode; the fastest counts (the others
@@ -197,25 +221,41 @@ fn time_map_unmap<S: Sharing>(s: &mut S, len: usize, iters: u32) -> Result<f64, 
 
 /// Measures, per size, one device-written buffer mapped and unmapped by bouncing
 /// (copy in, copy back) and by a strict virtio-iommu mapping (MAP, UNMAP), the fastest
-/// of five rounds of `iters` each (thread CPU time), and finds the crossover: where `auto` should stop
-/// copying.
+/// of five rounds of `iters` each (thread CPU time), and finds the crossover: where
+/// `auto` should stop copying. Then measures `auto` the same way, with
+/// `auto_threshold` or else the crossover, to show it takes the cheaper way per size.
 ///
 /// # Errors
 /// A mode refused a mapping.
-pub fn calibrate(iters: u32) -> Result<Calibration, String> {
+pub fn calibrate(iters: u32, auto_threshold: Option<usize>) -> Result<Calibration, String> {
     let mut pool = Pool::new()?;
     let mut viommu = Viommu::new(false)?;
-    let mut points = Vec::new();
+    let mut both = Vec::new();
     for &size in &CALIBRATION_SIZES {
         let p = time_map_unmap(&mut pool, size, iters)?;
         let v = time_map_unmap(&mut viommu, size, iters)?;
-        points.push((size, p, v));
+        both.push((size, p, v));
     }
     // The first size from which mapping stays at least as cheap for every larger size.
-    let crossover = (0..points.len())
-        .find(|&i| points[i..].iter().all(|&(_, p, v)| v <= p))
-        .map(|i| points[i].0);
-    Ok(Calibration { points, crossover })
+    let crossover = (0..both.len())
+        .find(|&i| both[i..].iter().all(|&(_, p, v)| v <= p))
+        .map(|i| both[i].0);
+    let threshold = auto_threshold.or(crossover).unwrap_or(4096);
+    let mut auto = Pool::auto(threshold)?;
+    let mut points = Vec::new();
+    for (size, bounce_ns, map_ns) in both {
+        points.push(CalibrationPoint {
+            size,
+            bounce_ns,
+            map_ns,
+            auto_ns: time_map_unmap(&mut auto, size, iters)?,
+        });
+    }
+    Ok(Calibration {
+        points,
+        crossover,
+        auto_threshold: threshold,
+    })
 }
 
 /// `auto` against the cheaper fixed mode of one pattern, measured in alternating
@@ -302,10 +342,8 @@ pub fn check_auto(
 /// The whole survey.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Survey {
-    /// The crossover measurement.
+    /// The crossover measurement and `auto`'s threshold.
     pub calibration: Calibration,
-    /// The threshold `auto` ran with.
-    pub auto_threshold: usize,
     /// Every cell, modes × patterns.
     pub cells: Vec<Cell>,
     /// `auto` against the cheaper fixed mode, per pattern.
@@ -346,7 +384,7 @@ pub fn run_one(
         }
         Mode::GrantCopy => run_cell(&mut Grant::new(GrantKind::Copy)?, pattern, disk, t, n),
         Mode::Pool => run_cell(&mut Pool::new()?, pattern, disk, t, n),
-        Mode::Auto => run_cell(&mut Auto::new(auto_threshold)?, pattern, disk, t, n),
+        Mode::Auto => run_cell(&mut Pool::auto(auto_threshold)?, pattern, disk, t, n),
     }
 }
 
@@ -366,8 +404,8 @@ pub fn run_survey(
 ) -> Result<Survey, String> {
     run::prepare_disk(disk)?;
     progress("calibrating the copy/map crossover");
-    let calibration = calibrate(budget.calibration_iters)?;
-    let threshold = auto_threshold.or(calibration.crossover).unwrap_or(4096);
+    let calibration = calibrate(budget.calibration_iters, auto_threshold)?;
+    let threshold = calibration.auto_threshold;
     let mut cells = Vec::new();
     for pattern in Pattern::ALL {
         for mode in Mode::ALL {
@@ -394,10 +432,11 @@ pub fn run_survey(
                         mode.name(),
                         pattern.name()
                     ));
-                    let measured = remote::run_one_remote(mode, pattern, disk, budget, cmd)
-                        .map_err(|e| {
-                            format!("{} {} out of process: {e}", mode.name(), pattern.name())
-                        })?;
+                    let measured =
+                        remote::run_one_remote(mode, pattern, disk, budget, threshold, cmd)
+                            .map_err(|e| {
+                                format!("{} {} out of process: {e}", mode.name(), pattern.name())
+                            })?;
                     cells.push(Cell {
                         mode,
                         pattern,
@@ -435,7 +474,6 @@ pub fn run_survey(
     }
     Ok(Survey {
         calibration,
-        auto_threshold: threshold,
         cells,
         auto_checks,
         not_out_of_process,

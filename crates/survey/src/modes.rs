@@ -17,7 +17,7 @@
 //!   [`grant_table::GrantIommu`].
 //! - [`Pool`] (`pool`): every buffer bounces through a restricted DMA pool
 //!   ([`bounce_pool::GuestDma`], swiotlb's rules); the backend reaches the pool only.
-//! - [`Auto`] (`auto`): the device is behind the virtio-iommu and also reaches the pool,
+//! - [`Pool::auto`] (`auto`): the device is behind the virtio-iommu and also reaches the pool,
 //!   which the host shares for good ([`crate::windowed::WindowedMemory`]);
 //!   buffers shorter than a threshold bounce through the pool, longer ones are mapped
 //!   strictly (Linux bounces sub-page buffers of untrusted devices the same way, with a
@@ -497,17 +497,40 @@ impl Bouncer {
     }
 }
 
-/// `pool`: every buffer bounced through the restricted pool.
-#[derive(Debug)]
+/// `pool` and `auto`: buffers bounced through the restricted pool, and in `auto` those
+/// of at least a threshold mapped strictly through the virtio-iommu instead.
+///
+/// One type for both, so that when every buffer bounces the two modes run the same
+/// machine code and differ only by the one comparison `auto` adds per buffer (the
+/// per-buffer check Linux's DMA layer makes too: `dma_direct_map_page` asks
+/// `is_swiotlb_force_bounce` every time). Two types would be two monomorphizations of
+/// the whole request path, laid out apart in the binary, and their difference in code
+/// placement alone moved one against the other by a few percent.
 pub struct Pool {
     bouncer: Bouncer,
-    /// The pool and nothing else (the addresses `bounce_pool::PoolIommu` allows).
+    /// `auto`'s mapper for buffers of at least `threshold` bytes; `None` in `pool`.
+    iommu: Option<Viommu>,
+    threshold: usize,
+    /// The pool as a window; in `auto` the rest through the endpoint's translation,
+    /// in `pool` nothing else (the addresses `bounce_pool::PoolIommu` allows).
     dev_mem: WindowedMemory,
 }
 
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("auto", &self.iommu.is_some())
+            .field("threshold", &self.threshold)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `Mapping::token` of a bounced buffer (IOVAs never take this value).
+const BOUNCED: u64 = u64::MAX;
+
 impl Pool {
-    /// The pool at [`POOL_GPA`], the ring a coherent allocation from it, the device
-    /// reaching the pool and nothing else.
+    /// `pool`: the pool at [`POOL_GPA`], the ring a coherent allocation from it, the
+    /// device reaching the pool and nothing else.
     ///
     /// # Errors
     /// The pool cannot be built.
@@ -521,10 +544,53 @@ impl Pool {
     /// # Errors
     /// The pool cannot be built in `mem`.
     pub fn with_memory(mem: GuestMemoryMmap) -> Result<Self, String> {
+        Self::build(mem, None, usize::MAX)
+    }
+
+    /// `auto`: buffers shorter than `threshold` bytes bounce through the pool, longer
+    /// ones get their own strict mapping. The guest maps the pool (and with it the
+    /// ring, a coherent allocation from it) through the virtio-iommu once, at its own
+    /// addresses, as it would tell an IOMMU about a buffer it shares for good; the
+    /// device reaches the pool through [`WindowedMemory`]'s direct window, the
+    /// translation of that one mapping cached, as an out-of-process backend keeps the
+    /// pool's IOTLB window.
+    ///
+    /// # Errors
+    /// The device or the pool refuses the setup.
+    pub fn auto(threshold: usize) -> Result<Self, String> {
+        Self::auto_with_memory(threshold, guest_ram()?)
+    }
+
+    /// [`Pool::auto`] over the given guest RAM (file-backed RAM, for a backend in
+    /// another process).
+    ///
+    /// # Errors
+    /// The device or the pool refuses the setup.
+    pub fn auto_with_memory(threshold: usize, mem: GuestMemoryMmap) -> Result<Self, String> {
+        let mut iommu = Viommu::with_memory(false, mem.clone())?;
+        iommu.identity_map(POOL_GPA, POOL_SIZE)?;
+        Self::build(mem, Some(iommu), threshold)
+    }
+
+    /// `auto`'s endpoint on the virtio-iommu; `None` in `pool`.
+    pub fn endpoint(&self) -> Option<EndpointIommu> {
+        self.iommu.as_ref().map(Viommu::endpoint)
+    }
+
+    fn build(
+        mem: GuestMemoryMmap,
+        iommu: Option<Viommu>,
+        threshold: usize,
+    ) -> Result<Self, String> {
         let bouncer = Bouncer::new(&mem)?;
         let pool = PoolIommu::for_pool(bouncer.dma.pool()).map_err(|e| e.to_string())?;
-        let dev_mem = WindowedMemory::new(mem, pool.range(), None);
-        Ok(Self { bouncer, dev_mem })
+        let endpoint = iommu.as_ref().map(Viommu::endpoint);
+        Ok(Self {
+            dev_mem: WindowedMemory::new(mem, pool.range(), endpoint),
+            bouncer,
+            iommu,
+            threshold,
+        })
     }
 }
 
@@ -540,97 +606,24 @@ impl Sharing for Pool {
         (self.bouncer.ring, self.bouncer.ring)
     }
     fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String> {
-        self.bouncer.map(gpa, len, dir, 0)
-    }
-    fn unmap(&mut self, m: Mapping) -> Result<(), String> {
-        self.bouncer.unmap(m)
-    }
-    fn stats(&self) -> ModeStats {
-        ModeStats {
-            map_ops: 0,
-            copy_bytes: self.bouncer.copies,
-            exposure_peak: POOL_SIZE,
-        }
-    }
-}
-
-/// `auto`: bounce below a threshold, map at or above it.
-pub struct Auto {
-    iommu: Viommu,
-    bouncer: Bouncer,
-    /// The pool as a window, the rest through the endpoint's translation.
-    dev_mem: WindowedMemory,
-    threshold: usize,
-}
-
-impl std::fmt::Debug for Auto {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Auto")
-            .field("threshold", &self.threshold)
-            .finish_non_exhaustive()
-    }
-}
-
-/// `Mapping::token` of a bounced buffer in [`Auto`] (IOVAs never take this value).
-const BOUNCED: u64 = u64::MAX;
-
-impl Auto {
-    /// Buffers shorter than `threshold` bytes bounce through the pool, which the
-    /// device reaches at its own addresses, as it does the ring (a coherent allocation
-    /// from the pool); longer ones get their own strict mapping.
-    ///
-    /// # Errors
-    /// The device or the pool refuses the setup.
-    pub fn new(threshold: usize) -> Result<Self, String> {
-        let iommu = Viommu::new(false)?;
-        let bouncer = Bouncer::new(&iommu.mem)?;
-        let pool = PoolIommu::for_pool(bouncer.dma.pool()).map_err(|e| e.to_string())?;
-        let dev_mem = WindowedMemory::new(
-            iommu.mem.clone(),
-            pool.range(),
-            Some((**iommu.dev_mem.iommu()).clone()),
-        );
-        Ok(Self {
-            iommu,
-            bouncer,
-            dev_mem,
-            threshold,
-        })
-    }
-}
-
-impl Sharing for Auto {
-    type Mem = WindowedMemory;
-    fn device_memory(&self) -> &Self::Mem {
-        &self.dev_mem
-    }
-    fn guest_memory(&self) -> &GuestMemoryMmap {
-        &self.iommu.mem
-    }
-    fn ring(&self) -> (u64, u64) {
-        (self.bouncer.ring, self.bouncer.ring)
-    }
-    fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String> {
-        if len < self.threshold {
-            self.bouncer.map(gpa, len, dir, BOUNCED)
-        } else {
-            self.iommu.map_pages(gpa, len, dir)
+        match &mut self.iommu {
+            Some(iommu) if len >= self.threshold => iommu.map_pages(gpa, len, dir),
+            _ => self.bouncer.map(gpa, len, dir, BOUNCED),
         }
     }
     fn unmap(&mut self, m: Mapping) -> Result<(), String> {
-        if m.token == BOUNCED {
-            self.bouncer.unmap(m)
-        } else {
-            self.iommu.unmap_pages(m)
+        match &mut self.iommu {
+            Some(iommu) if m.token != BOUNCED => iommu.unmap_pages(m),
+            _ => self.bouncer.unmap(m),
         }
     }
     fn stats(&self) -> ModeStats {
         ModeStats {
-            map_ops: self.iommu.map_ops,
+            map_ops: self.iommu.as_ref().map_or(0, |i| i.map_ops),
             copy_bytes: self.bouncer.copies,
-            // The pool (window) plus the live mappings (Viommu's ring mapping included,
-            // though auto's ring is in the pool: a bound, not an exact figure).
-            exposure_peak: POOL_SIZE + self.iommu.peak,
+            // `pool`: the pool. `auto`: what the IOMMU maps — the pool, the pages
+            // `Viommu` maps for a ring outside it, and the live mappings.
+            exposure_peak: self.iommu.as_ref().map_or(POOL_SIZE, |i| i.peak),
         }
     }
 }

@@ -1,9 +1,10 @@
 //! The out-of-process placement: the same cells with the device backend in a child
 //! process, reached over vhost-user.
 //!
-//! The backend is `aperture backend blk|rng` (`vhost-iotlb`'s session running the same
-//! `virtio-devices` devices as in process), started by the [`BackendCommand`] the
-//! caller names — the `aperture` binary passes its own path. The front-end is
+//! The backend is `aperture backend blk|rng|net-tx` (`vhost-iotlb`'s session running
+//! the same devices as in process: `virtio-devices`' virtio-blk and virtio-rng, and
+//! the network patterns' transmit sink [`crate::net::NetTx`]), started by the
+//! [`BackendCommand`] the caller names — the `aperture` binary passes its own path. The front-end is
 //! `device-host`'s [`VhostUserDevice`], driven as a virtio-pci transport would drive
 //! it: features acked, queue 0 activated (memory table, vring set-up), every notify a
 //! kick. Guest RAM is file-backed ([`bounce_pool::SplitRam`]: RAM and the pool as two
@@ -17,6 +18,10 @@
 //!   those round trips are part of the cell's cost.
 //! - `pool`: the memory table is the pool's memfd alone; the backend cannot map
 //!   anything else.
+//! - `auto`: as `viommu-strict`, with the pool mapped once through the IOMMU: the
+//!   backend's first miss in the pool gets the whole pool as one window and keeps it,
+//!   so bounced buffers cost no IOTLB traffic; buffers auto maps cost what
+//!   `viommu-strict`'s do.
 //!
 //! The driver posts on the ring as in process, kicks, then waits for the used ring:
 //! a [`SPIN`] of polling, then blocking until the front-end turns the backend's call
@@ -57,7 +62,7 @@ const COMPLETION_TIMEOUT: Duration = Duration::from_secs(5);
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The command that runs a vhost-user backend: `program args... blk|rng --socket S
+/// The command that runs a vhost-user backend: `program args... blk|rng|net-tx --socket S
 /// --stats F --once [--require-iommu] [--disk D --read-only]`, the command line of
 /// `aperture backend`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,15 +94,8 @@ impl BackendCommand {
 /// Why `mode` × `pattern` has no out-of-process cell, or `None` when it has one.
 pub fn not_measured(mode: Mode, pattern: Pattern) -> Option<&'static str> {
     match (mode, pattern) {
-        (_, Pattern::Net64 | Pattern::Net1500) => Some(
-            "no out-of-process network backend exists (the net patterns' transmit sink runs in process only)",
-        ),
         (Mode::GrantMap | Mode::GrantPersistent | Mode::GrantCopy, _) => Some(
             "grant tables are modelled in process only: there is no Xen backend domain to run a backend in",
-        ),
-        (Mode::Auto, _) => Some(
-            "auto's device reaches the pool outside its IOMMU mappings (survey::windowed), and the \
-             vhost-user front-end has no such mode: it shares either the pool alone or IOTLB windows",
         ),
         _ => None,
     }
@@ -123,6 +121,33 @@ pub struct BackendFigures {
     pub peak_windows: u64,
     /// Its translation mode: `plain` (memory table mapped whole) or `iotlb`.
     pub mode: String,
+    /// The device's own counters over the session (`--stats` `requests`: blk
+    /// `ok`/`ioerr`/..., net-tx `frames`/`errors`; none for rng).
+    pub device: serde_json::Value,
+}
+
+impl BackendFigures {
+    /// Checks the device's own counters: it completed all `served` requests of
+    /// `pattern` and refused none (blk `ok`/`ioerr`, net-tx `frames`/`errors`; rng
+    /// keeps no counters).
+    ///
+    /// # Errors
+    /// The counters are missing or say otherwise.
+    pub fn check_served(&self, pattern: Pattern, served: u64) -> Result<(), String> {
+        let (done, failed) = match pattern {
+            Pattern::Rng64 => return Ok(()),
+            Pattern::Net64 | Pattern::Net1500 => ("frames", "errors"),
+            Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => ("ok", "ioerr"),
+        };
+        let count = |k: &str| self.device.get(k).and_then(serde_json::Value::as_u64);
+        match (count(done), count(failed)) {
+            (Some(d), Some(0)) if d == served => Ok(()),
+            _ => Err(format!(
+                "the backend's counters {} do not show {served} requests served, none refused",
+                self.device
+            )),
+        }
+    }
 }
 
 /// The interrupt the driver sleeps on: the front-end signals it from its call-eventfd
@@ -216,9 +241,7 @@ impl Remote {
         let kind = match pattern {
             Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => DeviceKind::Block,
             Pattern::Rng64 => DeviceKind::Rng,
-            Pattern::Net64 | Pattern::Net1500 => {
-                return Err(format!("{}: no out-of-process backend", pattern.name()))
-            }
+            Pattern::Net64 | Pattern::Net1500 => DeviceKind::NetTx,
         };
         let dir = work_dir()?;
         let socket = dir.join("backend.sock");
@@ -226,10 +249,10 @@ impl Remote {
             .map_err(|e| format!("cannot create the backend log in {}: {e}", dir.display()))?;
         let mut c = Command::new(&cmd.program);
         c.args(&cmd.args)
-            .arg(if kind == DeviceKind::Block {
-                "blk"
-            } else {
-                "rng"
+            .arg(match kind {
+                DeviceKind::Block => "blk",
+                DeviceKind::Rng => "rng",
+                DeviceKind::NetTx => "net-tx",
             })
             .arg("--socket")
             .arg(&socket)
@@ -473,6 +496,7 @@ impl Remote {
                 .and_then(serde_json::Value::as_str)
                 .unwrap_or("unknown")
                 .to_string(),
+            device: v.get("requests").cloned().unwrap_or_default(),
         })
     }
 }
@@ -499,6 +523,7 @@ pub fn run_one_remote(
     pattern: Pattern,
     disk: &Path,
     budget: Budget,
+    auto_threshold: usize,
     cmd: &BackendCommand,
 ) -> Result<Measured, String> {
     if let Some(why) = not_measured(mode, pattern) {
@@ -551,6 +576,63 @@ pub fn run_one_remote(
             let r = Remote::start(cmd, pattern, disk, s.guest_memory(), s.ring(), &table, None)?;
             run::run_device(&mut s, Device::Remote(Box::new(r)), pattern, disk, t, n)
         }
+        Mode::Auto => {
+            // Behind the virtio-iommu like viommu-strict; the pool is one mapping the
+            // backend's first miss there fills, and keeps.
+            let mut s = Pool::auto_with_memory(auto_threshold, mem)?;
+            let ep = s.endpoint().ok_or("auto has no IOMMU endpoint")?;
+            let r = Remote::start(
+                cmd,
+                pattern,
+                disk,
+                s.guest_memory(),
+                s.ring(),
+                s.guest_memory(),
+                Some(ep),
+            )?;
+            run::run_device(&mut s, Device::Remote(Box::new(r)), pattern, disk, t, n)
+        }
         _ => Err(format!("{}: not measured out of process", mode.name())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn figures(device: serde_json::Value) -> BackendFigures {
+        BackendFigures {
+            cpu: Duration::ZERO,
+            misses: 0,
+            updates: 0,
+            invalidates: 0,
+            peak_mapped_bytes: 0,
+            table_bytes: 0,
+            peak_windows: 0,
+            mode: "plain".into(),
+            device,
+        }
+    }
+
+    #[test]
+    fn a_cell_counts_only_if_the_backend_served_every_request_and_refused_none() {
+        let net = figures(serde_json::json!({"frames": 10, "errors": 0}));
+        assert!(net.check_served(Pattern::Net64, 10).is_ok());
+        assert!(net.check_served(Pattern::Net1500, 11).is_err(), "one lost");
+        let refused = figures(serde_json::json!({"frames": 10, "errors": 1}));
+        assert!(refused.check_served(Pattern::Net64, 10).is_err());
+        let blk = figures(serde_json::json!({"ok": 5, "ioerr": 0, "unsupp": 0}));
+        assert!(blk.check_served(Pattern::Blk64k, 5).is_ok());
+        let ioerr = figures(serde_json::json!({"ok": 5, "ioerr": 2}));
+        assert!(ioerr.check_served(Pattern::Blk64k, 5).is_err());
+        let e = figures(serde_json::Value::Null)
+            .check_served(Pattern::Blk4kRandom, 1)
+            .unwrap_err();
+        assert!(e.contains("1 requests served"), "{e}");
+        // rng keeps no counters.
+        assert!(figures(serde_json::Value::Null)
+            .check_served(Pattern::Rng64, 3)
+            .is_ok());
     }
 }

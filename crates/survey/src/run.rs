@@ -358,7 +358,8 @@ pub(crate) fn cpu_clock_of(pid: u32) -> Result<libc::clockid_t, String> {
 }
 
 /// Checks what the first request moved: blk data equals the image at its offset, rng
-/// data is not all zero, the net sink took the frame.
+/// data is not all zero, the net sink took the frame (out of process, the sink's own
+/// count comes back in [`crate::remote::BackendFigures::device`] instead).
 fn check_first<S: Sharing>(
     s: &S,
     dev: &Device,
@@ -386,7 +387,7 @@ fn check_first<S: Sharing>(
             .map_err(|e| e.to_string())?;
     }
     match dev {
-        Device::Blk(_) | Device::Remote(_) if pattern != Pattern::Rng64 => {
+        Device::Blk(_) | Device::Remote(_) if blk => {
             use std::os::unix::fs::FileExt;
             let mut want = vec![0u8; len];
             std::fs::File::open(disk)
@@ -399,7 +400,9 @@ fn check_first<S: Sharing>(
                 ));
             }
         }
-        Device::Rng(_) | Device::Remote(_) if got.iter().all(|&b| b == 0) => {
+        Device::Rng(_) | Device::Remote(_)
+            if pattern == Pattern::Rng64 && got.iter().all(|&b| b == 0) =>
+        {
             return Err("rng-64: 64 zero bytes".into());
         }
         Device::Net(n) if n.frames != 1 || n.errors != 0 => {
@@ -460,7 +463,8 @@ pub(crate) fn run_device<S: Sharing>(
         s, &mut dev, &mut ring, &mut queue, pattern, first, &mut maps,
     )?;
     check_first(s, &dev, pattern, first, disk)?;
-    for _ in 0..min_requests.min(64) {
+    let warm_up = min_requests.min(64);
+    for _ in 0..warm_up {
         let off = cursor.next_offset();
         request(s, &mut dev, &mut ring, &mut queue, pattern, off, &mut maps)?;
     }
@@ -495,7 +499,11 @@ pub(crate) fn run_device<S: Sharing>(
     let (wall, cpu) = (t0.elapsed(), dev.cpu()?.saturating_sub(c0));
     let after = s.stats();
     let backend = match dev {
-        Device::Remote(r) => Some(r.finish()?),
+        Device::Remote(r) => {
+            let b = r.finish()?;
+            b.check_served(pattern, 1 + warm_up + requests)?;
+            Some(b)
+        }
         _ => None,
     };
     Ok(Measured {

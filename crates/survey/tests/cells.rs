@@ -121,45 +121,51 @@ fn strict_unmap_leaves_nothing_reachable_but_the_ring() {
 }
 
 #[test]
-fn calibration_finds_where_mapping_beats_copying() {
-    let c = calibrate(16).unwrap();
-    assert_eq!(c.points.len(), survey::CALIBRATION_SIZES.len());
-    for &(size, p, v) in &c.points {
-        assert!(p > 0.0 && v > 0.0, "{size}: {p} {v}");
+fn calibration_finds_where_mapping_beats_copying_and_auto_takes_that_threshold() {
+    let c = calibrate(16, None).unwrap();
+    let sizes: Vec<usize> = c.points.iter().map(|p| p.size).collect();
+    assert_eq!(sizes, survey::CALIBRATION_SIZES);
+    for p in &c.points {
+        assert!(
+            p.bounce_ns > 0.0 && p.map_ns > 0.0 && p.auto_ns > 0.0,
+            "{p:?}"
+        );
     }
-    // Whatever the machine, if a crossover is reported, mapping is no dearer from it on.
-    if let Some(x) = c.crossover {
-        assert!(c
-            .points
-            .iter()
-            .filter(|p| p.0 >= x)
-            .all(|&(_, p, v)| v <= p));
+    // Whatever the machine, if a crossover is reported, mapping is no dearer from it on,
+    // and auto bounces below it.
+    match c.crossover {
+        Some(x) => {
+            assert!(c
+                .points
+                .iter()
+                .filter(|p| p.size >= x)
+                .all(|p| p.map_ns <= p.bounce_ns));
+            assert_eq!(c.auto_threshold, x);
+        }
+        None => assert_eq!(c.auto_threshold, 4096),
     }
+    assert_eq!(calibrate(16, Some(1000)).unwrap().auto_threshold, 1000);
 }
 
 #[test]
-fn out_of_process_cells_are_blk_and_rng_under_none_viommu_and_pool_only() {
+fn out_of_process_cells_are_every_pattern_under_none_viommu_pool_and_auto_only() {
     use survey::remote::not_measured;
     for pattern in Pattern::ALL {
         for mode in Mode::ALL {
-            let has_backend = matches!(
-                pattern,
-                Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq | Pattern::Rng64
-            );
             let placeable = matches!(
                 mode,
-                Mode::None | Mode::ViommuStrict | Mode::ViommuLazy | Mode::Pool
+                Mode::None | Mode::ViommuStrict | Mode::ViommuLazy | Mode::Pool | Mode::Auto
             );
             let why = not_measured(mode, pattern);
             assert_eq!(
                 why.is_none(),
-                has_backend && placeable,
+                placeable,
                 "{} {}: {why:?}",
                 mode.name(),
                 pattern.name()
             );
-            if matches!(pattern, Pattern::Net64 | Pattern::Net1500) {
-                assert!(why.is_some_and(|w| w.contains("network backend")));
+            if !placeable {
+                assert!(why.is_some_and(|w| w.contains("grant tables")));
             }
         }
     }

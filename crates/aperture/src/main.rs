@@ -278,7 +278,7 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
     /// measure in-guest disk reads with our device host and with QEMU's own devices,
     /// and reports how the model's cost of isolation agrees with the guest's.
     #[command(after_help = "Examples:\n  \
-aperture bench                       the survey, about 1.5 min (release build)\n  \
+aperture bench                       the survey, about 2 min (release build)\n  \
 aperture bench --quick               every cell briefly, for CI and smoke checks\n  \
 aperture bench --auto-threshold 4096 --json /tmp/s.json --svg /tmp/s.svg\n  \
 aperture bench --guest --runs 3      also in the Linux guest (minutes per boot)\n\n\

@@ -257,7 +257,10 @@ fn bench_quick_writes_every_cell_as_json_and_a_plot() {
     let points = v["calibration"]["points"].as_array().unwrap();
     assert_eq!(points.len(), survey::CALIBRATION_SIZES.len());
     for p in points {
-        assert!(p["auto_over_cheaper"].as_f64().is_some_and(|r| r > 0.0), "{p}");
+        assert!(
+            p["auto_over_cheaper"].as_f64().is_some_and(|r| r > 0.0),
+            "{p}"
+        );
     }
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(

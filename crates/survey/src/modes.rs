@@ -17,11 +17,12 @@
 //!   [`grant_table::GrantIommu`].
 //! - [`Pool`] (`pool`): every buffer bounces through a restricted DMA pool
 //!   ([`bounce_pool::GuestDma`], swiotlb's rules); the backend reaches the pool only.
-//! - [`Pool::auto`] (`auto`): the device is behind the virtio-iommu and also reaches the pool,
-//!   which the host shares for good ([`crate::windowed::WindowedMemory`]);
-//!   buffers shorter than a threshold bounce through the pool, longer ones are mapped
-//!   strictly (Linux bounces sub-page buffers of untrusted devices the same way, with a
-//!   fixed threshold and the bounce slot mapped per use).
+//! - [`Pool::auto`] (`auto`): the device is behind the virtio-iommu, through which the
+//!   guest maps the pool once, for good (the device reaches it through
+//!   [`crate::windowed::WindowedMemory`]'s direct window); buffers shorter than a
+//!   threshold bounce through the pool, longer ones are mapped strictly (Linux bounces
+//!   sub-page buffers of untrusted devices the same way, with a fixed threshold and the
+//!   bounce slot mapped per use).
 //!
 //! Each mode counts what the survey reports: mapping operations, bytes copied, and the
 //! peak number of guest bytes the backend could reach.

@@ -535,37 +535,20 @@ pub fn run_one_remote(
     }
     let ram = SplitRam::new(RAM_SIZE, Gpa(POOL_GPA), POOL_SIZE).map_err(|e| e.to_string())?;
     let mem = ram.memory().clone();
-    let (t, n) = (budget.per_cell, budget.min_requests);
+    let go = Launch {
+        cmd,
+        pattern,
+        disk,
+        budget,
+    };
     match mode {
-        Mode::None => {
-            let mut s = Direct::with_memory(mem);
-            let r = Remote::start(
-                cmd,
-                pattern,
-                disk,
-                s.guest_memory(),
-                s.ring(),
-                s.guest_memory(),
-                None,
-            )?;
-            run::run_device(&mut s, Device::Remote(Box::new(r)), pattern, disk, t, n)
-        }
+        Mode::None => go.run(&mut Direct::with_memory(mem), None, None),
         Mode::ViommuStrict | Mode::ViommuLazy => {
             let mut s = Viommu::with_memory(mode == Mode::ViommuLazy, mem)?;
             let ep = s.endpoint();
-            let r = Remote::start(
-                cmd,
-                pattern,
-                disk,
-                s.guest_memory(),
-                s.ring(),
-                s.guest_memory(),
-                Some(ep),
-            )?;
-            run::run_device(&mut s, Device::Remote(Box::new(r)), pattern, disk, t, n)
+            go.run(&mut s, None, Some(ep))
         }
         Mode::Pool => {
-            let mut s = Pool::with_memory(mem)?;
             // The backend is handed the pool's file and nothing else.
             let pool_file = ram
                 .pool_file()
@@ -573,26 +556,41 @@ pub fn run_one_remote(
                 .map_err(|e| format!("pool memfd: {e}"))?;
             let table =
                 map_pool_file(pool_file, Gpa(POOL_GPA), POOL_SIZE).map_err(|e| e.to_string())?;
-            let r = Remote::start(cmd, pattern, disk, s.guest_memory(), s.ring(), &table, None)?;
-            run::run_device(&mut s, Device::Remote(Box::new(r)), pattern, disk, t, n)
+            go.run(&mut Pool::with_memory(mem)?, Some(&table), None)
         }
         Mode::Auto => {
             // Behind the virtio-iommu like viommu-strict; the pool is one mapping the
             // backend's first miss there fills, and keeps.
             let mut s = Pool::auto_with_memory(auto_threshold, mem)?;
             let ep = s.endpoint().ok_or("auto has no IOMMU endpoint")?;
-            let r = Remote::start(
-                cmd,
-                pattern,
-                disk,
-                s.guest_memory(),
-                s.ring(),
-                s.guest_memory(),
-                Some(ep),
-            )?;
-            run::run_device(&mut s, Device::Remote(Box::new(r)), pattern, disk, t, n)
+            go.run(&mut s, None, Some(ep))
         }
         _ => Err(format!("{}: not measured out of process", mode.name())),
+    }
+}
+
+/// What starting a cell's backend needs besides the mode.
+struct Launch<'a> {
+    cmd: &'a BackendCommand,
+    pattern: Pattern,
+    disk: &'a Path,
+    budget: Budget,
+}
+
+impl Launch<'_> {
+    /// Starts the backend for `s`'s ring, sharing `table` (default: all of `s`'s guest
+    /// RAM), behind `iommu` if given, and runs the cell.
+    fn run<S: Sharing>(
+        &self,
+        s: &mut S,
+        table: Option<&GuestMemoryMmap>,
+        iommu: Option<EndpointIommu>,
+    ) -> Result<Measured, String> {
+        let (p, disk) = (self.pattern, self.disk);
+        let table = table.unwrap_or(s.guest_memory());
+        let r = Remote::start(self.cmd, p, disk, s.guest_memory(), s.ring(), table, iommu)?;
+        let (t, n) = (self.budget.per_cell, self.budget.min_requests);
+        run::run_device(s, Device::Remote(Box::new(r)), p, disk, t, n)
     }
 }
 

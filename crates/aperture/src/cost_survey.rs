@@ -276,6 +276,7 @@ fn to_json(s: &Survey, budget: Budget, agreement: &serde_json::Value) -> serde_j
                 "cpu_ns_per_request": c.cpu_ns_per_request(),
                 "cpu_ns_per_request_slices": c.measured.slice_cpu_ns_per_request,
                 "map_ops_per_request": c.map_ops_per_request(),
+                "iommu_kicks_per_request": c.iommu_kicks_per_request(),
                 "copy_bytes_per_byte": c.copy_bytes_per_byte(),
                 "exposure_peak_bytes": c.measured.stats.exposure_peak,
                 "requests": c.measured.requests,
@@ -468,7 +469,21 @@ fn plot(s: &Survey, path: &std::path::Path) -> Result<(), String> {
 fn agreement(s: &Survey, guest: &GuestMedians) -> (String, serde_json::Value) {
     let g = |c: Config| guest.iter().find(|(x, _, _)| *x == c);
     let mut text = String::from(
-        "\nModel against the Linux guest (throughput with the IOMMU / without, our device host):\n",
+        "\nModel against the Linux guest (our device host, throughput with the IOMMU / without; \
+then what the IOMMU adds per request in the guest, what the model's work accounts for, and the \
+rest per kick of the IOMMU's queue):\n",
+    );
+    let _ = writeln!(
+        text,
+        "  {:<14} {:<14} {:>7} {:>7} {:>14} {:>14} {:>9} {:>13}",
+        "pattern",
+        "mode",
+        "model",
+        "guest",
+        "guest +us/req",
+        "model +us/req",
+        "kicks/req",
+        "us per kick"
     );
     let mut rows = Vec::new();
     for (pattern, mode, config) in [
@@ -485,31 +500,50 @@ fn agreement(s: &Survey, guest: &GuestMedians) -> (String, serde_json::Value) {
         ),
         (Pattern::Blk1mSeq, Mode::ViommuLazy, Config::ApertureLazy),
     ] {
-        let model = cell(s, mode, pattern)
-            .zip(cell(s, Mode::None, pattern))
-            .map(|(m, n)| m.throughput() / n.throughput());
-        let pick = |(_, iops, mibps): &(Config, Option<f64>, Option<f64>)| {
+        let (iso, none) = (cell(s, mode, pattern), cell(s, Mode::None, pattern));
+        let model = iso.zip(none).map(|(m, n)| m.throughput() / n.throughput());
+        // Requests per second in the guest: IOPS for 4 KiB reads; MiB/s for 1 MiB reads.
+        let rate = |(_, iops, mibps): &(Config, Option<f64>, Option<f64>)| {
             if pattern == Pattern::Blk4kRandom {
                 *iops
             } else {
                 *mibps
             }
         };
-        let guest_ratio = g(config)
-            .and_then(pick)
-            .zip(g(Config::ApertureOff).and_then(pick))
-            .map(|(a, b)| a / b);
+        let (with, without) = (
+            g(config).and_then(rate),
+            g(Config::ApertureOff).and_then(rate),
+        );
+        let guest_ratio = with.zip(without).map(|(a, b)| a / b);
+        let guest_added = with.zip(without).map(|(a, b)| 1e6 / a - 1e6 / b);
+        let model_added = iso
+            .zip(none)
+            .map(|(m, n)| (m.cpu_ns_per_request() - n.cpu_ns_per_request()) / 1e3);
+        let kicks = iso.map(Cell::iommu_kicks_per_request);
+        let per_kick = guest_added
+            .zip(model_added)
+            .zip(kicks.filter(|k| *k > 0.0))
+            .map(|((g, m), k)| (g - m) / k);
+        let f = |v: Option<f64>, prec: usize| v.map_or("-".into(), |x| format!("{x:.prec$}"));
         let _ = writeln!(
             text,
-            "  {:<14} {:<14} model x{}  guest x{}",
+            "  {:<14} {:<14} {:>7} {:>7} {:>14} {:>14} {:>9} {:>13}",
             pattern.name(),
             mode.name(),
-            model.map_or("-".into(), |r| format!("{r:.2}")),
-            guest_ratio.map_or("-".into(), |r| format!("{r:.2}"))
+            model.map_or("-".into(), |r| format!("x{r:.2}")),
+            guest_ratio.map_or("-".into(), |r| format!("x{r:.2}")),
+            f(guest_added, 1),
+            f(model_added, 1),
+            f(kicks, 2),
+            f(per_kick, 1)
         );
         rows.push(json!({
             "pattern": pattern.name(), "mode": mode.name(),
             "model_ratio_to_none": model, "guest_ratio_to_none": guest_ratio,
+            "guest_added_us_per_request": guest_added,
+            "model_added_us_per_request": model_added,
+            "model_iommu_kicks_per_request": kicks,
+            "guest_us_per_kick_beyond_model": per_kick,
         }));
     }
     (text, serde_json::Value::Array(rows))
@@ -568,4 +602,73 @@ fn run_inner(opts: &Options) -> Result<bool, String> {
         svg_path.display()
     );
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::time::Duration;
+    use survey::modes::ModeStats;
+    use survey::run::Measured;
+
+    fn cell(mode: Mode, cpu_ns_per_request: u64, kicks_per_request: u64) -> Cell {
+        let requests = 100;
+        Cell {
+            mode,
+            pattern: Pattern::Blk4kRandom,
+            placement: IN_PROCESS,
+            measured: Measured {
+                requests,
+                bytes: requests * 4096,
+                wall: Duration::from_nanos(requests * cpu_ns_per_request),
+                cpu: Duration::from_nanos(requests * cpu_ns_per_request),
+                stats: ModeStats {
+                    iommu_kicks: requests * kicks_per_request,
+                    ..ModeStats::default()
+                },
+                slice_cpu_ns_per_request: Vec::new(),
+                backend: None,
+            },
+        }
+    }
+
+    #[test]
+    fn agreement_splits_the_guests_added_time_into_model_work_and_time_per_kick() {
+        let s = Survey {
+            calibration: survey::Calibration {
+                points: Vec::new(),
+                crossover: None,
+                auto_threshold: 4096,
+            },
+            cells: vec![
+                cell(Mode::None, 1_000, 0),
+                cell(Mode::ViommuStrict, 5_000, 6),
+            ],
+            auto_checks: Vec::new(),
+            not_out_of_process: Vec::new(),
+        };
+        // Guest: 2000 IOPS with the IOMMU (500 us per read), 5000 without (200 us).
+        let guest = vec![
+            (Config::ApertureStrict, Some(2000.0), None),
+            (Config::ApertureOff, Some(5000.0), None),
+        ];
+        let (text, v) = agreement(&s, &guest);
+        let row = &v[0];
+        assert_eq!(row["mode"], "viommu-strict");
+        assert!((row["model_ratio_to_none"].as_f64().unwrap() - 0.2).abs() < 1e-9);
+        assert!((row["guest_ratio_to_none"].as_f64().unwrap() - 0.4).abs() < 1e-9);
+        assert!((row["guest_added_us_per_request"].as_f64().unwrap() - 300.0).abs() < 1e-9);
+        assert!((row["model_added_us_per_request"].as_f64().unwrap() - 4.0).abs() < 1e-9);
+        // (300 - 4) us over 6 kicks.
+        let per_kick = row["guest_us_per_kick_beyond_model"].as_f64().unwrap();
+        assert!((per_kick - 296.0 / 6.0).abs() < 1e-9, "{per_kick}");
+        assert!(text.contains("49.3"), "{text}");
+        // Rows without the cells or the guest's figures say so instead of inventing them.
+        assert!(v[1]["guest_ratio_to_none"].is_null(), "no lazy boot given");
+        assert!(
+            v[2]["model_ratio_to_none"].is_null(),
+            "no 1 MiB cells given"
+        );
+    }
 }

@@ -115,6 +115,10 @@ impl Cell {
     pub fn map_ops_per_request(&self) -> f64 {
         self.measured.stats.map_ops as f64 / self.measured.requests as f64
     }
+    /// Notifications of the virtio-iommu's request queue per request.
+    pub fn iommu_kicks_per_request(&self) -> f64 {
+        self.measured.stats.iommu_kicks as f64 / self.measured.requests as f64
+    }
     /// Bytes copied per payload byte moved.
     pub fn copy_bytes_per_byte(&self) -> f64 {
         self.measured.stats.copy_bytes as f64 / self.measured.bytes as f64

@@ -101,6 +101,10 @@ pub struct Mapping {
 pub struct ModeStats {
     /// Mapping operations the guest asked for (MAP and UNMAP requests).
     pub map_ops: u64,
+    /// Notifications of the virtio-iommu's request queue (each a VM exit, or a
+    /// vfio-user message to a device host, for a real guest): strict mode kicks for
+    /// every MAP and UNMAP, lazy mode sends the queued UNMAPs with the next MAP's kick.
+    pub iommu_kicks: u64,
     /// Bytes copied between the guest's buffers and shared memory.
     pub copy_bytes: u64,
     /// Most guest bytes the backend could reach at one moment.
@@ -208,6 +212,7 @@ pub struct Viommu {
     pending: Vec<Request>,
     next_iova: u64,
     map_ops: u64,
+    kicks: u64,
     live: u64,
     peak: u64,
 }
@@ -264,6 +269,7 @@ impl Viommu {
             pending: Vec::new(),
             next_iova: 0,
             map_ops: 0,
+            kicks: 0,
             live: 0,
             peak: 0,
         };
@@ -286,7 +292,7 @@ impl Viommu {
             phys_start: gpa,
             flags: Dir::ToDevice.map_flags() | Dir::FromDevice.map_flags(),
         };
-        expect_ok(self.driver.send(&mut self.dev, &map), "MAP (identity)")?;
+        self.send_one(&map, "MAP (identity)")?;
         self.add_live(len);
         Ok(())
     }
@@ -301,7 +307,7 @@ impl Viommu {
     fn sync_with(&mut self, req: Option<Request>) -> Result<(), String> {
         if self.pending.is_empty() {
             return match req {
-                Some(r) => expect_ok(self.driver.send(&mut self.dev, &r), "MAP"),
+                Some(r) => self.send_one(&r, "MAP"),
                 None => Ok(()),
             };
         }
@@ -323,7 +329,14 @@ impl Viommu {
         Ok(())
     }
 
+    /// Sends one request in its own kick and waits for it.
+    fn send_one(&mut self, req: &Request, what: &str) -> Result<(), String> {
+        self.kicks += 1;
+        expect_ok(self.driver.send(&mut self.dev, req), what)
+    }
+
     fn send_batch(&mut self, reqs: &[Request]) -> Result<(), String> {
+        self.kicks += 1;
         let batch = self.driver.prepare(reqs);
         self.driver.post(&batch);
         self.dev
@@ -391,7 +404,7 @@ impl Viommu {
             }
             Ok(())
         } else {
-            expect_ok(self.driver.send(&mut self.dev, &unmap), "UNMAP")?;
+            self.send_one(&unmap, "UNMAP")?;
             self.live -= bytes;
             Ok(())
         }
@@ -429,6 +442,7 @@ impl Sharing for Viommu {
     fn stats(&self) -> ModeStats {
         ModeStats {
             map_ops: self.map_ops,
+            iommu_kicks: self.kicks,
             copy_bytes: 0,
             exposure_peak: self.peak,
         }
@@ -621,6 +635,7 @@ impl Sharing for Pool {
     fn stats(&self) -> ModeStats {
         ModeStats {
             map_ops: self.iommu.as_ref().map_or(0, |i| i.map_ops),
+            iommu_kicks: self.iommu.as_ref().map_or(0, |i| i.kicks),
             copy_bytes: self.bouncer.copies,
             // `pool`: the pool. `auto`: what the IOMMU maps — the pool, the pages
             // `Viommu` maps for a ring outside it, and the live mappings.
@@ -822,6 +837,7 @@ impl Sharing for Grant {
         ModeStats {
             // The backend's grant operations (GNTTABOP_map/unmap/copy).
             map_ops: s.maps + s.unmaps + s.copies,
+            iommu_kicks: 0,
             copy_bytes: self.copies,
             exposure_peak: self.peak_pages * PAGE,
         }

@@ -513,6 +513,7 @@ pub(crate) fn run_device<S: Sharing>(
         cpu,
         stats: ModeStats {
             map_ops: after.map_ops - before.map_ops,
+            iommu_kicks: after.iommu_kicks - before.iommu_kicks,
             copy_bytes: after.copy_bytes - before.copy_bytes,
             // Out of process, what the backend's own address space held.
             exposure_peak: backend

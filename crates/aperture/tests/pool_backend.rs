@@ -21,9 +21,10 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
+use bounce_pool::blk_request::{BlkLayout, BlkRequest};
 use bounce_pool::inspect::{self, file_id, mapped_files, occurrences_in_memory, random_bytes};
 use bounce_pool::ram::{POOL_MEMFD_NAME, RAM_MEMFD_NAME};
-use bounce_pool::{BouncePool, DeviceDma, DmaDirection, Gpa, GuestDma, PoolConfig, SplitRam};
+use bounce_pool::{BouncePool, DeviceDma, Gpa, GuestDma, PoolConfig, SplitRam};
 use device_host::vhost_user::{DeviceKind, VhostUserDevice, VhostUserError};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -330,34 +331,16 @@ impl Session {
     /// guest). Notifies the device, waits for the used element and returns the status
     /// byte the guest reads.
     fn request(&mut self, request_type: u32, sector: u64, len: usize, raw_data: Option<u64>) -> u8 {
-        let mem = self.guest.mem().clone();
-        let dma = &self.guest.dma;
-        let mut hdr = [0u8; 16];
-        hdr[..4].copy_from_slice(&request_type.to_le_bytes());
-        hdr[8..].copy_from_slice(&sector.to_le_bytes());
-        mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
-        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        let (to, from) = (DmaDirection::ToDevice, DmaDirection::FromDevice);
-        let data_dir = if request_type == VIRTIO_BLK_T_IN {
-            from
-        } else {
-            to
+        let at = BlkLayout {
+            hdr: HDR,
+            data: DATA,
+            status: STATUS,
         };
-        let hdr = dma.map(Gpa(HDR), 16, to).unwrap();
-        let data = match raw_data {
-            None => Some(dma.map(Gpa(DATA), len, data_dir).unwrap()),
-            Some(_) => None,
-        };
-        let status = dma.map(Gpa(STATUS), 1, from).unwrap();
-        let data_addr = raw_data.unwrap_or_else(|| data.map_or(0, |d| d.0));
+        let r = BlkRequest::map(&self.guest.dma, at, request_type, sector, len, raw_data).unwrap();
         let want = self.guest.used_idx().wrapping_add(1);
-        self.guest.add_chain(&[
-            (hdr.0, 16, false),
-            (data_addr, len, data_dir == from),
-            (status.0, 1, true),
-        ]);
+        self.guest.add_chain(&r.chain());
         let d: &mut dyn VirtioDevice<GuestMemoryMmap> = &mut self.dev;
-        d.process_queue(0, &mut self.vq, &mem).unwrap();
+        d.process_queue(0, &mut self.vq, self.guest.mem()).unwrap();
         let start = Instant::now();
         while self.guest.used_idx() != want {
             assert!(start.elapsed() < DEADLINE, "the back-end completed nothing");
@@ -366,13 +349,7 @@ impl Session {
                 self.interrupts += 1;
             }
         }
-        let dma = &self.guest.dma;
-        dma.unmap(hdr, 16, to).unwrap();
-        if let Some(d) = data {
-            dma.unmap(d, len, data_dir).unwrap();
-        }
-        dma.unmap(status, 1, from).unwrap();
-        mem.read_obj(GuestAddress(STATUS)).unwrap()
+        r.complete(&self.guest.dma).unwrap()
     }
 
     /// Ends the session (the front-end disconnects) and returns the back-end's

@@ -28,6 +28,8 @@
 
 #![deny(missing_docs)]
 
+#[cfg(feature = "test-utils")]
+pub mod blk_request;
 pub mod dma;
 pub mod dt;
 #[cfg(feature = "test-utils")]

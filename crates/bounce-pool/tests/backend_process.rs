@@ -26,6 +26,7 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
+use bounce_pool::blk_request::{BlkLayout, BlkRequest};
 use bounce_pool::inspect::{
     file_id, mapped_files, occurrences_in_memory, open_files, random_bytes,
 };
@@ -40,15 +41,12 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
-use virtio_devices::block::request::RequestHeader;
 use virtio_devices::{Block, BlockConfig};
 use virtio_pci::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use zerocopy::byteorder::little_endian::{U32, U64};
-use zerocopy::IntoBytes;
 
 /// Set in the child's environment: the backend's parameters.
 const CHILD_ENV: &str = "BOUNCE_POOL_BACKEND";
@@ -226,26 +224,15 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-fn desc(addr: u64, len: usize, device_writes: bool) -> RawDescriptor {
+fn desc((addr, len, device_writes): (u64, usize, bool)) -> RawDescriptor {
     let flags = if device_writes { 2 } else { 0 };
     RawDescriptor::from(SplitDescriptor::new(addr, len as u32, flags, 0))
 }
 
-fn header(request_type: u32, sector: u64) -> Vec<u8> {
-    RequestHeader {
-        request_type: U32::new(request_type),
-        reserved: U32::new(0),
-        sector: U64::new(sector),
-    }
-    .as_bytes()
-    .to_vec()
-}
-
-/// One request as virtio_blk makes it in pool mode: header, data and status bounced
-/// through the pool — except that `raw_data`, if given, puts that guest-physical
-/// address in the data descriptor unbounced (a confused or hostile guest). Returns
-/// the status byte the guest reads.
-#[allow(clippy::too_many_arguments)] // one request, spelled out as the driver has it
+/// One request as virtio_blk makes it in pool mode ([`BlkRequest`]): header, data and
+/// status bounced through the pool — except that `raw_data`, if given, puts that
+/// guest-physical address in the data descriptor unbounced (a confused or hostile
+/// guest). Returns the status byte the guest reads.
 fn request(
     dma: &GuestDma<GuestMemoryMmap<()>>,
     q: &MockSplitQueue<'_, GuestMemoryMmap<()>>,
@@ -255,29 +242,14 @@ fn request(
     data_len: usize,
     raw_data: Option<u64>,
 ) -> u8 {
-    let mem = dma.memory();
-    mem.write_slice(&header(request_type, sector), GuestAddress(HDR))
-        .unwrap();
-    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    let (to, from) = (DmaDirection::ToDevice, DmaDirection::FromDevice);
-    let data_dir = if request_type == VIRTIO_BLK_T_IN {
-        from
-    } else {
-        to
+    let at = BlkLayout {
+        hdr: HDR,
+        data: DATA,
+        status: STATUS,
     };
-    let hdr = dma.map(Gpa(HDR), 16, to).unwrap();
-    let data = match raw_data {
-        None => Some(dma.map(Gpa(DATA), data_len, data_dir).unwrap()),
-        Some(_) => None,
-    };
-    let status = dma.map(Gpa(STATUS), 1, from).unwrap();
-    let data_addr = raw_data.unwrap_or_else(|| data.map_or(0, |d| d.0));
-    q.build_desc_chain(&[
-        desc(hdr.0, 16, false),
-        desc(data_addr, data_len, data_dir == from),
-        desc(status.0, 1, true),
-    ])
-    .unwrap();
+    let r = BlkRequest::map(dma, at, request_type, sector, data_len, raw_data).unwrap();
+    let chain: Vec<RawDescriptor> = r.chain().into_iter().map(desc).collect();
+    q.build_desc_chain(&chain).unwrap();
     let used = q.used().idx().load();
     be.kick();
     assert_eq!(
@@ -285,12 +257,7 @@ fn request(
         used.wrapping_add(1),
         "one chain used"
     );
-    dma.unmap(hdr, 16, to).unwrap();
-    if let Some(d) = data {
-        dma.unmap(d, data_len, data_dir).unwrap();
-    }
-    dma.unmap(status, 1, from).unwrap();
-    mem.read_obj(GuestAddress(STATUS)).unwrap()
+    r.complete(dma).unwrap()
 }
 
 fn backend_process_holds_only_the_pool() {

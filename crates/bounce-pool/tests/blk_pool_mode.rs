@@ -8,19 +8,17 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
+use bounce_pool::blk_request::{BlkLayout, BlkRequest};
 use bounce_pool::*;
 use std::path::PathBuf;
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
-use virtio_devices::block::request::RequestHeader;
 use virtio_devices::{Block, BlockConfig};
 use virtio_pci::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, IommuMemory};
-use zerocopy::byteorder::little_endian::{U32, U64};
-use zerocopy::IntoBytes;
 
 type Mem = GuestMemoryMmap<()>;
 type DevMem = IommuMemory<Mem, PoolIommu>;
@@ -60,24 +58,6 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
         .collect()
-}
-
-fn r(addr: DmaAddr, len: usize) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr.0, len as u32, 0, 0))
-}
-
-fn w(addr: DmaAddr, len: usize) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr.0, len as u32, 2, 0))
-}
-
-fn header(request_type: u32, sector: u64) -> Vec<u8> {
-    RequestHeader {
-        request_type: U32::new(request_type),
-        reserved: U32::new(0),
-        sector: U64::new(sector),
-    }
-    .as_bytes()
-    .to_vec()
 }
 
 /// The guest: RAM, the pool, its DMA API, and a ring in coherent pool memory.
@@ -134,9 +114,27 @@ fn blk(img: &TempImage) -> Block {
     b
 }
 
-/// One request as virtio_blk does it: header, data and status mapped through the DMA
-/// API (data split at `max_mapping_size`), posted, served, used entry read, all
-/// unmapped (status and read data copied back). Returns (used length, status byte).
+const AT: BlkLayout = BlkLayout {
+    hdr: HDR,
+    data: DATA,
+    status: STATUS,
+};
+
+/// The split-ring descriptors of a request's chain.
+fn descriptors(r: &BlkRequest) -> Vec<RawDescriptor> {
+    r.chain()
+        .into_iter()
+        .map(|(a, n, writes)| {
+            let flags = if writes { 2 } else { 0 };
+            RawDescriptor::from(SplitDescriptor::new(a, n as u32, flags, 0))
+        })
+        .collect()
+}
+
+/// One request as virtio_blk does it ([`BlkRequest`]: header, data and status mapped
+/// through the DMA API, data split at `max_mapping_size`), posted, served, used entry
+/// read, all unmapped (status and read data copied back). Returns (used length, status
+/// byte).
 #[allow(clippy::too_many_arguments)] // one request, spelled out as the driver has it
 fn request(
     g: &Guest,
@@ -148,40 +146,9 @@ fn request(
     sector: u64,
     data_len: usize,
 ) -> (u32, u8) {
-    g.mem()
-        .write_slice(&header(request_type, sector), GuestAddress(HDR))
-        .unwrap();
-    g.mem().write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    let to = DmaDirection::ToDevice;
-    let from = DmaDirection::FromDevice;
-    let data_dir = if request_type == VIRTIO_BLK_T_IN {
-        from
-    } else {
-        to
-    };
-    let hdr = g.dma.map(Gpa(HDR), 16, to).unwrap();
-    let mut data = Vec::new();
-    let mut at = 0;
-    while at < data_len {
-        let len = (data_len - at).min(g.dma.max_mapping_size());
-        data.push((
-            g.dma.map(Gpa(DATA + at as u64), len, data_dir).unwrap(),
-            len,
-        ));
-        at += len;
-    }
-    let status = g.dma.map(Gpa(STATUS), 1, from).unwrap();
-    let mut descs = vec![r(hdr, 16)];
-    for &(a, len) in &data {
-        descs.push(if data_dir == from {
-            w(a, len)
-        } else {
-            r(a, len)
-        });
-    }
-    descs.push(w(status, 1));
+    let r = BlkRequest::map(&g.dma, AT, request_type, sector, data_len, None).unwrap();
     let used_before = q.used().idx().load();
-    q.build_desc_chain(&descs).unwrap();
+    q.build_desc_chain(&descriptors(&r)).unwrap();
     dev.process_queue(0, queue, dev_mem).unwrap();
     assert_eq!(q.used().idx().load(), used_before.wrapping_add(1));
     let used = q
@@ -191,12 +158,7 @@ fn request(
         .unwrap()
         .load()
         .len();
-    g.dma.unmap(hdr, 16, to).unwrap();
-    for (a, len) in data {
-        g.dma.unmap(a, len, data_dir).unwrap();
-    }
-    g.dma.unmap(status, 1, from).unwrap();
-    (used, g.mem().read_obj(GuestAddress(STATUS)).unwrap())
+    (used, r.complete(&g.dma).unwrap())
 }
 
 #[test]
@@ -272,27 +234,16 @@ fn blk_descriptor_pointing_outside_the_pool_is_denied_and_fails_only_its_request
     let dev_mem = g.device_memory();
     let q = g.queue();
     let mut queue: Queue = q.create_queue().unwrap();
-    let to = DmaDirection::ToDevice;
-    let from = DmaDirection::FromDevice;
 
     // A write whose data descriptor is the guest-physical address of a RAM buffer
     // instead of a bounce buffer: the device may not read it.
     g.mem()
         .write_slice(&[0xee; 512], GuestAddress(DATA))
         .unwrap();
-    g.mem()
-        .write_slice(&header(VIRTIO_BLK_T_OUT, 0), GuestAddress(HDR))
-        .unwrap();
-    g.mem().write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    let hdr = g.dma.map(Gpa(HDR), 16, to).unwrap();
-    let status = g.dma.map(Gpa(STATUS), 1, from).unwrap();
-    q.build_desc_chain(&[r(hdr, 16), r(DmaAddr(DATA), 512), w(status, 1)])
-        .unwrap();
+    let r = BlkRequest::map(&g.dma, AT, VIRTIO_BLK_T_OUT, 0, 512, Some(DATA)).unwrap();
+    q.build_desc_chain(&descriptors(&r)).unwrap();
     dev.process_queue(0, &mut queue, &dev_mem).unwrap();
-    g.dma.unmap(hdr, 16, to).unwrap();
-    g.dma.unmap(status, 1, from).unwrap();
-    let st: u8 = g.mem().read_obj(GuestAddress(STATUS)).unwrap();
-    assert_eq!(st, IOERR);
+    assert_eq!(r.complete(&g.dma).unwrap(), IOERR);
     assert!(
         dev_mem.iommu().faults() > 0,
         "the pool address space denied it"
@@ -301,18 +252,10 @@ fn blk_descriptor_pointing_outside_the_pool_is_denied_and_fails_only_its_request
 
     // A read aimed at guest RAM outside the pool: denied, RAM untouched.
     let faults = dev_mem.iommu().faults();
-    g.mem()
-        .write_slice(&header(VIRTIO_BLK_T_IN, 0), GuestAddress(HDR))
-        .unwrap();
-    let hdr = g.dma.map(Gpa(HDR), 16, to).unwrap();
-    let status = g.dma.map(Gpa(STATUS), 1, from).unwrap();
-    q.build_desc_chain(&[r(hdr, 16), w(DmaAddr(DATA), 512), w(status, 1)])
-        .unwrap();
+    let r = BlkRequest::map(&g.dma, AT, VIRTIO_BLK_T_IN, 0, 512, Some(DATA)).unwrap();
+    q.build_desc_chain(&descriptors(&r)).unwrap();
     dev.process_queue(0, &mut queue, &dev_mem).unwrap();
-    g.dma.unmap(hdr, 16, to).unwrap();
-    g.dma.unmap(status, 1, from).unwrap();
-    let st: u8 = g.mem().read_obj(GuestAddress(STATUS)).unwrap();
-    assert_eq!(st, IOERR);
+    assert_eq!(r.complete(&g.dma).unwrap(), IOERR);
     assert!(dev_mem.iommu().faults() > faults);
     let mut ram = [0u8; 512];
     g.mem().read_slice(&mut ram, GuestAddress(DATA)).unwrap();

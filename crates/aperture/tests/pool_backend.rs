@@ -24,7 +24,7 @@
 use bounce_pool::blk_request::{BlkLayout, BlkRequest};
 use bounce_pool::inspect::{self, file_id, mapped_files, occurrences_in_memory, random_bytes};
 use bounce_pool::ram::{POOL_MEMFD_NAME, RAM_MEMFD_NAME};
-use bounce_pool::{BouncePool, DeviceDma, Gpa, GuestDma, PoolConfig, SplitRam};
+use bounce_pool::{Gpa, GuestDma, SplitRam};
 use device_host::vhost_user::{DeviceKind, VhostUserDevice, VhostUserError};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -194,16 +194,7 @@ impl Guest {
     fn new() -> Self {
         let ram = SplitRam::new(RAM, Gpa(POOL), POOL_SIZE).unwrap();
         let mem = ram.memory().clone();
-        let pool = BouncePool::new(
-            &mem,
-            &PoolConfig {
-                base: Gpa(POOL),
-                size: POOL_SIZE,
-                areas: 1,
-            },
-        )
-        .unwrap();
-        let dma = GuestDma::new(mem, Arc::new(pool), DeviceDma::default());
+        let dma = GuestDma::with_own_pool(mem, Gpa(POOL), POOL_SIZE).unwrap();
         // vring_alloc_queue(): dma_alloc_coherent, which a restricted pool serves
         // (zeroed, so both ring indices start at 0).
         let ring = dma.alloc_coherent(RING_BYTES).unwrap().0;

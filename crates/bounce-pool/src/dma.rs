@@ -60,6 +60,24 @@ impl<M: GuestMemory> GuestDma<M> {
         }
     }
 
+    /// The DMA API of a device with default parameters that has a pool of its own: a
+    /// one-area pool at `base`, `size` bytes, in `mem` (what Linux sets up for a device
+    /// whose `memory-region` is a `restricted-dma-pool`).
+    ///
+    /// # Errors
+    /// [`BouncePool::new`]'s.
+    pub fn with_own_pool(mem: M, base: Gpa, size: u64) -> Result<Self, PoolError> {
+        let pool = BouncePool::new(
+            &mem,
+            &crate::PoolConfig {
+                base,
+                size,
+                areas: 1,
+            },
+        )?;
+        Ok(Self::new(mem, Arc::new(pool), DeviceDma::default()))
+    }
+
     /// The guest memory.
     pub fn memory(&self) -> &M {
         &self.mem

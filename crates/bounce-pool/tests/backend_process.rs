@@ -39,7 +39,6 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
 use virtio_devices::{Block, BlockConfig};
 use virtio_pci::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
@@ -263,16 +262,7 @@ fn request(
 fn backend_process_holds_only_the_pool() {
     let ram = SplitRam::new(RAM, Gpa(POOL), POOL_SIZE).unwrap();
     let mem = ram.memory().clone();
-    let pool = BouncePool::new(
-        &mem,
-        &PoolConfig {
-            base: Gpa(POOL),
-            size: POOL_SIZE,
-            areas: 1,
-        },
-    )
-    .unwrap();
-    let dma = GuestDma::new(mem.clone(), Arc::new(pool), DeviceDma::default());
+    let dma = GuestDma::with_own_pool(mem.clone(), Gpa(POOL), POOL_SIZE).unwrap();
     let ring = dma.alloc_coherent(8192).unwrap();
     let q = MockSplitQueue::create(&mem, GuestAddress(ring.0), QSIZE);
     // The guest's secret, made at run time so no binary or argument carries it.

@@ -11,7 +11,6 @@
 use bounce_pool::blk_request::{BlkLayout, BlkRequest};
 use bounce_pool::*;
 use std::path::PathBuf;
-use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
 use virtio_devices::{Block, BlockConfig};
 use virtio_pci::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
@@ -69,16 +68,7 @@ struct Guest {
 impl Guest {
     fn new() -> Self {
         let mem = Mem::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
-        let pool = BouncePool::new(
-            &mem,
-            &PoolConfig {
-                base: Gpa(POOL),
-                size: POOL_SIZE,
-                areas: 1,
-            },
-        )
-        .unwrap();
-        let dma = GuestDma::new(mem, Arc::new(pool), DeviceDma::default());
+        let dma = GuestDma::with_own_pool(mem, Gpa(POOL), POOL_SIZE).unwrap();
         // vring_alloc_queue(): dma_alloc_coherent, which a restricted pool serves.
         let ring = dma.alloc_coherent(8192).unwrap();
         Self { dma, ring }

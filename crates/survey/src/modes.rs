@@ -28,9 +28,7 @@
 //! peak number of guest bytes the backend could reach.
 
 use crate::windowed::WindowedMemory;
-use bounce_pool::{
-    BouncePool, DeviceDma, DmaAddr, DmaDirection, Gpa, GuestDma, PoolConfig, PoolIommu,
-};
+use bounce_pool::{DmaAddr, DmaDirection, Gpa, GuestDma, PoolIommu};
 use std::sync::Arc;
 use virtio_iommu::fake_driver::FakeGuest;
 use virtio_iommu::{
@@ -470,16 +468,8 @@ struct Bouncer {
 
 impl Bouncer {
     fn new(mem: &GuestMemoryMmap) -> Result<Self, String> {
-        let pool = BouncePool::new(
-            mem,
-            &PoolConfig {
-                base: Gpa(POOL_GPA),
-                size: POOL_SIZE,
-                areas: 1,
-            },
-        )
-        .map_err(|e| e.to_string())?;
-        let dma = GuestDma::new(mem.clone(), Arc::new(pool), DeviceDma::default());
+        let dma = GuestDma::with_own_pool(mem.clone(), Gpa(POOL_GPA), POOL_SIZE)
+            .map_err(|e| e.to_string())?;
         let ring = dma
             .alloc_coherent(crate::ring::RING_BYTES)
             .map_err(|e| e.to_string())?;

@@ -350,6 +350,41 @@ fn log_bounds(v: impl Iterator<Item = f64>) -> (f64, f64) {
 
 type LogChart<'a> = ChartContext<'a, SVGBackend<'a>, Cartesian2d<LogCoord<f64>, LogCoord<f64>>>;
 
+/// A log-log chart on `area`: its caption, x and y ranges, and axis descriptions.
+fn log_chart<'a>(
+    area: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
+    caption: &str,
+    (x_lo, x_hi): (f64, f64),
+    (y_lo, y_hi): (f64, f64),
+    (x_desc, y_desc): (&str, &str),
+) -> Result<LogChart<'a>, String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 17))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d((x_lo..x_hi).log_scale(), (y_lo..y_hi).log_scale())
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .draw()
+        .map_err(|x| e(&x))?;
+    Ok(chart)
+}
+
+/// Draws `chart`'s legend.
+fn legend(chart: &mut LogChart<'_>) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()
+        .map_err(|x| x.to_string())
+}
+
 /// One labelled series on `chart`: a line through `pts` and a dot on each.
 fn series(
     chart: &mut LogChart<'_>,
@@ -382,22 +417,17 @@ fn plot(s: &Survey, path: &std::path::Path) -> Result<(), String> {
     // In-process cells only: the out-of-process ones are in the table and the JSON.
     let shown = |c: &&Cell| c.pattern != Pattern::Rng64 && c.placement == IN_PROCESS;
     let (lo, hi) = log_bounds(s.cells.iter().filter(shown).map(Cell::cpu_ns_per_byte));
-    let mut chart = ChartBuilder::on(&left)
-        .caption(
-            "Host CPU per byte moved, by request size (in-process backends)",
-            ("sans-serif", 17),
-        )
-        .margin(12)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
-        .build_cartesian_2d((40f64..1.6 * 1048576f64).log_scale(), (lo..hi).log_scale())
-        .map_err(|x| e(&x))?;
-    chart
-        .configure_mesh()
-        .x_desc("request payload, bytes (net 64, 1500; blk 4 KiB, 64 KiB, 1 MiB)")
-        .y_desc("CPU ns per byte")
-        .draw()
-        .map_err(|x| e(&x))?;
+    let mut chart = log_chart(
+        &left,
+        "Host CPU per byte moved, by request size (in-process backends)",
+        (40.0, 1.6 * 1048576.0),
+        (lo, hi),
+        (
+            "request payload, bytes (net 64, 1500; blk 4 KiB, 64 KiB, 1 MiB)",
+            "CPU ns per byte",
+        ),
+    )
+    .map_err(|x| e(&x))?;
     for (i, mode) in Mode::ALL.into_iter().enumerate() {
         let mut pts: Vec<(f64, f64)> = s
             .cells
@@ -409,31 +439,24 @@ fn plot(s: &Survey, path: &std::path::Path) -> Result<(), String> {
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
         series(&mut chart, pts, COLOURS[i % COLOURS.len()], mode.name()).map_err(|x| e(&x))?;
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE)
-        .draw()
-        .map_err(|x| e(&x))?;
+    legend(&mut chart).map_err(|x| e(&x))?;
 
     let pts = &s.calibration.points;
     let (lo, hi) = log_bounds(
         pts.iter()
             .flat_map(|p| [p.bounce_ns, p.map_ns, p.auto_ns].map(|ns| ns / p.size as f64)),
     );
-    let mut chart = ChartBuilder::on(&right)
-        .caption("One buffer: bounce or map?", ("sans-serif", 17))
-        .margin(12)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
-        .build_cartesian_2d((40f64..400_000f64).log_scale(), (lo..hi).log_scale())
-        .map_err(|x| e(&x))?;
-    chart
-        .configure_mesh()
-        .x_desc("buffer bytes (device-written)")
-        .y_desc("CPU ns per byte, map + unmap")
-        .draw()
-        .map_err(|x| e(&x))?;
+    let mut chart = log_chart(
+        &right,
+        "One buffer: bounce or map?",
+        (40.0, 400_000.0),
+        (lo, hi),
+        (
+            "buffer bytes (device-written)",
+            "CPU ns per byte, map + unmap",
+        ),
+    )
+    .map_err(|x| e(&x))?;
     type Way = (&'static str, RGBColor, fn(&survey::CalibrationPoint) -> f64);
     let ways: [Way; 3] = [
         ("bounce (pool)", COLOURS[6], |p| p.bounce_ns),
@@ -455,12 +478,7 @@ fn plot(s: &Survey, path: &std::path::Path) -> Result<(), String> {
             .label(format!("crossover {}", human_bytes(x)))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK));
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE)
-        .draw()
-        .map_err(|x| e(&x))?;
+    legend(&mut chart).map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))
 }
 

@@ -544,15 +544,16 @@ fn set_status(
     }
 }
 
-/// `reduce_status_for_pin`: drop `GTF_reading` when nothing is pinned any more and
-/// `GTF_writing` when no writable pin is left.
-fn reduce_status_for_pin(d: &Domain, t: &Table, r: u32, act: &Active, readonly: bool) {
-    let mut clear = if act.pin == 0 { GTF_READING } else { 0 };
-    if !readonly && act.pin & (GNTPIN_HSTW_MASK | GNTPIN_DEVW_MASK) == 0 {
+/// `reduce_status_for_pin`: drop `GTF_reading` from the status word at `status_gpa`
+/// when nothing is pinned any more (`pin` is the entry's pin count now) and
+/// `GTF_writing` when no writable pin is left (for a writable use).
+fn reduce_status_for_pin(m: &Mem, status_gpa: u64, pin: u32, readonly: bool) {
+    let mut clear = if pin == 0 { GTF_READING } else { 0 };
+    if !readonly && pin & (GNTPIN_HSTW_MASK | GNTPIN_DEVW_MASK) == 0 {
         clear |= GTF_WRITING;
     }
     if clear != 0 {
-        let _ = mem::clear16(&d.mem, t.status_gpa(r), clear);
+        let _ = mem::clear16(m, status_gpa, clear);
     }
 }
 
@@ -1023,7 +1024,7 @@ impl Xen {
                 let frame = match gfn.ok_or(St::GeneralError).and_then(|g| paged_frame(rd, g)) {
                     Ok(f) => f,
                     Err(s) => {
-                        reduce_status_for_pin(rd, &t, r, &act, ro);
+                        reduce_status_for_pin(&rd.mem, t.status_gpa(r), act.pin, ro);
                         return Err(s);
                     }
                 };
@@ -1062,7 +1063,7 @@ impl Xen {
                 .pin
                 .saturating_sub(if ro { GNTPIN_HSTR_INC } else { GNTPIN_HSTW_INC });
         }
-        reduce_status_for_pin(rd, &t, r, &act, ro);
+        reduce_status_for_pin(&rd.mem, t.status_gpa(r), act.pin, ro);
     }
 
     /// `GNTTABOP_unmap_grant_ref`: in chunks of [`UNMAP_BATCH_SIZE`], each followed by
@@ -1261,18 +1262,7 @@ impl Xen {
         let e = t.entry_gpa(r);
         let hdr_flags = mem::load16(&rd.mem, e, Ordering::Acquire).ok_or(St::GeneralError)?;
         let status_gpa = t.status_gpa(r);
-        let clear_out = |act: &Active| {
-            let mut clear = 0;
-            if !ro && act.pin & writers == 0 {
-                clear |= GTF_WRITING;
-            }
-            if act.pin == 0 {
-                clear |= GTF_READING;
-            }
-            if clear != 0 {
-                let _ = mem::clear16(&rd.mem, status_gpa, clear);
-            }
-        };
+        let clear_out = |act: &Active| reduce_status_for_pin(&rd.mem, status_gpa, act.pin, ro);
         if t.version == 2 && hdr_flags & GTF_TYPE_MASK == GTF_TRANSITIVE {
             if old_pin == 0 || (!ro && old_pin & writers == 0) {
                 set_status_v2(&rd.mem, e, status_gpa, old_pin != 0, ro, false, ldom)?;
@@ -1311,18 +1301,9 @@ impl Xen {
                 return Err(St::Eagain);
             };
             let mut act = lock(slot);
-            let clear_out = |act: &Active| {
-                let mut clear = 0;
-                if !ro && act.pin & writers == 0 {
-                    clear |= GTF_WRITING;
-                }
-                if act.pin == 0 {
-                    clear |= GTF_READING;
-                }
-                if clear != 0 {
-                    let _ = mem::clear16(&rd.mem, t.status_gpa(r), clear);
-                }
-            };
+            // The table may have changed while unlocked: its status word now.
+            let clear_out =
+                |act: &Active| reduce_status_for_pin(&rd.mem, t.status_gpa(r), act.pin, ro);
             let inner = match inner {
                 Ok(b) => b,
                 Err(s) => {
@@ -1432,7 +1413,7 @@ impl Xen {
             act.pin = act
                 .pin
                 .saturating_sub(if ro { GNTPIN_HSTR_INC } else { GNTPIN_HSTW_INC });
-            reduce_status_for_pin(rd, &t, r, &act, ro);
+            reduce_status_for_pin(&rd.mem, t.status_gpa(r), act.pin, ro);
             if t.version == 2 {
                 act.trans
             } else {

@@ -42,17 +42,15 @@ use device_host::host::{
 };
 use std::fs::File;
 use std::hint::black_box;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
-use vfio_bindings::bindings::vfio::{
-    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_BAR0_REGION_INDEX,
-    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
-};
+use vfio_bindings::bindings::vfio::{VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX};
 use vfio_user::{Client, DmaMapFlags, ServerBackend};
 
-/// Guest RAM the client maps (one file, at guest-physical 0).
-const RAM: u64 = 1 << 20;
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{map_ram_and_irqs, ram_file, scratch_dir, RAM};
+
 const BAR0: u32 = VFIO_PCI_BAR0_REGION_INDEX;
 const CONFIG: u32 = VFIO_PCI_CONFIG_REGION_INDEX;
 /// Queue 0's rings in guest RAM.
@@ -61,34 +59,6 @@ const AVAIL: u64 = 0x2000;
 const USED: u64 = 0x3000;
 /// Queue 0's notify address in BAR 0 (`Bar0Layout::NOTIFY`, queue 0).
 const NOTIFY: u64 = 0x3000;
-
-fn scratch_dir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("aperture-bench-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn ram_file(dir: &std::path::Path) -> File {
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.join("ram"))
-        .unwrap();
-    f.set_len(RAM).unwrap();
-    f
-}
-
-fn eventfd() -> File {
-    // SAFETY: eventfd(2) takes no pointers; the result is checked before use and then
-    // owned by exactly one File.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
-    assert!(fd >= 0, "eventfd failed");
-    // SAFETY: `fd` is a fresh, valid descriptor nobody else owns.
-    unsafe { File::from_raw_fd(fd) }
-}
 
 /// BAR 0 and config-space accesses, over the socket or in-process.
 trait Regions {
@@ -169,24 +139,13 @@ fn used_idx(ram: &File) -> u16 {
 
 fn doorbell(c: &mut Criterion) {
     // Over the socket: the device host serving our virtio-iommu and an rng behind it.
-    let dir = scratch_dir("doorbell");
+    let dir = scratch_dir("bench-doorbell");
     let eps: Vec<Box<dyn EndpointFactory>> = vec![Box::new(RngFactory::new("rng"))];
     let host = DeviceHost::new(&dir, IommuMode::On, &plain_layout(64).unwrap(), eps).unwrap();
     let served = std::thread::spawn(move || host.run(Duration::from_millis(200)));
     let mut client = Client::new(&dir.join("iommu.sock")).unwrap();
     let ram = ram_file(&dir);
-    client.dma_map(0, 0, RAM, ram.as_raw_fd()).unwrap();
-    let fds: Vec<File> = (0..3).map(|_| eventfd()).collect();
-    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    client
-        .set_irqs(
-            VFIO_PCI_MSIX_IRQ_INDEX,
-            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-            0,
-            3,
-            &raw,
-        )
-        .unwrap();
+    let _irqs = map_ram_and_irqs(&mut client, &ram, 3);
     client.init_queue0();
     // One ATTACH(domain 1, the rng's endpoint) must come back used: the queue is live.
     let mut req = vec![1u8, 0, 0, 0];
@@ -206,7 +165,7 @@ fn doorbell(c: &mut Criterion) {
     );
 
     // In-process: an rng function without an IOMMU, set up the same way.
-    let pdir = scratch_dir("doorbell-inproc");
+    let pdir = scratch_dir("bench-doorbell-inproc");
     let pram = ram_file(&pdir);
     let (mut backend, _) = Box::new(RngFactory::new("rng-inproc")).build(None).unwrap();
     backend

@@ -11,46 +11,15 @@ use device_host::host::{
 use mem_layout::reserved_regions::ResvRegion;
 use mem_layout::{Layout, LayoutConfig, MemRange, RdmDatabase, RegionKind};
 use std::collections::BTreeSet;
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
-use vfio_bindings::bindings::vfio::{
-    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_MSIX_IRQ_INDEX,
-};
 use vfio_user::Client;
 
-const RAM: u64 = 1 << 20;
+mod common;
+use common::{map_ram_and_irqs, ram_file, scratch_dir};
+
 const BAR0: u32 = 0;
 const CONFIG: u32 = 7;
-
-fn scratch_dir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("aperture-host-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn ram_file(dir: &std::path::Path) -> File {
-    let p = dir.join("ram");
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&p)
-        .unwrap();
-    f.set_len(RAM).unwrap();
-    f
-}
-
-fn eventfd() -> File {
-    // SAFETY: eventfd(2) takes no pointers; the result is checked before use and then
-    // owned by exactly one File.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
-    assert!(fd >= 0, "eventfd failed");
-    // SAFETY: `fd` is a fresh, valid descriptor nobody else owns.
-    unsafe { File::from_raw_fd(fd) }
-}
 
 fn read_u32(c: &mut Client, region: u32, off: u64, len: usize) -> u32 {
     let mut b = [0u8; 4];
@@ -82,7 +51,7 @@ fn layout_with_reserved_region() -> Layout {
 
 #[test]
 fn plain_layout_needs_no_max_ram_below_4g() {
-    let dir = scratch_dir("plain");
+    let dir = scratch_dir("host-plain");
     let host =
         DeviceHost::new(&dir, IommuMode::Off, &plain_layout(64).unwrap(), Vec::new()).unwrap();
     let args = host.qemu_args().join(" ");
@@ -94,7 +63,7 @@ fn plain_layout_needs_no_max_ram_below_4g() {
 
 #[test]
 fn iommu_served_over_vfio_user_answers_attach_and_probe_from_the_layout() {
-    let dir = scratch_dir("attach");
+    let dir = scratch_dir("host-attach");
     let eps: Vec<Box<dyn device_host::host::EndpointFactory>> =
         vec![Box::new(device_host::endpoints::RngFactory::new("rng"))];
     let layout = layout_with_reserved_region();
@@ -121,17 +90,7 @@ fn iommu_served_over_vfio_user_answers_attach_and_probe_from_the_layout() {
         "virtio-iommu PCI ID"
     );
     let ram = ram_file(&dir);
-    c.dma_map(0, 0, RAM, ram.as_raw_fd()).unwrap();
-    let fds: Vec<File> = (0..3).map(|_| eventfd()).collect();
-    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    c.set_irqs(
-        VFIO_PCI_MSIX_IRQ_INDEX,
-        VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-        0,
-        3,
-        &raw,
-    )
-    .unwrap();
+    let fds = map_ram_and_irqs(&mut c, &ram, 3);
 
     // virtio-pci init (Linux's order): status, features, queue 0, DRIVER_OK.
     write_le(&mut c, 0x14, 1 | 2, 1);
@@ -248,7 +207,7 @@ fn bad_directory_and_too_many_devices_are_refused() {
     let many: Vec<Box<dyn device_host::host::EndpointFactory>> = (0..20)
         .map(|i| Box::new(device_host::endpoints::RngFactory::new(&format!("r{i}"))) as _)
         .collect();
-    let dir = scratch_dir("many");
+    let dir = scratch_dir("host-many");
     assert!(matches!(
         DeviceHost::new(&dir, IommuMode::On, &plain_layout(64).unwrap(), many),
         Err(device_host::host::HostError::TooManyDevices(20))

@@ -6,8 +6,15 @@
 #     trixie-backports, run through the tree's own dynamic loader by a wrapper script,
 #   - the guest kernel (vmlinuz, PVH vmlinux) and its needed modules (decompressed),
 #   - a static busybox for initramfs images (scripts/mkinitramfs.sh).
-# Versions: scripts/versions.env. Cache: ${APERTURE_CACHE:-$HOME/.cache/aperture}.
-# Idempotent: a second run only checks the cache. Safe to re-run after a failure.
+# Versions are policy (scripts/versions.env), not exact Debian revisions: every run reads
+# the suites' package indexes through a private apt state and scripts/resolve.sh picks the
+# versions (newest QEMU of the pinned series, newest kernel of the pinned series). What
+# was picked and why is printed, and the env file names exactly what is installed. A
+# cached part built for other versions is rebuilt and the old copy removed; without the
+# archive, a complete cache of the last resolved versions is used, with a warning.
+# What is installed is checked by what it must do: QEMU lists vfio-user-pci, the kernel
+# has the options and modules the guest needs, and the two boot the smoke guest.
+# Cache: ${APERTURE_CACHE:-$HOME/.cache/aperture}. Safe to re-run after a failure.
 # Prints KEY=VALUE lines on stdout at the end (also written to $APERTURE_CACHE/env).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -15,11 +22,13 @@ set -euo pipefail
 usage() {
     cat <<EOF
 usage: $0 [--refresh-qemu] [--refresh-kernel] [--refresh]
-  --refresh-qemu    rebuild the QEMU tree even if the cached one matches versions.env
+  --refresh-qemu    rebuild the QEMU tree even if the cached one is of the resolved version
   --refresh-kernel  re-extract the guest kernel and modules (re-uses the cached .deb)
   --refresh         both
 env: APERTURE_CACHE (default \$HOME/.cache/aperture), APERTURE_APT_MIRROR (default: from
-     /etc/apt sources), and any variable of scripts/versions.env.
+     /etc/apt sources), and any variable of scripts/versions.env (APERTURE_QEMU_SERIES,
+     APERTURE_KERNEL_SERIES, ...; APERTURE_QEMU_DEB_VERSION or APERTURE_KERNEL_PACKAGE
+     ask for one exact build instead of the newest of the series).
 EOF
 }
 
@@ -107,19 +116,74 @@ done
 [[ -r "$DEBIAN_KEYRING" ]] || die "Debian archive keyring $DEBIAN_KEYRING is missing (package debian-archive-keyring)"
 
 # ---------------------------------------------------------------------------------------
-# 2. busybox-static (downloaded and unpacked into the cache, not installed on the host)
+# 2. Versions: resolved from the suites' package indexes (scripts/resolve.sh)
 # ---------------------------------------------------------------------------------------
+# shellcheck source=resolve.sh
+. "$APERTURE_SCRIPTS_DIR/resolve.sh"
+# Private apt state for the QEMU backports suite and the kernel suite: the host's apt
+# sources stay untouched. It also downloads the kernel .deb.
+A="$CACHE/apt"
+mkdir -p "$A/lists/partial" "$A/cache/archives/partial" "$A/sources.list.d"
+printf 'deb [signed-by=%s] %s %s main\n' "$DEBIAN_KEYRING" "$MIRROR" "$APERTURE_QEMU_BACKPORTS_SUITE" \
+    "$DEBIAN_KEYRING" "$MIRROR" "$APERTURE_KERNEL_SUITE" | sort -u >"$A/sources.list"
+papt() {
+    "$@" -o Dir::Etc::SourceList="$A/sources.list" -o Dir::Etc::SourceParts="$A/sources.list.d" \
+         -o Dir::State::Lists="$A/lists" -o Dir::Cache="$A/cache" -o APT::Sandbox::User=root \
+         -o Acquire::Languages=none -o Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false
+}
+# suite_index SUITE: SUITE's Packages index as apt stored it, decompressed (nothing for a
+# suite that apt has no index of).
+suite_index() {
+    local f
+    while IFS= read -r f; do
+        [[ -r "$f" ]] && /usr/lib/apt/apt-helper cat-file "$f"
+    done < <(papt apt-get indextargets --format '$(FILENAME)' 'Identifier: Packages' "Release: $1")
+}
+# prev_env KEY: KEY of the env file the last successful run wrote (empty if none).
+prev_env() { if [[ -r "$CACHE/env" ]]; then sed -n "s/^$1=//p" "$CACHE/env" | head -n1; fi; }
+
+OFFLINE=0
+log "versions: reading $APERTURE_QEMU_BACKPORTS_SUITE and $APERTURE_KERNEL_SUITE from $MIRROR (private apt state in $A)"
+if papt apt-get -q --error-on=any update >"$CACHE/logs/resolve-apt.log" 2>&1; then
+    QEMU_DEB=$(suite_index "$APERTURE_QEMU_BACKPORTS_SUITE" | resolve_qemu "$APERTURE_QEMU_BACKPORTS_SUITE" \
+        "$APERTURE_QEMU_SERIES" "$APERTURE_QEMU_MIN_VERSION" "$APERTURE_QEMU_DEB_VERSION") \
+        || die "could not provision QEMU: no build in the archive fits the policy of scripts/versions.env (above)"
+    kpick=$(suite_index "$APERTURE_KERNEL_SUITE" | resolve_kernel "$APERTURE_KERNEL_SUITE" \
+        "$APERTURE_KERNEL_SERIES" "$APERTURE_KERNEL_FLAVOUR" "$APERTURE_KERNEL_PACKAGE") \
+        || die "could not provision the guest kernel: no build in the archive fits the policy of scripts/versions.env (above)"
+    read -r KPKG KVER KREL <<<"$kpick"
+    RESOLVED_AT=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+else
+    tail -n 5 "$CACHE/logs/resolve-apt.log" >&2
+    prev_qemu=$(prev_env APERTURE_QEMU_DEB) prev_kernel=$(prev_env APERTURE_KERNEL_DEB)
+    [[ -n "$prev_qemu" && -n "$prev_kernel" ]] \
+        || die "could not read the package indexes of $APERTURE_QEMU_BACKPORTS_SUITE and $APERTURE_KERNEL_SUITE on $MIRROR (log: $CACHE/logs/resolve-apt.log), and the cache holds no earlier resolution to fall back on"
+    QEMU_DEB=${prev_qemu#qemu-system-x86=}
+    KPKG=${prev_kernel%%=*} KVER=${prev_kernel#*=} KREL=${KPKG#linux-image-}
+    RESOLVED_AT=$(prev_env APERTURE_RESOLVED_AT)
+    OFFLINE=1
+    warn "could not read the package indexes (log: $CACHE/logs/resolve-apt.log); using the versions resolved at $RESOLVED_AT: qemu-system-x86 $QEMU_DEB, $KPKG $KVER"
+fi
+# Re-checked here too: an offline fall-back or an override must not bring a refused kernel.
+kernel_refused "${KREL%%[+-]*}" && die "guest kernel $KREL is in a known-bad range for virtio-iommu (6.15.x, 6.16.0-6.16.3); set APERTURE_KERNEL_SERIES in scripts/versions.env"
+offline_die() { die "$* cannot be built without the archive (log: $CACHE/logs/resolve-apt.log)"; }
+
+# ---------------------------------------------------------------------------------------
+# 3. busybox-static (downloaded and unpacked into the cache, not installed on the host)
+# ---------------------------------------------------------------------------------------
+# Whatever the host's suite offers: bookworm main keeps one version, and any static
+# busybox with insmod does.
 BUSYBOX="$CACHE/tools/busybox"
 if [[ -x "$BUSYBOX" && -s "$CACHE/tools/busybox.version" ]] && "$BUSYBOX" true 2>/dev/null \
-   && { [[ -z "$APERTURE_BUSYBOX_DEB_VERSION" ]] || [[ "$(cat "$CACHE/tools/busybox.version")" == "$APERTURE_BUSYBOX_DEB_VERSION" ]]; }; then
+   && "$BUSYBOX" --list | grep -qx insmod; then
     log "busybox: cached ($(cat "$CACHE/tools/busybox.version"))"
 else
+    ((!OFFLINE)) || offline_die "busybox"
     host_apt_update
-    spec="$APERTURE_BUSYBOX_PACKAGE${APERTURE_BUSYBOX_DEB_VERSION:+=$APERTURE_BUSYBOX_DEB_VERSION}"
-    log "busybox: downloading $spec"
+    log "busybox: downloading $APERTURE_BUSYBOX_PACKAGE"
     new_tmp T .build-busybox
-    ( cd "$T" && apt-get -q -o APT::Sandbox::User=root download "$spec" ) >"$CACHE/logs/busybox.log" 2>&1 \
-        || { tail -n 20 "$CACHE/logs/busybox.log" >&2; die "could not download $spec with the host's apt"; }
+    ( cd "$T" && apt-get -q -o APT::Sandbox::User=root download "$APERTURE_BUSYBOX_PACKAGE" ) >"$CACHE/logs/busybox.log" 2>&1 \
+        || { tail -n 20 "$CACHE/logs/busybox.log" >&2; die "could not download $APERTURE_BUSYBOX_PACKAGE with the host's apt (log: $CACHE/logs/busybox.log)"; }
     deb=$(echo "$T"/*.deb)
     dpkg-deb -x "$deb" "$T/x"
     [[ -x "$T/x/bin/busybox" ]] || die "$deb has no bin/busybox"
@@ -132,10 +196,10 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------
-# 3. QEMU tree
+# 4. QEMU tree
 # ---------------------------------------------------------------------------------------
 QEMU_WRAPPER="$CACHE/bin/qemu-system-x86_64"
-qemu_tag=$(printf '%s_%s_%s' "$APERTURE_QEMU_SUITE" "$APERTURE_QEMU_BACKPORTS_SUITE" "$APERTURE_QEMU_DEB_VERSION" | tr -c 'A-Za-z0-9.+_\n-' '_')
+qemu_tag=$(printf '%s_%s_%s' "$APERTURE_QEMU_SUITE" "$APERTURE_QEMU_BACKPORTS_SUITE" "$QEMU_DEB" | tr -c 'A-Za-z0-9.+_\n-' '_')
 QDIR="$CACHE/qemu/$qemu_tag"
 
 # write_wrapper ROOT OUTFILE: a shell script running ROOT's QEMU through ROOT's own loader.
@@ -144,7 +208,7 @@ write_wrapper() {
     cat >"$out.tmp" <<EOF
 #!/bin/sh
 # Generated by aperture scripts/provision.sh — do not edit; re-run provision.sh instead.
-# QEMU $APERTURE_QEMU_DEB_VERSION ($APERTURE_QEMU_BACKPORTS_SUITE) from the Debian tree below,
+# QEMU $QEMU_DEB ($APERTURE_QEMU_BACKPORTS_SUITE) from the Debian tree below,
 # run through that tree's own dynamic loader (no chroot), with its firmware/data dirs.
 R='$root'
 export QEMU_MODULE_DIR="\$R/usr/lib/x86_64-linux-gnu/qemu"
@@ -156,15 +220,23 @@ EOF
     mv -f "$out.tmp" "$out"
 }
 
-# check_qemu WRAPPER: prints the version number; fails if too old or no vfio-user-pci.
+# check_qemu WRAPPER: prints the version number; fails, saying what is missing, if it is
+# older than the floor or does not list vfio-user-pci among its devices.
 check_qemu() {
-    local w="$1" out ver
+    local w="$1" out ver help
     out=$("$w" --version 2>&1) || { printf '%s\n' "$out" >&2; return 1; }
     ver=$(printf '%s\n' "$out" | sed -n 's/^QEMU emulator version \([0-9][0-9.]*\).*/\1/p' | head -n1)
     [[ -n "$ver" ]] || { printf 'unexpected --version output: %s\n' "$out" >&2; return 1; }
     version_ge "$ver" "$APERTURE_QEMU_MIN_VERSION" || { printf 'QEMU %s is older than %s\n' "$ver" "$APERTURE_QEMU_MIN_VERSION" >&2; return 1; }
-    "$w" -machine none -device vfio-user-pci,help >/dev/null 2>&1 \
-        || { printf 'QEMU %s has no usable -device vfio-user-pci\n' "$ver" >&2; return 1; }
+    if help=$("$w" -machine none -device help 2>&1); then
+        grep -q '"vfio-user-pci"' <<<"$help" || { printf 'QEMU %s does not list vfio-user-pci in -device help\n' "$ver" >&2; return 1; }
+    elif grep -q 'Only modules from the same build' <<<"$help"; then
+        # A host-installed QEMU's modules get in the way of the full list (scripts/README.md).
+        "$w" -machine none -device vfio-user-pci,help >/dev/null 2>&1 \
+            || { printf 'QEMU %s has no usable -device vfio-user-pci\n' "$ver" >&2; return 1; }
+    else
+        printf 'QEMU %s: -device help failed: %s\n' "$ver" "$(tail -n 2 <<<"$help")" >&2; return 1
+    fi
     printf '%s\n' "$ver"
 }
 
@@ -180,6 +252,9 @@ if ((!REFRESH_QEMU)) && [[ -f "$QDIR/.complete" ]]; then
 fi
 
 if ((!qemu_ok)); then
+    ((!OFFLINE)) || offline_die "the QEMU tree of qemu-system-x86 $QEMU_DEB"
+    stale=$(find "$CACHE/qemu" -mindepth 1 -maxdepth 1 ! -name "$qemu_tag" -printf '%f ' 2>/dev/null || true)
+    [[ -z "$stale" ]] || log "QEMU: the cache holds a tree of other versions ($stale); building $QEMU_DEB to replace it"
     new_tmp B .build-qemu
     R="$B/root"
     log "QEMU: debootstrap --variant=minbase $APERTURE_QEMU_SUITE (about 30-60 s; log: $CACHE/logs/debootstrap.log)"
@@ -198,17 +273,11 @@ if ((!qemu_ok)); then
     log "QEMU: apt-get update in tree ($APERTURE_QEMU_SUITE + $APERTURE_QEMU_BACKPORTS_SUITE)"
     in_tree apt-get -q --error-on=any -o Acquire::Languages=none update >"$CACHE/logs/qemu-apt.log" 2>&1 \
         || { tail -n 20 "$CACHE/logs/qemu-apt.log" >&2; die "could not provision QEMU: apt-get update in the $APERTURE_QEMU_SUITE tree failed"; }
-    for p in qemu-system-x86 qemu-system-data; do
-        if ! in_tree apt-cache madison "$p" | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' | grep -qxF "$APERTURE_QEMU_DEB_VERSION"; then
-            printf 'available versions of %s:\n' "$p" >&2; in_tree apt-cache madison "$p" >&2 || true
-            die "could not provision QEMU: $p=$APERTURE_QEMU_DEB_VERSION is not on $MIRROR ($APERTURE_QEMU_SUITE/$APERTURE_QEMU_BACKPORTS_SUITE); update APERTURE_QEMU_DEB_VERSION in scripts/versions.env"
-        fi
-    done
-    log "QEMU: installing qemu-system-x86=$APERTURE_QEMU_DEB_VERSION qemu-system-data (-t $APERTURE_QEMU_BACKPORTS_SUITE)"
+    log "QEMU: installing qemu-system-x86=$QEMU_DEB qemu-system-data (-t $APERTURE_QEMU_BACKPORTS_SUITE)"
     in_tree apt-get install -y -q --no-install-recommends -t "$APERTURE_QEMU_BACKPORTS_SUITE" \
-        "qemu-system-x86=$APERTURE_QEMU_DEB_VERSION" "qemu-system-data=$APERTURE_QEMU_DEB_VERSION" \
+        "qemu-system-x86=$QEMU_DEB" "qemu-system-data=$QEMU_DEB" \
         >>"$CACHE/logs/qemu-apt.log" 2>&1 \
-        || { tail -n 30 "$CACHE/logs/qemu-apt.log" >&2; die "could not provision QEMU: apt-get install qemu-system-x86=$APERTURE_QEMU_DEB_VERSION failed in the tree (log: $CACHE/logs/qemu-apt.log)"; }
+        || { tail -n 30 "$CACHE/logs/qemu-apt.log" >&2; die "could not provision QEMU: apt-get install qemu-system-x86=$QEMU_DEB failed in the tree (the archive may have moved on since it was read: re-run; log: $CACHE/logs/qemu-apt.log)"; }
     in_tree dpkg-query -W -f='${Package} ${Version}\n' 'qemu-*' 'seabios' 'ipxe-qemu' 'libc6' >"$B/packages.txt" 2>/dev/null || true
     in_tree apt-get clean
     umount "$R/proc"
@@ -230,11 +299,11 @@ if ((!qemu_ok)); then
     [[ -x "$R/usr/lib64/ld-linux-x86-64.so.2" ]] || die "could not provision QEMU: tree has no usr/lib64/ld-linux-x86-64.so.2"
 
     write_wrapper "$R" "$B/wrapper-check"
-    QEMU_VERSION=$(check_qemu "$B/wrapper-check") || die "could not provision QEMU: the freshly built tree does not run (see above)"
+    QEMU_VERSION=$(check_qemu "$B/wrapper-check") || die "could not provision QEMU: qemu-system-x86 $QEMU_DEB fails its check (above)"
     rm -f "$B/wrapper-check"
     {
         echo "qemu_version=$QEMU_VERSION"
-        echo "deb_version=$APERTURE_QEMU_DEB_VERSION"
+        echo "deb_version=$QEMU_DEB"
         echo "suites=$APERTURE_QEMU_SUITE $APERTURE_QEMU_BACKPORTS_SUITE"
         echo "mirror=$MIRROR"
         echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -248,55 +317,58 @@ if ((!qemu_ok)); then
     QEMU_VERSION=$(check_qemu "$QEMU_WRAPPER") || die "could not provision QEMU: wrapper $QEMU_WRAPPER does not work after installing the tree"
     log "QEMU: $QEMU_VERSION ready at $(elapsed) (tree $(du -sm "$QDIR" | cut -f1) MB)"
 fi
-# Drop trees of other (older) pins.
+# Trees of other versions are replaced, not kept: the wrapper runs only this one.
 for d in "$CACHE"/qemu/*; do
     [[ "$d" == "$QDIR" ]] && continue
-    log "QEMU: removing tree of a previous pin: $d"
+    log "QEMU: removing the tree of other versions: $d"
     safe_rm_tree "$d"
 done
 
 # ---------------------------------------------------------------------------------------
-# 4. Guest kernel and modules
+# 5. Guest kernel and modules
 # ---------------------------------------------------------------------------------------
 GDIR="$CACHE/guest"
-KREL="$APERTURE_KERNEL_RELEASE"
-kstamp="package=$APERTURE_KERNEL_PACKAGE version=$APERTURE_KERNEL_DEB_VERSION release=$KREL modules=$APERTURE_GUEST_MODULES"
+kstamp="package=$KPKG version=$KVER release=$KREL modules=$APERTURE_GUEST_MODULES"
+KDEB="$CACHE/debs/${KPKG}_${KVER//:/%3a}_amd64.deb"
 
-# Known-bad upstream ranges for virtio-iommu probing: 6.15.x and 6.16.0-6.16.3.
-kup=${KREL%%[+-]*}
-case "$kup" in
-    6.15|6.15.*|6.16|6.16.[0-3]) die "guest kernel $KREL is in a known-bad range for virtio-iommu (6.15.x, 6.16.0-6.16.3); pick another in scripts/versions.env" ;;
-esac
+# check_guest DIR: the kernel in DIR can boot our guest: the options it needs, a PVH
+# vmlinux, and every wanted module built for exactly this kernel (never modules of one
+# kernel beside another). Fails naming what is missing.
+check_guest() {
+    local dir="$1" req opt ok val ko vm
+    [[ -s "$dir/vmlinuz" && -s "$dir/config" && -s "$dir/modules/load-order" ]] || { echo "incomplete: no vmlinuz, config or modules/load-order" >&2; return 1; }
+    [[ "$(od -An -c -N4 "$dir/vmlinux" 2>/dev/null | tr -d ' ')" == '177ELF' ]] || { echo "no PVH vmlinux (ELF)" >&2; return 1; }
+    for req in VIRTIO_IOMMU:my ACPI_VIOT:y VIRTIO_PCI:my VIRTIO_BLK:my HW_RANDOM_VIRTIO:my PVH:y DEVTMPFS:y SERIAL_8250_CONSOLE:y; do
+        opt=${req%%:*} ok=${req#*:} val=$(sed -n "s/^CONFIG_$opt=//p" "$dir/config")
+        [[ -n "$val" && "$ok" == *"$val"* ]] || { echo "$KREL has CONFIG_$opt=${val:-unset} (need one of: $ok, where m=module y=built-in)" >&2; return 1; }
+    done
+    while IFS= read -r ko; do
+        [[ -s "$dir/modules/$ko" ]] || { echo "module $ko is in load-order but missing" >&2; return 1; }
+        vm=$(modinfo -F vermagic "$dir/modules/$ko" 2>/dev/null) || { echo "modinfo cannot read $ko" >&2; return 1; }
+        [[ "$vm" == "$KREL "* ]] || { echo "module $ko is built for ${vm%% *}, not for $KREL" >&2; return 1; }
+    done <"$dir/modules/load-order"
+}
 
-if ((!REFRESH_KERNEL)) && [[ -f "$GDIR/.stamp" && "$(cat "$GDIR/.stamp")" == "$kstamp" \
-      && -s "$GDIR/vmlinuz" && -s "$GDIR/vmlinux" && -s "$GDIR/modules/load-order" ]]; then
-    log "guest kernel: cached $KREL"
-else
-    KDEB="$CACHE/debs/${APERTURE_KERNEL_PACKAGE}_${APERTURE_KERNEL_DEB_VERSION}_amd64.deb"
+guest_ok=0
+if ((!REFRESH_KERNEL)) && [[ -f "$GDIR/.stamp" ]]; then
+    if [[ "$(cat "$GDIR/.stamp")" != "$kstamp" ]]; then
+        log "guest kernel: the cache holds $(sed 's/ modules=.*//' "$GDIR/.stamp"), not $KPKG $KVER; replacing it"
+    elif why=$(check_guest "$GDIR" 2>&1); then
+        guest_ok=1
+        log "guest kernel: cached $KPKG $KVER"
+    else
+        warn "cached guest kernel does not pass its check ($why); rebuilding it"
+    fi
+fi
+
+if ((!guest_ok)); then
     if ! { [[ -s "$KDEB" ]] && dpkg-deb -f "$KDEB" Version >/dev/null 2>&1; }; then
-        # Private apt state: the host's apt sources stay untouched.
-        A="$CACHE/apt"
-        mkdir -p "$A/lists/partial" "$A/cache/archives/partial" "$A/sources.list.d"
-        echo "deb [signed-by=$DEBIAN_KEYRING] $MIRROR $APERTURE_KERNEL_SUITE main" >"$A/sources.list"
-        kapt() {
-            "$@" -o Dir::Etc::SourceList="$A/sources.list" -o Dir::Etc::SourceParts="$A/sources.list.d" \
-                 -o Dir::State::Lists="$A/lists" -o Dir::Cache="$A/cache" -o APT::Sandbox::User=root \
-                 -o Acquire::Languages=none -o Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false
-        }
-        log "guest kernel: apt-get update ($APERTURE_KERNEL_SUITE, private apt state in $A)"
-        kapt apt-get -q --error-on=any update >"$CACHE/logs/kernel-apt.log" 2>&1 \
-            || { tail -n 20 "$CACHE/logs/kernel-apt.log" >&2; die "could not provision the guest kernel: apt-get update for $APERTURE_KERNEL_SUITE on $MIRROR failed"; }
-        if ! kapt apt-cache madison "$APERTURE_KERNEL_PACKAGE" 2>/dev/null | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' | grep -qxF "$APERTURE_KERNEL_DEB_VERSION"; then
-            series=$(cut -d. -f1,2 <<<"$kup"); flavour=${KREL#*-}
-            printf 'available %s %s kernels in %s:\n' "$series" "$flavour" "$APERTURE_KERNEL_SUITE" >&2
-            kapt apt-cache search --names-only "^linux-image-${series//./\\.}\\.[0-9.]+\\+deb[0-9.]+-${flavour}\$" 2>/dev/null \
-                | while read -r p _; do kapt apt-cache madison "$p"; done >&2 || true
-            die "could not provision the guest kernel: $APERTURE_KERNEL_PACKAGE=$APERTURE_KERNEL_DEB_VERSION is not in $APERTURE_KERNEL_SUITE on $MIRROR; update scripts/versions.env"
-        fi
-        log "guest kernel: downloading $APERTURE_KERNEL_PACKAGE=$APERTURE_KERNEL_DEB_VERSION"
+        ((!OFFLINE)) || offline_die "the guest kernel $KPKG $KVER"
+        log "guest kernel: downloading $KPKG=$KVER"
         new_tmp T .build-kdeb
-        ( cd "$T" && kapt apt-get -q download "$APERTURE_KERNEL_PACKAGE=$APERTURE_KERNEL_DEB_VERSION" ) >>"$CACHE/logs/kernel-apt.log" 2>&1 \
-            || { tail -n 20 "$CACHE/logs/kernel-apt.log" >&2; die "could not provision the guest kernel: download of $APERTURE_KERNEL_PACKAGE=$APERTURE_KERNEL_DEB_VERSION failed"; }
+        ( cd "$T" && papt apt-get -q download "$KPKG=$KVER" ) >"$CACHE/logs/kernel-apt.log" 2>&1 \
+            || { tail -n 20 "$CACHE/logs/kernel-apt.log" >&2; die "could not provision the guest kernel: download of $KPKG=$KVER failed (the archive may have moved on since it was read: re-run; log: $CACHE/logs/kernel-apt.log)"; }
+        mkdir -p "$CACHE/debs"
         mv -f "$T"/*.deb "$KDEB"
     fi
     log "guest kernel: extracting $(basename "$KDEB")"
@@ -304,17 +376,10 @@ else
     dpkg-deb -x "$KDEB" "$T/x"
     out="$T/guest"; mkdir -p "$out/modules"
     vmlinuz="$T/x/boot/vmlinuz-$KREL"; config="$T/x/boot/config-$KREL"
-    [[ -s "$vmlinuz" && -s "$config" ]] || die "could not provision the guest kernel: $KDEB has no boot/vmlinuz-$KREL or boot/config-$KREL (is APERTURE_KERNEL_RELEASE right?)"
+    [[ -s "$vmlinuz" && -s "$config" ]] || die "could not provision the guest kernel: $KDEB has no boot/vmlinuz-$KREL or boot/config-$KREL"
     MROOT=
     for m in "$T/x/lib/modules/$KREL" "$T/x/usr/lib/modules/$KREL"; do [[ -d "$m" ]] && MROOT="$m"; done
     [[ -n "$MROOT" ]] || die "could not provision the guest kernel: $KDEB has no lib/modules/$KREL"
-
-    # Required kernel configuration.
-    cfg() { sed -n "s/^CONFIG_$1=//p" "$config"; }
-    for req in VIRTIO_IOMMU:my ACPI_VIOT:y VIRTIO_PCI:my VIRTIO_BLK:my HW_RANDOM_VIRTIO:my PVH:y DEVTMPFS:y SERIAL_8250_CONSOLE:y; do
-        opt=${req%%:*} ok=${req#*:} val=$(cfg "${req%%:*}")
-        [[ -n "$val" && "$ok" == *"$val"* ]] || die "could not provision the guest kernel: $KREL has CONFIG_$opt=${val:-unset} (need one of: $ok, where m=module y=built-in); pick another kernel in scripts/versions.env"
-    done
 
     cp "$vmlinuz" "$out/vmlinuz"
     cp "$config" "$out/config"
@@ -334,7 +399,6 @@ else
     dd if="$vmlinuz" bs=1M iflag=skip_bytes,count_bytes skip="$off" count=$((pl - 4)) status=none \
         | "${dec[@]}" >"$out/vmlinux" \
         || die "could not provision the guest kernel: extracting vmlinux from the bzImage failed"
-    [[ "$(od -An -c -N4 "$out/vmlinux" | tr -d ' ')" == '177ELF' ]] || die "could not provision the guest kernel: extracted vmlinux is not an ELF file"
 
     # Modules: name -> file index, built-in list, then dependency closure in load order.
     declare -A MODFILE=() BUILTIN=() SEEN=()
@@ -367,28 +431,56 @@ else
     printf '%s\n' "${ORDER[@]}" >"$out/modules/load-order"
     printf '%s\n' "${BUILTIN_WANTED[@]}" >"$out/modules/builtin"
     echo "$KREL" >"$out/kernel-version"
+    why=$(check_guest "$out" 2>&1) || die "could not provision the guest kernel: $why; pick another kernel in scripts/versions.env"
     echo "$kstamp" >"$out/.stamp"
     log "guest kernel: $KREL; modules (load order): ${ORDER[*]}; built in: ${BUILTIN_WANTED[*]:-none}"
 
+    # The whole directory is replaced at once: kernel and modules always come from one .deb.
     if [[ -e "$GDIR" ]]; then OLD=$(mktemp -u "$CACHE/.old-guest.XXXXXX"); mv "$GDIR" "$OLD"; else OLD=; fi
     mv "$out" "$GDIR"
     if [[ -n "$OLD" ]]; then safe_rm_tree "$OLD"; fi
 fi
+# Kernel packages of other versions are replaced, not kept.
+for d in "$CACHE"/debs/*.deb; do
+    [[ -e "$d" && "$d" != "$KDEB" ]] || continue
+    log "guest kernel: removing the package of other versions: $d"
+    rm -f "$d"
+done
 
 # ---------------------------------------------------------------------------------------
-# 5. Summary
+# 6. The smoke boot: this QEMU boots this kernel (once per pair of versions)
 # ---------------------------------------------------------------------------------------
 [[ -n "${QEMU_VERSION:-}" ]] || die "internal: QEMU version unknown"
+smoke="qemu-system-x86=$QEMU_DEB $KPKG=$KVER busybox=$(cat "$CACHE/tools/busybox.version")"
+if [[ "$(cat "$CACHE/.smoke-ok" 2>/dev/null)" == "$smoke" ]]; then
+    log "smoke boot: passed before for these versions"
+else
+    rm -f "$CACHE/.smoke-ok"
+    log "smoke boot: QEMU $QEMU_VERSION boots $KREL (log: $CACHE/logs/boot-smoke.log)"
+    "$APERTURE_SCRIPTS_DIR/boot-smoke.sh" >"$CACHE/logs/boot-smoke.log" 2>&1 \
+        || { grep -E 'ERROR|FAIL' "$CACHE/logs/boot-smoke.log" | tail -n 3 >&2
+             die "QEMU $QEMU_DEB and kernel $KPKG $KVER do not boot the smoke guest (log: $CACHE/logs/boot-smoke.log)"; }
+    echo "$smoke" >"$CACHE/.smoke-ok"
+    log "smoke boot: $(grep -o 'boot took [0-9.]*s wall' "$CACHE/logs/boot-smoke.log" || echo passed)"
+fi
+
+# ---------------------------------------------------------------------------------------
+# 7. Summary: exactly what is installed, for every later run and report
+# ---------------------------------------------------------------------------------------
 ENVOUT="$CACHE/env"
 cat >"$ENVOUT.tmp" <<EOF
 APERTURE_CACHE=$CACHE
 APERTURE_QEMU=$QEMU_WRAPPER
 APERTURE_QEMU_VERSION=$QEMU_VERSION
+APERTURE_QEMU_DEB=qemu-system-x86=$QEMU_DEB
 APERTURE_KERNEL=$GDIR/vmlinuz
 APERTURE_KERNEL_PVH=$GDIR/vmlinux
 APERTURE_KERNEL_RELEASE=$(cat "$GDIR/kernel-version")
+APERTURE_KERNEL_DEB=$KPKG=$KVER
 APERTURE_MODULES=$GDIR/modules
 APERTURE_BUSYBOX=$BUSYBOX
+APERTURE_BUSYBOX_DEB=$APERTURE_BUSYBOX_PACKAGE=$(cat "$CACHE/tools/busybox.version")
+APERTURE_RESOLVED_AT=$RESOLVED_AT
 EOF
 mv -f "$ENVOUT.tmp" "$ENVOUT"
 log "done in $(elapsed); summary also in $ENVOUT"

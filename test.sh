@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The whole test run of Aperture, from a fresh clone on Debian 12 (bookworm):
 # formatting, lints, then every unit, integration, property and doc test
-# (`aperture demo` runs too, as an end-to-end smoke test in crates/aperture/tests/cli.rs),
-# then the end-to-end suites: scripts/e2e.sh (a real guest against `aperture serve`),
-# scripts/e2e-vhost.sh and scripts/e2e-frontend.sh (vhost-user back-ends out of process).
-# CI runs exactly this script (.ci/run).
+# (`aperture demo --model` runs too, in crates/aperture/tests/cli.rs), then provisioning
+# (scripts/provision.sh: QEMU and the guest kernel, into $APERTURE_CACHE, by default
+# ~/.cache/aperture) and its own tests (scripts/e2e-provision.sh), then the end-to-end
+# suites: scripts/e2e.sh (a real guest against `aperture serve`), scripts/e2e-vhost.sh and
+# scripts/e2e-frontend.sh (vhost-user back-ends out of process), and last the README's
+# demo as a newcomer runs it. Every step's time is listed at the end.
+# CI runs exactly this script (.ci/run), with APERTURE_CACHE pointed at a new empty
+# directory so that it provisions as a fresh machine does.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -47,29 +51,45 @@ for tool in fmt clippy; do
 done
 
 # --- the run -------------------------------------------------------------------------
-say "cargo fmt --all -- --check"
-cargo fmt --all -- --check
+: "${APERTURE_CACHE:=$HOME/.cache/aperture}"
+export APERTURE_CACHE
+TIMES=()
+# step NAME CMD...: runs CMD, noting how long it took.
+step() {
+    local name="$1" t0
+    shift
+    say "$name"
+    t0=$(date +%s)
+    "$@"
+    TIMES+=("$(printf '%5d s  %s' $(($(date +%s) - t0)) "$name")")
+}
+t_run=$(date +%s)
 
-say "cargo clippy --workspace --all-targets -- -D warnings"
-cargo clippy --workspace --all-targets -- -D warnings
+step "cargo fmt --all -- --check" cargo fmt --all -- --check
+step "cargo clippy --workspace --all-targets -- -D warnings" \
+    cargo clippy --workspace --all-targets -- -D warnings
+step "cargo doc --workspace --no-deps (warnings are errors: no broken doc links)" \
+    env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+step "cargo test --workspace" cargo test --workspace
 
-say "cargo doc --workspace --no-deps (warnings are errors: no broken doc links)"
-RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+# QEMU, the guest kernel and busybox, resolved from the archive by the version policy
+# of scripts/versions.env (cached; needs root, as CI runs). Then provisioning's own
+# end-to-end tests, on copies of that cache.
+step "scripts/provision.sh (cache: $APERTURE_CACHE)" scripts/provision.sh
+step "scripts/e2e-provision.sh" scripts/e2e-provision.sh
 
-say "cargo test --workspace"
-cargo test --workspace
-
-# End-to-end: an unmodified Linux guest under QEMU against `aperture serve`. Provisions
-# QEMU and the guest kernel first (cached; needs root the first time, as CI runs).
-say "scripts/e2e.sh"
-scripts/e2e.sh
+# End-to-end: an unmodified Linux guest under QEMU against `aperture serve`.
+step "scripts/e2e.sh" scripts/e2e.sh
 
 # Out-of-process back-ends over vhost-user: QEMU as the front-end of ours, then our
 # device host as the front-end of ours and of a third-party back-end from the registry.
-say "scripts/e2e-vhost.sh"
-scripts/e2e-vhost.sh
+step "scripts/e2e-vhost.sh" scripts/e2e-vhost.sh
+step "scripts/e2e-frontend.sh" scripts/e2e-frontend.sh
 
-say "scripts/e2e-frontend.sh"
-scripts/e2e-frontend.sh
+# The README's first command, exactly as a newcomer types it.
+step "cargo run --release -p aperture -- demo" cargo run --release -p aperture -- demo
 
+say "time per step:"
+printf '  %s\n' "${TIMES[@]}"
+say "$(printf '%5d s  in all' $(($(date +%s) - t_run)))"
 say "PASS: formatting, lints and all tests of the workspace"

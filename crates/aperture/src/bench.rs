@@ -381,12 +381,7 @@ fn run_inner(opts: &Options) -> Result<(bool, Summary), String> {
         );
     }
     say("provisioning QEMU and the Debian guest kernel; cached after the first run");
-    vm::script("provision.sh", &[]).map_err(|e| format!("provisioning failed: {e}"))?;
-    let env = vm::cache_env()?;
-    let qemu = vm::env_key(&env, "APERTURE_QEMU")?;
-    let kernel = vm::env_key(&env, "APERTURE_KERNEL_PVH")?;
-    let kernel_release = vm::env_key(&env, "APERTURE_KERNEL_RELEASE")?;
-    let qemu_version = vm::env_key(&env, "APERTURE_QEMU_VERSION")?;
+    let stack = vm::provision()?;
     let diskbench = build_diskbench()?;
 
     let work = std::env::temp_dir().join(format!("aperture-bench-{}", std::process::id()));
@@ -408,8 +403,8 @@ fn run_inner(opts: &Options) -> Result<(bool, Summary), String> {
     let disk = work.join("disk.img");
     vm::make_disk(&disk, opts.disk_mib, opts.disk_mib)?;
     let prepared = Prepared {
-        qemu,
-        kernel,
+        qemu: stack.qemu.clone(),
+        kernel: stack.kernel.clone(),
         initrd,
         disk,
         work: work.clone(),
@@ -452,11 +447,8 @@ fn run_inner(opts: &Options) -> Result<(bool, Summary), String> {
     }
 
     let summary = summarise(&configs, &runs);
-    print!(
-        "{}",
-        table(&summary, opts, &kernel_release, &qemu_version, &runs)
-    );
-    let json = to_json(&summary, &runs, opts, &kernel_release, &qemu_version, &date);
+    print!("{}", table(&summary, opts, &stack, &runs));
+    let json = to_json(&summary, &runs, opts, &stack, &date);
     let out = opts
         .out
         .clone()
@@ -1024,17 +1016,22 @@ fn opt(v: Option<f64>, prec: usize) -> String {
     v.map_or("-".to_string(), |x| format!("{x:.prec$}"))
 }
 
-fn table(s: &Summary, opts: &Options, kernel: &str, qemu: &str, runs: &[Run]) -> String {
+fn table(s: &Summary, opts: &Options, stack: &vm::Stack, runs: &[Run]) -> String {
     use std::fmt::Write as _;
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "aperture bench: in-guest disk reads, QD1, O_DIRECT (Linux {kernel}, QEMU {qemu} TCG, 1 vCPU, \
-{RAM_MIB} MiB RAM, {} MiB disk, {} s per workload after {WARMUP_S} s warm-up, median of {} run{})",
+        "aperture bench: in-guest disk reads, QD1, O_DIRECT (Linux {}, QEMU {} TCG, 1 vCPU, \
+{RAM_MIB} MiB RAM, {} MiB disk, {} s per workload after {WARMUP_S} s warm-up, median of {} run{})\n\
+  packages: {}, {}",
+        stack.kernel_release,
+        stack.qemu_version,
         opts.disk_mib,
         opts.seconds,
         opts.runs,
-        if opts.runs == 1 { "" } else { "s" }
+        if opts.runs == 1 { "" } else { "s" },
+        stack.kernel_deb,
+        stack.qemu_deb,
     );
     let _ = writeln!(t);
     let _ = writeln!(
@@ -1287,8 +1284,7 @@ fn to_json(
     s: &Summary,
     runs: &[Run],
     opts: &Options,
-    kernel: &str,
-    qemu: &str,
+    stack: &vm::Stack,
     date: &str,
 ) -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -1305,8 +1301,10 @@ fn to_json(
     serde_json::json!({
         "benchmark": "guest-disk",
         "date": date,
-        "guest_kernel": kernel,
-        "qemu_version": qemu,
+        "guest_kernel": stack.kernel_release,
+        "guest_kernel_deb": stack.kernel_deb,
+        "qemu_version": stack.qemu_version,
+        "qemu_deb": stack.qemu_deb,
         "aperture_build": if cfg!(debug_assertions) { "debug" } else { "release" },
         "host": {
             "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),

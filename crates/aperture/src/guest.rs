@@ -95,12 +95,8 @@ fn run_inner(opts: Options) -> Result<bool, String> {
     say(
         "provisioning QEMU (vfio-user-pci) and the Debian guest kernel; cached after the first run",
     );
-    vm::script("provision.sh", &[]).map_err(|e| format!("provisioning failed: {e}"))?;
-    let env = vm::cache_env()?;
-    let (qemu, kernel) = (
-        vm::env_key(&env, "APERTURE_QEMU")?,
-        vm::env_key(&env, "APERTURE_KERNEL_PVH")?,
-    );
+    let stack = vm::provision()?;
+    let (qemu, kernel) = (stack.qemu.clone(), stack.kernel.clone());
 
     let work = std::env::temp_dir().join(format!("aperture-demo-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
@@ -244,6 +240,10 @@ fn run_inner(opts: Options) -> Result<bool, String> {
         let j = serde_json::json!({
             "iommu": format!("{:?}", opts.mode).to_lowercase(),
             "strict": opts.strict,
+            "qemu_version": stack.qemu_version,
+            "qemu_deb": stack.qemu_deb,
+            "guest_kernel": stack.kernel_release,
+            "guest_kernel_deb": stack.kernel_deb,
             "time_to_init_s": t_init.map(|d| d.as_secs_f64()),
             "wall_s": wall.as_secs_f64(),
             "io_mib": moved,
@@ -264,6 +264,10 @@ fn run_inner(opts: Options) -> Result<bool, String> {
             "  iommu: {:?} ({})",
             opts.mode,
             if opts.strict { "strict" } else { "lazy" }
+        );
+        println!(
+            "  ran: QEMU {} ({}), Linux {} ({})",
+            stack.qemu_version, stack.qemu_deb, stack.kernel_release, stack.kernel_deb
         );
         println!(
             "  time to the guest's init: {}",

@@ -63,7 +63,7 @@ pub(crate) fn cache_dir() -> PathBuf {
 ///
 /// # Errors
 /// The file cannot be read.
-pub(crate) fn cache_env() -> Result<BTreeMap<String, String>, String> {
+fn cache_env() -> Result<BTreeMap<String, String>, String> {
     let path = cache_dir().join("env");
     let text = std::fs::read_to_string(&path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -74,14 +74,45 @@ pub(crate) fn cache_env() -> Result<BTreeMap<String, String>, String> {
         .collect())
 }
 
-/// One key of [`cache_env`], or why it is missing.
+/// What `scripts/provision.sh` installed, by exactly the versions it resolved, so that
+/// every report names what ran.
+pub(crate) struct Stack {
+    /// The QEMU wrapper to run.
+    pub qemu: String,
+    /// The PVH-bootable guest kernel.
+    pub kernel: String,
+    /// QEMU's own version number (`qemu-system-x86_64 --version`).
+    pub qemu_version: String,
+    /// The Debian package and version of QEMU (`qemu-system-x86=1:11.1.3+ds-2~bpo13+1`).
+    pub qemu_deb: String,
+    /// The guest kernel's release (`uname -r`).
+    pub kernel_release: String,
+    /// The Debian package and version of the guest kernel.
+    pub kernel_deb: String,
+}
+
+/// Runs `scripts/provision.sh` (cached after the first run; it re-reads the archive's
+/// package indexes and rebuilds what another version replaced) and reads what it
+/// installed.
 ///
 /// # Errors
-/// The key is not there.
-pub(crate) fn env_key(env: &BTreeMap<String, String>, key: &str) -> Result<String, String> {
-    env.get(key)
-        .cloned()
-        .ok_or(format!("provisioning left no {key} in its env file"))
+/// Provisioning failed, or left its env file incomplete.
+pub(crate) fn provision() -> Result<Stack, String> {
+    script("provision.sh", &[]).map_err(|e| format!("provisioning failed: {e}"))?;
+    let env = cache_env()?;
+    let key = |k: &str| {
+        env.get(k)
+            .cloned()
+            .ok_or(format!("provisioning left no {k} in its env file"))
+    };
+    Ok(Stack {
+        qemu: key("APERTURE_QEMU")?,
+        kernel: key("APERTURE_KERNEL_PVH")?,
+        qemu_version: key("APERTURE_QEMU_VERSION")?,
+        qemu_deb: key("APERTURE_QEMU_DEB")?,
+        kernel_release: key("APERTURE_KERNEL_RELEASE")?,
+        kernel_deb: key("APERTURE_KERNEL_DEB")?,
+    })
 }
 
 /// A disk of `size_mib` MiB whose first `data_mib` MiB are deterministic host data

@@ -21,7 +21,7 @@
 
 use crate::vm::{self, RAM_MIB};
 use device_host::endpoints::{BlockFactory, VhostUserFactory};
-use device_host::host::{DeviceHost, EndpointFactory, IommuHandle, IommuMode};
+use device_host::host::{DeviceHost, EndpointFactory, Function, IommuHandle, IommuMode};
 use device_host::vfio::NotifyHook;
 use device_host::vhost_user::{DeviceKind, VhostUserHandle, DEFAULT_TIMEOUT};
 use md5::{Digest, Md5};
@@ -33,7 +33,6 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use vfio_user::ServerBackend;
 use virtio_iommu::RequestType;
 
 /// Untimed seconds before each workload (`diskbench -w`).
@@ -167,6 +166,8 @@ pub(crate) struct Options {
     pub(crate) seconds: u32,
     pub(crate) disk_mib: u32,
     pub(crate) out: Option<PathBuf>,
+    /// Our device host's poll window maximum.
+    pub(crate) poll: Duration,
 }
 
 fn say(msg: &str) {
@@ -261,13 +262,13 @@ impl EndpointFactory for Counted {
     fn build(
         self: Box<Self>,
         iommu: Option<virtio_iommu::EndpointIommu>,
-    ) -> Result<(Box<dyn ServerBackend + Send>, u16), String> {
-        let (inner, vectors) = self.inner.build(iommu)?;
+    ) -> Result<Function, String> {
+        let mut f = self.inner.build(iommu)?;
         let kicks = self.kicks;
-        let counted = NotifyHook::new(inner, move || {
+        f.backend = Box::new(NotifyHook::new(f.backend, move || {
             kicks.fetch_add(1, Ordering::Relaxed);
-        });
-        Ok((Box::new(counted), vectors))
+        }));
+        Ok(f)
     }
 }
 
@@ -548,8 +549,14 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
         } else {
             IommuMode::Off
         };
-        let host = DeviceHost::new(&dir.join("serve"), mode, &vm::ram_layout()?, endpoints)
-            .map_err(|e| e.to_string())?;
+        let host = DeviceHost::new(
+            &dir.join("serve"),
+            mode,
+            &vm::ram_layout()?,
+            endpoints,
+            opts.poll,
+        )
+        .map_err(|e| e.to_string())?;
         sampler = Some(Sampler {
             kicks,
             iommu: host.iommu(),

@@ -119,6 +119,7 @@ fn run_inner(opts: Options) -> Result<bool, String> {
         opts.mode,
         &vm::ram_layout()?,
         endpoints,
+        device_host::host::DEFAULT_POLL_MAX,
     )
     .map_err(|e| e.to_string())?;
     let iommu = host.iommu();

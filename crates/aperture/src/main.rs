@@ -204,6 +204,13 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
         /// free is refused (the policy is strict, as for an assigned device).
         #[arg(long, value_name = "START-END@DEVICE", value_parser = serve::parse_reserved)]
         reserved: Vec<serve::ReservedArg>,
+        /// Longest a device thread keeps polling the queues for new requests after
+        /// the last one, in microseconds, with the guest's notifications off while it
+        /// polls (a busy guest then sends no doorbell at all). The window adapts below
+        /// this as QEMU's does; 0 never polls (every request waits for its doorbell).
+        #[arg(long, value_name = "MAX", default_value_t = DEFAULT_POLL_US,
+              value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+        poll_us: u32,
     },
     /// Boot an unmodified Linux guest whose disk and RNG sit behind our virtio-iommu,
     /// run a workload in it, and report what each device could reach.
@@ -330,7 +337,22 @@ Exit status: 0 done, 1 a cell or a boot failed, 2 bad command line.")]
         /// target/bench/guest-disk.json in the workspace].
         #[arg(long, value_name = "PATH", requires = "guest")]
         out: Option<std::path::PathBuf>,
+        /// With --guest: our device host's poll window maximum, as `serve --poll-us`.
+        #[arg(long, value_name = "MAX", default_value_t = DEFAULT_POLL_US, requires = "guest",
+              value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+        poll_us: u32,
     },
+}
+
+/// `--poll-us`'s default: the device host's.
+const DEFAULT_POLL_US: u32 = {
+    let us = device_host::host::DEFAULT_POLL_MAX.as_micros();
+    assert!(us <= u32::MAX as u128);
+    us as u32
+};
+
+fn poll_max(us: u32) -> std::time::Duration {
+    std::time::Duration::from_micros(u64::from(us))
 }
 
 fn main() -> ExitCode {
@@ -366,6 +388,7 @@ fn main() -> ExitCode {
             seconds,
             disk_mib,
             out,
+            poll_us,
         } => cost_survey::run(cost_survey::Options {
             quick,
             json,
@@ -377,6 +400,7 @@ fn main() -> ExitCode {
                 seconds,
                 disk_mib,
                 out,
+                poll: poll_max(poll_us),
             }),
         }),
         Command::Serve {
@@ -387,6 +411,7 @@ fn main() -> ExitCode {
             mem,
             reserved,
             test_fault_sector,
+            poll_us,
         } => serve::run(serve::Options {
             dir: &dir,
             disks: &disk,
@@ -396,6 +421,7 @@ fn main() -> ExitCode {
             reserved: &reserved,
             test_fault_sector,
             rng_vhost_user: rng.as_ref().and_then(|r| r.0.as_deref()),
+            poll: poll_max(poll_us),
         }),
     }
 }

@@ -66,6 +66,8 @@ pub(crate) struct Options<'a> {
     pub test_fault_sector: Option<u64>,
     /// With `rng`: the socket of the vhost-user back-end that runs it.
     pub rng_vhost_user: Option<&'a Path>,
+    /// The poll window's maximum (`--poll-us`).
+    pub poll: std::time::Duration,
 }
 
 /// The guest layout: `mem` MiB of RAM around the `--reserved` regions of the devices
@@ -209,7 +211,7 @@ pub(crate) fn run(o: Options<'_>) -> ExitCode {
     } else if o.rng {
         endpoints.push(Box::new(device_host::endpoints::RngFactory::new("rng")));
     }
-    let host = match DeviceHost::new(o.dir, mode, &layout, endpoints) {
+    let host = match DeviceHost::new(o.dir, mode, &layout, endpoints, o.poll) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("aperture serve: {e}");

@@ -141,7 +141,15 @@ fn doorbell(c: &mut Criterion) {
     // Over the socket: the device host serving our virtio-iommu and an rng behind it.
     let dir = scratch_dir("bench-doorbell");
     let eps: Vec<Box<dyn EndpointFactory>> = vec![Box::new(RngFactory::new("rng"))];
-    let host = DeviceHost::new(&dir, IommuMode::On, &plain_layout(64).unwrap(), eps).unwrap();
+    // No poller: this measures the doorbell path itself.
+    let host = DeviceHost::new(
+        &dir,
+        IommuMode::On,
+        &plain_layout(64).unwrap(),
+        eps,
+        Duration::ZERO,
+    )
+    .unwrap();
     let served = std::thread::spawn(move || host.run(Duration::from_millis(200)));
     let mut client = Client::new(&dir.join("iommu.sock")).unwrap();
     let ram = ram_file(&dir);
@@ -167,7 +175,10 @@ fn doorbell(c: &mut Criterion) {
     // In-process: an rng function without an IOMMU, set up the same way.
     let pdir = scratch_dir("bench-doorbell-inproc");
     let pram = ram_file(&pdir);
-    let (mut backend, _) = Box::new(RngFactory::new("rng-inproc")).build(None).unwrap();
+    let mut backend = Box::new(RngFactory::new("rng-inproc"))
+        .build(None)
+        .unwrap()
+        .backend;
     backend
         .dma_map(
             DmaMapFlags::READ_WRITE,

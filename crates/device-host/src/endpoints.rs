@@ -5,11 +5,10 @@
 //! any socket exists; the device is built once the host knows whether it sits behind
 //! the IOMMU.
 
-use crate::host::{serve_endpoint, EndpointFactory};
+use crate::host::{serve_endpoint, EndpointFactory, Function};
 use crate::vhost_user::{serve_vhost_user, DeviceKind, VhostUserHandle};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use vfio_user::ServerBackend;
 use virtio_devices::{Block, BlockConfig, Rng, RngConfig};
 use virtio_iommu::EndpointIommu;
 
@@ -62,10 +61,7 @@ impl EndpointFactory for BlockFactory {
         self.name.clone()
     }
 
-    fn build(
-        self: Box<Self>,
-        iommu: Option<EndpointIommu>,
-    ) -> Result<(Box<dyn ServerBackend + Send>, u16), String> {
+    fn build(self: Box<Self>, iommu: Option<EndpointIommu>) -> Result<Function, String> {
         let config = BlockConfig {
             access_platform: iommu.is_some(),
             ..self.config
@@ -95,10 +91,7 @@ impl EndpointFactory for RngFactory {
         self.name.clone()
     }
 
-    fn build(
-        self: Box<Self>,
-        iommu: Option<EndpointIommu>,
-    ) -> Result<(Box<dyn ServerBackend + Send>, u16), String> {
+    fn build(self: Box<Self>, iommu: Option<EndpointIommu>) -> Result<Function, String> {
         let config = RngConfig {
             access_platform: iommu.is_some(),
             ..RngConfig::default()
@@ -177,14 +170,11 @@ impl EndpointFactory for VhostUserFactory {
         self.name.clone()
     }
 
-    fn build(
-        self: Box<Self>,
-        iommu: Option<EndpointIommu>,
-    ) -> Result<(Box<dyn ServerBackend + Send>, u16), String> {
-        let (backend, n, handle) = serve_vhost_user(&self.socket, self.kind, self.timeout, iommu)?;
+    fn build(self: Box<Self>, iommu: Option<EndpointIommu>) -> Result<Function, String> {
+        let (function, handle) = serve_vhost_user(&self.socket, self.kind, self.timeout, iommu)?;
         if let Some(tx) = self.handle {
             let _ = tx.send(handle);
         }
-        Ok((backend, n))
+        Ok(function)
     }
 }

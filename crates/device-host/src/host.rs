@@ -3,7 +3,10 @@
 //! arguments, then serves every function on its own thread until the VMM goes away.
 
 use crate::iommu_device::IommuPciDevice;
-use crate::vfio::{irqs, lock, regions, EventFdSink, MemoryBuilder, MsixVectors, PciFunction};
+use crate::poll::{PollHandle, Pollable, Poller};
+use crate::vfio::{
+    irqs, lock, regions, EventFdSink, MemoryBuilder, MsixVectors, NotifyHook, PciFunction,
+};
 use crate::viot::{build_viot, EndpointRange, PciBdf};
 use mem_layout::{Bdf, Layout, LayoutConfig, LayoutError, RdmDatabase};
 use std::path::{Path, PathBuf};
@@ -73,20 +76,27 @@ pub enum HostError {
     Viot(#[from] crate::viot::ViotError),
 }
 
+/// A PCI function ready to serve.
+pub struct Function {
+    /// What its server thread runs.
+    pub backend: Box<dyn ServerBackend + Send>,
+    /// Its MSI-X vector count.
+    pub vectors: u16,
+    /// Its transport, for the poller and for its counters.
+    pub transport: Arc<dyn Pollable>,
+}
+
 /// A device the host puts behind the IOMMU, as a factory so the host can build it
 /// for the memory type the mode needs.
 pub trait EndpointFactory: Send {
     /// Short name, used for the socket file (`NAME.sock`).
     fn name(&self) -> String;
     /// Builds and serves the device with memory translated by `iommu` (or identity
-    /// when `None`): returns the backend for the server thread and the vector count.
+    /// when `None`).
     ///
     /// # Errors
     /// A description of why the device could not be built.
-    fn build(
-        self: Box<Self>,
-        iommu: Option<EndpointIommu>,
-    ) -> Result<(Box<dyn ServerBackend + Send>, u16), String>;
+    fn build(self: Box<Self>, iommu: Option<EndpointIommu>) -> Result<Function, String>;
 }
 
 /// Serves `device` as a PCI function, translated by `iommu` when given.
@@ -97,7 +107,7 @@ pub fn serve_endpoint<D>(
     device: D,
     class_code: u32,
     iommu: Option<EndpointIommu>,
-) -> Result<(Box<dyn ServerBackend + Send>, u16), String>
+) -> Result<Function, String>
 where
     D: VirtioDevice<GuestMemoryMmap> + VirtioDevice<EndpointMemory> + Send + 'static,
 {
@@ -127,7 +137,7 @@ fn function<D, M>(
     mem: M,
     build: MemoryBuilder<M>,
     required: u64,
-) -> Result<(Box<dyn ServerBackend + Send>, u16), String>
+) -> Result<Function, String>
 where
     D: VirtioDevice<M> + Send + 'static,
     M: vm_memory::GuestMemory + Send + 'static,
@@ -142,11 +152,13 @@ where
         required,
     )
     .map_err(|e| e.to_string())?;
-    let n = t.msix_vectors();
-    Ok((
-        Box::new(PciFunction::new(Arc::new(Mutex::new(t)), vectors, build)),
-        n,
-    ))
+    let vector_count = t.msix_vectors();
+    let t = Arc::new(Mutex::new(t));
+    Ok(Function {
+        backend: Box::new(PciFunction::new(Arc::clone(&t), vectors, build)),
+        vectors: vector_count,
+        transport: t,
+    })
 }
 
 struct Served {
@@ -170,7 +182,16 @@ impl IommuHandle {
     pub fn counters(&self) -> virtio_iommu::Counters {
         lock(&self.0).device().iommu.counters()
     }
+
+    /// Its transport's counters now: notifications, polled work, interrupts.
+    pub fn transport_counters(&self) -> virtio_pci::TransportCounters {
+        lock(&self.0).counters()
+    }
 }
+
+/// The poll window's default maximum (`aperture serve --poll-us`), chosen by measuring
+/// the guest (docs/ARCHITECTURE.md, "Polling").
+pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(64);
 
 /// The functions of one VM, bound and ready to serve.
 pub struct DeviceHost {
@@ -178,6 +199,7 @@ pub struct DeviceHost {
     served: Vec<Served>,
     qemu_args: Vec<String>,
     iommu: Option<IommuHandle>,
+    poller: Poller,
 }
 
 /// The QEMU arguments that build guest RAM as `layout` plans it, the first arguments
@@ -260,6 +282,9 @@ impl DeviceHost {
     /// arguments ([`memory_args`]) and each endpoint's reserved regions, which its PROBE
     /// answers list (endpoint `i` is [`slot_bdf`]`(`[`endpoint_slot`]`(i))` in it).
     ///
+    /// One [`Poller`] serves every in-process queue, with a window of at most
+    /// `poll_max` (`Duration::ZERO`: never poll; [`DEFAULT_POLL_MAX`] otherwise).
+    ///
     /// # Errors
     /// [`HostError`] naming what could not be prepared; sockets bound so far are removed.
     pub fn new(
@@ -267,6 +292,7 @@ impl DeviceHost {
         mode: IommuMode,
         layout: &Layout,
         endpoints: Vec<Box<dyn EndpointFactory>>,
+        poll_max: Duration,
     ) -> Result<Self, HostError> {
         if endpoints.len() > MAX_ENDPOINTS {
             return Err(HostError::TooManyDevices(endpoints.len()));
@@ -276,6 +302,15 @@ impl DeviceHost {
             source,
         };
         std::fs::create_dir_all(dir).map_err(dir_err)?;
+        let poller = Poller::start(poll_max).map_err(|e| HostError::Device {
+            name: "poller".into(),
+            why: format!("cannot start its thread: {e}"),
+        })?;
+        // Every function's notifications also tell the poller the guest is busy.
+        let polled = |backend: Box<dyn ServerBackend + Send>, p: &Poller| {
+            let kick = p.handle();
+            Box::new(NotifyHook::new(backend, move || kick.kick())) as Box<dyn ServerBackend + Send>
+        };
         let mut specs = Vec::new();
         for (i, f) in endpoints.into_iter().enumerate() {
             let slot = endpoint_slot(i).ok_or(HostError::TooManyDevices(i + 1))?;
@@ -331,25 +366,34 @@ impl DeviceHost {
                     }
                 }));
             handle = Some(IommuHandle(Arc::clone(&t)));
+            poller.add(Arc::clone(&t) as Arc<dyn Pollable>);
             let build: MemoryBuilder<GuestMemoryMmap> = Box::new(|phys| phys);
             let backend = Box::new(PciFunction::new(t, vectors, build));
-            served.push(bind(dir, "iommu", IOMMU_SLOT, backend, 3)?);
+            served.push(bind(dir, "iommu", IOMMU_SLOT, polled(backend, &poller), 3)?);
         } else {
             iommu_handles.resize_with(specs.len(), || None);
         }
         for ((slot, factory), ep) in specs.into_iter().zip(iommu_handles) {
             let name = factory.name();
-            let (backend, n) = factory.build(ep).map_err(|why| HostError::Device {
+            let f = factory.build(ep).map_err(|why| HostError::Device {
                 name: name.clone(),
                 why,
             })?;
-            served.push(bind(dir, &name, slot, backend, n)?);
+            poller.add(f.transport);
+            served.push(bind(
+                dir,
+                &name,
+                slot,
+                polled(f.backend, &poller),
+                f.vectors,
+            )?);
         }
         let mut host = Self {
             dir: dir.to_path_buf(),
             served,
             qemu_args: Vec::new(),
             iommu: handle,
+            poller,
         };
         host.write_files(mode, layout)?;
         Ok(host)
@@ -411,6 +455,11 @@ impl DeviceHost {
     /// The served virtio-iommu, unless the mode is `Off`.
     pub fn iommu(&self) -> Option<IommuHandle> {
         self.iommu.clone()
+    }
+
+    /// The poller, for its counters while or after the host serves.
+    pub fn poller(&self) -> PollHandle {
+        self.poller.handle()
     }
 
     /// The QEMU arguments written to `DIR/qemu-args`.

@@ -77,6 +77,11 @@ impl VirtioDevice<GuestMemoryMmap> for IommuPciDevice {
         r.map_err(|e| e.to_string())
     }
 
+    /// The request queue is polled; the event queue's buffers wait for faults.
+    fn polled(&self, index: usize) -> bool {
+        index == 0
+    }
+
     fn reset(&mut self) {
         self.iommu.reset();
     }

@@ -9,7 +9,9 @@
 //! process, which is how the IOMMU's translations reach them. A VIOT table ([`viot`]),
 //! passed to QEMU with `-acpitable`, tells the guest which device translates for which.
 //! A device may also run in another process: [`vhost_user`] is the vhost-user front-end,
-//! with the IOTLB protocol when that device sits behind the virtio-iommu.
+//! with the IOTLB protocol when that device sits behind the virtio-iommu. One
+//! [`poll`] thread serves every in-process queue while the guest is busy, so a busy
+//! driver need not notify at all.
 
 #![deny(missing_docs)]
 
@@ -17,6 +19,7 @@ pub mod dma;
 pub mod endpoints;
 pub mod host;
 pub mod iommu_device;
+pub mod poll;
 pub mod vfio;
 pub mod vhost_user;
 pub mod viot;

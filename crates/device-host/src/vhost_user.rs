@@ -49,7 +49,7 @@
 //! the transport. A back-end that waits for a MISS answer before replying on the main
 //! socket cannot be served (the UPDATE needs that socket); the deadline bounds it.
 
-use crate::host::EndpointMemory;
+use crate::host::{EndpointMemory, Function};
 use crate::vfio::{lock, EventFdSink, MemoryBuilder, MsixVectors, NotifyHook, PciFunction};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -61,7 +61,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use vfio_user::ServerBackend;
 use virtio_iommu::{EndpointId, EndpointIommu, MappingEvent, MappingSubscriber};
 use virtio_pci::{
     device_status, ActiveQueue, InterruptSink, VirtioDevice, VirtioPciTransport,
@@ -1826,6 +1825,11 @@ impl<M: PhysicalMemory> VirtioDevice<M> for VhostUserDevice {
         }
     }
 
+    /// The back-end runs the queues: nothing here to poll.
+    fn polled(&self, _index: usize) -> bool {
+        false
+    }
+
     fn process_queue(&mut self, index: usize, _queue: &mut Queue, mem: &M) -> Result<bool, String> {
         if self.shared.broken.load(Ordering::Acquire) {
             self.fail_pending(mem);
@@ -1860,7 +1864,7 @@ pub fn serve_vhost_user(
     kind: DeviceKind,
     timeout: Duration,
     iommu: Option<EndpointIommu>,
-) -> Result<(Box<dyn ServerBackend + Send>, u16, VhostUserHandle), String> {
+) -> Result<(Function, VhostUserHandle), String> {
     let n = QUEUE_SIZES.len() as u16 + 1;
     let vectors = MsixVectors::new(n);
     let irq: Arc<dyn InterruptSink> = Arc::new(EventFdSink(Arc::clone(&vectors)));
@@ -1883,8 +1887,7 @@ pub fn serve_vhost_user(
             )
             .map_err(|e| e.to_string())?;
             let t = Arc::new(Mutex::new(t));
-            let n = lock(&t).msix_vectors();
-            Ok((function(&handle, t, vectors, build), n, handle))
+            Ok((function(&handle, t, vectors, build), handle))
         }
         None => {
             let build: MemoryBuilder<GuestMemoryMmap> = Box::new(|phys| phys);
@@ -1897,8 +1900,7 @@ pub fn serve_vhost_user(
             )
             .map_err(|e| e.to_string())?;
             let t = Arc::new(Mutex::new(t));
-            let n = lock(&t).msix_vectors();
-            Ok((function(&handle, t, vectors, build), n, handle))
+            Ok((function(&handle, t, vectors, build), handle))
         }
     }
 }
@@ -1923,7 +1925,7 @@ fn function<M: PhysicalMemory + Send + 'static>(
     t: Arc<Mutex<VirtioPciTransport<VhostUserDevice, M>>>,
     vectors: Arc<MsixVectors>,
     build: MemoryBuilder<M>,
-) -> Box<dyn ServerBackend + Send> {
+) -> Function {
     on_broken(handle, &t);
     // A queue notification while the connection is broken fails what the driver
     // queued ([`VhostUserDevice::fail_pending`]): the transport ignores notifications
@@ -1931,14 +1933,20 @@ fn function<M: PhysicalMemory + Send + 'static>(
     // otherwise wait on those requests forever.
     let shared = Arc::clone(&handle.0);
     let inner = Box::new(PciFunction::new(Arc::clone(&t), vectors, build));
-    Box::new(NotifyHook::new(inner, move || {
-        if shared.broken.load(Ordering::Acquire) {
-            let t = lock(&t);
-            if t.status() & device_status::DRIVER_OK != 0 {
-                t.device().fail_pending(t.memory());
+    let vector_count = lock(&t).msix_vectors();
+    let transport = Arc::clone(&t);
+    Function {
+        backend: Box::new(NotifyHook::new(inner, move || {
+            if shared.broken.load(Ordering::Acquire) {
+                let t = lock(&t);
+                if t.status() & device_status::DRIVER_OK != 0 {
+                    t.device().fail_pending(t.memory());
+                }
             }
-        }
-    }))
+        })),
+        vectors: vector_count,
+        transport,
+    }
 }
 
 /// Completes with an error the chains the driver made available on the ring `state`

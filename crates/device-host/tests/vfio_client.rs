@@ -6,7 +6,8 @@
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
 use device_host::host::{
-    endpoint_id, endpoint_slot, plain_layout, slot_bdf, DeviceHost, IommuMode, IOMMU_SLOT,
+    endpoint_id, endpoint_slot, plain_layout, slot_bdf, DeviceHost, IommuMode, DEFAULT_POLL_MAX,
+    IOMMU_SLOT,
 };
 use mem_layout::reserved_regions::ResvRegion;
 use mem_layout::{Layout, LayoutConfig, MemRange, RdmDatabase, RegionKind};
@@ -52,8 +53,14 @@ fn layout_with_reserved_region() -> Layout {
 #[test]
 fn plain_layout_needs_no_max_ram_below_4g() {
     let dir = scratch_dir("host-plain");
-    let host =
-        DeviceHost::new(&dir, IommuMode::Off, &plain_layout(64).unwrap(), Vec::new()).unwrap();
+    let host = DeviceHost::new(
+        &dir,
+        IommuMode::Off,
+        &plain_layout(64).unwrap(),
+        Vec::new(),
+        DEFAULT_POLL_MAX,
+    )
+    .unwrap();
     let args = host.qemu_args().join(" ");
     assert!(args.contains("-m 67108864B"), "{args}");
     assert!(!args.contains("max-ram-below-4g"), "{args}");
@@ -67,7 +74,7 @@ fn iommu_served_over_vfio_user_answers_attach_and_probe_from_the_layout() {
     let eps: Vec<Box<dyn device_host::host::EndpointFactory>> =
         vec![Box::new(device_host::endpoints::RngFactory::new("rng"))];
     let layout = layout_with_reserved_region();
-    let host = DeviceHost::new(&dir, IommuMode::On, &layout, eps).unwrap();
+    let host = DeviceHost::new(&dir, IommuMode::On, &layout, eps, DEFAULT_POLL_MAX).unwrap();
     let args = host.qemu_args().join(" ");
     assert!(
         args.contains("vfio-user-pci") && args.contains("viot.aml") && args.contains("share=on"),
@@ -200,7 +207,14 @@ fn bad_directory_and_too_many_devices_are_refused() {
     let file = std::env::temp_dir().join(format!("aperture-host-file-{}", std::process::id()));
     std::fs::write(&file, b"x").unwrap();
     assert!(
-        DeviceHost::new(&file, IommuMode::On, &plain_layout(64).unwrap(), Vec::new()).is_err(),
+        DeviceHost::new(
+            &file,
+            IommuMode::On,
+            &plain_layout(64).unwrap(),
+            Vec::new(),
+            DEFAULT_POLL_MAX
+        )
+        .is_err(),
         "a file is not a directory"
     );
     let _ = std::fs::remove_file(&file);
@@ -209,7 +223,13 @@ fn bad_directory_and_too_many_devices_are_refused() {
         .collect();
     let dir = scratch_dir("host-many");
     assert!(matches!(
-        DeviceHost::new(&dir, IommuMode::On, &plain_layout(64).unwrap(), many),
+        DeviceHost::new(
+            &dir,
+            IommuMode::On,
+            &plain_layout(64).unwrap(),
+            many,
+            DEFAULT_POLL_MAX
+        ),
         Err(device_host::host::HostError::TooManyDevices(20))
     ));
     let _ = std::fs::remove_dir_all(&dir);

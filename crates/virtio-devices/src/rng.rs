@@ -12,7 +12,9 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_pci::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+use virtio_pci::{
+    VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestMemory, Permissions};
 
@@ -181,7 +183,8 @@ impl<M: GuestMemory> VirtioDevice<M> for Rng {
     }
 
     fn device_features(&self) -> u64 {
-        let mut f = 1 << VIRTIO_F_VERSION_1;
+        // EVENT_IDX: see the block device.
+        let mut f = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX);
         if self.access_platform {
             f |= 1 << VIRTIO_F_ACCESS_PLATFORM;
         }
@@ -251,6 +254,9 @@ mod tests {
         assert_eq!(c.source, Path::new("/dev/urandom"));
         let rng = Rng::new(&c).unwrap();
         let f = <Rng as VirtioDevice<vm_memory::GuestMemoryMmap<()>>>::device_features(&rng);
-        assert_eq!(f, 1 << VIRTIO_F_VERSION_1);
+        assert_eq!(
+            f,
+            (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
+        );
     }
 }

@@ -9,7 +9,9 @@ mod common;
 use common::*;
 use virtio_devices::rng::{MAX_BYTES_PER_CALL, MAX_REQUEST_BYTES};
 use virtio_devices::{Rng, RngConfig, RngError};
-use virtio_pci::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+use virtio_pci::{
+    VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 fn rng() -> Rng {
@@ -124,10 +126,13 @@ fn rng_chains_it_cannot_use_get_used_len_zero() {
 }
 
 #[test]
-fn rng_offers_version_1_and_access_platform_only_when_asked() {
+fn rng_offers_version_1_event_idx_and_access_platform_only_when_asked() {
     let plain = rng();
     let f = VirtioDevice::<Mem>::device_features(&plain);
-    assert_eq!(f, 1 << VIRTIO_F_VERSION_1);
+    assert_eq!(
+        f,
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
+    );
     let behind = Rng::new(&RngConfig {
         access_platform: true,
         ..RngConfig::default()
@@ -136,7 +141,9 @@ fn rng_offers_version_1_and_access_platform_only_when_asked() {
     let f = VirtioDevice::<Mem>::device_features(&behind);
     assert_eq!(
         f,
-        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM)
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_F_ACCESS_PLATFORM)
     );
     assert_eq!(VirtioDevice::<Mem>::device_type(&plain), 4);
     assert_eq!(VirtioDevice::<Mem>::queue_max_sizes(&plain), &[256]);

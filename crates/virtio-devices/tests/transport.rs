@@ -11,11 +11,15 @@ use common::*;
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
 use virtio_devices::{block, rng, Block, BlockConfig, Rng, RngConfig};
-use virtio_pci::{device_status, VirtioPciTransport, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+use virtio_pci::{
+    device_status, VirtioPciTransport, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 const AP: u64 = 1 << VIRTIO_F_ACCESS_PLATFORM;
 const V1: u64 = 1 << VIRTIO_F_VERSION_1;
+const EI: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
 const LIVE: u64 = (device_status::ACKNOWLEDGE
     | device_status::DRIVER
     | device_status::FEATURES_OK
@@ -65,6 +69,7 @@ fn blk_through_virtio_pci_negotiates_reads_config_and_round_trips_data() {
 
     let want = V1
         | AP
+        | EI
         | 1 << VIRTIO_BLK_F_FLUSH
         | 1 << VIRTIO_BLK_F_SEG_MAX
         | 1 << VIRTIO_BLK_F_SIZE_MAX
@@ -155,7 +160,7 @@ fn rng_through_virtio_pci_fills_the_buffer_and_interrupts() {
     );
     let (offered, ok) = negotiate(&mut t, V1 | AP);
     assert!(ok);
-    assert_eq!(offered, V1 | AP);
+    assert_eq!(offered, V1 | AP | EI);
     let mut drv = Driver::new(&mem);
     start(&mut t, &drv.mock);
     mem.write_slice(&[0u8; 64], GuestAddress(DATA)).unwrap();
@@ -173,7 +178,7 @@ fn rng_without_access_platform_cannot_reach_features_ok_on_a_transport_that_requ
     for want in [V1, V1 | AP] {
         let (mut t, _) = rng_transport(RngConfig::default(), ram());
         let (offered, ok) = negotiate(&mut t, want);
-        assert_eq!(offered, V1);
+        assert_eq!(offered, V1 | EI);
         assert!(!ok, "{want:#x}: FEATURES_OK refused");
     }
 }

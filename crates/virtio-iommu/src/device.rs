@@ -12,7 +12,7 @@ use crate::translate::{lock, read, write, EndpointIommu, FaultQueue, MappingSubs
 use crate::wire::{
     Config, Status, CONFIG_BYPASS_OFFSET, MAX_READABLE, TAIL_SIZE, VIRTIO_F_VERSION_1,
     VIRTIO_IOMMU_F_BYPASS_CONFIG, VIRTIO_IOMMU_F_DOMAIN_RANGE, VIRTIO_IOMMU_F_INPUT_RANGE,
-    VIRTIO_IOMMU_F_MAP_UNMAP, VIRTIO_IOMMU_F_MMIO, VIRTIO_IOMMU_F_PROBE,
+    VIRTIO_IOMMU_F_MAP_UNMAP, VIRTIO_IOMMU_F_MMIO, VIRTIO_IOMMU_F_PROBE, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -24,9 +24,12 @@ use zerocopy::byteorder::little_endian::{U32, U64};
 use zerocopy::IntoBytes;
 
 /// Feature bits this device offers. Legacy `VIRTIO_IOMMU_F_BYPASS` is never offered
-/// (DEV-FEAT-2, DEV-FEAT-3).
+/// (DEV-FEAT-2, DEV-FEAT-3). EVENT_IDX lets a polling device keep Linux's driver from
+/// kicking, and spares the request queue, which has no callback, every interrupt: the
+/// queue processing asks `needs_notification`, which honours `used_event`.
 pub const DEVICE_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
     | (1 << VIRTIO_IOMMU_F_INPUT_RANGE)
     | (1 << VIRTIO_IOMMU_F_DOMAIN_RANGE)
     | (1 << VIRTIO_IOMMU_F_MAP_UNMAP)

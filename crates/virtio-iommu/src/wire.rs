@@ -16,6 +16,9 @@ pub const VIRTIO_ID_IOMMU: u32 = 23;
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 /// `VIRTIO_RING_F_INDIRECT_DESC` (virtio spec §6); virtio-queue follows indirect tables.
 pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+/// `VIRTIO_RING_F_EVENT_IDX` (virtio spec §6, §2.7.10); virtio-queue keeps `avail_event`
+/// and reads `used_event`.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 
 /// Feature bit: `input_range` in the configuration is valid.
 pub const VIRTIO_IOMMU_F_INPUT_RANGE: u32 = 0;

@@ -5,8 +5,9 @@ use crate::config_space::{
     get32, Bar0Layout, ConfigSpace, PciIds, PCI_CFG_BAR, PCI_CFG_DATA, PCI_CFG_LENGTH,
     PCI_CFG_OFFSET,
 };
+use std::sync::atomic::Ordering;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemory;
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 /// `VIRTIO_F_VERSION_1`.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
@@ -16,6 +17,9 @@ pub const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
 pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 /// "No vector" for `config_msix_vector` / `queue_msix_vector`.
 pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
+/// `VRING_AVAIL_F_NO_INTERRUPT` (§2.7.7): without EVENT_IDX, the driver's "do not
+/// interrupt me" in `avail->flags`.
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// Device status bits (virtio spec §2.1).
 pub mod device_status {
@@ -58,8 +62,10 @@ pub trait VirtioDevice<M: GuestMemory> {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes device configuration (`offset + data.len() <= config_size()`).
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// Processes queue `index` after the driver notified it; returns whether the
-    /// driver should be interrupted.
+    /// Processes queue `index` after the driver notified it (or the transport's poller
+    /// saw new buffers); returns whether the driver should be interrupted, as
+    /// `QueueT::needs_notification` tells with EVENT_IDX (without it, the transport
+    /// honours `VRING_AVAIL_F_NO_INTERRUPT` itself).
     ///
     /// # Errors
     /// A description of a failure the device cannot recover from; the transport then
@@ -67,6 +73,13 @@ pub trait VirtioDevice<M: GuestMemory> {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &M) -> Result<bool, String>;
     /// Device reset: forget all driver-visible state.
     fn reset(&mut self);
+    /// Whether the transport may poll queue `index` for new buffers. A queue whose
+    /// buffers wait for events of the device (the virtio-iommu's event queue) is not
+    /// polled: its available buffers are not work. The default polls every queue.
+    fn polled(&self, index: usize) -> bool {
+        let _ = index;
+        true
+    }
     /// Called when the driver sets DRIVER_OK, after the transport checked every ready
     /// queue (§3.1.1 step 8), with those queues and their MSI-X vectors. A device whose
     /// queues run elsewhere (an out-of-process backend) starts them here; the default
@@ -121,6 +134,20 @@ struct QueueSlot {
     vector: u16,
 }
 
+/// What crossed a transport since it was built, for benchmarks and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TransportCounters {
+    /// Queue notifications the driver wrote.
+    pub notifications: u64,
+    /// Times the poller found new buffers on a queue (work that needed no notification).
+    pub polled: u64,
+    /// Queue interrupts sent.
+    pub interrupts: u64,
+    /// Queue interrupts the device wanted but the driver asked not to get
+    /// (`VRING_AVAIL_F_NO_INTERRUPT` without EVENT_IDX).
+    pub suppressed_interrupts: u64,
+}
+
 /// A virtio device on a modern virtio-pci function.
 pub struct VirtioPciTransport<D, M> {
     device: D,
@@ -138,6 +165,9 @@ pub struct VirtioPciTransport<D, M> {
     config_vector: u16,
     isr: u8,
     vectors: u16,
+    counters: TransportCounters,
+    /// A poller serves the queues (notifications off): see [`Self::set_polling`].
+    polling: bool,
 }
 
 impl<D, M> std::fmt::Debug for VirtioPciTransport<D, M> {
@@ -206,7 +236,14 @@ impl<D: VirtioDevice<M>, M: GuestMemory> VirtioPciTransport<D, M> {
             config_vector: VIRTIO_MSI_NO_VECTOR,
             isr: 0,
             vectors,
+            counters: TransportCounters::default(),
+            polling: false,
         })
+    }
+
+    /// What crossed the transport so far.
+    pub fn counters(&self) -> TransportCounters {
+        self.counters
     }
 
     /// The device.
@@ -327,26 +364,136 @@ impl<D: VirtioDevice<M>, M: GuestMemory> VirtioPciTransport<D, M> {
         (q < self.queues.len()).then_some(q)
     }
 
-    /// Processes queue `index` as if the driver had notified it (for VMMs that route
-    /// doorbells through an eventfd, or to poll).
+    /// Processes queue `index` as the driver's notification of it asks (also for VMMs
+    /// that route doorbells through an eventfd).
     pub fn notify(&mut self, index: usize) {
-        if self.status & DRIVER_OK == 0 || self.status & DEVICE_NEEDS_RESET != 0 {
+        self.counters.notifications += 1;
+        self.run_queue(index);
+    }
+
+    fn running(&self) -> bool {
+        self.status & DRIVER_OK != 0 && self.status & DEVICE_NEEDS_RESET == 0
+    }
+
+    fn run_queue(&mut self, index: usize) {
+        if !self.running() {
             return;
         }
-        let Some(slot) = self.queues.get_mut(index) else {
+        let Some(slot) = self.queues.get(index) else {
             return;
         };
         if !slot.queue.ready() {
             return;
         }
-        match self.device.process_queue(index, &mut slot.queue, &self.mem) {
-            Ok(true) => {
-                let vector = slot.vector;
-                self.interrupt(vector, 1);
+        loop {
+            let slot = &mut self.queues[index];
+            let before = slot.queue.next_avail();
+            match self.device.process_queue(index, &mut slot.queue, &self.mem) {
+                Ok(true) => {
+                    if self.driver_wants_interrupt(index) {
+                        self.counters.interrupts += 1;
+                        let vector = self.queues[index].vector;
+                        self.interrupt(vector, 1);
+                    } else {
+                        self.counters.suppressed_interrupts += 1;
+                    }
+                }
+                Ok(false) => {}
+                Err(_) => {
+                    self.needs_reset();
+                    return;
+                }
             }
-            Ok(false) => {}
-            Err(_) => self.needs_reset(),
+            // Unless polling, ask for the next notification: with EVENT_IDX that moves
+            // `avail_event` to where the device stopped, without which the driver would
+            // never notify again (§2.7.10). Buffers published meanwhile are served now;
+            // a queue whose buffers the device leaves waiting (an event queue) stops.
+            let q = &mut self.queues[index].queue;
+            if self.polling
+                || q.next_avail() == before
+                || !q.enable_notification(&self.mem).unwrap_or(false)
+            {
+                return;
+            }
         }
+    }
+
+    /// Without EVENT_IDX the driver's `avail->flags` says whether it wants interrupts
+    /// (§2.7.7.2: the device SHOULD NOT send one when `VRING_AVAIL_F_NO_INTERRUPT` is
+    /// set; virtio-queue ignores the flag). With EVENT_IDX the device already asked
+    /// `needs_notification`, which compared `used_event`. An unreadable ring is the
+    /// device's error to find: the interrupt goes out.
+    fn driver_wants_interrupt(&self, index: usize) -> bool {
+        let q = &self.queues[index].queue;
+        if q.event_idx_enabled() {
+            return true;
+        }
+        self.mem
+            .load::<u16>(GuestAddress(q.avail_ring()), Ordering::Acquire)
+            .map_or(true, |flags| {
+                u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0
+            })
+    }
+
+    /// Indices of the ready queues the device lets the transport poll.
+    fn polled_queues(&self) -> impl Iterator<Item = usize> + '_ {
+        self.queues
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| s.queue.ready() && self.device.polled(*i))
+            .map(|(i, _)| i)
+    }
+
+    /// Processes every polled queue whose driver published buffers since the device
+    /// last looked, as a notification would, and returns whether any had. The driver
+    /// need not notify while [`set_polling`](Self::set_polling) is on.
+    pub fn poll(&mut self) -> bool {
+        if !self.running() {
+            return false;
+        }
+        let mut found = false;
+        for index in 0..self.queues.len() {
+            let q = &self.queues[index].queue;
+            if !q.ready() || !self.device.polled(index) {
+                continue;
+            }
+            // An unreadable avail ring is not work; a notification would find the error.
+            let published = q
+                .avail_idx(&self.mem, Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != q.next_avail());
+            if published {
+                self.counters.polled += 1;
+                self.run_queue(index);
+                found = true;
+            }
+        }
+        found
+    }
+
+    /// Turns polling on or off for every polled queue. On, the driver is told not to
+    /// notify (§2.7.10: `VRING_USED_F_NO_NOTIFY`, or with EVENT_IDX `avail_event` left
+    /// behind). Off, it is asked to notify again, and the return value says whether a
+    /// queue received buffers in between: the caller must then poll once more before it
+    /// sleeps, or the buffers of a driver that saw notifications off are never served
+    /// (virtio-queue's `enable_notification` fences and re-reads `avail->idx`).
+    pub fn set_polling(&mut self, on: bool) -> bool {
+        self.polling = on;
+        if !self.running() {
+            return false;
+        }
+        let indices: Vec<usize> = self.polled_queues().collect();
+        let mut published = false;
+        for index in indices {
+            let q = &mut self.queues[index].queue;
+            // A ring the device cannot write leaves notifications as they were: the
+            // driver keeps notifying, which is always correct.
+            if on {
+                let _ = q.disable_notification(&self.mem);
+            } else {
+                published |= q.enable_notification(&self.mem).unwrap_or(false);
+            }
+        }
+        published
     }
 
     /// Tells the driver the device configuration changed (§4.1.4.3: generation bump,

@@ -1,0 +1,295 @@
+//! One polling thread for every queue the device host runs in process: [`Poller`].
+//!
+//! A queue notification reaches us as a vfio-user message, and the wake-up of the
+//! thread that receives it costs far more than the work it brings (reference
+//! data-path.md §1: ~65 µs against ~20 ns here). Linux's virtio-iommu driver kicks
+//! once per sync and spins until the request is back, so that wake-up is paid on every
+//! MAP and UNMAP. The poller removes it while the guest is busy: after a notification
+//! (handled where it arrives, by the function's server thread), the poller turns
+//! notifications off on every polled queue ([`VirtioPciTransport::set_polling`]) and
+//! watches their avail indexes, so the driver publishes without kicking and the
+//! request is served in the time a cache line takes to cross CPUs.
+//!
+//! The poll window adapts as QEMU's AioContext does (`adjust_polling_time`): it starts
+//! at 4 µs, doubles while work keeps arriving within the maximum, and drops to zero
+//! when the gap between two pieces of work exceeds the maximum; at zero the poller
+//! does not poll at all until a notification comes within the maximum again. When the
+//! window passes with nothing new it turns notifications back on, and
+//! [`Pollable::set_polling`] re-checks the rings after a full fence: buffers published
+//! in between are polled before it sleeps, so none waits for a notification that the
+//! driver, seeing them off, never sent.
+//!
+//! One thread serves every registered queue, because on these machines the TCG vCPU
+//! needs one of the two CPUs: a poller per queue would take the other from QEMU's
+//! main loop, which delivers our interrupts. The loop yields the CPU between passes.
+//! Correctness never depends on the poller: a notification is always served by the
+//! thread that receives it, and the transport's lock serialises the two consumers.
+//!
+//! Threads and locks: a function's server thread handles its socket (registers,
+//! notifications, DMA maps) and takes that function's transport lock; the poller takes
+//! each transport lock in turn, never two at once, and `Shared::sleep` only when it
+//! holds none. Nothing is held across IPC.
+
+use crate::vfio::lock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use virtio_pci::{TransportCounters, VirtioDevice, VirtioPciTransport};
+use vm_memory::GuestMemory;
+
+/// Where the poll window starts when it grows from zero (QEMU's first step).
+const WINDOW_START: Duration = Duration::from_micros(4);
+
+/// Queues a [`Poller`] can serve: in practice a function's transport.
+pub trait Pollable: Send + Sync {
+    /// Serves every queue with new buffers; returns whether there were any.
+    fn poll(&self) -> bool;
+    /// Notifications off (`true`) or on; switching them on returns whether buffers
+    /// arrived meanwhile (see [`VirtioPciTransport::set_polling`]).
+    fn set_polling(&self, on: bool) -> bool;
+    /// What crossed the transport so far.
+    fn counters(&self) -> TransportCounters;
+}
+
+impl<D, M> Pollable for Mutex<VirtioPciTransport<D, M>>
+where
+    D: VirtioDevice<M> + Send,
+    M: GuestMemory + Send,
+{
+    fn poll(&self) -> bool {
+        lock(self).poll()
+    }
+
+    fn set_polling(&self, on: bool) -> bool {
+        lock(self).set_polling(on)
+    }
+
+    fn counters(&self) -> TransportCounters {
+        lock(self).counters()
+    }
+}
+
+/// What the poller did, for benchmarks and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PollCounters {
+    /// Times a notification woke the poller from sleep.
+    pub wakeups: u64,
+    /// Passes over the queues that found work.
+    pub busy_passes: u64,
+    /// Times the poller went back to sleep.
+    pub sleeps: u64,
+    /// Time spent polling, in nanoseconds (an upper bound on its CPU time).
+    pub polling_ns: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    wakeups: AtomicU64,
+    busy_passes: AtomicU64,
+    sleeps: AtomicU64,
+    polling_ns: AtomicU64,
+}
+
+#[derive(Default)]
+struct Wake {
+    /// A notification came while the poller slept.
+    kicked: bool,
+    stop: bool,
+}
+
+/// State shared by the poller thread and whoever kicks it.
+struct Shared {
+    queues: Mutex<Vec<Arc<dyn Pollable>>>,
+    /// Set while the poller polls: a notification then needs no wake-up.
+    polling: AtomicBool,
+    wake: Mutex<Wake>,
+    cv: Condvar,
+    max: Duration,
+    counters: Counters,
+}
+
+/// The polling thread of one device host (see the module documentation).
+pub struct Poller {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A cheap handle on a [`Poller`]: tells it a notification was just served, and
+/// reads its counters.
+#[derive(Clone)]
+pub struct PollHandle(Arc<Shared>);
+
+impl PollHandle {
+    /// A queue notification was served: start polling unless the poller already does
+    /// (then this costs one atomic load).
+    pub fn kick(&self) {
+        let s = &self.0;
+        if s.max.is_zero() || s.polling.load(Ordering::Acquire) {
+            return;
+        }
+        let mut w = lock(&s.wake);
+        if !w.kicked {
+            w.kicked = true;
+            s.cv.notify_one();
+        }
+    }
+
+    /// What the poller did so far.
+    pub fn counters(&self) -> PollCounters {
+        let c = &self.0.counters;
+        PollCounters {
+            wakeups: c.wakeups.load(Ordering::Relaxed),
+            busy_passes: c.busy_passes.load(Ordering::Relaxed),
+            sleeps: c.sleeps.load(Ordering::Relaxed),
+            polling_ns: c.polling_ns.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Poller {
+    /// A poller whose window grows to at most `max`; `Duration::ZERO` never polls (every
+    /// request then waits for its notification). The thread starts at once and sleeps
+    /// until the first kick.
+    ///
+    /// # Errors
+    /// The thread cannot be started.
+    pub fn start(max: Duration) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            queues: Mutex::new(Vec::new()),
+            polling: AtomicBool::new(false),
+            wake: Mutex::new(Wake::default()),
+            cv: Condvar::new(),
+            max,
+            counters: Counters::default(),
+        });
+        let s = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("aperture-poll".into())
+            .spawn(move || run(&s))?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Adds queues to serve.
+    pub fn add(&self, queues: Arc<dyn Pollable>) {
+        lock(&self.shared.queues).push(queues);
+    }
+
+    /// The handle a function's server thread calls after each notification.
+    pub fn handle(&self) -> PollHandle {
+        PollHandle(Arc::clone(&self.shared))
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        lock(&self.shared.wake).stop = true;
+        self.shared.cv.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// QEMU's `adjust_polling_time`: `gap` is how long the poller waited for the work that
+/// just came (polling or asleep).
+fn adjust(window: Duration, gap: Duration, max: Duration) -> Duration {
+    if gap <= window {
+        window
+    } else if gap > max {
+        Duration::ZERO
+    } else if window.is_zero() {
+        WINDOW_START.min(max)
+    } else {
+        (window * 2).min(max)
+    }
+}
+
+fn set_polling(queues: &[Arc<dyn Pollable>], on: bool) -> bool {
+    queues
+        .iter()
+        .fold(false, |published, q| q.set_polling(on) | published)
+}
+
+fn run(s: &Shared) {
+    let mut window = Duration::ZERO;
+    let mut last_work = Instant::now();
+    loop {
+        {
+            let mut w = lock(&s.wake);
+            while !w.kicked && !w.stop {
+                w =
+                    s.cv.wait(w)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            if w.stop {
+                return;
+            }
+            w.kicked = false;
+        }
+        s.counters.wakeups.fetch_add(1, Ordering::Relaxed);
+        // The notification that kicked us was served just now by its server thread.
+        let now = Instant::now();
+        window = adjust(window, now - last_work, s.max);
+        last_work = now;
+        if window.is_zero() {
+            continue;
+        }
+        let queues = lock(&s.queues).clone();
+        let started = now;
+        s.polling.store(true, Ordering::Release);
+        set_polling(&queues, true);
+        loop {
+            let work = queues.iter().fold(false, |w, q| q.poll() | w);
+            let now = Instant::now();
+            if work {
+                s.counters.busy_passes.fetch_add(1, Ordering::Relaxed);
+                window = adjust(window, now - last_work, s.max);
+                last_work = now;
+            } else if now - last_work >= window {
+                // Notifications back on, then one more look: what was published while
+                // they were off would otherwise wait for a kick that never comes.
+                if set_polling(&queues, false) {
+                    set_polling(&queues, true);
+                    continue;
+                }
+                // The window adapts when the next work comes, by the whole gap.
+                s.polling.store(false, Ordering::Release);
+                break;
+            }
+            std::thread::yield_now();
+        }
+        s.counters.sleeps.fetch_add(1, Ordering::Relaxed);
+        let spent = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        s.counters.polling_ns.fetch_add(spent, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_adapts_as_qemus_aio_polling_does() {
+        let max = Duration::from_micros(32);
+        let us = Duration::from_micros;
+        // From zero, a gap within the maximum starts the window at 4 µs...
+        assert_eq!(adjust(Duration::ZERO, us(10), max), us(4));
+        // ...which doubles while work comes later than the window but within the max,
+        assert_eq!(adjust(us(4), us(10), max), us(8));
+        assert_eq!(adjust(us(16), us(20), max), us(32));
+        assert_eq!(adjust(us(32), us(30), max), us(32));
+        // stays when work comes within it,
+        assert_eq!(adjust(us(8), us(3), max), us(8));
+        // and drops to zero when the gap exceeds the maximum.
+        assert_eq!(adjust(us(32), us(33), max), Duration::ZERO);
+        // A maximum of zero never polls.
+        assert_eq!(
+            adjust(Duration::ZERO, Duration::ZERO, Duration::ZERO),
+            Duration::ZERO
+        );
+    }
+}

@@ -22,6 +22,7 @@
 use crate::vm::{self, RAM_MIB};
 use device_host::endpoints::{BlockFactory, VhostUserFactory};
 use device_host::host::{DeviceHost, EndpointFactory, Function, IommuHandle, IommuMode};
+use device_host::poll::Pollable;
 use device_host::vfio::NotifyHook;
 use device_host::vhost_user::{DeviceKind, VhostUserHandle, DEFAULT_TIMEOUT};
 use md5::{Digest, Md5};
@@ -31,7 +32,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use virtio_iommu::RequestType;
 
@@ -179,6 +180,14 @@ fn say(msg: &str) {
 struct HostCounts {
     /// Doorbells (queue notify writes) the virtio-blk received.
     kicks: u64,
+    /// Times the poller found the virtio-blk's requests without a doorbell.
+    blk_polled: u64,
+    /// Interrupts the virtio-blk sent.
+    blk_irqs: u64,
+    /// Doorbells of our virtio-iommu's request queue (each one a guest sync).
+    iommu_kicks: u64,
+    /// Times the poller found IOMMU requests without a doorbell (a sync each).
+    iommu_polled: u64,
     /// MAP requests our virtio-iommu answered.
     maps: u64,
     /// UNMAP requests our virtio-iommu answered.
@@ -202,6 +211,10 @@ impl HostCounts {
     fn since(self, before: HostCounts) -> HostCounts {
         HostCounts {
             kicks: self.kicks.saturating_sub(before.kicks),
+            blk_polled: self.blk_polled.saturating_sub(before.blk_polled),
+            blk_irqs: self.blk_irqs.saturating_sub(before.blk_irqs),
+            iommu_kicks: self.iommu_kicks.saturating_sub(before.iommu_kicks),
+            iommu_polled: self.iommu_polled.saturating_sub(before.iommu_polled),
             maps: self.maps.saturating_sub(before.maps),
             unmaps: self.unmaps.saturating_sub(before.unmaps),
             iotlb: self.iotlb.map(|a| {
@@ -219,6 +232,8 @@ impl HostCounts {
 /// Reads our device host's counters while the guest runs.
 struct Sampler {
     kicks: Arc<AtomicU64>,
+    /// The virtio-blk's transport (set when the device host built it).
+    blk: BlkTransport,
     iommu: Option<IommuHandle>,
     /// The vhost-user device's handle (out-of-process configurations).
     vhost: Option<VhostUserHandle>,
@@ -231,8 +246,18 @@ impl Sampler {
             let sum = |t: RequestType| c.requests[t as usize].iter().sum::<u64>();
             (sum(RequestType::Map), sum(RequestType::Unmap))
         });
+        let iommu = self
+            .iommu
+            .as_ref()
+            .map(IommuHandle::transport_counters)
+            .unwrap_or_default();
+        let blk = self.blk.get().map(|t| t.counters()).unwrap_or_default();
         HostCounts {
             kicks: self.kicks.load(Ordering::Relaxed),
+            blk_polled: blk.polled,
+            blk_irqs: blk.interrupts,
+            iommu_kicks: iommu.notifications,
+            iommu_polled: iommu.polled,
             maps,
             unmaps,
             iotlb: self.vhost.as_ref().map(|h| {
@@ -247,11 +272,15 @@ impl Sampler {
     }
 }
 
+/// Where [`Counted`] leaves the transport of the device it built.
+type BlkTransport = Arc<OnceLock<Arc<dyn Pollable>>>;
+
 /// An endpoint whose queue notifications are counted: the device host's backend for
-/// it, wrapped.
+/// it, wrapped; its transport is kept for its counters.
 struct Counted {
     inner: Box<dyn EndpointFactory>,
     kicks: Arc<AtomicU64>,
+    transport: BlkTransport,
 }
 
 impl EndpointFactory for Counted {
@@ -264,6 +293,7 @@ impl EndpointFactory for Counted {
         iommu: Option<virtio_iommu::EndpointIommu>,
     ) -> Result<Function, String> {
         let mut f = self.inner.build(iommu)?;
+        let _ = self.transport.set(Arc::clone(&f.transport));
         let kicks = self.kicks;
         f.backend = Box::new(NotifyHook::new(f.backend, move || {
             kicks.fetch_add(1, Ordering::Relaxed);
@@ -285,6 +315,53 @@ struct Workload {
     requests: u64,
     /// Our device host's counts (our configurations only).
     host: Option<HostCounts>,
+    /// Host CPU over the workload.
+    cpu: Option<WorkloadCpu>,
+}
+
+impl Workload {
+    /// GiB the workload read: 4 KiB per operation, or its MiB.
+    fn gib(&self, name: &str) -> Option<f64> {
+        let bytes = match name {
+            RANDREAD => self.count as f64 * 4096.0,
+            SEQREAD => self.count as f64 * 1048576.0,
+            _ => return None,
+        };
+        (bytes > 0.0).then(|| bytes / f64::from(1u32 << 30))
+    }
+}
+
+/// Host CPU seconds over one timed workload: this process (our device host, in
+/// process) and its descendants (QEMU, and the back-end process when there is one).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct WorkloadCpu {
+    ours_s: f64,
+    children_s: f64,
+}
+
+impl WorkloadCpu {
+    /// This process's and its descendants' CPU seconds so far.
+    fn now() -> Option<Self> {
+        let tck = clock_ticks();
+        let me = std::process::id();
+        let (_, own) = proc_stat(me)?;
+        let children: u64 = descendants(me)
+            .iter()
+            .filter_map(|&p| proc_stat(p))
+            .map(|(_, t)| t)
+            .sum();
+        Some(Self {
+            ours_s: own as f64 / tck,
+            children_s: children as f64 / tck,
+        })
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            ours_s: (self.ours_s - before.ours_s).max(0.0),
+            children_s: (self.children_s - before.children_s).max(0.0),
+        }
+    }
 }
 
 /// `key=value` fields of a marker.
@@ -313,6 +390,7 @@ fn parse_workload(value: &str, rate: &str, count: &str) -> Result<Workload, Stri
         seconds: get("seconds")?,
         requests: int("requests")?,
         host: None,
+        cpu: None,
     })
 }
 
@@ -540,9 +618,11 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
         } else {
             Box::new(BlockFactory::new("blk0", &p.disk, true).map_err(|e| e.to_string())?)
         };
+        let blk_transport = BlkTransport::default();
         let endpoints: Vec<Box<dyn EndpointFactory>> = vec![Box::new(Counted {
             inner: blk,
             kicks: Arc::clone(&kicks),
+            transport: Arc::clone(&blk_transport),
         })];
         let mode = if config.translated() {
             IommuMode::On
@@ -559,6 +639,7 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
         .map_err(|e| e.to_string())?;
         sampler = Some(Sampler {
             kicks,
+            blk: blk_transport,
             iommu: host.iommu(),
             // The device was built (and its handle sent) by DeviceHost::new.
             vhost: vhost.and_then(|rx| rx.try_recv().ok()),
@@ -572,6 +653,9 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
     // Host counters at each workload's "begin" and at its result line.
     let mut begun: BTreeMap<String, HostCounts> = BTreeMap::new();
     let mut counted: BTreeMap<String, HostCounts> = BTreeMap::new();
+    // Host CPU at each workload's "begin", then over it.
+    let mut cpu_begun: BTreeMap<String, WorkloadCpu> = BTreeMap::new();
+    let mut cpu_used: BTreeMap<String, WorkloadCpu> = BTreeMap::new();
     let console = dir.join("console.log");
     let timeout = Duration::from_secs(u64::from(600 + 4 * (opts.seconds + WARMUP_S)));
     // The machine's CPU use from the first workload's start to the last one's end.
@@ -589,6 +673,13 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
                 if let (Some((a, t0)), Some(b)) = (cpu_start, cpu_sample()) {
                     others = Some(Interference::between(a, b, elapsed.saturating_sub(t0)));
                 }
+            }
+            if k == "begin" {
+                if let Some(c) = WorkloadCpu::now() {
+                    cpu_begun.insert(v.to_string(), c);
+                }
+            } else if let (Some(before), Some(c)) = (cpu_begun.get(k), WorkloadCpu::now()) {
+                cpu_used.insert(k.to_string(), c.since(*before));
             }
             let Some(s) = &sampler else { return };
             if k == "begin" {
@@ -655,6 +746,7 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
         match parse_workload(&line, rate, count) {
             Ok(mut w) => {
                 w.host = counted.get(name).copied();
+                w.cpu = cpu_used.get(name).copied();
                 Some(w)
             }
             Err(e) => {
@@ -862,6 +954,25 @@ fn proc_stat(pid: u32) -> Option<(u32, u64)> {
     Some((ppid, utime + stime))
 }
 
+/// The living descendants of `pid`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let procs: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(|p| proc_stat(p).map(|(ppid, _)| (p, ppid)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while let Some(&parent) = found.get(i) {
+        found.extend(procs.iter().filter(|p| p.1 == parent).map(|p| p.0));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
 fn cpu_sample() -> Option<CpuSample> {
     let tck = clock_ticks();
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -876,21 +987,10 @@ fn cpu_sample() -> Option<CpuSample> {
     let at = |i: usize| cpu.get(i).copied().unwrap_or(0);
     let busy = at(0) + at(1) + at(2) + at(5) + at(6);
     let me = std::process::id();
-    let procs: Vec<(u32, u32, u64)> = std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| proc_stat(pid).map(|(ppid, t)| (pid, ppid, t)))
-        .collect();
-    let mut ours = vec![me];
-    let mut i = 0;
-    while let Some(&parent) = ours.get(i) {
-        ours.extend(procs.iter().filter(|p| p.1 == parent).map(|p| p.0));
-        i += 1;
-    }
-    let own: u64 = procs
-        .iter()
-        .filter(|p| ours.contains(&p.0))
-        .map(|p| p.2)
+    let own: u64 = std::iter::once(me)
+        .chain(descendants(me))
+        .filter_map(proc_stat)
+        .map(|(_, t)| t)
         .sum();
     Some(CpuSample {
         machine_busy: busy as f64 / tck,
@@ -1124,15 +1224,22 @@ this machine has {}. Anything but ~0 skews TCG figures.)",
         );
         let _ = writeln!(
             t,
-            "{:<22} {:<11} {:>9} {:>11} {:>9} {:>9} {:>10} {:>10}",
+            "{:<22} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
             "configuration",
             "workload",
             "requests",
             "blk kicks",
-            "kicks/req",
+            "blk polled",
+            "blk irqs",
             "MAPs",
-            "MAPs/req",
-            "UNMAPs"
+            "UNMAPs",
+            "IOMMU sync",
+            "of which"
+        );
+        let _ = writeln!(
+            t,
+            "{:<22} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
+            "", "", "", "/req", "/req", "/req", "/req", "/req", "/req", "kicked"
         );
         for r in ours
             .iter()
@@ -1141,24 +1248,62 @@ this machine has {}. Anything but ~0 skews TCG figures.)",
             for (name, w) in [(RANDREAD, &r.randread), (SEQREAD, &r.seqread)] {
                 let Some(w) = w else { continue };
                 let Some(h) = w.host else { continue };
-                let per = |n: u64| {
-                    if w.requests > 0 {
-                        format!("{:.2}", n as f64 / w.requests as f64)
-                    } else {
-                        "-".into()
-                    }
+                let per = |n: u64| per_request(n, w.requests);
+                let syncs = h.iommu_kicks + h.iommu_polled;
+                let kicked = if syncs > 0 {
+                    format!("{:.0}%", 100.0 * h.iommu_kicks as f64 / syncs as f64)
+                } else {
+                    "-".into()
                 };
                 let _ = writeln!(
                     t,
-                    "{:<22} {:<11} {:>9} {:>11} {:>9} {:>9} {:>10} {:>10}",
+                    "{:<22} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
                     r.config.name(),
                     name,
                     w.requests,
-                    h.kicks,
                     per(h.kicks),
-                    h.maps,
+                    per(h.blk_polled),
+                    per(h.blk_irqs),
                     per(h.maps),
-                    h.unmaps
+                    per(h.unmaps),
+                    per(syncs),
+                    kicked
+                );
+            }
+        }
+    }
+    // Host CPU per GiB read, every configuration.
+    let first: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.problems.is_empty())
+        .filter(|r| r.index == 1 || runs.iter().all(|o| o.config != r.config || o.index != 1))
+        .collect();
+    if !first.is_empty() {
+        let _ = writeln!(t);
+        let _ = writeln!(
+            t,
+            "host CPU over each timed workload, seconds per GiB read (run 1; ours: this process, \
+which serves our devices; QEMU: QEMU and, out of process, the back-end):"
+        );
+        let _ = writeln!(
+            t,
+            "{:<22} {:<11} {:>12} {:>12} {:>12}",
+            "configuration", "workload", "ours s/GiB", "QEMU s/GiB", "all s/GiB"
+        );
+        for r in first {
+            for (name, w) in [(RANDREAD, &r.randread), (SEQREAD, &r.seqread)] {
+                let Some(w) = w else { continue };
+                let (Some(c), Some(gib)) = (w.cpu, w.gib(name)) else {
+                    continue;
+                };
+                let _ = writeln!(
+                    t,
+                    "{:<22} {:<11} {:>12.2} {:>12.2} {:>12.2}",
+                    r.config.name(),
+                    name,
+                    c.ours_s / gib,
+                    c.children_s / gib,
+                    (c.ours_s + c.children_s) / gib
                 );
             }
         }
@@ -1253,7 +1398,7 @@ fn per_request(n: u64, requests: u64) -> String {
     }
 }
 
-fn workload_json(w: &Option<Workload>, rate: &str, count: &str) -> serde_json::Value {
+fn workload_json(w: &Option<Workload>, name: &str, rate: &str, count: &str) -> serde_json::Value {
     match w {
         None => serde_json::Value::Null,
         Some(w) => {
@@ -1263,9 +1408,23 @@ fn workload_json(w: &Option<Workload>, rate: &str, count: &str) -> serde_json::V
                 "seconds": w.seconds,
                 "requests": w.requests,
             });
+            if let Some(c) = w.cpu {
+                let gib = w.gib(name);
+                j["host_cpu"] = serde_json::json!({
+                    "ours_s": c.ours_s,
+                    "qemu_and_backend_s": c.children_s,
+                    "ours_s_per_gib": gib.map(|g| c.ours_s / g),
+                    "qemu_and_backend_s_per_gib": gib.map(|g| c.children_s / g),
+                });
+            }
             if let Some(h) = w.host {
                 j["device_host"] = serde_json::json!({
                     "blk_kicks": h.kicks,
+                    "blk_polled": h.blk_polled,
+                    "blk_interrupts": h.blk_irqs,
+                    "iommu_kicks": h.iommu_kicks,
+                    "iommu_polled": h.iommu_polled,
+                    "iommu_syncs": h.iommu_kicks + h.iommu_polled,
                     "iommu_map_requests": h.maps,
                     "iommu_unmap_requests": h.unmaps,
                 });
@@ -1375,8 +1534,8 @@ fn to_json(
                 "other_processes_cpu_s": o.other_cpu_s,
                 "steal_s": o.steal_s,
             })),
-            RANDREAD: workload_json(&r.randread, "iops", "ops"),
-            SEQREAD: workload_json(&r.seqread, "mibps", "mib"),
+            RANDREAD: workload_json(&r.randread, RANDREAD, "iops", "ops"),
+            SEQREAD: workload_json(&r.seqread, SEQREAD, "mibps", "mib"),
             "backend_stats": r.backend_stats,
             "kernel_append": r.append,
             "qemu_args": r.qemu_args,

@@ -28,7 +28,10 @@ impl VirtioDevice<Mem> for Echo {
         &[16, 8]
     }
     fn device_features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM) | (1 << 5)
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_F_ACCESS_PLATFORM)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << 5)
     }
     fn set_acked_features(&mut self, f: u64) {
         self.acked = f;
@@ -324,4 +327,177 @@ fn hostile_accesses_never_panic() {
             t.write_config_space(off, &b[..len]);
         }
     }
+}
+
+/// The rings of [`live`]'s queue 0 (16 entries), laid out apart so that EVENT_IDX's
+/// fields (§2.7.10: `used_event` after the avail ring, `avail_event` after the used
+/// ring) are nobody else's bytes.
+const QSIZE: u64 = 16;
+const DESC: u64 = 0x1_0000;
+const AVAIL: u64 = 0x1_1000;
+const USED: u64 = 0x1_2000;
+
+/// A transport whose driver negotiated `features` (ACCESS_PLATFORM and VERSION_1 added)
+/// and set up queue 0 (16 entries, vector 1) on the rings above, DRIVER_OK.
+fn live(features: u64) -> (VirtioPciTransport<Echo, Mem>, Arc<Irqs>, Mem) {
+    let (mut t, irqs) = transport();
+    let want = features | (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM);
+    bar_write(&mut t, 0x14, 1 | 2, 1);
+    for half in 0..2 {
+        bar_write(&mut t, 0x08, half, 4);
+        bar_write(&mut t, 0x0c, (want >> (32 * half)) & 0xffff_ffff, 4);
+    }
+    bar_write(&mut t, 0x14, 1 | 2 | 8, 1);
+    assert_eq!(t.device().acked, want, "features accepted");
+    bar_write(&mut t, 0x16, 0, 2);
+    bar_write(&mut t, 0x1a, 1, 2);
+    bar_write(&mut t, 0x20, DESC, 8);
+    bar_write(&mut t, 0x28, AVAIL, 8);
+    bar_write(&mut t, 0x30, USED, 8);
+    bar_write(&mut t, 0x1c, 1, 2);
+    bar_write(&mut t, 0x14, 1 | 2 | 8 | 4, 1);
+    assert_eq!(t.status(), 1 | 2 | 8 | 4);
+    let mem = t.memory().clone();
+    (t, irqs, mem)
+}
+
+fn at(a: u64) -> GuestAddress {
+    GuestAddress(a)
+}
+
+/// Publishes one echo request (descriptors 0 and 1) without notifying.
+fn publish(mem: &Mem) {
+    mem.write_slice(b"abc", at(0x8_0000)).unwrap();
+    let descs = [
+        SplitDescriptor::new(0x8_0000, 3, 1, 1),  // NEXT
+        SplitDescriptor::new(0x9_0000, 16, 2, 0), // WRITE
+    ];
+    for (i, d) in descs.into_iter().enumerate() {
+        mem.write_obj(RawDescriptor::from(d), at(DESC + 16 * i as u64))
+            .unwrap();
+    }
+    let idx: u16 = mem.read_obj(at(AVAIL + 2)).unwrap();
+    mem.write_obj(0u16, at(AVAIL + 4 + 2 * (u64::from(idx) % QSIZE)))
+        .unwrap();
+    mem.write_obj(idx.wrapping_add(1), at(AVAIL + 2)).unwrap();
+}
+
+fn used_idx(mem: &Mem) -> u16 {
+    mem.read_obj(at(USED + 2)).unwrap()
+}
+
+/// `avail->flags`.
+fn set_avail_flags(mem: &Mem, flags: u16) {
+    mem.write_obj(flags, at(AVAIL)).unwrap();
+}
+
+/// `used->flags`.
+fn used_flags(mem: &Mem) -> u16 {
+    mem.read_obj(at(USED)).unwrap()
+}
+
+fn avail_event(mem: &Mem) -> u16 {
+    mem.read_obj(at(USED + 4 + 8 * QSIZE)).unwrap()
+}
+
+fn set_used_event(mem: &Mem, v: u16) {
+    mem.write_obj(v, at(AVAIL + 4 + 2 * QSIZE)).unwrap();
+}
+
+const NO_INTERRUPT: u16 = 1;
+const NO_NOTIFY: u16 = 1;
+
+#[test]
+fn no_msi_when_the_driver_set_no_interrupt_without_event_idx() {
+    // §2.7.7.2: the device SHOULD NOT notify when VRING_AVAIL_F_NO_INTERRUPT is set, as
+    // Linux's virtio-iommu driver sets it on its request queue (it has no callback).
+    let (mut t, irqs, mem) = live(0);
+    set_avail_flags(&mem, NO_INTERRUPT);
+    publish(&mem);
+    bar_write(&mut t, 0x3000, 0, 2);
+    assert_eq!(used_idx(&mem), 1, "the request is served");
+    assert!(irqs.0.lock().unwrap().is_empty(), "but no MSI is sent");
+    let c = t.counters();
+    assert_eq!(
+        (c.notifications, c.interrupts, c.suppressed_interrupts),
+        (1, 0, 1)
+    );
+    // The driver asks again: the next completion interrupts.
+    set_avail_flags(&mem, 0);
+    publish(&mem);
+    bar_write(&mut t, 0x3000, 0, 2);
+    assert_eq!(*irqs.0.lock().unwrap(), vec![1]);
+    assert_eq!(t.counters().interrupts, 1);
+}
+
+#[test]
+fn with_event_idx_msis_follow_used_event_and_avail_event_follows_the_device() {
+    let (mut t, irqs, mem) = live(1 << VIRTIO_RING_F_EVENT_IDX);
+    // The driver wants an interrupt only once the used index passes 2 (used_event 2).
+    set_used_event(&mem, 2);
+    for served in 1..=3u16 {
+        publish(&mem);
+        bar_write(&mut t, 0x3000, 0, 2);
+        assert_eq!(used_idx(&mem), served);
+        // §2.7.10: the device keeps avail_event where it stopped, so the driver's next
+        // publication notifies; without it the driver would never notify again.
+        assert_eq!(avail_event(&mem), served);
+    }
+    assert_eq!(
+        *irqs.0.lock().unwrap(),
+        vec![1],
+        "one MSI, when used passed 2"
+    );
+}
+
+#[test]
+fn polling_serves_published_buffers_without_a_notification() {
+    for features in [0, 1 << VIRTIO_RING_F_EVENT_IDX] {
+        let (mut t, _irqs, mem) = live(features);
+        assert!(
+            !t.poll(),
+            "{features:#x}: nothing published, nothing served"
+        );
+        assert!(!t.set_polling(true));
+        if features == 0 {
+            assert_eq!(used_flags(&mem), NO_NOTIFY, "notifications off");
+        }
+        publish(&mem);
+        assert!(t.poll(), "{features:#x}: the poll found the request");
+        assert_eq!(used_idx(&mem), 1);
+        let c = t.counters();
+        assert_eq!((c.notifications, c.polled), (0, 1), "{features:#x}");
+        // Switching polling off with nothing new: notifications on, nothing pending.
+        assert!(!t.set_polling(false));
+        assert_eq!(used_flags(&mem), 0);
+        if features != 0 {
+            assert_eq!(avail_event(&mem), 1, "the next publication notifies");
+        }
+    }
+}
+
+#[test]
+fn switching_polling_off_reports_buffers_published_meanwhile() {
+    // The race of a poller going to sleep: the driver published while it still saw
+    // notifications off, so it will not notify. set_polling(false) must say so.
+    for features in [0, 1 << VIRTIO_RING_F_EVENT_IDX] {
+        let (mut t, _irqs, mem) = live(features);
+        t.set_polling(true);
+        publish(&mem);
+        assert!(
+            t.set_polling(false),
+            "{features:#x}: the published request is reported"
+        );
+        assert!(t.poll());
+        assert_eq!(used_idx(&mem), 1);
+    }
+}
+
+#[test]
+fn polling_a_device_that_is_not_running_does_nothing() {
+    let (mut t, _irqs) = transport();
+    assert!(!t.poll());
+    assert!(!t.set_polling(true));
+    assert!(!t.set_polling(false));
+    assert_eq!(t.counters(), TransportCounters::default());
 }

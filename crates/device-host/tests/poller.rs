@@ -1,0 +1,226 @@
+//! The poller against a driver thread that publishes and notifies as Linux's
+//! `virtqueue_kick_prepare` does: it notifies only when the device's ring says it
+//! wants notifications (`VRING_USED_F_NO_NOTIFY` clear, or with EVENT_IDX
+//! `vring_need_event` on `avail_event`). A notification is served where it arrives, as
+//! a function's server thread serves it. The requests come one at a time, with gaps
+//! that straddle the poll window, so the driver keeps racing the poller's switch
+//! between polling and sleeping; a request the driver published without notifying
+//! while the poller went to sleep would never be served.
+#![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
+
+use device_host::poll::{Pollable, Poller};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use virtio_devices::{Rng, RngConfig};
+use virtio_pci::{InterruptSink, VirtioPciTransport, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+type Mem = GuestMemoryMmap<()>;
+type Transport = Mutex<VirtioPciTransport<Rng, Mem>>;
+
+const SIZE: u16 = 16;
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+const DATA: u64 = 0x10000;
+const NO_NOTIFY: u16 = 1;
+const WRITE: u16 = 2;
+
+#[derive(Default)]
+struct Count(AtomicU64);
+struct Sink(Arc<Count>);
+impl InterruptSink for Sink {
+    fn signal(&self, _vector: u16) {
+        self.0 .0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// An rng on a transport whose driver negotiated `features` and set up queue 0.
+fn live(features: u64) -> (Arc<Transport>, Mem) {
+    let mem = Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let rng = Rng::new(&RngConfig::default()).unwrap();
+    let mut t = VirtioPciTransport::new(
+        rng,
+        0x00ff_0000,
+        mem.clone(),
+        Box::new(Sink(Arc::default())),
+        0,
+    )
+    .unwrap();
+    let w = |t: &mut VirtioPciTransport<Rng, Mem>, off: u64, v: u64, len: usize| {
+        t.write_bar(off, &v.to_le_bytes()[..len]);
+    };
+    let want = features | (1 << VIRTIO_F_VERSION_1);
+    w(&mut t, 0x14, 1 | 2, 1);
+    for half in 0..2 {
+        w(&mut t, 0x08, half, 4);
+        w(&mut t, 0x0c, (want >> (32 * half)) & 0xffff_ffff, 4);
+    }
+    w(&mut t, 0x14, 1 | 2 | 8, 1);
+    w(&mut t, 0x16, 0, 2);
+    w(&mut t, 0x18, u64::from(SIZE), 2);
+    w(&mut t, 0x1a, 1, 2);
+    w(&mut t, 0x20, DESC, 8);
+    w(&mut t, 0x28, AVAIL, 8);
+    w(&mut t, 0x30, USED, 8);
+    w(&mut t, 0x1c, 1, 2);
+    w(&mut t, 0x14, 1 | 2 | 8 | 4, 1);
+    assert_eq!(t.status(), 1 | 2 | 8 | 4, "DRIVER_OK");
+    (Arc::new(Mutex::new(t)), mem)
+}
+
+fn load16(mem: &Mem, at: u64) -> u16 {
+    mem.load(GuestAddress(at), Ordering::Acquire).unwrap()
+}
+
+/// The driver's side of one request: a 64-byte device-writable buffer on the ring.
+/// Returns whether the driver notified.
+fn submit(mem: &Mem, event_idx: bool, old: u16, t: &Transport, kick: &dyn Fn()) -> bool {
+    let slot = old % SIZE;
+    let mut d = [0u8; 16];
+    d[..8].copy_from_slice(&(DATA + u64::from(slot) * 0x100).to_le_bytes());
+    d[8..12].copy_from_slice(&64u32.to_le_bytes());
+    d[12..14].copy_from_slice(&WRITE.to_le_bytes());
+    mem.write_slice(&d, GuestAddress(DESC + u64::from(slot) * 16))
+        .unwrap();
+    mem.store(
+        slot,
+        GuestAddress(AVAIL + 4 + u64::from(slot) * 2),
+        Ordering::Relaxed,
+    )
+    .unwrap();
+    let new = old.wrapping_add(1);
+    mem.store(new, GuestAddress(AVAIL + 2), Ordering::Release)
+        .unwrap();
+    // virtqueue_kick_prepare: a full barrier, then the device's suppression state.
+    fence(Ordering::SeqCst);
+    let notify = if event_idx {
+        let event = load16(mem, USED + 4 + 8 * u64::from(SIZE));
+        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+    } else {
+        load16(mem, USED) & NO_NOTIFY == 0
+    };
+    if notify {
+        t.lock().unwrap().notify(0);
+        kick();
+    }
+    notify
+}
+
+/// Waits until the used index reaches `idx`; false after 2 s (a request never served).
+fn served(mem: &Mem, idx: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while load16(mem, USED + 2) != idx {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::hint::spin_loop();
+    }
+    true
+}
+
+/// The tests here spin on two CPUs each (driver and poller): one at a time, or the
+/// machine's two CPUs are oversubscribed and the timing they check is the scheduler's.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn spin(d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        std::hint::spin_loop();
+    }
+}
+
+#[test]
+fn no_lost_wakeup_when_the_driver_races_the_switch_between_polling_and_sleeping() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for features in [0, 1 << VIRTIO_RING_F_EVENT_IDX] {
+        let event_idx = features != 0;
+        let (t, mem) = live(features);
+        let poller = Poller::start(Duration::from_micros(20)).unwrap();
+        poller.add(Arc::clone(&t) as Arc<dyn Pollable>);
+        let handle = poller.handle();
+        let kick = move || handle.kick();
+        let (mut notified, n) = (0u32, 3000u16);
+        for i in 0..n {
+            if submit(&mem, event_idx, i, &t, &kick) {
+                notified += 1;
+            }
+            assert!(
+                served(&mem, i.wrapping_add(1)),
+                "features {features:#x}: request {i} was never served \
+                 (published without a notification while the poller went to sleep)"
+            );
+            // Gaps from 0 to 60 µs: inside the 20 µs window, across it, and past it.
+            spin(Duration::from_micros(u64::from(i % 61)));
+        }
+        let c = t.lock().unwrap().counters();
+        let p = poller.handle().counters();
+        // Both paths ran, and the poller switched to sleep many times: the race was run.
+        assert!(
+            c.polled > 0 && notified > 0,
+            "{features:#x}: {c:?}, {notified} notified"
+        );
+        assert!(p.sleeps > 10, "{features:#x}: {p:?}");
+        assert_eq!(c.notifications, u64::from(notified), "{features:#x}");
+    }
+}
+
+/// CPU time (user + system, clock ticks) of this process's thread named `name`.
+fn thread_ticks(name: &str) -> Option<u64> {
+    for e in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = e.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        let f: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+        // proc(5): utime and stime are fields 14 and 15 (11 and 12 after the name).
+        return Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?);
+    }
+    None
+}
+
+#[test]
+fn an_idle_device_host_uses_no_cpu_after_its_poll_window() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (t, mem) = live(1 << VIRTIO_RING_F_EVENT_IDX);
+    let poller = Poller::start(Duration::from_micros(200)).unwrap();
+    poller.add(Arc::clone(&t) as Arc<dyn Pollable>);
+    let handle = poller.handle();
+    let kick = move || handle.kick();
+    // A burst of work, so the poller polls...
+    for i in 0..200u16 {
+        submit(&mem, true, i, &t, &kick);
+        assert!(
+            served(&mem, i.wrapping_add(1)),
+            "request {i} was never served"
+        );
+    }
+    assert!(
+        poller.handle().counters().busy_passes > 0,
+        "the poller polled"
+    );
+    // ...then nothing: after its window it must sleep, not spin.
+    std::thread::sleep(Duration::from_millis(50));
+    let (before, ticks) = (
+        poller.handle().counters(),
+        thread_ticks("aperture-poll").unwrap(),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let (after, ticks_after) = (
+        poller.handle().counters(),
+        thread_ticks("aperture-poll").unwrap(),
+    );
+    assert_eq!(
+        before, after,
+        "the poller did nothing while the guest was idle"
+    );
+    // Under 1% of a CPU over the second: at most one 10 ms clock tick.
+    assert!(
+        ticks_after - ticks <= 1,
+        "{} ticks while idle",
+        ticks_after - ticks
+    );
+}

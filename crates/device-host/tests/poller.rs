@@ -133,7 +133,9 @@ fn spin(d: Duration) {
 
 #[test]
 fn no_lost_wakeup_when_the_driver_races_the_switch_between_polling_and_sleeping() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for features in [0, 1 << VIRTIO_RING_F_EVENT_IDX] {
         let event_idx = features != 0;
         let (t, mem) = live(features);
@@ -184,7 +186,9 @@ fn thread_ticks(name: &str) -> Option<u64> {
 
 #[test]
 fn an_idle_device_host_uses_no_cpu_after_its_poll_window() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let (t, mem) = live(1 << VIRTIO_RING_F_EVENT_IDX);
     let poller = Poller::start(Duration::from_micros(200)).unwrap();
     poller.add(Arc::clone(&t) as Arc<dyn Pollable>);

@@ -710,7 +710,9 @@ fn process<D: VirtioDevice<GuestView>>(sh: &Shared<D>, i: usize) {
             view.read_obj::<[u16; 2]>(u)
         );
     }
-    let result = device.process_queue(i, &mut ring.queue, &view);
+    // As the transport serves a notification: with EVENT_IDX, avail_event follows,
+    // and no call goes out that the driver did not ask for.
+    let result = virtio_pci::serve_queue(device, i, &mut ring.queue, &view, false);
     crate::trace!(
         "queue {i}: done at avail {}: {result:?}",
         ring.queue.next_avail()
@@ -718,8 +720,8 @@ fn process<D: VirtioDevice<GuestView>>(sh: &Shared<D>, i: usize) {
     // Unpins the windows of the batch: revoked ones are unmapped now.
     drop(view);
     match result {
-        Ok(true) => signal(&sh.calls[i]),
-        Ok(false) => {}
+        Ok(virtio_pci::Interrupt::Send) => signal(&sh.calls[i]),
+        Ok(_) => {}
         Err(e) => {
             eprintln!("vhost-iotlb: queue {i} failed and is stopped until restarted: {e}");
             ring.broken = true;

@@ -23,7 +23,7 @@ mod transport;
 
 pub use config_space::{Bar0Layout, PciIds, BAR0_SIZE};
 pub use transport::{
-    device_status, ActiveQueue, InterruptSink, TransportCounters, TransportError, VirtioDevice,
-    VirtioPciTransport, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR,
-    VIRTIO_RING_F_EVENT_IDX,
+    device_status, serve_queue, ActiveQueue, Interrupt, InterruptSink, TransportCounters,
+    TransportError, VirtioDevice, VirtioPciTransport, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+    VIRTIO_MSI_NO_VECTOR, VIRTIO_RING_F_EVENT_IDX,
 };

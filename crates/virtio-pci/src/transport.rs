@@ -148,6 +148,70 @@ pub struct TransportCounters {
     pub suppressed_interrupts: u64,
 }
 
+/// Whether the driver gets an interrupt for what [`serve_queue`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupt {
+    /// Nothing the driver needs to hear about.
+    None,
+    /// The driver asked to be told: send it.
+    Send,
+    /// The device would have interrupted, but the driver asked for none
+    /// (`VRING_AVAIL_F_NO_INTERRUPT` without EVENT_IDX).
+    Suppressed,
+}
+
+/// Serves queue `index` of `device` as a notification of it asks, for the transport and
+/// for a vhost-user back-end alike. It processes the queue; then, unless `polling` (a
+/// poller serves the queue with notifications off), it asks the driver for the next
+/// notification, which with EVENT_IDX moves `avail_event` to where the device stopped
+/// (§2.7.10): without that the driver would never notify again. Buffers published in
+/// between are served at once. A queue whose buffers the device leaves waiting (an
+/// event queue) is served once.
+///
+/// # Errors
+/// The device's error: it cannot go on without a reset.
+pub fn serve_queue<M: GuestMemory, D: VirtioDevice<M> + ?Sized>(
+    device: &mut D,
+    index: usize,
+    queue: &mut Queue,
+    mem: &M,
+    polling: bool,
+) -> Result<Interrupt, String> {
+    let mut wanted = false;
+    loop {
+        let before = queue.next_avail();
+        wanted |= device.process_queue(index, queue, mem)?;
+        if polling
+            || queue.next_avail() == before
+            || !queue.enable_notification(mem).unwrap_or(false)
+        {
+            break;
+        }
+    }
+    Ok(if !wanted {
+        Interrupt::None
+    } else if driver_wants_interrupt(queue, mem) {
+        Interrupt::Send
+    } else {
+        Interrupt::Suppressed
+    })
+}
+
+/// Without EVENT_IDX the driver's `avail->flags` says whether it wants interrupts
+/// (§2.7.7.2: the device SHOULD NOT send one when `VRING_AVAIL_F_NO_INTERRUPT` is set;
+/// virtio-queue ignores the flag). With EVENT_IDX the device already asked
+/// `needs_notification`, which compared `used_event`. An unreadable ring is the
+/// device's error to find: the interrupt goes out.
+fn driver_wants_interrupt<M: GuestMemory>(q: &Queue, mem: &M) -> bool {
+    if q.event_idx_enabled() {
+        return true;
+    }
+    mem.load::<u16>(GuestAddress(q.avail_ring()), Ordering::Acquire)
+        .map_or(true, |flags| {
+            u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0
+        })
+}
+
 /// A virtio device on a modern virtio-pci function.
 pub struct VirtioPciTransport<D, M> {
     device: D,
@@ -379,60 +443,28 @@ impl<D: VirtioDevice<M>, M: GuestMemory> VirtioPciTransport<D, M> {
         if !self.running() {
             return;
         }
-        let Some(slot) = self.queues.get(index) else {
+        let Some(slot) = self.queues.get_mut(index) else {
             return;
         };
         if !slot.queue.ready() {
             return;
         }
-        loop {
-            let slot = &mut self.queues[index];
-            let before = slot.queue.next_avail();
-            match self.device.process_queue(index, &mut slot.queue, &self.mem) {
-                Ok(true) => {
-                    if self.driver_wants_interrupt(index) {
-                        self.counters.interrupts += 1;
-                        let vector = self.queues[index].vector;
-                        self.interrupt(vector, 1);
-                    } else {
-                        self.counters.suppressed_interrupts += 1;
-                    }
-                }
-                Ok(false) => {}
-                Err(_) => {
-                    self.needs_reset();
-                    return;
-                }
+        match serve_queue(
+            &mut self.device,
+            index,
+            &mut slot.queue,
+            &self.mem,
+            self.polling,
+        ) {
+            Ok(Interrupt::Send) => {
+                self.counters.interrupts += 1;
+                let vector = slot.vector;
+                self.interrupt(vector, 1);
             }
-            // Unless polling, ask for the next notification: with EVENT_IDX that moves
-            // `avail_event` to where the device stopped, without which the driver would
-            // never notify again (§2.7.10). Buffers published meanwhile are served now;
-            // a queue whose buffers the device leaves waiting (an event queue) stops.
-            let q = &mut self.queues[index].queue;
-            if self.polling
-                || q.next_avail() == before
-                || !q.enable_notification(&self.mem).unwrap_or(false)
-            {
-                return;
-            }
+            Ok(Interrupt::Suppressed) => self.counters.suppressed_interrupts += 1,
+            Ok(Interrupt::None) => {}
+            Err(_) => self.needs_reset(),
         }
-    }
-
-    /// Without EVENT_IDX the driver's `avail->flags` says whether it wants interrupts
-    /// (§2.7.7.2: the device SHOULD NOT send one when `VRING_AVAIL_F_NO_INTERRUPT` is
-    /// set; virtio-queue ignores the flag). With EVENT_IDX the device already asked
-    /// `needs_notification`, which compared `used_event`. An unreadable ring is the
-    /// device's error to find: the interrupt goes out.
-    fn driver_wants_interrupt(&self, index: usize) -> bool {
-        let q = &self.queues[index].queue;
-        if q.event_idx_enabled() {
-            return true;
-        }
-        self.mem
-            .load::<u16>(GuestAddress(q.avail_ring()), Ordering::Acquire)
-            .map_or(true, |flags| {
-                u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0
-            })
     }
 
     /// Indices of the ready queues the device lets the transport poll.

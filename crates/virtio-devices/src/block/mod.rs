@@ -1,5 +1,6 @@
 //! virtio-blk, the block device (virtio spec §5.2), on a raw image file: one queue,
-//! IN, OUT, FLUSH and GET_ID requests, positioned I/O through a bounce buffer.
+//! IN, OUT, FLUSH and GET_ID requests, positioned I/O straight between the image and
+//! guest memory (`preadv`/`pwritev` over the translated buffers).
 //!
 //! Each chain goes through three steps. The shell walks it once ([`Layout`]), finds the
 //! status byte (the last writable byte) and translates it first: a request whose status
@@ -17,7 +18,7 @@ use request::{decode, Disk, Request, Shape, Status, HEADER_SIZE, ID_BYTES, SECTO
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -39,8 +40,6 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const PCI_CLASS_CODE: u32 = 0x01_00_00;
 /// Descriptors one chain may have: header, [`request::SEG_MAX`] data segments, status.
 pub const MAX_DESCRIPTORS: usize = request::SEG_MAX as usize + 2;
-/// Bounce buffer between guest memory and the file; transfers move in pieces of this.
-const CHUNK: usize = 64 << 10;
 
 /// The device configuration (§5.2.4, `struct virtio_blk_config`): offsets of the fields
 /// the device fills. Everything else in it reads as zero.
@@ -148,7 +147,6 @@ pub struct Block {
     access_platform: bool,
     acked: u64,
     counters: BlockCounters,
-    bounce: Box<[u8]>,
     test_stray_sector: Option<u64>,
 }
 
@@ -212,7 +210,6 @@ impl Block {
             access_platform: config.access_platform,
             acked: 0,
             counters: BlockCounters::default(),
-            bounce: vec![0; CHUNK].into_boxed_slice(),
             test_stray_sector: config.test_stray_sector,
         })
     }
@@ -355,18 +352,12 @@ impl Block {
                 } else {
                     layout.writable()
                 };
+                // Every destination byte translated before the first one is read; then
+                // the file goes straight into guest memory (inside the disk: decode
+                // checked the range).
                 let dst = chain::translate(mem, target, 0, u64::from(len), Permissions::Write)?;
-                let mut done = 0usize;
-                while done < dst.len() {
-                    let n = (dst.len() - done).min(CHUNK);
-                    let at = offset + done as u64; // inside the disk: decode checked
-                    let buf = &mut self.bounce[..n];
-                    self.file
-                        .read_exact_at(buf, at)
-                        .map_err(|source| BlockError::Disk { offset: at, source })?;
-                    dst.write_at(done, buf)?;
-                    done += n;
-                }
+                dst.read_from_file_at(&self.file, offset)
+                    .map_err(|source| BlockError::Disk { offset, source })?;
                 Ok(len)
             }
             Request::Write { offset, len } => {
@@ -378,17 +369,8 @@ impl Block {
                     u64::from(len),
                     Permissions::Read,
                 )?;
-                let mut done = 0usize;
-                while done < src.len() {
-                    let n = (src.len() - done).min(CHUNK);
-                    let at = offset + done as u64; // inside the disk: decode checked
-                    let buf = &mut self.bounce[..n];
-                    src.read_at(done, buf)?;
-                    self.file
-                        .write_all_at(buf, at)
-                        .map_err(|source| BlockError::Disk { offset: at, source })?;
-                    done += n;
-                }
+                src.write_to_file_at(&self.file, offset)
+                    .map_err(|source| BlockError::Disk { offset, source })?;
                 if !self.writeback() {
                     self.sync()?;
                 }

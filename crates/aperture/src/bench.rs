@@ -32,7 +32,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use virtio_iommu::RequestType;
 
@@ -251,7 +251,12 @@ impl Sampler {
             .as_ref()
             .map(IommuHandle::transport_counters)
             .unwrap_or_default();
-        let blk = self.blk.get().map(|t| t.counters()).unwrap_or_default();
+        let blk = self
+            .blk
+            .get()
+            .and_then(Weak::upgrade)
+            .map(|t| t.counters())
+            .unwrap_or_default();
         HostCounts {
             kicks: self.kicks.load(Ordering::Relaxed),
             blk_polled: blk.polled,
@@ -272,8 +277,9 @@ impl Sampler {
     }
 }
 
-/// Where [`Counted`] leaves the transport of the device it built.
-type BlkTransport = Arc<OnceLock<Arc<dyn Pollable>>>;
+/// Where [`Counted`] leaves the transport of the device it built; weak, so that the
+/// transport (and a vhost-user connection in it) goes when the device host ends.
+type BlkTransport = Arc<OnceLock<Weak<dyn Pollable>>>;
 
 /// An endpoint whose queue notifications are counted: the device host's backend for
 /// it, wrapped; its transport is kept for its counters.
@@ -293,7 +299,7 @@ impl EndpointFactory for Counted {
         iommu: Option<virtio_iommu::EndpointIommu>,
     ) -> Result<Function, String> {
         let mut f = self.inner.build(iommu)?;
-        let _ = self.transport.set(Arc::clone(&f.transport));
+        let _ = self.transport.set(Arc::downgrade(&f.transport));
         let kicks = self.kicks;
         f.backend = Box::new(NotifyHook::new(f.backend, move || {
             kicks.fetch_add(1, Ordering::Relaxed);
@@ -316,7 +322,7 @@ struct Workload {
     /// Our device host's counts (our configurations only).
     host: Option<HostCounts>,
     /// Host CPU over the workload.
-    cpu: Option<WorkloadCpu>,
+    cpu: Option<vm::CpuTimes>,
 }
 
 impl Workload {
@@ -328,39 +334,6 @@ impl Workload {
             _ => return None,
         };
         (bytes > 0.0).then(|| bytes / f64::from(1u32 << 30))
-    }
-}
-
-/// Host CPU seconds over one timed workload: this process (our device host, in
-/// process) and its descendants (QEMU, and the back-end process when there is one).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct WorkloadCpu {
-    ours_s: f64,
-    children_s: f64,
-}
-
-impl WorkloadCpu {
-    /// This process's and its descendants' CPU seconds so far.
-    fn now() -> Option<Self> {
-        let tck = clock_ticks();
-        let me = std::process::id();
-        let (_, own) = proc_stat(me)?;
-        let children: u64 = descendants(me)
-            .iter()
-            .filter_map(|&p| proc_stat(p))
-            .map(|(_, t)| t)
-            .sum();
-        Some(Self {
-            ours_s: own as f64 / tck,
-            children_s: children as f64 / tck,
-        })
-    }
-
-    fn since(self, before: Self) -> Self {
-        Self {
-            ours_s: (self.ours_s - before.ours_s).max(0.0),
-            children_s: (self.children_s - before.children_s).max(0.0),
-        }
     }
 }
 
@@ -654,8 +627,8 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
     let mut begun: BTreeMap<String, HostCounts> = BTreeMap::new();
     let mut counted: BTreeMap<String, HostCounts> = BTreeMap::new();
     // Host CPU at each workload's "begin", then over it.
-    let mut cpu_begun: BTreeMap<String, WorkloadCpu> = BTreeMap::new();
-    let mut cpu_used: BTreeMap<String, WorkloadCpu> = BTreeMap::new();
+    let mut cpu_begun: BTreeMap<String, vm::CpuTimes> = BTreeMap::new();
+    let mut cpu_used: BTreeMap<String, vm::CpuTimes> = BTreeMap::new();
     let console = dir.join("console.log");
     let timeout = Duration::from_secs(u64::from(600 + 4 * (opts.seconds + WARMUP_S)));
     // The machine's CPU use from the first workload's start to the last one's end.
@@ -675,10 +648,10 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
                 }
             }
             if k == "begin" {
-                if let Some(c) = WorkloadCpu::now() {
+                if let Some(c) = vm::CpuTimes::now() {
                     cpu_begun.insert(v.to_string(), c);
                 }
-            } else if let (Some(before), Some(c)) = (cpu_begun.get(k), WorkloadCpu::now()) {
+            } else if let (Some(before), Some(c)) = (cpu_begun.get(k), vm::CpuTimes::now()) {
                 cpu_used.insert(k.to_string(), c.since(*before));
             }
             let Some(s) = &sampler else { return };
@@ -930,51 +903,8 @@ impl Interference {
     }
 }
 
-/// Clock ticks per second of the `/proc` CPU counters.
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf(3) takes no pointers.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
-/// `(ppid, utime + stime in ticks)` of `/proc/PID/stat`.
-fn proc_stat(pid: u32) -> Option<(u32, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may hold spaces: fields restart after it.
-    let rest = &text[text.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // proc(5): state is field 3, ppid 4, utime 14, stime 15.
-    let ppid = f.get(1)?.parse().ok()?;
-    let utime: u64 = f.get(11)?.parse().ok()?;
-    let stime: u64 = f.get(12)?.parse().ok()?;
-    Some((ppid, utime + stime))
-}
-
-/// The living descendants of `pid`.
-fn descendants(pid: u32) -> Vec<u32> {
-    let procs: Vec<(u32, u32)> = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-                .filter_map(|p| proc_stat(p).map(|(ppid, _)| (p, ppid)))
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut found = vec![pid];
-    let mut i = 0;
-    while let Some(&parent) = found.get(i) {
-        found.extend(procs.iter().filter(|p| p.1 == parent).map(|p| p.0));
-        i += 1;
-    }
-    found.remove(0);
-    found
-}
-
 fn cpu_sample() -> Option<CpuSample> {
-    let tck = clock_ticks();
+    let tck = vm::clock_ticks();
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let cpu: Vec<u64> = stat
         .lines()
@@ -988,8 +918,8 @@ fn cpu_sample() -> Option<CpuSample> {
     let busy = at(0) + at(1) + at(2) + at(5) + at(6);
     let me = std::process::id();
     let own: u64 = std::iter::once(me)
-        .chain(descendants(me))
-        .filter_map(proc_stat)
+        .chain(vm::descendants(me))
+        .filter_map(vm::proc_stat)
         .map(|(_, t)| t)
         .sum();
     Some(CpuSample {

@@ -130,17 +130,24 @@ fn run_inner(opts: Options) -> Result<bool, String> {
     say(&format!("booting Linux under QEMU TCG with a disk and an RNG served by this process (--iommu {:?}, {})", opts.mode, if opts.strict { "strict" } else { "lazy" }));
     let console_path = work.join("console.log");
     let mut t_init = None;
+    // Host CPU over the block phase: from its first marker to its last.
+    let (mut cpu_start, mut cpu) = (None, None);
     let guest = vm::boot(
         &qemu,
         &args,
         &console_path,
         "APERTURE-E2E",
         BOOT_TIMEOUT,
-        |k, _, elapsed| {
-            if k == "start" {
+        |k, _, elapsed| match k {
+            "start" => {
                 t_init = Some(elapsed);
                 say("guest init is running the workload");
             }
+            "blk-size" => cpu_start = vm::CpuTimes::now(),
+            "blk-seconds" => {
+                cpu = cpu_start.zip(vm::CpuTimes::now()).map(|(a, b)| b.since(a));
+            }
+            _ => {}
         },
     )?;
     let (markers, qemu_status, wall) = (&guest.markers, guest.status, guest.wall);
@@ -250,6 +257,10 @@ fn run_inner(opts: Options) -> Result<bool, String> {
             "io_mib": moved,
             "io_s": secs,
             "io_mib_per_s": if secs > 0.0 { moved / secs } else { 0.0 },
+            "host_cpu_s": cpu.map(|c| serde_json::json!({
+                "ours": c.ours_s,
+                "qemu": c.children_s,
+            })),
             "maps": maps, "unmaps": unmaps, "faults": faults, "faults_logged_by_guest": guest_faults,
             "guest_ram_bytes": ram as u64,
             "exposure": exposure.iter().map(|(n, b, s)| serde_json::json!({"device": n, "bytes": *b as u64, "share_percent": s})).collect::<Vec<_>>(),
@@ -275,6 +286,12 @@ fn run_inner(opts: Options) -> Result<bool, String> {
             t_init.map_or("never".into(), |d| format!("{:.1} s", d.as_secs_f64()))
         );
         println!("  disk I/O in the guest: {moved:.0} MiB in {secs:.1} s = {:.1} MiB/s (TCG: slow by nature)", if secs > 0.0 { moved / secs } else { 0.0 });
+        if let Some(c) = cpu {
+            println!(
+                "  host CPU over it: {:.1} s this process (our devices), {:.1} s QEMU (its TCG vCPU included)",
+                c.ours_s, c.children_s
+            );
+        }
         println!("  virtio-iommu requests: {maps} MAP, {unmaps} UNMAP");
         println!("  denied device accesses: {faults} ({guest_faults} logged by the guest; the others came before its");
         println!(

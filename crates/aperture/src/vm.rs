@@ -115,6 +115,83 @@ pub(crate) fn provision() -> Result<Stack, String> {
     })
 }
 
+/// Host CPU seconds: this process (which serves our devices when they run in process)
+/// and its descendants (QEMU, and a back-end process when there is one).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct CpuTimes {
+    pub ours_s: f64,
+    pub children_s: f64,
+}
+
+impl CpuTimes {
+    /// Both so far.
+    pub(crate) fn now() -> Option<Self> {
+        let tck = clock_ticks();
+        let me = std::process::id();
+        let (_, own) = proc_stat(me)?;
+        let children: u64 = descendants(me)
+            .into_iter()
+            .filter_map(proc_stat)
+            .map(|(_, t)| t)
+            .sum();
+        Some(Self {
+            ours_s: own as f64 / tck,
+            children_s: children as f64 / tck,
+        })
+    }
+
+    /// What was used since `before`.
+    pub(crate) fn since(self, before: Self) -> Self {
+        Self {
+            ours_s: (self.ours_s - before.ours_s).max(0.0),
+            children_s: (self.children_s - before.children_s).max(0.0),
+        }
+    }
+}
+
+/// Clock ticks per second of the `/proc` CPU counters.
+pub(crate) fn clock_ticks() -> f64 {
+    // SAFETY: sysconf(3) takes no pointers.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// `(ppid, utime + stime in ticks)` of `/proc/PID/stat`.
+pub(crate) fn proc_stat(pid: u32) -> Option<(u32, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields restart after it.
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // proc(5): state is field 3, ppid 4, utime 14, stime 15.
+    let ppid = f.get(1)?.parse().ok()?;
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((ppid, utime + stime))
+}
+
+/// The living descendants of `pid`.
+pub(crate) fn descendants(pid: u32) -> Vec<u32> {
+    let procs: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(|p| proc_stat(p).map(|(ppid, _)| (p, ppid)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while let Some(&parent) = found.get(i) {
+        found.extend(procs.iter().filter(|p| p.1 == parent).map(|p| p.0));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
 /// A disk of `size_mib` MiB whose first `data_mib` MiB are deterministic host data
 /// (the rest zeros). Returns the md5 of the data.
 ///

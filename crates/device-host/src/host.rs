@@ -191,7 +191,7 @@ impl IommuHandle {
 
 /// The poll window's default maximum (`aperture serve --poll-us`), chosen by measuring
 /// the guest (docs/ARCHITECTURE.md, "Polling").
-pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(64);
+pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(256);
 
 /// The functions of one VM, bound and ready to serve.
 pub struct DeviceHost {
@@ -366,7 +366,7 @@ impl DeviceHost {
                     }
                 }));
             handle = Some(IommuHandle(Arc::clone(&t)));
-            poller.add(Arc::clone(&t) as Arc<dyn Pollable>);
+            poller.add(&(Arc::clone(&t) as Arc<dyn Pollable>));
             let build: MemoryBuilder<GuestMemoryMmap> = Box::new(|phys| phys);
             let backend = Box::new(PciFunction::new(t, vectors, build));
             served.push(bind(dir, "iommu", IOMMU_SLOT, polled(backend, &poller), 3)?);
@@ -379,7 +379,7 @@ impl DeviceHost {
                 name: name.clone(),
                 why,
             })?;
-            poller.add(f.transport);
+            poller.add(&f.transport);
             served.push(bind(
                 dir,
                 &name,

@@ -32,7 +32,7 @@
 
 use crate::vfio::lock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use virtio_pci::{TransportCounters, VirtioDevice, VirtioPciTransport};
@@ -100,7 +100,9 @@ struct Wake {
 
 /// State shared by the poller thread and whoever kicks it.
 struct Shared {
-    queues: Mutex<Vec<Arc<dyn Pollable>>>,
+    /// Weak: the poller must not keep a function's transport (and with it, say, a
+    /// vhost-user connection) alive after its server is gone.
+    queues: Mutex<Vec<Weak<dyn Pollable>>>,
     /// Set while the poller polls: a notification then needs no wake-up.
     polling: AtomicBool,
     wake: Mutex<Wake>,
@@ -173,9 +175,9 @@ impl Poller {
         })
     }
 
-    /// Adds queues to serve.
-    pub fn add(&self, queues: Arc<dyn Pollable>) {
-        lock(&self.shared.queues).push(queues);
+    /// Adds queues to serve, for as long as someone else keeps them.
+    pub fn add(&self, queues: &Arc<dyn Pollable>) {
+        lock(&self.shared.queues).push(Arc::downgrade(queues));
     }
 
     /// The handle a function's server thread calls after each notification.
@@ -238,7 +240,9 @@ fn run(s: &Shared) {
         if window.is_zero() {
             continue;
         }
-        let queues = lock(&s.queues).clone();
+        // Held for this polling period only.
+        let queues: Vec<Arc<dyn Pollable>> =
+            lock(&s.queues).iter().filter_map(Weak::upgrade).collect();
         let started = now;
         s.polling.store(true, Ordering::Release);
         set_polling(&queues, true);

@@ -140,7 +140,7 @@ fn no_lost_wakeup_when_the_driver_races_the_switch_between_polling_and_sleeping(
         let event_idx = features != 0;
         let (t, mem) = live(features);
         let poller = Poller::start(Duration::from_micros(20)).unwrap();
-        poller.add(Arc::clone(&t) as Arc<dyn Pollable>);
+        poller.add(&(Arc::clone(&t) as Arc<dyn Pollable>));
         let handle = poller.handle();
         let kick = move || handle.kick();
         let (mut notified, n) = (0u32, 3000u16);
@@ -191,7 +191,7 @@ fn an_idle_device_host_uses_no_cpu_after_its_poll_window() {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let (t, mem) = live(1 << VIRTIO_RING_F_EVENT_IDX);
     let poller = Poller::start(Duration::from_micros(200)).unwrap();
-    poller.add(Arc::clone(&t) as Arc<dyn Pollable>);
+    poller.add(&(Arc::clone(&t) as Arc<dyn Pollable>));
     let handle = poller.handle();
     let kick = move || handle.kick();
     // A burst of work, so the poller polls...

@@ -1988,6 +1988,9 @@ fn fail_ring<M: GuestMemory>(kind: DeviceKind, state: QueueState, mem: &M) -> us
         }
         done += 1;
     }
+    // The driver must notify its next request too, which is then failed the same way:
+    // with EVENT_IDX, the dead back-end left avail_event wherever it was (§2.7.10).
+    let _ = q.enable_notification(mem);
     done
 }
 

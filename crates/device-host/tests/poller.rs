@@ -48,26 +48,32 @@ fn live(features: u64) -> (Arc<Transport>, Mem) {
         0,
     )
     .unwrap();
+    bring_up(&mut t, features);
+    assert_eq!(t.status(), 1 | 2 | 8 | 4, "DRIVER_OK");
+    (Arc::new(Mutex::new(t)), mem)
+}
+
+/// Linux's bring-up of queue 0 from reset: features, queue addresses, DRIVER_OK.
+fn bring_up(t: &mut VirtioPciTransport<Rng, Mem>, features: u64) {
     let w = |t: &mut VirtioPciTransport<Rng, Mem>, off: u64, v: u64, len: usize| {
         t.write_bar(off, &v.to_le_bytes()[..len]);
     };
     let want = features | (1 << VIRTIO_F_VERSION_1);
-    w(&mut t, 0x14, 1 | 2, 1);
+    w(t, 0x14, 0, 1);
+    w(t, 0x14, 1 | 2, 1);
     for half in 0..2 {
-        w(&mut t, 0x08, half, 4);
-        w(&mut t, 0x0c, (want >> (32 * half)) & 0xffff_ffff, 4);
+        w(t, 0x08, half, 4);
+        w(t, 0x0c, (want >> (32 * half)) & 0xffff_ffff, 4);
     }
-    w(&mut t, 0x14, 1 | 2 | 8, 1);
-    w(&mut t, 0x16, 0, 2);
-    w(&mut t, 0x18, u64::from(SIZE), 2);
-    w(&mut t, 0x1a, 1, 2);
-    w(&mut t, 0x20, DESC, 8);
-    w(&mut t, 0x28, AVAIL, 8);
-    w(&mut t, 0x30, USED, 8);
-    w(&mut t, 0x1c, 1, 2);
-    w(&mut t, 0x14, 1 | 2 | 8 | 4, 1);
-    assert_eq!(t.status(), 1 | 2 | 8 | 4, "DRIVER_OK");
-    (Arc::new(Mutex::new(t)), mem)
+    w(t, 0x14, 1 | 2 | 8, 1);
+    w(t, 0x16, 0, 2);
+    w(t, 0x18, u64::from(SIZE), 2);
+    w(t, 0x1a, 1, 2);
+    w(t, 0x20, DESC, 8);
+    w(t, 0x28, AVAIL, 8);
+    w(t, 0x30, USED, 8);
+    w(t, 0x1c, 1, 2);
+    w(t, 0x14, 1 | 2 | 8 | 4, 1);
 }
 
 fn load16(mem: &Mem, at: u64) -> u16 {
@@ -227,4 +233,92 @@ fn an_idle_device_host_uses_no_cpu_after_its_poll_window() {
         "{} ticks while idle",
         ticks_after - ticks
     );
+}
+
+/// Register and configuration accesses, random but repeatable (xorshift64).
+struct Fuzz(u64);
+impl Fuzz {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn register_traffic_fuzzed_while_queues_run_causes_no_deadlock_and_no_panic() {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (t, mem) = live(1 << VIRTIO_RING_F_EVENT_IDX);
+    let poller = Poller::start(Duration::from_micros(50)).unwrap();
+    poller.add(&(Arc::clone(&t) as Arc<dyn Pollable>));
+    let handle = poller.handle();
+    let run_for = Duration::from_secs(1);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+
+    // The driver: keeps submitting, waiting at most a millisecond for each (a reset by
+    // the fuzzer may have stopped the queue: the driver then just carries on).
+    let (dt, dmem, dh, tx) = (Arc::clone(&t), mem.clone(), handle.clone(), done_tx.clone());
+    let driver = std::thread::spawn(move || {
+        let end = Instant::now() + run_for;
+        let kick = move || dh.kick();
+        let mut i = 0u16;
+        while Instant::now() < end {
+            submit(&dmem, true, i, &dt, &kick);
+            let deadline = Instant::now() + Duration::from_millis(1);
+            while load16(&dmem, USED + 2) != i.wrapping_add(1) && Instant::now() < deadline {
+                std::hint::spin_loop();
+            }
+            i = i.wrapping_add(1);
+        }
+        let _ = tx.send("driver");
+    });
+    // The fuzzer: random BAR 0 and config-space accesses, now and then the driver's
+    // bring-up sequence again, so queues keep coming back to life.
+    let (ft, tx) = (Arc::clone(&t), done_tx);
+    let fuzzer = std::thread::spawn(move || {
+        let end = Instant::now() + run_for;
+        let mut f = Fuzz(0x9e37_79b9_7f4a_7c15);
+        let mut n = 0u64;
+        while Instant::now() < end {
+            let r = f.next();
+            let len = [1usize, 2, 4, 8][(r & 3) as usize];
+            let value = f.next().to_le_bytes();
+            let mut t = ft.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match (r >> 2) % 8 {
+                0..=3 => t.write_bar((r >> 8) % 0x4000, &value[..len]),
+                4 | 5 => {
+                    let mut b = [0u8; 8];
+                    t.read_bar((r >> 8) % 0x4000, &mut b[..len]);
+                }
+                6 => t.write_config_space((r >> 8) % 256, &value[..len]),
+                _ => {
+                    let mut b = [0u8; 8];
+                    t.read_config_space((r >> 8) % 256, &mut b[..len]);
+                }
+            }
+            drop(t);
+            n += 1;
+            if n % 500 == 0 {
+                bring_up(&mut ft.lock().unwrap(), 1 << VIRTIO_RING_F_EVENT_IDX);
+            }
+        }
+        let _ = tx.send("fuzzer");
+    });
+    // Both must finish: a deadlock would keep them (or the poller) stuck.
+    for _ in 0..2 {
+        let who = done_rx.recv_timeout(run_for + Duration::from_secs(10));
+        assert!(who.is_ok(), "a thread is stuck: deadlock");
+    }
+    assert!(driver.join().is_ok(), "the driver panicked");
+    assert!(fuzzer.join().is_ok(), "the fuzzer panicked");
+    let stopped = Instant::now();
+    drop(poller);
+    assert!(
+        stopped.elapsed() < Duration::from_secs(1),
+        "the poller did not stop"
+    );
+    assert!(handle.counters().wakeups > 0, "the poller ran");
 }

@@ -301,7 +301,7 @@ fn register_traffic_fuzzed_while_queues_run_causes_no_deadlock_and_no_panic() {
             }
             drop(t);
             n += 1;
-            if n % 500 == 0 {
+            if n.is_multiple_of(500) {
                 bring_up(&mut ft.lock().unwrap(), 1 << VIRTIO_RING_F_EVENT_IDX);
             }
         }

@@ -200,13 +200,18 @@ fn an_idle_device_host_uses_no_cpu_after_its_poll_window() {
     poller.add(&(Arc::clone(&t) as Arc<dyn Pollable>));
     let handle = poller.handle();
     let kick = move || handle.kick();
-    // A burst of work, so the poller polls...
-    for i in 0..200u16 {
+    // Work, requests a few µs apart, until the poller has polled (at once on an idle
+    // machine; a loaded one may take longer to schedule it)...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut i = 0u16;
+    while poller.handle().counters().busy_passes == 0 && Instant::now() < deadline {
         submit(&mem, true, i, &t, &kick);
         assert!(
             served(&mem, i.wrapping_add(1)),
             "request {i} was never served"
         );
+        spin(Duration::from_micros(5));
+        i = i.wrapping_add(1);
     }
     assert!(
         poller.handle().counters().busy_passes > 0,

@@ -9,9 +9,11 @@ mod common;
 
 use common::*;
 use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use virtio_devices::block::request::{MAX_DATA_BYTES, SEG_MAX};
 use virtio_devices::block::{Block, BlockConfig, BlockError};
 use virtio_pci::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -788,4 +790,118 @@ fn blk_direct_io_moves_only_the_translated_segments() {
     let mut want = image.clone();
     want[20 * 512..24 * 512].copy_from_slice(&fresh);
     assert_eq!(after, want, "sectors 20-23 written, nothing else");
+}
+
+/// An indirect descriptor (§2.7.5.3): the chain is the table at `table`, `len` bytes.
+fn indirect(table: u64, len: u32) -> virtio_queue::desc::RawDescriptor {
+    SplitDescriptor::new(table, len, VRING_DESC_F_INDIRECT as u16, 0).into()
+}
+
+/// Writes `descs` as a descriptor table at `at`.
+fn table(mem: &Mem, at: u64, descs: &[SplitDescriptor]) {
+    for (i, d) in descs.iter().enumerate() {
+        mem.write_obj(
+            virtio_queue::desc::RawDescriptor::from(*d),
+            GuestAddress(at + 16 * i as u64),
+        )
+        .unwrap();
+    }
+}
+
+const TABLE: u64 = DATA + 0x10_0000;
+const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+
+#[test]
+fn blk_indirect_chains_are_served() {
+    let (img, mut dev) = disk("indirect", false);
+    let mem = ram();
+    let mut drv = Driver::new(&mem);
+    let mut q = drv.queue();
+    prepare(&mem, VIRTIO_BLK_T_IN, 3);
+    table(
+        &mem,
+        TABLE,
+        &[
+            SplitDescriptor::new(HDR, 16, NEXT, 1),
+            SplitDescriptor::new(DATA, 512, NEXT | F_WRITE, 2),
+            SplitDescriptor::new(STATUS, 1, F_WRITE, 0),
+        ],
+    );
+    drv.post_raw(&[indirect(TABLE, 48)]);
+    dev.process_queue(0, &mut q, &mem).unwrap();
+    assert_eq!(drv.one(), 513);
+    assert_eq!(status(&mem), OK);
+    let mut got = vec![0u8; 512];
+    mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert_eq!(got, img.contents()[3 * 512..4 * 512]);
+}
+
+#[test]
+fn blk_hostile_indirect_tables_are_refused_without_a_panic() {
+    let (img, mut dev) = disk("indirect-hostile", false);
+    let before = img.contents();
+    let mem = ram();
+    let mut drv = Driver::new(&mem);
+    let mut q = drv.queue();
+    mem.write_slice(&pattern(512, 5), GuestAddress(DATA))
+        .unwrap();
+    let hostile: [(&str, Vec<SplitDescriptor>, u32); 4] = [
+        // A table inside a table (§2.7.5.3.1: the driver MUST NOT nest them).
+        (
+            "nested",
+            vec![
+                SplitDescriptor::new(HDR, 16, NEXT, 1),
+                SplitDescriptor::new(TABLE + 0x100, 48, VRING_DESC_F_INDIRECT as u16, 0),
+            ],
+            32,
+        ),
+        // A length that is not a whole number of descriptors.
+        (
+            "bad length",
+            vec![SplitDescriptor::new(HDR, 16, NEXT, 1)],
+            20,
+        ),
+        // A loop: 0 -> 1 -> 0 -> ...
+        (
+            "loop",
+            vec![
+                SplitDescriptor::new(HDR, 16, NEXT, 1),
+                SplitDescriptor::new(DATA, 512, NEXT, 0),
+            ],
+            32,
+        ),
+        // No status byte anywhere in a table of nothing but readable descriptors.
+        (
+            "no status",
+            vec![
+                SplitDescriptor::new(HDR, 16, NEXT, 1),
+                SplitDescriptor::new(DATA, 512, 0, 0),
+            ],
+            32,
+        ),
+    ];
+    for (what, descs, len) in hostile {
+        prepare(&mem, VIRTIO_BLK_T_OUT, 0);
+        table(&mem, TABLE, &descs);
+        drv.post_raw(&[indirect(TABLE, len)]);
+        dev.process_queue(0, &mut q, &mem).unwrap();
+        assert_eq!(drv.one(), 0, "{what}: returned unused");
+        assert_eq!(img.contents(), before, "{what}: the file is untouched");
+    }
+    // A table past the end of guest RAM.
+    prepare(&mem, VIRTIO_BLK_T_OUT, 0);
+    drv.post_raw(&[indirect(RAM_SIZE as u64 + 0x1000, 48)]);
+    dev.process_queue(0, &mut q, &mem).unwrap();
+    assert_eq!(drv.one(), 0, "past RAM: returned unused");
+    assert_eq!(img.contents(), before);
+    // The device still serves a good request.
+    prepare(&mem, VIRTIO_BLK_T_IN, 1);
+    let (used, st) = run(
+        &mut dev,
+        &mut drv,
+        &mut q,
+        &mem,
+        &[r(HDR, 16), w(DATA, 512), w(STATUS, 1)],
+    );
+    assert_eq!((used, st), (513, OK));
 }

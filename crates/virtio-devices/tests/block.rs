@@ -48,11 +48,14 @@ fn run(
 }
 
 #[test]
-fn blk_offers_version_1_flush_seg_max_size_max_blk_size_and_ro_only_when_read_only() {
+fn blk_offers_version_1_event_idx_indirect_flush_seg_max_size_max_blk_size_and_ro_only_when_read_only(
+) {
     let (_img, rw) = disk("feat-rw", false);
     let f = VirtioDevice::<Mem>::device_features(&rw);
     for bit in [
         VIRTIO_F_VERSION_1,
+        virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX,
+        virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC,
         VIRTIO_BLK_F_FLUSH,
         VIRTIO_BLK_F_SEG_MAX,
         VIRTIO_BLK_F_SIZE_MAX,

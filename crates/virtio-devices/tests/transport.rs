@@ -70,6 +70,7 @@ fn blk_through_virtio_pci_negotiates_reads_config_and_round_trips_data() {
     let want = V1
         | AP
         | EI
+        | 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC
         | 1 << VIRTIO_BLK_F_FLUSH
         | 1 << VIRTIO_BLK_F_SEG_MAX
         | 1 << VIRTIO_BLK_F_SIZE_MAX

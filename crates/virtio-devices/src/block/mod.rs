@@ -25,6 +25,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_SIZE_MAX,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_pci::{
     VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
@@ -416,9 +417,13 @@ impl<M: GuestMemory> VirtioDevice<M> for Block {
     fn device_features(&self) -> u64 {
         // EVENT_IDX: interrupts only where the driver's used_event asks, and a polling
         // transport keeps the driver from notifying (process_queue asks
-        // needs_notification, which honours used_event).
+        // needs_notification, which honours used_event). INDIRECT_DESC: a request takes
+        // one ring slot (virtio-queue walks the table and refuses nested, misaligned
+        // and looping ones); Linux then maps the table too, one more IOMMU MAP per
+        // request, which docs/ARCHITECTURE.md weighs.
         let mut f: u64 = (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_BLK_F_SIZE_MAX)
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)

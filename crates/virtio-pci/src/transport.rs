@@ -484,11 +484,9 @@ impl<D: VirtioDevice<M>, M: GuestMemory> VirtioPciTransport<D, M> {
             return false;
         }
         let mut found = false;
-        for index in 0..self.queues.len() {
+        let indices: Vec<usize> = self.polled_queues().collect();
+        for index in indices {
             let q = &self.queues[index].queue;
-            if !q.ready() || !self.device.polled(index) {
-                continue;
-            }
             // An unreadable avail ring is not work; a notification would find the error.
             let published = q
                 .avail_idx(&self.mem, Ordering::Acquire)

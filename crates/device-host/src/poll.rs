@@ -105,6 +105,8 @@ struct Shared {
     queues: Mutex<Vec<Weak<dyn Pollable>>>,
     /// Set while the poller polls: a notification then needs no wake-up.
     polling: AtomicBool,
+    /// The poller is being dropped: checked on every pass.
+    stopping: AtomicBool,
     wake: Mutex<Wake>,
     cv: Condvar,
     max: Duration,
@@ -160,6 +162,7 @@ impl Poller {
         let shared = Arc::new(Shared {
             queues: Mutex::new(Vec::new()),
             polling: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             wake: Mutex::new(Wake::default()),
             cv: Condvar::new(),
             max,
@@ -188,6 +191,7 @@ impl Poller {
 
 impl Drop for Poller {
     fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
         lock(&self.shared.wake).stop = true;
         self.shared.cv.notify_one();
         if let Some(t) = self.thread.take() {
@@ -246,17 +250,25 @@ fn run(s: &Shared) {
         let started = now;
         s.polling.store(true, Ordering::Release);
         set_polling(&queues, true);
+        let poll = |queues: &[Arc<dyn Pollable>]| queues.iter().fold(false, |w, q| q.poll() | w);
         loop {
-            let work = queues.iter().fold(false, |w, q| q.poll() | w);
+            if s.stopping.load(Ordering::Acquire) {
+                set_polling(&queues, false);
+                s.polling.store(false, Ordering::Release);
+                break;
+            }
             let now = Instant::now();
-            if work {
+            if poll(&queues) {
                 s.counters.busy_passes.fetch_add(1, Ordering::Relaxed);
                 window = adjust(window, now - last_work, s.max);
                 last_work = now;
             } else if now - last_work >= window {
                 // Notifications back on, then one more look: what was published while
-                // they were off would otherwise wait for a kick that never comes.
-                if set_polling(&queues, false) {
+                // they were off would otherwise wait for a kick that never comes. What
+                // the devices cannot take (a bogus ring) waits for a notification.
+                if set_polling(&queues, false) && poll(&queues) {
+                    s.counters.busy_passes.fetch_add(1, Ordering::Relaxed);
+                    last_work = Instant::now();
                     set_polling(&queues, true);
                     continue;
                 }

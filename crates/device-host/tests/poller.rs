@@ -327,3 +327,37 @@ fn register_traffic_fuzzed_while_queues_run_causes_no_deadlock_and_no_panic() {
     );
     assert!(handle.counters().wakeups > 0, "the poller ran");
 }
+
+#[test]
+fn a_ring_the_device_cannot_take_from_does_not_keep_the_poller_spinning() {
+    // A hostile driver publishes an avail index a thousand entries ahead (§2.7.6: more
+    // than the ring holds). The device takes nothing, so that is no work: after its
+    // window the poller must sleep, not spin on it for ever.
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (t, mem) = live(1 << VIRTIO_RING_F_EVENT_IDX);
+    let poller = Poller::start(Duration::from_micros(200)).unwrap();
+    poller.add(&(Arc::clone(&t) as Arc<dyn Pollable>));
+    let handle = poller.handle();
+    // One good request first, so the poller's window is open...
+    let kick = {
+        let h = handle.clone();
+        move || h.kick()
+    };
+    for i in 0..20u16 {
+        submit(&mem, true, i, &t, &kick);
+        assert!(served(&mem, i + 1));
+    }
+    // ...then the bogus index, and a notification of it.
+    mem.store(1000u16, GuestAddress(AVAIL + 2), Ordering::Release)
+        .unwrap();
+    t.lock().unwrap().notify(0);
+    handle.kick();
+    std::thread::sleep(Duration::from_millis(50));
+    let (before, ticks) = (handle.counters(), thread_ticks("aperture-poll").unwrap());
+    std::thread::sleep(Duration::from_millis(500));
+    let (after, ticks_after) = (handle.counters(), thread_ticks("aperture-poll").unwrap());
+    assert_eq!(before, after, "the poller is asleep");
+    assert!(ticks_after - ticks <= 1, "{} ticks", ticks_after - ticks);
+}

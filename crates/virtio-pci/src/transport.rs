@@ -477,27 +477,33 @@ impl<D: VirtioDevice<M>, M: GuestMemory> VirtioPciTransport<D, M> {
     }
 
     /// Processes every polled queue whose driver published buffers since the device
-    /// last looked, as a notification would, and returns whether any had. The driver
-    /// need not notify while [`set_polling`](Self::set_polling) is on.
+    /// last looked, as a notification would, and returns whether the device took any.
+    /// The driver need not notify while [`set_polling`](Self::set_polling) is on. A
+    /// ring the device cannot take from (a bogus avail index, say) is not work: it
+    /// must not keep a poller spinning.
     pub fn poll(&mut self) -> bool {
         if !self.running() {
             return false;
         }
-        let mut found = false;
+        let mut took = false;
         let indices: Vec<usize> = self.polled_queues().collect();
         for index in indices {
             let q = &self.queues[index].queue;
+            let before = q.next_avail();
             // An unreadable avail ring is not work; a notification would find the error.
             let published = q
                 .avail_idx(&self.mem, Ordering::Acquire)
-                .is_ok_and(|idx| idx.0 != q.next_avail());
-            if published {
+                .is_ok_and(|idx| idx.0 != before);
+            if !published {
+                continue;
+            }
+            self.run_queue(index);
+            if self.queues[index].queue.next_avail() != before {
                 self.counters.polled += 1;
-                self.run_queue(index);
-                found = true;
+                took = true;
             }
         }
-        found
+        took
     }
 
     /// Turns polling on or off for every polled queue. On, the driver is told not to

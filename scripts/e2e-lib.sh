@@ -88,7 +88,7 @@ e2e_provision() {
     QEMU="${APERTURE_QEMU:-}" KERNEL="${APERTURE_KERNEL_PVH:-}" KREL="${APERTURE_KERNEL_RELEASE:-}"
     [[ -x "$QEMU" ]] || abort_all "provisioning did not produce a QEMU wrapper (APERTURE_QEMU=$QEMU)"
     [[ -s "$KERNEL" ]] || abort_all "provisioning did not produce the PVH guest kernel (APERTURE_KERNEL_PVH=$KERNEL)"
-    log "provisioned: QEMU ${APERTURE_QEMU_VERSION:-?}, guest kernel $KREL"
+    log "provisioned: QEMU ${APERTURE_QEMU_VERSION:-?} (${APERTURE_QEMU_DEB:-?}), guest kernel $KREL (${APERTURE_KERNEL_DEB:-?})"
 }
 
 # e2e_binary: APERTURE_BIN, or `cargo build -p aperture`; sets BIN.

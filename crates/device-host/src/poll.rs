@@ -27,8 +27,9 @@
 //!
 //! Threads and locks: a function's server thread handles its socket (registers,
 //! notifications, DMA maps) and takes that function's transport lock; the poller takes
-//! each transport lock in turn, never two at once, and `Shared::sleep` only when it
-//! holds none. Nothing is held across IPC.
+//! each transport lock in turn (an endpoint's fault also takes the IOMMU's, the one
+//! nesting: docs/ARCHITECTURE.md), and its `wake` mutex only when it holds none.
+//! Nothing is held across IPC.
 
 use crate::vfio::lock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -95,7 +96,6 @@ struct Counters {
 struct Wake {
     /// A notification came while the poller slept.
     kicked: bool,
-    stop: bool,
 }
 
 /// State shared by the poller thread and whoever kicks it.
@@ -105,7 +105,8 @@ struct Shared {
     queues: Mutex<Vec<Weak<dyn Pollable>>>,
     /// Set while the poller polls: a notification then needs no wake-up.
     polling: AtomicBool,
-    /// The poller is being dropped: checked on every pass.
+    /// The poller is being dropped: checked on every pass, and before it sleeps (under
+    /// `wake`, which `Drop` takes to signal).
     stopping: AtomicBool,
     wake: Mutex<Wake>,
     cv: Condvar,
@@ -192,7 +193,8 @@ impl Poller {
 impl Drop for Poller {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::Release);
-        lock(&self.shared.wake).stop = true;
+        // Taken so that the store cannot fall between the poller's check and its wait.
+        drop(lock(&self.shared.wake));
         self.shared.cv.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -226,12 +228,12 @@ fn run(s: &Shared) {
     loop {
         {
             let mut w = lock(&s.wake);
-            while !w.kicked && !w.stop {
+            while !w.kicked && !s.stopping.load(Ordering::Acquire) {
                 w =
                     s.cv.wait(w)
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
-            if w.stop {
+            if s.stopping.load(Ordering::Acquire) {
                 return;
             }
             w.kicked = false;

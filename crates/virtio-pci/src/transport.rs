@@ -467,13 +467,9 @@ impl<D: VirtioDevice<M>, M: GuestMemory> VirtioPciTransport<D, M> {
         }
     }
 
-    /// Indices of the ready queues the device lets the transport poll.
-    fn polled_queues(&self) -> impl Iterator<Item = usize> + '_ {
-        self.queues
-            .iter()
-            .enumerate()
-            .filter(|(i, s)| s.queue.ready() && self.device.polled(*i))
-            .map(|(i, _)| i)
+    /// Whether queue `index` is ready and the device lets the transport poll it.
+    fn is_polled(&self, index: usize) -> bool {
+        self.queues[index].queue.ready() && self.device.polled(index)
     }
 
     /// Processes every polled queue whose driver published buffers since the device
@@ -486,8 +482,11 @@ impl<D: VirtioDevice<M>, M: GuestMemory> VirtioPciTransport<D, M> {
             return false;
         }
         let mut took = false;
-        let indices: Vec<usize> = self.polled_queues().collect();
-        for index in indices {
+        // The poller's hot path: no allocation, the indices walked directly.
+        for index in 0..self.queues.len() {
+            if !self.is_polled(index) {
+                continue;
+            }
             let q = &self.queues[index].queue;
             let before = q.next_avail();
             // An unreadable avail ring is not work; a notification would find the error.
@@ -517,9 +516,11 @@ impl<D: VirtioDevice<M>, M: GuestMemory> VirtioPciTransport<D, M> {
         if !self.running() {
             return false;
         }
-        let indices: Vec<usize> = self.polled_queues().collect();
         let mut published = false;
-        for index in indices {
+        for index in 0..self.queues.len() {
+            if !self.is_polled(index) {
+                continue;
+            }
             let q = &mut self.queues[index].queue;
             // A ring the device cannot write leaves notifications as they were: the
             // driver keeps notifying, which is always correct.

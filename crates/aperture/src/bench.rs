@@ -23,7 +23,6 @@ use crate::vm::{self, RAM_MIB};
 use device_host::endpoints::{BlockFactory, VhostUserFactory};
 use device_host::host::{DeviceHost, EndpointFactory, Function, IommuHandle, IommuMode};
 use device_host::poll::Pollable;
-use device_host::vfio::NotifyHook;
 use device_host::vhost_user::{DeviceKind, VhostUserHandle, DEFAULT_TIMEOUT};
 use md5::{Digest, Md5};
 use std::collections::BTreeMap;
@@ -31,7 +30,6 @@ use std::fs::File;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use virtio_iommu::RequestType;
@@ -178,7 +176,7 @@ fn say(msg: &str) {
 /// What our device host counted over one timed workload.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct HostCounts {
-    /// Doorbells (queue notify writes) the virtio-blk received.
+    /// Doorbells (queue notifications) the virtio-blk's transport received.
     kicks: u64,
     /// Times the poller found the virtio-blk's requests without a doorbell.
     blk_polled: u64,
@@ -231,7 +229,6 @@ impl HostCounts {
 
 /// Reads our device host's counters while the guest runs.
 struct Sampler {
-    kicks: Arc<AtomicU64>,
     /// The virtio-blk's transport (set when the device host built it).
     blk: BlkTransport,
     iommu: Option<IommuHandle>,
@@ -258,7 +255,7 @@ impl Sampler {
             .map(|t| t.counters())
             .unwrap_or_default();
         HostCounts {
-            kicks: self.kicks.load(Ordering::Relaxed),
+            kicks: blk.notifications,
             blk_polled: blk.polled,
             blk_irqs: blk.interrupts,
             iommu_kicks: iommu.notifications,
@@ -281,11 +278,10 @@ impl Sampler {
 /// transport (and a vhost-user connection in it) goes when the device host ends.
 type BlkTransport = Arc<OnceLock<Weak<dyn Pollable>>>;
 
-/// An endpoint whose queue notifications are counted: the device host's backend for
-/// it, wrapped; its transport is kept for its counters.
+/// An endpoint whose transport is kept, for its counters (doorbells, polls,
+/// interrupts).
 struct Counted {
     inner: Box<dyn EndpointFactory>,
-    kicks: Arc<AtomicU64>,
     transport: BlkTransport,
 }
 
@@ -298,12 +294,8 @@ impl EndpointFactory for Counted {
         self: Box<Self>,
         iommu: Option<virtio_iommu::EndpointIommu>,
     ) -> Result<Function, String> {
-        let mut f = self.inner.build(iommu)?;
+        let f = self.inner.build(iommu)?;
         let _ = self.transport.set(Arc::downgrade(&f.transport));
-        let kicks = self.kicks;
-        f.backend = Box::new(NotifyHook::new(f.backend, move || {
-            kicks.fetch_add(1, Ordering::Relaxed);
-        }));
         Ok(f)
     }
 }
@@ -578,7 +570,6 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
     let mut backend = None;
     let mut vhost = None;
     if config.ours() {
-        let kicks = Arc::new(AtomicU64::new(0));
         let blk: Box<dyn EndpointFactory> = if config.vhost() {
             let b = BackendProcess::spawn(&dir, &p.disk)?;
             let (tx, rx) = std::sync::mpsc::channel();
@@ -594,7 +585,6 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
         let blk_transport = BlkTransport::default();
         let endpoints: Vec<Box<dyn EndpointFactory>> = vec![Box::new(Counted {
             inner: blk,
-            kicks: Arc::clone(&kicks),
             transport: Arc::clone(&blk_transport),
         })];
         let mode = if config.translated() {
@@ -611,7 +601,6 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
         )
         .map_err(|e| e.to_string())?;
         sampler = Some(Sampler {
-            kicks,
             blk: blk_transport,
             iommu: host.iommu(),
             // The device was built (and its handle sent) by DeviceHost::new.

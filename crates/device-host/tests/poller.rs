@@ -8,7 +8,7 @@
 //! while the poller went to sleep would never be served.
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
-use device_host::poll::{Pollable, Poller};
+use device_host::poll::{PollHandle, Pollable, Poller};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -130,6 +130,19 @@ fn served(mem: &Mem, idx: u16) -> bool {
 /// machine's two CPUs are oversubscribed and the timing they check is the scheduler's.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A poller whose window grows to `max_us`, serving `t`.
+fn poller_for(t: &Arc<Transport>, max_us: u64) -> Poller {
+    let poller = Poller::start(Duration::from_micros(max_us)).unwrap();
+    poller.add(&(Arc::clone(t) as Arc<dyn Pollable>));
+    poller
+}
+
 fn spin(d: Duration) {
     let end = Instant::now() + d;
     while Instant::now() < end {
@@ -139,14 +152,11 @@ fn spin(d: Duration) {
 
 #[test]
 fn no_lost_wakeup_when_the_driver_races_the_switch_between_polling_and_sleeping() {
-    let _one = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = one_at_a_time();
     for features in [0, 1 << VIRTIO_RING_F_EVENT_IDX] {
         let event_idx = features != 0;
         let (t, mem) = live(features);
-        let poller = Poller::start(Duration::from_micros(20)).unwrap();
-        poller.add(&(Arc::clone(&t) as Arc<dyn Pollable>));
+        let poller = poller_for(&t, 20);
         let handle = poller.handle();
         let kick = move || handle.kick();
         let (mut notified, n) = (0u32, 3000u16);
@@ -190,14 +200,27 @@ fn thread_ticks(name: &str) -> Option<u64> {
     None
 }
 
+/// After 50 ms to let its window pass, the poller does nothing over `over`: no counter
+/// moves, and its thread takes at most one 10 ms clock tick (under 1% of a CPU over a
+/// second).
+fn assert_poller_sleeps(handle: &PollHandle, over: Duration) {
+    std::thread::sleep(Duration::from_millis(50));
+    let (before, ticks) = (handle.counters(), thread_ticks("aperture-poll").unwrap());
+    std::thread::sleep(over);
+    let (after, ticks_after) = (handle.counters(), thread_ticks("aperture-poll").unwrap());
+    assert_eq!(before, after, "the poller did something over {over:?}");
+    assert!(
+        ticks_after - ticks <= 1,
+        "{} ticks over {over:?}",
+        ticks_after - ticks
+    );
+}
+
 #[test]
 fn an_idle_device_host_uses_no_cpu_after_its_poll_window() {
-    let _one = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = one_at_a_time();
     let (t, mem) = live(1 << VIRTIO_RING_F_EVENT_IDX);
-    let poller = Poller::start(Duration::from_micros(200)).unwrap();
-    poller.add(&(Arc::clone(&t) as Arc<dyn Pollable>));
+    let poller = poller_for(&t, 200);
     let handle = poller.handle();
     let kick = move || handle.kick();
     // Work, requests a few µs apart, until the poller has polled (at once on an idle
@@ -218,26 +241,7 @@ fn an_idle_device_host_uses_no_cpu_after_its_poll_window() {
         "the poller polled"
     );
     // ...then nothing: after its window it must sleep, not spin.
-    std::thread::sleep(Duration::from_millis(50));
-    let (before, ticks) = (
-        poller.handle().counters(),
-        thread_ticks("aperture-poll").unwrap(),
-    );
-    std::thread::sleep(Duration::from_secs(1));
-    let (after, ticks_after) = (
-        poller.handle().counters(),
-        thread_ticks("aperture-poll").unwrap(),
-    );
-    assert_eq!(
-        before, after,
-        "the poller did nothing while the guest was idle"
-    );
-    // Under 1% of a CPU over the second: at most one 10 ms clock tick.
-    assert!(
-        ticks_after - ticks <= 1,
-        "{} ticks while idle",
-        ticks_after - ticks
-    );
+    assert_poller_sleeps(&poller.handle(), Duration::from_secs(1));
 }
 
 /// Register and configuration accesses, random but repeatable (xorshift64).
@@ -253,12 +257,9 @@ impl Fuzz {
 
 #[test]
 fn register_traffic_fuzzed_while_queues_run_causes_no_deadlock_and_no_panic() {
-    let _one = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = one_at_a_time();
     let (t, mem) = live(1 << VIRTIO_RING_F_EVENT_IDX);
-    let poller = Poller::start(Duration::from_micros(50)).unwrap();
-    poller.add(&(Arc::clone(&t) as Arc<dyn Pollable>));
+    let poller = poller_for(&t, 50);
     let handle = poller.handle();
     let run_for = Duration::from_secs(1);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -333,12 +334,9 @@ fn a_ring_the_device_cannot_take_from_does_not_keep_the_poller_spinning() {
     // A hostile driver publishes an avail index a thousand entries ahead (§2.7.6: more
     // than the ring holds). The device takes nothing, so that is no work: after its
     // window the poller must sleep, not spin on it for ever.
-    let _one = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = one_at_a_time();
     let (t, mem) = live(1 << VIRTIO_RING_F_EVENT_IDX);
-    let poller = Poller::start(Duration::from_micros(200)).unwrap();
-    poller.add(&(Arc::clone(&t) as Arc<dyn Pollable>));
+    let poller = poller_for(&t, 200);
     let handle = poller.handle();
     // One good request first, so the poller's window is open...
     let kick = {
@@ -354,10 +352,5 @@ fn a_ring_the_device_cannot_take_from_does_not_keep_the_poller_spinning() {
         .unwrap();
     t.lock().unwrap().notify(0);
     handle.kick();
-    std::thread::sleep(Duration::from_millis(50));
-    let (before, ticks) = (handle.counters(), thread_ticks("aperture-poll").unwrap());
-    std::thread::sleep(Duration::from_millis(500));
-    let (after, ticks_after) = (handle.counters(), thread_ticks("aperture-poll").unwrap());
-    assert_eq!(before, after, "the poller is asleep");
-    assert!(ticks_after - ticks <= 1, "{} ticks", ticks_after - ticks);
+    assert_poller_sleeps(&handle, Duration::from_millis(500));
 }

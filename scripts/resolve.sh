@@ -47,7 +47,7 @@ newest_of() {
     local best="" best_v="" line v
     while IFS= read -r line; do
         [[ -n "$line" ]] || continue
-        v=$(awk '{ print $2 }' <<<"$line")
+        read -r _ v _ <<<"$line"
         if [[ -z "$best" ]] || dpkg --compare-versions "$v" gt "$best_v"; then
             best="$line" best_v="$v"
         fi

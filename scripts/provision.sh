@@ -368,7 +368,6 @@ if ((!guest_ok)); then
         new_tmp T .build-kdeb
         ( cd "$T" && papt apt-get -q download "$KPKG=$KVER" ) >"$CACHE/logs/kernel-apt.log" 2>&1 \
             || { tail -n 20 "$CACHE/logs/kernel-apt.log" >&2; die "could not provision the guest kernel: download of $KPKG=$KVER failed (the archive may have moved on since it was read: re-run; log: $CACHE/logs/kernel-apt.log)"; }
-        mkdir -p "$CACHE/debs"
         mv -f "$T"/*.deb "$KDEB"
     fi
     log "guest kernel: extracting $(basename "$KDEB")"

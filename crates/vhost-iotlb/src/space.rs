@@ -227,6 +227,8 @@ struct Region {
 pub struct Window {
     start: u64,
     len: u64,
+    /// The front-end address the UPDATE named.
+    uaddr: u64,
     perm: Permissions,
     map: Mapping,
     seq: u64,
@@ -350,7 +352,7 @@ impl Table {
         }
     }
 
-    fn insert(&mut self, start: u64, len: u64, perm: Permissions, map: Mapping) {
+    fn insert(&mut self, start: u64, len: u64, uaddr: u64, perm: Permissions, map: Mapping) {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.stats.mapped_bytes += map.mapped_len();
@@ -363,6 +365,7 @@ impl Table {
             Arc::new(Window {
                 start,
                 len,
+                uaddr,
                 perm,
                 map,
                 seq,
@@ -385,11 +388,12 @@ impl Table {
             maps.push((
                 r.gpa,
                 r.size,
+                r.uaddr,
                 Mapping::new(&r.file, r.offset, r.size, true)?,
             ));
         }
-        for (gpa, size, map) in maps {
-            self.insert(gpa, size, Permissions::ReadWrite, map);
+        for (gpa, size, uaddr, map) in maps {
+            self.insert(gpa, size, uaddr, Permissions::ReadWrite, map);
         }
         Ok(())
     }
@@ -534,8 +538,11 @@ impl AddressSpace {
     }
 
     /// Applies an IOTLB update: maps the window `[iova, iova + size)` → `[uaddr, ...)`
-    /// with `perm`. Windows it overlaps are dropped first (over-invalidating a cache is
-    /// always safe); past [`Limits::max_windows`] the oldest window is evicted.
+    /// with `perm`. An update repeating a window held (a front-end that pushes what the
+    /// guest mapped and also answers a miss for it) changes nothing: a device batch
+    /// may be using that window. Other windows it overlaps are dropped first
+    /// (over-invalidating a cache is always safe); past [`Limits::max_windows`] the
+    /// oldest window is evicted.
     ///
     /// # Errors
     /// [`SpaceError::NotIotlb`], [`SpaceError::IotlbRange`],
@@ -550,6 +557,14 @@ impl AddressSpace {
             let t = self.read();
             if t.mode != Mode::Iotlb {
                 return Err(SpaceError::NotIotlb);
+            }
+            let held = t.windows.get(&iova).is_some_and(|w| {
+                (w.len, w.uaddr, w.perm) == (size, uaddr, perm) && !w.map.is_revoked()
+            });
+            if held {
+                drop(t);
+                self.write().stats.updates += 1;
+                return Ok(());
             }
             // Vhost-user spec, "IOMMU support": addresses and size must be within the
             // memory regions; a window never spans two regions.
@@ -585,7 +600,7 @@ impl AddressSpace {
                 t.retire(w);
             }
         }
-        t.insert(iova, size, perm, map);
+        t.insert(iova, size, uaddr, perm, map);
         t.stats.updates += 1;
         Ok(())
     }
@@ -978,6 +993,27 @@ mod tests {
         assert_eq!(e.peak_windows, 4);
         let starts: Vec<u64> = s.windows().iter().map(|w| w.0).collect();
         assert_eq!(starts, vec![0x2000, 0x3000, 0x4000, 0x5000]);
+    }
+
+    #[test]
+    fn an_update_repeating_a_held_window_keeps_it_for_the_batch_using_it() {
+        let s = space(Mode::Iotlb);
+        s.update(0x1000, 4096, UBASE, iotlb::PERM_RW).unwrap();
+        let mut pins = Vec::new();
+        let pieces = s
+            .translate(0x1000, 4096, Permissions::Write, Some(&mut pins))
+            .unwrap();
+        s.update(0x1000, 4096, UBASE, iotlb::PERM_RW).unwrap();
+        assert_eq!(s.exposure().revoked_in_use, 0);
+        assert!(!pins[0].map.is_revoked(), "the batch's window stays mapped");
+        // SAFETY: the piece is the 4096 bytes of the window `pins` keeps mapped.
+        unsafe { pieces[0].0.write(0x5a) };
+        assert_eq!(s.view().read_obj::<u8>(GuestAddress(0x1000)).unwrap(), 0x5a);
+        assert_eq!(s.exposure().updates, 2);
+        // A different translation at the same IOVA still replaces it.
+        s.update(0x1000, 4096, UBASE + 0x2000, iotlb::PERM_RW)
+            .unwrap();
+        assert_eq!(s.exposure().revoked_in_use, 1);
     }
 
     #[test]

@@ -201,8 +201,12 @@ struct IotlbCounts {
     misses: u64,
     /// Updates sent in answer.
     updates: u64,
+    /// Updates pushed when the guest mapped, before any miss.
+    pushed: u64,
     /// Invalidates the back-end acknowledged.
     invalidates: u64,
+    /// Their round trips, summed (ns).
+    invalidate_ns: u64,
 }
 
 impl HostCounts {
@@ -220,10 +224,21 @@ impl HostCounts {
                 IotlbCounts {
                     misses: a.misses.saturating_sub(b.misses),
                     updates: a.updates.saturating_sub(b.updates),
+                    pushed: a.pushed.saturating_sub(b.pushed),
                     invalidates: a.invalidates.saturating_sub(b.invalidates),
+                    invalidate_ns: a.invalidate_ns.saturating_sub(b.invalidate_ns),
                 }
             }),
         }
+    }
+}
+
+/// The mean round trip of an invalidate and its ack, in µs, for the table.
+fn ack_us(c: IotlbCounts) -> String {
+    if c.invalidates == 0 {
+        "-".into()
+    } else {
+        format!("{:.1}", c.invalidate_ns as f64 / c.invalidates as f64 / 1e3)
     }
 }
 
@@ -267,7 +282,9 @@ impl Sampler {
                 IotlbCounts {
                     misses: c.misses,
                     updates: c.updates,
+                    pushed: c.pushed,
                     invalidates: c.invalidates,
+                    invalidate_ns: c.invalidate_ns,
                 }
             }),
         }
@@ -1241,7 +1258,7 @@ which serves our devices; QEMU: QEMU and, out of process, the back-end):"
         );
         let _ = writeln!(
             t,
-            "{:<22} {:<11} {:>9} {:>9} {:>10} {:>9} {:>11} {:>12} {:>9}",
+            "{:<22} {:<11} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>10} {:>12} {:>9} {:>12}",
             "configuration",
             "workload",
             "requests",
@@ -1249,8 +1266,11 @@ which serves our devices; QEMU: QEMU and, out of process, the back-end):"
             "misses/req",
             "updates",
             "updates/req",
+            "pushed",
+            "pushed/req",
             "invalidates",
-            "inval/req"
+            "inval/req",
+            "us/inval ack"
         );
         for r in &vhost {
             for (name, w) in [(RANDREAD, &r.randread), (SEQREAD, &r.seqread)] {
@@ -1261,7 +1281,7 @@ which serves our devices; QEMU: QEMU and, out of process, the back-end):"
                 let per = |n: u64| per_request(n, w.requests);
                 let _ = writeln!(
                     t,
-                    "{:<22} {:<11} {:>9} {:>9} {:>10} {:>9} {:>11} {:>12} {:>9}",
+                    "{:<22} {:<11} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>10} {:>12} {:>9} {:>12}",
                     r.config.name(),
                     name,
                     w.requests,
@@ -1269,8 +1289,11 @@ which serves our devices; QEMU: QEMU and, out of process, the back-end):"
                     per(c.misses),
                     c.updates,
                     per(c.updates),
+                    c.pushed,
+                    per(c.pushed),
                     c.invalidates,
-                    per(c.invalidates)
+                    per(c.invalidates),
+                    ack_us(c)
                 );
             }
         }
@@ -1353,10 +1376,14 @@ fn workload_json(w: &Option<Workload>, name: &str, rate: &str, count: &str) -> s
                         "counted_by": "front-end",
                         "misses": c.misses,
                         "updates": c.updates,
+                        "pushed": c.pushed,
                         "invalidates": c.invalidates,
                         "misses_per_request": per(c.misses),
                         "updates_per_request": per(c.updates),
+                        "pushed_per_request": per(c.pushed),
                         "invalidates_per_request": per(c.invalidates),
+                        "invalidate_ack_us": (c.invalidates > 0)
+                            .then(|| c.invalidate_ns as f64 / c.invalidates as f64 / 1e3),
                     });
                 }
             }
@@ -1613,12 +1640,17 @@ mod tests {
             iotlb: Some(IotlbCounts {
                 misses,
                 updates,
+                pushed: updates,
                 invalidates,
+                invalidate_ns: invalidates,
             }),
             ..HostCounts::default()
         };
         let d = at(130, 130, 120).since(at(30, 30, 20)).iotlb.unwrap();
-        assert_eq!((d.misses, d.updates, d.invalidates), (100, 100, 100));
+        assert_eq!(
+            (d.misses, d.updates, d.pushed, d.invalidates),
+            (100, 100, 100, 100)
+        );
         assert_eq!(HostCounts::default().since(at(1, 1, 1)).iotlb, None);
         assert_eq!(per_request(150, 100), "1.50");
         assert_eq!(per_request(3, 0), "-");

@@ -77,12 +77,13 @@ fn each_mode_out_of_process_serves_requests_and_the_backend_holds_what_the_mode_
             Mode::ViommuStrict | Mode::ViommuLazy => {
                 assert_eq!(b.mode, "iotlb", "{what}");
                 assert_eq!(b.table_bytes, RAM_SIZE, "{what}: the table covers RAM");
-                // Every request's buffers are fresh IOVAs: at least one miss per buffer
-                // (blk: header, data, status), and every UNMAP an acknowledged
-                // INVALIDATE (lazy: the queued ones are flushed by the cell's end).
+                // Every request's buffers are fresh IOVAs: each reaches the back-end
+                // as an UPDATE (pushed at MAP, or answering a miss when the push came
+                // late), and every UNMAP is an acknowledged INVALIDATE (lazy: the
+                // queued ones are flushed by the cell's end).
                 let buffers = pattern.buffers();
-                assert!(b.misses >= n * buffers, "{what}: {} misses", b.misses);
-                assert_eq!(b.updates, b.misses, "{what}: every miss answered");
+                assert!(b.updates >= n * buffers, "{what}: {} updates", b.updates);
+                assert!(b.updates >= b.misses, "{what}: every miss answered");
                 assert_eq!(b.invalidates, n * buffers, "{what}");
                 assert!(
                     b.peak_mapped_bytes < RAM_SIZE / 8,
@@ -128,14 +129,14 @@ fn auto_out_of_process_keeps_the_pool_window_and_maps_only_what_it_does_not_boun
         assert_eq!(m.requests, n, "{what}");
         let b = m.backend.clone().expect("backend figures");
         assert_eq!(b.mode, "iotlb", "{what}");
-        // Each piece auto maps is a fresh IOVA: a miss, and an acknowledged INVALIDATE
-        // at UNMAP. Bounced buffers (the header and status always, the pieces below
-        // the threshold) hit the pool's window, which the first miss there filled
-        // (before the timed part: the ring is in the pool too).
+        // Each piece auto maps is a fresh IOVA: pushed at MAP (or missed, when the
+        // push comes late), and an acknowledged INVALIDATE at UNMAP. Bounced buffers
+        // (the header and status always, the pieces below the threshold) hit the
+        // pool's window, pushed when the pool was mapped (before the timed part).
         assert_eq!(b.invalidates, n * mapped_per_request, "{what}");
-        assert_eq!(
-            b.misses,
-            n * mapped_per_request,
+        assert!(b.updates >= n * mapped_per_request, "{what}");
+        assert!(
+            b.misses <= n * mapped_per_request,
             "{what}: {} misses",
             b.misses
         );

@@ -355,16 +355,22 @@ impl DeviceHost {
                 why: e.to_string(),
             })?;
             let t = Arc::new(Mutex::new(t));
-            // A fault raised by an endpoint's access is delivered on the eventq at once.
-            let weak = Arc::downgrade(&t);
-            lock(&t)
-                .device()
-                .iommu
-                .set_fault_notifier(Arc::new(move || {
+            // A fault raised by an endpoint's access is delivered on the eventq at once,
+            // and a request parked for a back-end's ack completes as soon as it is in.
+            let kick = |queue: usize| -> Arc<dyn Fn() + Send + Sync> {
+                let weak = Arc::downgrade(&t);
+                Arc::new(move || {
                     if let Some(t) = weak.upgrade() {
-                        lock(&t).notify(1);
+                        lock(&t).notify(queue);
                     }
-                }));
+                })
+            };
+            {
+                let guard = lock(&t);
+                let iommu = &guard.device().iommu;
+                iommu.set_fault_notifier(kick(1));
+                iommu.set_requestq_notifier(kick(0));
+            }
             handle = Some(IommuHandle(Arc::clone(&t)));
             poller.add(&(Arc::clone(&t) as Arc<dyn Pollable>));
             let build: MemoryBuilder<GuestMemoryMmap> = Box::new(|phys| phys);

@@ -7,11 +7,12 @@
 //! the queues' MSI-X interrupts.
 //!
 //! Behind our virtio-iommu (`VIRTIO_F_ACCESS_PLATFORM` negotiated with the back-end)
-//! the rings and buffers the back-end sees are IOVAs. The back-end asks for a
-//! translation with an IOTLB MISS on its request channel; the answer is an IOTLB
-//! UPDATE for the window of the guest's mapping that holds the IOVA (clipped to one
-//! memory-table region), or a refusal and a fault event to the guest when the guest
-//! never mapped it. The front-end subscribes to the endpoint's mapping changes
+//! the rings and buffers the back-end sees are IOVAs. When the guest maps memory for
+//! the endpoint, the front-end pushes an IOTLB UPDATE for the mapping's window (clipped
+//! to one memory-table region), so the back-end normally has it before it needs it.
+//! A back-end that is faster than the push asks with an IOTLB MISS on its request
+//! channel; the answer is the UPDATE for the window that holds the IOVA, or a refusal
+//! and a fault event to the guest when the guest never mapped it. The front-end subscribes to the endpoint's mapping changes
 //! ([`virtio_iommu::MappingSubscriber`]); when the guest unmaps or detaches a range
 //! an UPDATE covered, it sends an IOTLB INVALIDATE with reply-ack, and the guest's
 //! request completes only once the back-end acknowledged (strict semantics across the
@@ -39,14 +40,18 @@
 //!
 //! # Threads and locks
 //! The function's server thread drives the device (activation, kicks, reset). The
-//! virtio-iommu's server thread calls the subscriber while it holds the IOMMU's table
-//! lock. One thread per connection reads the back-end request channel (so a MISS sent
-//! while the front-end waits for an ack on the main socket is still answered), and one
-//! thread per device turns call eventfds into interrupts and marks the device as
-//! needing reset when the connection breaks. Lock order: the IOTLB shadow, then the
-//! main socket; the main socket is held for one request and its reply, bounded by the
-//! deadline. Nothing that holds the shadow or the socket takes the IOMMU's tables or
-//! the transport. A back-end that waits for a MISS answer before replying on the main
+//! virtio-iommu's server thread calls the subscriber after it dropped the IOMMU's
+//! tables; the subscriber updates the shadow and queues IOTLB messages, and never
+//! waits for the back-end. One thread per device (the IOTLB thread) sends those
+//! messages in order, waits for each INVALIDATE's ack, then drops the virtio-iommu
+//! [`Hold`](virtio_iommu::Hold) that keeps the guest's UNMAP from completing. One thread
+//! per connection reads the back-end request channel (so a MISS sent while the
+//! front-end waits for an ack on the main socket is still answered), and one thread per
+//! device turns call eventfds into interrupts and marks the device as needing reset
+//! when the connection breaks. Lock order: the IOTLB shadow, then the main socket; the
+//! main socket is held for one request and its reply, bounded by the deadline. Nothing
+//! that holds the shadow or the socket takes the IOMMU's tables or the transport, or
+//! drops a hold. A back-end that waits for a MISS answer before replying on the main
 //! socket cannot be served (the UPDATE needs that socket); the deadline bounds it.
 
 use crate::host::{EndpointMemory, Function};
@@ -59,9 +64,9 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use virtio_iommu::{EndpointId, EndpointIommu, MappingEvent, MappingSubscriber};
+use virtio_iommu::{EndpointId, EndpointIommu, MappingEvent, MappingSubscriber, Settle};
 use virtio_pci::{
     device_status, ActiveQueue, InterruptSink, VirtioDevice, VirtioPciTransport,
     VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR,
@@ -278,14 +283,19 @@ const TRANSPORT_BITS: u64 = (1 << 28) | (1 << 29) | (1 << VIRTIO_F_VERSION_1);
 pub struct VhostUserCounters {
     /// IOTLB misses received.
     pub misses: u64,
-    /// IOTLB updates sent.
+    /// IOTLB updates sent in answer to a miss.
     pub updates: u64,
+    /// IOTLB updates pushed when the guest mapped memory, before any miss.
+    pub pushed: u64,
     /// Misses refused (the guest did not map the IOVA with that access).
     pub refused: u64,
     /// Access failures the back-end reported.
     pub access_fails: u64,
     /// Invalidates acknowledged.
     pub invalidates: u64,
+    /// Time from sending those invalidates to their acks, summed (ns): the round trip
+    /// a strict UNMAP waits for on top of the in-process path.
+    pub invalidate_ns: u64,
     /// Invalidates not acknowledged in time (each one broke the connection).
     pub invalidate_failures: u64,
     /// Malformed or unknown messages from the back-end, answered with an error.
@@ -300,9 +310,11 @@ pub struct VhostUserCounters {
 struct AtomicCounters {
     misses: AtomicU64,
     updates: AtomicU64,
+    pushed: AtomicU64,
     refused: AtomicU64,
     access_fails: AtomicU64,
     invalidates: AtomicU64,
+    invalidate_ns: AtomicU64,
     invalidate_failures: AtomicU64,
     bad_messages: AtomicU64,
     reconnects: AtomicU64,
@@ -331,6 +343,9 @@ struct Link {
 enum Reply {
     /// Nothing; a reply-ack when REPLY_ACK is enabled.
     None,
+    /// Nothing, even with REPLY_ACK enabled (`need_reply` clear): an IOTLB UPDATE,
+    /// which the back-end applies in order with everything else on the socket.
+    Posted,
     /// A reply-ack, which must be enabled.
     Ack,
     /// A payload of exactly this many bytes.
@@ -438,6 +453,7 @@ impl Link {
         let ack_on = has(self.protocol, wire::PROTOCOL_F_REPLY_ACK);
         let want_ack = match reply {
             Reply::None => ack_on,
+            Reply::Posted => false,
             Reply::Ack if !ack_on => {
                 return Err(VhostUserError::BadReply {
                     request,
@@ -583,6 +599,32 @@ struct Window {
     perm: u8,
 }
 
+impl Window {
+    fn update(&self) -> wire::IotlbMsg {
+        wire::IotlbMsg {
+            iova: self.iova,
+            size: self.size,
+            uaddr: self.uaddr,
+            perm: self.perm,
+            kind: wire::IOTLB_UPDATE,
+            padding: [0; 6],
+        }
+    }
+}
+
+/// IOTLB messages for the device's IOTLB thread, sent in the order they were queued.
+enum IotlbJob {
+    /// An UPDATE the back-end did not ask for: the guest just mapped this.
+    Push(Window),
+    /// An INVALIDATE of `[lo, hi]`, acknowledged; `done` runs after the ack or the
+    /// deadline, holding no lock.
+    Invalidate {
+        lo: u64,
+        hi: u64,
+        done: Box<dyn FnOnce() + Send>,
+    },
+}
+
 /// The front-end's copy of the endpoint's translation and of what the back-end holds.
 #[derive(Debug, Default)]
 struct IotlbState {
@@ -662,6 +704,36 @@ impl IotlbState {
         })
     }
 
+    /// Records `w` as given, unless that would exceed [`MAX_WINDOWS`].
+    fn give(&mut self, w: &Window) -> bool {
+        if self.given.len() >= MAX_WINDOWS {
+            return false;
+        }
+        let last = w.iova + (w.size - 1);
+        let e = self.given.entry(w.iova).or_insert(last);
+        *e = (*e).max(last);
+        true
+    }
+
+    /// The windows to push for the guest's mapping `[start, end]` (one per
+    /// memory-table region it spans), recorded as given. Stops early, leaving the rest
+    /// to misses, when the windows cannot be remembered.
+    fn push_windows(&mut self, start: u64, end: u64, perms: Permissions) -> Vec<Window> {
+        let mut out = Vec::new();
+        let mut iova = start;
+        while let Some(w) = self.window(iova, perms) {
+            if !self.give(&w) {
+                break;
+            }
+            out.push(w);
+            match w.iova.checked_add(w.size) {
+                Some(next) if next <= end && next > iova => iova = next,
+                _ => break,
+            }
+        }
+        out
+    }
+
     /// Forgets the windows overlapping `[start, end]` and returns their hull (what
     /// the back-end must drop), or `None` if it holds none of that range.
     fn take_given(&mut self, start: u64, end: u64) -> Option<(u64, u64)> {
@@ -697,6 +769,8 @@ struct Shared {
     counters: AtomicCounters,
     /// Marks the transport as needing reset (set once the transport exists).
     on_broken: Mutex<Option<Box<dyn Fn() + Send>>>,
+    /// To the IOTLB thread, which alone sends pushes and invalidations.
+    jobs: mpsc::Sender<IotlbJob>,
 }
 
 impl Shared {
@@ -755,29 +829,19 @@ impl Shared {
                 let g = self.generation.load(Ordering::Acquire);
                 let w = st.window(iova, access);
                 if let Some(w) = w {
-                    if st.given.len() >= MAX_WINDOWS {
+                    if !st.give(&w) {
                         // Cannot remember more: refuse rather than lose track.
                         drop(st);
                         bump(&self.counters.refused);
                         return false;
                     }
-                    let last = w.iova + (w.size - 1);
-                    let e = st.given.entry(w.iova).or_insert(last);
-                    *e = (*e).max(last);
                 }
                 (w, g)
             };
             let Some(w) = window else {
                 break;
             };
-            let msg = wire::IotlbMsg {
-                iova: w.iova,
-                size: w.size,
-                uaddr: w.uaddr,
-                perm: w.perm,
-                kind: wire::IOTLB_UPDATE,
-                padding: [0; 6],
-            };
+            let msg = w.update();
             let sent = self.with_link(|link| {
                 let mut sock = lock(&link.main);
                 if self.generation.load(Ordering::Acquire) != generation {
@@ -808,6 +872,28 @@ impl Shared {
         }
     }
 
+    /// Queues IOTLB messages for the IOTLB thread. Should it be gone (the device is
+    /// being dropped), an invalidation's `done` runs at once, dropped with the job.
+    fn queue(&self, job: IotlbJob) {
+        if let Err(mpsc::SendError(IotlbJob::Invalidate { done, .. })) = self.jobs.send(job) {
+            done();
+        }
+    }
+
+    /// Invalidates `[lo, hi]` through the IOTLB thread and waits until the back-end
+    /// acknowledged or the deadline passed.
+    fn invalidate_and_wait(&self, lo: u64, hi: u64) {
+        let (tx, rx) = mpsc::channel();
+        self.queue(IotlbJob::Invalidate {
+            lo,
+            hi,
+            done: Box::new(move || {
+                let _ = tx.send(());
+            }),
+        });
+        let _ = rx.recv();
+    }
+
     /// Sends INVALIDATE for `[start, end]` and waits for the ack, up to the deadline;
     /// a back-end that does not ack breaks the connection (the device needs reset).
     fn invalidate(&self, start: u64, end: u64) {
@@ -818,10 +904,17 @@ impl Shared {
             kind: wire::IOTLB_INVALIDATE,
             ..wire::IotlbMsg::default()
         };
+        let sent = Instant::now();
         let r =
             self.with_link(|link| link.request(req::IOTLB_MSG, msg.as_bytes(), &[], Reply::Ack));
         match r {
-            Ok(_) => bump(&self.counters.invalidates),
+            Ok(_) => {
+                bump(&self.counters.invalidates);
+                let waited = u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                self.counters
+                    .invalidate_ns
+                    .fetch_add(waited, Ordering::Relaxed);
+            }
             Err(VhostUserError::Broken) => {}
             Err(e) => {
                 bump(&self.counters.invalidate_failures);
@@ -834,57 +927,92 @@ impl Shared {
     }
 }
 
-/// The endpoint's mapping changes, as the virtio-iommu reports them (while it holds
-/// its tables, before the guest's request completes).
+/// The endpoint's mapping changes, as the virtio-iommu reports them (after its tables
+/// changed, before the guest's request completes). Nothing here waits for the
+/// back-end: the shadow is updated at once, pushes and invalidations go to the IOTLB
+/// thread, and an UNMAP's request holds until its INVALIDATE was acknowledged.
 struct Subscriber(Arc<Shared>);
 
 impl MappingSubscriber for Subscriber {
-    fn on_event(&self, _endpoint: EndpointId, event: &MappingEvent) {
+    fn on_event(&self, _endpoint: EndpointId, event: &MappingEvent, settle: &Settle) {
         let s = &self.0;
-        let drop_range = {
-            let mut st = lock(&s.iotlb);
-            match *event {
-                MappingEvent::Mapped {
-                    start,
-                    end,
-                    phys,
-                    perms,
-                } => {
-                    st.mappings.insert(
-                        start.0,
-                        ShadowMap {
-                            end: end.0,
-                            phys: phys.0,
-                            perms,
-                        },
-                    );
+        // Jobs are queued under the shadow's lock, so the IOTLB thread sends them in
+        // the order the shadow changed, whoever changed it.
+        let mut st = lock(&s.iotlb);
+        let drop_range = match *event {
+            MappingEvent::Mapped {
+                start,
+                end,
+                phys,
+                perms,
+            } => {
+                st.mappings.insert(
+                    start.0,
+                    ShadowMap {
+                        end: end.0,
+                        phys: phys.0,
+                        perms,
+                    },
+                );
+                for w in st.push_windows(start.0, end.0, perms) {
+                    s.queue(IotlbJob::Push(w));
+                }
+                None
+            }
+            MappingEvent::Unmapped { start, end } => {
+                let gone: Vec<u64> = st
+                    .mappings
+                    .range(start.0..=end.0)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in gone {
+                    st.mappings.remove(&k);
+                }
+                s.generation.fetch_add(1, Ordering::AcqRel);
+                st.take_given(start.0, end.0)
+            }
+            MappingEvent::Identity(on) => {
+                st.identity = on;
+                if on {
                     None
-                }
-                MappingEvent::Unmapped { start, end } => {
-                    let gone: Vec<u64> = st
-                        .mappings
-                        .range(start.0..=end.0)
-                        .map(|(k, _)| *k)
-                        .collect();
-                    for k in gone {
-                        st.mappings.remove(&k);
-                    }
+                } else {
                     s.generation.fetch_add(1, Ordering::AcqRel);
-                    st.take_given(start.0, end.0)
-                }
-                MappingEvent::Identity(on) => {
-                    st.identity = on;
-                    if on {
-                        None
-                    } else {
-                        s.generation.fetch_add(1, Ordering::AcqRel);
-                        st.take_given(0, u64::MAX)
-                    }
+                    st.take_given(0, u64::MAX)
                 }
             }
         };
         if let Some((lo, hi)) = drop_range {
-            s.invalidate(lo, hi);
+            let hold = settle.hold();
+            s.queue(IotlbJob::Invalidate {
+                lo,
+                hi,
+                done: Box::new(move || drop(hold)),
+            });
+        }
+    }
+}
+
+/// The IOTLB thread: sends what [`Subscriber`] queued, in order, so that a back-end
+/// slow to acknowledge delays only its own invalidations, never the virtio-iommu.
+fn iotlb_loop(shared: Weak<Shared>, jobs: mpsc::Receiver<IotlbJob>) {
+    while let Ok(job) = jobs.recv() {
+        let Some(s) = shared.upgrade() else {
+            break;
+        };
+        match job {
+            IotlbJob::Push(w) => {
+                let msg = w.update();
+                let sent = s.with_link(|link| {
+                    link.request(req::IOTLB_MSG, msg.as_bytes(), &[], Reply::Posted)
+                });
+                if sent.is_ok() {
+                    bump(&s.counters.pushed);
+                }
+            }
+            IotlbJob::Invalidate { lo, hi, done } => {
+                s.invalidate(lo, hi);
+                done();
+            }
         }
     }
 }
@@ -901,9 +1029,11 @@ impl VhostUserHandle {
         VhostUserCounters {
             misses: l(&c.misses),
             updates: l(&c.updates),
+            pushed: l(&c.pushed),
             refused: l(&c.refused),
             access_fails: l(&c.access_fails),
             invalidates: l(&c.invalidates),
+            invalidate_ns: l(&c.invalidate_ns),
             invalidate_failures: l(&c.invalidate_failures),
             bad_messages: l(&c.bad_messages),
             reconnects: l(&c.reconnects),
@@ -1300,6 +1430,7 @@ impl VhostUserDevice {
                 call: efd()?,
             });
         }
+        let (jobs, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             socket: socket.to_path_buf(),
             timeout,
@@ -1312,7 +1443,16 @@ impl VhostUserDevice {
             iommu: Mutex::new(None),
             counters: AtomicCounters::default(),
             on_broken: Mutex::new(None),
+            jobs,
         });
+        std::thread::Builder::new()
+            .name("aperture-vhost-iotlb".into())
+            .spawn({
+                let w = Arc::downgrade(&shared);
+                move || iotlb_loop(w, rx)
+            })
+            .map(drop)
+            .map_err(|source| VhostUserError::Io { request: 0, source })?;
         let link = Arc::new(link);
         *lock(&shared.link) = Some(Arc::clone(&link));
         if let Some(sock) = backend_req {
@@ -1509,6 +1649,17 @@ impl VhostUserDevice {
             let mut st = lock(&s.iotlb);
             st.regions = regions;
             st.active = self.iotlb_on();
+            // What the guest mapped before DRIVER_OK (its rings) is pushed now.
+            let maps: Vec<_> = st
+                .mappings
+                .iter()
+                .map(|(&a, m)| (a, m.end, m.perms))
+                .collect();
+            for (start, end, perms) in maps {
+                for w in st.push_windows(start, end, perms) {
+                    s.queue(IotlbJob::Push(w));
+                }
+            }
         }
         for (q, addr) in queues.iter().zip(addrs) {
             let i = q.index as u32;
@@ -1677,7 +1828,7 @@ impl VhostUserDevice {
             st.take_given(0, u64::MAX)
         };
         if let Some((lo, hi)) = held {
-            s.invalidate(lo, hi);
+            s.invalidate_and_wait(lo, hi);
         }
         self.sent_files.clear();
         lock(&self.vectors).fill(VIRTIO_MSI_NO_VECTOR);

@@ -32,6 +32,8 @@ const F_ACCESS_PLATFORM: u64 = 1 << 33;
 const F_PROTOCOL: u64 = 1 << 30;
 const P_ALL: u64 = (1 << 3) | (1 << 5) | (1 << 9);
 const EP: u32 = 8;
+/// An endpoint served in process, beside the vhost-user one.
+const EP2: u32 = 9;
 const RAM: u64 = 1 << 20;
 
 /// How the scripted back-end answers an IOTLB INVALIDATE.
@@ -155,6 +157,12 @@ impl FakeBackend {
         }
     }
 
+    /// The IOTLB messages once at least `n` arrived (pushes are posted, not awaited).
+    fn wait_iotlb(&self, n: usize) -> Vec<wire::IotlbMsg> {
+        eventually(&format!("{n} IOTLB messages"), || self.iotlb().len() >= n);
+        self.iotlb()
+    }
+
     fn requests(&self) -> Vec<u32> {
         self.seen.lock().unwrap().log.iter().map(|m| m.0).collect()
     }
@@ -229,6 +237,15 @@ impl FakeBackend {
         {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
+    }
+}
+
+/// Waits up to 5 s for `cond`, which another thread makes true.
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -559,7 +576,7 @@ impl IommuRig {
     fn with_kind(be: &FakeBackend, timeout: Duration, kind: DeviceKind) -> Self {
         let config = IommuConfig {
             boot_bypass: false,
-            endpoints: vec![EndpointConfig::new(EP)],
+            endpoints: vec![EndpointConfig::new(EP), EndpointConfig::new(EP2)],
             ..IommuConfig::default()
         };
         let mut iommu = VirtioIommu::new(&config).unwrap();
@@ -647,7 +664,7 @@ impl IommuRig {
 }
 
 #[test]
-fn miss_on_a_mapped_iova_gets_the_mapping_window_and_an_unmapped_one_a_refusal_and_a_fault() {
+fn a_map_is_pushed_and_a_miss_still_gets_the_window_or_a_refusal_and_a_fault() {
     let be = FakeBackend::start(
         "miss",
         F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
@@ -657,22 +674,26 @@ fn miss_on_a_mapped_iova_gets_the_mapping_window_and_an_unmapped_one_a_refusal_a
     );
     let mut rig = IommuRig::new(&be, Duration::from_secs(1));
     rig.map(0x10000, 0x1ffff, 0x40000, 1); // read-only
-    assert_eq!(be.miss(0x10800, wire::ACCESS_RO), 0);
+    let window = wire::IotlbMsg {
+        iova: 0x10000,
+        size: 0x10000,
+        uaddr: UADDR_BASE + 0x40000,
+        perm: wire::ACCESS_RO,
+        kind: wire::IOTLB_UPDATE,
+        padding: [0; 6],
+    };
     assert_eq!(
-        be.iotlb(),
-        [wire::IotlbMsg {
-            iova: 0x10000,
-            size: 0x10000,
-            uaddr: UADDR_BASE + 0x40000,
-            perm: wire::ACCESS_RO,
-            kind: wire::IOTLB_UPDATE,
-            padding: [0; 6]
-        }]
+        be.wait_iotlb(1),
+        [window],
+        "the MAP is pushed, no miss needed"
     );
+    // A miss (a push the back-end has not read yet) gets the same window.
+    assert_eq!(be.miss(0x10800, wire::ACCESS_RO), 0);
+    assert_eq!(be.iotlb(), [window, window]);
     // A write to a read-only mapping, and an IOVA never mapped: refused, faulted.
     assert_ne!(be.miss(0x10800, wire::ACCESS_WO), 0);
     assert_ne!(be.miss(0x30000, wire::ACCESS_RO), 0);
-    assert_eq!(be.iotlb().len(), 1, "no UPDATE for a refused miss");
+    assert_eq!(be.iotlb().len(), 2, "no UPDATE for a refused miss");
     assert_eq!(rig.iommu.counters().faults_raised, 2);
     assert_eq!(
         rig.iommu.pending_faults(),
@@ -681,14 +702,21 @@ fn miss_on_a_mapped_iova_gets_the_mapping_window_and_an_unmapped_one_a_refusal_a
     );
     // A mapping that runs past guest RAM is clipped to the memory-table region.
     rig.map(0x100000, 0x1fffff, RAM - 0x1000, 3);
-    assert_eq!(be.miss(0x100000, wire::ACCESS_RW), 0);
-    let w = be.iotlb()[1];
+    let w = be.wait_iotlb(3)[2];
     assert_eq!(
-        (w.iova, w.size, w.uaddr, w.perm),
-        (0x100000, 0x1000, UADDR_BASE + RAM - 0x1000, wire::ACCESS_RW)
+        (w.kind, w.iova, w.size, w.uaddr, w.perm),
+        (
+            wire::IOTLB_UPDATE,
+            0x100000,
+            0x1000,
+            UADDR_BASE + RAM - 0x1000,
+            wire::ACCESS_RW
+        )
     );
-    let c = rig.dev.handle().counters();
-    assert_eq!((c.misses, c.updates, c.refused), (4, 2, 2));
+    let h = rig.dev.handle();
+    eventually("two pushes counted", || h.counters().pushed == 2);
+    let c = h.counters();
+    assert_eq!((c.misses, c.updates, c.refused), (3, 1, 2));
 }
 
 #[test]
@@ -703,8 +731,7 @@ fn strict_unmap_completes_only_after_the_backend_acknowledged_the_invalidate() {
     );
     let mut rig = IommuRig::new(&be, Duration::from_secs(2));
     rig.map(0x10000, 0x1ffff, 0x40000, 3);
-    rig.map(0x50000, 0x5ffff, 0x50000, 3);
-    assert_eq!(be.miss(0x10000, wire::ACCESS_RW), 0);
+    be.wait_iotlb(1);
     // The back-end never held 0x50000: its UNMAP needs no INVALIDATE.
     let t = Instant::now();
     assert_eq!(rig.unmap(0x50000, 0x5ffff), Status::Ok);
@@ -724,6 +751,105 @@ fn strict_unmap_completes_only_after_the_backend_acknowledged_the_invalidate() {
     assert_eq!(rig.dev.handle().counters().invalidates, 1);
     // The window is gone: a new miss there is refused.
     assert_ne!(be.miss(0x10000, wire::ACCESS_RW), 0);
+}
+
+#[test]
+fn a_backend_slow_to_ack_delays_only_its_own_unmap_never_another_endpoint() {
+    let delay = Duration::from_millis(500);
+    let be = FakeBackend::start(
+        "slow",
+        F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
+        P_ALL,
+        AckMode::After(delay),
+        None,
+    );
+    let mut rig = IommuRig::new(&be, Duration::from_secs(3));
+    let (tx, woken) = mpsc::channel();
+    rig.iommu.set_requestq_notifier(Arc::new(move || {
+        let _ = tx.send(());
+    }));
+    rig.map(0x10000, 0x1ffff, 0x40000, 3);
+    be.wait_iotlb(1);
+    let other_ep = EndpointId(EP2);
+    assert_eq!(
+        rig.send(Request::Attach {
+            domain: DomainId(2),
+            endpoint: other_ep,
+            flags: 0,
+            reserved_nonzero: false
+        }),
+        Status::Ok
+    );
+    let other = IommuMemory::new(
+        guest_ram("other"),
+        rig.iommu.endpoint_iommu(other_ep).unwrap(),
+        true,
+        (),
+    );
+    let map2 = |start: u64, phys: u64| Request::Map {
+        domain: DomainId(2),
+        virt_start: Iova(start),
+        virt_end: Iova(start + 0xfff),
+        phys_start: phys,
+        flags: 3,
+    };
+    let reqs = [
+        Request::Unmap {
+            domain: DomainId(1),
+            virt_start: Iova(0x10000),
+            virt_end: Iova(0x1ffff),
+            reserved_nonzero: false,
+        },
+        map2(0, 0x60000),
+        Request::Unmap {
+            domain: DomainId(2),
+            virt_start: Iova(0),
+            virt_end: Iova(0xfff),
+            reserved_nonzero: false,
+        },
+        map2(0x1000, 0x61000),
+    ];
+    let batch = rig.guest.prepare(&reqs);
+    rig.guest.post(&batch);
+    let t = Instant::now();
+    rig.iommu
+        .process_requestq(&mut rig.guest.requestq, &rig.guest.mem)
+        .unwrap();
+    assert_eq!(
+        rig.guest.reap(),
+        3,
+        "the other endpoint's requests complete at once"
+    );
+    // The other endpoint translates and moves data while the ack is outstanding.
+    other
+        .write_obj(0xabcd_u32, GuestAddress(0x1010))
+        .expect("EP2's new mapping is usable");
+    assert!(other.read_obj::<u32>(GuestAddress(0x10)).is_err());
+    assert!(
+        t.elapsed() < delay / 2,
+        "another endpoint waited {:?}",
+        t.elapsed()
+    );
+    assert!(!be.invalidate_acked.load(Ordering::SeqCst));
+
+    woken
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the ack wakes the request queue");
+    assert!(be.invalidate_acked.load(Ordering::SeqCst));
+    assert!(t.elapsed() >= delay, "settled after {:?}", t.elapsed());
+    rig.iommu
+        .process_requestq(&mut rig.guest.requestq, &rig.guest.mem)
+        .unwrap();
+    assert_eq!(
+        rig.guest.reap(),
+        1,
+        "the held UNMAP completes after its ack"
+    );
+    assert_eq!(
+        rig.guest.batch_statuses(&batch, &reqs),
+        vec![Some(Status::Ok); 4]
+    );
+    assert_eq!(rig.iommu.counters().deferred, 1);
 }
 
 #[test]

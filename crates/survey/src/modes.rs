@@ -337,8 +337,8 @@ impl Viommu {
         self.kicks += 1;
         let batch = self.driver.prepare(reqs);
         self.driver.post(&batch);
-        self.dev
-            .process_requestq(&mut self.driver.requestq, &self.driver.mem)
+        self.driver
+            .run_until(&mut self.dev, reqs.len())
             .map_err(|e| e.to_string())?;
         let done = self.driver.reap();
         if done != reqs.len() {

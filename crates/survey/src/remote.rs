@@ -108,7 +108,8 @@ pub struct BackendFigures {
     pub cpu: Duration,
     /// IOTLB misses the front-end answered in the timed part.
     pub misses: u64,
-    /// IOTLB updates it sent in the timed part.
+    /// IOTLB updates it sent in the timed part: pushed when the guest mapped, or
+    /// answering a miss.
     pub updates: u64,
     /// IOTLB invalidates the backend acknowledged in the timed part.
     pub invalidates: u64,
@@ -486,7 +487,7 @@ impl Remote {
         Ok(BackendFigures {
             cpu,
             misses: now.misses - mark.counters.misses,
-            updates: now.updates - mark.counters.updates,
+            updates: (now.updates + now.pushed) - (mark.counters.updates + mark.counters.pushed),
             invalidates: now.invalidates - mark.counters.invalidates,
             peak_mapped_bytes: num("peak_mapped_bytes")?,
             table_bytes: num("guest_ram_bytes")?,

@@ -8,7 +8,9 @@ use crate::config::{ConfigError, IommuConfig};
 use crate::ids::{DomainId, EndpointId};
 use crate::request::{decode, DecodeError, Request, RequestType};
 use crate::state::Tables;
-use crate::translate::{lock, read, write, EndpointIommu, FaultQueue, MappingSubscriber, Shared};
+use crate::translate::{
+    lock, read, write, EndpointIommu, FaultQueue, MappingSubscriber, Settle, Shared, Told,
+};
 use crate::wire::{
     Config, Status, CONFIG_BYPASS_OFFSET, MAX_READABLE, TAIL_SIZE, VIRTIO_F_VERSION_1,
     VIRTIO_IOMMU_F_BYPASS_CONFIG, VIRTIO_IOMMU_F_DOMAIN_RANGE, VIRTIO_IOMMU_F_INPUT_RANGE,
@@ -94,6 +96,9 @@ pub struct Counters {
     /// Fault events dropped: queue of pending faults full, no eventq buffer posted, or
     /// a buffer too small for one event (DEV-FLT-4).
     pub faults_dropped: u64,
+    /// Requests that completed only after a subscriber settled (an out-of-process
+    /// back-end acknowledged an invalidation), while later requests went on.
+    pub deferred: u64,
 }
 
 impl Counters {
@@ -170,6 +175,12 @@ pub struct VirtioIommu {
     input_range: (u64, u64),
     domain_range: (u32, u32),
     acked_features: u64,
+    /// Changes made by the request in hand, to be told to subscribers.
+    told: Vec<Told>,
+    /// Requests whose subscribers have not settled: head, used length, settlement.
+    /// At most one per descriptor the driver made available, so bounded by the queue.
+    parked: Vec<(u16, u32, Settle)>,
+    deferred: AtomicU64,
 }
 
 impl std::fmt::Debug for VirtioIommu {
@@ -199,6 +210,7 @@ impl VirtioIommu {
             faults: Mutex::new(FaultQueue::default()),
             max_pending_faults: config.limits.max_pending_faults,
             fault_notifier: RwLock::new(None),
+            requestq_notifier: RwLock::new(None),
             faults_raised: AtomicU64::new(0),
             faults_dropped: AtomicU64::new(0),
         });
@@ -213,6 +225,9 @@ impl VirtioIommu {
             input_range: (*config.input_range.start(), *config.input_range.end()),
             domain_range: (*config.domain_range.start(), *config.domain_range.end()),
             acked_features: 0,
+            told: Vec::new(),
+            parked: Vec::new(),
+            deferred: AtomicU64::new(0),
         })
     }
 
@@ -297,7 +312,9 @@ impl VirtioIommu {
             _ => return Err(refuse("bypass must be 0 or 1")),
         };
         let shared = &*self.shared;
-        write(&shared.tables).set_bypass(bypass, &mut |ep, ev| shared.on_event(ep, ev));
+        let mut told = Vec::new();
+        write(&shared.tables).set_bypass(bypass, &mut |ep, ev| shared.on_event(ep, ev, &mut told));
+        Shared::tell_unsettled(&mut told);
         Ok(())
     }
 
@@ -336,21 +353,35 @@ impl VirtioIommu {
         *write(&self.shared.fault_notifier) = Some(notifier);
     }
 
+    /// Sets a callback run when a parked request's subscribers have settled, so the
+    /// VMM can run [`VirtioIommu::process_requestq`] again, which completes it. Runs
+    /// on the thread that dropped the last [`Hold`](crate::Hold), which holds no lock
+    /// of the device.
+    pub fn set_requestq_notifier(&self, notifier: Arc<dyn Fn() + Send + Sync>) {
+        *write(&self.shared.requestq_notifier) = Some(notifier);
+    }
+
     /// Device reset: detaches every endpoint, destroys every domain (invalidating every
     /// IOTLB), drops pending faults, forgets negotiated features; `bypass` is kept
     /// (DEV-CFG-3).
     pub fn reset(&mut self) {
         let shared = &*self.shared;
-        write(&shared.tables).reset(&mut |ep, ev| shared.on_event(ep, ev));
+        let mut told = Vec::new();
+        write(&shared.tables).reset(&mut |ep, ev| shared.on_event(ep, ev, &mut told));
+        Shared::tell_unsettled(&mut told);
         lock(&shared.faults).pending.clear();
+        self.parked.clear();
         self.acked_features = 0;
     }
 
     /// System reset: a device reset, and `bypass` returns to its boot value.
     pub fn system_reset(&mut self) {
         let shared = &*self.shared;
-        write(&shared.tables).system_reset(&mut |ep, ev| shared.on_event(ep, ev));
+        let mut told = Vec::new();
+        write(&shared.tables).system_reset(&mut |ep, ev| shared.on_event(ep, ev, &mut told));
+        Shared::tell_unsettled(&mut told);
         lock(&shared.faults).pending.clear();
+        self.parked.clear();
         self.acked_features = 0;
     }
 
@@ -377,6 +408,7 @@ impl VirtioIommu {
             faults_raised: self.shared.faults_raised.load(Ordering::Relaxed),
             faults_delivered: self.faults_delivered.load(Ordering::Relaxed),
             faults_dropped: self.shared.faults_dropped.load(Ordering::Relaxed),
+            deferred: self.deferred.load(Ordering::Relaxed),
         }
     }
 
@@ -388,8 +420,16 @@ impl VirtioIommu {
             .and_then(|i| tables.endpoint_domain(i))
     }
 
-    /// Processes every available request on the requestq (queue 0). Returns whether
-    /// the guest should be interrupted.
+    /// Processes every available request on the requestq (queue 0), and completes the
+    /// parked requests whose subscribers have settled since. Returns whether the guest
+    /// should be interrupted.
+    ///
+    /// A request is applied to the tables at once. Its subscribers are told after the
+    /// tables' lock is dropped; one that must wait for another process takes a
+    /// [`Hold`](crate::Hold), and the request is parked, its status written but its
+    /// buffer not yet used, while the requests after it go on (virtio-iommu does not
+    /// offer `VIRTIO_F_IN_ORDER`). It completes on a later call, after the notifier of
+    /// [`VirtioIommu::set_requestq_notifier`] ran.
     ///
     /// # Errors
     /// [`DeviceError::Queue`] if the used ring cannot be written.
@@ -399,9 +439,28 @@ impl VirtioIommu {
         M: GuestMemory,
     {
         let mut used = false;
+        let mut i = 0;
+        while i < self.parked.len() {
+            if self.parked[i].2.settled() {
+                let (head, len, _) = self.parked.swap_remove(i);
+                queue.add_used(mem, head, len)?;
+                used = true;
+            } else {
+                i += 1;
+            }
+        }
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let len = self.handle_request(chain, mem);
+            if !self.told.is_empty() {
+                let settle = Settle::new(read(&self.shared.requestq_notifier).clone());
+                Shared::tell(&mut self.told, &settle);
+                if !settle.release() {
+                    self.deferred.fetch_add(1, Ordering::Relaxed);
+                    self.parked.push((head, len, settle));
+                    continue;
+                }
+            }
             queue.add_used(mem, head, len)?;
             used = true;
         }
@@ -470,8 +529,9 @@ impl VirtioIommu {
             Ok(Request::Probe { .. }) if !probe_fits => Status::Inval,
             Ok(r) => {
                 let shared = &*self.shared;
+                let told = &mut self.told;
                 write(&shared.tables).apply(&r, &mut self.probe_buf, &mut |ep, ev| {
-                    shared.on_event(ep, ev)
+                    shared.on_event(ep, ev, told)
                 })
             }
         };

@@ -91,5 +91,5 @@ pub use device::{Counters, DeviceError, VirtioIommu, DEVICE_FEATURES};
 pub use ids::{DomainId, EndpointId, Gpa, Iova};
 pub use request::{decode, DecodeError, Request, RequestType};
 pub use state::{Exposure, MappingEvent, Tables};
-pub use translate::{EndpointIommu, MappingSubscriber};
+pub use translate::{EndpointIommu, Hold, MappingSubscriber, Settle};
 pub use wire::Status;

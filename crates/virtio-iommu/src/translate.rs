@@ -12,6 +12,9 @@
 //! an in-flight UNMAP is removing. A translation returned by [`EndpointIommu`] holds its
 //! IOTLB's read lock; invalidation waits for it. So once the guest sees `S_OK` for an
 //! UNMAP, no access that starts afterwards can use the old mapping (strict semantics).
+//! Holders of a translation outside this process ([`MappingSubscriber`]s) are told
+//! after the write lock is dropped, so no IPC happens under it; the request completes
+//! only once each of them has settled ([`Settle`]).
 //! What a backend keeps beyond one access (a `VolatileSlice` it saved) is outside any
 //! IOMMU's reach, as with real DMA; backends must translate per access.
 
@@ -31,13 +34,88 @@ use zerocopy::byteorder::little_endian::{U32, U64};
 /// Most entries an endpoint's IOTLB holds before it is emptied and refilled on demand.
 pub const IOTLB_ENTRIES: usize = 256;
 
-/// Told, per endpoint, every change in what that endpoint can reach, while the change
-/// is being made (before the guest sees the request complete). Implementations must not
-/// block for long and must not call back into the device.
+/// Told, per endpoint, every change in what that endpoint can reach, after the tables
+/// changed and before the guest sees the request complete, in the order the changes
+/// were made. The device tells its subscribers with no lock of its tables held.
+///
+/// A subscriber that can only finish a change later (it waits for another process to
+/// acknowledge an invalidation) takes [`Settle::hold`] and drops the [`Hold`] when the
+/// change is in effect on its side: the guest's request completes then, while the
+/// device goes on with other requests. `on_event` must not block, must not call back
+/// into the device, and a `Hold` must be dropped while holding no lock `on_event`
+/// takes (the last drop wakes the device's request queue).
 pub trait MappingSubscriber: Send + Sync {
-    /// One change for `endpoint`.
-    fn on_event(&self, endpoint: EndpointId, event: &MappingEvent);
+    /// One change for `endpoint`; `settle` belongs to the request that made it.
+    fn on_event(&self, endpoint: EndpointId, event: &MappingEvent, settle: &Settle);
 }
+
+/// What a request's subscribers still owe before it may complete: a count of
+/// [`Hold`]s, plus one for the device while it tells them.
+pub struct Settle(Arc<SettleState>);
+
+struct SettleState {
+    outstanding: AtomicUsize,
+    /// Run by the drop that settles a request the device had to park.
+    wake: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+/// A subscriber's promise to finish one change: the request completes once every
+/// hold is dropped.
+pub struct Hold(Arc<SettleState>);
+
+impl Settle {
+    /// A fresh settlement; `wake` is run if the last hold outlives the device's telling.
+    pub(crate) fn new(wake: Option<Arc<dyn Fn() + Send + Sync>>) -> Self {
+        Self(Arc::new(SettleState {
+            outstanding: AtomicUsize::new(1),
+            wake,
+        }))
+    }
+
+    /// Delays the request's completion until the returned hold is dropped.
+    pub fn hold(&self) -> Hold {
+        self.0.outstanding.fetch_add(1, Ordering::AcqRel);
+        Hold(Arc::clone(&self.0))
+    }
+
+    /// The device is done telling: true if nothing is held (the request completes
+    /// now); otherwise the last hold's drop runs `wake`.
+    pub(crate) fn release(&self) -> bool {
+        self.0.outstanding.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+
+    /// Every hold was dropped (after [`Settle::release`]).
+    pub(crate) fn settled(&self) -> bool {
+        self.0.outstanding.load(Ordering::Acquire) == 0
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if self.0.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(wake) = &self.0.wake {
+                wake();
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Settle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settle")
+            .field("outstanding", &self.0.outstanding)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Hold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Hold")
+    }
+}
+
+/// A change waiting to be told to one subscriber (see [`Shared::tell`]).
+pub(crate) type Told = (Arc<dyn MappingSubscriber>, EndpointId, MappingEvent);
 
 /// Locks that survive a panicking holder: the tables are only mutated after full
 /// validation, so a poisoned lock still guards consistent data.
@@ -70,6 +148,7 @@ pub(crate) struct Shared {
     pub(crate) faults: Mutex<FaultQueue>,
     pub(crate) max_pending_faults: usize,
     pub(crate) fault_notifier: RwLock<Option<Arc<dyn Fn() + Send + Sync>>>,
+    pub(crate) requestq_notifier: RwLock<Option<Arc<dyn Fn() + Send + Sync>>>,
     pub(crate) faults_raised: AtomicU64,
     pub(crate) faults_dropped: AtomicU64,
 }
@@ -92,10 +171,10 @@ fn iotlb_span(start: Iova, end: Iova) -> Option<(GuestAddress, usize)> {
 }
 
 impl Shared {
-    /// Applies one event: invalidates the endpoint's IOTLB where a translation went
-    /// away or changed kind, then tells the endpoint's subscribers. Called with the
-    /// tables' write lock held.
-    pub(crate) fn on_event(&self, ep: EndpointRef, ev: MappingEvent) {
+    /// Applies one event, with the tables' write lock held: invalidates the endpoint's
+    /// IOTLB where a translation went away or changed kind, and queues the event in
+    /// `told` for the endpoint's subscribers, to be told once the lock is dropped.
+    pub(crate) fn on_event(&self, ep: EndpointRef, ev: MappingEvent, told: &mut Vec<Told>) {
         match ev {
             MappingEvent::Mapped { .. } => {}
             MappingEvent::Unmapped { start, end } => {
@@ -111,9 +190,25 @@ impl Shared {
         }
         if self.has_subscribers.load(Ordering::Acquire) {
             for s in &read(&self.subscribers)[ep.index] {
-                s.on_event(ep.id, &ev);
+                told.push((Arc::clone(s), ep.id, ev));
             }
         }
+    }
+
+    /// Tells each subscriber its queued changes, in order; call with no lock of the
+    /// tables held. Leaves `told` empty.
+    pub(crate) fn tell(told: &mut Vec<Told>, settle: &Settle) {
+        for (s, id, ev) in told.drain(..) {
+            s.on_event(id, &ev, settle);
+        }
+    }
+
+    /// Tells what a change outside any request queued (a config write, a reset):
+    /// nothing waits for the subscribers to settle.
+    pub(crate) fn tell_unsettled(told: &mut Vec<Told>) {
+        let settle = Settle::new(None);
+        Self::tell(told, &settle);
+        settle.release();
     }
 
     fn raise_fault(&self, endpoint: EndpointId, denied: Denied, access: Permissions) {
@@ -171,8 +266,9 @@ impl EndpointIommu {
     pub fn subscribe(&self, subscriber: Arc<dyn MappingSubscriber>) {
         // Hold the tables' write lock so no request runs between replay and registration.
         let tables = write(&self.shared.tables);
+        let settle = Settle::new(None);
         if tables.is_identity(self.index) {
-            subscriber.on_event(self.id, &MappingEvent::Identity(true));
+            subscriber.on_event(self.id, &MappingEvent::Identity(true), &settle);
         } else if let Some(d) = tables.endpoint_domain(self.index) {
             for (start, m) in tables.mappings(d) {
                 subscriber.on_event(
@@ -183,9 +279,11 @@ impl EndpointIommu {
                         phys: crate::Gpa(m.phys),
                         perms: m.permissions(),
                     },
+                    &settle,
                 );
             }
         }
+        settle.release();
         write(&self.shared.subscribers)[self.index].push(subscriber);
         self.shared.has_subscribers.store(true, Ordering::Release);
     }

@@ -1372,9 +1372,90 @@ fn translations_stay_exact_across_iotlb_capacity_flushes() {
 struct Recorder(Mutex<Vec<(EndpointId, MappingEvent)>>);
 
 impl MappingSubscriber for Recorder {
-    fn on_event(&self, endpoint: EndpointId, event: &MappingEvent) {
+    fn on_event(&self, endpoint: EndpointId, event: &MappingEvent, _: &Settle) {
         self.0.lock().unwrap().push((endpoint, *event));
     }
+}
+
+/// A subscriber that, like an out-of-process back-end, finishes each UNMAP only when
+/// the test says so.
+#[derive(Default)]
+struct SlowToAck(Mutex<Vec<Hold>>);
+
+impl MappingSubscriber for SlowToAck {
+    fn on_event(&self, _: EndpointId, event: &MappingEvent, settle: &Settle) {
+        if matches!(event, MappingEvent::Unmapped { .. }) {
+            self.0.lock().unwrap().push(settle.hold());
+        }
+    }
+}
+
+#[test]
+fn an_unmap_a_subscriber_holds_completes_after_it_while_other_endpoints_go_on() {
+    let (mut dev, mut g) = setup();
+    send_all(
+        &mut g,
+        &mut dev,
+        &[
+            attach(1, EP1),
+            attach(2, EP2),
+            map(1, 0, 0xfff, 0x5000, RW),
+            map(2, 0, 0xfff, 0x6000, RW),
+        ],
+    );
+    let slow = Arc::new(SlowToAck::default());
+    dev.subscribe(EndpointId(EP1), slow.clone()).unwrap();
+    let woken = Arc::new(Mutex::new(0));
+    let w = Arc::clone(&woken);
+    dev.set_requestq_notifier(Arc::new(move || *w.lock().unwrap() += 1));
+
+    let reqs = [unmap(1, 0, 0xfff), map(2, 0x1000, 0x1fff, 0x7000, RW)];
+    let batch = g.prepare(&reqs);
+    g.post(&batch);
+    dev.process_requestq(&mut g.requestq, &g.mem).unwrap();
+    // The other endpoint's MAP completed; the held UNMAP did not, but already took
+    // effect in process: no new access through it, while EP2 translates on.
+    assert_eq!(g.reap(), 1, "only the request nobody holds completed");
+    assert_eq!(read_ok(&dev, EP1, 8), None);
+    assert_eq!(read_ok(&dev, EP2, 0x1008), Some(0x7008));
+    assert_eq!(*woken.lock().unwrap(), 0);
+    dev.process_requestq(&mut g.requestq, &g.mem).unwrap();
+    assert_eq!(g.reap(), 0, "a held request stays parked");
+
+    slow.0.lock().unwrap().clear();
+    assert_eq!(
+        *woken.lock().unwrap(),
+        1,
+        "the last hold woke the request queue"
+    );
+    dev.process_requestq(&mut g.requestq, &g.mem).unwrap();
+    assert_eq!(g.reap(), 1, "the UNMAP completed once it settled");
+    assert_eq!(
+        g.batch_statuses(&batch, &reqs),
+        vec![Some(Status::Ok), Some(Status::Ok)]
+    );
+    assert_eq!(dev.counters().deferred, 1);
+}
+
+#[test]
+fn a_reset_forgets_parked_requests() {
+    let (mut dev, mut g) = setup();
+    send_all(
+        &mut g,
+        &mut dev,
+        &[attach(1, EP1), map(1, 0, 0xfff, 0x5000, RW)],
+    );
+    let slow = Arc::new(SlowToAck::default());
+    dev.subscribe(EndpointId(EP1), slow.clone()).unwrap();
+    let batch = g.prepare(&[unmap(1, 0, 0xfff)]);
+    g.post(&batch);
+    dev.process_requestq(&mut g.requestq, &g.mem).unwrap();
+    assert_eq!(g.reap(), 0);
+    dev.reset();
+    // A hold dropped after the reset completes nothing.
+    slow.0.lock().unwrap().clear();
+    dev.process_requestq(&mut g.requestq, &g.mem).unwrap();
+    assert_eq!(g.reap(), 0);
 }
 
 #[test]

@@ -49,6 +49,13 @@ struct Common {
     #[arg(long, value_name = "N", default_value_t = 16384,
           value_parser = clap::value_parser!(u32).range(16..=60000))]
     max_windows: u32,
+    /// Longest the device worker keeps polling the rings for new buffers after the
+    /// last one, in microseconds, with the driver's kicks off while it polls; the
+    /// window adapts below this as `aperture serve --poll-us` does. 0 never polls
+    /// (every request waits for its kick).
+    #[arg(long, value_name = "MAX", default_value_t = crate::DEFAULT_BACKEND_POLL_US,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    poll_us: u32,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -243,6 +250,7 @@ where
             ..Limits::default()
         },
         require_iommu: common.require_iommu,
+        poll_max: crate::poll_max(common.poll_us),
     };
     eprintln!("{prog}: listening on {}", common.socket.display());
     let status = loop {
@@ -311,7 +319,7 @@ fn summary<D>(r: &Report<D>) -> String {
     let e = &r.exposure;
     format!(
         "mode {}, peak exposure {} KiB of {} MiB guest RAM ({:.3}%), peak windows {}, \
-updates {}, invalidates {}, misses {} ({} failed), access failures {}",
+updates {}, invalidates {}, misses {} ({} failed), access failures {}, ring passes found by polling {}",
         mode_name(r.mode),
         e.peak_mapped_bytes >> 10,
         e.guest_ram_bytes >> 20,
@@ -321,7 +329,8 @@ updates {}, invalidates {}, misses {} ({} failed), access failures {}",
         e.invalidates,
         e.misses,
         e.miss_failures,
-        e.access_fails
+        e.access_fails,
+        r.polled
     )
 }
 
@@ -343,6 +352,7 @@ fn stats_json<D>(name: &str, r: &Report<D>, device: serde_json::Value) -> serde_
         "misses": e.misses,
         "miss_failures": e.miss_failures,
         "access_fails": e.access_fails,
+        "polled": r.polled,
         "requests": device,
     })
 }

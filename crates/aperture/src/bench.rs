@@ -167,6 +167,8 @@ pub(crate) struct Options {
     pub(crate) out: Option<PathBuf>,
     /// Our device host's poll window maximum.
     pub(crate) poll: Duration,
+    /// The out-of-process back-end's.
+    pub(crate) backend_poll: Duration,
 }
 
 fn say(msg: &str) {
@@ -588,7 +590,7 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
     let mut vhost = None;
     if config.ours() {
         let blk: Box<dyn EndpointFactory> = if config.vhost() {
-            let b = BackendProcess::spawn(&dir, &p.disk)?;
+            let b = BackendProcess::spawn(&dir, &p.disk, opts.backend_poll)?;
             let (tx, rx) = std::sync::mpsc::channel();
             vhost = Some(rx);
             let f = VhostUserFactory::new("blk0", &b.socket, DeviceKind::Block, DEFAULT_TIMEOUT)
@@ -766,7 +768,7 @@ impl BackendProcess {
     ///
     /// # Errors
     /// The process cannot be started, or exits or does not listen within 10 s.
-    fn spawn(dir: &Path, disk: &Path) -> Result<Self, String> {
+    fn spawn(dir: &Path, disk: &Path, poll: Duration) -> Result<Self, String> {
         let exe = std::env::current_exe()
             .map_err(|e| format!("cannot find this executable to run `aperture backend`: {e}"))?;
         // Rebuilt while the bench runs (`cargo build` replaces the file): Linux names the
@@ -783,6 +785,8 @@ impl BackendProcess {
             File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
         let child = Command::new(exe)
             .args(["backend", "blk", "--read-only", "--once"])
+            .arg("--poll-us")
+            .arg(poll.as_micros().to_string())
             .arg("--socket")
             .arg(&socket)
             .arg("--disk")
@@ -1311,7 +1315,7 @@ which serves our devices; QEMU: QEMU and, out of process, the back-end):"
                 .sum();
             let _ = writeln!(
                 t,
-                "{:<22} misses {} ({} failed), updates {}, invalidates {}, evictions {}; \
+                "{:<22} misses {} ({} failed), updates {}, invalidates {}, evictions {}, ring passes found by polling {}; \
 per timed request: {} misses, {} updates, {} invalidates; peak exposure {} KiB ({:.3}% of guest RAM), peak windows {}",
                 r.config.name(),
                 n("misses"),
@@ -1319,6 +1323,7 @@ per timed request: {} misses, {} updates, {} invalidates; peak exposure {} KiB (
                 n("updates"),
                 n("invalidates"),
                 n("evictions"),
+                n("polled"),
                 per_request(n("misses"), requests),
                 per_request(n("updates"), requests),
                 per_request(n("invalidates"), requests),

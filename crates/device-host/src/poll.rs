@@ -36,11 +36,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use virtio_pci::{TransportCounters, VirtioDevice, VirtioPciTransport};
+use virtio_pci::{
+    adjust_poll_window as adjust, TransportCounters, VirtioDevice, VirtioPciTransport,
+};
 use vm_memory::GuestMemory;
-
-/// Where the poll window starts when it grows from zero (QEMU's first step).
-const WINDOW_START: Duration = Duration::from_micros(4);
 
 /// Queues a [`Poller`] can serve: in practice a function's transport.
 pub trait Pollable: Send + Sync {
@@ -202,20 +201,6 @@ impl Drop for Poller {
     }
 }
 
-/// QEMU's `adjust_polling_time`: `gap` is how long the poller waited for the work that
-/// just came (polling or asleep).
-fn adjust(window: Duration, gap: Duration, max: Duration) -> Duration {
-    if gap <= window {
-        window
-    } else if gap > max {
-        Duration::ZERO
-    } else if window.is_zero() {
-        WINDOW_START.min(max)
-    } else {
-        (window * 2).min(max)
-    }
-}
-
 fn set_polling(queues: &[Arc<dyn Pollable>], on: bool) -> bool {
     queues
         .iter()
@@ -283,31 +268,5 @@ fn run(s: &Shared) {
         s.counters.sleeps.fetch_add(1, Ordering::Relaxed);
         let spent = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         s.counters.polling_ns.fetch_add(spent, Ordering::Relaxed);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn window_adapts_as_qemus_aio_polling_does() {
-        let max = Duration::from_micros(32);
-        let us = Duration::from_micros;
-        // From zero, a gap within the maximum starts the window at 4 µs...
-        assert_eq!(adjust(Duration::ZERO, us(10), max), us(4));
-        // ...which doubles while work comes later than the window but within the max,
-        assert_eq!(adjust(us(4), us(10), max), us(8));
-        assert_eq!(adjust(us(16), us(20), max), us(32));
-        assert_eq!(adjust(us(32), us(30), max), us(32));
-        // stays when work comes within it,
-        assert_eq!(adjust(us(8), us(3), max), us(8));
-        // and drops to zero when the gap exceeds the maximum.
-        assert_eq!(adjust(us(32), us(33), max), Duration::ZERO);
-        // A maximum of zero never polls.
-        assert_eq!(
-            adjust(Duration::ZERO, Duration::ZERO, Duration::ZERO),
-            Duration::ZERO
-        );
     }
 }

@@ -16,6 +16,15 @@
 //! device lock (ring set-up and stop, features) it makes pending and new misses fail
 //! at once ([`AddressSpace::set_cancel_misses`]); the batch then ends quickly. IOTLB
 //! updates and invalidates, call fds and the memory table never need the device lock.
+//!
+//! Polling. A kick is an eventfd write the worker must be woken for. While the driver
+//! keeps it busy, the worker instead serves the rings with the driver's notifications
+//! off (`VRING_USED_F_NO_NOTIFY`, or with EVENT_IDX `avail_event` left behind) and
+//! watches their avail indexes, for a window that adapts as the device host's poller
+//! does ([`virtio_pci::adjust_poll_window`], up to [`SessionConfig::poll_max`]). When
+//! the window passes with nothing new it turns notifications back on, which re-checks
+//! the rings after a fence, serves what was published meanwhile, and sleeps. It takes
+//! the device lock per pass, never across the window.
 
 use crate::channel::{recv_message, send_reply, MissChannel};
 use crate::space::{AddressSpace, Exposure, GuestView, Limits, Mode, SpaceError};
@@ -27,9 +36,10 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use virtio_pci::VirtioDevice;
+use std::time::{Duration, Instant};
+use virtio_pci::{adjust_poll_window, VirtioDevice};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use zerocopy::IntoBytes;
@@ -48,6 +58,9 @@ pub struct SessionConfig {
     /// Refuse `SET_FEATURES` without `VIRTIO_F_IOMMU_PLATFORM`: this back-end then
     /// never maps all of guest RAM.
     pub require_iommu: bool,
+    /// The longest the worker polls the rings after work before it sleeps until a
+    /// kick (see the module docs); zero never polls.
+    pub poll_max: Duration,
 }
 
 /// Why a request was refused. Nothing changed.
@@ -163,6 +176,8 @@ struct Shared<D> {
     errs: Vec<Mutex<Option<Arc<File>>>>,
     wake: EventFd,
     stop: AtomicBool,
+    poll_max: Duration,
+    polled: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -195,6 +210,8 @@ pub struct Report<D> {
     pub exposure: Exposure,
     /// The translation mode the front-end negotiated last.
     pub mode: Mode,
+    /// Passes over a ring that found buffers by polling, without a kick.
+    pub polled: u64,
 }
 
 /// A vhost-user back-end session for one device.
@@ -252,6 +269,8 @@ impl<D: VirtioDevice<GuestView> + Send> Session<D> {
                 errs: (0..n).map(|_| Mutex::new(None)).collect(),
                 wake: EventFd::new(EFD_NONBLOCK)?,
                 stop: AtomicBool::new(false),
+                poll_max: config.poll_max,
+                polled: AtomicU64::new(0),
             }),
             config,
             device_features,
@@ -277,7 +296,9 @@ impl<D: VirtioDevice<GuestView> + Send> Session<D> {
         let shared = Arc::clone(&self.shared);
         let mut this = self;
         let result = std::thread::scope(|s| {
-            let worker = s.spawn(|| worker(&shared));
+            let worker = std::thread::Builder::new()
+                .name("vhost-iotlb-dev".into())
+                .spawn_scoped(s, || worker(&shared))?;
             let r = this.serve(&sock);
             shared.stop.store(true, Ordering::Release);
             shared.space.set_cancel_misses(true);
@@ -295,8 +316,10 @@ impl<D: VirtioDevice<GuestView> + Send> Session<D> {
         drop(this);
         let shared = Arc::try_unwrap(shared)
             .map_err(|_| io::Error::other("session state still shared after the worker ended"))?;
+        let polled = shared.polled.load(Ordering::Relaxed);
         let dev = shared.dev.into_inner().unwrap_or_else(|e| e.into_inner());
         result.map(|()| Report {
+            polled,
             device: dev.device,
             exposure,
             mode,
@@ -631,6 +654,8 @@ impl<D: VirtioDevice<GuestView> + Send> Session<D> {
 /// The device worker: waits for kicks (and wake-ups from the main thread), then
 /// processes each ring that is started, enabled and was kicked.
 fn worker<D: VirtioDevice<GuestView>>(sh: &Shared<D>) {
+    let mut window = Duration::ZERO;
+    let mut last_work = Instant::now();
     loop {
         if sh.stop.load(Ordering::Acquire) {
             return;
@@ -683,13 +708,99 @@ fn worker<D: VirtioDevice<GuestView>>(sh: &Shared<D>) {
         }
         for (i, go) in run.into_iter().enumerate() {
             if go {
-                process(sh, i);
+                process(sh, i, false);
             }
         }
+        poll_while_busy(sh, &mut window, &mut last_work);
     }
 }
 
-fn process<D: VirtioDevice<GuestView>>(sh: &Shared<D>, i: usize) {
+/// After a wake-up, serves the rings with the driver's notifications off while work
+/// keeps coming within the adaptive window; returns with notifications on and every
+/// buffer published before that served.
+fn poll_while_busy<D: VirtioDevice<GuestView>>(
+    sh: &Shared<D>,
+    window: &mut Duration,
+    last_work: &mut Instant,
+) {
+    let now = Instant::now();
+    *window = adjust_poll_window(*window, now - *last_work, sh.poll_max);
+    *last_work = now;
+    if window.is_zero() {
+        return;
+    }
+    set_notifications(sh, false);
+    loop {
+        if sh.stop.load(Ordering::Acquire) {
+            set_notifications(sh, true);
+            return;
+        }
+        let now = Instant::now();
+        if poll_rings(sh) {
+            *window = adjust_poll_window(*window, now - *last_work, sh.poll_max);
+            *last_work = now;
+        } else if now - *last_work >= *window {
+            // Notifications back on, then one more look: what was published while they
+            // were off would otherwise wait for a kick that never comes.
+            if set_notifications(sh, true) && poll_rings(sh) {
+                *last_work = Instant::now();
+                set_notifications(sh, false);
+                continue;
+            }
+            return;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// Turns the driver's notifications off or on for every runnable ring; on, returns
+/// whether a ring received buffers meanwhile (virtio-queue's `enable_notification`
+/// fences and re-reads `avail->idx`). A ring whose flags cannot be written keeps
+/// notifying, which is always correct.
+fn set_notifications<D>(sh: &Shared<D>, on: bool) -> bool {
+    let view = sh.space.view();
+    let mut st = lock(&sh.dev);
+    let mut published = false;
+    for ring in st.rings.iter_mut().filter(|r| r.runnable()) {
+        if on {
+            published |= ring.queue.enable_notification(&view).unwrap_or(false);
+        } else {
+            let _ = ring.queue.disable_notification(&view);
+        }
+    }
+    published
+}
+
+/// Serves every runnable ring whose driver published buffers the device has not
+/// taken; returns whether any were taken. A ring that cannot be read is not work.
+fn poll_rings<D: VirtioDevice<GuestView>>(sh: &Shared<D>) -> bool {
+    let view = sh.space.view();
+    let published: Vec<(usize, u16)> = lock(&sh.dev)
+        .rings
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.runnable())
+        .filter_map(|(i, r)| {
+            let before = r.queue.next_avail();
+            let idx = r.queue.avail_idx(&view, Ordering::Acquire).ok()?;
+            (idx.0 != before).then_some((i, before))
+        })
+        .collect();
+    drop(view);
+    let mut took = false;
+    for (i, before) in published {
+        process(sh, i, true);
+        if lock(&sh.dev).rings[i].queue.next_avail() != before {
+            sh.polled.fetch_add(1, Ordering::Relaxed);
+            took = true;
+        }
+    }
+    took
+}
+
+/// Serves ring `i` as a kick asks; `polling`: the worker polls it with notifications
+/// off, so they are not turned back on.
+fn process<D: VirtioDevice<GuestView>>(sh: &Shared<D>, i: usize, polling: bool) {
     let mut st = lock(&sh.dev);
     let DevState { device, rings } = &mut *st;
     let Some(ring) = rings.get_mut(i) else {
@@ -712,7 +823,7 @@ fn process<D: VirtioDevice<GuestView>>(sh: &Shared<D>, i: usize) {
     }
     // As the transport serves a notification: with EVENT_IDX, avail_event follows,
     // and no call goes out that the driver did not ask for.
-    let result = virtio_pci::serve_queue(device, i, &mut ring.queue, &view, false);
+    let result = virtio_pci::serve_queue(device, i, &mut ring.queue, &view, polling);
     crate::trace!(
         "queue {i}: done at avail {}: {result:?}",
         ring.queue.next_avail()

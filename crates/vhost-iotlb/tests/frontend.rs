@@ -60,6 +60,14 @@ struct Frontend {
 
 impl Frontend {
     fn start(disk: &std::path::Path, require_iommu: bool) -> (Self, std::sync::Arc<AddressSpace>) {
+        Self::start_polling(disk, require_iommu, Duration::ZERO)
+    }
+
+    fn start_polling(
+        disk: &std::path::Path,
+        require_iommu: bool,
+        poll_max: Duration,
+    ) -> (Self, std::sync::Arc<AddressSpace>) {
         let dev = Block::new(&BlockConfig {
             path: disk.to_path_buf(),
             read_only: false,
@@ -77,6 +85,7 @@ impl Frontend {
                     max_misses_per_access: 64,
                 },
                 require_iommu,
+                poll_max,
             },
         )
         .unwrap();
@@ -661,6 +670,82 @@ fn without_iommu_platform_the_regions_are_mapped_and_ring_addresses_are_user_add
     assert_eq!(
         r.exposure.peak_mapped_bytes, RAM,
         "the comparison point: all of RAM"
+    );
+    std::fs::remove_file(img).unwrap();
+}
+
+fn used_u16(ram: &File, offset: u64) -> u16 {
+    let mut b = [0u8; 2];
+    ram.read_exact_at(&mut b, RING + 0x200 + offset).unwrap();
+    u16::from_le_bytes(b)
+}
+
+/// CPU time (user + system, clock ticks) of this process's thread named `name`.
+fn thread_ticks(name: &str) -> Option<u64> {
+    for e in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = e.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        let f: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+        // proc(5): utime and stime are fields 14 and 15 (11 and 12 after the name).
+        return Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?);
+    }
+    None
+}
+
+#[test]
+fn a_polling_worker_serves_unkicked_buffers_loses_no_wakeup_and_sleeps_when_idle() {
+    const NO_NOTIFY: u16 = 1;
+    let img = disk("poll", 16);
+    let (fe, _space) = Frontend::start_polling(&img, false, Duration::from_micros(50));
+    let ram = memfd("vhost-iotlb-it-poll", RAM);
+    let _chan = negotiate(&fe, &ram, false);
+    let (kick, _call) = setup_ring(&fe, |gpa| gpa + UBASE);
+    // A driver as Linux's: it kicks only when the device did not say it polls. Gaps
+    // from 0 to 120 µs fall inside the window, across it and past it.
+    let (n, mut kicked) = (1500u16, 0u32);
+    for i in 0..n {
+        post_request(&ram, |gpa| gpa, i, 0, DATA);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if used_u16(&ram, 0) & NO_NOTIFY == 0 {
+            kick.write(1).unwrap();
+            kicked += 1;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while used_u16(&ram, 2) != i.wrapping_add(1) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "request {i} was never served (published unkicked while the worker went to sleep)"
+            );
+            std::hint::spin_loop();
+        }
+        let gap = std::time::Instant::now() + Duration::from_micros(u64::from(i % 121));
+        while std::time::Instant::now() < gap {
+            std::hint::spin_loop();
+        }
+    }
+    assert!(
+        kicked > 0 && kicked < u32::from(n),
+        "{kicked} of {n} kicked"
+    );
+    // Idle: after its window the worker asks for kicks again and uses no CPU.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(used_u16(&ram, 0) & NO_NOTIFY, 0, "kicks are on again");
+    let before = thread_ticks("vhost-iotlb-dev").expect("the worker thread");
+    std::thread::sleep(Duration::from_secs(1));
+    let after = thread_ticks("vhost-iotlb-dev").unwrap();
+    assert!(after - before <= 1, "{} ticks while idle", after - before);
+    let r = fe.finish();
+    assert_eq!(r.device.counters().ok, u64::from(n));
+    // Every request published unkicked was found by polling (some kicked ones too:
+    // the re-check before sleeping finds them before their kick arrives).
+    assert!(
+        r.polled >= u64::from(n) - u64::from(kicked),
+        "{} polled, {kicked} of {n} kicked",
+        r.polled
     );
     std::fs::remove_file(img).unwrap();
 }

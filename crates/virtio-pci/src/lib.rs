@@ -19,9 +19,11 @@
 #![deny(missing_docs)]
 
 mod config_space;
+mod poll;
 mod transport;
 
 pub use config_space::{Bar0Layout, PciIds, BAR0_SIZE};
+pub use poll::{adjust_poll_window, POLL_WINDOW_START};
 pub use transport::{
     device_status, serve_queue, ActiveQueue, Interrupt, InterruptSink, TransportCounters,
     TransportError, VirtioDevice, VirtioPciTransport, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,

@@ -80,7 +80,7 @@ fn parse_assign(s: &str) -> Result<(Bdf, Option<Policy>), String> {
     };
     Ok((
         bdf.parse()
-            .map_err(|e: mem_layout::types::TypesError| e.to_string())?,
+            .map_err(|e: mem_layout::types::BdfError| e.to_string())?,
         policy,
     ))
 }

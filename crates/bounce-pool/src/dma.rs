@@ -7,7 +7,7 @@
 
 use crate::{Attrs, BouncePool, DeviceDma, DmaAddr, DmaDirection, Gpa, PoolError};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use vm_memory::GuestMemory;
 
 /// Why a DMA API call failed.
@@ -94,7 +94,7 @@ impl<M: GuestMemory> GuestDma<M> {
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<DmaAddr, (Gpa, usize, DmaDirection)>> {
-        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+        dma_types::lock(&self.live)
     }
 
     /// `dma_map_single`: bounces `len` bytes at `buf` into the pool; the device gets

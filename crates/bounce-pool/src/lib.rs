@@ -46,8 +46,6 @@ pub use pool::{BouncePool, PoolConfig, PoolError};
 pub use ram::{map_pool_file, RamError, SplitRam};
 pub use slots::{DeviceDma, PoolStats, SlotError, SlotIndex};
 
-use std::fmt;
-
 /// `IO_TLB_SHIFT`: log2 of the slot size.
 pub const IO_TLB_SHIFT: u32 = 11;
 /// `IO_TLB_SIZE`: bytes per slot (2 KiB).
@@ -61,53 +59,7 @@ pub const MAX_MAPPING_SIZE: usize = SEGMENT_BYTES as usize;
 /// The guest page size swiotlb aligns to (x86 and arm64 with 4 KiB pages).
 pub const PAGE_SIZE: u64 = 4096;
 
-/// A guest-physical address: where the guest's original buffers live.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Gpa(pub u64);
-
-/// An address the device is given for DMA. In pool mode it is the guest-physical
-/// address of the bounce buffer inside the pool (the pool is identity-mapped for the
-/// device), but it is a different thing from a [`Gpa`] of an original buffer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DmaAddr(pub u64);
-
-impl fmt::Display for Gpa {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "GPA {:#x}", self.0)
-    }
-}
-
-impl fmt::Display for DmaAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DMA address {:#x}", self.0)
-    }
-}
-
-/// Direction of a streaming mapping (`enum dma_data_direction`). `DMA_NONE` has no
-/// value here: Linux `BUG()`s on it, so it is made unrepresentable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DmaDirection {
-    /// `DMA_TO_DEVICE`: the device reads the buffer.
-    ToDevice,
-    /// `DMA_FROM_DEVICE`: the device writes the buffer.
-    FromDevice,
-    /// `DMA_BIDIRECTIONAL`: both.
-    Bidirectional,
-}
-
-impl DmaDirection {
-    /// Whether data flows from the CPU's buffer to the device (copied at map and
-    /// `sync_for_device`).
-    pub fn to_device(self) -> bool {
-        matches!(self, Self::ToDevice | Self::Bidirectional)
-    }
-
-    /// Whether data flows from the device back to the CPU's buffer (copied at
-    /// `sync_for_cpu` and unmap).
-    pub fn from_device(self) -> bool {
-        matches!(self, Self::FromDevice | Self::Bidirectional)
-    }
-}
+pub use dma_types::{DmaAddr, DmaDirection, Gpa};
 
 /// Attributes of an unmap (`DMA_ATTR_*` that swiotlb looks at).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

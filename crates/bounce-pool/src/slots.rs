@@ -14,9 +14,10 @@
 //! ever blocks for space: a search that finds no room fails at once.
 
 use crate::{IO_TLB_SEGSIZE, IO_TLB_SHIFT, IO_TLB_SIZE, MAX_MAPPING_SIZE, PAGE_SIZE};
+use dma_types::lock;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::Mutex;
 
 /// Index of a slot in its pool (0 = the slot at the pool's base).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -251,11 +252,6 @@ impl<T> std::ops::Deref for Padded<T> {
     fn deref(&self) -> &T {
         &self.0
     }
-}
-
-fn lock(a: &Mutex<Area>) -> MutexGuard<'_, Area> {
-    // Areas are mutated only after every check, in steps that leave them consistent.
-    a.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A live allocation's record, readable without the area lock. Written only under

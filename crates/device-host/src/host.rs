@@ -5,9 +5,10 @@
 use crate::iommu_device::IommuPciDevice;
 use crate::poll::{PollHandle, Pollable, Poller};
 use crate::vfio::{
-    irqs, lock, regions, EventFdSink, MemoryBuilder, MsixVectors, NotifyHook, PciFunction,
+    irqs, regions, EventFdSink, MemoryBuilder, MsixVectors, NotifyHook, PciFunction,
 };
-use crate::viot::{build_viot, EndpointRange, PciBdf};
+use crate::viot::{build_viot, EndpointRange};
+use dma_types::lock;
 use mem_layout::{Bdf, Layout, LayoutConfig, LayoutError, RdmDatabase};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -412,23 +413,13 @@ impl DeviceHost {
         };
         let mut args = memory_args(layout);
         if mode != IommuMode::Off {
-            let iommu = PciBdf {
-                segment: 0,
-                bus: 0,
-                dev: IOMMU_SLOT,
-                func: 0,
-            };
+            let iommu = slot_bdf(IOMMU_SLOT);
             let ranges: Vec<EndpointRange> = self
                 .served
                 .iter()
                 .filter(|s| s.slot != IOMMU_SLOT)
                 .map(|s| {
-                    let b = PciBdf {
-                        segment: 0,
-                        bus: 0,
-                        dev: s.slot,
-                        func: 0,
-                    };
+                    let b = slot_bdf(s.slot);
                     EndpointRange {
                         first: b,
                         last: b,

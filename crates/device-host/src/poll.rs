@@ -31,7 +31,7 @@
 //! nesting: docs/ARCHITECTURE.md), and its `wake` mutex only when it holds none.
 //! Nothing is held across IPC.
 
-use crate::vfio::lock;
+use dma_types::lock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;

@@ -7,9 +7,10 @@
 //! command register, as for any vfio device; what reaches us is the rest.
 
 use crate::dma::DmaMap;
+use dma_types::lock;
 use std::fs::File;
 use std::io::Write;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use vfio_bindings::bindings::vfio::{
     vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_NORESIZE, VFIO_IRQ_SET_ACTION_TRIGGER,
     VFIO_IRQ_SET_ACTION_TYPE_MASK, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
@@ -20,12 +21,6 @@ use vfio_bindings::bindings::vfio::{
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, ServerBackend, ServerRegion};
 use virtio_pci::{InterruptSink, VirtioDevice, VirtioPciTransport, BAR0_SIZE};
 use vm_memory::{GuestMemory, GuestMemoryMmap};
-
-/// A lock that survives a panicked holder (device state is only changed by validated
-/// accesses).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// The MSI-X eventfds the client handed over, one slot per vector.
 #[derive(Debug, Default)]

@@ -55,7 +55,8 @@
 //! socket cannot be served (the UPDATE needs that socket); the deadline bounds it.
 
 use crate::host::{EndpointMemory, Function};
-use crate::vfio::{lock, EventFdSink, MemoryBuilder, MsixVectors, NotifyHook, PciFunction};
+use crate::vfio::{EventFdSink, MemoryBuilder, MsixVectors, NotifyHook, PciFunction};
+use dma_types::lock;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};

@@ -32,7 +32,7 @@
 //! of a function (a device behind a PCIe-to-PCI bridge also uses the bridge's ID), so
 //! ranges must not overlap and must cover the aliases too.
 
-use std::fmt;
+use dma_types::Bdf;
 
 /// Length of the ACPI system description table header.
 pub const SDT_HEADER_LEN: usize = 36;
@@ -58,79 +58,45 @@ pub const MAX_RANGES: usize =
     (u16::MAX as usize - IOMMU_NODE_OFFSET as usize - IOMMU_NODE_LEN as usize)
         / PCI_RANGE_NODE_LEN as usize;
 
-/// A PCI function address: segment (domain), bus, device (0–31), function (0–7).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PciBdf {
-    /// PCI segment group (domain).
-    pub segment: u16,
-    /// Bus number.
-    pub bus: u8,
-    /// Device number, 0–31.
-    pub dev: u8,
-    /// Function number, 0–7.
-    pub func: u8,
-}
-
-impl PciBdf {
-    /// The 16-bit requester ID, `bus << 8 | dev << 3 | func`. `dev` and `func` are masked
-    /// to 5 and 3 bits; [`build_viot`] refuses addresses where that would change them.
-    pub const fn bdf(&self) -> u16 {
-        ((self.bus as u16) << 8) | (((self.dev & 0x1f) as u16) << 3) | ((self.func & 0x7) as u16)
-    }
-
-    const fn is_valid(&self) -> bool {
-        self.dev <= 0x1f && self.func <= 0x7
-    }
-}
-
-impl fmt::Display for PciBdf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:04x}:{:02x}:{:02x}.{}",
-            self.segment, self.bus, self.dev, self.func
-        )
-    }
-}
-
 /// A contiguous range of PCI requester IDs (`first..=last`, one segment) translated by
 /// the IOMMU; the function at `first` gets endpoint ID `endpoint_start`, the next
 /// requester ID `endpoint_start + 1`, and so on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct EndpointRange {
     /// First function of the range.
-    pub first: PciBdf,
+    pub first: Bdf,
     /// Last function of the range (inclusive).
-    pub last: PciBdf,
+    pub last: Bdf,
     /// Endpoint ID of `first`.
     pub endpoint_start: u32,
 }
 
 impl EndpointRange {
-    /// The range `first..=last` with `endpoint_start = first.bdf()`, so that every
+    /// The range `first..=last` with `endpoint_start = first.requester_id()`, so that every
     /// function's endpoint ID is its BDF.
-    pub const fn identity(first: PciBdf, last: PciBdf) -> Self {
+    pub const fn identity(first: Bdf, last: Bdf) -> Self {
         Self {
             first,
             last,
-            endpoint_start: first.bdf() as u32,
+            endpoint_start: first.requester_id() as u32,
         }
     }
 
     /// Whether `f` lies in this range.
-    pub fn contains(&self, f: PciBdf) -> bool {
-        f.segment == self.first.segment && (self.first.bdf()..=self.last.bdf()).contains(&f.bdf())
+    pub fn contains(&self, f: Bdf) -> bool {
+        f.segment == self.first.segment
+            && (self.first.requester_id()..=self.last.requester_id()).contains(&f.requester_id())
     }
 
     /// The endpoint ID Linux assigns `f`
     /// (`((segment − segment_start) << 16) + (rid − bdf_start) + endpoint_start`), or
     /// `None` if `f` is outside the range or the ID does not fit in 32 bits.
-    pub fn endpoint_id(&self, f: PciBdf) -> Option<u32> {
+    pub fn endpoint_id(&self, f: Bdf) -> Option<u32> {
         if !self.contains(f) {
             return None;
         }
         self.endpoint_start
-            .checked_add(u32::from(f.bdf() - self.first.bdf()))
+            .checked_add(u32::from(f.requester_id() - self.first.requester_id()))
     }
 }
 
@@ -138,8 +104,8 @@ impl EndpointRange {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ViotError {
     /// A device number above 31 or a function number above 7.
-    #[error("invalid PCI address {0} (device must be 0-31, function 0-7)")]
-    InvalidBdf(PciBdf),
+    #[error("invalid PCI address {0:#} (device must be 0-31, function 0-7)")]
+    InvalidBdf(Bdf),
     /// No endpoint range: the IOMMU would translate for nobody.
     #[error("no endpoint range given")]
     NoEndpoints,
@@ -147,58 +113,58 @@ pub enum ViotError {
     #[error("{0} endpoint ranges, at most {MAX_RANGES} fit in a VIOT")]
     TooManyRanges(usize),
     /// A range whose first function comes after its last.
-    #[error("endpoint range {first}..={last} is reversed (first > last)")]
+    #[error("endpoint range {first:#}..={last:#} is reversed (first > last)")]
     Reversed {
         /// First function.
-        first: PciBdf,
+        first: Bdf,
         /// Last function.
-        last: PciBdf,
+        last: Bdf,
     },
     /// A range whose ends are in different PCI segments.
-    #[error("endpoint range {first}..={last} spans segments {:#x} and {:#x}", first.segment, last.segment)]
+    #[error("endpoint range {first:#}..={last:#} spans segments {:#x} and {:#x}", first.segment, last.segment)]
     SegmentMismatch {
         /// First function.
-        first: PciBdf,
+        first: Bdf,
         /// Last function.
-        last: PciBdf,
+        last: Bdf,
     },
     /// A range that contains the IOMMU itself (a device cannot translate its own DMA).
-    #[error("endpoint range {first}..={last} contains the IOMMU {iommu}")]
+    #[error("endpoint range {first:#}..={last:#} contains the IOMMU {iommu:#}")]
     IommuInRange {
         /// The IOMMU's address.
-        iommu: PciBdf,
+        iommu: Bdf,
         /// First function of the range.
-        first: PciBdf,
+        first: Bdf,
         /// Last function of the range.
-        last: PciBdf,
+        last: Bdf,
     },
     /// Two ranges share a function (Linux would use only the first for it).
-    #[error("endpoint ranges {a_first}..={a_last} and {b_first}..={b_last} overlap")]
+    #[error("endpoint ranges {a_first:#}..={a_last:#} and {b_first:#}..={b_last:#} overlap")]
     Overlap {
         /// First function of the earlier range.
-        a_first: PciBdf,
+        a_first: Bdf,
         /// Last function of the earlier range.
-        a_last: PciBdf,
+        a_last: Bdf,
         /// First function of the later range.
-        b_first: PciBdf,
+        b_first: Bdf,
         /// Last function of the later range.
-        b_last: PciBdf,
+        b_last: Bdf,
     },
     /// `endpoint_start` plus the range's length passes `u32::MAX`.
     #[error(
-        "endpoint range {first}..={last} from endpoint ID {endpoint_start:#x} overflows 32 bits"
+        "endpoint range {first:#}..={last:#} from endpoint ID {endpoint_start:#x} overflows 32 bits"
     )]
     EndpointIdOverflow {
         /// First function.
-        first: PciBdf,
+        first: Bdf,
         /// Last function.
-        last: PciBdf,
+        last: Bdf,
         /// The range's `endpoint_start`.
         endpoint_start: u32,
     },
 }
 
-fn validate(iommu: PciBdf, endpoints: &[EndpointRange]) -> Result<(), ViotError> {
+fn validate(iommu: Bdf, endpoints: &[EndpointRange]) -> Result<(), ViotError> {
     if !iommu.is_valid() {
         return Err(ViotError::InvalidBdf(iommu));
     }
@@ -218,14 +184,14 @@ fn validate(iommu: PciBdf, endpoints: &[EndpointRange]) -> Result<(), ViotError>
         if first.segment != last.segment {
             return Err(ViotError::SegmentMismatch { first, last });
         }
-        if first.bdf() > last.bdf() {
+        if first.requester_id() > last.requester_id() {
             return Err(ViotError::Reversed { first, last });
         }
         if r.contains(iommu) {
             return Err(ViotError::IommuInRange { iommu, first, last });
         }
         if r.endpoint_start
-            .checked_add(u32::from(last.bdf() - first.bdf()))
+            .checked_add(u32::from(last.requester_id() - first.requester_id()))
             .is_none()
         {
             return Err(ViotError::EndpointIdOverflow {
@@ -236,8 +202,8 @@ fn validate(iommu: PciBdf, endpoints: &[EndpointRange]) -> Result<(), ViotError>
         }
         if let Some(a) = endpoints[..i].iter().find(|a| {
             a.first.segment == first.segment
-                && a.first.bdf() <= last.bdf()
-                && first.bdf() <= a.last.bdf()
+                && a.first.requester_id() <= last.requester_id()
+                && first.requester_id() <= a.last.requester_id()
         }) {
             return Err(ViotError::Overlap {
                 a_first: a.first,
@@ -257,7 +223,7 @@ fn validate(iommu: PciBdf, endpoints: &[EndpointRange]) -> Result<(), ViotError>
 /// [`ViotError`] naming the offending address or range: a device above 31 or function
 /// above 7, no ranges or too many, a range reversed, spanning two segments, containing
 /// the IOMMU, overlapping an earlier range, or whose endpoint IDs pass `u32::MAX`.
-pub fn build_viot(iommu: PciBdf, endpoints: &[EndpointRange]) -> Result<Vec<u8>, ViotError> {
+pub fn build_viot(iommu: Bdf, endpoints: &[EndpointRange]) -> Result<Vec<u8>, ViotError> {
     validate(iommu, endpoints)?;
     let len = usize::from(IOMMU_NODE_OFFSET)
         + usize::from(IOMMU_NODE_LEN)
@@ -289,7 +255,7 @@ pub fn build_viot(iommu: PciBdf, endpoints: &[EndpointRange]) -> Result<Vec<u8>,
     t.push(0);
     t.extend_from_slice(&IOMMU_NODE_LEN.to_le_bytes());
     t.extend_from_slice(&iommu.segment.to_le_bytes());
-    t.extend_from_slice(&iommu.bdf().to_le_bytes());
+    t.extend_from_slice(&iommu.requester_id().to_le_bytes());
     t.extend_from_slice(&[0; 8]);
 
     // One PCI range node per endpoint range, all pointing at node 0.
@@ -300,8 +266,8 @@ pub fn build_viot(iommu: PciBdf, endpoints: &[EndpointRange]) -> Result<Vec<u8>,
         t.extend_from_slice(&r.endpoint_start.to_le_bytes());
         t.extend_from_slice(&r.first.segment.to_le_bytes());
         t.extend_from_slice(&r.last.segment.to_le_bytes());
-        t.extend_from_slice(&r.first.bdf().to_le_bytes());
-        t.extend_from_slice(&r.last.bdf().to_le_bytes());
+        t.extend_from_slice(&r.first.requester_id().to_le_bytes());
+        t.extend_from_slice(&r.last.requester_id().to_le_bytes());
         t.extend_from_slice(&IOMMU_NODE_OFFSET.to_le_bytes());
         t.extend_from_slice(&[0; 6]);
     }
@@ -321,12 +287,12 @@ mod tests {
 
     use super::*;
 
-    fn f(bus: u8, dev: u8, func: u8) -> PciBdf {
-        PciBdf {
+    fn f(bus: u8, device: u8, function: u8) -> Bdf {
+        Bdf {
             segment: 0,
             bus,
-            dev,
-            func,
+            device,
+            function,
         }
     }
 
@@ -385,9 +351,9 @@ mod tests {
     }
 
     /// Linux's `epid` formula for a function matched against a parsed range.
-    fn linux_epid(range: ParsedRange, dev: PciBdf) -> Option<u32> {
+    fn linux_epid(range: ParsedRange, dev: Bdf) -> Option<u32> {
         let (start, seg_start, seg_end, bdf_start, bdf_end) = range;
-        let rid = dev.bdf();
+        let rid = dev.requester_id();
         if dev.segment < seg_start || dev.segment > seg_end || rid < bdf_start || rid > bdf_end {
             return None;
         }
@@ -396,12 +362,12 @@ mod tests {
 
     #[test]
     fn bdf_packs_bus_device_function() {
-        assert_eq!(f(0, 0, 0).bdf(), 0);
-        assert_eq!(f(0, 5, 0).bdf(), 0x28);
-        assert_eq!(f(0, 6, 0).bdf(), 0x30);
-        assert_eq!(f(0x12, 0x1f, 7).bdf(), 0x12ff);
-        assert_eq!(f(0xff, 0x1f, 7).bdf(), 0xffff);
-        assert_eq!(f(1, 2, 3).to_string(), "0000:01:02.3");
+        assert_eq!(f(0, 0, 0).requester_id(), 0);
+        assert_eq!(f(0, 5, 0).requester_id(), 0x28);
+        assert_eq!(f(0, 6, 0).requester_id(), 0x30);
+        assert_eq!(f(0x12, 0x1f, 7).requester_id(), 0x12ff);
+        assert_eq!(f(0xff, 0x1f, 7).requester_id(), 0xffff);
+        assert_eq!(format!("{:#}", f(1, 2, 3)), "0000:01:02.3");
     }
 
     #[test]
@@ -481,17 +447,17 @@ mod tests {
                 endpoint_start: 0x1000,
             },
             EndpointRange::identity(
-                PciBdf {
+                Bdf {
                     segment: 1,
                     bus: 0,
-                    dev: 0,
-                    func: 0,
+                    device: 0,
+                    function: 0,
                 },
-                PciBdf {
+                Bdf {
                     segment: 1,
                     bus: 0xff,
-                    dev: 0x1f,
-                    func: 7,
+                    device: 0x1f,
+                    function: 7,
                 },
             ),
         ];
@@ -508,8 +474,8 @@ mod tests {
                     r.endpoint_start,
                     r.first.segment,
                     r.last.segment,
-                    r.first.bdf(),
-                    r.last.bdf()
+                    r.first.requester_id(),
+                    r.last.requester_id()
                 )
             );
         }
@@ -540,7 +506,7 @@ mod tests {
                 .iter()
                 .filter_map(|(_, r)| linux_epid(*r, d))
                 .collect();
-            assert_eq!(ids, vec![u32::from(d.bdf())], "{d}");
+            assert_eq!(ids, vec![u32::from(d.requester_id())], "{d}");
             let ours: Vec<u32> = ranges.iter().filter_map(|r| r.endpoint_id(d)).collect();
             assert_eq!(ours, ids, "{d}");
         }
@@ -597,11 +563,11 @@ mod tests {
         let ranges: Vec<_> = (0..MAX_RANGES)
             .map(|i| {
                 let rid = u16::try_from(0x100 + i).unwrap();
-                let d = PciBdf {
+                let d = Bdf {
                     segment: 0,
                     bus: (rid >> 8) as u8,
-                    dev: ((rid >> 3) & 0x1f) as u8,
-                    func: (rid & 7) as u8,
+                    device: ((rid >> 3) & 0x1f) as u8,
+                    function: (rid & 7) as u8,
                 };
                 EndpointRange::identity(d, d)
             })
@@ -630,7 +596,7 @@ mod tests {
     #[test]
     fn error_segment_mismatch() {
         let a = f(0, 6, 0);
-        let b = PciBdf { segment: 1, ..a };
+        let b = Bdf { segment: 1, ..a };
         let e = build_viot(f(0, 5, 0), &[EndpointRange::identity(a, b)]);
         assert_eq!(e, Err(ViotError::SegmentMismatch { first: a, last: b }));
         assert_eq!(
@@ -669,7 +635,7 @@ mod tests {
             })
         );
         // The same BDF in another segment is a different function.
-        let other = PciBdf {
+        let other = Bdf {
             segment: 1,
             ..iommu
         };
@@ -709,11 +675,11 @@ mod tests {
         ));
         // Same BDFs in different segments do not overlap.
         let c = EndpointRange::identity(
-            PciBdf {
+            Bdf {
                 segment: 2,
                 ..a.first
             },
-            PciBdf {
+            Bdf {
                 segment: 2,
                 ..a.last
             },

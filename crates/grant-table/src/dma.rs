@@ -16,39 +16,21 @@
 
 use crate::abi::PAGE_SIZE;
 use crate::guest::{EndAccess, GuestError, GuestGrants};
-use crate::{DomainId, Gfn, Gpa, GrantDmaAddr, GrantRef};
+use crate::{DomId, Gfn, Gpa, GrantDmaAddr, GrantRef};
+use dma_types::lock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress};
 
-/// Direction of a streaming mapping (`enum dma_data_direction`; `DMA_NONE` is
-/// unrepresentable, Linux answers it with `DMA_MAPPING_ERROR`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DmaDirection {
-    /// `DMA_TO_DEVICE`: the device reads; granted read-only.
-    ToDevice,
-    /// `DMA_FROM_DEVICE`: the device writes.
-    FromDevice,
-    /// `DMA_BIDIRECTIONAL`.
-    Bidirectional,
-}
-
-impl DmaDirection {
-    fn device_reads(self) -> bool {
-        matches!(self, Self::ToDevice | Self::Bidirectional)
-    }
-    fn device_writes(self) -> bool {
-        matches!(self, Self::FromDevice | Self::Bidirectional)
-    }
-}
+pub use dma_types::DmaDirection;
 
 /// Why a DMA call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DmaError {
     /// A grant could not be revoked earlier: the device is disabled for further use.
     #[error("grant still in use by backend domain {0}, device disabled for further use")]
-    Broken(DomainId),
+    Broken(DomId),
     /// This unmap found grants the backend still uses; they went to deferred reclaim.
     #[error("{count} grant(s) from {first} still in use by backend domain {backend}; deferred, device disabled")]
     StillInUse {
@@ -57,7 +39,7 @@ pub enum DmaError {
         /// Refs that could not be revoked.
         count: u32,
         /// The backend.
-        backend: DomainId,
+        backend: DomId,
     },
     /// A zero-length buffer, or one whose end overflows.
     #[error("a DMA buffer at {gpa} of {len} bytes is empty or wraps the address space")]
@@ -146,10 +128,6 @@ impl Pool {
     }
 }
 
-fn lock<T>(l: &Mutex<T>) -> MutexGuard<'_, T> {
-    l.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// Counters of a [`GrantDma`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DmaCounters {
@@ -164,7 +142,7 @@ pub struct DmaCounters {
 /// The DMA API of one grant-mode device (backed by one backend domain).
 pub struct GrantDma {
     grants: Arc<GuestGrants>,
-    backend: DomainId,
+    backend: DomId,
     broken: AtomicBool,
     maps: Mutex<HashMap<u32, Mapping>>,
     pool: Option<Mutex<Pool>>,
@@ -183,7 +161,7 @@ impl std::fmt::Debug for GrantDma {
 
 impl GrantDma {
     /// Per-I/O grants for a device served by `backend`.
-    pub fn new(grants: Arc<GuestGrants>, backend: DomainId) -> Self {
+    pub fn new(grants: Arc<GuestGrants>, backend: DomId) -> Self {
         Self {
             grants,
             backend,
@@ -201,7 +179,7 @@ impl GrantDma {
     /// [`DmaError::Grant`] if the refs cannot be allocated or granted.
     pub fn persistent(
         grants: Arc<GuestGrants>,
-        backend: DomainId,
+        backend: DomId,
         cfg: &PersistentConfig,
     ) -> Result<Self, DmaError> {
         let base_gpa = cfg
@@ -240,7 +218,7 @@ impl GrantDma {
     }
 
     /// The backend domain.
-    pub fn backend(&self) -> DomainId {
+    pub fn backend(&self) -> DomId {
         self.backend
     }
 
@@ -308,7 +286,7 @@ impl GrantDma {
                 let i = p.take(pages).ok_or(DmaError::PoolFull { pages })?;
                 (i, p.base_gpa + u64::from(i) * PAGE_SIZE, p.first_ref + i)
             };
-            if dir.device_reads() {
+            if dir.to_device() {
                 if let Err(e) = self.copy(gpa.0, pool_gpa, len) {
                     lock(pool).give(first_page, pages);
                     return Err(e);
@@ -403,7 +381,7 @@ impl GrantDma {
             maps.remove(&first.0).ok_or(not_mapped)?
         };
         if let (Some(pool), Some(page)) = (&self.pool, m.pool_page) {
-            let res = if dir.device_writes() {
+            let res = if dir.from_device() {
                 let src = lock(pool).base_gpa + u64::from(page) * PAGE_SIZE;
                 self.copy(src, m.gpa, len)
             } else {

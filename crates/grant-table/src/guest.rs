@@ -14,10 +14,11 @@
 use crate::abi::*;
 use crate::mem;
 use crate::xen::SetupTable;
-use crate::{DomainId, Gfn, GrantRef, Mem, Xen};
+use crate::{DomId, Gfn, GrantRef, Mem, Xen};
+use dma_types::{lock, read, write};
 use std::collections::VecDeque;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Linux `free_per_iteration` default: deferred entries retried per tick.
 pub const FREE_PER_ITERATION: usize = 10;
@@ -211,14 +212,10 @@ impl Alloc {
     }
 }
 
-fn lock<T>(l: &Mutex<T>) -> MutexGuard<'_, T> {
-    l.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// The guest's grant table and its kernel-side bookkeeping.
 pub struct GuestGrants {
     xen: Arc<Xen>,
-    domid: DomainId,
+    domid: DomId,
     mem: Mem,
     version: u32,
     setup: TableSetup,
@@ -246,7 +243,7 @@ impl GuestGrants {
     /// initial size beyond the list; [`GuestError::Hypercall`] when Xen refuses.
     pub fn new(
         xen: Arc<Xen>,
-        domid: DomainId,
+        domid: DomId,
         mem: Mem,
         setup: TableSetup,
     ) -> Result<Self, GuestError> {
@@ -302,7 +299,7 @@ impl GuestGrants {
     }
 
     /// This guest's domain id.
-    pub fn domid(&self) -> DomainId {
+    pub fn domid(&self) -> DomId {
         self.domid
     }
 
@@ -323,11 +320,7 @@ impl GuestGrants {
 
     /// Grant frames in use.
     pub fn nr_frames(&self) -> u32 {
-        self.frames
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .shared
-            .len() as u32
+        read(&self.frames).shared.len() as u32
     }
 
     /// `gnttab_expand`: `GNTTABOP_setup_table` with `nr` frames.
@@ -352,7 +345,7 @@ impl GuestGrants {
             Vec::new()
         };
         let mut op = SetupTable {
-            dom: DomainId(DOMID_SELF),
+            dom: DomId(DOMID_SELF),
             frame_list: frame_list.to_vec(),
             status_frame_list: status_list.clone(),
             status: GrantStatus::GeneralError,
@@ -365,7 +358,7 @@ impl GuestGrants {
             });
         }
         {
-            let mut f = self.frames.write().unwrap_or_else(PoisonError::into_inner);
+            let mut f = write(&self.frames);
             f.shared = frame_list.iter().map(|g| g.0 * PAGE_SIZE).collect();
             f.status = status_list.iter().map(|g| g.0 * PAGE_SIZE).collect();
         }
@@ -405,7 +398,7 @@ impl GuestGrants {
 
     fn entry_gpa(&self, r: GrantRef) -> Result<u64, GuestError> {
         let per = entries_per_frame(self.version);
-        let f = self.frames.read().unwrap_or_else(PoisonError::into_inner);
+        let f = read(&self.frames);
         let base = f
             .shared
             .get((r.0 / per) as usize)
@@ -417,7 +410,7 @@ impl GuestGrants {
         if self.version == 1 {
             return self.entry_gpa(r);
         }
-        let f = self.frames.read().unwrap_or_else(PoisonError::into_inner);
+        let f = read(&self.frames);
         let base = f
             .status
             .get((r.0 / STATUS_PER_FRAME) as usize)
@@ -433,7 +426,7 @@ impl GuestGrants {
     fn publish(
         &self,
         r: GrantRef,
-        domid: DomainId,
+        domid: DomId,
         body: impl FnOnce(u64) -> Option<()>,
         flags: u16,
     ) -> Result<(), GuestError> {
@@ -451,7 +444,7 @@ impl GuestGrants {
     pub fn grant_foreign_access_ref(
         &self,
         r: GrantRef,
-        domid: DomainId,
+        domid: DomId,
         gfn: Gfn,
         readonly: bool,
     ) -> Result<(), GuestError> {
@@ -481,7 +474,7 @@ impl GuestGrants {
     /// As [`Self::alloc_refs`] and [`Self::grant_foreign_access_ref`].
     pub fn grant_foreign_access(
         &self,
-        domid: DomainId,
+        domid: DomId,
         gfn: Gfn,
         readonly: bool,
     ) -> Result<GrantRef, GuestError> {
@@ -499,7 +492,7 @@ impl GuestGrants {
     /// [`GuestError::NeedsV2`], [`GuestError::BadSubPage`], or allocation errors.
     pub fn grant_sub_page(
         &self,
-        domid: DomainId,
+        domid: DomId,
         gfn: Gfn,
         off: u16,
         len: u16,
@@ -533,8 +526,8 @@ impl GuestGrants {
     /// [`GuestError::NeedsV2`], or allocation errors.
     pub fn grant_transitive(
         &self,
-        domid: DomainId,
-        trans_domid: DomainId,
+        domid: DomId,
+        trans_domid: DomId,
         trans_gref: GrantRef,
         readonly: bool,
     ) -> Result<GrantRef, GuestError> {

@@ -43,10 +43,11 @@
 
 use crate::abi::*;
 use crate::xen::{Caller, CopyPtr, GrantCopy, MapGrantRef, UnmapGrantRef};
-use crate::{DomainId, Gfn, GrantDmaAddr, GrantHandle, GrantRef, Mem, Xen, GRANT_DMA_ADDR_OFF};
+use crate::{DomId, Gfn, GrantDmaAddr, GrantHandle, GrantRef, Mem, Xen, GRANT_DMA_ADDR_OFF};
+use dma_types::{lock, read, write};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use vm_memory::iommu::{Error as IommuError, Iotlb, IotlbIterator, IovaRange};
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, Iommu, Permissions,
@@ -85,7 +86,7 @@ pub enum IommuMode {
 pub enum GrantIommuError {
     /// A domain is not live.
     #[error("domain {0} is not a live domain")]
-    NoDomain(DomainId),
+    NoDomain(DomId),
     /// Copy-mode scratch frames are not all RAM of the backend.
     #[error("copy-mode scratch frames {first}+{frames} are not RAM of backend {backend}")]
     BadScratch {
@@ -94,7 +95,7 @@ pub enum GrantIommuError {
         /// Frames.
         frames: u32,
         /// The backend.
-        backend: DomainId,
+        backend: DomId,
     },
     /// Guest or backend RAM reaches the copy-mode scratch window.
     #[error("RAM at or above {SCRATCH_WINDOW:#x} leaves no room for the copy-mode scratch window")]
@@ -213,16 +214,6 @@ struct State {
     scratch_free: Vec<u64>,
 }
 
-fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(PoisonError::into_inner)
-}
-fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(PoisonError::into_inner)
-}
-fn lock<T>(l: &Mutex<T>) -> MutexGuard<'_, T> {
-    l.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 fn perms(writable: bool) -> Permissions {
     if writable {
         Permissions::ReadWrite
@@ -234,8 +225,8 @@ fn perms(writable: bool) -> Permissions {
 /// The grant address space of one backend domain for one granting guest.
 pub struct GrantIommu {
     xen: Arc<Xen>,
-    backend: DomainId,
-    granter: DomainId,
+    backend: DomId,
+    granter: DomId,
     mode: IommuMode,
     iotlb: RwLock<Iotlb>,
     state: Mutex<State>,
@@ -266,8 +257,8 @@ impl GrantIommu {
     /// [`GrantIommuError::WindowOverlap`].
     pub fn new(
         xen: Arc<Xen>,
-        backend: DomainId,
-        granter: DomainId,
+        backend: DomId,
+        granter: DomId,
         mode: IommuMode,
     ) -> Result<Self, GrantIommuError> {
         for d in [backend, granter] {
@@ -363,7 +354,7 @@ impl GrantIommu {
     }
 
     /// The backend domain.
-    pub fn backend(&self) -> DomainId {
+    pub fn backend(&self) -> DomId {
         self.backend
     }
 

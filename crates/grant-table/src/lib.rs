@@ -38,12 +38,12 @@
 //! ```
 //! use grant_table::abi::{GrantStatus, GNTMAP_HOST_MAP, GNTMAP_READONLY};
 //! use grant_table::xen::{Caller, DomainConfig, MapGrantRef, UnmapGrantRef};
-//! use grant_table::{DomainId, Gfn, GuestGrants, Mem, TableSetup, Xen};
+//! use grant_table::{DomId, Gfn, GuestGrants, Mem, TableSetup, Xen};
 //! use std::sync::Arc;
 //! use vm_memory::GuestAddress;
 //!
 //! let xen = Arc::new(Xen::new());
-//! let (guest, backend) = (DomainId(5), DomainId(1));
+//! let (guest, backend) = (DomId(5), DomId(1));
 //! let ram = Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
 //! xen.create_domain(guest, ram.clone(), DomainConfig::default()).unwrap();
 //! let backend_ram = Mem::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
@@ -92,9 +92,7 @@ use std::fmt;
 /// The guest memory type every domain's RAM is (vm-memory's mmap backend).
 pub type Mem = vm_memory::GuestMemoryMmap<()>;
 
-/// A Xen domain id (`domid_t`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DomainId(pub u16);
+pub use dma_types::{DomId, Gpa};
 
 /// A grant reference (`grant_ref_t`): an index into a granting domain's table.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -107,10 +105,6 @@ pub struct GrantHandle(pub u32);
 /// A guest frame number: a guest-physical address shifted right by 12.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Gfn(pub u64);
-
-/// A guest-physical address.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Gpa(pub u64);
 
 /// A grant DMA address as a grant-aware guest hands it to a device:
 /// `1 << 63 | gref << 12 | offset` (Linux `grant_to_dma`, §1.10).
@@ -146,12 +140,6 @@ impl Gfn {
     }
 }
 
-impl fmt::Display for DomainId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "d{}", self.0)
-    }
-}
-
 impl fmt::Display for GrantRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "gref {:#x}", self.0)
@@ -167,12 +155,6 @@ impl fmt::Display for GrantHandle {
 impl fmt::Display for Gfn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "GFN {:#x}", self.0)
-    }
-}
-
-impl fmt::Display for Gpa {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "GPA {:#x}", self.0)
     }
 }
 

@@ -30,23 +30,24 @@
 
 use crate::abi::*;
 use crate::mem;
-use crate::{DomainId, Gfn, GrantHandle, GrantRef, Mem};
+use crate::{DomId, Gfn, GrantHandle, GrantRef, Mem};
+use dma_types::{lock, read, write};
 use std::collections::BTreeMap;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Why a domain-level call (not a batched grant operation) failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GrantError {
     /// A domain with this id exists already.
     #[error("domain {0} exists already")]
-    DomainExists(DomainId),
+    DomainExists(DomId),
     /// No live domain has this id.
     #[error("no live domain {0}")]
-    NoDomain(DomainId),
+    NoDomain(DomId),
     /// The domain id is reserved (`DOMID_FIRST_RESERVED` 0x7ff0 and above).
     #[error("domain id {0} is reserved (0x7ff0 and above)")]
-    ReservedDomainId(DomainId),
+    ReservedDomainId(DomId),
     /// A configuration value is outside what Xen accepts.
     #[error("domain configuration: {0}")]
     BadConfig(&'static str),
@@ -60,7 +61,7 @@ pub enum GrantError {
     },
     /// `set_version` while an entry of the table is pinned.
     #[error("grant table of {0} has entries in use; its version cannot change")]
-    VersionInUse(DomainId),
+    VersionInUse(DomId),
 }
 
 /// How a domain is built (`xl.cfg` `max_grant_frames`, `max_maptrack_frames`,
@@ -104,14 +105,14 @@ impl Default for DomainConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Caller {
     /// The calling domain.
-    pub domain: DomainId,
+    pub domain: DomId,
     /// The calling vCPU (taken modulo the domain's vCPU count).
     pub vcpu: u32,
 }
 
 impl Caller {
     /// `domain` on vCPU 0.
-    pub fn new(domain: DomainId) -> Self {
+    pub fn new(domain: DomId) -> Self {
         Self { domain, vcpu: 0 }
     }
 
@@ -125,7 +126,7 @@ impl Caller {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SetupTable {
     /// IN: the domain (`DOMID_SELF` or the caller's id).
-    pub dom: DomainId,
+    pub dom: DomId,
     /// IN: GFNs of the grant frames, in order; its length is `nr_frames`. Frames the
     /// table already has must be repeated at their positions; the table only grows.
     pub frame_list: Vec<Gfn>,
@@ -140,7 +141,7 @@ pub struct SetupTable {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QuerySize {
     /// IN: the domain (`DOMID_SELF`, the caller, or any for a privileged caller).
-    pub dom: DomainId,
+    pub dom: DomId,
     /// OUT: current grant frames.
     pub nr_frames: u32,
     /// OUT: the domain's limit.
@@ -159,7 +160,7 @@ pub struct MapGrantRef {
     /// IN: the granter's reference.
     pub gref: GrantRef,
     /// IN: the granting domain.
-    pub dom: DomainId,
+    pub dom: DomId,
     /// OUT.
     pub status: GrantStatus,
     /// OUT: maptrack handle for the unmap.
@@ -170,7 +171,7 @@ pub struct MapGrantRef {
 
 impl MapGrantRef {
     /// A map request; outputs start as `GNTST_general_error`, handle 0, address 0.
-    pub fn new(dom: DomainId, gref: GrantRef, flags: u32, host_addr: u64) -> Self {
+    pub fn new(dom: DomId, gref: GrantRef, flags: u32, host_addr: u64) -> Self {
         Self {
             host_addr,
             flags,
@@ -215,14 +216,14 @@ pub struct CopyPtr {
     /// caller's own RAM.
     pub u: u64,
     /// The domain (`DOMID_SELF` for a local frame).
-    pub domid: DomainId,
+    pub domid: DomId,
     /// Byte offset in the page.
     pub offset: u16,
 }
 
 impl CopyPtr {
     /// Byte `offset` of the page granted by `domid`'s `gref`.
-    pub fn gref(domid: DomainId, gref: GrantRef, offset: u16) -> Self {
+    pub fn gref(domid: DomId, gref: GrantRef, offset: u16) -> Self {
         Self {
             u: u64::from(gref.0),
             domid,
@@ -234,7 +235,7 @@ impl CopyPtr {
     pub fn local(gfn: Gfn, offset: u16) -> Self {
         Self {
             u: gfn.0,
-            domid: DomainId(DOMID_SELF),
+            domid: DomId(DOMID_SELF),
             offset,
         }
     }
@@ -285,7 +286,7 @@ impl GrantCopy {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MappedFrame {
     /// The granting domain.
-    pub granter: DomainId,
+    pub granter: DomId,
     /// The granted frame's guest-physical address in the granter's RAM.
     pub gpa: u64,
     /// Whether the mapping is writable.
@@ -415,16 +416,6 @@ struct Domain {
     maptrack: Mutex<Maptrack>,
     dying: AtomicBool,
     tlb_flushes: AtomicU64,
-}
-
-fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(PoisonError::into_inner)
-}
-fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(PoisonError::into_inner)
-}
-fn lock<T>(l: &Mutex<T>) -> MutexGuard<'_, T> {
-    l.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 type St = GrantStatus;
@@ -614,7 +605,7 @@ impl Xen {
     /// 2, or `max_grant_frames` beyond what a `grant_ref_t` indexes.
     pub fn create_domain(
         &self,
-        id: DomainId,
+        id: DomId,
         mem: Mem,
         config: DomainConfig,
     ) -> Result<(), GrantError> {
@@ -669,7 +660,7 @@ impl Xen {
     ///
     /// # Errors
     /// [`GrantError::NoDomain`] if `id` is not a live domain.
-    pub fn destroy_domain(&self, id: DomainId) -> Result<(), GrantError> {
+    pub fn destroy_domain(&self, id: DomId) -> Result<(), GrantError> {
         let d = self.live(id.0).ok_or(GrantError::NoDomain(id))?;
         d.dying.store(true, Ordering::SeqCst);
         self.any_dying.store(true, Ordering::SeqCst);
@@ -693,17 +684,17 @@ impl Xen {
     }
 
     /// Whether `id` is a live (not dying) domain.
-    pub fn domain_is_live(&self, id: DomainId) -> bool {
+    pub fn domain_is_live(&self, id: DomId) -> bool {
         self.live(id.0).is_some()
     }
 
     /// Whether Xen still holds `id` at all (live, or dying with its pages mapped).
-    pub fn domain_exists(&self, id: DomainId) -> bool {
+    pub fn domain_exists(&self, id: DomId) -> bool {
         read(&self.domains).contains_key(&id.0)
     }
 
     /// The RAM of domain `id` (live or dying).
-    pub fn domain_memory(&self, id: DomainId) -> Option<Mem> {
+    pub fn domain_memory(&self, id: DomId) -> Option<Mem> {
         self.any(id.0).map(|d| d.mem.clone())
     }
 
@@ -711,21 +702,21 @@ impl Xen {
     ///
     /// # Errors
     /// [`GrantError::NoDomain`].
-    pub fn get_version(&self, id: DomainId) -> Result<u32, GrantError> {
+    pub fn get_version(&self, id: DomId) -> Result<u32, GrantError> {
         let d = self.live(id.0).ok_or(GrantError::NoDomain(id))?;
         let v = read(&d.table).version;
         Ok(v)
     }
 
     /// TLB flushes `id` has done for unmap batches.
-    pub fn tlb_flushes(&self, id: DomainId) -> u64 {
+    pub fn tlb_flushes(&self, id: DomId) -> u64 {
         self.any(id.0)
             .map_or(0, |d| d.tlb_flushes.load(Ordering::Relaxed))
     }
 
     /// The pin word of `granter`'s entry `gref` (Xen-private; for tests and debugging,
     /// like `GNTTABOP_dump_table`).
-    pub fn active_pin(&self, granter: DomainId, gref: GrantRef) -> Option<u32> {
+    pub fn active_pin(&self, granter: DomId, gref: GrantRef) -> Option<u32> {
         let d = self.any(granter.0)?;
         let t = read(&d.table);
         let a = t.active.get(gref.0 as usize)?;
@@ -734,7 +725,7 @@ impl Xen {
     }
 
     /// Maptrack handles `mapper` holds now.
-    pub fn maptrack_in_use(&self, mapper: DomainId) -> usize {
+    pub fn maptrack_in_use(&self, mapper: DomId) -> usize {
         self.any(mapper.0).map_or(0, |d| {
             lock(&d.maptrack)
                 .entries
@@ -746,7 +737,7 @@ impl Xen {
 
     /// What `caller`'s live map `handle` reaches, or `None` for a free or unknown
     /// handle: the in-process form of the mapping the map created.
-    pub fn mapped_frame(&self, caller: DomainId, handle: GrantHandle) -> Option<MappedFrame> {
+    pub fn mapped_frame(&self, caller: DomId, handle: GrantHandle) -> Option<MappedFrame> {
         let ld = self.any(caller.0)?;
         let e = *lock(&ld.maptrack).entries.get(handle.0 as usize)?;
         if e.flags & (GNTMAP_HOST_MAP | GNTMAP_DEVICE_MAP) == 0 {
@@ -756,7 +747,7 @@ impl Xen {
         let t = read(&rd.table);
         let a = *lock(t.active.get(e.gref as usize)?);
         Some(MappedFrame {
-            granter: DomainId(e.domid),
+            granter: DomId(e.domid),
             gpa: a.frame,
             writable: e.flags & GNTMAP_READONLY == 0,
         })
@@ -802,14 +793,14 @@ impl Xen {
     /// domain's table), `GNTST_general_error` (beyond `max_grant_frames`, a changed
     /// existing frame, a wrong number of status frames, a frame used twice),
     /// `GNTST_bad_page` (a frame not in the domain's RAM).
-    pub fn setup_table(&self, caller: DomainId, op: &mut SetupTable) {
+    pub fn setup_table(&self, caller: DomId, op: &mut SetupTable) {
         op.status = match self.setup_table_inner(caller, op) {
             Ok(()) => St::Okay,
             Err(s) => s,
         };
     }
 
-    fn setup_table_inner(&self, caller: DomainId, op: &SetupTable) -> Result<(), St> {
+    fn setup_table_inner(&self, caller: DomId, op: &SetupTable) -> Result<(), St> {
         let d = self.by_any_id(op.dom.0, caller.0).ok_or(St::BadDomain)?;
         if d.id != caller.0 {
             return Err(St::PermissionDenied);
@@ -865,7 +856,7 @@ impl Xen {
     }
 
     /// `GNTTABOP_query_size`.
-    pub fn query_size(&self, caller: DomainId, op: &mut QuerySize) {
+    pub fn query_size(&self, caller: DomId, op: &mut QuerySize) {
         let Some(c) = self.live(caller.0) else {
             op.status = St::BadDomain;
             return;
@@ -887,7 +878,7 @@ impl Xen {
     ///
     /// # Errors
     /// [`GrantError::NoDomain`]; an empty list for a v1 table.
-    pub fn get_status_frames(&self, caller: DomainId) -> Result<Vec<Gfn>, GrantError> {
+    pub fn get_status_frames(&self, caller: DomId) -> Result<Vec<Gfn>, GrantError> {
         let d = self.live(caller.0).ok_or(GrantError::NoDomain(caller))?;
         let t = read(&d.table);
         Ok(t.status.iter().map(|g| Gfn(g / PAGE_SIZE)).collect())
@@ -897,7 +888,7 @@ impl Xen {
     ///
     /// # Errors
     /// [`GrantError::BadVersion`], [`GrantError::VersionInUse`], [`GrantError::NoDomain`].
-    pub fn set_version(&self, caller: DomainId, version: u32) -> Result<(), GrantError> {
+    pub fn set_version(&self, caller: DomId, version: u32) -> Result<(), GrantError> {
         let d = self.live(caller.0).ok_or(GrantError::NoDomain(caller))?;
         if !(1..=2).contains(&version) || version > d.config.max_grant_version {
             return Err(GrantError::BadVersion {

@@ -111,7 +111,7 @@ fn r2_map_checks_answer_xen_status_codes() {
             St::GeneralError,
             "no device mapping in an HVM domain"
         );
-        let mut op = [MapGrantRef::new(grant_table::DomainId(77), ro, HOST_RO, 1)];
+        let mut op = [MapGrantRef::new(grant_table::DomId(77), ro, HOST_RO, 1)];
         w.xen.map_grant_ref(c, &mut op);
         assert_eq!(op[0].status, St::BadDomain);
         // Pinned by BACKEND: OTHER may not map it even with a matching grant type.
@@ -573,15 +573,11 @@ fn r10_deferred_reclaim_retries_each_tick_and_frees_exactly_when_the_backend_unm
     let grants = std::sync::Arc::new(
         grant_table::GuestGrants::new(
             w.xen.clone(),
-            grant_table::DomainId(9),
+            grant_table::DomId(9),
             {
                 let ram = grant_table::Mem::from_ranges(&[(GuestAddress(0), 1 << 22)]).unwrap();
                 w.xen
-                    .create_domain(
-                        grant_table::DomainId(9),
-                        ram.clone(),
-                        DomainConfig::default(),
-                    )
+                    .create_domain(grant_table::DomId(9), ram.clone(), DomainConfig::default())
                     .unwrap();
                 ram
             },
@@ -597,7 +593,7 @@ fn r10_deferred_reclaim_retries_each_tick_and_frees_exactly_when_the_backend_unm
         let r = grants
             .grant_foreign_access(BACKEND, Gfn(0x100 + i), false)
             .unwrap();
-        let mut op = [MapGrantRef::new(grant_table::DomainId(9), r, HOST, 1)];
+        let mut op = [MapGrantRef::new(grant_table::DomId(9), r, HOST, 1)];
         w.xen.map_grant_ref(c, &mut op);
         assert_eq!(op[0].status, St::Okay);
         handles.push(op[0].handle);
@@ -724,7 +720,7 @@ fn r12_unmap_batches_flush_once_per_32_and_leave_no_stale_mapping() {
 fn table_is_sized_and_limited_like_xen_and_grows_on_demand() {
     let w = world_with(1, DomainConfig::default());
     let mut q = QuerySize {
-        dom: grant_table::DomainId(DOMID_SELF),
+        dom: grant_table::DomId(DOMID_SELF),
         nr_frames: 0,
         max_nr_frames: 0,
         status: St::GeneralError,

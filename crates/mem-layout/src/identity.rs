@@ -19,51 +19,49 @@ use crate::rdm::{device_list, RdmDatabase};
 use crate::types::{Bdf, MemRange, Policy};
 use std::collections::BTreeMap;
 
-/// A guest, by number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DomainId(pub u32);
+pub use dma_types::DomId;
 
 /// The quarantine guest devices park in between owners (Xen `DOMID_IO`): always relaxed.
-pub const QUARANTINE: DomainId = DomainId(0x7FF1);
+pub const QUARANTINE: DomId = DomId(0x7FF1);
 
 /// Errors of this module: assignments refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
     /// No such guest was added.
-    #[error("guest {0:?} is unknown")]
-    UnknownGuest(DomainId),
+    #[error("guest {0} is unknown")]
+    UnknownGuest(DomId),
     /// The device is already assigned.
-    #[error("{device} is already assigned to guest {owner:?}")]
+    #[error("{device} is already assigned to guest {owner}")]
     AlreadyAssigned {
         /// The device.
         device: Bdf,
         /// Its current guest.
-        owner: DomainId,
+        owner: DomId,
     },
     /// The device is not assigned.
     #[error("{0} is not assigned")]
     NotAssigned(Bdf),
     /// Strict: the region is shared with devices in another guest.
-    #[error("cannot assign {device} to guest {guest:?}: it shares reserved region {range} with {others} in guest {other_guest:?} (strict policy)")]
+    #[error("cannot assign {device} to guest {guest}: it shares reserved region {range} with {others} in guest {other_guest} (strict policy)")]
     SharedRegion {
         /// The device being assigned.
         device: Bdf,
         /// Its target guest.
-        guest: DomainId,
+        guest: DomId,
         /// The shared range.
         range: MemRange,
         /// The sharers in the other guest, as text.
         others: String,
         /// The other guest.
-        other_guest: DomainId,
+        other_guest: DomId,
     },
     /// Strict: something other than the identical identity map occupies the range.
-    #[error("cannot identity-map {range} for {device} in guest {guest:?}: {occupant} is there (strict policy)")]
+    #[error("cannot identity-map {range} for {device} in guest {guest}: {occupant} is there (strict policy)")]
     Occupied {
         /// The device being assigned.
         device: Bdf,
         /// Its target guest.
-        guest: DomainId,
+        guest: DomId,
         /// The range to map.
         range: MemRange,
         /// What occupies it.
@@ -100,8 +98,8 @@ struct GuestSpace {
 #[derive(Debug, Clone, Default)]
 pub struct Assignments {
     db: RdmDatabase,
-    guests: BTreeMap<DomainId, GuestSpace>,
-    owners: BTreeMap<Bdf, (DomainId, Policy)>,
+    guests: BTreeMap<DomId, GuestSpace>,
+    owners: BTreeMap<Bdf, (DomId, Policy)>,
 }
 
 impl Assignments {
@@ -114,7 +112,7 @@ impl Assignments {
     }
 
     /// Adds a guest whose RAM and MMIO are `occupied` (range, description).
-    pub fn add_guest(&mut self, id: DomainId, occupied: Vec<(MemRange, String)>) {
+    pub fn add_guest(&mut self, id: DomId, occupied: Vec<(MemRange, String)>) {
         self.guests.insert(
             id,
             GuestSpace {
@@ -125,7 +123,7 @@ impl Assignments {
     }
 
     /// Adds a guest built from a planned layout: its RAM is occupied.
-    pub fn add_guest_from_layout(&mut self, id: DomainId, layout: &Layout) {
+    pub fn add_guest_from_layout(&mut self, id: DomId, layout: &Layout) {
         let occupied = layout
             .e820
             .iter()
@@ -136,7 +134,7 @@ impl Assignments {
     }
 
     /// The identity maps of a guest.
-    pub fn identity_maps(&self, id: DomainId) -> Vec<&IdentityMap> {
+    pub fn identity_maps(&self, id: DomId) -> Vec<&IdentityMap> {
         self.guests
             .get(&id)
             .map(|g| g.maps.values().collect())
@@ -144,7 +142,7 @@ impl Assignments {
     }
 
     /// The guest a device is in.
-    pub fn owner(&self, bdf: Bdf) -> Option<DomainId> {
+    pub fn owner(&self, bdf: Bdf) -> Option<DomId> {
         self.owners.get(&bdf).map(|(d, _)| *d)
     }
 
@@ -157,7 +155,7 @@ impl Assignments {
     pub fn assign(
         &mut self,
         device: Bdf,
-        guest: DomainId,
+        guest: DomId,
         policy: Policy,
     ) -> Result<Vec<String>, IdentityError> {
         if let Some((owner, _)) = self.owners.get(&device) {
@@ -179,7 +177,7 @@ impl Assignments {
         let mut warnings = Vec::new();
         for region in self.db.for_device(device).filter(|r| r.kind.is_direct()) {
             // Shared-region rule: sharers already in another guest.
-            let mut elsewhere: BTreeMap<DomainId, Vec<Bdf>> = BTreeMap::new();
+            let mut elsewhere: BTreeMap<DomId, Vec<Bdf>> = BTreeMap::new();
             for other in region.devices.iter().filter(|d| **d != device) {
                 if let Some((g, _)) = self.owners.get(other) {
                     if *g != guest {
@@ -200,7 +198,7 @@ impl Assignments {
                         })
                     }
                     Policy::Relaxed => warnings.push(format!(
-                        "risky: {device} shares reserved region {} with {others} in guest {other_guest:?}; assigned anyway (relaxed)",
+                        "risky: {device} shares reserved region {} with {others} in guest {other_guest}; assigned anyway (relaxed)",
                         region.range
                     )),
                 }
@@ -241,7 +239,7 @@ impl Assignments {
                     })
                 }
                 Policy::Relaxed => warnings.push(format!(
-                    "cannot identity-map {} for {device} in guest {guest:?}: {occupant} is there; left unmapped (relaxed)",
+                    "cannot identity-map {} for {device} in guest {guest}: {occupant} is there; left unmapped (relaxed)",
                     region.range
                 )),
             }
@@ -277,8 +275,8 @@ mod tests {
     use crate::types::RegionKind;
     use std::collections::BTreeSet;
 
-    const G1: DomainId = DomainId(1);
-    const G2: DomainId = DomainId(2);
+    const G1: DomId = DomId(1);
+    const G2: DomId = DomId(2);
 
     fn bdf(s: &str) -> Bdf {
         s.parse().expect("valid bdf")
@@ -473,8 +471,8 @@ mod tests {
         ));
         assert!(a.identity_maps(G2).is_empty());
         assert_eq!(
-            a.assign(bdf("00:02.0"), DomainId(9), Policy::Strict),
-            Err(IdentityError::UnknownGuest(DomainId(9)))
+            a.assign(bdf("00:02.0"), DomId(9), Policy::Strict),
+            Err(IdentityError::UnknownGuest(DomId(9)))
         );
     }
 }

@@ -16,22 +16,9 @@ pub const PAGE_SIZE: u64 = 4096;
 /// Errors of this module: malformed device ids, ranges and names on input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TypesError {
-    /// A device id that is not `bb:dd.f` or `ssss:bb:dd.f` in hex.
-    #[error("{text:?} is not a PCI device id (bb:dd.f or ssss:bb:dd.f, hex)")]
-    BadBdf {
-        /// The text given.
-        text: String,
-    },
-    /// Device number above 31 or function above 7 (PCI Local Bus spec: 5 + 3 bits).
-    #[error(
-        "device {device:#x} function {function:#x} is out of range (device <= 0x1f, function <= 7)"
-    )]
-    BdfOutOfRange {
-        /// Device number given.
-        device: u8,
-        /// Function number given.
-        function: u8,
-    },
+    /// A malformed or out-of-range PCI device id.
+    #[error(transparent)]
+    Bdf(#[from] BdfError),
     /// A range whose inclusive end lies below its start.
     #[error("range end {end:#x} is below its start {start:#x}")]
     EndBelowStart {
@@ -62,84 +49,7 @@ pub enum TypesError {
     },
 }
 
-/// A PCI function: segment, bus, device, function.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Bdf {
-    /// PCI segment (domain) number.
-    pub segment: u16,
-    /// Bus number.
-    pub bus: u8,
-    /// Device number, 0..=31.
-    pub device: u8,
-    /// Function number, 0..=7.
-    pub function: u8,
-}
-
-impl Bdf {
-    /// A device id, checked.
-    ///
-    /// # Errors
-    /// [`TypesError::BdfOutOfRange`] if `device > 31` or `function > 7`.
-    pub fn new(segment: u16, bus: u8, device: u8, function: u8) -> Result<Self, TypesError> {
-        if device > 0x1f || function > 7 {
-            return Err(TypesError::BdfOutOfRange { device, function });
-        }
-        Ok(Self {
-            segment,
-            bus,
-            device,
-            function,
-        })
-    }
-
-    /// `devfn` as PCI encodes it: device << 3 | function.
-    pub fn devfn(&self) -> u8 {
-        (self.device << 3) | self.function
-    }
-}
-
-impl fmt::Display for Bdf {
-    /// `bb:dd.f` for segment 0 (as the JSON asks), `ssss:bb:dd.f` otherwise.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.segment != 0 {
-            write!(f, "{:04x}:", self.segment)?;
-        }
-        write!(
-            f,
-            "{:02x}:{:02x}.{:x}",
-            self.bus, self.device, self.function
-        )
-    }
-}
-
-impl FromStr for Bdf {
-    type Err = TypesError;
-
-    /// Parses `bb:dd.f` or `ssss:bb:dd.f` (hex), as `lspci` and sysfs write them.
-    fn from_str(text: &str) -> Result<Self, TypesError> {
-        let bad = || TypesError::BadBdf {
-            text: text.to_string(),
-        };
-        let (head, function) = text.rsplit_once('.').ok_or_else(bad)?;
-        let parts: Vec<&str> = head.split(':').collect();
-        let (segment, bus, device) = match parts.as_slice() {
-            [bus, device] => ("0", *bus, *device),
-            [segment, bus, device] => (*segment, *bus, *device),
-            _ => return Err(bad()),
-        };
-        let hex16 = |s: &str, max_len: usize| -> Result<u16, TypesError> {
-            if s.is_empty() || s.len() > max_len {
-                return Err(bad());
-            }
-            u16::from_str_radix(s, 16).map_err(|_| bad())
-        };
-        let segment = hex16(segment, 4)?;
-        let bus = u8::try_from(hex16(bus, 2)?).map_err(|_| bad())?;
-        let device = u8::try_from(hex16(device, 2)?).map_err(|_| bad())?;
-        let function = u8::try_from(hex16(function, 1)?).map_err(|_| bad())?;
-        Bdf::new(segment, bus, device, function)
-    }
-}
+pub use dma_types::{Bdf, BdfError};
 
 /// An inclusive range of physical addresses `[start, end]`, never empty.
 ///
@@ -328,27 +238,6 @@ impl FromStr for Strategy {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bdf_parses_short_and_long_forms_and_prints_short_for_segment_0() {
-        let b: Bdf = "00:1d.0".parse().expect("valid");
-        assert_eq!(b, Bdf::new(0, 0, 0x1d, 0).expect("valid"));
-        assert_eq!(b.to_string(), "00:1d.0");
-        let b: Bdf = "0001:03:00.7".parse().expect("valid");
-        assert_eq!(b.to_string(), "0001:03:00.7");
-        assert_eq!(b.devfn(), 7);
-        for bad in [
-            "",
-            "00:1d",
-            "00:20.0",
-            "00:1f.8",
-            "x:00.0",
-            "100:00.0",
-            "0:0:0:0.0",
-        ] {
-            assert!(bad.parse::<Bdf>().is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn range_overlap_and_alignment_are_inclusive_and_do_not_overflow() {

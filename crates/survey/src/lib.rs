@@ -25,7 +25,8 @@ pub mod ring;
 pub mod run;
 pub mod windowed;
 
-use modes::{Dir, Direct, Grant, GrantKind, Pool, Sharing, Viommu};
+use dma_types::DmaDirection;
+use modes::{Direct, Grant, GrantKind, Pool, Sharing, Viommu};
 use remote::BackendCommand;
 use run::{run_cell, Measured, Pattern};
 use std::path::Path;
@@ -205,7 +206,7 @@ const CALIBRATION_ROUNDS: u32 = 5;
 fn time_map_unmap<S: Sharing>(s: &mut S, len: usize, iters: u32) -> Result<f64, String> {
     const BUF: u64 = 0x100_0000;
     for _ in 0..iters.min(64) {
-        let m = s.map(BUF, len, Dir::FromDevice)?;
+        let m = s.map(BUF, len, DmaDirection::FromDevice)?;
         s.unmap(m)?;
     }
     let mut best = f64::INFINITY;
@@ -213,7 +214,7 @@ fn time_map_unmap<S: Sharing>(s: &mut S, len: usize, iters: u32) -> Result<f64, 
         // This thread's CPU time: time spent preempted by other work does not count.
         let t0 = run::thread_cpu();
         for _ in 0..iters {
-            let m = s.map(BUF, len, Dir::FromDevice)?;
+            let m = s.map(BUF, len, DmaDirection::FromDevice)?;
             s.unmap(m)?;
         }
         s.flush()?;

@@ -56,29 +56,16 @@ const IOVA_BASE: u64 = 1 << 32;
 const IOVA_WINDOW: u64 = 1 << 36;
 const PAGE: u64 = 4096;
 
-/// Direction of a buffer, as the DMA API takes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dir {
-    /// The device reads it.
-    ToDevice,
-    /// The device writes it.
-    FromDevice,
-}
-
-impl Dir {
-    fn pool(self) -> DmaDirection {
-        match self {
-            Dir::ToDevice => DmaDirection::ToDevice,
-            Dir::FromDevice => DmaDirection::FromDevice,
-        }
+/// The virtio-iommu MAP flags a buffer of direction `dir` needs.
+fn map_flags(dir: DmaDirection) -> u32 {
+    let mut flags = 0;
+    if dir.to_device() {
+        flags |= virtio_iommu::wire::VIRTIO_IOMMU_MAP_F_READ;
     }
-
-    fn map_flags(self) -> u32 {
-        match self {
-            Dir::ToDevice => virtio_iommu::wire::VIRTIO_IOMMU_MAP_F_READ,
-            Dir::FromDevice => virtio_iommu::wire::VIRTIO_IOMMU_MAP_F_WRITE,
-        }
+    if dir.from_device() {
+        flags |= virtio_iommu::wire::VIRTIO_IOMMU_MAP_F_WRITE;
     }
+    flags
 }
 
 /// One mapped buffer.
@@ -89,7 +76,7 @@ pub struct Mapping {
     /// Length in bytes.
     pub len: usize,
     /// Direction.
-    pub dir: Dir,
+    pub dir: DmaDirection,
     /// Mode-private: what unmapping needs (an IOVA range start, or a bounce flag).
     token: u64,
 }
@@ -123,7 +110,7 @@ pub trait Sharing {
     ///
     /// # Errors
     /// The mode refused (pool full, IOMMU error), as a sentence.
-    fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String>;
+    fn map(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, String>;
     /// Unmaps what [`Sharing::map`] returned (copying back where the mode copies).
     ///
     /// # Errors
@@ -180,7 +167,7 @@ impl Sharing for Direct {
     fn ring(&self) -> (u64, u64) {
         (RING_GPA, RING_GPA)
     }
-    fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String> {
+    fn map(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, String> {
         Ok(Mapping {
             addr: gpa,
             len,
@@ -288,7 +275,7 @@ impl Viommu {
             virt_start: Iova(gpa),
             virt_end: Iova(gpa + len - 1),
             phys_start: gpa,
-            flags: Dir::ToDevice.map_flags() | Dir::FromDevice.map_flags(),
+            flags: map_flags(DmaDirection::Bidirectional),
         };
         self.send_one(&map, "MAP (identity)")?;
         self.add_live(len);
@@ -362,7 +349,7 @@ impl Viommu {
         iova
     }
 
-    fn map_pages(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String> {
+    fn map_pages(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, String> {
         let first = gpa & !(PAGE - 1);
         let bytes = (gpa + len as u64).next_multiple_of(PAGE) - first;
         let iova = self.alloc_iova(bytes);
@@ -371,7 +358,7 @@ impl Viommu {
             virt_start: Iova(iova),
             virt_end: Iova(iova + bytes - 1),
             phys_start: first,
-            flags: dir.map_flags(),
+            flags: map_flags(dir),
         };
         self.sync_with(Some(map))?;
         self.map_ops += 1;
@@ -428,7 +415,7 @@ impl Sharing for Viommu {
     fn ring(&self) -> (u64, u64) {
         (RING_GPA, RING_GPA)
     }
-    fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String> {
+    fn map(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, String> {
         self.map_pages(gpa, len, dir)
     }
     fn unmap(&mut self, m: Mapping) -> Result<(), String> {
@@ -449,10 +436,11 @@ impl Sharing for Viommu {
 
 /// Bytes swiotlb copies for one buffer over its life: in at map (every direction, so
 /// no stale pool data reaches the device), back at unmap for device-written buffers.
-fn bounce_copies(len: usize, dir: Dir) -> u64 {
-    match dir {
-        Dir::ToDevice => len as u64,
-        Dir::FromDevice => 2 * len as u64,
+fn bounce_copies(len: usize, dir: DmaDirection) -> u64 {
+    if dir.from_device() {
+        2 * len as u64
+    } else {
+        len as u64
     }
 }
 
@@ -481,10 +469,16 @@ impl Bouncer {
     }
 
     /// Bounces a buffer; `token` goes into the mapping for the caller.
-    fn map(&mut self, gpa: u64, len: usize, dir: Dir, token: u64) -> Result<Mapping, String> {
+    fn map(
+        &mut self,
+        gpa: u64,
+        len: usize,
+        dir: DmaDirection,
+        token: u64,
+    ) -> Result<Mapping, String> {
         let a = self
             .dma
-            .map(Gpa(gpa), len, dir.pool())
+            .map(Gpa(gpa), len, dir)
             .map_err(|e| e.to_string())?;
         self.copies += bounce_copies(len, dir);
         Ok(Mapping {
@@ -497,7 +491,7 @@ impl Bouncer {
 
     fn unmap(&mut self, m: Mapping) -> Result<(), String> {
         self.dma
-            .unmap(DmaAddr(m.addr), m.len, m.dir.pool())
+            .unmap(DmaAddr(m.addr), m.len, m.dir)
             .map_err(|e| e.to_string())
     }
 }
@@ -610,7 +604,7 @@ impl Sharing for Pool {
     fn ring(&self) -> (u64, u64) {
         (self.bouncer.ring, self.bouncer.ring)
     }
-    fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String> {
+    fn map(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, String> {
         match &mut self.iommu {
             Some(iommu) if len >= self.threshold => iommu.map_pages(gpa, len, dir),
             _ => self.bouncer.map(gpa, len, dir, BOUNCED),
@@ -650,8 +644,8 @@ pub enum GrantKind {
 }
 
 /// Xen domain of the survey's guest and of its backend.
-const GUEST_DOM: grant_table::DomainId = grant_table::DomainId(5);
-const BACKEND_DOM: grant_table::DomainId = grant_table::DomainId(1);
+const GUEST_DOM: grant_table::DomId = grant_table::DomId(5);
+const BACKEND_DOM: grant_table::DomId = grant_table::DomId(1);
 /// The guest's grant table frames (8 v1 frames: 4096 refs) at 3 MiB.
 const GRANT_TABLE_GFN: u64 = 0x300;
 /// The persistent pool: 264 pages (a 1 MiB request, its header and status, and slack)
@@ -760,13 +754,6 @@ impl Grant {
             peak_pages: granted,
         })
     }
-
-    fn direction(dir: Dir) -> grant_table::DmaDirection {
-        match dir {
-            Dir::ToDevice => grant_table::DmaDirection::ToDevice,
-            Dir::FromDevice => grant_table::DmaDirection::FromDevice,
-        }
-    }
 }
 
 impl Sharing for Grant {
@@ -780,10 +767,10 @@ impl Sharing for Grant {
     fn ring(&self) -> (u64, u64) {
         (RING_GPA, self.ring_dev)
     }
-    fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<Mapping, String> {
+    fn map(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, String> {
         let a = self
             .dma
-            .map(grant_table::Gpa(gpa), len, Self::direction(dir))
+            .map(grant_table::Gpa(gpa), len, dir)
             .map_err(|e| e.to_string())?;
         match self.kind {
             // The driver copies the buffer into the pool (device-bound data now, the
@@ -807,11 +794,7 @@ impl Sharing for Grant {
     }
     fn unmap(&mut self, m: Mapping) -> Result<(), String> {
         self.dma
-            .unmap(
-                grant_table::GrantDmaAddr(m.addr),
-                m.len,
-                Self::direction(m.dir),
-            )
+            .unmap(grant_table::GrantDmaAddr(m.addr), m.len, m.dir)
             .map_err(|e| e.to_string())?;
         if self.kind != GrantKind::Persistent {
             self.live_pages -= pages(m.token, m.len);

@@ -3,9 +3,10 @@
 //! (write the request, map every buffer, post one chain, wait, unmap in order, check
 //! the status), timed on the wall clock and on the thread's CPU clock.
 
-use crate::modes::{Dir, Mapping, ModeStats, Sharing};
+use crate::modes::{Mapping, ModeStats, Sharing};
 use crate::net::{NetTx, NET_HDR_LEN};
 use crate::ring::{Buf, GuestRing};
+use dma_types::DmaDirection;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use virtio_devices::{Block, BlockConfig, Rng, RngConfig};
@@ -261,24 +262,24 @@ fn request<S: Sharing>(
             s.guest_memory()
                 .write_obj(0xffu8, GuestAddress(STATUS))
                 .map_err(gerr)?;
-            maps.push(s.map(HDR, 16, Dir::ToDevice)?);
+            maps.push(s.map(HDR, 16, DmaDirection::ToDevice)?);
             for (gpa, n) in pattern.pieces() {
-                maps.push(s.map(gpa, n, Dir::FromDevice)?);
+                maps.push(s.map(gpa, n, DmaDirection::FromDevice)?);
             }
-            maps.push(s.map(STATUS, 1, Dir::FromDevice)?);
+            maps.push(s.map(STATUS, 1, DmaDirection::FromDevice)?);
         }
         Pattern::Net64 | Pattern::Net1500 => {
-            maps.push(s.map(HDR, NET_HDR_LEN, Dir::ToDevice)?);
-            maps.push(s.map(DATA, len, Dir::ToDevice)?);
+            maps.push(s.map(HDR, NET_HDR_LEN, DmaDirection::ToDevice)?);
+            maps.push(s.map(DATA, len, DmaDirection::ToDevice)?);
         }
-        Pattern::Rng64 => maps.push(s.map(DATA, len, Dir::FromDevice)?),
+        Pattern::Rng64 => maps.push(s.map(DATA, len, DmaDirection::FromDevice)?),
     }
     let bufs: Vec<Buf> = maps
         .iter()
         .map(|m| Buf {
             addr: m.addr,
             len: m.len as u32,
-            write: m.dir == Dir::FromDevice,
+            write: m.dir == DmaDirection::FromDevice,
         })
         .collect();
     ring.post(s.guest_memory(), &bufs)?;

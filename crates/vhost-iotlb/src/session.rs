@@ -32,12 +32,13 @@ use crate::wire::{
     decode, protocol, req, ConfigHeader, Request, VringAddr, VringState, WireError,
     VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG, VIRTIO_F_IOMMU_PLATFORM,
 };
+use dma_types::lock;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use virtio_pci::{adjust_poll_window, VirtioDevice};
 use virtio_queue::{Queue, QueueT};
@@ -178,12 +179,6 @@ struct Shared<D> {
     stop: AtomicBool,
     poll_max: Duration,
     polled: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A poisoned lock means the device panicked in a batch; its state is still the
-    // last consistent one between calls, so keep serving (the ring is marked broken).
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn signal(fd: &Mutex<Option<Arc<File>>>) {

@@ -8,15 +8,14 @@ use crate::config::{ConfigError, IommuConfig};
 use crate::ids::{DomainId, EndpointId};
 use crate::request::{decode, DecodeError, Request, RequestType};
 use crate::state::Tables;
-use crate::translate::{
-    lock, read, write, EndpointIommu, FaultQueue, MappingSubscriber, Settle, Shared, Told,
-};
+use crate::translate::{EndpointIommu, FaultQueue, MappingSubscriber, Settle, Shared, Told};
 use crate::wire::{
     Config, Status, CONFIG_BYPASS_OFFSET, MAX_READABLE, TAIL_SIZE, VIRTIO_F_VERSION_1,
     VIRTIO_IOMMU_F_BYPASS_CONFIG, VIRTIO_IOMMU_F_DOMAIN_RANGE, VIRTIO_IOMMU_F_INPUT_RANGE,
     VIRTIO_IOMMU_F_MAP_UNMAP, VIRTIO_IOMMU_F_MMIO, VIRTIO_IOMMU_F_PROBE, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
+use dma_types::{lock, read, write};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use virtio_queue::QueueT;

@@ -27,13 +27,4 @@ id_newtype!(
     DomainId(u32),
     "domain {}"
 );
-id_newtype!(
-    /// An I/O virtual address: what an endpoint puts on the bus.
-    Iova(u64),
-    "IOVA {:#x}"
-);
-id_newtype!(
-    /// A guest-physical address: what a mapping points at.
-    Gpa(u64),
-    "GPA {:#x}"
-);
+pub use dma_types::{Gpa, Iova};

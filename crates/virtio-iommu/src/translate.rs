@@ -23,10 +23,11 @@ use crate::wire::{
     FaultEvent, VIRTIO_IOMMU_FAULT_F_ADDRESS, VIRTIO_IOMMU_FAULT_F_READ, VIRTIO_IOMMU_FAULT_F_WRITE,
 };
 use crate::{EndpointId, Iova};
+use dma_types::{lock, read, write};
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use vm_memory::iommu::{Error as IommuError, Iotlb, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, Iommu, Permissions};
 use zerocopy::byteorder::little_endian::{U32, U64};
@@ -116,18 +117,6 @@ impl fmt::Debug for Hold {
 
 /// A change waiting to be told to one subscriber (see [`Shared::tell`]).
 pub(crate) type Told = (Arc<dyn MappingSubscriber>, EndpointId, MappingEvent);
-
-/// Locks that survive a panicking holder: the tables are only mutated after full
-/// validation, so a poisoned lock still guards consistent data.
-pub(crate) fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(PoisonError::into_inner)
-}
-pub(crate) fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(PoisonError::into_inner)
-}
-pub(crate) fn lock<T>(l: &Mutex<T>) -> MutexGuard<'_, T> {
-    l.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// Faults waiting for an eventq buffer, bounded.
 #[derive(Debug, Default)]

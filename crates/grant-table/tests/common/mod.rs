@@ -8,8 +8,8 @@
 
 use grant_table::abi::PAGE_SIZE;
 use grant_table::{
-    DmaDirection, DomainConfig, DomainId, Gfn, Gpa, GrantDma, GrantDmaAddr, GrantIommu,
-    GuestGrants, Mem, TableSetup, Xen,
+    DmaDirection, DomId, DomainConfig, Gfn, Gpa, GrantDma, GrantDmaAddr, GrantIommu, GuestGrants,
+    Mem, TableSetup, Xen,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,9 +21,9 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
-pub const GUEST: DomainId = DomainId(5);
-pub const BACKEND: DomainId = DomainId(1);
-pub const OTHER: DomainId = DomainId(2);
+pub const GUEST: DomId = DomId(5);
+pub const BACKEND: DomId = DomId(1);
+pub const OTHER: DomId = DomId(2);
 pub const GUEST_RAM: usize = 16 << 20;
 pub const BACKEND_RAM: usize = 4 << 20;
 /// The guest's grant frames (8 may be used) and v2 status frames.

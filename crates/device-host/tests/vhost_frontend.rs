@@ -86,7 +86,7 @@ fn recv_msg(s: &UnixStream) -> Option<Msg> {
 fn send_reply(mut s: &UnixStream, request: u32, body: &[u8]) {
     let h = wire::Header {
         request,
-        flags: wire::VERSION | wire::FLAG_REPLY,
+        flags: wire::flags::VERSION | wire::flags::REPLY,
         size: body.len() as u32,
     };
     let _ = s.write_all(h.as_bytes());
@@ -202,7 +202,7 @@ impl FakeBackend {
             .unwrap();
         let h = wire::Header {
             request,
-            flags: wire::VERSION | wire::FLAG_NEED_REPLY,
+            flags: wire::flags::VERSION | wire::flags::NEED_REPLY,
             size: body.len() as u32,
         };
         let mut w = &s;
@@ -212,7 +212,7 @@ impl FakeBackend {
         let mut rh = wire::Header::default();
         (&s).read_exact(rh.as_mut_bytes()).unwrap();
         assert_eq!(rh.request, request);
-        assert_eq!(rh.flags, wire::VERSION | wire::FLAG_REPLY);
+        assert_eq!(rh.flags, wire::flags::VERSION | wire::flags::REPLY);
         let mut code = 0u64;
         (&s).read_exact(code.as_mut_bytes()).unwrap();
         code
@@ -222,7 +222,7 @@ impl FakeBackend {
         let m = wire::IotlbMsg {
             iova,
             perm,
-            kind: wire::IOTLB_MISS,
+            kind: wire::iotlb::MISS,
             ..Default::default()
         };
         self.backend_request(wire::backend_req::IOTLB_MSG, m.as_bytes())
@@ -280,10 +280,10 @@ fn serve(
                 send_reply(conn, m.request, &body);
             }
             req::GET_VRING_BASE => send_reply(conn, m.request, &m.body),
-            _ if m.flags & wire::FLAG_NEED_REPLY != 0 => {
+            _ if m.flags & wire::flags::NEED_REPLY != 0 => {
                 let invalidate = m.request == req::IOTLB_MSG
                     && wire::IotlbMsg::read_from_bytes(&m.body).unwrap().kind
-                        == wire::IOTLB_INVALIDATE;
+                        == wire::iotlb::INVALIDATE;
                 if invalidate {
                     match ack {
                         AckMode::Now => {}
@@ -413,7 +413,7 @@ fn session_start_activation_notify_call_and_reset_send_the_spec_messages() {
         u64::read_from_bytes(&log[6].1).unwrap(),
         F_VERSION_1 | F_PROTOCOL
     );
-    let (head, regions) = wire::MemoryHead::read_from_prefix(&log[7].1).unwrap();
+    let (head, regions) = wire::MemoryHeader::read_from_prefix(&log[7].1).unwrap();
     assert_eq!(head.nregions, 1);
     let r = wire::MemoryRegion::read_from_bytes(regions).unwrap();
     assert_eq!(
@@ -542,7 +542,7 @@ fn backend_messages_of_unknown_type_or_malformed_are_answered_with_an_error() {
         "short IOTLB message"
     );
     let update = wire::IotlbMsg {
-        kind: wire::IOTLB_UPDATE,
+        kind: wire::iotlb::UPDATE,
         ..Default::default()
     };
     assert_ne!(
@@ -551,7 +551,7 @@ fn backend_messages_of_unknown_type_or_malformed_are_answered_with_an_error() {
         "UPDATE is not the back-end's to send"
     );
     // A miss before the device is behind an IOMMU and started: refused.
-    assert_ne!(be.miss(0x1000, wire::ACCESS_RO), 0);
+    assert_ne!(be.miss(0x1000, wire::iotlb::PERM_RO), 0);
     let c = dev.handle().counters();
     assert_eq!((c.bad_messages, c.updates), (3, 0));
     assert!(be.iotlb().is_empty(), "nothing sent in answer");
@@ -678,8 +678,8 @@ fn a_map_is_pushed_and_a_miss_still_gets_the_window_or_a_refusal_and_a_fault() {
         iova: 0x10000,
         size: 0x10000,
         uaddr: UADDR_BASE + 0x40000,
-        perm: wire::ACCESS_RO,
-        kind: wire::IOTLB_UPDATE,
+        perm: wire::iotlb::PERM_RO,
+        kind: wire::iotlb::UPDATE,
         padding: [0; 6],
     };
     assert_eq!(
@@ -688,11 +688,11 @@ fn a_map_is_pushed_and_a_miss_still_gets_the_window_or_a_refusal_and_a_fault() {
         "the MAP is pushed, no miss needed"
     );
     // A miss (a push the back-end has not read yet) gets the same window.
-    assert_eq!(be.miss(0x10800, wire::ACCESS_RO), 0);
+    assert_eq!(be.miss(0x10800, wire::iotlb::PERM_RO), 0);
     assert_eq!(be.iotlb(), [window, window]);
     // A write to a read-only mapping, and an IOVA never mapped: refused, faulted.
-    assert_ne!(be.miss(0x10800, wire::ACCESS_WO), 0);
-    assert_ne!(be.miss(0x30000, wire::ACCESS_RO), 0);
+    assert_ne!(be.miss(0x10800, wire::iotlb::PERM_WO), 0);
+    assert_ne!(be.miss(0x30000, wire::iotlb::PERM_RO), 0);
     assert_eq!(be.iotlb().len(), 2, "no UPDATE for a refused miss");
     assert_eq!(rig.iommu.counters().faults_raised, 2);
     assert_eq!(
@@ -706,11 +706,11 @@ fn a_map_is_pushed_and_a_miss_still_gets_the_window_or_a_refusal_and_a_fault() {
     assert_eq!(
         (w.kind, w.iova, w.size, w.uaddr, w.perm),
         (
-            wire::IOTLB_UPDATE,
+            wire::iotlb::UPDATE,
             0x100000,
             0x1000,
             UADDR_BASE + RAM - 0x1000,
-            wire::ACCESS_RW
+            wire::iotlb::PERM_RW
         )
     );
     let h = rig.dev.handle();
@@ -746,11 +746,11 @@ fn strict_unmap_completes_only_after_the_backend_acknowledged_the_invalidate() {
     let inv = be.iotlb()[1];
     assert_eq!(
         (inv.kind, inv.iova, inv.size),
-        (wire::IOTLB_INVALIDATE, 0x10000, 0x10000)
+        (wire::iotlb::INVALIDATE, 0x10000, 0x10000)
     );
     assert_eq!(rig.dev.handle().counters().invalidates, 1);
     // The window is gone: a new miss there is refused.
-    assert_ne!(be.miss(0x10000, wire::ACCESS_RW), 0);
+    assert_ne!(be.miss(0x10000, wire::iotlb::PERM_RW), 0);
 }
 
 #[test]
@@ -868,7 +868,7 @@ fn a_backend_that_never_acks_hits_the_deadline_and_the_device_needs_reset() {
         let _ = tx.send(());
     }));
     rig.map(0x10000, 0x1ffff, 0x40000, 3);
-    assert_eq!(be.miss(0x10000, wire::ACCESS_RW), 0);
+    assert_eq!(be.miss(0x10000, wire::iotlb::PERM_RW), 0);
     let t = Instant::now();
     assert_eq!(
         rig.unmap(0x10000, 0x1ffff),
@@ -905,7 +905,7 @@ fn a_backend_that_dies_marks_the_device_broken_and_a_reset_reconnects() {
         let _ = tx.send(());
     }));
     rig.map(0x10000, 0x1ffff, 0x40000, 3);
-    assert_eq!(be.miss(0x10000, wire::ACCESS_RW), 0);
+    assert_eq!(be.miss(0x10000, wire::iotlb::PERM_RW), 0);
     be.die();
     assert_eq!(rx.recv_timeout(Duration::from_secs(2)), Ok(()));
     assert!(rig.dev.handle().is_broken());

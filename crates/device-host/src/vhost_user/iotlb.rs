@@ -1,0 +1,494 @@
+//! The IOTLB side of the front-end: the shadow of the endpoint's translation and of
+//! what the back-end holds, the subscriber that keeps it current, the IOTLB thread that
+//! pushes UPDATEs and sends INVALIDATEs, and the back-end request channel's misses.
+
+use super::link::{send_msg, Link, Reply};
+use super::{bump, wire, Shared, VhostUserError, MAX_WINDOWS};
+use dma_types::lock;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, Weak};
+use std::time::Instant;
+use virtio_iommu::{EndpointId, MappingEvent, MappingSubscriber, Settle};
+use vm_memory::{GuestAddress, Iommu, Permissions};
+use wire::{req, Header};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// One region of the memory table as sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Region {
+    pub(super) gpa: u64,
+    pub(super) size: u64,
+    pub(super) uaddr: u64,
+}
+
+impl Region {
+    pub(super) fn last(&self) -> u64 {
+        self.gpa + (self.size - 1)
+    }
+}
+
+/// One mapping of the endpoint as its subscriber was told.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ShadowMap {
+    pub(super) end: u64,
+    pub(super) phys: u64,
+    pub(super) perms: Permissions,
+}
+
+/// An UPDATE: `[iova, iova + size)` at front-end address `uaddr`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Window {
+    pub(super) iova: u64,
+    pub(super) size: u64,
+    pub(super) uaddr: u64,
+    pub(super) perm: u8,
+}
+
+impl Window {
+    pub(super) fn update(&self) -> wire::IotlbMsg {
+        wire::IotlbMsg {
+            iova: self.iova,
+            size: self.size,
+            uaddr: self.uaddr,
+            perm: self.perm,
+            kind: wire::iotlb::UPDATE,
+            padding: [0; 6],
+        }
+    }
+}
+
+/// IOTLB messages for the device's IOTLB thread, sent in the order they were queued.
+pub(super) enum IotlbJob {
+    /// An UPDATE the back-end did not ask for: the guest just mapped this.
+    Push(Window),
+    /// An INVALIDATE of `[lo, hi]`, acknowledged; `done` runs after the ack or the
+    /// deadline, holding no lock.
+    Invalidate {
+        lo: u64,
+        hi: u64,
+        done: Box<dyn FnOnce() + Send>,
+    },
+}
+
+/// The front-end's copy of the endpoint's translation and of what the back-end holds.
+#[derive(Debug, Default)]
+pub(super) struct IotlbState {
+    pub(super) identity: bool,
+    pub(super) mappings: BTreeMap<u64, ShadowMap>,
+    /// Windows sent in UPDATEs since the last invalidation covering them: first →
+    /// last IOVA. May hold windows never sent (a retried miss); never misses one sent.
+    pub(super) given: BTreeMap<u64, u64>,
+    /// The memory table as sent.
+    pub(super) regions: Vec<Region>,
+    /// ACCESS_PLATFORM negotiated and the memory table sent: misses are answered.
+    pub(super) active: bool,
+}
+
+pub(super) fn perm_bits(p: Permissions) -> u8 {
+    match p {
+        Permissions::No => 0,
+        Permissions::Read => wire::iotlb::PERM_RO,
+        Permissions::Write => wire::iotlb::PERM_WO,
+        Permissions::ReadWrite => wire::iotlb::PERM_RW,
+    }
+}
+
+pub(super) fn access_of(perm: u8) -> Option<Permissions> {
+    match perm {
+        wire::iotlb::PERM_RO => Some(Permissions::Read),
+        wire::iotlb::PERM_WO => Some(Permissions::Write),
+        wire::iotlb::PERM_RW => Some(Permissions::ReadWrite),
+        _ => None,
+    }
+}
+
+impl IotlbState {
+    pub(super) fn region_of(&self, gpa: u64) -> Option<Region> {
+        self.regions
+            .iter()
+            .find(|r| r.gpa <= gpa && gpa <= r.last())
+            .copied()
+    }
+
+    /// The window answering a miss at `iova` for `access`: the part of the guest's
+    /// mapping holding `iova` that lies in one memory-table region. `None` when the
+    /// guest did not map `iova` with that access, or it maps outside guest RAM.
+    pub(super) fn window(&self, iova: u64, access: Permissions) -> Option<Window> {
+        if !self.active {
+            return None;
+        }
+        let (start, m) = if self.identity {
+            let r = self.region_of(iova)?;
+            (
+                r.gpa,
+                ShadowMap {
+                    end: r.last(),
+                    phys: r.gpa,
+                    perms: Permissions::ReadWrite,
+                },
+            )
+        } else {
+            let (&s, m) = self.mappings.range(..=iova).next_back()?;
+            (iova <= m.end).then_some((s, *m))?
+        };
+        if !m.perms.allow(access) {
+            return None;
+        }
+        let gpa = m.phys.checked_add(iova - start)?;
+        let r = self.region_of(gpa)?;
+        let below = (iova - start).min(gpa - r.gpa);
+        let above = (m.end - iova).min(r.last() - gpa);
+        let first = iova - below;
+        // `[first, iova + above]` has at most 2^64 bytes; keep it representable.
+        let size = (below + above).saturating_add(1);
+        Some(Window {
+            iova: first,
+            size,
+            uaddr: r.uaddr + (gpa - below - r.gpa),
+            perm: perm_bits(m.perms),
+        })
+    }
+
+    /// Records `w` as given, unless that would exceed [`MAX_WINDOWS`].
+    pub(super) fn give(&mut self, w: &Window) -> bool {
+        if self.given.len() >= MAX_WINDOWS {
+            return false;
+        }
+        let last = w.iova + (w.size - 1);
+        let e = self.given.entry(w.iova).or_insert(last);
+        *e = (*e).max(last);
+        true
+    }
+
+    /// The windows to push for the guest's mapping `[start, end]` (one per
+    /// memory-table region it spans), recorded as given. Stops early, leaving the rest
+    /// to misses, when the windows cannot be remembered.
+    pub(super) fn push_windows(&mut self, start: u64, end: u64, perms: Permissions) -> Vec<Window> {
+        let mut out = Vec::new();
+        let mut iova = start;
+        while let Some(w) = self.window(iova, perms) {
+            if !self.give(&w) {
+                break;
+            }
+            out.push(w);
+            match w.iova.checked_add(w.size) {
+                Some(next) if next <= end && next > iova => iova = next,
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// Forgets the windows overlapping `[start, end]` and returns their hull (what
+    /// the back-end must drop), or `None` if it holds none of that range.
+    pub(super) fn take_given(&mut self, start: u64, end: u64) -> Option<(u64, u64)> {
+        let hit: Vec<(u64, u64)> = self
+            .given
+            .range(..=end)
+            .filter(|(_, &e)| e >= start)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        let lo = hit.iter().map(|w| w.0).min()?;
+        let hi = hit.iter().map(|w| w.1).max()?;
+        for (s, _) in hit {
+            self.given.remove(&s);
+        }
+        Some((lo, hi))
+    }
+}
+
+impl Shared {
+    /// Answers a MISS: an UPDATE for the window holding `iova`, or a refusal (and a
+    /// fault event) when the guest did not map it with `perm`. Returns whether an
+    /// UPDATE was sent.
+    ///
+    /// The window is computed under the shadow's lock, recorded as given, and sent
+    /// under the main socket's lock only if no translation was removed meanwhile
+    /// (`generation` unchanged): an UNMAP either comes before (the miss is retried
+    /// against the new state) or its INVALIDATE goes after the UPDATE on the socket.
+    pub(super) fn answer_miss(&self, iova: u64, perm: u8) -> bool {
+        bump(&self.counters.misses);
+        let Some(access) = access_of(perm) else {
+            bump(&self.counters.refused);
+            return false;
+        };
+        for _ in 0..8 {
+            let (window, generation) = {
+                let mut st = lock(&self.iotlb);
+                let g = self.generation.load(Ordering::Acquire);
+                let w = st.window(iova, access);
+                if let Some(w) = w {
+                    if !st.give(&w) {
+                        // Cannot remember more: refuse rather than lose track.
+                        drop(st);
+                        bump(&self.counters.refused);
+                        return false;
+                    }
+                }
+                (w, g)
+            };
+            let Some(w) = window else {
+                break;
+            };
+            let msg = w.update();
+            let sent = self.with_link(|link| {
+                let mut sock = lock(&link.main);
+                if self.generation.load(Ordering::Acquire) != generation {
+                    return Ok(false);
+                }
+                link.request_locked(&mut sock, req::IOTLB_MSG, msg.as_bytes(), &[], Reply::None)?;
+                Ok(true)
+            });
+            match sent {
+                Ok(true) => {
+                    bump(&self.counters.updates);
+                    return true;
+                }
+                Ok(false) => continue,
+                Err(_) => return false,
+            }
+        }
+        bump(&self.counters.refused);
+        self.fault(iova, access);
+        false
+    }
+
+    /// Raises the fault event the in-process path would: the access is checked
+    /// against the IOMMU's own tables, which report it to the guest.
+    pub(super) fn fault(&self, iova: u64, access: Permissions) {
+        if let Some(ep) = lock(&self.iommu).clone() {
+            let _ = ep.translate(GuestAddress(iova), 1, access);
+        }
+    }
+
+    /// Queues IOTLB messages for the IOTLB thread. Should it be gone (the device is
+    /// being dropped), an invalidation's `done` runs at once, dropped with the job.
+    pub(super) fn queue(&self, job: IotlbJob) {
+        if let Err(mpsc::SendError(IotlbJob::Invalidate { done, .. })) = self.jobs.send(job) {
+            done();
+        }
+    }
+
+    /// Invalidates `[lo, hi]` through the IOTLB thread and waits until the back-end
+    /// acknowledged or the deadline passed.
+    pub(super) fn invalidate_and_wait(&self, lo: u64, hi: u64) {
+        let (tx, rx) = mpsc::channel();
+        self.queue(IotlbJob::Invalidate {
+            lo,
+            hi,
+            done: Box::new(move || {
+                let _ = tx.send(());
+            }),
+        });
+        let _ = rx.recv();
+    }
+
+    /// Sends INVALIDATE for `[start, end]` and waits for the ack, up to the deadline;
+    /// a back-end that does not ack breaks the connection (the device needs reset).
+    pub(super) fn invalidate(&self, start: u64, end: u64) {
+        let size = (end - start).saturating_add(1);
+        let msg = wire::IotlbMsg {
+            iova: start,
+            size,
+            kind: wire::iotlb::INVALIDATE,
+            ..wire::IotlbMsg::default()
+        };
+        let sent = Instant::now();
+        let r =
+            self.with_link(|link| link.request(req::IOTLB_MSG, msg.as_bytes(), &[], Reply::Ack));
+        match r {
+            Ok(_) => {
+                bump(&self.counters.invalidates);
+                let waited = u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                self.counters
+                    .invalidate_ns
+                    .fetch_add(waited, Ordering::Relaxed);
+            }
+            Err(VhostUserError::Broken) => {}
+            Err(e) => {
+                bump(&self.counters.invalidate_failures);
+                // A refusal leaves the back-end holding what the guest took away.
+                if !e.breaks_connection() {
+                    self.break_link();
+                }
+            }
+        }
+    }
+}
+
+/// The endpoint's mapping changes, as the virtio-iommu reports them (after its tables
+/// changed, before the guest's request completes). Nothing here waits for the
+/// back-end: the shadow is updated at once, pushes and invalidations go to the IOTLB
+/// thread, and an UNMAP's request holds until its INVALIDATE was acknowledged.
+pub(super) struct Subscriber(pub(super) Arc<Shared>);
+
+impl MappingSubscriber for Subscriber {
+    fn on_event(&self, _endpoint: EndpointId, event: &MappingEvent, settle: &Settle) {
+        let s = &self.0;
+        // Jobs are queued under the shadow's lock, so the IOTLB thread sends them in
+        // the order the shadow changed, whoever changed it.
+        let mut st = lock(&s.iotlb);
+        let drop_range = match *event {
+            MappingEvent::Mapped {
+                start,
+                end,
+                phys,
+                perms,
+            } => {
+                st.mappings.insert(
+                    start.0,
+                    ShadowMap {
+                        end: end.0,
+                        phys: phys.0,
+                        perms,
+                    },
+                );
+                for w in st.push_windows(start.0, end.0, perms) {
+                    s.queue(IotlbJob::Push(w));
+                }
+                None
+            }
+            MappingEvent::Unmapped { start, end } => {
+                let gone: Vec<u64> = st
+                    .mappings
+                    .range(start.0..=end.0)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in gone {
+                    st.mappings.remove(&k);
+                }
+                s.generation.fetch_add(1, Ordering::AcqRel);
+                st.take_given(start.0, end.0)
+            }
+            MappingEvent::Identity(on) => {
+                st.identity = on;
+                if on {
+                    None
+                } else {
+                    s.generation.fetch_add(1, Ordering::AcqRel);
+                    st.take_given(0, u64::MAX)
+                }
+            }
+        };
+        if let Some((lo, hi)) = drop_range {
+            let hold = settle.hold();
+            s.queue(IotlbJob::Invalidate {
+                lo,
+                hi,
+                done: Box::new(move || drop(hold)),
+            });
+        }
+    }
+}
+
+/// The IOTLB thread: sends what [`Subscriber`] queued, in order, so that a back-end
+/// slow to acknowledge delays only its own invalidations, never the virtio-iommu.
+pub(super) fn iotlb_loop(shared: Weak<Shared>, jobs: mpsc::Receiver<IotlbJob>) {
+    while let Ok(job) = jobs.recv() {
+        let Some(s) = shared.upgrade() else {
+            break;
+        };
+        match job {
+            IotlbJob::Push(w) => {
+                let msg = w.update();
+                let sent = s.with_link(|link| {
+                    link.request(req::IOTLB_MSG, msg.as_bytes(), &[], Reply::Posted)
+                });
+                if sent.is_ok() {
+                    bump(&s.counters.pushed);
+                }
+            }
+            IotlbJob::Invalidate { lo, hi, done } => {
+                s.invalidate(lo, hi);
+                done();
+            }
+        }
+    }
+}
+
+/// Reads and answers back-end requests until the channel closes.
+pub(super) fn backend_req_loop(shared: Weak<Shared>, mut sock: UnixStream, link: Weak<Link>) {
+    loop {
+        let mut h = Header::default();
+        if sock.read_exact(h.as_mut_bytes()).is_err() {
+            break;
+        }
+        let Some(s) = shared.upgrade() else {
+            return;
+        };
+        let need_reply = h.flags & wire::flags::NEED_REPLY != 0;
+        // A message too large to be one we know cannot be skipped safely.
+        if h.size as usize > wire::MAX_PAYLOAD {
+            bump(&s.counters.bad_messages);
+            break;
+        }
+        let mut body = vec![0u8; h.size as usize];
+        let _ = sock.set_read_timeout(Some(s.timeout));
+        let got = sock.read_exact(&mut body);
+        let _ = sock.set_read_timeout(None);
+        if got.is_err() {
+            break;
+        }
+        let status = handle_backend_req(&s, &h, &body);
+        if need_reply {
+            let code: u64 = if status { 0 } else { 1 };
+            let flags = wire::flags::VERSION | wire::flags::REPLY;
+            if send_msg(&sock, h.request, flags, code.as_bytes(), &[]).is_err() {
+                break;
+            }
+        }
+    }
+    // The back-end closed its channel: unless we are closing, or this is an old
+    // connection, that is the back-end going away.
+    if let Some(s) = shared.upgrade() {
+        let current = lock(&s.link).as_ref().map(Arc::as_ptr);
+        if !s.closing.load(Ordering::Acquire) && current == Some(link.as_ptr()) {
+            s.break_link();
+        }
+    }
+}
+
+/// Handles one back-end request; `true` for success. Anything malformed or unknown
+/// is refused and changes nothing.
+pub(super) fn handle_backend_req(s: &Shared, h: &Header, body: &[u8]) -> bool {
+    let well_formed = h.flags & wire::flags::VERSION_MASK == wire::flags::VERSION
+        && h.flags & wire::flags::REPLY == 0
+        && h.request == wire::backend_req::IOTLB_MSG;
+    let msg = wire::IotlbMsg::read_from_bytes(body)
+        .ok()
+        .filter(|_| well_formed);
+    let Some(msg) = msg else {
+        bump(&s.counters.bad_messages);
+        return false;
+    };
+    match msg.kind {
+        wire::iotlb::MISS => s.answer_miss(msg.iova, msg.perm),
+        wire::iotlb::ACCESS_FAIL => {
+            bump(&s.counters.access_fails);
+            if let Some(a) = access_of(msg.perm) {
+                s.fault(msg.iova, a);
+            }
+            true
+        }
+        _ => {
+            bump(&s.counters.bad_messages);
+            false
+        }
+    }
+}
+
+pub(super) fn spawn_backend_req(
+    shared: &Arc<Shared>,
+    sock: UnixStream,
+    link: &Arc<Link>,
+) -> Result<(), VhostUserError> {
+    let (w, l) = (Arc::downgrade(shared), Arc::downgrade(link));
+    std::thread::Builder::new()
+        .name("aperture-vhost-req".into())
+        .spawn(move || backend_req_loop(w, sock, l))
+        .map(drop)
+        .map_err(|source| VhostUserError::Io { request: 0, source })
+}

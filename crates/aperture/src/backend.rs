@@ -18,6 +18,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+#[cfg(feature = "bench")]
 use survey::net::NetTx;
 use vhost_iotlb::{Limits, Mode, Report, Session, SessionConfig};
 use virtio_devices::{Block, BlockConfig, Rng, RngConfig};
@@ -93,6 +94,7 @@ qemu-system-x86_64 ... -chardev socket,id=rng,path=/tmp/rng.sock \\\n    \
     ///
     /// Not a whole virtio-net device (no receive queue, no tap), so no guest driver
     /// binds it; `aperture bench` drives it for the network patterns out of process.
+    #[cfg(feature = "bench")]
     #[command(name = "net-tx")]
     NetTx {
         #[command(flatten)]
@@ -142,6 +144,7 @@ pub fn run(args: Args) -> ExitCode {
                 |_| json!({}),
             )
         }
+        #[cfg(feature = "bench")]
         Device::NetTx { common } => serve(
             &common,
             "net-tx",

@@ -1,1663 +1,692 @@
-//! `aperture bench`: in-guest disk throughput of our device host against QEMU's own
-//! devices, every figure a ratio of two configurations measured in the same run on the
-//! same guest.
-//!
-//! Each configuration is one boot of the same kernel and initramfs (QEMU TCG, q35, one
-//! vCPU, 512 MiB of shared-memfd RAM) with the same raw disk image, read-only, as its
-//! only disk. Its init (`scripts/bench-init.sh`) runs `diskbench`
-//! (`scripts/guest/diskbench.c`, built here with `gcc -static`): 4 KiB random reads and
-//! 1 MiB sequential reads, O_DIRECT, queue depth 1, an untimed warm-up before each.
-//! For our configurations the host also counts, over each timed part, the doorbells
-//! the virtio-blk received (each one a vfio-user REGION_WRITE message) and the MAP and
-//! UNMAP requests our virtio-iommu answered. [`crate::vm`] boots the guests.
-//!
-//! The `aperture-vhost-*` configurations run the same disk out of process: the device
-//! host is the vhost-user front-end of `aperture backend blk` (a child process, the
-//! same image read-only), both behind our virtio-iommu, so the back-end holds only the
-//! IOTLB windows the guest mapped. Each is compared with the in-process configuration
-//! of the same mode, and the IOTLB traffic (misses, updates, invalidates) is counted
-//! per timed workload at the front-end and over the whole connection by the back-end
-//! (its `--stats` JSON).
+//! `aperture bench`: the cost survey ([`survey`]) — every sharing mode against every
+//! device access pattern in this process, then the cells that have an out-of-process
+//! backend with `aperture backend` (this binary, [`std::env::current_exe`]) in a
+//! child process over vhost-user — printed as a table, written as JSON and as an SVG
+//! plot of cost per byte against request size (in-process cells); with `--guest`, the
+//! in-guest disk comparison ([`crate::bench_guest`]) too, and how well the model's ratios
+//! agree with the guest's.
 
-use crate::vm::{self, RAM_MIB};
-use device_host::endpoints::{BlockFactory, VhostUserFactory};
-use device_host::host::{DeviceHost, EndpointFactory, Function, IommuHandle, IommuMode};
-use device_host::poll::Pollable;
-use device_host::vhost_user::{DeviceKind, VhostUserHandle, DEFAULT_TIMEOUT};
-use md5::{Digest, Md5};
-use std::collections::BTreeMap;
-use std::fs::File;
-use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, OnceLock, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use virtio_iommu::RequestType;
+use crate::bench_guest::{self, Config, GuestMedians};
+use plotters::prelude::*;
+use serde_json::json;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use survey::remote::BackendCommand;
+use survey::run::Pattern;
+use survey::{Budget, Cell, Mode, Survey, IN_PROCESS, OUT_OF_PROCESS};
 
-/// Untimed seconds before each workload (`diskbench -w`).
-const WARMUP_S: u32 = 1;
-/// Where the JSON goes unless `--out` says otherwise, relative to the workspace.
-pub(crate) const DEFAULT_OUT: &str = "target/bench/guest-disk.json";
-/// The marker prefix of `scripts/bench-init.sh` and `diskbench`.
-const PREFIX: &str = "APERTURE-BENCH";
-/// The two workloads, as diskbench names them.
-const RANDREAD: &str = "randread4k";
-const SEQREAD: &str = "seqread1m";
+/// Default JSON output, relative to the workspace.
+pub(crate) const DEFAULT_JSON: &str = "target/bench/survey.json";
+/// Default plot, relative to the workspace.
+pub(crate) const DEFAULT_SVG: &str = "target/bench/survey.svg";
 
-/// One way of serving the disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
-pub(crate) enum Config {
-    /// Our device host behind our virtio-iommu, guest booted with iommu.strict=1.
-    ApertureStrict,
-    /// Our device host behind our virtio-iommu, the guest's default lazy invalidation.
-    ApertureLazy,
-    /// Our device host without an IOMMU.
-    ApertureOff,
-    /// Our device host as the vhost-user front-end of `aperture backend blk` in another
-    /// process, behind our virtio-iommu (IOTLB), iommu.strict=1.
-    ApertureVhostStrict,
-    /// As [`Config::ApertureVhostStrict`], the guest's default lazy invalidation.
-    ApertureVhostLazy,
-    /// QEMU's virtio-blk-pci behind QEMU's virtio-iommu-pci, iommu.strict=1.
-    QemuViommuStrict,
-    /// QEMU's virtio-blk-pci behind QEMU's virtio-iommu-pci, lazy.
-    QemuViommuLazy,
-    /// QEMU's virtio-blk-pci without an IOMMU.
-    QemuOff,
-}
-
-impl Config {
-    /// Every configuration, in table order.
-    pub(crate) const ALL: [Config; 8] = [
-        Config::ApertureStrict,
-        Config::ApertureLazy,
-        Config::ApertureOff,
-        Config::ApertureVhostStrict,
-        Config::ApertureVhostLazy,
-        Config::QemuViommuStrict,
-        Config::QemuViommuLazy,
-        Config::QemuOff,
-    ];
-
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Config::ApertureStrict => "aperture-strict",
-            Config::ApertureLazy => "aperture-lazy",
-            Config::ApertureOff => "aperture-off",
-            Config::ApertureVhostStrict => "aperture-vhost-strict",
-            Config::ApertureVhostLazy => "aperture-vhost-lazy",
-            Config::QemuViommuStrict => "qemu-viommu-strict",
-            Config::QemuViommuLazy => "qemu-viommu-lazy",
-            Config::QemuOff => "qemu-off",
-        }
-    }
-
-    /// Served by our device host (else by QEMU itself).
-    fn ours(self) -> bool {
-        matches!(
-            self,
-            Config::ApertureStrict | Config::ApertureLazy | Config::ApertureOff
-        ) || self.vhost()
-    }
-
-    /// The disk runs in `aperture backend blk`, a vhost-user back-end process.
-    fn vhost(self) -> bool {
-        matches!(
-            self,
-            Config::ApertureVhostStrict | Config::ApertureVhostLazy
-        )
-    }
-
-    /// The disk sits behind a virtio-iommu.
-    fn translated(self) -> bool {
-        !matches!(self, Config::ApertureOff | Config::QemuOff)
-    }
-
-    fn strict(self) -> bool {
-        matches!(
-            self,
-            Config::ApertureStrict | Config::QemuViommuStrict | Config::ApertureVhostStrict
-        )
-    }
-
-    /// The baseline of our ratios: for an in-process configuration QEMU's of the
-    /// same mode, for an out-of-process one our in-process one of the same mode.
-    fn peer(self) -> Option<Config> {
-        match self {
-            Config::ApertureStrict => Some(Config::QemuViommuStrict),
-            Config::ApertureLazy => Some(Config::QemuViommuLazy),
-            Config::ApertureOff => Some(Config::QemuOff),
-            Config::ApertureVhostStrict => Some(Config::ApertureStrict),
-            Config::ApertureVhostLazy => Some(Config::ApertureLazy),
-            _ => None,
-        }
-    }
-
-    /// The IOMMU group type the guest must report for the disk (sysfs `type`), so a
-    /// run that silently measured another mode is refused.
-    fn group_type(self) -> &'static str {
-        match (self.translated(), self.strict()) {
-            (false, _) => "none",
-            (true, true) => "DMA",
-            (true, false) => "DMA-FQ",
-        }
-    }
-
-    fn describe(self) -> &'static str {
-        match self {
-            Config::ApertureStrict => "our virtio-blk and virtio-iommu over vfio-user, iommu.strict=1",
-            Config::ApertureLazy => "our virtio-blk and virtio-iommu over vfio-user, lazy (the guest's default)",
-            Config::ApertureOff => "our virtio-blk over vfio-user, no IOMMU",
-            Config::ApertureVhostStrict => "our device host as vhost-user front-end of `aperture backend blk` (another process, IOTLB) behind our virtio-iommu, iommu.strict=1",
-            Config::ApertureVhostLazy => "our device host as vhost-user front-end of `aperture backend blk` (another process, IOTLB) behind our virtio-iommu, lazy",
-            Config::QemuViommuStrict => "QEMU's virtio-blk-pci (iommu_platform=on) behind QEMU's virtio-iommu-pci, iommu.strict=1",
-            Config::QemuViommuLazy => "QEMU's virtio-blk-pci (iommu_platform=on) behind QEMU's virtio-iommu-pci, lazy",
-            Config::QemuOff => "QEMU's virtio-blk-pci, no IOMMU",
-        }
-    }
-}
-
-/// What the bench was asked to do.
-#[derive(Clone, Debug)]
+/// What `aperture bench` was asked to do.
 pub(crate) struct Options {
-    pub(crate) runs: u32,
-    pub(crate) only: Vec<Config>,
-    pub(crate) seconds: u32,
-    pub(crate) disk_mib: u32,
-    pub(crate) out: Option<PathBuf>,
-    /// Our device host's poll window maximum.
-    pub(crate) poll: Duration,
-    /// The out-of-process back-end's.
-    pub(crate) backend_poll: Duration,
+    pub(crate) quick: bool,
+    pub(crate) json: Option<PathBuf>,
+    pub(crate) svg: Option<PathBuf>,
+    pub(crate) auto_threshold: Option<usize>,
+    /// Also run the in-guest comparison with these options.
+    pub(crate) guest: Option<bench_guest::Options>,
 }
 
 fn say(msg: &str) {
     eprintln!("aperture bench: {msg}");
 }
 
-/// What our device host counted over one timed workload.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct HostCounts {
-    /// Doorbells (queue notifications) the virtio-blk's transport received.
-    kicks: u64,
-    /// Times the poller found the virtio-blk's requests without a doorbell.
-    blk_polled: u64,
-    /// Interrupts the virtio-blk sent.
-    blk_irqs: u64,
-    /// Doorbells of our virtio-iommu's request queue (each one a guest sync).
-    iommu_kicks: u64,
-    /// Times the poller found IOMMU requests without a doorbell (a sync each).
-    iommu_polled: u64,
-    /// MAP requests our virtio-iommu answered.
-    maps: u64,
-    /// UNMAP requests our virtio-iommu answered.
-    unmaps: u64,
-    /// The vhost-user front-end's IOTLB traffic (out-of-process configurations only).
-    iotlb: Option<IotlbCounts>,
-}
-
-/// IOTLB messages between our front-end and the back-end process.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct IotlbCounts {
-    /// Misses the back-end sent.
-    misses: u64,
-    /// Updates sent in answer.
-    updates: u64,
-    /// Updates pushed when the guest mapped, before any miss.
-    pushed: u64,
-    /// Invalidates the back-end acknowledged.
-    invalidates: u64,
-    /// Their round trips, summed (ns).
-    invalidate_ns: u64,
-}
-
-impl HostCounts {
-    fn since(self, before: HostCounts) -> HostCounts {
-        HostCounts {
-            kicks: self.kicks.saturating_sub(before.kicks),
-            blk_polled: self.blk_polled.saturating_sub(before.blk_polled),
-            blk_irqs: self.blk_irqs.saturating_sub(before.blk_irqs),
-            iommu_kicks: self.iommu_kicks.saturating_sub(before.iommu_kicks),
-            iommu_polled: self.iommu_polled.saturating_sub(before.iommu_polled),
-            maps: self.maps.saturating_sub(before.maps),
-            unmaps: self.unmaps.saturating_sub(before.unmaps),
-            iotlb: self.iotlb.map(|a| {
-                let b = before.iotlb.unwrap_or_default();
-                IotlbCounts {
-                    misses: a.misses.saturating_sub(b.misses),
-                    updates: a.updates.saturating_sub(b.updates),
-                    pushed: a.pushed.saturating_sub(b.pushed),
-                    invalidates: a.invalidates.saturating_sub(b.invalidates),
-                    invalidate_ns: a.invalidate_ns.saturating_sub(b.invalidate_ns),
-                }
-            }),
+pub(crate) fn run(opts: Options) -> ExitCode {
+    match run_inner(&opts) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            say(&format!("FAILED: {e}"));
+            ExitCode::FAILURE
         }
     }
 }
 
-/// The mean round trip of an invalidate and its ack, in µs, for the table.
-fn ack_us(c: IotlbCounts) -> String {
-    if c.invalidates == 0 {
-        "-".into()
+/// The in-process cell of `mode` × `pattern`.
+fn cell(s: &Survey, mode: Mode, pattern: Pattern) -> Option<&Cell> {
+    s.cell(mode, pattern, IN_PROCESS)
+}
+
+fn human_bytes(b: f64) -> String {
+    if b >= f64::from(1u32 << 30) {
+        format!("{:.1} GiB", b / f64::from(1u32 << 30))
+    } else if b >= f64::from(1u32 << 20) {
+        format!("{:.1} MiB", b / f64::from(1u32 << 20))
+    } else if b >= 1024.0 {
+        format!("{:.0} KiB", b / 1024.0)
     } else {
-        format!("{:.1}", c.invalidate_ns as f64 / c.invalidates as f64 / 1e3)
+        format!("{b:.0} B")
     }
 }
 
-/// Reads our device host's counters while the guest runs.
-struct Sampler {
-    /// The virtio-blk's transport (set when the device host built it).
-    blk: BlkTransport,
-    iommu: Option<IommuHandle>,
-    /// The vhost-user device's handle (out-of-process configurations).
-    vhost: Option<VhostUserHandle>,
-}
-
-impl Sampler {
-    fn sample(&self) -> HostCounts {
-        let (maps, unmaps) = self.iommu.as_ref().map_or((0, 0), |h| {
-            let c = h.counters();
-            let sum = |t: RequestType| c.requests[t as usize].iter().sum::<u64>();
-            (sum(RequestType::Map), sum(RequestType::Unmap))
-        });
-        let iommu = self
-            .iommu
-            .as_ref()
-            .map(IommuHandle::transport_counters)
-            .unwrap_or_default();
-        let blk = self
-            .blk
-            .get()
-            .and_then(Weak::upgrade)
-            .map(|t| t.counters())
-            .unwrap_or_default();
-        HostCounts {
-            kicks: blk.notifications,
-            blk_polled: blk.polled,
-            blk_irqs: blk.interrupts,
-            iommu_kicks: iommu.notifications,
-            iommu_polled: iommu.polled,
-            maps,
-            unmaps,
-            iotlb: self.vhost.as_ref().map(|h| {
-                let c = h.counters();
-                IotlbCounts {
-                    misses: c.misses,
-                    updates: c.updates,
-                    pushed: c.pushed,
-                    invalidates: c.invalidates,
-                    invalidate_ns: c.invalidate_ns,
-                }
-            }),
-        }
-    }
-}
-
-/// Where [`Counted`] leaves the transport of the device it built; weak, so that the
-/// transport (and a vhost-user connection in it) goes when the device host ends.
-type BlkTransport = Arc<OnceLock<Weak<dyn Pollable>>>;
-
-/// An endpoint whose transport is kept, for its counters (doorbells, polls,
-/// interrupts).
-struct Counted {
-    inner: Box<dyn EndpointFactory>,
-    transport: BlkTransport,
-}
-
-impl EndpointFactory for Counted {
-    fn name(&self) -> String {
-        self.inner.name()
-    }
-
-    fn build(
-        self: Box<Self>,
-        iommu: Option<virtio_iommu::EndpointIommu>,
-    ) -> Result<Function, String> {
-        let f = self.inner.build(iommu)?;
-        let _ = self.transport.set(Arc::downgrade(&f.transport));
-        Ok(f)
-    }
-}
-
-/// One workload's result in one boot.
-#[derive(Clone, Debug, PartialEq)]
-struct Workload {
-    /// IOPS (randread4k) or MiB/s (seqread1m).
-    rate: f64,
-    /// Reads done: operations (randread4k) or MiB (seqread1m).
-    count: u64,
-    /// Timed seconds, measured by the guest.
-    seconds: f64,
-    /// Read requests the guest's block layer completed on the device.
-    requests: u64,
-    /// Our device host's counts (our configurations only).
-    host: Option<HostCounts>,
-    /// Host CPU over the workload.
-    cpu: Option<vm::CpuTimes>,
-}
-
-impl Workload {
-    /// GiB the workload read: 4 KiB per operation, or its MiB.
-    fn gib(&self, name: &str) -> Option<f64> {
-        let bytes = match name {
-            RANDREAD => self.count as f64 * 4096.0,
-            SEQREAD => self.count as f64 * 1048576.0,
-            _ => return None,
-        };
-        (bytes > 0.0).then(|| bytes / f64::from(1u32 << 30))
-    }
-}
-
-/// `key=value` fields of a marker.
-fn fields(v: &str) -> BTreeMap<&str, &str> {
-    v.split_whitespace()
-        .filter_map(|w| w.split_once('='))
-        .collect()
-}
-
-/// Parses diskbench's result line for a workload.
-fn parse_workload(value: &str, rate: &str, count: &str) -> Result<Workload, String> {
-    let f = fields(value);
-    let get = |k: &str| {
-        f.get(k)
-            .ok_or(format!("no {k}= in '{value}'"))
-            .and_then(|s| s.parse::<f64>().map_err(|e| format!("{k}={s}: {e}")))
-    };
-    let int = |k: &str| {
-        f.get(k)
-            .ok_or(format!("no {k}= in '{value}'"))
-            .and_then(|s| s.parse::<u64>().map_err(|e| format!("{k}={s}: {e}")))
-    };
-    Ok(Workload {
-        rate: get(rate)?,
-        count: int(count)?,
-        seconds: get("seconds")?,
-        requests: int("requests")?,
-        host: None,
-        cpu: None,
-    })
-}
-
-/// One boot of one configuration.
-struct Run {
-    config: Config,
-    /// 1-based repetition.
-    index: u32,
-    randread: Option<Workload>,
-    seqread: Option<Workload>,
-    group_type: String,
-    /// `uname -r` as the guest printed it.
-    guest_kernel: String,
-    wall: Duration,
-    /// Other processes' CPU use over the timed workloads.
-    others: Option<Interference>,
-    append: String,
-    qemu_args: Vec<String>,
-    console: PathBuf,
-    /// Why the run does not count (empty: it does).
-    problems: Vec<String>,
-    /// `aperture backend blk --stats` after the run (out-of-process configurations).
-    backend_stats: Option<serde_json::Value>,
-}
-
-/// What every boot shares.
-struct Prepared {
-    qemu: String,
-    kernel: String,
-    initrd: PathBuf,
-    disk: PathBuf,
-    work: PathBuf,
-}
-
-/// Medians the guest measured per configuration: (4 KiB random-read IOPS, 1 MiB
-/// sequential-read MiB/s).
-pub(crate) type GuestMedians = Vec<(Config, Option<f64>, Option<f64>)>;
-
-/// Runs the in-guest comparison, prints its table and writes its JSON. Returns whether
-/// every boot counted, and the medians.
-///
-/// # Errors
-/// A sentence naming what could not be prepared or run.
-pub(crate) fn run(opts: &Options) -> Result<(bool, GuestMedians), String> {
-    let (ok, summary) = run_inner(opts)?;
-    let medians = summary
-        .medians
-        .iter()
-        .map(|(c, m)| (*c, m.iops, m.mibps))
-        .collect();
-    Ok((ok, medians))
-}
-
-fn run_inner(opts: &Options) -> Result<(bool, Summary), String> {
-    let configs: Vec<Config> = if opts.only.is_empty() {
-        Config::ALL.to_vec()
-    } else {
-        Config::ALL
-            .into_iter()
-            .filter(|c| opts.only.contains(c))
-            .collect()
-    };
-    if cfg!(debug_assertions) {
-        say(
-            "warning: this is a debug build, so our device host runs unoptimised against QEMU's \
-             optimised devices; use `cargo run --release -p aperture -- bench`",
-        );
-    }
-    say("provisioning QEMU and the Debian guest kernel; cached after the first run");
-    let stack = vm::provision()?;
-    let diskbench = build_diskbench()?;
-
-    let work = std::env::temp_dir().join(format!("aperture-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
-    let initrd = work.join("initramfs.cpio.gz");
-    let init = vm::repo().join("scripts/bench-init.sh");
-    vm::script(
-        "mkinitramfs.sh",
-        &[
-            &initrd.to_string_lossy(),
-            "--init",
-            &init.to_string_lossy(),
-            "--add",
-            &diskbench.to_string_lossy(),
-            "/bin/diskbench",
-        ],
-    )?;
-    say(&format!("making a {} MiB disk image", opts.disk_mib));
-    let disk = work.join("disk.img");
-    vm::make_disk(&disk, opts.disk_mib, opts.disk_mib)?;
-    let prepared = Prepared {
-        qemu: stack.qemu.clone(),
-        kernel: stack.kernel.clone(),
-        initrd,
-        disk,
-        work: work.clone(),
-    };
-
-    let date = utc_now();
-    let total = configs.len() as u32 * opts.runs;
-    let mut runs = Vec::new();
-    // Repetitions go round the configurations, so slow drift spreads over all of them.
-    for index in 1..=opts.runs {
-        for &config in &configs {
-            say(&format!(
-                "[{}/{total}] {} (run {index} of {}): booting",
-                runs.len() + 1,
-                config.name(),
-                opts.runs
-            ));
-            let r = run_one(&prepared, config, index, opts)?;
-            let fmt = |w: &Option<Workload>, unit: &str| {
-                w.as_ref()
-                    .map_or("-".to_string(), |w| format!("{:.1} {unit}", w.rate))
-            };
-            if r.problems.is_empty() {
-                say(&format!(
-                    "    {} 4k random reads, {} 1M sequential reads ({:.0} s; other load {})",
-                    fmt(&r.randread, "IOPS"),
-                    fmt(&r.seqread, "MiB/s"),
-                    r.wall.as_secs_f64(),
-                    opt(r.others.map(|o| o.load()), 2)
-                ));
-            } else {
-                say(&format!(
-                    "    does not count: {}; console {}",
-                    r.problems.join("; "),
-                    r.console.display()
-                ));
-            }
-            runs.push(r);
-        }
-    }
-
-    let summary = summarise(&configs, &runs);
-    print!("{}", table(&summary, opts, &stack, &runs));
-    let json = to_json(&summary, &runs, opts, &stack, &date);
-    let out = opts
-        .out
-        .clone()
-        .unwrap_or_else(|| vm::repo().join(DEFAULT_OUT));
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
-    std::fs::write(&out, text + "\n")
-        .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
-    println!(
-        "JSON: {}",
-        std::fs::canonicalize(&out).unwrap_or(out).display()
-    );
-    let failed = runs.iter().filter(|r| !r.problems.is_empty()).count();
-    if failed == 0 {
-        let _ = std::fs::remove_dir_all(&work);
-    } else {
-        say(&format!(
-            "{failed} of {} boots did not count; their consoles are in {}",
-            runs.len(),
-            work.display()
-        ));
-    }
-    Ok((failed == 0, summary))
-}
-
-/// The guest's kernel command line for `config`.
-fn append(config: Config, seconds: u32) -> String {
-    // The guest's watchdog ends a hung run well after its workloads should be done.
-    let watchdog = 300 + 4 * (seconds + WARMUP_S);
-    let mut a = format!(
-        "console=ttyS0 panic=-1 loglevel=4 aperture.seconds={seconds} aperture.warmup={WARMUP_S} aperture.watchdog={watchdog}"
-    );
-    if config.strict() {
-        a.push_str(" iommu.strict=1");
-    }
-    a
-}
-
-/// QEMU's own devices for `config`: the same image, read-only, in the slots our device
-/// host would use (0x10 the IOMMU, 0x11 the disk). `boot-bypass=off` matches our
-/// `IommuMode::On`. The drive keeps QEMU's defaults (cache=writeback, aio=threads):
-/// both sides read through the host's page cache.
-fn qemu_device_args(config: Config, disk: &Path) -> Result<Vec<String>, String> {
-    // Guest RAM exactly as our device host gives it, so only the devices differ.
-    let mut a = device_host::host::memory_args(&vm::ram_layout()?);
-    a.push("-drive".into());
-    a.push(format!(
-        "file={},format=raw,if=none,id=disk0,readonly=on",
-        disk.display()
-    ));
-    if config.translated() {
-        a.push("-device".into());
-        a.push("virtio-iommu-pci,addr=0x10,boot-bypass=off".into());
-        a.push("-device".into());
-        a.push("virtio-blk-pci,drive=disk0,addr=0x11,iommu_platform=on,disable-legacy=on".into());
-    } else {
-        a.push("-device".into());
-        a.push("virtio-blk-pci,drive=disk0,addr=0x11,disable-legacy=on".into());
-    }
-    Ok(a)
-}
-
-fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<Run, String> {
-    let dir = p.work.join(format!("{}-{index}", config.name()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let append = append(config, opts.seconds);
-    let mut args = vm::base_args(&p.kernel, &p.initrd, &append);
-    let mut problems = Vec::new();
-
-    let mut sampler = None;
-    let mut served = None;
-    let mut backend = None;
-    let mut vhost = None;
-    if config.ours() {
-        let blk: Box<dyn EndpointFactory> = if config.vhost() {
-            let b = BackendProcess::spawn(&dir, &p.disk, opts.backend_poll)?;
-            let (tx, rx) = std::sync::mpsc::channel();
-            vhost = Some(rx);
-            let f = VhostUserFactory::new("blk0", &b.socket, DeviceKind::Block, DEFAULT_TIMEOUT)
-                .map_err(|e| format!("aperture backend blk: {e}"))?
-                .with_handle_sender(tx);
-            backend = Some(b);
-            Box::new(f)
-        } else {
-            Box::new(BlockFactory::new("blk0", &p.disk, true).map_err(|e| e.to_string())?)
-        };
-        let blk_transport = BlkTransport::default();
-        let endpoints: Vec<Box<dyn EndpointFactory>> = vec![Box::new(Counted {
-            inner: blk,
-            transport: Arc::clone(&blk_transport),
-        })];
-        let mode = if config.translated() {
-            IommuMode::On
-        } else {
-            IommuMode::Off
-        };
-        let host = DeviceHost::new(
-            &dir.join("serve"),
-            mode,
-            &vm::ram_layout()?,
-            endpoints,
-            opts.poll,
-        )
-        .map_err(|e| e.to_string())?;
-        sampler = Some(Sampler {
-            blk: blk_transport,
-            iommu: host.iommu(),
-            // The device was built (and its handle sent) by DeviceHost::new.
-            vhost: vhost.and_then(|rx| rx.try_recv().ok()),
-        });
-        args.extend(host.qemu_args().iter().cloned());
-        served = Some(std::thread::spawn(move || host.run(Duration::from_secs(3))));
-    } else {
-        args.extend(qemu_device_args(config, &p.disk)?);
-    }
-
-    // Host counters at each workload's "begin" and at its result line.
-    let mut begun: BTreeMap<String, HostCounts> = BTreeMap::new();
-    let mut counted: BTreeMap<String, HostCounts> = BTreeMap::new();
-    // Host CPU at each workload's "begin", then over it.
-    let mut cpu_begun: BTreeMap<String, vm::CpuTimes> = BTreeMap::new();
-    let mut cpu_used: BTreeMap<String, vm::CpuTimes> = BTreeMap::new();
-    let console = dir.join("console.log");
-    let timeout = Duration::from_secs(u64::from(600 + 4 * (opts.seconds + WARMUP_S)));
-    // The machine's CPU use from the first workload's start to the last one's end.
-    let (mut cpu_start, mut others) = (None, None);
-    let guest = vm::boot(
-        &p.qemu,
-        &args,
-        &console,
-        PREFIX,
-        timeout,
-        |k, v, elapsed| {
-            if k == "begin" && v == RANDREAD {
-                cpu_start = cpu_sample().map(|c| (c, elapsed));
-            } else if k == SEQREAD {
-                if let (Some((a, t0)), Some(b)) = (cpu_start, cpu_sample()) {
-                    others = Some(Interference::between(a, b, elapsed.saturating_sub(t0)));
-                }
-            }
-            if k == "begin" {
-                if let Some(c) = vm::CpuTimes::now() {
-                    cpu_begun.insert(v.to_string(), c);
-                }
-            } else if let (Some(before), Some(c)) = (cpu_begun.get(k), vm::CpuTimes::now()) {
-                cpu_used.insert(k.to_string(), c.since(*before));
-            }
-            let Some(s) = &sampler else { return };
-            if k == "begin" {
-                begun.insert(v.to_string(), s.sample());
-            } else if let Some(before) = begun.get(k) {
-                counted.insert(k.to_string(), s.sample().since(*before));
-            }
-        },
-    )?;
-    if let Some(served) = served {
-        match served.join() {
-            Ok(results) => {
-                for (name, r) in results {
-                    if let Err(e) = r {
-                        problems.push(format!("device host: {name}: {e}"));
-                    }
-                }
-            }
-            Err(_) => problems.push("the device host panicked".into()),
-        }
-    }
-    // The back-end exits once the front-end disconnected (--once) and leaves its stats.
-    let backend_stats = match backend.take().map(BackendProcess::finish) {
-        None => None,
-        Some(Ok(stats)) => Some(stats),
-        Some(Err(e)) => {
-            problems.push(e);
-            None
-        }
-    };
-
-    if !guest.status.success() {
-        problems.push(format!("QEMU: {}", guest.status));
-    }
-    for e in guest.markers.get("error").into_iter().flatten() {
-        problems.push(format!("diskbench: {e}"));
-    }
-    if guest.markers.contains_key("watchdog-expired") {
-        problems.push("the guest's watchdog expired".into());
-    }
-    if !guest.markers.contains_key("done") {
-        problems.push("the guest's init did not finish".into());
-    }
-    let exit = guest.first("diskbench-exit");
-    if exit != "0" {
-        problems.push(format!("diskbench exit status '{exit}'"));
-    }
-    let group_type = guest.first("iommu-group-type");
-    if group_type != config.group_type() {
-        problems.push(format!(
-            "the disk's IOMMU group type is '{group_type}', not '{}'",
-            config.group_type()
-        ));
-    }
-    if config.translated() && guest.first("dmesg-viommu") != "ok" {
-        problems.push("the guest's virtio-iommu driver did not probe".into());
-    }
-    let mut workload = |name: &str, rate: &str, count: &str| {
-        let line = guest.first(name);
-        if line.is_empty() {
-            problems.push(format!("no {name} result"));
-            return None;
-        }
-        match parse_workload(&line, rate, count) {
-            Ok(mut w) => {
-                w.host = counted.get(name).copied();
-                w.cpu = cpu_used.get(name).copied();
-                Some(w)
-            }
-            Err(e) => {
-                problems.push(format!("{name}: {e}"));
-                None
-            }
-        }
-    };
-    let randread = workload(RANDREAD, "iops", "ops");
-    let seqread = workload(SEQREAD, "mibps", "mib");
-    Ok(Run {
-        config,
-        index,
-        randread,
-        seqread,
-        group_type,
-        guest_kernel: guest.first("start"),
-        wall: guest.wall,
-        others,
-        append,
-        qemu_args: args,
-        console,
-        problems,
-        backend_stats,
-    })
-}
-
-/// `aperture backend blk` serving the bench's image read-only, a child process.
-struct BackendProcess {
-    child: std::process::Child,
-    socket: PathBuf,
-    stats: PathBuf,
-    log: PathBuf,
-}
-
-impl BackendProcess {
-    /// Starts it (this executable) in `dir` and waits until it listens.
-    ///
-    /// # Errors
-    /// The process cannot be started, or exits or does not listen within 10 s.
-    fn spawn(dir: &Path, disk: &Path, poll: Duration) -> Result<Self, String> {
-        let exe = std::env::current_exe()
-            .map_err(|e| format!("cannot find this executable to run `aperture backend`: {e}"))?;
-        // Rebuilt while the bench runs (`cargo build` replaces the file): Linux names the
-        // old file "PATH (deleted)"; the new build at PATH runs the same back-end.
-        let exe = match exe.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
-            Some(p) if !exe.exists() => PathBuf::from(p),
-            _ => exe,
-        };
-        let socket = dir.join("blk.sock");
-        let stats = dir.join("backend-stats.json");
-        let log = dir.join("backend.log");
-        let _ = std::fs::remove_file(&stats);
-        let err =
-            File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-        let child = Command::new(exe)
-            .args(["backend", "blk", "--read-only", "--once"])
-            .arg("--poll-us")
-            .arg(poll.as_micros().to_string())
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--disk")
-            .arg(disk)
-            .arg("--stats")
-            .arg(&stats)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("cannot start `aperture backend blk`: {e}"))?;
-        let mut b = Self {
-            child,
-            socket,
-            stats,
-            log,
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !std::fs::metadata(&b.socket).is_ok_and(|m| m.file_type().is_socket()) {
-            let exited = b.child.try_wait().ok().flatten();
-            if exited.is_some() || std::time::Instant::now() > deadline {
-                return Err(format!(
-                    "`aperture backend blk` did not listen on {} ({}); its log: {}",
-                    b.socket.display(),
-                    exited.map_or("10 s passed".to_string(), |s| s.to_string()),
-                    b.log.display()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(b)
-    }
-
-    /// Waits (10 s at most) for it to exit after the front-end disconnected and reads
-    /// its `--stats` JSON.
-    ///
-    /// # Errors
-    /// It does not exit, exits with an error, leaves no readable stats, or did not run
-    /// in IOTLB mode.
-    fn finish(mut self) -> Result<serde_json::Value, String> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            match self.child.try_wait() {
-                Ok(Some(s)) => break s,
-                Ok(None) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                _ => {
-                    return Err(format!(
-                        "`aperture backend blk` did not exit 10 s after the front-end disconnected (log: {})",
-                        self.log.display()
-                    ))
-                }
-            }
-        };
-        if !status.success() {
-            return Err(format!(
-                "`aperture backend blk` exited with {status} (log: {})",
-                self.log.display()
-            ));
-        }
-        let text = std::fs::read_to_string(&self.stats)
-            .map_err(|e| format!("no back-end stats at {}: {e}", self.stats.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| format!("back-end stats {}: {e}", self.stats.display()))?;
-        if v["mode"] != "iotlb" {
-            return Err(format!(
-                "the back-end ran in mode {}, not iotlb (stats {})",
-                v["mode"],
-                self.stats.display()
-            ));
-        }
-        Ok(v)
-    }
-}
-
-impl Drop for BackendProcess {
-    fn drop(&mut self) {
-        // Not waited for by `finish` (an error on the way): do not leave it running.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// CPU time so far, in seconds: the whole machine's busy time (`/proc/stat`) and that
-/// of this process and its living descendants (QEMU).
-#[derive(Clone, Copy, Debug)]
-struct CpuSample {
-    machine_busy: f64,
-    steal: f64,
-    ours: f64,
-}
-
-/// What the rest of the machine did while the guest's workloads ran: the bench shares
-/// the machine, and TCG figures move with every CPU another process takes.
-#[derive(Clone, Copy, Debug)]
-struct Interference {
-    /// Wall seconds of the window.
-    window_s: f64,
-    /// CPU seconds used by everything but this process and QEMU.
-    other_cpu_s: f64,
-    /// CPU seconds the hypervisor under this machine took away (`steal`).
-    steal_s: f64,
-}
-
-impl Interference {
-    fn between(a: CpuSample, b: CpuSample, window: Duration) -> Self {
-        Self {
-            window_s: window.as_secs_f64(),
-            other_cpu_s: ((b.machine_busy - a.machine_busy) - (b.ours - a.ours)).max(0.0),
-            steal_s: (b.steal - a.steal).max(0.0),
-        }
-    }
-
-    /// Other processes' CPUs busy on average over the window.
-    fn load(&self) -> f64 {
-        if self.window_s > 0.0 {
-            self.other_cpu_s / self.window_s
-        } else {
-            0.0
-        }
-    }
-}
-
-fn cpu_sample() -> Option<CpuSample> {
-    let tck = vm::clock_ticks();
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let cpu: Vec<u64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // proc(5): user nice system idle iowait irq softirq steal (guest time is in user).
-    let at = |i: usize| cpu.get(i).copied().unwrap_or(0);
-    let busy = at(0) + at(1) + at(2) + at(5) + at(6);
-    let me = std::process::id();
-    let own: u64 = std::iter::once(me)
-        .chain(vm::descendants(me))
-        .filter_map(vm::proc_stat)
-        .map(|(_, t)| t)
-        .sum();
-    Some(CpuSample {
-        machine_busy: busy as f64 / tck,
-        steal: at(7) as f64 / tck,
-        ours: own as f64 / tck,
-    })
-}
-
-/// Median of `v` (mean of the middle two for an even count); `None` when empty.
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
-}
-
-/// Medians of one configuration over its counted runs, and their spread.
-#[derive(Clone, Copy, Debug, Default)]
-struct Medians {
-    iops: Option<f64>,
-    mibps: Option<f64>,
-    /// Lowest and highest IOPS of the counted runs.
-    iops_range: Option<(f64, f64)>,
-    /// Lowest and highest MiB/s of the counted runs.
-    mibps_range: Option<(f64, f64)>,
-    /// Other processes' CPUs busy during the workloads ([`Interference::load`]).
-    other_load: Option<f64>,
-    counted_runs: usize,
-}
-
-/// Lowest and highest of `v`; `None` when empty.
-fn range(v: &[f64]) -> Option<(f64, f64)> {
-    let lo = v.iter().copied().min_by(f64::total_cmp)?;
-    let hi = v.iter().copied().max_by(f64::total_cmp)?;
-    Some((lo, hi))
-}
-
-/// One ratio of two configurations' medians.
-#[derive(Clone, Debug)]
-struct Ratio {
-    what: String,
-    numerator: Config,
-    denominator: Config,
-    iops: Option<f64>,
-    mibps: Option<f64>,
-}
-
-struct Summary {
-    medians: Vec<(Config, Medians)>,
-    ratios: Vec<Ratio>,
-}
-
-fn summarise(configs: &[Config], runs: &[Run]) -> Summary {
-    let medians: Vec<(Config, Medians)> = configs
-        .iter()
-        .map(|&c| {
-            let good: Vec<&Run> = runs
-                .iter()
-                .filter(|r| r.config == c && r.problems.is_empty())
-                .collect();
-            let rates = |f: fn(&Run) -> Option<&Workload>| -> Vec<f64> {
-                good.iter().filter_map(|r| f(r)).map(|w| w.rate).collect()
-            };
-            let (iops, mibps) = (
-                rates(|r| r.randread.as_ref()),
-                rates(|r| r.seqread.as_ref()),
-            );
-            (
-                c,
-                Medians {
-                    iops_range: range(&iops),
-                    mibps_range: range(&mibps),
-                    iops: median(iops),
-                    mibps: median(mibps),
-                    other_load: median(
-                        good.iter()
-                            .filter_map(|r| r.others.map(|o| o.load()))
-                            .collect(),
-                    ),
-                    counted_runs: good.len(),
-                },
-            )
-        })
-        .collect();
-    let get = |c: Config| medians.iter().find(|(m, _)| *m == c).map(|(_, m)| *m);
-    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-        _ => None,
-    };
-    let mut ratios = Vec::new();
-    let mut pair = |what: &str, n: Config, d: Config| {
-        if let (Some(a), Some(b)) = (get(n), get(d)) {
-            ratios.push(Ratio {
-                what: what.to_string(),
-                numerator: n,
-                denominator: d,
-                iops: ratio(a.iops, b.iops),
-                mibps: ratio(a.mibps, b.mibps),
-            });
-        }
-    };
-    for c in Config::ALL {
-        if let Some(peer) = c.peer() {
-            if c.vhost() {
-                pair(
-                    "out of process (vhost-user, IOTLB) against in process, same mode",
-                    c,
-                    peer,
-                );
-            } else {
-                pair("against QEMU's peer of the same mode", c, peer);
-            }
-        }
-    }
-    pair(
-        "cost of isolation: ours with the IOMMU against ours without",
-        Config::ApertureStrict,
-        Config::ApertureOff,
-    );
-    Summary { medians, ratios }
-}
-
-fn opt(v: Option<f64>, prec: usize) -> String {
-    v.map_or("-".to_string(), |x| format!("{x:.prec$}"))
-}
-
-fn table(s: &Summary, opts: &Options, stack: &vm::Stack, runs: &[Run]) -> String {
-    use std::fmt::Write as _;
+fn table(s: &Survey, budget: Budget) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "aperture bench: in-guest disk reads, QD1, O_DIRECT (Linux {}, QEMU {} TCG, 1 vCPU, \
-{RAM_MIB} MiB RAM, {} MiB disk, {} s per workload after {WARMUP_S} s warm-up, median of {} run{})\n\
-  packages: {}, {}",
-        stack.kernel_release,
-        stack.qemu_version,
-        opts.disk_mib,
-        opts.seconds,
-        opts.runs,
-        if opts.runs == 1 { "" } else { "s" },
-        stack.kernel_deb,
-        stack.qemu_deb,
+        "aperture bench: the cost of each sharing mode per device access pattern \
+(in-process backends, one thread, {} ms per cell)",
+        budget.per_cell.as_millis()
     );
     let _ = writeln!(t);
     let _ = writeln!(
         t,
-        "{:<22} {:>16} {:>16}  {:<22} {:>10} {:>11} {:>11}",
-        "configuration",
-        "randread4k IOPS",
-        "seqread1m MiB/s",
-        "baseline",
-        "IOPS ratio",
-        "MiB/s ratio",
-        "other load"
+        "{:<14} {:<17} {:>10} {:>7} {:>10} {:>9} {:>8} {:>8} {:>10}",
+        "pattern",
+        "mode",
+        "MiB/s",
+        "x none",
+        "ns/req",
+        "ns/byte",
+        "maps/req",
+        "copy B/B",
+        "exposure"
     );
-    for (c, m) in &s.medians {
-        let r = s
-            .ratios
+    for p in Pattern::ALL {
+        let none = cell(s, Mode::None, p).map(Cell::throughput);
+        for c in s
+            .cells
             .iter()
-            .find(|r| r.numerator == *c && Some(r.denominator) == c.peer());
-        let mut name = c.name().to_string();
-        if m.counted_runs < opts.runs as usize {
-            name.push_str(&format!(" ({}/{} ok)", m.counted_runs, opts.runs));
+            .filter(|c| c.pattern == p && c.placement == IN_PROCESS)
+        {
+            let ratio = none.map_or("-".into(), |n| format!("{:.2}", c.throughput() / n));
+            let _ = writeln!(
+                t,
+                "{:<14} {:<17} {:>10.1} {:>7} {:>10.0} {:>9.3} {:>8.2} {:>8.2} {:>10}",
+                p.name(),
+                c.mode.name(),
+                c.throughput() / f64::from(1u32 << 20),
+                ratio,
+                c.cpu_ns_per_request(),
+                c.cpu_ns_per_byte(),
+                c.map_ops_per_request(),
+                c.copy_bytes_per_byte(),
+                human_bytes(c.measured.stats.exposure_peak as f64)
+            );
         }
-        let _ = writeln!(
-            t,
-            "{:<22} {:>16} {:>16}  {:<22} {:>10} {:>11} {:>11}",
-            name,
-            opt(m.iops, 1),
-            opt(m.mibps, 1),
-            r.map_or("-".into(), |r| r.denominator.name().to_string()),
-            opt(r.and_then(|r| r.iops), 3),
-            opt(r.and_then(|r| r.mibps), 3),
-            opt(m.other_load, 2),
-        );
     }
-    for r in s
-        .ratios
-        .iter()
-        .filter(|r| r.numerator.peer() != Some(r.denominator))
-    {
+    out_of_process_table(&mut t, s);
+    let _ = writeln!(t);
+    let _ = writeln!(
+        t,
+        "Crossover (one device-written buffer: bounce = copy in + copy back, map = MAP + UNMAP, \
+strict; auto = the same buffer through auto, against the cheaper of the two):"
+    );
+    let c = &s.calibration;
+    for p in &c.points {
         let _ = writeln!(
             t,
-            "{:<22} {:>16} {:>16}  {:<22} {:>10} {:>11}   ({})",
-            r.numerator.name(),
-            "",
-            "",
-            r.denominator.name(),
-            opt(r.iops, 3),
-            opt(r.mibps, 3),
-            r.what
+            "  {:>8}  bounce {:>8.0} ns  map {:>8.0} ns  {:<6}  auto {:>8.0} ns  x{:.3}",
+            human_bytes(p.size as f64),
+            p.bounce_ns,
+            p.map_ns,
+            if p.map_ns <= p.bounce_ns {
+                "map"
+            } else {
+                "bounce"
+            },
+            p.auto_ns,
+            p.auto_ratio()
         );
     }
     let _ = writeln!(
         t,
-        "(other load: CPUs that other processes kept busy during the workloads, median; \
-this machine has {}. Anything but ~0 skews TCG figures.)",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "  mapping is no dearer from {} on; auto bounced buffers below {}",
+        c.crossover
+            .map_or("no size measured".into(), |x| human_bytes(x as f64)),
+        human_bytes(c.auto_threshold as f64)
     );
-    if opts.runs > 1 {
-        let _ = writeln!(t);
-        let _ = writeln!(t, "spread over the counted runs (lowest - highest):");
-        let span =
-            |r: Option<(f64, f64)>| r.map_or("-".to_string(), |(a, b)| format!("{a:.1} - {b:.1}"));
-        for (c, m) in &s.medians {
-            let _ = writeln!(
-                t,
-                "{:<22} {:>22} IOPS {:>22} MiB/s",
-                c.name(),
-                span(m.iops_range),
-                span(m.mibps_range)
-            );
-        }
-    }
-    // What our device host counted, per read request the guest's block layer completed.
-    let ours: Vec<&Run> = runs
-        .iter()
-        .filter(|r| r.config.ours() && r.problems.is_empty())
-        .collect();
-    if !ours.is_empty() {
-        let _ = writeln!(t);
+    let _ = writeln!(t);
+    let _ = writeln!(
+        t,
+        "auto against the cheaper of pool and viommu-strict, {} alternating rounds \
+(CPU per request, median ratio; noise: the larger of the two modes' spreads over the rounds):",
+        survey::AutoCheck::ROUNDS
+    );
+    for a in &s.auto_checks {
+        let r = a.ratio();
         let _ = writeln!(
             t,
-            "our device host over each timed workload (run 1 of each; /req: per read request the guest completed):"
-        );
-        let _ = writeln!(
-            t,
-            "{:<22} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
-            "configuration",
-            "workload",
-            "requests",
-            "blk kicks",
-            "blk polled",
-            "blk irqs",
-            "MAPs",
-            "UNMAPs",
-            "IOMMU sync",
-            "of which"
-        );
-        let _ = writeln!(
-            t,
-            "{:<22} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
-            "", "", "", "/req", "/req", "/req", "/req", "/req", "/req", "kicked"
-        );
-        for r in ours
-            .iter()
-            .filter(|r| r.index == 1 || ours.iter().all(|o| o.index != 1))
-        {
-            for (name, w) in [(RANDREAD, &r.randread), (SEQREAD, &r.seqread)] {
-                let Some(w) = w else { continue };
-                let Some(h) = w.host else { continue };
-                let per = |n: u64| per_request(n, w.requests);
-                let syncs = h.iommu_kicks + h.iommu_polled;
-                let kicked = if syncs > 0 {
-                    format!("{:.0}%", 100.0 * h.iommu_kicks as f64 / syncs as f64)
-                } else {
-                    "-".into()
-                };
-                let _ = writeln!(
-                    t,
-                    "{:<22} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
-                    r.config.name(),
-                    name,
-                    w.requests,
-                    per(h.kicks),
-                    per(h.blk_polled),
-                    per(h.blk_irqs),
-                    per(h.maps),
-                    per(h.unmaps),
-                    per(syncs),
-                    kicked
-                );
+            "  {:<14} vs {:<14} auto x{r:.3} (noise {:.1}%) {}",
+            a.pattern.name(),
+            a.best.name(),
+            a.noise * 100.0,
+            if r <= 1.0 {
+                "cheaper"
+            } else if a.ok() {
+                "within noise"
+            } else {
+                "DEARER"
             }
-        }
-    }
-    // Host CPU per GiB read, every configuration.
-    let first: Vec<&Run> = runs
-        .iter()
-        .filter(|r| r.problems.is_empty())
-        .filter(|r| r.index == 1 || runs.iter().all(|o| o.config != r.config || o.index != 1))
-        .collect();
-    if !first.is_empty() {
-        let _ = writeln!(t);
-        let _ = writeln!(
-            t,
-            "host CPU over each timed workload, seconds per GiB read (run 1; ours: this process, \
-which serves our devices; QEMU: QEMU and, out of process, the back-end):"
         );
-        let _ = writeln!(
-            t,
-            "{:<22} {:<11} {:>12} {:>12} {:>12}",
-            "configuration", "workload", "ours s/GiB", "QEMU s/GiB", "all s/GiB"
-        );
-        for r in first {
-            for (name, w) in [(RANDREAD, &r.randread), (SEQREAD, &r.seqread)] {
-                let Some(w) = w else { continue };
-                let (Some(c), Some(gib)) = (w.cpu, w.gib(name)) else {
-                    continue;
-                };
-                let _ = writeln!(
-                    t,
-                    "{:<22} {:<11} {:>12.2} {:>12.2} {:>12.2}",
-                    r.config.name(),
-                    name,
-                    c.ours_s / gib,
-                    c.children_s / gib,
-                    (c.ours_s + c.children_s) / gib
-                );
-            }
-        }
-    }
-    // The vhost-user IOTLB traffic of the out-of-process configurations.
-    let vhost: Vec<&Run> = runs
-        .iter()
-        .filter(|r| r.config.vhost() && r.problems.is_empty())
-        .filter(|r| r.index == 1 || runs.iter().all(|o| o.config != r.config || o.index != 1))
-        .collect();
-    if !vhost.is_empty() {
-        let _ = writeln!(t);
-        let _ = writeln!(
-            t,
-            "vhost-user IOTLB messages over each timed workload, counted by our front-end (run 1; /req: per read request):"
-        );
-        let _ = writeln!(
-            t,
-            "{:<22} {:<11} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>10} {:>12} {:>9} {:>12}",
-            "configuration",
-            "workload",
-            "requests",
-            "misses",
-            "misses/req",
-            "updates",
-            "updates/req",
-            "pushed",
-            "pushed/req",
-            "invalidates",
-            "inval/req",
-            "us/inval ack"
-        );
-        for r in &vhost {
-            for (name, w) in [(RANDREAD, &r.randread), (SEQREAD, &r.seqread)] {
-                let Some(w) = w else { continue };
-                let Some(c) = w.host.and_then(|h| h.iotlb) else {
-                    continue;
-                };
-                let per = |n: u64| per_request(n, w.requests);
-                let _ = writeln!(
-                    t,
-                    "{:<22} {:<11} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>10} {:>12} {:>9} {:>12}",
-                    r.config.name(),
-                    name,
-                    w.requests,
-                    c.misses,
-                    per(c.misses),
-                    c.updates,
-                    per(c.updates),
-                    c.pushed,
-                    per(c.pushed),
-                    c.invalidates,
-                    per(c.invalidates),
-                    ack_us(c)
-                );
-            }
-        }
-        let _ = writeln!(
-            t,
-            "the back-end's own count over its whole connection (boot, warm-ups and both workloads; --stats):"
-        );
-        for r in &vhost {
-            let Some(b) = &r.backend_stats else { continue };
-            let n = |k: &str| b[k].as_u64().unwrap_or(0);
-            let requests: u64 = [&r.randread, &r.seqread]
-                .into_iter()
-                .flatten()
-                .map(|w| w.requests)
-                .sum();
-            let _ = writeln!(
-                t,
-                "{:<22} misses {} ({} failed), updates {}, invalidates {}, evictions {}, ring passes found by polling {}; \
-per timed request: {} misses, {} updates, {} invalidates; peak exposure {} KiB ({:.3}% of guest RAM), peak windows {}",
-                r.config.name(),
-                n("misses"),
-                n("miss_failures"),
-                n("updates"),
-                n("invalidates"),
-                n("evictions"),
-                n("polled"),
-                per_request(n("misses"), requests),
-                per_request(n("updates"), requests),
-                per_request(n("invalidates"), requests),
-                n("peak_mapped_bytes") >> 10,
-                100.0 * b["peak_share"].as_f64().unwrap_or(0.0),
-                n("peak_windows"),
-            );
-        }
     }
     t
 }
 
-/// `n` per request, two decimals; `-` without requests.
-fn per_request(n: u64, requests: u64) -> String {
-    if requests > 0 {
-        format!("{:.2}", n as f64 / requests as f64)
-    } else {
-        "-".into()
-    }
+/// Per request, `n` counted over a cell's timed part.
+fn per_request(c: &Cell, n: u64) -> f64 {
+    n as f64 / c.measured.requests as f64
 }
 
-fn workload_json(w: &Option<Workload>, name: &str, rate: &str, count: &str) -> serde_json::Value {
-    match w {
-        None => serde_json::Value::Null,
-        Some(w) => {
-            let mut j = serde_json::json!({
-                rate: w.rate,
-                count: w.count,
-                "seconds": w.seconds,
-                "requests": w.requests,
-            });
-            if let Some(c) = w.cpu {
-                let gib = w.gib(name);
-                j["host_cpu"] = serde_json::json!({
-                    "ours_s": c.ours_s,
-                    "qemu_and_backend_s": c.children_s,
-                    "ours_s_per_gib": gib.map(|g| c.ours_s / g),
-                    "qemu_and_backend_s_per_gib": gib.map(|g| c.children_s / g),
-                });
-            }
-            if let Some(h) = w.host {
-                j["device_host"] = serde_json::json!({
-                    "blk_kicks": h.kicks,
-                    "blk_polled": h.blk_polled,
-                    "blk_interrupts": h.blk_irqs,
-                    "iommu_kicks": h.iommu_kicks,
-                    "iommu_polled": h.iommu_polled,
-                    "iommu_syncs": h.iommu_kicks + h.iommu_polled,
-                    "iommu_map_requests": h.maps,
-                    "iommu_unmap_requests": h.unmaps,
-                });
-                if let Some(c) = h.iotlb {
-                    let per = |n: u64| (w.requests > 0).then(|| n as f64 / w.requests as f64);
-                    j["vhost_user_iotlb"] = serde_json::json!({
-                        "counted_by": "front-end",
-                        "misses": c.misses,
-                        "updates": c.updates,
-                        "pushed": c.pushed,
-                        "invalidates": c.invalidates,
-                        "misses_per_request": per(c.misses),
-                        "updates_per_request": per(c.updates),
-                        "pushed_per_request": per(c.pushed),
-                        "invalidates_per_request": per(c.invalidates),
-                        "invalidate_ack_us": (c.invalidates > 0)
-                            .then(|| c.invalidate_ns as f64 / c.invalidates as f64 / 1e3),
-                    });
-                }
-            }
-            j
+/// Share of the cell's CPU spent in the backend process.
+fn backend_share(c: &Cell) -> Option<f64> {
+    let b = c.measured.backend.as_ref()?;
+    Some(b.cpu.as_nanos() as f64 / c.measured.cpu.as_nanos().max(1) as f64)
+}
+
+/// The out-of-process cells, each against its in-process twin, and what has none.
+fn out_of_process_table(t: &mut String, s: &Survey) {
+    let _ = writeln!(t);
+    let _ = writeln!(
+        t,
+        "Out of process: `aperture backend` in a child process over vhost-user (CPU = this \
+process + the backend process; exposure = the backend's own peak mapped bytes):"
+    );
+    let _ = writeln!(
+        t,
+        "{:<14} {:<14} {:>9} {:>9} {:>10} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10}",
+        "pattern",
+        "mode",
+        "MiB/s",
+        "x in-proc",
+        "ns/req",
+        "ns/byte",
+        "backend%",
+        "maps/req",
+        "miss/req",
+        "inval/req",
+        "exposure"
+    );
+    for c in s.cells.iter().filter(|c| c.placement == OUT_OF_PROCESS) {
+        let twin = cell(s, c.mode, c.pattern).map(Cell::throughput);
+        let (misses, invals) = c
+            .measured
+            .backend
+            .as_ref()
+            .map_or((0, 0), |b| (b.misses, b.invalidates));
+        let _ = writeln!(
+            t,
+            "{:<14} {:<14} {:>9.1} {:>9} {:>10.0} {:>9.3} {:>7.0}% {:>8.2} {:>8.2} {:>8.2} {:>10}",
+            c.pattern.name(),
+            c.mode.name(),
+            c.throughput() / f64::from(1u32 << 20),
+            twin.map_or("-".into(), |n| format!("{:.2}", c.throughput() / n)),
+            c.cpu_ns_per_request(),
+            c.cpu_ns_per_byte(),
+            100.0 * backend_share(c).unwrap_or(0.0),
+            c.map_ops_per_request(),
+            per_request(c, misses),
+            per_request(c, invals),
+            human_bytes(c.measured.stats.exposure_peak as f64)
+        );
+    }
+    // One line per reason, naming what it covers.
+    let mut reasons: Vec<(&str, Vec<String>)> = Vec::new();
+    for (m, p, why) in &s.not_out_of_process {
+        let what = format!("{} {}", m.name(), p.name());
+        match reasons.iter_mut().find(|(w, _)| *w == why.as_str()) {
+            Some((_, v)) => v.push(what),
+            None => reasons.push((why.as_str(), vec![what])),
         }
     }
+    if !reasons.is_empty() {
+        let _ = writeln!(t, "  no out-of-process cell (not measured):");
+    }
+    for (why, what) in reasons {
+        let _ = writeln!(t, "    {} cells: {why}", what.len());
+    }
 }
 
-fn to_json(
-    s: &Summary,
-    runs: &[Run],
-    opts: &Options,
-    stack: &vm::Stack,
-    date: &str,
-) -> serde_json::Value {
+fn machine() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
         })
         .unwrap_or_default();
-    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
-    serde_json::json!({
-        "benchmark": "guest-disk",
-        "date": date,
-        "guest_kernel": stack.kernel_release,
-        "guest_kernel_deb": stack.kernel_deb,
-        "qemu_version": stack.qemu_version,
-        "qemu_deb": stack.qemu_deb,
-        "aperture_build": if cfg!(debug_assertions) { "debug" } else { "release" },
-        "host": {
-            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
-            "cpu_model": cpu,
-            "kernel": host_kernel,
-        },
-        "setup": {
-            "accel": "tcg",
-            "machine": "q35",
-            "vcpus": 1,
-            "guest_ram_mib": RAM_MIB,
-            "disk_mib": opts.disk_mib,
-            "disk_read_only": true,
-            "seconds_per_workload": opts.seconds,
-            "warmup_seconds": WARMUP_S,
-            "runs": opts.runs,
-            "workloads": {
-                RANDREAD: "4 KiB pread, O_DIRECT, QD1, offsets 4 KiB-aligned from xorshift64* seed 1 over the whole disk",
-                SEQREAD: "1 MiB pread, O_DIRECT, QD1, sequential from 0, wrapping",
-            },
-        },
-        "configurations": s.medians.iter().map(|(c, m)| serde_json::json!({
-            "name": c.name(),
-            "description": c.describe(),
-            "served_by": if c.vhost() {
-                "aperture device host (vfio-user) as vhost-user front-end of aperture backend blk (another process)"
-            } else if c.ours() {
-                "aperture device host (vfio-user)"
-            } else {
-                "qemu"
-            },
-            "out_of_process": c.vhost(),
-            "iommu": c.translated(),
-            "strict": c.strict(),
-            "expected_iommu_group_type": c.group_type(),
-            "median": { "randread4k_iops": m.iops, "seqread1m_mibps": m.mibps },
-            "min_max": {
-                "randread4k_iops": m.iops_range.map(|(a, b)| [a, b]),
-                "seqread1m_mibps": m.mibps_range.map(|(a, b)| [a, b]),
-            },
-            "counted_runs": m.counted_runs,
-            "median_other_load_cpus": m.other_load,
-        })).collect::<Vec<_>>(),
-        "ratios": s.ratios.iter().map(|r| serde_json::json!({
-            "numerator": r.numerator.name(),
-            "denominator": r.denominator.name(),
-            "what": r.what,
-            "randread4k_iops": r.iops,
-            "seqread1m_mibps": r.mibps,
-        })).collect::<Vec<_>>(),
-        "runs": runs.iter().map(|r| serde_json::json!({
-            "configuration": r.config.name(),
-            "run": r.index,
-            "counted": r.problems.is_empty(),
-            "problems": r.problems,
-            "guest_uname_r": r.guest_kernel,
-            "iommu_group_type": r.group_type,
-            "wall_s": r.wall.as_secs_f64(),
-            "interference": r.others.map(|o| serde_json::json!({
-                "window_s": o.window_s,
-                "other_processes_cpu_s": o.other_cpu_s,
-                "steal_s": o.steal_s,
-            })),
-            RANDREAD: workload_json(&r.randread, RANDREAD, "iops", "ops"),
-            SEQREAD: workload_json(&r.seqread, SEQREAD, "mibps", "mib"),
-            "backend_stats": r.backend_stats,
-            "kernel_append": r.append,
-            "qemu_args": r.qemu_args,
-        })).collect::<Vec<_>>(),
+    json!({
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "kernel": kernel,
+        "arch": std::env::consts::ARCH,
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
     })
 }
 
-/// Builds `scripts/guest/diskbench.c` with `gcc -static -O2` into the cache, once per
-/// source version (the file name carries a hash of the source).
-///
-/// # Errors
-/// gcc is missing or fails, or glibc's static library is missing and cannot be
-/// installed.
-fn build_diskbench() -> Result<PathBuf, String> {
-    let src = vm::repo().join("scripts/guest/diskbench.c");
-    let text = std::fs::read(&src).map_err(|e| format!("cannot read {}: {e}", src.display()))?;
-    let hash = vm::hex(&Md5::digest(&text));
-    let tools = vm::cache_dir().join("tools");
-    let out = tools.join(format!("diskbench-{}", &hash[..12]));
-    if out.is_file() {
-        return Ok(out);
-    }
-    ensure_static_libc()?;
-    std::fs::create_dir_all(&tools)
-        .map_err(|e| format!("cannot create {}: {e}", tools.display()))?;
-    let tmp = tools.join(format!(".diskbench.{}", std::process::id()));
-    say(&format!("building {} (gcc -static -O2)", src.display()));
-    let status = Command::new("gcc")
-        .args(["-static", "-O2", "-Wall", "-o"])
-        .arg(&tmp)
-        .arg(&src)
-        .stdout(Stdio::from(std::io::stderr()))
-        .status()
-        .map_err(|e| format!("cannot run gcc ({e}); install it: apt-get install gcc"))?;
-    if !status.success() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(format!(
-            "gcc -static failed on {} ({status})",
-            src.display()
-        ));
-    }
-    std::fs::rename(&tmp, &out).map_err(|e| format!("cannot move it to {}: {e}", out.display()))?;
-    Ok(out)
+fn to_json(s: &Survey, budget: Budget, agreement: &serde_json::Value) -> serde_json::Value {
+    let cells: Vec<serde_json::Value> = s
+        .cells
+        .iter()
+        .map(|c| {
+            json!({
+                "mode": c.mode.name(),
+                "pattern": c.pattern.name(),
+                "placement": c.placement,
+                "throughput_bytes_per_s": c.throughput(),
+                "cpu_ns_per_byte": c.cpu_ns_per_byte(),
+                "cpu_ns_per_request": c.cpu_ns_per_request(),
+                "cpu_ns_per_request_slices": c.measured.slice_cpu_ns_per_request,
+                "map_ops_per_request": c.map_ops_per_request(),
+                "iommu_kicks_per_request": c.iommu_kicks_per_request(),
+                "copy_bytes_per_byte": c.copy_bytes_per_byte(),
+                "exposure_peak_bytes": c.measured.stats.exposure_peak,
+                "requests": c.measured.requests,
+                "bytes": c.measured.bytes,
+                "wall_ns": c.measured.wall.as_nanos() as u64,
+                "cpu_ns": c.measured.cpu.as_nanos() as u64,
+                "backend": c.measured.backend.as_ref().map(|b| json!({
+                    "cpu_ns": b.cpu.as_nanos() as u64,
+                    "iotlb_misses_per_request": per_request(c, b.misses),
+                    "iotlb_updates_per_request": per_request(c, b.updates),
+                    "iotlb_invalidates_per_request": per_request(c, b.invalidates),
+                    "peak_mapped_bytes": b.peak_mapped_bytes,
+                    "memory_table_bytes": b.table_bytes,
+                    "peak_windows": b.peak_windows,
+                    "mode": b.mode,
+                })),
+            })
+        })
+        .collect();
+    json!({
+        "machine": machine(),
+        "per_cell_ms": budget.per_cell.as_millis() as u64,
+        "calibration": {
+            "points": s.calibration.points.iter().map(|p| json!({
+                "bytes": p.size, "bounce_ns": p.bounce_ns, "map_strict_ns": p.map_ns,
+                "auto_ns": p.auto_ns, "auto_over_cheaper": p.auto_ratio(),
+            })).collect::<Vec<_>>(),
+            "crossover_bytes": s.calibration.crossover,
+        },
+        "auto_threshold_bytes": s.calibration.auto_threshold,
+        "auto_vs_best": s.auto_checks.iter().map(|a| json!({
+            "pattern": a.pattern.name(), "best_fixed_mode": a.best.name(),
+            "cpu_ratio_median": a.ratio(), "cpu_ratios": a.ratios, "noise": a.noise,
+            "ok": a.ok(),
+        })).collect::<Vec<_>>(),
+        "cells": cells,
+        "cpu_accounting": {
+            IN_PROCESS: "CPU time of the one thread running driver, device and backend",
+            OUT_OF_PROCESS: "CPU time of this whole process (driver thread, the vhost-user front-end's miss and interrupt threads) plus the backend process's CPU clock, both over the timed part",
+        },
+        "out_of_process_not_measured": s.not_out_of_process.iter().map(|(m, p, why)| json!({
+            "mode": m.name(), "pattern": p.name(), "reason": why,
+        })).collect::<Vec<_>>(),
+        "model_vs_guest": agreement,
+    })
 }
 
-/// Whether gcc finds glibc's static `libc.a`.
-fn have_static_libc() -> Result<bool, String> {
-    let o = Command::new("gcc")
-        .arg("-print-file-name=libc.a")
-        .output()
-        .map_err(|e| format!("cannot run gcc ({e}); install it: apt-get install gcc"))?;
-    let path = String::from_utf8_lossy(&o.stdout).trim().to_string();
-    // gcc echoes the bare name when it finds no such file.
-    Ok(o.status.success() && Path::new(&path).is_absolute() && Path::new(&path).is_file())
+/// Eight distinguishable line colours, one per mode.
+const COLOURS: [RGBColor; 8] = [
+    RGBColor(0, 0, 0),
+    RGBColor(31, 119, 180),
+    RGBColor(23, 190, 207),
+    RGBColor(214, 39, 40),
+    RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+];
+
+/// Lowest and highest of `v` (positive), widened for a log axis.
+fn log_bounds(v: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = v
+        .filter(|x| *x > 0.0)
+        .fold((f64::INFINITY, 0.0f64), |(l, h), x| (l.min(x), h.max(x)));
+    if lo.is_finite() {
+        (lo / 1.5, hi * 1.5)
+    } else {
+        (0.01, 1.0)
+    }
 }
 
-/// Installs libc6-dev with apt when glibc's static library is missing.
-fn ensure_static_libc() -> Result<(), String> {
-    if have_static_libc()? {
-        return Ok(());
-    }
-    say("glibc's static libc.a is missing; installing libc6-dev with apt-get");
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends", "libc6-dev"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdout(Stdio::from(std::io::stderr()))
-        .status()
-        .map_err(|e| format!("cannot run apt-get ({e}); install libc6-dev yourself"))?;
-    if !status.success() || !have_static_libc()? {
-        return Err(format!(
-            "apt-get install libc6-dev failed ({status}) and gcc still finds no libc.a; \
-             install libc6-dev (as root) and run again"
-        ));
-    }
+type LogChart<'a> = ChartContext<'a, SVGBackend<'a>, Cartesian2d<LogCoord<f64>, LogCoord<f64>>>;
+
+/// A log-log chart on `area`: its caption, x and y ranges, and axis descriptions.
+fn log_chart<'a>(
+    area: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
+    caption: &str,
+    (x_lo, x_hi): (f64, f64),
+    (y_lo, y_hi): (f64, f64),
+    (x_desc, y_desc): (&str, &str),
+) -> Result<LogChart<'a>, String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 17))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d((x_lo..x_hi).log_scale(), (y_lo..y_hi).log_scale())
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .draw()
+        .map_err(|x| e(&x))?;
+    Ok(chart)
+}
+
+/// Draws `chart`'s legend.
+fn legend(chart: &mut LogChart<'_>) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()
+        .map_err(|x| x.to_string())
+}
+
+/// One labelled series on `chart`: a line through `pts` and a dot on each.
+fn series(
+    chart: &mut LogChart<'_>,
+    pts: Vec<(f64, f64)>,
+    colour: RGBColor,
+    label: &str,
+) -> Result<(), String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    chart
+        .draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2)))
+        .map_err(|x| e(&x))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
+    chart
+        .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, colour.filled())))
+        .map_err(|x| e(&x))?;
     Ok(())
 }
 
-/// Now as `YYYY-MM-DDTHH:MM:SSZ`.
-fn utc_now() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    rfc3339(secs)
+/// Two panels, log-log. Left: host CPU per byte moved against request size, one line
+/// per mode over the blk and net patterns (rng-64 has net-64's size and is left out).
+/// Right: one device-written buffer bounced against mapped (the calibration), with
+/// the crossover marked: where copying stops being cheaper than mapping.
+fn plot(s: &Survey, path: &std::path::Path) -> Result<(), String> {
+    let e = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let root = SVGBackend::new(path, (1200, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let (left, right) = root.split_horizontally(720);
+
+    // In-process cells only: the out-of-process ones are in the table and the JSON.
+    let shown = |c: &&Cell| c.pattern != Pattern::Rng64 && c.placement == IN_PROCESS;
+    let (lo, hi) = log_bounds(s.cells.iter().filter(shown).map(Cell::cpu_ns_per_byte));
+    let mut chart = log_chart(
+        &left,
+        "Host CPU per byte moved, by request size (in-process backends)",
+        (40.0, 1.6 * 1048576.0),
+        (lo, hi),
+        (
+            "request payload, bytes (net 64, 1500; blk 4 KiB, 64 KiB, 1 MiB)",
+            "CPU ns per byte",
+        ),
+    )
+    .map_err(|x| e(&x))?;
+    for (i, mode) in Mode::ALL.into_iter().enumerate() {
+        let mut pts: Vec<(f64, f64)> = s
+            .cells
+            .iter()
+            .filter(shown)
+            .filter(|c| c.mode == mode)
+            .map(|c| (c.pattern.bytes() as f64, c.cpu_ns_per_byte()))
+            .collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        series(&mut chart, pts, COLOURS[i % COLOURS.len()], mode.name()).map_err(|x| e(&x))?;
+    }
+    legend(&mut chart).map_err(|x| e(&x))?;
+
+    let pts = &s.calibration.points;
+    let (lo, hi) = log_bounds(
+        pts.iter()
+            .flat_map(|p| [p.bounce_ns, p.map_ns, p.auto_ns].map(|ns| ns / p.size as f64)),
+    );
+    let mut chart = log_chart(
+        &right,
+        "One buffer: bounce or map?",
+        (40.0, 400_000.0),
+        (lo, hi),
+        (
+            "buffer bytes (device-written)",
+            "CPU ns per byte, map + unmap",
+        ),
+    )
+    .map_err(|x| e(&x))?;
+    type Way = (&'static str, RGBColor, fn(&survey::CalibrationPoint) -> f64);
+    let ways: [Way; 3] = [
+        ("bounce (pool)", COLOURS[6], |p| p.bounce_ns),
+        ("map (viommu strict)", COLOURS[1], |p| p.map_ns),
+        ("auto", COLOURS[7], |p| p.auto_ns),
+    ];
+    for (label, colour, ns) in ways {
+        let line = pts.iter().map(|p| (p.size as f64, ns(p) / p.size as f64));
+        series(&mut chart, line.collect(), colour, label).map_err(|x| e(&x))?;
+    }
+    if let Some(x) = s.calibration.crossover {
+        let x = x as f64;
+        chart
+            .draw_series(LineSeries::new(
+                vec![(x, lo), (x, hi)],
+                BLACK.stroke_width(1),
+            ))
+            .map_err(|x| e(&x))?
+            .label(format!("crossover {}", human_bytes(x)))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK));
+    }
+    legend(&mut chart).map_err(|x| e(&x))?;
+    root.present().map_err(|x| e(&x))
 }
 
-/// `secs` after the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (proleptic Gregorian, UTC):
-/// Howard Hinnant's `civil_from_days`.
-fn rfc3339(secs: u64) -> String {
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3_600,
-        rem % 3_600 / 60,
-        rem % 60
-    )
+/// Model against guest: the cost of isolation (viommu throughput over none) for the
+/// two disk patterns the guest runs, in both.
+fn agreement(s: &Survey, guest: &GuestMedians) -> (String, serde_json::Value) {
+    let g = |c: Config| guest.iter().find(|(x, _, _)| *x == c);
+    let mut text = String::from(
+        "\nModel against the Linux guest (our device host, throughput with the IOMMU / without; \
+then what the IOMMU adds per request in the guest, what the model's work accounts for, and the \
+rest per kick of the IOMMU's queue):\n",
+    );
+    let _ = writeln!(
+        text,
+        "  {:<14} {:<14} {:>7} {:>7} {:>14} {:>14} {:>9} {:>13}",
+        "pattern",
+        "mode",
+        "model",
+        "guest",
+        "guest +us/req",
+        "model +us/req",
+        "kicks/req",
+        "us per kick"
+    );
+    let mut rows = Vec::new();
+    for (pattern, mode, config) in [
+        (
+            Pattern::Blk4kRandom,
+            Mode::ViommuStrict,
+            Config::ApertureStrict,
+        ),
+        (Pattern::Blk4kRandom, Mode::ViommuLazy, Config::ApertureLazy),
+        (
+            Pattern::Blk1mSeq,
+            Mode::ViommuStrict,
+            Config::ApertureStrict,
+        ),
+        (Pattern::Blk1mSeq, Mode::ViommuLazy, Config::ApertureLazy),
+    ] {
+        let (iso, none) = (cell(s, mode, pattern), cell(s, Mode::None, pattern));
+        let model = iso.zip(none).map(|(m, n)| m.throughput() / n.throughput());
+        // Requests per second in the guest: IOPS for 4 KiB reads; MiB/s for 1 MiB reads.
+        let rate = |(_, iops, mibps): &(Config, Option<f64>, Option<f64>)| {
+            if pattern == Pattern::Blk4kRandom {
+                *iops
+            } else {
+                *mibps
+            }
+        };
+        let (with, without) = (
+            g(config).and_then(rate),
+            g(Config::ApertureOff).and_then(rate),
+        );
+        let guest_ratio = with.zip(without).map(|(a, b)| a / b);
+        let guest_added = with.zip(without).map(|(a, b)| 1e6 / a - 1e6 / b);
+        let model_added = iso
+            .zip(none)
+            .map(|(m, n)| (m.cpu_ns_per_request() - n.cpu_ns_per_request()) / 1e3);
+        let kicks = iso.map(Cell::iommu_kicks_per_request);
+        let per_kick = guest_added
+            .zip(model_added)
+            .zip(kicks.filter(|k| *k > 0.0))
+            .map(|((g, m), k)| (g - m) / k);
+        let f = |v: Option<f64>, prec: usize| v.map_or("-".into(), |x| format!("{x:.prec$}"));
+        let _ = writeln!(
+            text,
+            "  {:<14} {:<14} {:>7} {:>7} {:>14} {:>14} {:>9} {:>13}",
+            pattern.name(),
+            mode.name(),
+            model.map_or("-".into(), |r| format!("x{r:.2}")),
+            guest_ratio.map_or("-".into(), |r| format!("x{r:.2}")),
+            f(guest_added, 1),
+            f(model_added, 1),
+            f(kicks, 2),
+            f(per_kick, 1)
+        );
+        rows.push(json!({
+            "pattern": pattern.name(), "mode": mode.name(),
+            "model_ratio_to_none": model, "guest_ratio_to_none": guest_ratio,
+            "guest_added_us_per_request": guest_added,
+            "model_added_us_per_request": model_added,
+            "model_iommu_kicks_per_request": kicks,
+            "guest_us_per_kick_beyond_model": per_kick,
+        }));
+    }
+    (text, serde_json::Value::Array(rows))
+}
+
+fn run_inner(opts: &Options) -> Result<bool, String> {
+    let budget = if opts.quick {
+        Budget::QUICK
+    } else {
+        Budget::FULL
+    };
+    if cfg!(debug_assertions) {
+        say("warning: a debug build measures unoptimised code; use `cargo run --release -p aperture -- bench`");
+    }
+    let out_dir = crate::vm::repo().join("target/bench");
+    std::fs::create_dir_all(&out_dir)
+        .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+    let disk = out_dir.join("survey-disk.img");
+    // `aperture backend` is this very binary.
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find this executable to run `aperture backend`: {e}"))?;
+    let backend = BackendCommand::aperture(exe);
+    let s = survey::run_survey(&disk, budget, opts.auto_threshold, Some(&backend), say)?;
+    print!("{}", table(&s, budget));
+    let mut ok = true;
+    let mut agree = serde_json::Value::Null;
+    if let Some(g) = &opts.guest {
+        let (guest_ok, medians) = bench_guest::run(g)?;
+        ok &= guest_ok;
+        let (text, value) = agreement(&s, &medians);
+        print!("{text}");
+        agree = value;
+    }
+    let json_path = opts
+        .json
+        .clone()
+        .unwrap_or_else(|| crate::vm::repo().join(DEFAULT_JSON));
+    let svg_path = opts
+        .svg
+        .clone()
+        .unwrap_or_else(|| crate::vm::repo().join(DEFAULT_SVG));
+    for p in [&json_path, &svg_path] {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+    }
+    let text =
+        serde_json::to_string_pretty(&to_json(&s, budget, &agree)).map_err(|e| e.to_string())?;
+    std::fs::write(&json_path, text + "\n")
+        .map_err(|e| format!("cannot write {}: {e}", json_path.display()))?;
+    plot(&s, &svg_path)?;
+    println!(
+        "JSON: {}\nplot: {}",
+        json_path.display(),
+        svg_path.display()
+    );
+    Ok(ok)
 }
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
-
+    #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::time::Duration;
+    use survey::modes::ModeStats;
+    use survey::run::Measured;
 
-    #[test]
-    fn dates_are_utc_calendar_dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
-    }
-
-    #[test]
-    fn diskbench_lines_parse() {
-        let w = parse_workload(
-            "iops=1234.5 ops=12345 seconds=10.001 requests=12346",
-            "iops",
-            "ops",
-        )
-        .unwrap();
-        assert_eq!((w.rate, w.count, w.requests), (1234.5, 12345, 12346));
-        assert!(parse_workload("iops=x ops=1 seconds=1 requests=1", "iops", "ops").is_err());
-        assert!(parse_workload("ops=1 seconds=1 requests=1", "iops", "ops").is_err());
-    }
-
-    #[test]
-    fn medians_and_baselines() {
-        assert_eq!(median(vec![]), None);
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
-        for c in Config::ALL {
-            assert_eq!(c.peer().is_some(), c.ours(), "{c:?}");
-            if let Some(p) = c.peer() {
-                assert_eq!((p.translated(), p.strict()), (c.translated(), c.strict()));
-                // Out of process is measured against ours in process, the rest
-                // against QEMU.
-                assert_eq!(p.ours(), c.vhost(), "{c:?}");
-                assert!(!p.vhost());
-            }
+    fn cell(mode: Mode, cpu_ns_per_request: u64, kicks_per_request: u64) -> Cell {
+        let requests = 100;
+        Cell {
+            mode,
+            pattern: Pattern::Blk4kRandom,
+            placement: IN_PROCESS,
+            measured: Measured {
+                requests,
+                bytes: requests * 4096,
+                wall: Duration::from_nanos(requests * cpu_ns_per_request),
+                cpu: Duration::from_nanos(requests * cpu_ns_per_request),
+                stats: ModeStats {
+                    iommu_kicks: requests * kicks_per_request,
+                    ..ModeStats::default()
+                },
+                slice_cpu_ns_per_request: Vec::new(),
+                backend: None,
+            },
         }
-        assert!(Config::ApertureVhostStrict.translated() && Config::ApertureVhostLazy.translated());
-        assert_eq!(Config::ApertureVhostStrict.group_type(), "DMA");
-        assert_eq!(Config::ApertureVhostLazy.group_type(), "DMA-FQ");
     }
 
     #[test]
-    fn iotlb_counts_are_taken_over_the_workload_only() {
-        let at = |misses, updates, invalidates| HostCounts {
-            iotlb: Some(IotlbCounts {
-                misses,
-                updates,
-                pushed: updates,
-                invalidates,
-                invalidate_ns: invalidates,
-            }),
-            ..HostCounts::default()
+    fn agreement_splits_the_guests_added_time_into_model_work_and_time_per_kick() {
+        let s = Survey {
+            calibration: survey::Calibration {
+                points: Vec::new(),
+                crossover: None,
+                auto_threshold: 4096,
+            },
+            cells: vec![
+                cell(Mode::None, 1_000, 0),
+                cell(Mode::ViommuStrict, 5_000, 6),
+            ],
+            auto_checks: Vec::new(),
+            not_out_of_process: Vec::new(),
         };
-        let d = at(130, 130, 120).since(at(30, 30, 20)).iotlb.unwrap();
-        assert_eq!(
-            (d.misses, d.updates, d.pushed, d.invalidates),
-            (100, 100, 100, 100)
+        // Guest: 2000 IOPS with the IOMMU (500 us per read), 5000 without (200 us).
+        let guest = vec![
+            (Config::ApertureStrict, Some(2000.0), None),
+            (Config::ApertureOff, Some(5000.0), None),
+        ];
+        let (text, v) = agreement(&s, &guest);
+        let row = &v[0];
+        assert_eq!(row["mode"], "viommu-strict");
+        assert!((row["model_ratio_to_none"].as_f64().unwrap() - 0.2).abs() < 1e-9);
+        assert!((row["guest_ratio_to_none"].as_f64().unwrap() - 0.4).abs() < 1e-9);
+        assert!((row["guest_added_us_per_request"].as_f64().unwrap() - 300.0).abs() < 1e-9);
+        assert!((row["model_added_us_per_request"].as_f64().unwrap() - 4.0).abs() < 1e-9);
+        // (300 - 4) us over 6 kicks.
+        let per_kick = row["guest_us_per_kick_beyond_model"].as_f64().unwrap();
+        assert!((per_kick - 296.0 / 6.0).abs() < 1e-9, "{per_kick}");
+        assert!(text.contains("49.3"), "{text}");
+        // Rows without the cells or the guest's figures say so instead of inventing them.
+        assert!(v[1]["guest_ratio_to_none"].is_null(), "no lazy boot given");
+        assert!(
+            v[2]["model_ratio_to_none"].is_null(),
+            "no 1 MiB cells given"
         );
-        assert_eq!(HostCounts::default().since(at(1, 1, 1)).iotlb, None);
-        assert_eq!(per_request(150, 100), "1.50");
-        assert_eq!(per_request(3, 0), "-");
     }
 }

@@ -3,21 +3,25 @@
 //! Its subcommands: `serve` ([`serve`]) serves our virtio-iommu and the devices behind
 //! it to QEMU over vfio-user (and devices run by vhost-user back-ends); `backend`
 //! ([`backend`]) runs one of our devices as such a back-end; `demo` boots an unmodified
-//! Linux guest against them ([`guest`]), or with `--model` plays the requests Linux's
+//! Linux guest against them ([`demo`]), or with `--model` plays the requests Linux's
 //! virtio-iommu driver sends against the device model through its fake guest driver
-//! ([`demo`], rendered by [`report`]); `bench` ([`cost_survey`]) measures what each way
+//! ([`demo_model`], rendered by [`report`]); `bench` ([`mod@bench`]) measures what each way
 //! of sharing costs, and with `--guest` in-guest disk throughput against QEMU's own
-//! devices ([`mod@bench`]); `layout` ([`layout`]) plans a guest's memory around reserved
+//! devices ([`bench_guest`]); `layout` ([`layout`]) plans a guest's memory around reserved
 //! device memory. What `demo` and `bench` share to boot the guest lives in [`vm`].
 //! Every step of `demo` is checked, so it doubles as an end-to-end smoke test. The
 //! command line is defined here.
 
 mod backend;
+#[cfg(feature = "bench")]
 mod bench;
-mod cost_survey;
+#[cfg(feature = "bench")]
+mod bench_guest;
 mod demo;
-mod guest;
+#[cfg(feature = "bench")]
+mod demo_model;
 mod layout;
+#[cfg(feature = "bench")]
 mod report;
 mod serve;
 mod vm;
@@ -26,6 +30,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 /// Largest `--endpoints` value: the demo gives each endpoint a PCI slot and a domain.
+#[cfg(feature = "bench")]
 const MAX_ENDPOINTS: u32 = 64;
 
 #[derive(Debug, Parser)]
@@ -241,9 +246,11 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
               value_parser = clap::value_parser!(u32).range(1..=4096))]
         mib: u32,
         /// Play the driver sequence against the device model instead (no guest, no QEMU).
+        #[cfg(feature = "bench")]
         #[arg(long)]
         model: bool,
         /// With --model: number of endpoints (1 to 64); the first two are virtio-blk and virtio-rng.
+        #[cfg(feature = "bench")]
         #[arg(
             long,
             value_name = "N",
@@ -256,6 +263,7 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
         #[arg(long)]
         json: bool,
     },
+    #[cfg(feature = "bench")]
     /// The cost survey: what each way of sharing guest memory with a device costs, per
     /// device access pattern, measured in one run.
     ///
@@ -324,7 +332,7 @@ Exit status: 0 done, 1 a cell or a boot failed, 2 bad command line.")]
             value_delimiter = ',',
             requires = "guest"
         )]
-        only: Vec<bench::Config>,
+        only: Vec<bench_guest::Config>,
         /// With --guest: timed seconds of each workload in each boot.
         #[arg(long, value_name = "S", default_value_t = 10, requires = "guest",
               value_parser = clap::value_parser!(u32).range(1..=3600))]
@@ -372,22 +380,26 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Layout(args) => layout::run(args),
         Command::Backend(args) => backend::run(args),
+        #[cfg(feature = "bench")]
+        Command::Demo {
+            model: true,
+            endpoints,
+            json,
+            ..
+        } => run_demo(endpoints, json),
         Command::Demo {
             iommu,
             lazy,
             mib,
-            model: false,
             json,
             ..
-        } => guest::run(guest::Options {
+        } => demo::run(demo::Options {
             mode: mode(iommu),
             strict: !lazy,
             mib,
             json,
         }),
-        Command::Demo {
-            endpoints, json, ..
-        } => run_demo(endpoints, json),
+        #[cfg(feature = "bench")]
         Command::Bench {
             quick,
             json,
@@ -401,12 +413,12 @@ fn main() -> ExitCode {
             out,
             poll_us,
             backend_poll_us,
-        } => cost_survey::run(cost_survey::Options {
+        } => bench::run(bench::Options {
             quick,
             json,
             svg,
             auto_threshold: auto_threshold.map(|t| t as usize),
-            guest: guest.then_some(bench::Options {
+            guest: guest.then_some(bench_guest::Options {
                 runs,
                 only,
                 seconds,
@@ -447,10 +459,11 @@ fn mode(iommu: IommuArg) -> device_host::host::IommuMode {
     }
 }
 
+#[cfg(feature = "bench")]
 fn run_demo(endpoints: u32, json: bool) -> ExitCode {
     // A panic inside the device model or the fake guest is a failed check too: report
     // it as one and exit 1, not with the runtime's 101.
-    let report = match std::panic::catch_unwind(|| demo::run(endpoints)) {
+    let report = match std::panic::catch_unwind(|| demo_model::run(endpoints)) {
         Ok(report) => report,
         Err(_) => {
             eprintln!("aperture demo: FAILED: the demo panicked (message above)");

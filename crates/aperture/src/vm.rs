@@ -1,4 +1,4 @@
-//! What `aperture demo` ([`crate::guest`]) and `aperture bench` ([`crate::bench`]) share
+//! What `aperture demo` ([`crate::demo`]) and `aperture bench` ([`crate::bench_guest`]) share
 //! to run the real guest: the provisioning scripts and their cache, disk images, and
 //! booting Linux under QEMU TCG while reading the markers its init prints on the
 //! serial console.

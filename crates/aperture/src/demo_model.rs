@@ -1,5 +1,6 @@
-//! The `demo` scenario: a [`FakeGuest`] plays the requests Linux's virtio-iommu driver
-//! sends (reference/virtio-iommu.md §5.1–§5.2) against a [`VirtioIommu`] through real
+//! The `demo --model` scenario: a [`FakeGuest`] plays the requests Linux's virtio-iommu driver
+//! sends (Linux drivers/iommu/virtio-iommu.c: `viommu_probe`, `viommu_probe_device`,
+//! `viommu_attach_dev`, `viommu_map_pages`, `viommu_unmap_pages`, `viommu_release_device`) against a [`VirtioIommu`] through real
 //! split virtqueues, and each endpoint's backend then reaches guest memory through
 //! `vm_memory::IommuMemory` over the device's per-endpoint translation, as a device
 //! backend written against `vm_memory::GuestMemory` would.
@@ -178,7 +179,8 @@ impl Demo {
     }
 
     /// Sends one request with Linux's buffer sizes; returns the status the guest read,
-    /// or why there was none (a used length Linux would misread, digest §5.4).
+    /// or why there was none (a used length Linux would misread: `__viommu_sync_req()` takes the status only when
+    /// the used length equals the writable size).
     fn send(&mut self, req: &Request) -> Result<Status, String> {
         let wlen = self.guest.writable_len(req);
         let c = self.guest.submit(&mut self.dev, &encode(req), wlen);
@@ -256,7 +258,7 @@ impl Demo {
         Ok(())
     }
 
-    /// §5.1: features, then config space.
+    /// Linux `viommu_probe()`: features, then config space.
     fn init(&mut self) {
         self.phase = "1. guest driver init (Linux viommu_probe): features, config space";
         let offered = self.dev.device_features();
@@ -348,7 +350,8 @@ impl Demo {
         );
     }
 
-    /// §5.2 steps 1–2: one PROBE per endpoint, properties decoded as Linux does.
+    /// Linux `viommu_probe_device()` / `viommu_probe_endpoint()`: one PROBE per endpoint,
+    /// properties decoded as Linux does.
     fn probe_endpoints(&mut self) {
         self.phase = "2. guest probes each endpoint (viommu_probe_device): PROBE, RESV_MEM";
         for i in 0..self.report.endpoints.len() {
@@ -426,7 +429,8 @@ impl Demo {
         Ok(())
     }
 
-    /// §5.2 steps 4–6, preceded by the `bypass` write Linux leaves to the host.
+    /// Linux `viommu_attach_dev()` and `viommu_map_pages()`, preceded by the `bypass`
+    /// write Linux leaves to the host.
     fn lock_down(&mut self, blk: &BackendMemory, blk_id: EndpointId) {
         self.phase =
             "4. lock down: bypass = 0 (Linux leaves it to the host), ATTACH, MAP (viommu_attach_dev, viommu_map_pages)";
@@ -671,7 +675,8 @@ impl Demo {
         Ok(())
     }
 
-    /// §5.2 step 9: faults wait in the device until the guest posts eventq buffers.
+    /// Linux `viommu_event_handler()` (eventq rules: virtio v1.3 §5.13.6.9): faults wait
+    /// in the device until the guest posts eventq buffers.
     fn fault_events(&mut self) {
         self.phase = "6. fault events the guest receives on the eventq";
         let want = self.expected_faults.len();
@@ -726,7 +731,8 @@ impl Demo {
         self.add_details(details);
     }
 
-    /// §5.2 steps 7–8: UNMAP (strict: the old translation is gone at S_OK), DETACH.
+    /// Linux `viommu_unmap_pages()` and `viommu_release_device()`: UNMAP (strict: the old
+    /// translation is gone at S_OK), DETACH.
     fn tear_down(&mut self, blk: &BackendMemory, blk_id: EndpointId) {
         self.phase =
             "7. guest tears down: UNMAP (viommu_unmap_pages), DETACH (viommu_release_device)";
@@ -862,8 +868,8 @@ fn rights(flags: u32) -> &'static str {
     }
 }
 
-/// Decodes PROBE properties the way Linux's `viommu_probe_endpoint` does (digest
-/// §5.2 step 2): `type & 0xfff`, stop at type NONE or the end of the buffer, RESV_MEM
+/// Decodes PROBE properties the way Linux's `viommu_probe_endpoint` does:
+/// `type & 0xfff`, stop at type NONE or the end of the buffer, RESV_MEM
 /// shorter than 24 bytes is an error, unknown subtypes count as RESERVED.
 fn decode_properties(props: &[u8]) -> Result<Vec<(&'static str, u64, u64)>, String> {
     let mut out = Vec::new();

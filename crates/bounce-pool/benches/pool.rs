@@ -16,9 +16,10 @@
 //!   `bounce/memcpy_1x/<size>`: one `memcpy` of `size` bytes from the original's host
 //!   address to the host address of the bounce slot the pool hands out (asserted).
 //! - `bounce/from_device/<size>`: the same for `FromDevice` (a disk read): swiotlb
-//!   copies the original in at map (so no stale data leaks, reference §2.3) and the
-//!   buffer back at unmap — two copies of `size` bytes. Compare with
-//!   `bounce/memcpy_2x/<size>`: the same two `memcpy`s, original → slot → original.
+//!   copies the original in at map (so no stale data leaks, Linux
+//!   `swiotlb_tbl_map_single`) and the buffer back at unmap — two copies of `size`
+//!   bytes. Compare with `bounce/memcpy_2x/<size>`: the same two `memcpy`s, original →
+//!   slot → original.
 //!
 //! Both sides run in a loop on warm caches (the pool reuses the slot a release just
 //! gave back, and the `memcpy` touches the same lines), so the difference is the

@@ -1,7 +1,7 @@
 //! The device-tree side of a restricted pool: the `/reserved-memory` node that tells
 //! a DT guest about the pool, and the rules Linux applies when it builds a pool from
-//! such a node and attaches devices to it (reference/grants-pools-reserved.md §2.4;
-//! binding `Documentation/devicetree/bindings/reserved-memory/shared-dma-pool.yaml`,
+//! such a node and attaches devices to it (binding
+//! `Documentation/devicetree/bindings/reserved-memory/shared-dma-pool.yaml`,
 //! Linux `kernel/dma/swiotlb.c` `rmem_swiotlb_setup`, `drivers/of/device.c`
 //! `of_dma_set_restricted_buffer`).
 //!

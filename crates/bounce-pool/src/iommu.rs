@@ -2,8 +2,9 @@
 //! exactly the pool's guest-physical range (identity, read and write) and denies every
 //! other address, counting each denial. A backend written against `GuestMemory` runs
 //! unchanged behind `vm_memory::IommuMemory<_, PoolIommu>` and can reach nothing of the
-//! guest but the pool (reference/grants-pools-reserved.md §2.4, §2.6: the pool is the
-//! only memory shared with the host).
+//! guest but the pool (the pool is the only memory shared with the host: Linux's
+//! `restricted-dma-pool` binding, `shared-dma-pool.yaml`, and pKVM's
+//! `ARM_SMCCC_KVM_FUNC_MEM_SHARE`).
 //!
 //! # Invalidation contract
 //! There is none to keep: the one IOTLB entry is set when the `PoolIommu` is built and

@@ -23,8 +23,9 @@
 //! - [`dt`]: the `restricted-dma-pool` reserved-memory node for a DT guest, and the
 //!   rules Linux applies when it builds a pool from one and attaches devices.
 //!
-//! The facts followed are in `reference/grants-pools-reserved.md` §2 (Linux
-//! `kernel/dma/swiotlb.c`, `include/linux/swiotlb.h`).
+//! The facts followed are Linux's: `kernel/dma/swiotlb.c`, `include/linux/swiotlb.h`,
+//! `Documentation/core-api/swiotlb.rst`, and for the device tree `drivers/of/device.c`
+//! and `Documentation/devicetree/bindings/reserved-memory/shared-dma-pool.yaml`.
 
 #![deny(missing_docs)]
 

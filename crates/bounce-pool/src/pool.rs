@@ -1,8 +1,7 @@
 //! [`BouncePool`]: the slot allocator placed at a guest-physical range of the guest's
 //! memory, with swiotlb's streaming map / sync / unmap copies and coherent allocations
 //! (Linux `swiotlb_tbl_map_single`, `swiotlb_bounce`, `__swiotlb_sync_single_for_*`,
-//! `__swiotlb_tbl_unmap_single`, `swiotlb_alloc`; reference/grants-pools-reserved.md
-//! §2.2–§2.3).
+//! `__swiotlb_tbl_unmap_single`, `swiotlb_alloc`, all in `kernel/dma/swiotlb.c`).
 //!
 //! Guest memory is any `vm_memory::GuestMemory`: the pool is one range inside it, the
 //! original buffers are elsewhere in it, and every copy goes through it. The pool does

@@ -1,11 +1,11 @@
 //! Guest RAM with the restricted pool as its own memory file (issue 6, VM
 //! integration): [`SplitRam`] backs the guest's RAM by two memfds — one for all RAM
 //! except the pool, one for the pool — so that a device backend in its own process
-//! can be handed the pool's file and nothing else of the guest (the pKVM model,
-//! reference/grants-pools-reserved.md §2.6: the pool is the only memory shared with
-//! the host side). [`map_pool_file`] is the backend's half: guest memory made of the
-//! pool file alone, at the pool's guest-physical address, so every other address is
-//! simply not there.
+//! can be handed the pool's file and nothing else of the guest (the pKVM model, Linux
+//! `Documentation/virt/kvm/arm/hypercalls.rst`, `ARM_SMCCC_KVM_FUNC_MEM_SHARE`: the
+//! pool is the only memory shared with the host side). [`map_pool_file`] is the
+//! backend's half: guest memory made of the pool file alone, at the pool's
+//! guest-physical address, so every other address is simply not there.
 //!
 //! Both memfds are sealed against shrinking and growing (`F_SEAL_SHRINK`,
 //! `F_SEAL_GROW`, then `F_SEAL_SEAL`): a backend holding the pool's file cannot

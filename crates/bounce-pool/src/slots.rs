@@ -1,6 +1,6 @@
 //! The swiotlb slot allocator, with Linux's geometry and rules
 //! (`kernel/dma/swiotlb.c`: `swiotlb_search_pool_area`, `swiotlb_release_slots`;
-//! reference/grants-pools-reserved.md §2.1–§2.2). Pure bookkeeping over slot indices:
+//! constants from `include/linux/swiotlb.h`). Pure bookkeeping over slot indices:
 //! [`crate::pool`] places it at a guest-physical range and does the copies.
 //!
 //! The pool is cut into 2 KiB slots grouped in 128-slot segments, and into areas of

@@ -1,10 +1,10 @@
-//! Property tests of the pool against a simple reference model (STYLE 17): a list of
-//! live allocations with their slots, and shadow copies of every original and bounce
+//! Property tests of the pool against a simple reference model: a list of live
+//! allocations with their slots, and shadow copies of every original and bounce
 //! buffer. After every step: no slot belongs to two allocations, the used count is the
 //! model's, every byte is where the model says, and a map refused as "full" really had
 //! no room (checked by brute force over the free map with swiotlb's placement rules).
-//! Plus a multi-threaded run: threads mapping and unmapping at once never share a slot
-//! and leave the counters consistent.
+//! Plus a multi-threaded run (item 10 of the list in `rules.rs`): threads mapping and
+//! unmapping at once never share a slot and leave the counters consistent.
 
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 

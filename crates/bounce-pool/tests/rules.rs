@@ -1,7 +1,34 @@
-//! The restricted-pool acceptance list (reference/grants-pools-reserved.md §2.7, items
-//! 1–9), one test per rule, on guest RAM with the pool inside it and the original
-//! buffers elsewhere in it. (Item 10, concurrency, is in `model.rs`; item 9 for a
-//! backend in its own process is in `backend_process.rs`.)
+//! The restricted-pool acceptance list (items 1–9 below), one test per rule, on guest
+//! RAM with the pool inside it and the original buffers elsewhere in it. (Item 10,
+//! concurrency, is in `model.rs`; item 9 for a backend in its own process is in
+//! `backend_process.rs`.) The items restate how Linux builds and uses a restricted DMA
+//! pool (`kernel/dma/swiotlb.c`, `include/linux/swiotlb.h`, `drivers/of/device.c`, and
+//! the binding `Documentation/devicetree/bindings/reserved-memory/shared-dma-pool.yaml`):
+//!
+//! 1. A pool comes from a `restricted-dma-pool` node, by `reg` or by `size` and
+//!    `alignment`; a node that also says `no-map`, `reusable`, `linux,cma-default` or
+//!    `linux,dma-default` is refused (`rmem_swiotlb_setup`); a device uses one such pool
+//!    only, and none when it sits behind an IOMMU (`of_dma_set_restricted_buffer`).
+//! 2. Geometry: 2 KiB slots in 128-slot segments, so a mapping is at most 256 KiB, less
+//!    what `min_align_mask` takes (`swiotlb_max_mapping_size`).
+//! 3. Alignment: the bounce address keeps the original's bits under `min_align_mask`;
+//!    without masks a mapping of a page or more is page aligned; no mapping crosses a
+//!    128-slot segment or the device's segment boundary (`swiotlb_search_pool_area`).
+//! 4. A map for `FromDevice` still copies the original in, so no earlier user's bytes
+//!    show through (`swiotlb_tbl_map_single`).
+//! 5. Syncs copy by direction, only the window asked for, never past the allocation
+//!    (`__swiotlb_sync_single_for_device`, `__swiotlb_sync_single_for_cpu`,
+//!    `swiotlb_bounce`).
+//! 6. Unmap copies back for `FromDevice` and `Bidirectional` unless the sync is skipped
+//!    (`__swiotlb_tbl_unmap_single`).
+//! 7. A full pool fails the map at once, never waits, and reports size, total and used
+//!    slots; freed slots merge with free neighbours (`swiotlb_release_slots`).
+//! 8. Coherent allocations come from the pool, aligned to their order, and count as
+//!    used slots (`swiotlb_alloc`).
+//! 9. The device reaches the pool and nothing else of the guest: the pool is the only
+//!    memory shared with the host (pKVM's `ARM_SMCCC_KVM_FUNC_MEM_SHARE`, Linux
+//!    `Documentation/virt/kvm/arm/hypercalls.rst`).
+//! 10. CPUs mapping at once never get the same slot.
 
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
@@ -64,7 +91,7 @@ fn nodev() -> DeviceDma {
     DeviceDma::default()
 }
 
-// §2.7 item 1: pools from the device tree.
+// Item 1: pools from the device tree.
 
 const MIB: u64 = 1 << 20;
 
@@ -237,7 +264,7 @@ fn dt_emitted_node_is_the_binding_form_and_builds_the_same_pool() {
     assert_eq!((cfg.base, cfg.size), (Gpa(0x1_4000_0000), 64 * MIB));
 }
 
-// §2.7 item 2: geometry.
+// Item 2: geometry.
 
 #[test]
 fn geometry_is_2k_slots_128_slot_segments_and_256k_max_mapping() {
@@ -285,7 +312,7 @@ fn min_align_mask_0xfff_makes_max_mapping_252k_which_maps_at_any_offset() {
     }
 }
 
-// §2.7 item 3: alignment and boundaries.
+// Item 3: alignment and boundaries.
 
 #[test]
 fn bounce_address_preserves_orig_bits_under_min_align_mask() {
@@ -389,7 +416,7 @@ fn no_mapping_crosses_the_device_segment_boundary() {
     }
 }
 
-// §2.7 item 4.
+// Item 4: a map copies the original in.
 
 #[test]
 fn map_from_device_copies_the_original_in_so_no_stale_data_leaks() {
@@ -421,7 +448,7 @@ fn map_from_device_copies_the_original_in_so_no_stale_data_leaks() {
     assert!(back[100..] == mine[100..], "unwritten bytes not clobbered");
 }
 
-// §2.7 item 5: syncs.
+// Item 5: syncs.
 
 #[test]
 fn sync_for_device_copies_only_for_to_device_and_bidirectional() {
@@ -522,7 +549,7 @@ fn sync_or_unmap_of_an_address_nothing_maps_is_refused() {
     assert_eq!(pool.stats().used_slots, 0);
 }
 
-// §2.7 item 6: unmap.
+// Item 6: unmap.
 
 #[test]
 fn unmap_copies_back_for_from_device_and_bidirectional_only() {
@@ -549,7 +576,7 @@ fn unmap_with_skip_cpu_sync_does_not_copy_back() {
     assert_eq!(pool.stats().used_slots, 0);
 }
 
-// §2.7 item 7: exhaustion, merging.
+// Item 7: exhaustion, merging.
 
 #[test]
 fn full_pool_fails_at_once_with_size_total_and_used_slots() {
@@ -595,7 +622,7 @@ fn freed_slots_merge_so_a_large_map_fits_after_fragmentation() {
     assert_eq!(big.0, POOL);
 }
 
-// §2.7 item 8.
+// Item 8: coherent allocations.
 
 #[test]
 fn coherent_alloc_is_order_aligned_zeroed_and_counted_in_used_slots() {
@@ -621,7 +648,7 @@ fn coherent_alloc_is_order_aligned_zeroed_and_counted_in_used_slots() {
     assert!(pool.alloc_coherent(&mem, MAX_MAPPING_SIZE + 1).is_err());
 }
 
-// §2.7 item 9.
+// Item 9: the device reaches only the pool.
 
 #[test]
 fn device_reaches_the_pool_and_is_denied_everything_else() {

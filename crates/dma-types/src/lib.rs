@@ -9,7 +9,7 @@
 //! - [`DmaDirection`]: Linux's `enum dma_data_direction`, without `DMA_NONE`.
 //! - [`DomId`]: a guest, by Xen's `domid_t`. A virtio-iommu domain is another thing
 //!   (`virtio_iommu::DomainId`, a 32-bit number the guest's driver picks).
-//! - [`lock`], [`read`], [`write`]: lock guards that survive a panicked holder. Every
+//! - [`lock`], [`read`], [`write`](fn@write): lock guards that survive a panicked holder. Every
 //!   user mutates the guarded state only after validating its input, so a poisoned lock
 //!   still guards consistent data, and a device must keep serving.
 

@@ -1,6 +1,6 @@
 //! The Xen grant-table ABI as plain data: entry layouts, flag bits, map and copy flags,
-//! the `GNTST_*` status codes and the sizing constants, with the values of
-//! `xen/include/public/grant_table.h` (reference/grants-pools-reserved.md §1.2–§1.8).
+//! the `GNTST_*` status codes and the sizing constants, with the values of Xen's
+//! `xen/include/public/grant_table.h` (the sizing defaults: `xen/common/grant_table.c`).
 //!
 //! The entry structs are `#[repr(C)]` plain-old-data whose sizes and field offsets are
 //! checked at compile time; the table code reads and writes guest frames at these
@@ -212,7 +212,8 @@ pub const fn entry_size(version: u32) -> u64 {
     }
 }
 
-/// `GNTST_*`: the per-operation status of every grant-table operation (§1.6).
+/// `GNTST_*`: the per-operation status of every grant-table operation (Xen
+/// `xen/include/public/grant_table.h`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(i16)]
 pub enum GrantStatus {

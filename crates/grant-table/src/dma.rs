@@ -4,8 +4,8 @@
 //! `1 << 63 | first_ref << 12 | offset`; device-bound data (`ToDevice`) is granted
 //! read-only. [`GrantDma::unmap`] revokes the grants; a grant the backend still uses
 //! marks the device broken (every later map fails, as Linux's `data->broken`) and goes
-//! to deferred reclaim, so its page is not reused until the backend lets go (§1.9,
-//! §1.10).
+//! to deferred reclaim, so its page is not reused until the backend lets go (Linux
+//! `xen_grant_dma_unmap_page`, `gnttab_end_foreign_access`).
 //!
 //! **Persistent grants** ([`PersistentConfig`], as Xen blkfront's
 //! `feature-persistent`): a pool of pages is granted read-write once; `map` copies the

@@ -3,7 +3,8 @@
 //! 8 reserved ones; consecutive runs for DMA), writes entries in the publish order the
 //! ABI requires, ends foreign access with the version's revoke protocol, and keeps the
 //! pages of grants the backend still uses on a deferred list until they can be revoked
-//! (reference §1.4, §1.9).
+//! (the entry protocol of Xen's `grant_table.h` header comment; Linux
+//! `gnttab_try_end_foreign_access`, `gnttab_end_foreign_access`, `gnttab_add_deferred`).
 //!
 //! A grant still in use cannot be revoked: [`GuestGrants::try_end_foreign_access`]
 //! answers `false` and the entry stays valid. [`GuestGrants::end_foreign_access`] then
@@ -422,7 +423,8 @@ impl GuestGrants {
         GuestError::Setup("a table frame is not RAM")
     }
 
-    /// Publishes an entry: the body first, a write barrier, then the flags (§1.4).
+    /// Publishes an entry: the body first, a write barrier, then the flags (Xen
+    /// `grant_table.h`; Linux `gnttab_update_entry_v1/v2`).
     fn publish(
         &self,
         r: GrantRef,
@@ -577,7 +579,8 @@ impl GuestGrants {
     /// ref stays allocated. v1: compare-and-swap the flags to 0 unless `GTF_reading` or
     /// `GTF_writing` is set. v2: clear the flags, full fence, then check the status word.
     ///
-    /// Returns whether the entry was revoked (`false`: still in use, §1.4).
+    /// Returns whether the entry was revoked (`false`: still in use, as Linux's
+    /// `gnttab_end_foreign_access_ref_v1/v2` answer 0).
     pub fn end_foreign_access_ref(&self, r: GrantRef) -> bool {
         if self.version == 1 {
             let Ok(e) = self.entry_gpa(r) else {

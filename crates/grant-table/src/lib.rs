@@ -27,7 +27,9 @@
 //!   operations, so a backend written against `vm_memory::GuestMemory` runs unchanged
 //!   behind `vm_memory::IommuMemory`.
 //!
-//! The facts followed are in `reference/grants-pools-reserved.md` §1.
+//! The facts followed are Xen's (`xen/include/public/grant_table.h`,
+//! `xen/common/grant_table.c`, `docs/misc/grant-tables.txt`) and Linux's
+//! (`drivers/xen/grant-table.c`, `drivers/xen/grant-dma-ops.c`).
 //!
 //! # Example
 //!
@@ -107,7 +109,7 @@ pub struct GrantHandle(pub u32);
 pub struct Gfn(pub u64);
 
 /// A grant DMA address as a grant-aware guest hands it to a device:
-/// `1 << 63 | gref << 12 | offset` (Linux `grant_to_dma`, §1.10).
+/// `1 << 63 | gref << 12 | offset` (Linux `grant_to_dma` in `drivers/xen/grant-dma-ops.c`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GrantDmaAddr(pub u64);
 

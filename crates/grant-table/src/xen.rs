@@ -3,7 +3,8 @@
 //! active entries with the four pin counts) and its maptrack (the handles of the
 //! mappings it holds of other domains' grants), and performs `GNTTABOP_*` operations
 //! with Xen's checks, in Xen's order, answering each operation of a batch with its own
-//! [`GrantStatus`] (xen/common/grant_table.c; reference §1.5–§1.8).
+//! [`GrantStatus`] (xen/common/grant_table.c; operations as declared in
+//! xen/include/public/grant_table.h).
 //!
 //! # What is and is not modelled
 //! - A "host mapping" of a granted frame is, in-process, the right to reach the frame's
@@ -934,24 +935,24 @@ impl Xen {
         if op.flags & GNTMAP_HOST_MAP != 0 {
             incr += if ro { GNTPIN_HSTR_INC } else { GNTPIN_HSTW_INC };
         }
-        // §1.7.1 "Bad flags in grant map op"
+        // map_grant_ref: "Bad flags in grant map op"
         if incr == 0 {
             op.status = St::BadGntref;
             return;
         }
-        // §1.7.2 "No device mapping in HVM domain"
+        // map_grant_ref: "No device mapping in HVM domain"
         if ld.config.auto_translated
             && op.flags & (GNTMAP_DEVICE_MAP | GNTMAP_APPLICATION_MAP | GNTMAP_CONTAINS_PTE) != 0
         {
             op.status = St::GeneralError;
             return;
         }
-        // §1.7.3 "Could not find domain"
+        // map_grant_ref: "Could not find domain"
         let Some(rd) = self.live(op.dom.0) else {
             op.status = St::BadDomain;
             return;
         };
-        // §1.7.4 "Failed to obtain maptrack handle"
+        // map_grant_ref: "Failed to obtain maptrack handle"
         let Some(handle) = lock(&ld.maptrack).get(vcpu) else {
             op.status = St::NoSpace;
             return;
@@ -987,7 +988,7 @@ impl Xen {
         ro: bool,
     ) -> Result<u64, St> {
         let t = read(&rd.table);
-        // §1.7.5 "Bad ref"
+        // map_grant_ref: "Bad ref"
         if r >= t.nr_entries() {
             return Err(St::BadGntref);
         }
@@ -995,7 +996,7 @@ impl Xen {
             return Err(St::BadGntref);
         };
         let mut act = lock(slot);
-        // §1.7.6 "Bad domain, or risk of counter overflow, or subpage"
+        // map_grant_ref: "Bad domain, or risk of counter overflow, or subpage"
         if act.pin != 0
             && (act.domid != ld.id || act.pin & pin_overflow_mask(incr) != 0 || act.is_sub_page)
         {
@@ -1003,7 +1004,7 @@ impl Xen {
         }
         let writers = GNTPIN_HSTW_MASK | GNTPIN_DEVW_MASK;
         if act.pin == 0 || (!ro && act.pin & writers == 0) {
-            // §1.7.7–§1.7.9: type, domid, read-only, cmpxchg stability.
+            // _set_status_v1/_v2: type, domid, read-only, cmpxchg stability.
             set_status(rd, &t, r, act.pin != 0, ro, true, ld.id)?;
             if act.pin == 0 {
                 let e = t.entry_gpa(r);

@@ -1,7 +1,8 @@
-//! §1.12 r3/r4 under real concurrency: a backend mapping a grant races the guest
-//! revoking it (end access), on two threads, thousands of times, for both table
-//! versions. Whatever the interleaving, it never ends with a live mapping of a revoked
-//! entry: either the map fails, or the revoke answers "busy" and the pin is visible.
+//! Rules r3/r4 of `tests/rules.rs` under real concurrency: a backend mapping a grant
+//! races the guest revoking it (end access), on two threads, thousands of times, for
+//! both table versions. Whatever the interleaving, it never ends with a live mapping of
+//! a revoked entry: either the map fails, or the revoke answers "busy" and the pin is
+//! visible.
 
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 

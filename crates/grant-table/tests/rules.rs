@@ -1,5 +1,8 @@
-//! The grant-table acceptance tests of reference/grants-pools-reserved.md §1.12, one or
-//! more per item, named after the rule (r1…r12), plus the table sizing rules of §1.8.
+//! The grant-table acceptance tests, one or more per rule, named after it (r1…r12):
+//! rules drawn from Xen (`xen/include/public/grant_table.h`, `xen/common/grant_table.c`
+//! `map_grant_ref`, `gnttab_copy`, `gnttab_release_mappings`) and from Linux
+//! (`drivers/xen/grant-table.c`, `drivers/xen/grant-dma-ops.c`), plus the table sizing
+//! rules (Xen `opt_max_grant_frames`, `opt_max_maptrack_frames`).
 
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 

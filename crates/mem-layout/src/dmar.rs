@@ -1,7 +1,8 @@
 //! The ACPI DMAR table (Intel VT-d "DMA Remapping Reporting"): header and checksum,
 //! DRHD units for context, and the RMRRs with their device scopes.
 //!
-//! Layout as in ACPICA `actbl1.h` and Xen `actbl2.h` (reference §3.1): the standard
+//! Layout as in ACPICA `source/include/actbl1.h` and Xen `xen/include/acpi/actbl2.h`
+//! (Intel VT-d specification, "DMA Remapping Reporting Structure"): the standard
 //! 36-byte ACPI header, `Width` at 36, `Flags` at 37, remapping structures from offset
 //! 48, each `u16 Type; u16 Length`. This module only decodes; the sanity rules of Linux
 //! and Xen (alignment, limit below base, overlaps) are applied when the RMRRs enter the

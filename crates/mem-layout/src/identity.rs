@@ -1,13 +1,15 @@
 //! Device assignment: identity maps for a device's direct regions, and the rule for
 //! regions several devices share.
 //!
-//! Identity maps follow Xen (reference §3.7): each guest keeps a refcounted list of
-//! identity maps; mapping a range that is unoccupied installs it; mapping the identical
-//! range again only takes a reference; anything else (RAM or MMIO underneath, an
-//! overlapping but different identity map) is a conflict — strict: the assignment fails
-//! and leaves no trace; relaxed: a warning and the range is left unmapped (Xen's
-//! "Cannot setup identity map … gfn already mapped"). Unassigning removes exactly the
-//! references the device took; the last reference removes the map.
+//! Identity maps follow Xen (`iommu_identity_mapping` in
+//! `xen/drivers/passthrough/x86/iommu.c`, `p2m_add_identity_entry` in
+//! `xen/arch/x86/mm/p2m.c`): each guest keeps a refcounted list of identity maps;
+//! mapping a range that is unoccupied installs it; mapping the identical range again
+//! only takes a reference; anything else (RAM or MMIO underneath, an overlapping but
+//! different identity map) is a conflict — strict: the assignment fails and leaves no
+//! trace; relaxed: a warning and the range is left unmapped (Xen's "Cannot setup
+//! identity map … gfn already mapped"). Unassigning removes exactly the references the
+//! device took; the last reference removes the map.
 //!
 //! Shared regions (Xen `intel_iommu_assign_device`): a device whose region is shared
 //! with a device already in another guest is refused under strict — the refusal names

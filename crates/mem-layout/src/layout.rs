@@ -2,7 +2,8 @@
 //! which regions stay reserved, what the e820 says, and where BARs may go. One
 //! [`Layout`] value is the single source of truth for all of it.
 //!
-//! The algorithm is libxl's `libxl__domain_device_construct_rdm` (reference §3.5):
+//! The algorithm is libxl's `libxl__domain_device_construct_rdm` (Xen
+//! `tools/libs/light/libxl_dm.c`):
 //! 1. **Collect** the regions: with [`Strategy::Host`] every host region at the global
 //!    policy; then each assigned device's regions at the device's policy ("per-device
 //!    policy always overrides the global policy").

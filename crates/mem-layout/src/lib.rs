@@ -4,7 +4,7 @@
 //! AMD IVMDs, Arm RMRs). This crate reads what the host says about them, plans a guest
 //! layout that keeps those ranges free without losing RAM, and enforces the rules of
 //! assigning such devices. It follows Xen's `rdm=` design and libxl's algorithm
-//! (reference `grants-pools-reserved.md` §3):
+//! (xl.cfg(5) `rdm=`, `docs/misc/vtd.txt`, `tools/libs/light/libxl_dm.c`):
 //!
 //! - [`dmar`]: the ACPI DMAR table — header, checksum, DRHDs, RMRRs, device scopes.
 //! - [`reserved_regions`]: Linux's `/sys/kernel/iommu_groups/*/reserved_regions`.

@@ -2,7 +2,7 @@
 //! that need it, gathered from the DMAR RMRRs and from Linux `reserved_regions` files,
 //! after the sanity checks Linux and Xen apply.
 //!
-//! Rules (reference §3.1):
+//! Rules (Linux `drivers/iommu/intel/iommu.c`, Xen `xen/drivers/passthrough/vtd/dmar.c`):
 //! - limit below base: an error (Xen `acpi_parse_one_rmrr` "is incorrect").
 //! - base or `limit + 1` not page aligned, or `limit == base`: Linux `rmrr_sanity_check`
 //!   prints `FW_BUG "Your BIOS is broken; bad RMRR"`, taints, and **still uses** the
@@ -15,8 +15,9 @@
 //! - an RMRR over host RAM is an error; over a hole, a warning (Xen
 //!   `iommu_unity_region_ok`), see [`RdmDatabase::check_host_e820`].
 //!
-//! [`RdmDatabase::query`] answers like `XENMEM_reserved_device_memory_map` (§3.6): per
-//! device or all, and `NoBufs` with the count needed when the buffer is too small.
+//! [`RdmDatabase::query`] answers like `XENMEM_reserved_device_memory_map` (Xen
+//! `xen/include/public/memory.h`, `xen/common/memory.c`): per device or all, and
+//! `NoBufs` with the count needed when the buffer is too small.
 
 use crate::dmar::{BridgeResolver, Dmar};
 use crate::layout::{E820Entry, E820Kind};

@@ -1,9 +1,10 @@
 //! Linux's `/sys/kernel/iommu_groups/*/reserved_regions` format, both ways.
 //!
 //! One line per region, `"0x%016llx 0x%016llx %s\n"`: start, **inclusive** end, type
-//! (`drivers/iommu/iommu.c` `iommu_group_show_resv_regions`; reference §3.3). The
-//! regions of every device in the group are merged into one file, so the file says
-//! nothing about which device needs which line: the caller tells
+//! (`drivers/iommu/iommu.c` `iommu_group_show_resv_regions`;
+//! `Documentation/ABI/testing/sysfs-kernel-iommu_groups`). The regions of every device
+//! in the group are merged into one file, so the file says nothing about which device
+//! needs which line: the caller tells
 //! [`crate::rdm::RdmDatabase::add_reserved_regions`] which devices the group holds.
 //! [`format()`] writes the exact bytes Linux writes, so tests can compare with a guest's
 //! sysfs byte for byte.
@@ -131,7 +132,8 @@ pub fn format(regions: &[ResvRegion]) -> String {
 mod tests {
     use super::*;
 
-    /// The samples of reference §3.2 (Intel RMRR, ISA work-around, MSI window, AMD HT
+    /// One line of each kind, as `reserved_regions` files quoted in Linux IOMMU
+    /// mailing-list reports show them (Intel RMRR, ISA work-around, MSI window, AMD HT
     /// hole, Arm RMR, Arm SW-MSI).
     const SAMPLES: &str = "\
 0x0000000000000000 0x0000000000ffffff direct

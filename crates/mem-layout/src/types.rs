@@ -145,7 +145,7 @@ impl fmt::Display for MemRange {
 }
 
 /// What a reserved region is, in Linux's terms (`enum iommu_resv_type`,
-/// `iommu_group_resv_type_string[]`, reference §3.3).
+/// `iommu_group_resv_type_string[]` in `drivers/iommu/iommu.c`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RegionKind {
     /// `IOMMU_RESV_DIRECT`: must be identity-mapped for the device (RMRR, IVMD, IORT RMR).
@@ -177,8 +177,8 @@ impl RegionKind {
     }
 }
 
-/// What to do when a reserved region cannot be honoured (Xen `rdm_reserve_policy`,
-/// reference §3.4).
+/// What to do when a reserved region cannot be honoured (Xen `rdm_reserve_policy`;
+/// xl.cfg(5) `rdm=`, xl-pci-configuration(5) `rdm_policy=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Policy {
     /// An unresolved conflict makes the plan (or the assignment) fail.
@@ -211,7 +211,7 @@ impl FromStr for Policy {
     }
 }
 
-/// Which reserved regions the layout keeps free (Xen `rdm=strategy=`, reference §3.4).
+/// Which reserved regions the layout keeps free (Xen `rdm=strategy=`, xl.cfg(5)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Strategy {
     /// Only the regions of the devices assigned at creation (Xen's default).

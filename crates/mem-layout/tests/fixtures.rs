@@ -1,6 +1,7 @@
-//! The real DMAR tables (reference §3.2) through the whole crate: decoded from their
-//! hex dumps as `fixtures/decode-hexdump.py` does, compared with the committed `.bin`
-//! files, parsed, and planned around.
+//! The real DMAR tables (`fixtures/*.hexdump`, each naming its public source: fwts
+//! `fwts-test/wmi-0001/acpidump-0001.log`, ACPICA `source/compiler/dttemplate.h`)
+//! through the whole crate: decoded from their hex dumps as `fixtures/decode-hexdump.py`
+//! does, compared with the committed `.bin` files, parsed, and planned around.
 
 use mem_layout::dmar::{self, NoBridges, ScopeKind};
 use mem_layout::layout::{Action, E820Kind};

@@ -628,7 +628,9 @@ impl Sharing for Pool {
     }
 }
 
-/// How the `grant` modes share (the three ways of reference §1.11).
+/// How the `grant` modes share (the three ways Xen block backends do: per-I/O grant
+/// maps, persistent grants as `feature-persistent` in `xen/include/public/io/blkif.h`,
+/// and `GNTTABOP_copy` from `xen/include/public/grant_table.h`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GrantKind {
     /// Per-I/O grants: the guest grants each buffer's pages and revokes them after

@@ -20,10 +20,11 @@
 //!   misses, exposure accounting;
 //! - [`channel`]: message I/O and the back-end request channel;
 //! - [`session`]: one connection — the main-socket loop and the device worker running
-//!   any `virtio_pci::VirtioDevice` (the same devices as in-process).
+//!   any `virtio_contract::VirtioDevice` (the same devices as in-process).
 //!
 //! Not confinement against a malicious back-end: the memory table's fds still reach
-//! the back-end process (reference/rust-crates.md §3); what this gives is a
+//! the back-end process (vhost-user protocol, QEMU `docs/interop/vhost-user.rst`:
+//! `VHOST_USER_SET_MEM_TABLE` passes an fd per region); what this gives is a
 //! cooperating back-end whose address space never holds more than the guest mapped, so
 //! a compromise of its device code reaches only those windows.
 

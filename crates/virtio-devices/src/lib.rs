@@ -1,7 +1,7 @@
 //! Virtio device backends for Aperture: an entropy device ([`Rng`], virtio spec §5.4)
 //! and a block device on a raw image file ([`Block`], §5.2).
 //!
-//! Both implement [`virtio_pci::VirtioDevice`] for any `M: vm_memory::GuestMemory`, so
+//! Both implement [`virtio_contract::VirtioDevice`] for any `M: vm_memory::GuestMemory`, so
 //! the same code runs on plain guest memory (`GuestMemoryMmap`) or on an
 //! `IommuMemory` whose every access an IOMMU such as `virtio_iommu::VirtioIommu`
 //! translates and may deny. A denied access fails the one request it belongs to

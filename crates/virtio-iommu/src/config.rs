@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 use std::ops::RangeInclusive;
 
 /// The x86 MSI doorbell window, presented to every endpoint as a RESV_MEM MSI region
-/// (digest §1.6, §3.1: without it Linux assumes the Arm SW-MSI window).
+/// (virtio v1.3 §5.13.6.8.1; without it Linux's `viommu_get_resv_regions()` in
+/// `drivers/iommu/virtio-iommu.c` assumes the Arm SW-MSI window).
 pub const X86_MSI_DOORBELL: RangeInclusive<u64> = 0xfee0_0000..=0xfeef_ffff;
 
 /// Largest `probe_size` accepted: a PROBE reply is copied into guest memory per request.
@@ -92,7 +93,8 @@ pub struct IommuConfig {
     /// contiguous buffer. Bit 0 set means byte granule.
     pub page_size_mask: u64,
     /// `input_range`, the IOVA window. Default 48 bits: vm-memory's `Iotlb` cannot hold a
-    /// range ending at 2^64 (reference/rust-crates.md §1.1).
+    /// range ending at 2^64 (vm-memory 0.18 `src/iommu.rs`: `Iotlb::set_mapping` keeps
+    /// half-open `u64` ranges).
     pub input_range: RangeInclusive<u64>,
     /// `domain_range`, the valid domain IDs.
     pub domain_range: RangeInclusive<u32>,

@@ -509,7 +509,8 @@ impl VirtioIommu {
             Err(k) => *k,
         };
         let probe_size = self.probe_buf.len() as u64;
-        // The response layout (digest §5.4): the tail at offset 0, or for PROBE the
+        // The response layout (virtio v1.3 §5.13.6, §5.13.6.7; its length is the one
+        // Linux's `__viommu_sync_req()` expects): the tail at offset 0, or for PROBE the
         // properties then the tail; a PROBE buffer too small for the properties gets
         // S_INVAL (DEV-PRB-7) in its last 4 bytes, zeros before.
         let (resp_len, probe_fits) = match kind {

@@ -1,8 +1,9 @@
 //! A guest-side driver model for tests, benchmarks and the demo (feature
 //! `fake-driver`): guest RAM in a `GuestMemoryMmap`, a requestq and an eventq laid out
 //! as split rings the way a virtio driver lays them out, and requests built with the
-//! exact buffer sizes Linux's driver uses (digest §5.3: readable part, then a writable
-//! part of 4 or `probe_size + 4` bytes).
+//! exact buffer sizes Linux's driver uses (`drivers/iommu/virtio-iommu.c`,
+//! `viommu_get_write_desc_offset()`: readable part, then a writable part of 4 or
+//! `probe_size + 4` bytes).
 //!
 //! It drives a [`VirtioIommu`] through its real queue path, so what it observes (used
 //! lengths, tails, PROBE bytes, fault events) is what a guest would.
@@ -276,7 +277,8 @@ impl FakeGuest {
     ///
     /// # Panics
     /// If the device does not report exactly the writable size as used length: that
-    /// would break Linux (digest §5.4), so tests must see it fail loudly.
+    /// would break Linux (`__viommu_sync_req()` in `drivers/iommu/virtio-iommu.c` takes
+    /// the status only at exactly that length), so tests must see it fail loudly.
     pub fn send(&mut self, dev: &mut VirtioIommu, req: &Request) -> Status {
         let wlen = self.writable_len(req);
         let c = self.submit(dev, &encode(req), wlen);

@@ -42,12 +42,13 @@
 //!
 //! # Spec conformance
 //!
-//! Every device-normative statement of the virtio-iommu spec (IDs from
-//! `reference/virtio-iommu.md` §1.9) has a test named after it in `tests/spec.rs`.
-//! Used lengths follow what Linux needs (digest §5.4): every parsed request, failures
-//! included, writes its tail and reports exactly 4 (or `probe_size + 4`) bytes; only a
-//! request without head, of unknown type, or without room for the tail is returned
-//! unwritten with used length 0.
+//! Every device-normative statement of the virtio-iommu spec (IDs, virtio v1.3 sections
+//! and tests listed in `docs/SPEC-STATEMENTS.md`) has a test named after it in
+//! `tests/spec.rs`. Used lengths follow what Linux needs (`__viommu_sync_req()` in
+//! `drivers/iommu/virtio-iommu.c` takes a status only when the used length is exactly
+//! the writable size): every parsed request, failures included, writes its tail and
+//! reports exactly 4 (or `probe_size + 4`) bytes; only a request without head, of
+//! unknown type, or without room for the tail is returned unwritten with used length 0.
 //!
 //! Statements deliberately not followed, or followed with a choice the spec leaves open:
 //!

@@ -1,9 +1,10 @@
 //! Decoding of request bytes into a typed [`Request`] (pure and fuzzable; no state).
 //!
 //! The device-readable part of every request starts with a 4-byte head whose `type`
-//! selects the layout (digest §1.5). What a request says about reserved fields and
-//! flags is carried through as decoded values; the *rules* about them (which are
-//! `S_INVAL`, which are ignored) live in [`crate::state`], next to the spec statements.
+//! selects the layout (virtio v1.3 §5.13.6.3–§5.13.6.7). What a request says about
+//! reserved fields and flags is carried through as decoded values; the *rules* about
+//! them (which are `S_INVAL`, which are ignored) live in [`crate::state`], next to the
+//! spec statements.
 
 use crate::ids::{DomainId, EndpointId, Iova};
 use crate::wire::{
@@ -149,7 +150,8 @@ pub enum DecodeError {
 }
 
 /// Decodes the device-readable part of a request. Bytes beyond the layout are ignored
-/// (the driver may pad; Linux sends exactly the layout, digest §5.3).
+/// (the driver may pad; Linux sends exactly the layout, `viommu_get_write_desc_offset()`
+/// in `drivers/iommu/virtio-iommu.c`).
 ///
 /// # Errors
 /// [`DecodeError`] when there is no head, the type is unknown, or the part is short.

@@ -5,7 +5,7 @@
 //! Every change an endpoint's translation goes through is reported to a caller-supplied
 //! sink as a [`MappingEvent`], in the same call, so the shell can invalidate IOTLBs and
 //! tell subscribers before the request's status reaches the guest. The rules cite the
-//! statement IDs of `reference/virtio-iommu.md` §1.9.
+//! spec statement IDs listed in `docs/SPEC-STATEMENTS.md`.
 
 use crate::config::{IommuConfig, Limits, ReservedRegion, ResvKind};
 use crate::ids::{DomainId, EndpointId, Gpa, Iova};
@@ -89,7 +89,7 @@ pub struct EndpointRef {
     pub id: EndpointId,
 }
 
-/// Why an access was denied, in fault-event terms (digest §1.7).
+/// Why an access was denied, in fault-event terms (virtio v1.3 §5.13.6.9).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Denied {
     /// `VIRTIO_IOMMU_FAULT_R_*`.
@@ -271,8 +271,8 @@ impl Tables {
             .flat_map(|d| d.mappings.iter().map(|(s, m)| (Iova(*s), *m)))
     }
 
-    /// Whether the endpoint at `index` is translated as identity (spec §1.8 with
-    /// BYPASS_CONFIG offered, which this device always does).
+    /// Whether the endpoint at `index` is translated as identity (bypass mode, virtio
+    /// v1.3 §5.13.6, with BYPASS_CONFIG offered, which this device always does).
     pub fn is_identity(&self, index: usize) -> bool {
         match self.endpoints[index].domain {
             Some(d) => self.domains.get(&d).is_some_and(|d| d.bypass),
@@ -343,7 +343,8 @@ impl Tables {
             return Status::NoEnt;
         };
         // DRV-OPS-4, enforced: with DOMAIN_RANGE negotiated, a domain outside
-        // domain_range cannot exist (without it, any 32-bit ID is valid, digest §1.2).
+        // domain_range cannot exist (without it, any 32-bit ID is valid: virtio v1.3
+        // §5.13.6).
         if self.negotiated(VIRTIO_IOMMU_F_DOMAIN_RANGE) && !self.domain_range.contains(&domain.0) {
             return Status::Range;
         }
@@ -500,7 +501,8 @@ impl Tables {
             return Status::Inval;
         }
         // DRV-OPS-3, enforced: with INPUT_RANGE negotiated the range must lie inside
-        // input_range (without it the window is the whole 64-bit space, digest §1.2).
+        // input_range (without it the window is the whole 64-bit space: virtio v1.3
+        // §5.13.6).
         if self.negotiated(VIRTIO_IOMMU_F_INPUT_RANGE)
             && (virt_start < *self.input_range.start() || virt_end > *self.input_range.end())
         {

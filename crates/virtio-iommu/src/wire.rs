@@ -1,5 +1,5 @@
-//! Wire format of the virtio-iommu device (virtio spec, "IOMMU device"; digest in
-//! `reference/virtio-iommu.md` §1.2–§1.7): feature bits, the 40-byte configuration
+//! Wire format of the virtio-iommu device (virtio v1.3 §5.13 "IOMMU Device": §5.13.3,
+//! §5.13.4, §5.13.6 and its subsections): feature bits, the 40-byte configuration
 //! layout, request types and status codes, request/response layouts, PROBE properties
 //! and fault events.
 //!
@@ -78,7 +78,7 @@ pub const VIRTIO_IOMMU_FAULT_F_WRITE: u32 = 1 << 1;
 /// Fault flag: `address` is valid.
 pub const VIRTIO_IOMMU_FAULT_F_ADDRESS: u32 = 1 << 8;
 
-/// Request status codes (spec §1.4 of the digest).
+/// Request status codes (virtio v1.3 §5.13.6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum Status {
@@ -117,7 +117,7 @@ impl Status {
     ];
 }
 
-/// `struct virtio_iommu_config`: 40 bytes, little-endian (digest §1.3).
+/// `struct virtio_iommu_config`: 40 bytes, little-endian (virtio v1.3 §5.13.4).
 #[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
 #[repr(C)]
 pub struct Config {

@@ -1,9 +1,10 @@
 //! Model-based property tests: random sequences of requests, config writes and resets,
 //! sent through the device's real queue path ([`FakeGuest::send`]), are compared after
-//! every step with a small reference model written from the spec rules
-//! (`reference/virtio-iommu.md` §1.8–§1.10) and the choices the crate documents
-//! (`src/lib.rs`). After every step each endpoint's `vm_memory::Iommu` is also asked to
-//! translate a few addresses, for reads and for writes, and must agree with the model.
+//! every step with a small reference model written from the spec rules (virtio v1.3
+//! §5.13.6 and its subsections; statement IDs in `docs/SPEC-STATEMENTS.md`) and the
+//! choices the crate documents (`src/lib.rs`). After every step each endpoint's
+//! `vm_memory::Iommu` is also asked to translate a few addresses, for reads and for
+//! writes, and must agree with the model.
 //!
 //! The model is deliberately naive: a `Vec` of `(start, end, phys, flags)` per domain, a
 //! map endpoint → domain, and the `bypass` byte. Where the spec leaves the order of
@@ -41,7 +42,8 @@ const MASK_4K: u64 = !0xfff;
 /// Byte-granule config.
 const MASK_BYTE: u64 = !0;
 
-// Feature bits and flags, from the spec (§1.2, §1.5), not from the crate.
+// Feature bits and flags, from the spec (virtio v1.3 §5.13.3, §5.13.6.3, §5.13.6.5), not
+// from the crate.
 const F_MMIO: u64 = 1 << 5;
 const F_BYPASS_CONFIG: u64 = 1 << 6;
 const ATTACH_F_BYPASS: u32 = 1;
@@ -137,7 +139,7 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
 
 impl Model {
     fn new(s: &Setup) -> Self {
-        // The granule is the lowest set bit of page_size_mask (§1.3).
+        // The granule is the lowest set bit of page_size_mask (virtio v1.3 §5.13.6).
         let granule = 1u64 << s.page_size_mask.trailing_zeros();
         Self {
             granule,
@@ -407,11 +409,11 @@ impl Model {
     /// What an access of `len` bytes at `iova` by `ep` reaches: the guest-physical
     /// pieces, merged where contiguous, or `None` if it faults.
     ///
-    /// §1.8: an unattached endpoint is in bypass iff `bypass` is 1 (BYPASS_CONFIG is
-    /// always offered; it need not be negotiated); an attached one iff its domain is a
-    /// bypass domain. Reserved regions are not memory: they fault even in bypass
-    /// (crate docs). Otherwise only mapped bytes with the right permission translate
-    /// (DEV-OPS-4, DEV-MAP-6).
+    /// Bypass mode (virtio v1.3 §5.13.6): an unattached endpoint is in bypass iff
+    /// `bypass` is 1 (BYPASS_CONFIG is always offered; it need not be negotiated); an
+    /// attached one iff its domain is a bypass domain. Reserved regions are not memory:
+    /// they fault even in bypass (crate docs). Otherwise only mapped bytes with the right
+    /// permission translate (DEV-OPS-4, DEV-MAP-6).
     fn translate(&self, ep: u32, iova: u64, len: u64, write: bool) -> Option<Vec<(u64, u64)>> {
         let last = iova.checked_add(len - 1)?;
         let domain = self.attached.get(&ep).map(|d| &self.domains[d]);
@@ -1124,7 +1126,8 @@ fn check_against_model(page_size_mask: u64) {
 
 /// With a 4 KiB granule: every status, attachment, counter and translation matches the
 /// reference model (DEV-ATT-*, DEV-DET-*, DEV-MAP-*, DEV-UNM-*, DEV-RESV-4, DEV-CFG-3,
-/// §1.8 bypass rules), misaligned MAPs included (DEV-MAP-1 → S_RANGE).
+/// the bypass rules of virtio v1.3 §5.13.6), misaligned MAPs included (DEV-MAP-1 →
+/// S_RANGE).
 #[test]
 fn prop_device_matches_reference_model() {
     check_against_model(MASK_4K);
@@ -1137,9 +1140,9 @@ fn prop_device_matches_reference_model_with_byte_granule() {
     check_against_model(MASK_BYTE);
 }
 
-/// The spec's UNMAP examples (§1.10), each from an empty address space, with a byte
-/// granule, checked on the model itself so that the model is known to read the spec
-/// the same way the examples do.
+/// The spec's UNMAP examples (virtio v1.3 §5.13.6.6), each from an empty address space,
+/// with a byte granule, checked on the model itself so that the model is known to read
+/// the spec the same way the examples do.
 #[test]
 fn model_follows_spec_unmap_examples() {
     let setup = Setup {

@@ -1,5 +1,5 @@
 //! One test per device-normative statement of the virtio-iommu spec, named after its
-//! ID in `reference/virtio-iommu.md` §1.9, plus the spec's UNMAP examples, the
+//! ID in `docs/SPEC-STATEMENTS.md`, plus the spec's UNMAP examples, the
 //! request sequence Linux's driver sends, and the strict-invalidation contract. Every
 //! request goes through the real queue path with the fake guest driver.
 
@@ -212,7 +212,7 @@ fn dev_cfg_2_bypass_boots_as_one_and_unattached_endpoints_bypass() {
     let mut b = [0u8; 1];
     dev.read_config(36, &mut b).unwrap();
     assert_eq!(b[0], 1);
-    // Spec §1.8: bypass holds for unattached endpoints: identity translation.
+    // virtio v1.3 §5.13.6: bypass holds for unattached endpoints: identity translation.
     assert_eq!(read_ok(&dev, EP1, 0x4000), Some(0x4000));
 }
 
@@ -333,7 +333,8 @@ fn dev_ops_4_unattached_endpoint_without_bypass_reaches_nothing() {
 
 #[test]
 fn failures_write_their_tail_with_the_exact_writable_length() {
-    // Digest §5.4: Linux reads a used length other than the writable size as S_OK.
+    // Linux's `__viommu_sync_req()` reads a used length other than the writable size as
+    // S_OK.
     let (mut dev, mut g) = setup();
     let c = g.submit(&mut dev, &request::encode(&attach(1, 99)), 4);
     assert_eq!(c.used_len, 4);
@@ -423,7 +424,8 @@ fn dev_att_5_bypass_mismatch_with_existing_domain_is_s_inval_and_changes_nothing
         g.send(&mut dev, &attach_f(1, EP2, VIRTIO_IOMMU_ATTACH_F_BYPASS)),
         Status::Inval
     );
-    // Unlike QEMU (digest §2.3), the failing ATTACH did not detach EP2 first.
+    // Unlike QEMU (`hw/virtio/virtio-iommu.c`, `virtio_iommu_attach()`), the failing
+    // ATTACH did not detach EP2 first.
     assert_eq!(dev.endpoint_domain(EndpointId(EP2)), Some(DomainId(2)));
     assert_eq!(read_ok(&dev, EP2, 0x10), Some(0x5010));
     send_all(
@@ -792,7 +794,8 @@ fn dev_unm_4_split_is_all_or_nothing() {
             map(1, 10 * PAGE, 20 * PAGE - 1, 0x30_0000, RW),
         ],
     );
-    // Fully covers a and b but splits c: QEMU removes a and b anyway (digest §2.3).
+    // Fully covers a and b but splits c: QEMU removes a and b anyway
+    // (`hw/virtio/virtio-iommu.c`, `virtio_iommu_unmap()`).
     assert_eq!(g.send(&mut dev, &unmap(1, 0, 15 * PAGE - 1)), Status::Range);
     // Splits a at its start side.
     assert_eq!(
@@ -825,8 +828,8 @@ fn dev_unm_5_unmapped_parts_are_fine_and_every_covered_mapping_goes() {
     assert_eq!(dev.counters().mappings, 1);
 }
 
-/// The seven UNMAP examples of the spec (digest §1.10), each from an empty address
-/// space; `scale` 1 runs them literally at byte granule, 4096 at page granule.
+/// The seven UNMAP examples of the spec (virtio v1.3 §5.13.6.6), each from an empty
+/// address space; `scale` 1 runs them literally at byte granule, 4096 at page granule.
 fn unmap_examples(scale: u64, mask: u64) {
     let s = |a: u64| a * scale;
     let e = |a: u64| (a + 1) * scale - 1;
@@ -896,7 +899,8 @@ fn resv_cfg() -> IommuConfig {
     cfg
 }
 
-/// Parses a property list as Linux does (digest §5.2); returns (type, length, body).
+/// Parses a property list as Linux does (`viommu_probe_endpoint()` in
+/// `drivers/iommu/virtio-iommu.c`); returns (type, length, body).
 fn parse_props(props: &[u8]) -> Vec<(u16, u16, Vec<u8>)> {
     let mut out = Vec::new();
     let mut off = 0;
@@ -1570,7 +1574,7 @@ fn counters_report_requests_mappings_and_bytes_per_endpoint() {
 }
 
 // ---------------------------------------------------------------------------
-// The sequence Linux's driver sends (digest §5.1–§5.3)
+// The sequence Linux's driver sends (drivers/iommu/virtio-iommu.c)
 // ---------------------------------------------------------------------------
 
 fn linux_probe_endpoint(g: &mut FakeGuest, dev: &mut VirtioIommu, ep: u32) -> Vec<(u8, u64, u64)> {

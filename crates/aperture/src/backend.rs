@@ -122,13 +122,16 @@ pub fn run(args: Args) -> ExitCode {
                 eprintln!("aperture backend blk: --disk: {e}");
                 return ExitCode::from(2);
             }
+            // The front-end's ring may be smaller than the device's own queue: leave
+            // room for header and status (see `Block::set_seg_max`).
             let make = || {
-                Block::new(&config)
-                    .map(VhostBlock)
-                    .map_err(|e| e.to_string())
+                let mut b = Block::new(&config).map_err(|e| e.to_string())?;
+                b.set_seg_max(FRONTEND_QUEUE_SIZE - 2)
+                    .map_err(|e| e.to_string())?;
+                Ok(b)
             };
             serve(&common, "blk", make, |b| {
-                let c = b.0.counters();
+                let c = b.counters();
                 json!({"ok": c.ok, "ioerr": c.ioerr, "unsupp": c.unsupp, "dropped": c.dropped})
             })
         }
@@ -158,62 +161,6 @@ pub fn run(args: Args) -> ExitCode {
 /// (QEMU's `vhost-user-blk` `queue-size` default).
 const FRONTEND_QUEUE_SIZE: u32 = 128;
 
-/// [`Block`] as a vhost-user back-end: the same device, except that its `seg_max`
-/// leaves room for header and status in the ring the front-end chose. In process the
-/// transport offers the device's own 256-entry queue; QEMU's vhost-user-blk sets 128,
-/// and Linux, without indirect descriptors, must fit seg_max + 2 descriptors in the
-/// ring (virtio_ring.c refuses a longer chain and retries it forever).
-struct VhostBlock(Block);
-
-impl<M: vm_memory::GuestMemory> virtio_pci::VirtioDevice<M> for VhostBlock {
-    fn device_type(&self) -> u16 {
-        virtio_pci::VirtioDevice::<M>::device_type(&self.0)
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        virtio_pci::VirtioDevice::<M>::queue_max_sizes(&self.0)
-    }
-    fn device_features(&self) -> u64 {
-        virtio_pci::VirtioDevice::<M>::device_features(&self.0)
-    }
-    fn set_acked_features(&mut self, features: u64) {
-        virtio_pci::VirtioDevice::<M>::set_acked_features(&mut self.0, features)
-    }
-    fn config_size(&self) -> u64 {
-        virtio_pci::VirtioDevice::<M>::config_size(&self.0)
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        virtio_pci::VirtioDevice::<M>::read_config(&self.0, offset, data);
-        // Patch the bytes of `seg_max` that fall inside this read.
-        let seg_max =
-            (virtio_devices::block::request::SEG_MAX.min(FRONTEND_QUEUE_SIZE - 2)).to_le_bytes();
-        let field = virtio_devices::block::config::SEG_MAX as u64;
-        for (i, b) in data.iter_mut().enumerate() {
-            if let Some(k) = offset
-                .checked_add(i as u64)
-                .and_then(|a| a.checked_sub(field))
-            {
-                if k < 4 {
-                    *b = seg_max[k as usize];
-                }
-            }
-        }
-    }
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        virtio_pci::VirtioDevice::<M>::write_config(&mut self.0, offset, data)
-    }
-    fn process_queue(
-        &mut self,
-        index: usize,
-        queue: &mut virtio_queue::Queue,
-        mem: &M,
-    ) -> Result<bool, String> {
-        self.0.process_queue(index, queue, mem)
-    }
-    fn reset(&mut self) {
-        virtio_pci::VirtioDevice::<M>::reset(&mut self.0)
-    }
-}
-
 /// Binds the socket: refuses a path that exists and is not a socket, replaces a socket
 /// nobody listens on.
 fn bind(path: &Path) -> Result<UnixListener, String> {
@@ -237,7 +184,7 @@ fn serve<D>(
     counters: impl Fn(&D) -> serde_json::Value,
 ) -> ExitCode
 where
-    D: virtio_pci::VirtioDevice<vhost_iotlb::GuestView> + Send,
+    D: virtio_contract::VirtioDevice<vhost_iotlb::GuestView> + Send,
 {
     let prog = format!("aperture backend {name}");
     let listener = match bind(&common.socket) {

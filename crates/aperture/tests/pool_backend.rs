@@ -37,9 +37,8 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_pci::{
-    ActiveQueue, InterruptSink, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
-};
+use virtio_contract::{ActiveQueue, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+use virtio_pci::InterruptSink;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
@@ -577,7 +576,7 @@ fn pool_mode_refuses_a_memory_file_holding_more_than_the_pool_and_rings_outside_
         queue: &vq,
         vector: VECTOR,
     }];
-    let e = d.activate(&active, &whole).unwrap_err();
+    let e = d.activate(&active, &whole).unwrap_err().to_string();
     assert!(
         e.contains("needs its own memory file") && e.contains(&format!("{POOL:#x}")),
         "{e}"
@@ -594,7 +593,8 @@ fn pool_mode_refuses_a_memory_file_holding_more_than_the_pool_and_rings_outside_
             }],
             guest.mem(),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("descriptor table at 0x400000") && e.contains("lies outside"),
         "{e}"

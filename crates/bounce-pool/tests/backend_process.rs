@@ -1,4 +1,4 @@
-//! "A backend provably holds only the pool" (issue 6; reference §2.6, §2.7 item 9):
+//! "A backend provably holds only the pool" (issue 6; item 9 of the list in `rules.rs`):
 //! virtio-blk served by a separate process that is given the pool's memfd and
 //! nothing else of the guest.
 //!
@@ -40,8 +40,8 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use virtio_bindings::virtio_blk::*;
+use virtio_contract::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_devices::{Block, BlockConfig};
-use virtio_pci::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
@@ -109,7 +109,7 @@ fn backend(spec: &str) {
         test_stray_sector: None,
     })
     .unwrap();
-    <Block as VirtioDevice<GuestMemoryMmap<()>>>::set_acked_features(
+    <Block as virtio_contract::DeviceIdentity>::set_acked_features(
         &mut blk,
         (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM),
     );

@@ -12,8 +12,8 @@ use bounce_pool::blk_request::{BlkLayout, BlkRequest};
 use bounce_pool::*;
 use std::path::PathBuf;
 use virtio_bindings::virtio_blk::*;
+use virtio_contract::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_devices::{Block, BlockConfig};
-use virtio_pci::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
@@ -97,7 +97,7 @@ fn blk(img: &TempImage) -> Block {
         test_stray_sector: None,
     })
     .unwrap();
-    <Block as VirtioDevice<DevMem>>::set_acked_features(
+    <Block as virtio_contract::DeviceIdentity>::set_acked_features(
         &mut b,
         (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM),
     );

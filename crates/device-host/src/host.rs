@@ -15,10 +15,11 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vfio_user::{Server, ServerBackend};
+use virtio_contract::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM};
 use virtio_iommu::{
     EndpointConfig, EndpointIommu, IommuConfig, Iova, ReservedRegion, ResvKind, VirtioIommu,
 };
-use virtio_pci::{VirtioDevice, VirtioPciTransport, VIRTIO_F_ACCESS_PLATFORM};
+use virtio_pci::VirtioPciTransport;
 use vm_memory::{GuestMemoryMmap, IommuMemory};
 
 /// Memory of an endpoint behind the virtio-iommu: guest-physical memory seen through

@@ -1,9 +1,9 @@
 //! The virtio-iommu as a virtio-pci device: [`IommuPciDevice`] adapts
-//! `virtio_iommu::VirtioIommu` to `virtio_pci::VirtioDevice`. The IOMMU itself reaches
+//! `virtio_iommu::VirtioIommu` to `virtio_contract::VirtioDevice`. The IOMMU itself reaches
 //! guest memory by guest-physical address (its queues are never translated).
 
+use virtio_contract::{DeviceError, DeviceIdentity, VirtioDevice};
 use virtio_iommu::VirtioIommu;
-use virtio_pci::VirtioDevice;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
@@ -29,7 +29,7 @@ impl IommuPciDevice {
     }
 }
 
-impl VirtioDevice<GuestMemoryMmap> for IommuPciDevice {
+impl DeviceIdentity for IommuPciDevice {
     fn device_type(&self) -> u16 {
         virtio_iommu::wire::VIRTIO_ID_IOMMU as u16
     }
@@ -62,19 +62,21 @@ impl VirtioDevice<GuestMemoryMmap> for IommuPciDevice {
             self.refused_config_writes += 1;
         }
     }
+}
 
+impl VirtioDevice<GuestMemoryMmap> for IommuPciDevice {
     fn process_queue(
         &mut self,
         index: usize,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, DeviceError> {
         let r = match index {
             0 => self.iommu.process_requestq(queue, mem),
             1 => self.iommu.process_eventq(queue, mem),
             _ => return Ok(false),
         };
-        r.map_err(|e| e.to_string())
+        r.map_err(|e| DeviceError::backend("virtio-iommu", e))
     }
 
     /// The request queue is polled; the event queue's buffers wait for faults.

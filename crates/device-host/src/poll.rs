@@ -1,10 +1,11 @@
 //! One polling thread for every queue the device host runs in process: [`Poller`].
 //!
 //! A queue notification reaches us as a vfio-user message, and the wake-up of the
-//! thread that receives it costs far more than the work it brings (reference
-//! data-path.md §1: ~65 µs against ~20 ns here). Linux's virtio-iommu driver kicks
-//! once per sync and spins until the request is back, so that wake-up is paid on every
-//! MAP and UNMAP. The poller removes it while the guest is busy: after a notification
+//! thread that receives it costs far more than the work it brings (~65 µs against
+//! ~20 ns here; docs/ARCHITECTURE.md, "A request, and what it costs"). Linux's
+//! virtio-iommu driver kicks once per sync and spins until the request is back, so
+//! that wake-up is paid on every MAP and UNMAP. The poller removes it while the guest
+//! is busy: after a notification
 //! (handled where it arrives, by the function's server thread), the poller turns
 //! notifications off on every polled queue ([`VirtioPciTransport::set_polling`]) and
 //! watches their avail indexes, so the driver publishes without kicking and the
@@ -36,9 +37,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use virtio_pci::{
-    adjust_poll_window as adjust, TransportCounters, VirtioDevice, VirtioPciTransport,
-};
+use virtio_contract::{adjust_poll_window as adjust, VirtioDevice};
+use virtio_pci::{TransportCounters, VirtioPciTransport};
 use vm_memory::GuestMemory;
 
 /// Queues a [`Poller`] can serve: in practice a function's transport.

@@ -19,7 +19,8 @@ use vfio_bindings::bindings::vfio::{
     VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, ServerBackend, ServerRegion};
-use virtio_pci::{InterruptSink, VirtioDevice, VirtioPciTransport, BAR0_SIZE};
+use virtio_contract::VirtioDevice;
+use virtio_pci::{InterruptSink, VirtioPciTransport, BAR0_SIZE};
 use vm_memory::{GuestMemory, GuestMemoryMmap};
 
 /// The MSI-X eventfds the client handed over, one slot per vector.

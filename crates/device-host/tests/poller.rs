@@ -12,8 +12,9 @@ use device_host::poll::{PollHandle, Pollable, Poller};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use virtio_contract::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use virtio_devices::{Rng, RngConfig};
-use virtio_pci::{InterruptSink, VirtioPciTransport, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use virtio_pci::{InterruptSink, VirtioPciTransport};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 type Mem = GuestMemoryMmap<()>;

@@ -34,7 +34,7 @@ mod common;
 use common::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use grant_table::iommu::DEFAULT_MAX_PERSISTENT;
-use grant_table::{Gfn, GrantDma, GrantIommu, IommuMode, Mem, PersistentConfig};
+use grant_table::{Gfn, GrantDma, GrantIommu, IommuMode, PersistentConfig};
 use std::path::PathBuf;
 use virtio_bindings::virtio_blk::*;
 use vm_memory::IommuMemory;
@@ -63,7 +63,7 @@ fn bench_mode(c: &mut Criterion, group: &str, t: u32) {
             let w = world(1);
             let mem = w.grants.memory().clone();
             let sector = 16;
-            let mut dev = blk::<Mem>(&img);
+            let mut dev = blk(&img);
             if mode == "none" {
                 let ring = Ring::new(&mem, &Dma::None);
                 let mut queue = ring.device_queue();
@@ -113,7 +113,7 @@ fn bench_mode(c: &mut Criterion, group: &str, t: u32) {
             };
             let iommu = GrantIommu::new(w.xen.clone(), BACKEND, GUEST, imode).unwrap();
             let dm = IommuMemory::new(iommu.device_memory().unwrap(), iommu, true, ());
-            let mut dev = blk::<IommuMemory<Mem, GrantIommu>>(&img);
+            let mut dev = blk(&img);
             let d = Dma::Grant(&dma);
             let ring = Ring::new(&mem, &d);
             dm.iommu()

@@ -14,8 +14,8 @@ use grant_table::iommu::DEFAULT_MAX_PERSISTENT;
 use grant_table::{DmaDirection, Gfn, Gpa, GrantDma, GrantIommu, IommuMode, Mem, PersistentConfig};
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
+use virtio_contract::VirtioDevice;
 use virtio_devices::Block;
-use virtio_pci::VirtioDevice;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, IommuMemory};
 
@@ -106,7 +106,7 @@ fn blk_serves_a_grant_mode_guest_round_trip_in_every_mode_and_both_versions() {
             let rg = rig(version, persistent);
             let mem = rg.w.grants.memory().clone();
             let img = TempImage::new(&format!("rt-{name}-{version}"), &vec![0u8; 1024 * SECTOR]);
-            let mut dev = blk::<DevMem>(&img);
+            let mut dev = blk(&img);
             let dm = device_memory(&rg.w, mode);
             let ring = Ring::new(&mem, &Dma::Grant(&rg.dma));
             dm.iommu()
@@ -199,7 +199,7 @@ fn blk_refuses_ungranted_plain_readonly_and_foreign_buffers_and_guest_data_is_un
         let mem = rg.w.grants.memory().clone();
         let img = TempImage::new(&format!("deny-{name}"), &pattern(64 * SECTOR, 3));
         let disk_before = img.contents();
-        let mut dev = blk::<DevMem>(&img);
+        let mut dev = blk(&img);
         let dm = device_memory(&rg.w, mode);
         let ring = Ring::new(&mem, &Dma::Grant(&rg.dma));
         dm.iommu()
@@ -266,7 +266,7 @@ fn persistent_pool_stays_mapped_until_the_backend_releases_then_is_reclaimed() {
     let rg = rig(1, true);
     let mem = rg.w.grants.memory().clone();
     let img = TempImage::new("pers", &vec![0u8; 256 * SECTOR]);
-    let mut dev = blk::<DevMem>(&img);
+    let mut dev = blk(&img);
     let dm = device_memory(&rg.w, IommuMode::Persistent { max: 8 });
     let ring = Ring::new(&mem, &Dma::Grant(&rg.dma));
     dm.iommu()

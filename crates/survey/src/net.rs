@@ -4,7 +4,9 @@
 //! packet from the chain's readable buffers (into its own buffer, as a backend copies
 //! a frame to a tap device) and return the chain with used length 0.
 
-use virtio_pci::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+use virtio_contract::{
+    DeviceError, DeviceIdentity, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemory};
 
@@ -34,7 +36,7 @@ impl Default for NetTx {
     }
 }
 
-impl<M: GuestMemory> VirtioDevice<M> for NetTx {
+impl DeviceIdentity for NetTx {
     fn device_type(&self) -> u16 {
         1
     }
@@ -58,8 +60,15 @@ impl<M: GuestMemory> VirtioDevice<M> for NetTx {
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+}
 
-    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &M) -> Result<bool, String> {
+impl<M: GuestMemory> VirtioDevice<M> for NetTx {
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<bool, DeviceError> {
         let mut any = false;
         for _ in 0..queue.size() {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
@@ -90,7 +99,10 @@ impl<M: GuestMemory> VirtioDevice<M> for NetTx {
             }
             queue
                 .add_used(mem, head, 0)
-                .map_err(|e| format!("net tx: cannot return chain {head}: {e}"))?;
+                .map_err(|source| DeviceError::Queue {
+                    queue: index,
+                    source,
+                })?;
             any = true;
         }
         Ok(any)

@@ -48,10 +48,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use virtio_contract::{ActiveQueue, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_iommu::EndpointIommu;
-use virtio_pci::{
-    ActiveQueue, InterruptSink, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
-};
+use virtio_pci::InterruptSink;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// How long the driver polls the used ring before it sleeps until the interrupt.
@@ -397,7 +396,8 @@ impl Remote {
     ) -> Result<(), String> {
         let Self { dev, guest, .. } = self;
         let dev = dev.as_mut().ok_or("the vhost-user device is gone")?;
-        VirtioDevice::<GuestMemoryMmap>::process_queue(dev, 0, queue, guest)?;
+        VirtioDevice::<GuestMemoryMmap>::process_queue(dev, 0, queue, guest)
+            .map_err(|e| e.to_string())?;
         let spin_end = Instant::now() + SPIN;
         loop {
             if self.used_moved()? {

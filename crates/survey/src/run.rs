@@ -9,8 +9,8 @@ use crate::ring::{Buf, GuestRing};
 use dma_types::DmaDirection;
 use std::path::Path;
 use std::time::{Duration, Instant};
+use virtio_contract::{DeviceIdentity, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_devices::{Block, BlockConfig, Rng, RngConfig};
-use virtio_pci::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 /// Where the driver keeps a request header.
@@ -151,9 +151,7 @@ impl Device {
                     test_stray_sector: None,
                 })
                 .map_err(|e| format!("{}: {e}", disk.display()))?;
-                <Block as VirtioDevice<vm_memory::GuestMemoryMmap>>::set_acked_features(
-                    &mut b, features,
-                );
+                b.set_acked_features(features);
                 Device::Blk(b)
             }
             Pattern::Rng64 => {
@@ -162,9 +160,7 @@ impl Device {
                     ..RngConfig::default()
                 })
                 .map_err(|e| e.to_string())?;
-                <Rng as VirtioDevice<vm_memory::GuestMemoryMmap>>::set_acked_features(
-                    &mut r, features,
-                );
+                r.set_acked_features(features);
                 Device::Rng(r)
             }
             Pattern::Net64 | Pattern::Net1500 => Device::Net(NetTx::default()),
@@ -177,9 +173,9 @@ impl Device {
         mem: &M,
     ) -> Result<bool, String> {
         match self {
-            Device::Blk(d) => d.process_queue(0, q, mem),
-            Device::Rng(d) => d.process_queue(0, q, mem),
-            Device::Net(d) => d.process_queue(0, q, mem),
+            Device::Blk(d) => d.process_queue(0, q, mem).map_err(|e| e.to_string()),
+            Device::Rng(d) => d.process_queue(0, q, mem).map_err(|e| e.to_string()),
+            Device::Net(d) => d.process_queue(0, q, mem).map_err(|e| e.to_string()),
             Device::Remote(r) => r.notify_and_wait(q).map(|()| true),
         }
     }

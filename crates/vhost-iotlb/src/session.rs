@@ -1,7 +1,7 @@
 //! One vhost-user connection, back-end side: the main-socket message loop (this
 //! thread) and a device worker thread that processes the queues.
 //!
-//! The device is any [`virtio_pci::VirtioDevice`] over [`GuestView`], so the in-process
+//! The device is any [`virtio_contract::VirtioDevice`] over [`GuestView`], so the in-process
 //! devices run here unchanged. Each request is decoded ([`crate::wire::decode`]), then
 //! applied; a request that fails to decode or apply changes nothing and is answered
 //! with a failure where the protocol has a way to say so (reply-ack non-zero, or an
@@ -21,7 +21,7 @@
 //! keeps it busy, the worker instead serves the rings with the driver's notifications
 //! off (`VRING_USED_F_NO_NOTIFY`, or with EVENT_IDX `avail_event` left behind) and
 //! watches their avail indexes, for a window that adapts as the device host's poller
-//! does ([`virtio_pci::adjust_poll_window`], up to [`SessionConfig::poll_max`]). When
+//! does ([`virtio_contract::adjust_poll_window`], up to [`SessionConfig::poll_max`]). When
 //! the window passes with nothing new it turns notifications back on, which re-checks
 //! the rings after a fence, serves what was published meanwhile, and sleeps. It takes
 //! the device lock per pass, never across the window.
@@ -40,7 +40,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use virtio_pci::{adjust_poll_window, VirtioDevice};
+use virtio_contract::{adjust_poll_window, VirtioDevice};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use zerocopy::IntoBytes;
@@ -587,8 +587,9 @@ impl<D: VirtioDevice<GuestView> + Send> Session<D> {
             st.device.set_acked_features(device_acked);
             for r in &mut st.rings {
                 // Event index is not offered by our devices; keep virtio-queue in step.
-                r.queue
-                    .set_event_idx(device_acked & (1 << virtio_pci::VIRTIO_RING_F_EVENT_IDX) != 0);
+                r.queue.set_event_idx(
+                    device_acked & (1 << virtio_contract::VIRTIO_RING_F_EVENT_IDX) != 0,
+                );
             }
         });
         self.acked_features = Some(acked);
@@ -818,7 +819,7 @@ fn process<D: VirtioDevice<GuestView>>(sh: &Shared<D>, i: usize, polling: bool) 
     }
     // As the transport serves a notification: with EVENT_IDX, avail_event follows,
     // and no call goes out that the driver did not ask for.
-    let result = virtio_pci::serve_queue(device, i, &mut ring.queue, &view, polling);
+    let result = virtio_contract::serve_queue(device, i, &mut ring.queue, &view, polling);
     crate::trace!(
         "queue {i}: done at avail {}: {result:?}",
         ring.queue.next_avail()
@@ -826,7 +827,7 @@ fn process<D: VirtioDevice<GuestView>>(sh: &Shared<D>, i: usize, polling: bool) 
     // Unpins the windows of the batch: revoked ones are unmapped now.
     drop(view);
     match result {
-        Ok(virtio_pci::Interrupt::Send) => signal(&sh.calls[i]),
+        Ok(virtio_contract::Interrupt::Send) => signal(&sh.calls[i]),
         Ok(_) => {}
         Err(e) => {
             eprintln!("vhost-iotlb: queue {i} failed and is stopped until restarted: {e}");

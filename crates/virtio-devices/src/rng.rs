@@ -12,8 +12,9 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_pci::{
-    VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+use virtio_contract::{
+    DeviceError, DeviceIdentity, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestMemory, Permissions};
@@ -173,7 +174,7 @@ impl Rng {
     }
 }
 
-impl<M: GuestMemory> VirtioDevice<M> for Rng {
+impl DeviceIdentity for Rng {
     fn device_type(&self) -> u16 {
         DEVICE_TYPE
     }
@@ -204,8 +205,15 @@ impl<M: GuestMemory> VirtioDevice<M> for Rng {
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+}
 
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &M) -> Result<bool, String> {
+impl<M: GuestMemory> VirtioDevice<M> for Rng {
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<bool, DeviceError> {
         if index != 0 {
             return Ok(false);
         }
@@ -223,18 +231,24 @@ impl<M: GuestMemory> VirtioDevice<M> for Rng {
             let len = *filled.as_ref().unwrap_or(&0);
             queue
                 .add_used(mem, head, len)
-                .map_err(|e| format!("virtio-rng: cannot return chain {head}: {e}"))?;
+                .map_err(|source| DeviceError::Queue {
+                    queue: index,
+                    source,
+                })?;
             used = true;
             // A source that fails will fail again: let the transport mark the device
             // as needing a reset rather than hand out zero-length buffers forever.
-            filled.map_err(|e| e.to_string())?;
+            filled.map_err(|e| DeviceError::backend("virtio-rng", e))?;
         }
         if !used {
             return Ok(false);
         }
         queue
             .needs_notification(mem)
-            .map_err(|e| format!("virtio-rng: cannot read used_event: {e}"))
+            .map_err(|source| DeviceError::Queue {
+                queue: index,
+                source,
+            })
     }
 
     fn reset(&mut self) {
@@ -253,7 +267,7 @@ mod tests {
         let c = RngConfig::default();
         assert_eq!(c.source, Path::new("/dev/urandom"));
         let rng = Rng::new(&c).unwrap();
-        let f = <Rng as VirtioDevice<vm_memory::GuestMemoryMmap<()>>>::device_features(&rng);
+        let f = <Rng as DeviceIdentity>::device_features(&rng);
         assert_eq!(
             f,
             (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)

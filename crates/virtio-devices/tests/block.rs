@@ -10,9 +10,9 @@ mod common;
 use common::*;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
+use virtio_contract::{DeviceIdentity, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_devices::block::request::{MAX_DATA_BYTES, SEG_MAX};
 use virtio_devices::block::{Block, BlockConfig, BlockError};
-use virtio_pci::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
@@ -51,7 +51,7 @@ fn run(
 fn blk_offers_version_1_event_idx_indirect_flush_seg_max_size_max_blk_size_and_ro_only_when_read_only(
 ) {
     let (_img, rw) = disk("feat-rw", false);
-    let f = VirtioDevice::<Mem>::device_features(&rw);
+    let f = DeviceIdentity::device_features(&rw);
     for bit in [
         VIRTIO_F_VERSION_1,
         virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX,
@@ -67,12 +67,12 @@ fn blk_offers_version_1_event_idx_indirect_flush_seg_max_size_max_blk_size_and_r
     assert_eq!(f & (1 << VIRTIO_F_ACCESS_PLATFORM), 0);
     let (_img2, ro) = disk("feat-ro", true);
     assert_ne!(
-        VirtioDevice::<Mem>::device_features(&ro) & (1 << VIRTIO_BLK_F_RO),
+        DeviceIdentity::device_features(&ro) & (1 << VIRTIO_BLK_F_RO),
         0
     );
-    assert_eq!(VirtioDevice::<Mem>::device_type(&rw), 2);
-    assert_eq!(VirtioDevice::<Mem>::queue_max_sizes(&rw), &[256]);
-    assert!(VirtioDevice::<Mem>::config_size(&rw) >= 24);
+    assert_eq!(DeviceIdentity::device_type(&rw), 2);
+    assert_eq!(DeviceIdentity::queue_max_sizes(&rw), &[256]);
+    assert!(DeviceIdentity::config_size(&rw) >= 24);
     assert_eq!(rw.capacity(), 64);
 }
 
@@ -313,7 +313,7 @@ fn blk_flush_is_ok_with_and_without_negotiated_writeback() {
     let mut drv = Driver::new(&mem);
     let mut q = drv.queue();
     for acked in [0u64, 1 << VIRTIO_BLK_F_FLUSH | 1 << VIRTIO_F_VERSION_1] {
-        VirtioDevice::<Mem>::set_acked_features(&mut dev, acked);
+        DeviceIdentity::set_acked_features(&mut dev, acked);
         prepare(&mem, VIRTIO_BLK_T_FLUSH, 0);
         let (used, st) = run(
             &mut dev,
@@ -626,7 +626,7 @@ fn blk_empty_image_has_capacity_zero_and_refuses_every_transfer() {
     .unwrap();
     assert_eq!(dev.capacity(), 0);
     assert_ne!(
-        VirtioDevice::<Mem>::device_features(&dev) & (1 << VIRTIO_F_ACCESS_PLATFORM),
+        DeviceIdentity::device_features(&dev) & (1 << VIRTIO_F_ACCESS_PLATFORM),
         0
     );
     let mem = ram();

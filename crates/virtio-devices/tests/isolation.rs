@@ -13,6 +13,7 @@ mod common;
 use common::*;
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
+use virtio_contract::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_devices::{block, Block, BlockConfig, Rng, RngConfig};
 use virtio_iommu::fake_driver::FakeGuest;
 use virtio_iommu::wire::{CONFIG_BYPASS_OFFSET, VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE};
@@ -20,9 +21,7 @@ use virtio_iommu::{
     DomainId, EndpointConfig, EndpointId, EndpointIommu, IommuConfig, Iova, Request, Status,
     VirtioIommu,
 };
-use virtio_pci::{
-    device_status, VirtioDevice, VirtioPciTransport, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
-};
+use virtio_pci::{device_status, VirtioPciTransport};
 use vm_memory::{Bytes, GuestAddress, IommuMemory};
 
 type IoMem = IommuMemory<Mem, EndpointIommu>;

@@ -10,11 +10,9 @@ mod common;
 use common::*;
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
+use virtio_contract::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use virtio_devices::{block, rng, Block, BlockConfig, Rng, RngConfig};
-use virtio_pci::{
-    device_status, VirtioPciTransport, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
-};
+use virtio_pci::{device_status, VirtioPciTransport};
 use vm_memory::{Bytes, GuestAddress};
 
 const AP: u64 = 1 << VIRTIO_F_ACCESS_PLATFORM;

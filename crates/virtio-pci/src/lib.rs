@@ -6,7 +6,7 @@
 //! configuration, ISR, device configuration, notifications). A VMM — or a vfio-user
 //! device host, which receives the same accesses as socket messages — forwards config
 //! and BAR accesses to it; the transport negotiates features, sets up queues, runs the
-//! device-status state machine, and calls the device's [`VirtioDevice`] methods. A
+//! device-status state machine, and calls the device's `virtio_contract::VirtioDevice` methods. A
 //! device sees only its queues and a `vm_memory::GuestMemory`: for a device behind an
 //! IOMMU that memory is an `IommuMemory`, and the transport then requires
 //! `VIRTIO_F_ACCESS_PLATFORM` so the driver cannot make it bypass translation.
@@ -19,13 +19,9 @@
 #![deny(missing_docs)]
 
 mod config_space;
-mod poll;
 mod transport;
 
 pub use config_space::{Bar0Layout, PciIds, BAR0_SIZE};
-pub use poll::{adjust_poll_window, POLL_WINDOW_START};
 pub use transport::{
-    device_status, serve_queue, ActiveQueue, Interrupt, InterruptSink, TransportCounters,
-    TransportError, VirtioDevice, VirtioPciTransport, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
-    VIRTIO_MSI_NO_VECTOR, VIRTIO_RING_F_EVENT_IDX,
+    device_status, InterruptSink, TransportCounters, TransportError, VirtioPciTransport,
 };

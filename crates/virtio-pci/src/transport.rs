@@ -6,20 +6,12 @@ use crate::config_space::{
     PCI_CFG_OFFSET,
 };
 use std::sync::atomic::Ordering;
+use virtio_contract::{
+    serve_queue, ActiveQueue, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR,
+    VIRTIO_RING_F_EVENT_IDX,
+};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
-
-/// `VIRTIO_F_VERSION_1`.
-pub const VIRTIO_F_VERSION_1: u32 = 32;
-/// `VIRTIO_F_ACCESS_PLATFORM`: the device's DMA goes through the platform's IOMMU.
-pub const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
-/// `VIRTIO_RING_F_EVENT_IDX`: used/avail event suppression, handled by virtio-queue.
-pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
-/// "No vector" for `config_msix_vector` / `queue_msix_vector`.
-pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
-/// `VRING_AVAIL_F_NO_INTERRUPT` (§2.7.7): without EVENT_IDX, the driver's "do not
-/// interrupt me" in `avail->flags`.
-const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+use vm_memory::GuestMemory;
 
 /// Device status bits (virtio spec §2.1).
 pub mod device_status {
@@ -42,67 +34,6 @@ use device_status::*;
 pub trait InterruptSink: Send + Sync {
     /// Signals `vector`.
     fn signal(&self, vector: u16);
-}
-
-/// A virtio device as the transport drives it: its identity, features, config space and
-/// queue processing. Queues and memory are the transport's; the device only interprets
-/// what is on them.
-pub trait VirtioDevice<M: GuestMemory> {
-    /// Virtio device type (virtio spec §5), e.g. 2 for block, 4 for entropy, 23 for IOMMU.
-    fn device_type(&self) -> u16;
-    /// Maximum size of each queue; the slice's length is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
-    /// Feature bits offered, transport bits (VERSION_1, ACCESS_PLATFORM) included.
-    fn device_features(&self) -> u64;
-    /// Features accepted by the driver (called at FEATURES_OK, a subset of the offer).
-    fn set_acked_features(&mut self, features: u64);
-    /// Size of the device-specific configuration.
-    fn config_size(&self) -> u64;
-    /// Reads device configuration (`offset + data.len() <= config_size()`).
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes device configuration (`offset + data.len() <= config_size()`).
-    fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// Processes queue `index` after the driver notified it (or the transport's poller
-    /// saw new buffers); returns whether the driver should be interrupted, as
-    /// `QueueT::needs_notification` tells with EVENT_IDX (without it, the transport
-    /// honours `VRING_AVAIL_F_NO_INTERRUPT` itself).
-    ///
-    /// # Errors
-    /// A description of a failure the device cannot recover from; the transport then
-    /// sets DEVICE_NEEDS_RESET.
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &M) -> Result<bool, String>;
-    /// Device reset: forget all driver-visible state.
-    fn reset(&mut self);
-    /// Whether the transport may poll queue `index` for new buffers. A queue whose
-    /// buffers wait for events of the device (the virtio-iommu's event queue) is not
-    /// polled: its available buffers are not work. The default polls every queue.
-    fn polled(&self, index: usize) -> bool {
-        let _ = index;
-        true
-    }
-    /// Called when the driver sets DRIVER_OK, after the transport checked every ready
-    /// queue (§3.1.1 step 8), with those queues and their MSI-X vectors. A device whose
-    /// queues run elsewhere (an out-of-process backend) starts them here; the default
-    /// does nothing.
-    ///
-    /// # Errors
-    /// A description of why the device cannot start; the transport then refuses
-    /// DRIVER_OK and sets DEVICE_NEEDS_RESET.
-    fn activate(&mut self, queues: &[ActiveQueue<'_>], mem: &M) -> Result<(), String> {
-        let _ = (queues, mem);
-        Ok(())
-    }
-}
-
-/// A ready queue as [`VirtioDevice::activate`] sees it.
-#[derive(Debug)]
-pub struct ActiveQueue<'a> {
-    /// Queue index.
-    pub index: usize,
-    /// The queue as the driver configured it (size, ring addresses, event index).
-    pub queue: &'a Queue,
-    /// Its MSI-X vector, or [`VIRTIO_MSI_NO_VECTOR`].
-    pub vector: u16,
 }
 
 /// Why a transport could not be built.
@@ -146,70 +77,6 @@ pub struct TransportCounters {
     /// Queue interrupts the device wanted but the driver asked not to get
     /// (`VRING_AVAIL_F_NO_INTERRUPT` without EVENT_IDX).
     pub suppressed_interrupts: u64,
-}
-
-/// Whether the driver gets an interrupt for what [`serve_queue`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Interrupt {
-    /// Nothing the driver needs to hear about.
-    None,
-    /// The driver asked to be told: send it.
-    Send,
-    /// The device would have interrupted, but the driver asked for none
-    /// (`VRING_AVAIL_F_NO_INTERRUPT` without EVENT_IDX).
-    Suppressed,
-}
-
-/// Serves queue `index` of `device` as a notification of it asks, for the transport and
-/// for a vhost-user back-end alike. It processes the queue; then, unless `polling` (a
-/// poller serves the queue with notifications off), it asks the driver for the next
-/// notification, which with EVENT_IDX moves `avail_event` to where the device stopped
-/// (§2.7.10): without that the driver would never notify again. Buffers published in
-/// between are served at once. A queue whose buffers the device leaves waiting (an
-/// event queue) is served once.
-///
-/// # Errors
-/// The device's error: it cannot go on without a reset.
-pub fn serve_queue<M: GuestMemory, D: VirtioDevice<M> + ?Sized>(
-    device: &mut D,
-    index: usize,
-    queue: &mut Queue,
-    mem: &M,
-    polling: bool,
-) -> Result<Interrupt, String> {
-    let mut wanted = false;
-    loop {
-        let before = queue.next_avail();
-        wanted |= device.process_queue(index, queue, mem)?;
-        if polling
-            || queue.next_avail() == before
-            || !queue.enable_notification(mem).unwrap_or(false)
-        {
-            break;
-        }
-    }
-    Ok(if !wanted {
-        Interrupt::None
-    } else if driver_wants_interrupt(queue, mem) {
-        Interrupt::Send
-    } else {
-        Interrupt::Suppressed
-    })
-}
-
-/// Without EVENT_IDX the driver's `avail->flags` says whether it wants interrupts
-/// (§2.7.7.2: the device SHOULD NOT send one when `VRING_AVAIL_F_NO_INTERRUPT` is set;
-/// virtio-queue ignores the flag). With EVENT_IDX the device already asked
-/// `needs_notification`, which compared `used_event`. An unreadable ring is the
-/// device's error to find: the interrupt goes out.
-fn driver_wants_interrupt<M: GuestMemory>(q: &Queue, mem: &M) -> bool {
-    if q.event_idx_enabled() {
-        return true;
-    }
-    mem.load::<u16>(GuestAddress(q.avail_ring()), Ordering::Acquire)
-        .map_or(true, |flags| {
-            u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0
-        })
 }
 
 /// A virtio device on a modern virtio-pci function.

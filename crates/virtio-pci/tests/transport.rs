@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
 use std::sync::{Arc, Mutex};
+use virtio_contract::*;
 use virtio_pci::*;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -20,54 +21,71 @@ struct Echo {
     cfg: [u8; 8],
 }
 
-impl VirtioDevice<Mem> for Echo {
+impl DeviceIdentity for Echo {
     fn device_type(&self) -> u16 {
         4
     }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &[16, 8]
     }
+
     fn device_features(&self) -> u64 {
         (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_F_ACCESS_PLATFORM)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << 5)
     }
+
     fn set_acked_features(&mut self, f: u64) {
         self.acked = f;
     }
+
     fn config_size(&self) -> u64 {
         8
     }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         data.copy_from_slice(&self.cfg[offset as usize..offset as usize + data.len()]);
     }
+
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         self.cfg[offset as usize..offset as usize + data.len()].copy_from_slice(data);
     }
-    fn process_queue(&mut self, _: usize, q: &mut Queue, mem: &Mem) -> Result<bool, String> {
+}
+
+impl VirtioDevice<Mem> for Echo {
+    fn process_queue(
+        &mut self,
+        index: usize,
+        q: &mut Queue,
+        mem: &Mem,
+    ) -> Result<bool, DeviceError> {
+        let fail = |e: vm_memory::GuestMemoryError| DeviceError::backend("echo", e);
+        let ring = |source| DeviceError::Queue {
+            queue: index,
+            source,
+        };
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let descs: Vec<_> = chain.collect();
             let mut data = Vec::new();
             for d in descs.iter().filter(|d| !d.is_write_only()) {
                 let mut b = vec![0; d.len() as usize];
-                mem.read_slice(&mut b, d.addr())
-                    .map_err(|e| e.to_string())?;
+                mem.read_slice(&mut b, d.addr()).map_err(fail)?;
                 data.extend(b);
             }
             data.reverse();
             let w = descs
                 .iter()
                 .find(|d| d.is_write_only())
-                .ok_or("no writable")?;
-            mem.write_slice(&data, w.addr())
-                .map_err(|e| e.to_string())?;
-            q.add_used(mem, head, data.len() as u32)
-                .map_err(|e| e.to_string())?;
+                .ok_or_else(|| DeviceError::backend("echo", "no writable descriptor"))?;
+            mem.write_slice(&data, w.addr()).map_err(fail)?;
+            q.add_used(mem, head, data.len() as u32).map_err(ring)?;
         }
-        q.needs_notification(mem).map_err(|e| e.to_string())
+        q.needs_notification(mem).map_err(ring)
     }
+
     fn reset(&mut self) {
         self.resets += 1;
         self.acked = 0;

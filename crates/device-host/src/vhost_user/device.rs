@@ -1,4 +1,4 @@
-//! The device glue: [`VhostUserDevice`] as a `virtio_pci::VirtioDevice` (activation,
+//! The device glue: [`VhostUserDevice`] as a `virtio_contract::VirtioDevice` (activation,
 //! kicks, reset, reconnection), the thread that turns call eventfds into interrupts,
 //! and the factory that serves one behind a vfio-user function.
 
@@ -19,11 +19,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::Duration;
-use virtio_iommu::EndpointIommu;
-use virtio_pci::{
-    device_status, ActiveQueue, InterruptSink, VirtioDevice, VirtioPciTransport,
-    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR,
+use virtio_contract::{
+    ActiveQueue, DeviceError, DeviceIdentity, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR,
 };
+use virtio_iommu::EndpointIommu;
+use virtio_pci::{device_status, InterruptSink, VirtioPciTransport};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -574,7 +575,7 @@ impl Drop for VhostUserDevice {
     }
 }
 
-impl<M: PhysicalMemory> VirtioDevice<M> for VhostUserDevice {
+impl DeviceIdentity for VhostUserDevice {
     fn device_type(&self) -> u16 {
         self.kind.device_type()
     }
@@ -634,16 +635,23 @@ impl<M: PhysicalMemory> VirtioDevice<M> for VhostUserDevice {
             }
         }
     }
+}
 
+impl<M: PhysicalMemory> VirtioDevice<M> for VhostUserDevice {
     /// The back-end runs the queues: nothing here to poll.
     fn polled(&self, _index: usize) -> bool {
         false
     }
 
-    fn process_queue(&mut self, index: usize, _queue: &mut Queue, mem: &M) -> Result<bool, String> {
+    fn process_queue(
+        &mut self,
+        index: usize,
+        _queue: &mut Queue,
+        mem: &M,
+    ) -> Result<bool, DeviceError> {
         if self.shared.broken.load(Ordering::Acquire) {
             self.fail_pending(mem);
-            return Err(VhostUserError::Broken.to_string());
+            return Err(DeviceError::backend("vhost-user", VhostUserError::Broken));
         }
         if let (Some(q), Some(true)) = (self.queues.get(index), self.started.get(index)) {
             // An eventfd write fails only if the counter would overflow: a kick is
@@ -658,9 +666,9 @@ impl<M: PhysicalMemory> VirtioDevice<M> for VhostUserDevice {
         self.acked = 0;
     }
 
-    fn activate(&mut self, queues: &[ActiveQueue<'_>], mem: &M) -> Result<(), String> {
+    fn activate(&mut self, queues: &[ActiveQueue<'_>], mem: &M) -> Result<(), DeviceError> {
         self.start(queues, mem.physical())
-            .map_err(|e| e.to_string())
+            .map_err(|e| DeviceError::backend("vhost-user", e))
     }
 }
 

@@ -6,7 +6,7 @@ use crate::host::EndpointMemory;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
-use virtio_pci::ActiveQueue;
+use virtio_contract::ActiveQueue;
 use virtio_queue::QueueT;
 use vm_memory::{GuestMemory, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 

@@ -1,6 +1,6 @@
 //! A device whose queues run in another process: the front-end side of vhost-user
 //! (QEMU's `docs/interop/vhost-user.rst`). [`VhostUserDevice`] is a
-//! `virtio_pci::VirtioDevice` like our in-process devices, so the guest sees the same
+//! `virtio_contract::VirtioDevice` like our in-process devices, so the guest sees the same
 //! virtio-pci function; features and configuration are the back-end's, guest RAM is
 //! shared with it as the file descriptors the VMM gave us ([`crate::dma`]), queue
 //! notifications become kick eventfd writes and the back-end's call eventfds become
@@ -84,8 +84,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
+use virtio_contract::VIRTIO_F_VERSION_1;
 use virtio_iommu::EndpointIommu;
-use virtio_pci::VIRTIO_F_VERSION_1;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Default deadline for every back-end answer (and for an INVALIDATE's ack).
@@ -207,7 +207,7 @@ impl DeviceKind {
         }
     }
 
-    /// Bytes of device configuration forwarded: virtio-blk up to `blk_size` (§5.2.4:
+    /// Bytes of device configuration forwarded: virtio-blk up to `blk_size` (virtio v1.3 §5.2.4:
     /// capacity, size_max, seg_max, geometry, blk_size), virtio-rng and the transmit
     /// sink have none.
     pub fn config_size(self) -> u32 {

@@ -5,7 +5,7 @@ use super::device::VhostUserDevice;
 use super::DeviceKind;
 use dma_types::lock;
 use std::sync::atomic::Ordering;
-use virtio_pci::VIRTIO_MSI_NO_VECTOR;
+use virtio_contract::VIRTIO_MSI_NO_VECTOR;
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
@@ -68,7 +68,7 @@ pub(super) fn fail_ring<M: GuestMemory>(kind: DeviceKind, state: QueueState, mem
     ) else {
         return 0;
     };
-    // §2.7.6: the driver never has more than the ring's size outstanding.
+    // virtio v1.3 §2.7.6: the driver never has more than the ring's size outstanding.
     let pending = (avail - used).0;
     if pending > q.size() {
         return 0;
@@ -92,13 +92,13 @@ pub(super) fn fail_ring<M: GuestMemory>(kind: DeviceKind, state: QueueState, mem
         done += 1;
     }
     // The driver must notify its next request too, which is then failed the same way:
-    // with EVENT_IDX, the dead back-end left avail_event wherever it was (§2.7.10).
+    // with EVENT_IDX, the dead back-end left avail_event wherever it was (virtio v1.3 §2.7.10).
     let _ = q.enable_notification(mem);
     done
 }
 
 /// Writes `VIRTIO_BLK_S_IOERR` into a virtio-blk request's status byte, the last byte
-/// of its last device-writable descriptor (§5.2.6); returns the bytes written (1, or
+/// of its last device-writable descriptor (virtio v1.3 §5.2.6); returns the bytes written (1, or
 /// 0 when the chain has no writable byte or the guest did not map it writable).
 pub(super) fn write_ioerr<M: GuestMemory>(
     chain: virtio_queue::DescriptorChain<&M>,

@@ -14,8 +14,8 @@ use grant_table::{
 use std::path::PathBuf;
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
+use virtio_contract::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_devices::{Block, BlockConfig};
-use virtio_pci::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
@@ -118,7 +118,7 @@ impl Drop for TempImage {
     }
 }
 
-pub fn blk<M: GuestMemory>(img: &TempImage) -> Block {
+pub fn blk(img: &TempImage) -> Block {
     let mut b = Block::new(&BlockConfig {
         path: img.0.clone(),
         read_only: false,
@@ -126,7 +126,7 @@ pub fn blk<M: GuestMemory>(img: &TempImage) -> Block {
         test_stray_sector: None,
     })
     .unwrap();
-    <Block as VirtioDevice<M>>::set_acked_features(
+    <Block as virtio_contract::DeviceIdentity>::set_acked_features(
         &mut b,
         (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM),
     );

@@ -26,8 +26,9 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
-use virtio_pci::{
-    VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+use virtio_contract::{
+    DeviceError, DeviceIdentity, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestMemory, Permissions};
@@ -63,6 +64,9 @@ pub mod config {
 /// never leave the device: the guest gets `VIRTIO_BLK_S_IOERR`).
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
+    /// A `seg_max` the device cannot advertise.
+    #[error("seg_max {0} is outside 1..={max}", max = request::SEG_MAX)]
+    SegMax(u32),
     /// The image cannot be opened with the access asked for.
     #[error("cannot open disk image {}: {source}", path.display())]
     Open {
@@ -149,6 +153,8 @@ pub struct Block {
     acked: u64,
     counters: BlockCounters,
     test_stray_sector: Option<u64>,
+    /// What `seg_max` advertises (at most [`request::SEG_MAX`]).
+    seg_max: u32,
 }
 
 impl std::fmt::Debug for Block {
@@ -212,7 +218,25 @@ impl Block {
             acked: 0,
             counters: BlockCounters::default(),
             test_stray_sector: config.test_stray_sector,
+            seg_max: request::SEG_MAX,
         })
+    }
+
+    /// Advertises `seg_max` data segments per request instead of
+    /// [`request::SEG_MAX`]. A carrier whose ring is smaller than the device's own
+    /// queue needs it: Linux, without indirect descriptors, must fit `seg_max + 2`
+    /// descriptors in the ring, and refuses (and retries for ever) a longer chain. QEMU's
+    /// vhost-user-blk front-end gives the queue 128 entries, so a back-end behind it
+    /// advertises at most 126.
+    ///
+    /// # Errors
+    /// [`BlockError::SegMax`] unless `1 <= seg_max <= request::SEG_MAX`; nothing changes.
+    pub fn set_seg_max(&mut self, seg_max: u32) -> Result<(), BlockError> {
+        if !(1..=request::SEG_MAX).contains(&seg_max) {
+            return Err(BlockError::SegMax(seg_max));
+        }
+        self.seg_max = seg_max;
+        Ok(())
     }
 
     /// The image's path.
@@ -257,7 +281,7 @@ impl Block {
         c[config::CAPACITY..config::CAPACITY + 8]
             .copy_from_slice(&self.disk.capacity.to_le_bytes());
         c[config::SIZE_MAX..config::SIZE_MAX + 4].copy_from_slice(&request::SIZE_MAX.to_le_bytes());
-        c[config::SEG_MAX..config::SEG_MAX + 4].copy_from_slice(&request::SEG_MAX.to_le_bytes());
+        c[config::SEG_MAX..config::SEG_MAX + 4].copy_from_slice(&self.seg_max.to_le_bytes());
         c[config::BLK_SIZE..config::BLK_SIZE + 4]
             .copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         c
@@ -405,7 +429,7 @@ impl Block {
     }
 }
 
-impl<M: GuestMemory> VirtioDevice<M> for Block {
+impl DeviceIdentity for Block {
     fn device_type(&self) -> u16 {
         DEVICE_TYPE
     }
@@ -460,8 +484,15 @@ impl<M: GuestMemory> VirtioDevice<M> for Block {
     /// The configuration is read-only (`CONFIG_WCE` is not offered): writes are
     /// ignored.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+}
 
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &M) -> Result<bool, String> {
+impl<M: GuestMemory> VirtioDevice<M> for Block {
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<bool, DeviceError> {
         if index != 0 {
             return Ok(false);
         }
@@ -477,7 +508,10 @@ impl<M: GuestMemory> VirtioDevice<M> for Block {
             let len = self.handle(chain, mem);
             queue
                 .add_used(mem, head, len)
-                .map_err(|e| format!("virtio-blk: cannot return chain {head}: {e}"))?;
+                .map_err(|source| DeviceError::Queue {
+                    queue: index,
+                    source,
+                })?;
             used = true;
         }
         if !used {
@@ -485,7 +519,10 @@ impl<M: GuestMemory> VirtioDevice<M> for Block {
         }
         queue
             .needs_notification(mem)
-            .map_err(|e| format!("virtio-blk: cannot read used_event: {e}"))
+            .map_err(|source| DeviceError::Queue {
+                queue: index,
+                source,
+            })
     }
 
     fn reset(&mut self) {
@@ -498,9 +535,6 @@ mod tests {
     #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
     use super::*;
-    use vm_memory::GuestMemoryMmap;
-
-    type Mem = GuestMemoryMmap<()>;
 
     fn image(name: &str, len: usize) -> PathBuf {
         let p = std::env::temp_dir().join(format!("vd-unit-{}-{name}", std::process::id()));
@@ -520,7 +554,7 @@ mod tests {
         .unwrap();
         std::fs::remove_file(&path).unwrap();
         let mut c = [0xffu8; 32];
-        VirtioDevice::<Mem>::read_config(&dev, 0, &mut c);
+        DeviceIdentity::read_config(&dev, 0, &mut c);
         assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 8);
         assert_eq!(
             u32::from_le_bytes(c[8..12].try_into().unwrap()),
@@ -534,7 +568,7 @@ mod tests {
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
         assert_eq!(&c[24..], &[0; 8], "past the configuration");
         let mut far = [0xffu8; 2];
-        VirtioDevice::<Mem>::read_config(&dev, u64::MAX, &mut far);
+        DeviceIdentity::read_config(&dev, u64::MAX, &mut far);
         assert_eq!(far, [0, 0]);
         let name = path.file_name().unwrap().as_bytes();
         assert!(name.len() > ID_BYTES);

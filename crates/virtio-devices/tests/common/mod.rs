@@ -9,8 +9,9 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use virtio_contract::VirtioDevice;
 use virtio_devices::block::request::RequestHeader;
-use virtio_pci::{InterruptSink, VirtioDevice, VirtioPciTransport};
+use virtio_pci::{InterruptSink, VirtioPciTransport};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;

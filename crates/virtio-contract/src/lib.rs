@@ -1,0 +1,239 @@
+//! The device contract: what a virtio device is to whatever carries it — our
+//! virtio-pci transport (`virtio-pci`) in the device host, or a vhost-user back-end
+//! session (`vhost-iotlb`) in its own process — and nothing about how it is carried.
+//!
+//! - [`DeviceIdentity`]: who the device is to the driver: its type, queues, feature
+//!   bits and configuration space. Kept apart from queue handling.
+//! - [`VirtioDevice`]: its queue handling over any `vm_memory::GuestMemory` (plain guest
+//!   RAM, an IOMMU's view, a pool, a back-end's windows), with typed errors
+//!   ([`DeviceError`]).
+//! - [`serve_queue`] and [`Interrupt`]: how a notification (or a poller) serves a
+//!   queue, the same for every carrier: event-index bookkeeping and interrupt
+//!   suppression (virtio v1.3 §2.7.7, §2.7.10).
+//! - [`adjust_poll_window`]: the adaptive window of a thread that polls queues.
+//!
+//! # The batch
+//! A device reaches guest memory only inside [`VirtioDevice::process_queue`] (and
+//! [`VirtioDevice::activate`]): one call is one *batch*. It starts when the carrier calls
+//! it and ends when it returns; a device keeps no reference into guest memory (a
+//! `VolatileSlice`, a host pointer) past the end of its batch. Within a batch a device
+//! may hold what it translated for one request while it moves that request's data
+//! (virtio-blk translates every segment of a request, then reads the image into them
+//! with one `preadv`). What each way of sharing guarantees for memory the guest takes
+//! away *during* a batch:
+//!
+//! - virtio-iommu in process (`virtio_iommu::EndpointIommu` under
+//!   `vm_memory::IommuMemory`): every translation is checked against the tables when
+//!   it is made; an UNMAP that completes before a translation is made denies it (the
+//!   access fails and a fault is reported). What was translated before the UNMAP stays
+//!   reachable until the batch ends, as with real DMA that started before an IOTLB
+//!   flush.
+//! - virtio-iommu out of process (`vhost-iotlb`): the back-end maps windows; an
+//!   INVALIDATE during a batch replaces the window's pages in place (reads see zeros,
+//!   writes are lost) and the window is unmapped when the batch ends; the guest's UNMAP
+//!   completes only after the back-end acknowledged.
+//! - Grant tables (`grant_table::GrantIommu`): pages are pinned from their first
+//!   translation in a batch until the carrier calls `complete` after the batch; while
+//!   pinned, the guest's revoke answers "busy", so nothing is taken away mid-batch.
+//! - The restricted pool (`bounce_pool::PoolIommu`): the pool is fixed at VM creation
+//!   and never taken away; what the guest's DMA layer bounces through it is its own
+//!   business.
+//!
+//! So the modes differ in what an early revocation costs (a fault, zeros, "busy", or
+//! nothing to revoke), never in what the device can reach after its batch ends.
+
+#![deny(missing_docs)]
+
+mod poll;
+
+pub use poll::{adjust_poll_window, POLL_WINDOW_START};
+
+use std::sync::atomic::Ordering;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+/// `VIRTIO_F_VERSION_1`.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// `VIRTIO_F_ACCESS_PLATFORM`: the device's DMA goes through the platform's IOMMU.
+pub const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
+/// `VIRTIO_RING_F_INDIRECT_DESC`: descriptors may point at a table of descriptors.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+/// `VIRTIO_RING_F_EVENT_IDX`: used/avail event suppression, handled by virtio-queue.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+/// "No vector" for `config_msix_vector` / `queue_msix_vector`.
+pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
+/// `VRING_AVAIL_F_NO_INTERRUPT` (§2.7.7): without EVENT_IDX, the driver's "do not
+/// interrupt me" in `avail->flags`.
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Why a device cannot go on without a reset. The carrier then sets
+/// DEVICE_NEEDS_RESET (virtio-pci) or stops the ring (vhost-user); guest mistakes that
+/// a device can answer (a malformed request) are never errors: they are answered with
+/// the device's status code.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The ring cannot be read or written where the driver put it.
+    #[error("queue {queue}: {source}")]
+    Queue {
+        /// The queue's index.
+        queue: usize,
+        /// What virtio-queue reported.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// What serves the device failed (an entropy source, a back-end process that is
+    /// gone, the IOMMU's own queue).
+    #[error("{device}: {source}")]
+    Backend {
+        /// The device, for the message (`"virtio-rng"`, `"vhost-user blk"`...).
+        device: &'static str,
+        /// The failure.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl DeviceError {
+    /// A failure of what serves `device`.
+    pub fn backend(
+        device: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Backend {
+            device,
+            source: source.into(),
+        }
+    }
+}
+
+/// Who a device is to the driver: its type, queues, features and configuration space
+/// (virtio v1.3 §2.2, §2.5, §5).
+pub trait DeviceIdentity {
+    /// Virtio device type (virtio spec §5), e.g. 2 for block, 4 for entropy, 23 for IOMMU.
+    fn device_type(&self) -> u16;
+    /// Maximum size of each queue; the slice's length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered, transport bits (VERSION_1, ACCESS_PLATFORM) included.
+    fn device_features(&self) -> u64;
+    /// Features accepted by the driver (called at FEATURES_OK, a subset of the offer).
+    fn set_acked_features(&mut self, features: u64);
+    /// Size of the device-specific configuration.
+    fn config_size(&self) -> u64;
+    /// Reads device configuration (`offset + data.len() <= config_size()`).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device configuration (`offset + data.len() <= config_size()`).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+}
+
+/// A virtio device's queue handling, over guest memory `M`. See the crate docs for the
+/// batch each call is.
+pub trait VirtioDevice<M: GuestMemory>: DeviceIdentity {
+    /// Processes queue `index` after the driver notified it (or a poller saw new
+    /// buffers); returns whether the driver should be interrupted, as
+    /// `QueueT::needs_notification` tells with EVENT_IDX (without it, the carrier
+    /// honours `VRING_AVAIL_F_NO_INTERRUPT` itself).
+    ///
+    /// # Errors
+    /// [`DeviceError`]: the device cannot go on without a reset.
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<bool, DeviceError>;
+    /// Device reset: forget all driver-visible state.
+    fn reset(&mut self);
+    /// Whether a poller may watch queue `index` for new buffers. A queue whose buffers
+    /// wait for events of the device (the virtio-iommu's event queue) is not polled:
+    /// its available buffers are not work. The default polls every queue.
+    fn polled(&self, index: usize) -> bool {
+        let _ = index;
+        true
+    }
+    /// Called when the driver sets DRIVER_OK, after the carrier checked every ready
+    /// queue (§3.1.1 step 8), with those queues and their MSI-X vectors. A device whose
+    /// queues run elsewhere (an out-of-process backend) starts them here; the default
+    /// does nothing.
+    ///
+    /// # Errors
+    /// [`DeviceError`]: the device cannot start; the carrier refuses DRIVER_OK.
+    fn activate(&mut self, queues: &[ActiveQueue<'_>], mem: &M) -> Result<(), DeviceError> {
+        let _ = (queues, mem);
+        Ok(())
+    }
+}
+
+/// A ready queue as [`VirtioDevice::activate`] sees it.
+#[derive(Debug)]
+pub struct ActiveQueue<'a> {
+    /// Queue index.
+    pub index: usize,
+    /// The queue as the driver configured it (size, ring addresses, event index).
+    pub queue: &'a Queue,
+    /// Its MSI-X vector, or [`VIRTIO_MSI_NO_VECTOR`].
+    pub vector: u16,
+}
+
+/// Whether the driver gets an interrupt for what [`serve_queue`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupt {
+    /// Nothing the driver needs to hear about.
+    None,
+    /// The driver asked to be told: send it.
+    Send,
+    /// The device would have interrupted, but the driver asked for none
+    /// (`VRING_AVAIL_F_NO_INTERRUPT` without EVENT_IDX).
+    Suppressed,
+}
+
+/// Serves queue `index` of `device` as a notification of it asks, for the transport and
+/// for a vhost-user back-end alike. It processes the queue; then, unless `polling` (a
+/// poller serves the queue with notifications off), it asks the driver for the next
+/// notification, which with EVENT_IDX moves `avail_event` to where the device stopped
+/// (§2.7.10): without that the driver would never notify again. Buffers published in
+/// between are served at once. A queue whose buffers the device leaves waiting (an
+/// event queue) is served once.
+///
+/// # Errors
+/// The device's error: it cannot go on without a reset.
+pub fn serve_queue<M: GuestMemory, D: VirtioDevice<M> + ?Sized>(
+    device: &mut D,
+    index: usize,
+    queue: &mut Queue,
+    mem: &M,
+    polling: bool,
+) -> Result<Interrupt, DeviceError> {
+    let mut wanted = false;
+    loop {
+        let before = queue.next_avail();
+        wanted |= device.process_queue(index, queue, mem)?;
+        if polling
+            || queue.next_avail() == before
+            || !queue.enable_notification(mem).unwrap_or(false)
+        {
+            break;
+        }
+    }
+    Ok(if !wanted {
+        Interrupt::None
+    } else if driver_wants_interrupt(queue, mem) {
+        Interrupt::Send
+    } else {
+        Interrupt::Suppressed
+    })
+}
+
+/// Without EVENT_IDX the driver's `avail->flags` says whether it wants interrupts
+/// (§2.7.7.2: the device SHOULD NOT send one when `VRING_AVAIL_F_NO_INTERRUPT` is set;
+/// virtio-queue ignores the flag). With EVENT_IDX the device already asked
+/// `needs_notification`, which compared `used_event`. An unreadable ring is the
+/// device's error to find: the interrupt goes out.
+fn driver_wants_interrupt<M: GuestMemory>(q: &Queue, mem: &M) -> bool {
+    if q.event_idx_enabled() {
+        return true;
+    }
+    mem.load::<u16>(GuestAddress(q.avail_ring()), Ordering::Acquire)
+        .map_or(true, |flags| {
+            u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0
+        })
+}

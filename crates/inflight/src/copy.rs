@@ -1,0 +1,560 @@
+//! The copy form of implicit grants: [`CopyShadow`].
+
+use crate::chain::{collect_chain, ChainError, Desc, DESC_SIZE, F_NEXT, F_WRITE};
+use crate::memory::ShadowMemory;
+use std::collections::{BTreeMap, HashSet};
+use std::num::Wrapping;
+use std::sync::atomic::{fence, Ordering};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+/// `VRING_USED_F_NO_NOTIFY`: the back-end does not want kicks.
+const USED_F_NO_NOTIFY: u16 = 1;
+/// Allocation granule of the arena.
+const ARENA_ALIGN: u64 = 64;
+
+/// How big a shadow is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShadowConfig {
+    /// Entries of the shadow ring: a power of two up to 32768, at least the guest's
+    /// queue size (every guest chain in flight needs one shadow head).
+    pub queue_size: u16,
+    /// Bytes of the bounce arena: what can be in flight at once.
+    pub arena_bytes: u64,
+}
+
+/// What the shadow has done, and what the back-end can reach now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Requests in flight at the back-end.
+    pub in_flight: usize,
+    /// Guest bytes the back-end can read now: copies of the in-flight readable buffers.
+    pub exposed_bytes: u64,
+    /// The most it could read at once.
+    pub peak_exposed_bytes: u64,
+    /// Requests posted to the back-end.
+    pub posted: u64,
+    /// Requests completed to the guest.
+    pub completed: u64,
+    /// Times a request waited in the guest's ring for arena space or descriptors.
+    pub waits: u64,
+    /// Used lengths the back-end reported beyond the writable bytes (clamped).
+    pub clamped: u64,
+}
+
+/// Why the shadow stopped. The carrier then sets DEVICE_NEEDS_RESET (a guest error)
+/// or cuts the back-end off (a back-end error).
+#[derive(Debug, thiserror::Error)]
+pub enum ShadowError {
+    /// The guest's avail index ran more than a queue's size ahead.
+    #[error("the guest's avail index moved {0} entries, more than the queue holds")]
+    AvailJump(u16),
+    /// The guest made a head available that is already in flight.
+    #[error("the guest made head {0} available while it is in flight")]
+    HeadInFlight(u16),
+    /// A malformed guest chain.
+    #[error("guest chain at head {head}: {source}")]
+    Chain {
+        /// Its head.
+        head: u16,
+        /// What is wrong.
+        #[source]
+        source: ChainError,
+    },
+    /// A guest chain larger than the whole arena, or than the shadow ring: it could
+    /// never be posted.
+    #[error("guest chain at head {head} needs {bytes} bytes and {descs} descriptors, more than the shadow has")]
+    TooBig {
+        /// Its head.
+        head: u16,
+        /// Its bytes.
+        bytes: u64,
+        /// Its descriptors.
+        descs: usize,
+    },
+    /// A guest buffer the device host cannot read.
+    #[error("guest buffer at {0:#x} cannot be read")]
+    GuestMemory(u64),
+    /// The guest's ring cannot be read or written.
+    #[error("guest ring: {0}")]
+    GuestRing(#[from] virtio_queue::Error),
+    /// The back-end's used index ran past what is in flight.
+    #[error("the back-end's used index moved {moved} entries with {in_flight} in flight")]
+    UsedJump {
+        /// Entries it claims.
+        moved: u16,
+        /// Entries in flight.
+        in_flight: usize,
+    },
+    /// The back-end returned an id that is not in flight (forged, or a duplicate).
+    #[error("the back-end returned id {0}, which is not in flight")]
+    UnknownId(u32),
+    /// The shadow's own memory failed (never on a healthy host).
+    #[error("shadow memory at {0:#x}")]
+    Shadow(u64),
+}
+
+/// A request in flight at the back-end.
+#[derive(Debug)]
+struct Slot {
+    guest_head: u16,
+    /// The guest's chain, as read once.
+    descs: Vec<Desc>,
+    /// Its shadow descriptor indices, head first.
+    shadow: Vec<u16>,
+    arena_off: u64,
+    arena_len: u64,
+    readable: u64,
+    writable: u64,
+}
+
+/// A first-fit allocator of arena offsets.
+#[derive(Debug)]
+struct Arena {
+    free: BTreeMap<u64, u64>,
+}
+
+impl Arena {
+    fn new(size: u64) -> Self {
+        let mut free = BTreeMap::new();
+        if size > 0 {
+            free.insert(0, size);
+        }
+        Self { free }
+    }
+
+    fn alloc(&mut self, len: u64) -> Option<u64> {
+        let len = len.max(1).div_ceil(ARENA_ALIGN) * ARENA_ALIGN;
+        let (&off, &have) = self.free.iter().find(|(_, &l)| l >= len)?;
+        self.free.remove(&off);
+        if have > len {
+            self.free.insert(off + len, have - len);
+        }
+        Some(off)
+    }
+
+    fn release(&mut self, off: u64, len: u64) {
+        let mut off = off;
+        let mut len = len.max(1).div_ceil(ARENA_ALIGN) * ARENA_ALIGN;
+        if let Some((&next, &nlen)) = self.free.range(off..).next() {
+            if off + len == next {
+                self.free.remove(&next);
+                len += nlen;
+            }
+        }
+        if let Some((&prev, &plen)) = self.free.range(..off).next_back() {
+            if prev + plen == off {
+                self.free.remove(&prev);
+                off = prev;
+                len += plen;
+            }
+        }
+        self.free.insert(off, len);
+    }
+}
+
+/// One queue's shadow, copy form (see the crate docs).
+#[derive(Debug)]
+pub struct CopyShadow {
+    cfg: ShadowConfig,
+    mem: ShadowMemory,
+    desc_at: u64,
+    avail_at: u64,
+    used_at: u64,
+    arena_at: u64,
+    arena: Arena,
+    free_descs: Vec<u16>,
+    /// By shadow head.
+    slots: Vec<Option<Slot>>,
+    guest_in_flight: HashSet<u16>,
+    next_avail: Wrapping<u16>,
+    last_used: Wrapping<u16>,
+    stats: Stats,
+}
+
+fn align(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+impl CopyShadow {
+    /// A shadow with its rings and arena in a new memfd.
+    ///
+    /// # Errors
+    /// The kernel's, if the memfd cannot be made; `InvalidInput` for a queue size that
+    /// is not a power of two in 1..=32768.
+    pub fn new(cfg: ShadowConfig) -> std::io::Result<Self> {
+        let q = u64::from(cfg.queue_size);
+        if !cfg.queue_size.is_power_of_two() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("shadow queue size {} is not a power of two", cfg.queue_size),
+            ));
+        }
+        let desc_at = 0;
+        let avail_at = desc_at + q * DESC_SIZE;
+        let used_at = align(avail_at + 6 + 2 * q, 4);
+        let arena_at = align(used_at + 6 + 8 * q, 4096);
+        let mem = ShadowMemory::new("aperture-inflight", arena_at + cfg.arena_bytes)?;
+        Ok(Self {
+            cfg,
+            mem,
+            desc_at,
+            avail_at,
+            used_at,
+            arena_at,
+            arena: Arena::new(cfg.arena_bytes),
+            free_descs: (0..cfg.queue_size).rev().collect(),
+            slots: (0..cfg.queue_size).map(|_| None).collect(),
+            guest_in_flight: HashSet::new(),
+            next_avail: Wrapping(0),
+            last_used: Wrapping(0),
+            stats: Stats::default(),
+        })
+    }
+
+    /// The memory the back-end is given: rings and arena, nothing of the guest's.
+    pub fn memory(&self) -> &ShadowMemory {
+        &self.mem
+    }
+
+    /// Addresses of the shadow ring in [`Self::memory`]: descriptor table, avail ring,
+    /// used ring.
+    pub fn ring(&self) -> (u64, u64, u64) {
+        (self.desc_at, self.avail_at, self.used_at)
+    }
+
+    /// The shadow ring's size.
+    pub fn queue_size(&self) -> u16 {
+        self.cfg.queue_size
+    }
+
+    /// The counters and the exposure now.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Whether the back-end wants a kick for what was posted (it has not set
+    /// `VRING_USED_F_NO_NOTIFY`).
+    pub fn needs_kick(&self) -> bool {
+        self.mem
+            .mem()
+            .load::<u16>(GuestAddress(self.used_at), Ordering::Acquire)
+            .map_or(true, |f| u16::from_le(f) & USED_F_NO_NOTIFY == 0)
+    }
+
+    /// Takes what the guest made available on `guest`: each chain is read once and
+    /// checked, its readable bytes copied into the arena, its writable ones zeroed
+    /// there, and a chain of the same shape posted on the shadow ring. Stops, leaving
+    /// the rest in the guest's ring, when the arena or the shadow ring is full. Returns
+    /// how many requests were posted.
+    ///
+    /// # Errors
+    /// [`ShadowError`] for a malformed guest ring or chain; nothing of that chain is
+    /// granted, and what came before it stays posted.
+    pub fn pull<M: GuestMemory>(
+        &mut self,
+        guest: &mut Queue,
+        mem: &M,
+    ) -> Result<usize, ShadowError> {
+        let avail_idx = guest.avail_idx(mem, Ordering::Acquire)?;
+        let mut next = Wrapping(guest.next_avail());
+        let pending = (avail_idx - next).0;
+        if pending > guest.size() {
+            return Err(ShadowError::AvailJump(pending));
+        }
+        let mut posted = 0;
+        while next != avail_idx {
+            let slot_at = guest.avail_ring() + 4 + 2 * u64::from(next.0 % guest.size());
+            let head = mem
+                .load::<u16>(GuestAddress(slot_at), Ordering::Acquire)
+                .map(u16::from_le)
+                .map_err(|_| ShadowError::GuestMemory(slot_at))?;
+            if self.guest_in_flight.contains(&head) {
+                return Err(ShadowError::HeadInFlight(head));
+            }
+            let descs = collect_chain(mem, GuestAddress(guest.desc_table()), guest.size(), head)
+                .map_err(|source| ShadowError::Chain { head, source })?;
+            let readable: u64 = descs
+                .iter()
+                .filter(|d| !d.write)
+                .map(|d| u64::from(d.len))
+                .sum();
+            let writable: u64 = descs
+                .iter()
+                .filter(|d| d.write)
+                .map(|d| u64::from(d.len))
+                .sum();
+            let n = descs.len().max(1);
+            let bytes = readable + writable;
+            if n > usize::from(self.cfg.queue_size) || bytes > self.cfg.arena_bytes {
+                return Err(ShadowError::TooBig {
+                    head,
+                    bytes,
+                    descs: n,
+                });
+            }
+            if n > self.free_descs.len() {
+                self.stats.waits += 1;
+                break;
+            }
+            let Some(off) = self.arena.alloc(bytes) else {
+                self.stats.waits += 1;
+                break;
+            };
+            if let Err(e) = self.post(head, descs, off, readable, writable, mem) {
+                self.arena.release(off, bytes);
+                return Err(e);
+            }
+            next += Wrapping(1);
+            guest.set_next_avail(next.0);
+            posted += 1;
+        }
+        if posted > 0 {
+            // Descriptors and ring entries before the index the back-end reads.
+            fence(Ordering::Release);
+            self.mem
+                .mem()
+                .store(
+                    self.next_avail.0.to_le(),
+                    GuestAddress(self.avail_at + 2),
+                    Ordering::Release,
+                )
+                .map_err(|_| ShadowError::Shadow(self.avail_at + 2))?;
+        }
+        Ok(posted)
+    }
+
+    /// Copies one checked chain into the arena at `off` and writes its shadow chain.
+    fn post<M: GuestMemory>(
+        &mut self,
+        head: u16,
+        descs: Vec<Desc>,
+        off: u64,
+        readable: u64,
+        writable: u64,
+        mem: &M,
+    ) -> Result<(), ShadowError> {
+        let smem = self.mem.mem();
+        // Copy in first: a guest buffer that cannot be read fails the chain before any
+        // shadow state changes.
+        let mut at = self.arena_at + off;
+        for d in &descs {
+            let len = usize::try_from(d.len).unwrap_or(usize::MAX);
+            if d.write {
+                zero(smem, at, len)?;
+            } else if len > 0 {
+                let mut buf = vec![0u8; len];
+                mem.read_slice(&mut buf, GuestAddress(d.addr))
+                    .map_err(|_| ShadowError::GuestMemory(d.addr))?;
+                smem.write_slice(&buf, GuestAddress(at))
+                    .map_err(|_| ShadowError::Shadow(at))?;
+            }
+            at += u64::from(d.len);
+        }
+        let n = descs.len().max(1);
+        let shadow: Vec<u16> = (0..n).filter_map(|_| self.free_descs.pop()).collect();
+        let mut at = self.arena_at + off;
+        for (i, &idx) in shadow.iter().enumerate() {
+            let (len, write) = descs.get(i).map_or((0, false), |d| (d.len, d.write));
+            let mut flags = if write { F_WRITE } else { 0 };
+            let next = shadow.get(i + 1).copied();
+            if next.is_some() {
+                flags |= F_NEXT;
+            }
+            let mut raw = [0u8; DESC_SIZE as usize];
+            raw[0..8].copy_from_slice(&at.to_le_bytes());
+            raw[8..12].copy_from_slice(&len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&next.unwrap_or(0).to_le_bytes());
+            let d_at = self.desc_at + u64::from(idx) * DESC_SIZE;
+            smem.write_slice(&raw, GuestAddress(d_at))
+                .map_err(|_| ShadowError::Shadow(d_at))?;
+            at += u64::from(len);
+        }
+        let first = shadow[0];
+        let ring_at = self.avail_at + 4 + 2 * u64::from(self.next_avail.0 % self.cfg.queue_size);
+        smem.write_obj(first.to_le(), GuestAddress(ring_at))
+            .map_err(|_| ShadowError::Shadow(ring_at))?;
+        self.next_avail += Wrapping(1);
+        self.guest_in_flight.insert(head);
+        self.slots[usize::from(first)] = Some(Slot {
+            guest_head: head,
+            descs,
+            shadow,
+            arena_off: off,
+            arena_len: readable + writable,
+            readable,
+            writable,
+        });
+        self.stats.posted += 1;
+        self.stats.in_flight += 1;
+        self.stats.exposed_bytes += readable;
+        self.stats.peak_exposed_bytes = self.stats.peak_exposed_bytes.max(self.stats.exposed_bytes);
+        Ok(())
+    }
+
+    /// Takes what the back-end returned: each id is checked against what is in flight,
+    /// at most `min(used len, writable bytes)` is copied back to the guest's writable
+    /// buffers, and the guest's chain goes to its used ring. Returns whether the guest
+    /// asked for an interrupt.
+    ///
+    /// # Errors
+    /// [`ShadowError::UsedJump`] or [`ShadowError::UnknownId`] for a hostile back-end
+    /// (what it returned before stays completed; the guest's ring is not touched for
+    /// the refused entry), [`ShadowError::GuestRing`] if the guest's used ring cannot
+    /// be written.
+    pub fn complete<M: GuestMemory>(
+        &mut self,
+        guest: &mut Queue,
+        mem: &M,
+    ) -> Result<bool, ShadowError> {
+        let smem = self.mem.mem();
+        let used_idx = smem
+            .load::<u16>(GuestAddress(self.used_at + 2), Ordering::Acquire)
+            .map(u16::from_le)
+            .map_err(|_| ShadowError::Shadow(self.used_at + 2))?;
+        let moved = (Wrapping(used_idx) - self.last_used).0;
+        if usize::from(moved) > self.stats.in_flight {
+            return Err(ShadowError::UsedJump {
+                moved,
+                in_flight: self.stats.in_flight,
+            });
+        }
+        let mut any = false;
+        for _ in 0..moved {
+            let e_at = self.used_at + 4 + 8 * u64::from(self.last_used.0 % self.cfg.queue_size);
+            let mut raw = [0u8; 8];
+            self.mem
+                .mem()
+                .read_slice(&mut raw, GuestAddress(e_at))
+                .map_err(|_| ShadowError::Shadow(e_at))?;
+            let id = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+            let len = u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]);
+            let slot = usize::try_from(id)
+                .ok()
+                .and_then(|i| self.slots.get_mut(i))
+                .and_then(Option::take)
+                .ok_or(ShadowError::UnknownId(id))?;
+            self.last_used += Wrapping(1);
+            let written = if u64::from(len) > slot.writable {
+                self.stats.clamped += 1;
+                slot.writable
+            } else {
+                u64::from(len)
+            };
+            self.copy_back(&slot, written, mem);
+            let r = guest.add_used(mem, slot.guest_head, written as u32);
+            self.retire(slot);
+            r?;
+            any = true;
+        }
+        if !any {
+            return Ok(false);
+        }
+        Ok(guest.needs_notification(mem)?)
+    }
+
+    /// Copies the first `written` bytes of the slot's writable arena bytes back to the
+    /// guest's writable buffers, in order.
+    fn copy_back<M: GuestMemory>(&self, slot: &Slot, written: u64, mem: &M) {
+        let mut left = written;
+        let mut at = self.arena_at + slot.arena_off + slot.readable;
+        for d in slot.descs.iter().filter(|d| d.write) {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(u64::from(d.len));
+            let mut buf = vec![0u8; n as usize];
+            if self
+                .mem
+                .mem()
+                .read_slice(&mut buf, GuestAddress(at))
+                .is_ok()
+            {
+                // A guest buffer that vanished (memory hot-unplug) loses its bytes; the
+                // request still completes.
+                let _ = mem.write_slice(&buf, GuestAddress(d.addr));
+            }
+            at += n;
+            left -= n;
+        }
+    }
+
+    fn retire(&mut self, slot: Slot) {
+        self.arena.release(slot.arena_off, slot.arena_len);
+        self.free_descs.extend(slot.shadow.iter().rev());
+        self.guest_in_flight.remove(&slot.guest_head);
+        self.stats.in_flight -= 1;
+        self.stats.exposed_bytes -= slot.readable;
+        self.stats.completed += 1;
+    }
+
+    /// Cuts the back-end off: every request in flight completes to the guest with no
+    /// bytes copied back, except `status` (virtio-blk's `VIRTIO_BLK_S_IOERR`) written
+    /// into the last writable byte of each chain that has one. The shadow is then
+    /// empty; the back-end's later writes to its used ring are never read.
+    ///
+    /// # Errors
+    /// [`ShadowError::GuestRing`] if the guest's used ring cannot be written.
+    pub fn fail_all<M: GuestMemory>(
+        &mut self,
+        guest: &mut Queue,
+        mem: &M,
+        status: Option<u8>,
+    ) -> Result<usize, ShadowError> {
+        let mut n = 0;
+        for i in 0..self.slots.len() {
+            let Some(slot) = self.slots[i].take() else {
+                continue;
+            };
+            let mut len = 0;
+            if let (Some(s), Some(last)) = (
+                status,
+                slot.descs.iter().rev().find(|d| d.write && d.len > 0),
+            ) {
+                let at = last.addr + u64::from(last.len) - 1;
+                if mem.write_obj(s, GuestAddress(at)).is_ok() {
+                    len = 1;
+                }
+            }
+            let r = guest.add_used(mem, slot.guest_head, len);
+            self.retire(slot);
+            r?;
+            n += 1;
+        }
+        self.reset();
+        Ok(n)
+    }
+
+    /// Forgets everything (device reset): no request in flight, the shadow ring at its
+    /// start, its memory zeroed.
+    pub fn reset(&mut self) {
+        for s in &mut self.slots {
+            *s = None;
+        }
+        self.arena = Arena::new(self.cfg.arena_bytes);
+        self.free_descs = (0..self.cfg.queue_size).rev().collect();
+        self.guest_in_flight.clear();
+        self.next_avail = Wrapping(0);
+        self.last_used = Wrapping(0);
+        self.stats.in_flight = 0;
+        self.stats.exposed_bytes = 0;
+        let _ = zero(
+            self.mem.mem(),
+            0,
+            usize::try_from(self.mem.size()).unwrap_or(usize::MAX),
+        );
+    }
+}
+
+fn zero<M: GuestMemory>(mem: &M, at: u64, len: usize) -> Result<(), ShadowError> {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZEROS.len());
+        mem.write_slice(&ZEROS[..n], GuestAddress(at + done as u64))
+            .map_err(|_| ShadowError::Shadow(at + done as u64))?;
+        done += n;
+    }
+    Ok(())
+}

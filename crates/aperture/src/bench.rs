@@ -584,7 +584,8 @@ fn run_inner(opts: &Options) -> Result<bool, String> {
     let exe = std::env::current_exe()
         .map_err(|e| format!("cannot find this executable to run `aperture backend`: {e}"))?;
     let backend = BackendCommand::aperture(exe);
-    let s = survey::run_survey(&disk, budget, opts.auto_threshold, Some(&backend), say)?;
+    let s = survey::run_survey(&disk, budget, opts.auto_threshold, Some(&backend), say)
+        .map_err(|e| e.to_string())?;
     print!("{}", table(&s, budget));
     let mut ok = true;
     let mut agree = serde_json::Value::Null;

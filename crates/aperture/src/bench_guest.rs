@@ -312,7 +312,7 @@ impl EndpointFactory for Counted {
     fn build(
         self: Box<Self>,
         iommu: Option<virtio_iommu::EndpointIommu>,
-    ) -> Result<Function, String> {
+    ) -> Result<Function, device_host::host::BuildError> {
         let f = self.inner.build(iommu)?;
         let _ = self.transport.set(Arc::downgrade(&f.transport));
         Ok(f)

@@ -160,7 +160,9 @@ fn cells_without_an_out_of_process_backend_are_refused_not_faked() {
         (Mode::GrantMap, Pattern::Rng64),
     ] {
         let why = not_measured(mode, pattern).expect("a reason");
-        let e = run_one_remote(mode, pattern, &d, TINY, 32 << 10, &backend()).unwrap_err();
+        let e = run_one_remote(mode, pattern, &d, TINY, 32 << 10, &backend())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not measured") && e.contains(why), "{e}");
     }
     let _ = std::fs::remove_file(&d);
@@ -170,7 +172,9 @@ fn cells_without_an_out_of_process_backend_are_refused_not_faked() {
 fn a_backend_that_cannot_start_is_a_clear_error() {
     let d = disk("nostart");
     let missing = BackendCommand::aperture("/nonexistent/aperture");
-    let e = run_one_remote(Mode::None, Pattern::Rng64, &d, TINY, 0, &missing).unwrap_err();
+    let e = run_one_remote(Mode::None, Pattern::Rng64, &d, TINY, 0, &missing)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("/nonexistent/aperture"), "{e}");
     // A program that exits at once instead of listening.
     let e = run_one_remote(
@@ -181,7 +185,8 @@ fn a_backend_that_cannot_start_is_a_clear_error() {
         0,
         &BackendCommand::new("/bin/false", []),
     )
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("exited"), "{e}");
     let _ = std::fs::remove_file(&d);
 }

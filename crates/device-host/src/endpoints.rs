@@ -5,7 +5,7 @@
 //! any socket exists; the device is built once the host knows whether it sits behind
 //! the IOMMU.
 
-use crate::host::{serve_endpoint, EndpointFactory, Function};
+use crate::host::{serve_endpoint, BuildError, EndpointFactory, Function};
 use crate::vhost_user::{serve_vhost_user, DeviceKind, VhostUserHandle};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -61,12 +61,12 @@ impl EndpointFactory for BlockFactory {
         self.name.clone()
     }
 
-    fn build(self: Box<Self>, iommu: Option<EndpointIommu>) -> Result<Function, String> {
+    fn build(self: Box<Self>, iommu: Option<EndpointIommu>) -> Result<Function, BuildError> {
         let config = BlockConfig {
             access_platform: iommu.is_some(),
             ..self.config
         };
-        let dev = Block::new(&config).map_err(|e| e.to_string())?;
+        let dev = Block::new(&config)?;
         serve_endpoint(dev, CLASS_STORAGE_OTHER, iommu)
     }
 }
@@ -91,12 +91,12 @@ impl EndpointFactory for RngFactory {
         self.name.clone()
     }
 
-    fn build(self: Box<Self>, iommu: Option<EndpointIommu>) -> Result<Function, String> {
+    fn build(self: Box<Self>, iommu: Option<EndpointIommu>) -> Result<Function, BuildError> {
         let config = RngConfig {
             access_platform: iommu.is_some(),
             ..RngConfig::default()
         };
-        let dev = Rng::new(&config).map_err(|e| e.to_string())?;
+        let dev = Rng::new(&config)?;
         serve_endpoint(dev, CLASS_OTHER, iommu)
     }
 }
@@ -170,7 +170,7 @@ impl EndpointFactory for VhostUserFactory {
         self.name.clone()
     }
 
-    fn build(self: Box<Self>, iommu: Option<EndpointIommu>) -> Result<Function, String> {
+    fn build(self: Box<Self>, iommu: Option<EndpointIommu>) -> Result<Function, BuildError> {
         let (function, handle) = serve_vhost_user(&self.socket, self.kind, self.timeout, iommu)?;
         if let Some(tx) = self.handle {
             let _ = tx.send(handle);

@@ -66,16 +66,51 @@ pub enum HostError {
         source: vfio_user::Error,
     },
     /// A device could not be built.
-    #[error("device {name}: {why}")]
+    #[error("device {name}: {source}")]
     Device {
         /// Device name.
         name: String,
         /// Why.
-        why: String,
+        #[source]
+        source: BuildError,
     },
     /// The VIOT could not be built.
     #[error("VIOT: {0}")]
     Viot(#[from] crate::viot::ViotError),
+}
+
+/// Why a device, or a thread serving it, could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The virtio-pci transport refused the device's shape.
+    #[error(transparent)]
+    Transport(#[from] virtio_pci::TransportError),
+    /// The disk image.
+    #[error(transparent)]
+    Block(#[from] virtio_devices::BlockError),
+    /// The entropy source.
+    #[error(transparent)]
+    Rng(#[from] virtio_devices::RngError),
+    /// The vhost-user back-end.
+    #[error(transparent)]
+    VhostUser(#[from] crate::vhost_user::VhostUserError),
+    /// The virtio-iommu's configuration.
+    #[error(transparent)]
+    Iommu(#[from] virtio_iommu::DeviceError),
+    /// A thread could not be started.
+    #[error("cannot start its thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Why a function's server ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The vfio-user connection failed.
+    #[error(transparent)]
+    Protocol(#[from] vfio_user::Error),
+    /// Its thread could not be started.
+    #[error("cannot start its thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 /// A PCI function ready to serve.
@@ -97,19 +132,19 @@ pub trait EndpointFactory: Send {
     /// when `None`).
     ///
     /// # Errors
-    /// A description of why the device could not be built.
-    fn build(self: Box<Self>, iommu: Option<EndpointIommu>) -> Result<Function, String>;
+    /// [`BuildError`]: why the device could not be built.
+    fn build(self: Box<Self>, iommu: Option<EndpointIommu>) -> Result<Function, BuildError>;
 }
 
 /// Serves `device` as a PCI function, translated by `iommu` when given.
 ///
 /// # Errors
-/// The transport's error, as text.
+/// [`BuildError::Transport`]: the transport refused the device.
 pub fn serve_endpoint<D>(
     device: D,
     class_code: u32,
     iommu: Option<EndpointIommu>,
-) -> Result<Function, String>
+) -> Result<Function, BuildError>
 where
     D: VirtioDevice<GuestMemoryMmap> + VirtioDevice<EndpointMemory> + Send + 'static,
 {
@@ -139,7 +174,7 @@ fn function<D, M>(
     mem: M,
     build: MemoryBuilder<M>,
     required: u64,
-) -> Result<Function, String>
+) -> Result<Function, BuildError>
 where
     D: VirtioDevice<M> + Send + 'static,
     M: vm_memory::GuestMemory + Send + 'static,
@@ -152,8 +187,7 @@ where
         mem,
         Box::new(EventFdSink(Arc::clone(&vectors))),
         required,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let vector_count = t.msix_vectors();
     let t = Arc::new(Mutex::new(t));
     Ok(Function {
@@ -306,7 +340,7 @@ impl DeviceHost {
         std::fs::create_dir_all(dir).map_err(dir_err)?;
         let poller = Poller::start(poll_max).map_err(|e| HostError::Device {
             name: "poller".into(),
-            why: format!("cannot start its thread: {e}"),
+            source: BuildError::Thread(e),
         })?;
         // Every function's notifications also tell the poller the guest is busy.
         let polled = |backend: Box<dyn ServerBackend + Send>, p: &Poller| {
@@ -332,14 +366,14 @@ impl DeviceHost {
             };
             let iommu = VirtioIommu::new(&config).map_err(|e| HostError::Device {
                 name: "iommu".into(),
-                why: e.to_string(),
+                source: e.into(),
             })?;
             for (slot, _) in &specs {
                 let ep = iommu
                     .endpoint_iommu(virtio_iommu::EndpointId(endpoint_id(*slot)))
                     .map_err(|e| HostError::Device {
                         name: "iommu".into(),
-                        why: e.to_string(),
+                        source: e.into(),
                     })?;
                 iommu_handles.push(Some(ep));
             }
@@ -354,7 +388,7 @@ impl DeviceHost {
             )
             .map_err(|e| HostError::Device {
                 name: "iommu".into(),
-                why: e.to_string(),
+                source: e.into(),
             })?;
             let t = Arc::new(Mutex::new(t));
             // A fault raised by an endpoint's access is delivered on the eventq at once,
@@ -383,9 +417,9 @@ impl DeviceHost {
         }
         for ((slot, factory), ep) in specs.into_iter().zip(iommu_handles) {
             let name = factory.name();
-            let f = factory.build(ep).map_err(|why| HostError::Device {
+            let f = factory.build(ep).map_err(|source| HostError::Device {
                 name: name.clone(),
-                why,
+                source,
             })?;
             poller.add(&f.transport);
             served.push(bind(
@@ -477,7 +511,7 @@ impl DeviceHost {
     /// as soon as one function's connection ends (QEMU quit or the socket broke), the
     /// others get `grace` to end too; what is still connected then is abandoned (its
     /// thread ends with the process). Returns `(name, result)` per finished function.
-    pub fn run(self, grace: Duration) -> Vec<(String, Result<(), String>)> {
+    pub fn run(self, grace: Duration) -> Vec<(String, Result<(), ServeError>)> {
         let (tx, rx) = mpsc::channel();
         let total = self.served.len();
         for s in self.served {
@@ -492,13 +526,13 @@ impl DeviceHost {
                         mut backend,
                         ..
                     } = s;
-                    let r = server.run(backend.as_mut()).map_err(|e| e.to_string());
+                    let r = server.run(backend.as_mut()).map_err(ServeError::from);
                     // Drop the server (removes its socket) before reporting.
                     drop(server);
                     let _ = thread_tx.send((name, r));
                 });
             if let Err(e) = spawned {
-                let _ = tx.send((name, Err(format!("cannot start its thread: {e}"))));
+                let _ = tx.send((name, Err(ServeError::Thread(e))));
             }
         }
         drop(tx);

@@ -17,6 +17,31 @@
 //! `auto` bounces buffers shorter than a threshold through the pool and maps the rest;
 //! [`calibrate`] measures where mapping becomes cheaper than copying one buffer, and
 //! [`run_survey`] uses that crossover unless told a threshold.
+//!
+//! # Errors
+//!
+//! Every failure is a typed error. There is one enum per module rather than one for
+//! the crate, because the layers fail in different ways and know different things:
+//! a mode knows the buffer it refused, a cell knows its pattern, the out-of-process
+//! runner knows the backend process. Each enum keeps the error of the crate that
+//! failed (virtio-iommu, bounce-pool, grant-table, vhost-user, I/O...) as its
+//! `source` rather than a copy of its text, and wraps the layer below with what it
+//! adds:
+//!
+//! - [`ModeError`] ([`modes`]): a sharing mode could not be set up (guest RAM, the
+//!   virtio-iommu, the pool, the grant world) or refused to map or unmap a buffer —
+//!   with the request, the address and length.
+//! - [`RingError`] ([`ring`]): the driver's side of the split ring.
+//! - [`RunError`] ([`run`]): a cell — the disk image, the device, a request, or the
+//!   check of what the first request moved, with the pattern; it wraps the two above
+//!   and, for a backend in another process, [`RemoteError`].
+//! - [`RemoteError`] ([`remote`]): the out-of-process placement — a cell that has
+//!   none, the backend process (started, connected, waited for, its figures), each
+//!   message about the process ending with the tail of its log.
+//! - [`SurveyError`] (here): [`run_survey`]'s, naming the cell (mode, pattern,
+//!   placement) or the step that failed.
+//!
+//! The messages are sentences for a person; the `aperture` binary prints them.
 
 pub mod modes;
 pub mod net;
@@ -31,6 +56,53 @@ use remote::BackendCommand;
 use run::{run_cell, Measured, Pattern};
 use std::path::Path;
 use std::time::Duration;
+
+pub use modes::ModeError;
+pub use remote::RemoteError;
+pub use ring::RingError;
+pub use run::RunError;
+
+/// Why [`run_survey`] failed: the step or the cell, and the error below.
+#[derive(Debug, thiserror::Error)]
+pub enum SurveyError {
+    /// The disk image could not be prepared.
+    #[error(transparent)]
+    Disk(RunError),
+    /// The copy/map calibration failed.
+    #[error(transparent)]
+    Calibration(ModeError),
+    /// An in-process cell failed.
+    #[error("{} {}: {source}", .mode.name(), .pattern.name())]
+    Cell {
+        /// The mode.
+        mode: Mode,
+        /// The pattern.
+        pattern: Pattern,
+        /// Why.
+        #[source]
+        source: RunError,
+    },
+    /// An out-of-process cell failed.
+    #[error("{} {} out of process: {source}", .mode.name(), .pattern.name())]
+    RemoteCell {
+        /// The mode.
+        mode: Mode,
+        /// The pattern.
+        pattern: Pattern,
+        /// Why.
+        #[source]
+        source: RemoteError,
+    },
+    /// `auto`'s check against the best fixed mode failed.
+    #[error("auto check {}: {source}", .pattern.name())]
+    AutoCheck {
+        /// The pattern.
+        pattern: Pattern,
+        /// Why.
+        #[source]
+        source: RunError,
+    },
+}
 
 /// A sharing mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -203,7 +275,7 @@ pub struct Calibration {
 /// were disturbed by something else on the machine).
 const CALIBRATION_ROUNDS: u32 = 5;
 
-fn time_map_unmap<S: Sharing>(s: &mut S, len: usize, iters: u32) -> Result<f64, String> {
+fn time_map_unmap<S: Sharing>(s: &mut S, len: usize, iters: u32) -> Result<f64, ModeError> {
     const BUF: u64 = 0x100_0000;
     for _ in 0..iters.min(64) {
         let m = s.map(BUF, len, DmaDirection::FromDevice)?;
@@ -231,8 +303,8 @@ fn time_map_unmap<S: Sharing>(s: &mut S, len: usize, iters: u32) -> Result<f64, 
 /// `auto_threshold` or else the crossover, to show it takes the cheaper way per size.
 ///
 /// # Errors
-/// A mode refused a mapping.
-pub fn calibrate(iters: u32, auto_threshold: Option<usize>) -> Result<Calibration, String> {
+/// A mode could not be set up or refused a mapping.
+pub fn calibrate(iters: u32, auto_threshold: Option<usize>) -> Result<Calibration, ModeError> {
     let mut pool = Pool::new()?;
     let mut viommu = Viommu::new(false)?;
     let mut both = Vec::new();
@@ -307,7 +379,7 @@ pub fn check_auto(
     disk: &Path,
     budget: Budget,
     auto_threshold: usize,
-) -> Result<AutoCheck, String> {
+) -> Result<AutoCheck, RunError> {
     let half = Budget {
         per_cell: budget.per_cell / 2,
         ..budget
@@ -317,7 +389,7 @@ pub fn check_auto(
     for round in 0..AutoCheck::ROUNDS {
         // Which of the two runs first alternates too, so that neither always meets
         // the machine in the state the other left it in.
-        let run = |m: Mode| -> Result<f64, String> {
+        let run = |m: Mode| -> Result<f64, RunError> {
             Ok(cost(&run_one(m, pattern, disk, half, auto_threshold)?))
         };
         let (a, b) = if round % 2 == 0 {
@@ -377,7 +449,7 @@ pub fn run_one(
     disk: &Path,
     budget: Budget,
     auto_threshold: usize,
-) -> Result<Measured, String> {
+) -> Result<Measured, RunError> {
     let (t, n) = (budget.per_cell, budget.min_requests);
     match mode {
         Mode::None => run_cell(&mut Direct::new()?, pattern, disk, t, n),
@@ -406,17 +478,23 @@ pub fn run_survey(
     auto_threshold: Option<usize>,
     backend: Option<&BackendCommand>,
     mut progress: impl FnMut(&str),
-) -> Result<Survey, String> {
-    run::prepare_disk(disk)?;
+) -> Result<Survey, SurveyError> {
+    run::prepare_disk(disk).map_err(SurveyError::Disk)?;
     progress("calibrating the copy/map crossover");
-    let calibration = calibrate(budget.calibration_iters, auto_threshold)?;
+    let calibration =
+        calibrate(budget.calibration_iters, auto_threshold).map_err(SurveyError::Calibration)?;
     let threshold = calibration.auto_threshold;
     let mut cells = Vec::new();
     for pattern in Pattern::ALL {
         for mode in Mode::ALL {
             progress(&format!("{} {}", mode.name(), pattern.name()));
-            let measured = run_one(mode, pattern, disk, budget, threshold)
-                .map_err(|e| format!("{} {}: {e}", mode.name(), pattern.name()))?;
+            let measured = run_one(mode, pattern, disk, budget, threshold).map_err(|source| {
+                SurveyError::Cell {
+                    mode,
+                    pattern,
+                    source,
+                }
+            })?;
             cells.push(Cell {
                 mode,
                 pattern,
@@ -439,8 +517,10 @@ pub fn run_survey(
                     ));
                     let measured =
                         remote::run_one_remote(mode, pattern, disk, budget, threshold, cmd)
-                            .map_err(|e| {
-                                format!("{} {} out of process: {e}", mode.name(), pattern.name())
+                            .map_err(|source| SurveyError::RemoteCell {
+                                mode,
+                                pattern,
+                                source,
                             })?;
                     cells.push(Cell {
                         mode,
@@ -474,7 +554,7 @@ pub fn run_survey(
         ));
         auto_checks.push(
             check_auto(pattern, best, disk, budget, threshold)
-                .map_err(|e| format!("auto check {}: {e}", pattern.name()))?,
+                .map_err(|source| SurveyError::AutoCheck { pattern, source })?,
         );
     }
     Ok(Survey {

@@ -35,7 +35,146 @@ use virtio_iommu::{
     DomainId, EndpointConfig, EndpointId, EndpointIommu, IommuConfig, Iova, Request, Status,
     VirtioIommu,
 };
+use vm_memory::mmap::FromRangesError;
 use vm_memory::{GuestMemory, GuestMemoryMmap, IommuMemory};
+
+/// Why a sharing mode could not be set up, or refused to map or unmap a buffer.
+#[derive(Debug, thiserror::Error)]
+pub enum ModeError {
+    /// The guest's RAM could not be allocated.
+    #[error("guest RAM: {0}")]
+    GuestRam(#[source] FromRangesError),
+    /// The virtio-iommu refused its configuration.
+    #[error("creating the virtio-iommu: {0}")]
+    IommuDevice(#[source] virtio_iommu::DeviceError),
+    /// The virtio-iommu has no translation for the device's endpoint.
+    #[error("the device's translation: {source}")]
+    Endpoint {
+        /// The endpoint ID.
+        endpoint: u32,
+        /// What the device reported.
+        #[source]
+        source: virtio_iommu::DeviceError,
+    },
+    /// The virtio-iommu failed while serving a batch of requests.
+    #[error("serving {requests} virtio-iommu requests: {source}")]
+    RequestQueue {
+        /// Requests in the batch.
+        requests: usize,
+        /// What the device reported.
+        #[source]
+        source: virtio_iommu::DeviceError,
+    },
+    /// The virtio-iommu answered a request sent on its own with a status other than OK.
+    #[error("{what}: {status:?}")]
+    Refused {
+        /// What the request was for (`ATTACH`, `MAP`, `UNMAP`, `MAP (identity)`).
+        what: &'static str,
+        /// The request.
+        request: Request,
+        /// Its status.
+        status: Status,
+    },
+    /// Fewer requests of a batch completed than were sent.
+    #[error("{done} of {sent} requests completed")]
+    Incomplete {
+        /// Requests completed.
+        done: usize,
+        /// Requests sent.
+        sent: usize,
+    },
+    /// A request of a batch was answered with a status other than OK (or none).
+    #[error("{request:?}: {status:?}")]
+    BatchRefused {
+        /// The request.
+        request: Request,
+        /// Its status, `None` if it was not answered.
+        status: Option<Status>,
+    },
+    /// The restricted pool could not be built at [`POOL_GPA`].
+    #[error("the restricted pool: {0}")]
+    Pool(#[source] bounce_pool::PoolError),
+    /// The ring could not be allocated from the pool.
+    #[error("the ring's coherent allocation from the pool: {0}")]
+    PoolRing(#[source] bounce_pool::DmaError),
+    /// The pool's device window could not be built.
+    #[error("the pool's device window: {0}")]
+    PoolWindow(#[source] bounce_pool::PoolIommuError),
+    /// A buffer could not be bounced through the pool.
+    #[error("bouncing {len} bytes at {gpa:#x}: {source}")]
+    Bounce {
+        /// The buffer's guest-physical address.
+        gpa: u64,
+        /// Its length.
+        len: usize,
+        /// What the pool's DMA API reported.
+        #[source]
+        source: bounce_pool::DmaError,
+    },
+    /// A bounced buffer could not be unmapped.
+    #[error("unmapping {len} bounced bytes at {addr:#x}: {source}")]
+    Unbounce {
+        /// The buffer's address in the pool.
+        addr: u64,
+        /// Its length.
+        len: usize,
+        /// What the pool's DMA API reported.
+        #[source]
+        source: bounce_pool::DmaError,
+    },
+    /// A Xen domain of the grant modes could not be created.
+    #[error("creating domain {dom}: {source}")]
+    Domain {
+        /// The domain.
+        dom: grant_table::DomId,
+        /// What Xen reported.
+        #[source]
+        source: grant_table::GrantError,
+    },
+    /// The backend domain's RAM could not be allocated.
+    #[error("backend RAM: {0}")]
+    BackendRam(#[source] FromRangesError),
+    /// The guest's grant table could not be set up.
+    #[error("the guest's grant table: {0}")]
+    GrantTable(#[source] grant_table::GuestError),
+    /// The persistent grant pool could not be granted.
+    #[error("granting the persistent pool: {0}")]
+    PersistentPool(#[source] grant_table::DmaError),
+    /// The ring could not be granted.
+    #[error("granting the ring: {0}")]
+    GrantRing(#[source] grant_table::DmaError),
+    /// The backend's grant translation could not be built or could not map the ring.
+    #[error("the backend's grant mappings ({what}): {source}")]
+    GrantIommu {
+        /// The step that failed.
+        what: &'static str,
+        /// What the backend's grant IOMMU reported.
+        #[source]
+        source: grant_table::GrantIommuError,
+    },
+    /// A buffer could not be granted.
+    #[error("granting {len} bytes at {gpa:#x}: {source}")]
+    Grant {
+        /// The buffer's guest-physical address.
+        gpa: u64,
+        /// Its length.
+        len: usize,
+        /// What the guest's grant DMA API reported.
+        #[source]
+        source: grant_table::DmaError,
+    },
+    /// A buffer's grants could not be revoked.
+    #[error("revoking the grants of {len} bytes at {addr:#x}: {source}")]
+    Ungrant {
+        /// The buffer's grant address.
+        addr: u64,
+        /// Its length.
+        len: usize,
+        /// What the guest's grant DMA API reported.
+        #[source]
+        source: grant_table::DmaError,
+    },
+}
 
 /// Guest RAM of the survey's guest.
 pub const RAM_SIZE: u64 = 64 << 20;
@@ -109,29 +248,29 @@ pub trait Sharing {
     /// Maps `len` bytes at guest-physical `gpa` for the device.
     ///
     /// # Errors
-    /// The mode refused (pool full, IOMMU error), as a sentence.
-    fn map(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, String>;
+    /// The mode refused (pool full, IOMMU error).
+    fn map(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, ModeError>;
     /// Unmaps what [`Sharing::map`] returned (copying back where the mode copies).
     ///
     /// # Errors
-    /// The mode refused, as a sentence.
-    fn unmap(&mut self, m: Mapping) -> Result<(), String>;
+    /// The mode refused.
+    fn unmap(&mut self, m: Mapping) -> Result<(), ModeError>;
     /// Called after the device processed the queue (the device path's end of batch).
     fn after_process(&mut self) {}
     /// Completes deferred work (lazy invalidation) before the counters are read.
     ///
     /// # Errors
-    /// The mode refused, as a sentence.
-    fn flush(&mut self) -> Result<(), String> {
+    /// The mode refused.
+    fn flush(&mut self) -> Result<(), ModeError> {
         Ok(())
     }
     /// The counters so far.
     fn stats(&self) -> ModeStats;
 }
 
-fn guest_ram() -> Result<GuestMemoryMmap, String> {
+fn guest_ram() -> Result<GuestMemoryMmap, ModeError> {
     GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), RAM_SIZE as usize)])
-        .map_err(|e| format!("guest RAM: {e}"))
+        .map_err(ModeError::GuestRam)
 }
 
 /// `none`: the backend sees guest-physical memory.
@@ -145,7 +284,7 @@ impl Direct {
     ///
     /// # Errors
     /// RAM cannot be allocated.
-    pub fn new() -> Result<Self, String> {
+    pub fn new() -> Result<Self, ModeError> {
         Ok(Self::with_memory(guest_ram()?))
     }
 
@@ -167,7 +306,7 @@ impl Sharing for Direct {
     fn ring(&self) -> (u64, u64) {
         (RING_GPA, RING_GPA)
     }
-    fn map(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, String> {
+    fn map(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, ModeError> {
         Ok(Mapping {
             addr: gpa,
             len,
@@ -175,7 +314,7 @@ impl Sharing for Direct {
             token: 0,
         })
     }
-    fn unmap(&mut self, _m: Mapping) -> Result<(), String> {
+    fn unmap(&mut self, _m: Mapping) -> Result<(), ModeError> {
         Ok(())
     }
     fn stats(&self) -> ModeStats {
@@ -217,7 +356,7 @@ impl Viommu {
     ///
     /// # Errors
     /// The device refuses the setup.
-    pub fn new(lazy: bool) -> Result<Self, String> {
+    pub fn new(lazy: bool) -> Result<Self, ModeError> {
         Self::with_memory(lazy, guest_ram()?)
     }
 
@@ -226,12 +365,12 @@ impl Viommu {
     ///
     /// # Errors
     /// The device refuses the setup.
-    pub fn with_memory(lazy: bool, mem: GuestMemoryMmap) -> Result<Self, String> {
+    pub fn with_memory(lazy: bool, mem: GuestMemoryMmap) -> Result<Self, ModeError> {
         let cfg = IommuConfig {
             endpoints: vec![EndpointConfig::new(EP)],
             ..IommuConfig::default()
         };
-        let mut dev = VirtioIommu::new(&cfg).map_err(|e| e.to_string())?;
+        let mut dev = VirtioIommu::new(&cfg).map_err(ModeError::IommuDevice)?;
         let mut driver = FakeGuest::new(cfg.probe_size);
         driver.negotiate(&mut dev);
         let attach = Request::Attach {
@@ -240,10 +379,13 @@ impl Viommu {
             flags: 0,
             reserved_nonzero: false,
         };
-        expect_ok(driver.send(&mut dev, &attach), "ATTACH")?;
+        expect_ok(driver.send(&mut dev, &attach), &attach, "ATTACH")?;
         let ep = dev
             .endpoint_iommu(EndpointId(EP))
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| ModeError::Endpoint {
+                endpoint: EP,
+                source,
+            })?;
         let dev_mem = IommuMemory::new(mem.clone(), ep, true, ());
         let mut v = Self {
             mem,
@@ -269,7 +411,7 @@ impl Viommu {
     }
 
     /// Maps `[gpa, gpa + len)` at the same IOVA, read and write, for good.
-    fn identity_map(&mut self, gpa: u64, len: u64) -> Result<(), String> {
+    fn identity_map(&mut self, gpa: u64, len: u64) -> Result<(), ModeError> {
         let map = Request::Map {
             domain: DomainId(DOMAIN),
             virt_start: Iova(gpa),
@@ -289,7 +431,7 @@ impl Viommu {
 
     /// Sends `req` (if any) after the UNMAPs still queued, in one kick, and waits for
     /// all; what they unmapped is no longer reachable.
-    fn sync_with(&mut self, req: Option<Request>) -> Result<(), String> {
+    fn sync_with(&mut self, req: Option<Request>) -> Result<(), ModeError> {
         if self.pending.is_empty() {
             return match req {
                 Some(r) => self.send_one(&r, "MAP"),
@@ -315,25 +457,34 @@ impl Viommu {
     }
 
     /// Sends one request in its own kick and waits for it.
-    fn send_one(&mut self, req: &Request, what: &str) -> Result<(), String> {
+    fn send_one(&mut self, req: &Request, what: &'static str) -> Result<(), ModeError> {
         self.kicks += 1;
-        expect_ok(self.driver.send(&mut self.dev, req), what)
+        expect_ok(self.driver.send(&mut self.dev, req), req, what)
     }
 
-    fn send_batch(&mut self, reqs: &[Request]) -> Result<(), String> {
+    fn send_batch(&mut self, reqs: &[Request]) -> Result<(), ModeError> {
         self.kicks += 1;
         let batch = self.driver.prepare(reqs);
         self.driver.post(&batch);
         self.driver
             .run_until(&mut self.dev, reqs.len())
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| ModeError::RequestQueue {
+                requests: reqs.len(),
+                source,
+            })?;
         let done = self.driver.reap();
         if done != reqs.len() {
-            return Err(format!("{done} of {} requests completed", reqs.len()));
+            return Err(ModeError::Incomplete {
+                done,
+                sent: reqs.len(),
+            });
         }
         for (st, r) in self.driver.batch_statuses(&batch, reqs).iter().zip(reqs) {
             if *st != Some(Status::Ok) {
-                return Err(format!("{r:?}: {st:?}"));
+                return Err(ModeError::BatchRefused {
+                    request: *r,
+                    status: *st,
+                });
             }
         }
         Ok(())
@@ -349,7 +500,7 @@ impl Viommu {
         iova
     }
 
-    fn map_pages(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, String> {
+    fn map_pages(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, ModeError> {
         let first = gpa & !(PAGE - 1);
         let bytes = (gpa + len as u64).next_multiple_of(PAGE) - first;
         let iova = self.alloc_iova(bytes);
@@ -371,7 +522,7 @@ impl Viommu {
         })
     }
 
-    fn unmap_pages(&mut self, m: Mapping) -> Result<(), String> {
+    fn unmap_pages(&mut self, m: Mapping) -> Result<(), ModeError> {
         let iova = m.token;
         let bytes = (m.addr + m.len as u64).next_multiple_of(PAGE) - iova;
         let unmap = Request::Unmap {
@@ -396,11 +547,15 @@ impl Viommu {
     }
 }
 
-fn expect_ok(st: Status, what: &str) -> Result<(), String> {
+fn expect_ok(st: Status, req: &Request, what: &'static str) -> Result<(), ModeError> {
     if st == Status::Ok {
         Ok(())
     } else {
-        Err(format!("{what}: {st:?}"))
+        Err(ModeError::Refused {
+            what,
+            request: *req,
+            status: st,
+        })
     }
 }
 
@@ -415,13 +570,13 @@ impl Sharing for Viommu {
     fn ring(&self) -> (u64, u64) {
         (RING_GPA, RING_GPA)
     }
-    fn map(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, String> {
+    fn map(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, ModeError> {
         self.map_pages(gpa, len, dir)
     }
-    fn unmap(&mut self, m: Mapping) -> Result<(), String> {
+    fn unmap(&mut self, m: Mapping) -> Result<(), ModeError> {
         self.unmap_pages(m)
     }
-    fn flush(&mut self) -> Result<(), String> {
+    fn flush(&mut self) -> Result<(), ModeError> {
         self.sync_with(None)
     }
     fn stats(&self) -> ModeStats {
@@ -455,12 +610,12 @@ struct Bouncer {
 }
 
 impl Bouncer {
-    fn new(mem: &GuestMemoryMmap) -> Result<Self, String> {
+    fn new(mem: &GuestMemoryMmap) -> Result<Self, ModeError> {
         let dma = GuestDma::with_own_pool(mem.clone(), Gpa(POOL_GPA), POOL_SIZE)
-            .map_err(|e| e.to_string())?;
+            .map_err(ModeError::Pool)?;
         let ring = dma
             .alloc_coherent(crate::ring::RING_BYTES)
-            .map_err(|e| e.to_string())?;
+            .map_err(ModeError::PoolRing)?;
         Ok(Self {
             dma,
             ring: ring.0,
@@ -475,11 +630,11 @@ impl Bouncer {
         len: usize,
         dir: DmaDirection,
         token: u64,
-    ) -> Result<Mapping, String> {
+    ) -> Result<Mapping, ModeError> {
         let a = self
             .dma
             .map(Gpa(gpa), len, dir)
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| ModeError::Bounce { gpa, len, source })?;
         self.copies += bounce_copies(len, dir);
         Ok(Mapping {
             addr: a.0,
@@ -489,10 +644,14 @@ impl Bouncer {
         })
     }
 
-    fn unmap(&mut self, m: Mapping) -> Result<(), String> {
+    fn unmap(&mut self, m: Mapping) -> Result<(), ModeError> {
         self.dma
             .unmap(DmaAddr(m.addr), m.len, m.dir)
-            .map_err(|e| e.to_string())
+            .map_err(|source| ModeError::Unbounce {
+                addr: m.addr,
+                len: m.len,
+                source,
+            })
     }
 }
 
@@ -533,7 +692,7 @@ impl Pool {
     ///
     /// # Errors
     /// The pool cannot be built.
-    pub fn new() -> Result<Self, String> {
+    pub fn new() -> Result<Self, ModeError> {
         Self::with_memory(guest_ram()?)
     }
 
@@ -542,7 +701,7 @@ impl Pool {
     ///
     /// # Errors
     /// The pool cannot be built in `mem`.
-    pub fn with_memory(mem: GuestMemoryMmap) -> Result<Self, String> {
+    pub fn with_memory(mem: GuestMemoryMmap) -> Result<Self, ModeError> {
         Self::build(mem, None, usize::MAX)
     }
 
@@ -556,7 +715,7 @@ impl Pool {
     ///
     /// # Errors
     /// The device or the pool refuses the setup.
-    pub fn auto(threshold: usize) -> Result<Self, String> {
+    pub fn auto(threshold: usize) -> Result<Self, ModeError> {
         Self::auto_with_memory(threshold, guest_ram()?)
     }
 
@@ -565,7 +724,7 @@ impl Pool {
     ///
     /// # Errors
     /// The device or the pool refuses the setup.
-    pub fn auto_with_memory(threshold: usize, mem: GuestMemoryMmap) -> Result<Self, String> {
+    pub fn auto_with_memory(threshold: usize, mem: GuestMemoryMmap) -> Result<Self, ModeError> {
         let mut iommu = Viommu::with_memory(false, mem.clone())?;
         iommu.identity_map(POOL_GPA, POOL_SIZE)?;
         Self::build(mem, Some(iommu), threshold)
@@ -580,9 +739,9 @@ impl Pool {
         mem: GuestMemoryMmap,
         iommu: Option<Viommu>,
         threshold: usize,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ModeError> {
         let bouncer = Bouncer::new(&mem)?;
-        let pool = PoolIommu::for_pool(bouncer.dma.pool()).map_err(|e| e.to_string())?;
+        let pool = PoolIommu::for_pool(bouncer.dma.pool()).map_err(ModeError::PoolWindow)?;
         let endpoint = iommu.as_ref().map(Viommu::endpoint);
         Ok(Self {
             dev_mem: WindowedMemory::new(mem, pool.range(), endpoint),
@@ -604,13 +763,13 @@ impl Sharing for Pool {
     fn ring(&self) -> (u64, u64) {
         (self.bouncer.ring, self.bouncer.ring)
     }
-    fn map(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, String> {
+    fn map(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, ModeError> {
         match &mut self.iommu {
             Some(iommu) if len >= self.threshold => iommu.map_pages(gpa, len, dir),
             _ => self.bouncer.map(gpa, len, dir, BOUNCED),
         }
     }
-    fn unmap(&mut self, m: Mapping) -> Result<(), String> {
+    fn unmap(&mut self, m: Mapping) -> Result<(), ModeError> {
         match &mut self.iommu {
             Some(iommu) if m.token != BOUNCED => iommu.unmap_pages(m),
             _ => self.bouncer.unmap(m),
@@ -690,24 +849,25 @@ impl Grant {
     ///
     /// # Errors
     /// The grant world refuses the setup.
-    pub fn new(kind: GrantKind) -> Result<Self, String> {
+    pub fn new(kind: GrantKind) -> Result<Self, ModeError> {
         use grant_table::{
             DomainConfig, Gfn, GrantDma, GrantIommu, GuestGrants, IommuMode, PersistentConfig,
             TableSetup, Xen,
         };
-        let e = |x: &dyn std::fmt::Display| x.to_string();
+        let domain = |dom| move |source| ModeError::Domain { dom, source };
+        let grant_iommu = |what| move |source| ModeError::GrantIommu { what, source };
         let mem = guest_ram()?;
         let xen = Arc::new(Xen::new());
         xen.create_domain(GUEST_DOM, mem.clone(), DomainConfig::default())
-            .map_err(|x| e(&x))?;
+            .map_err(domain(GUEST_DOM))?;
         let bram = GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), BACKEND_RAM)])
-            .map_err(|x| e(&x))?;
+            .map_err(ModeError::BackendRam)?;
         xen.create_domain(BACKEND_DOM, bram, DomainConfig::default())
-            .map_err(|x| e(&x))?;
+            .map_err(domain(BACKEND_DOM))?;
         let frames = (0..8).map(|i| Gfn(GRANT_TABLE_GFN + i)).collect();
         let grants = Arc::new(
             GuestGrants::new(xen.clone(), GUEST_DOM, mem.clone(), TableSetup::v1(frames))
-                .map_err(|x| e(&x))?,
+                .map_err(ModeError::GrantTable)?,
         );
         let (dma, mode) = match kind {
             GrantKind::PerIo => (GrantDma::new(grants, BACKEND_DOM), IommuMode::PerIo),
@@ -720,7 +880,7 @@ impl Grant {
                         pages: PERSISTENT_PAGES,
                     },
                 )
-                .map_err(|x| e(&x))?,
+                .map_err(ModeError::PersistentPool)?,
                 IommuMode::Persistent {
                     max: PERSISTENT_PAGES as usize,
                 },
@@ -733,13 +893,19 @@ impl Grant {
                 },
             ),
         };
-        let iommu = GrantIommu::new(xen, BACKEND_DOM, GUEST_DOM, mode).map_err(|x| e(&x))?;
+        let iommu =
+            GrantIommu::new(xen, BACKEND_DOM, GUEST_DOM, mode).map_err(grant_iommu("setup"))?;
         let ring_len = crate::ring::RING_BYTES;
         let ring = dma
             .map_coherent(grant_table::Gpa(RING_GPA), ring_len)
-            .map_err(|x| e(&x))?;
-        iommu.map_ring(ring, ring_len as u64).map_err(|x| e(&x))?;
-        let dev_mem = IommuMemory::new(iommu.device_memory().map_err(|x| e(&x))?, iommu, true, ());
+            .map_err(ModeError::GrantRing)?;
+        iommu
+            .map_ring(ring, ring_len as u64)
+            .map_err(grant_iommu("the ring"))?;
+        let backend_mem = iommu
+            .device_memory()
+            .map_err(grant_iommu("the backend's memory"))?;
+        let dev_mem = IommuMemory::new(backend_mem, iommu, true, ());
         let ring_pages = pages(RING_GPA, ring_len);
         let granted = match kind {
             GrantKind::Persistent => ring_pages + u64::from(PERSISTENT_PAGES),
@@ -769,11 +935,11 @@ impl Sharing for Grant {
     fn ring(&self) -> (u64, u64) {
         (RING_GPA, self.ring_dev)
     }
-    fn map(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, String> {
+    fn map(&mut self, gpa: u64, len: usize, dir: DmaDirection) -> Result<Mapping, ModeError> {
         let a = self
             .dma
             .map(grant_table::Gpa(gpa), len, dir)
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| ModeError::Grant { gpa, len, source })?;
         match self.kind {
             // The driver copies the buffer into the pool (device-bound data now, the
             // device's data back at unmap): once per buffer either way.
@@ -794,10 +960,14 @@ impl Sharing for Grant {
             token: gpa,
         })
     }
-    fn unmap(&mut self, m: Mapping) -> Result<(), String> {
+    fn unmap(&mut self, m: Mapping) -> Result<(), ModeError> {
         self.dma
             .unmap(grant_table::GrantDmaAddr(m.addr), m.len, m.dir)
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| ModeError::Ungrant {
+                addr: m.addr,
+                len: m.len,
+                source,
+            })?;
         if self.kind != GrantKind::Persistent {
             self.live_pages -= pages(m.token, m.len);
         }

@@ -34,24 +34,25 @@
 //! sides of the path as the in-process cells count their one thread. Exposure is the
 //! backend's own figure (`--stats`): the most guest bytes its address space held.
 
-use crate::modes::{Direct, Pool, Sharing, Viommu, POOL_GPA, POOL_SIZE, RAM_SIZE};
-use crate::run::{self, Device, Measured, Pattern};
+use crate::modes::{Direct, ModeError, Pool, Sharing, Viommu, POOL_GPA, POOL_SIZE, RAM_SIZE};
+use crate::ring::RingError;
+use crate::run::{self, Device, Measured, Pattern, RunError};
 use crate::{Budget, Mode};
-use bounce_pool::{map_pool_file, Gpa, SplitRam};
+use bounce_pool::{map_pool_file, Gpa, RamError, SplitRam};
 use device_host::vhost_user::{
     DeviceKind, VhostUserCounters, VhostUserDevice, VhostUserError, VhostUserHandle,
     DEFAULT_TIMEOUT,
 };
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use virtio_contract::{ActiveQueue, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_iommu::EndpointIommu;
 use virtio_pci::InterruptSink;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 /// How long the driver polls the used ring before it sleeps until the interrupt.
 pub const SPIN: Duration = Duration::from_micros(10);
@@ -60,6 +61,251 @@ const COMPLETION_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the backend may take to start listening, and to exit after disconnect.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why an out-of-process cell failed: the cell has no out-of-process backend, the
+/// backend could not be started, connected or waited for, or its figures are wrong.
+/// Messages that involve the backend process end with the tail of its log.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// `mode` × `pattern` has no out-of-process cell ([`not_measured`]).
+    #[error(
+        "{} {} out of process: not measured: {why}",
+        .mode.name(),
+        .pattern.name()
+    )]
+    NotMeasured {
+        /// The mode.
+        mode: Mode,
+        /// The pattern.
+        pattern: Pattern,
+        /// Why ([`not_measured`]'s reason).
+        why: &'static str,
+    },
+    /// `mode` has no out-of-process runner.
+    #[error("{}: not measured out of process", .mode.name())]
+    NoRunner {
+        /// The mode.
+        mode: Mode,
+    },
+    /// The file-backed guest RAM could not be built.
+    #[error("file-backed guest RAM: {0}")]
+    SplitRam(#[source] RamError),
+    /// The pool's memfd could not be duplicated for the memory table.
+    #[error("pool memfd: {0}")]
+    PoolMemfd(#[source] std::io::Error),
+    /// The pool's file could not be mapped as the memory table.
+    #[error("the pool's memory table: {0}")]
+    PoolTable(#[source] RamError),
+    /// The sharing mode could not be set up.
+    #[error(transparent)]
+    Mode(#[from] ModeError),
+    /// `auto` built without its virtio-iommu endpoint.
+    #[error("auto has no IOMMU endpoint")]
+    NoEndpoint,
+    /// The backend's working directory could not be created.
+    #[error("cannot create {}: {source}", .path.display())]
+    WorkDir {
+        /// The directory.
+        path: PathBuf,
+        /// What the file system reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backend's log could not be created.
+    #[error("cannot create the backend log in {}: {source}", .dir.display())]
+    Log {
+        /// The working directory.
+        dir: PathBuf,
+        /// What the file system reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backend program could not be run.
+    #[error("cannot run the backend {}: {source}", .program.display())]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// What the OS reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backend's process id does not fit a `pid_t`.
+    #[error("process id {pid} out of range")]
+    PidOutOfRange {
+        /// The process id.
+        pid: u32,
+    },
+    /// The kernel refused the backend process's CPU clock.
+    #[error("cannot get the CPU clock of process {pid}: {source}")]
+    CpuClock {
+        /// The process id.
+        pid: u32,
+        /// What the kernel reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backend's CPU clock could no longer be read (it exited).
+    #[error("cannot read the CPU clock of the backend (pid {pid})")]
+    BackendClock {
+        /// The backend's process id.
+        pid: u32,
+    },
+    /// The backend exited before it accepted the front-end's connection.
+    #[error("the backend exited ({status}) before accepting a connection; {log}")]
+    ExitedEarly {
+        /// How it exited.
+        status: ExitStatus,
+        /// The tail of its log.
+        log: String,
+    },
+    /// The front-end could not connect to the backend.
+    #[error("{source}; {log}")]
+    Connect {
+        /// What the front-end reported.
+        #[source]
+        source: VhostUserError,
+        /// The tail of the backend's log.
+        log: String,
+    },
+    /// The backend did not listen on its socket in time.
+    #[error(
+        "the backend did not listen on {} within {timeout:?}; {log}",
+        .socket.display()
+    )]
+    NotListening {
+        /// The socket.
+        socket: PathBuf,
+        /// How long the front-end waited.
+        timeout: Duration,
+        /// The tail of the backend's log.
+        log: String,
+    },
+    /// The front-end could not be put behind the virtio-iommu.
+    #[error("attaching the vhost-user device to the virtio-iommu: {0}")]
+    AttachIommu(#[source] VhostUserError),
+    /// The backend does not offer the features the cell needs.
+    #[error("the backend offers features {offered:#x}, without all of {want:#x}")]
+    Features {
+        /// Features offered.
+        offered: u64,
+        /// Features needed.
+        want: u64,
+    },
+    /// The device's queue could not be programmed.
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    /// The front-end could not activate the device.
+    #[error("activating the vhost-user device: {0}")]
+    Activate(#[source] virtio_contract::DeviceError),
+    /// The front-end was already disconnected.
+    #[error("the vhost-user device is gone")]
+    DeviceGone,
+    /// The used index could not be read from guest memory.
+    #[error("used index: {0}")]
+    UsedIndex(#[source] GuestMemoryError),
+    /// The front-end failed to kick the backend.
+    #[error("kicking the backend: {0}")]
+    Kick(#[source] virtio_contract::DeviceError),
+    /// The backend did not return a request's chain in time.
+    #[error(
+        "the backend did not complete the request within {timeout:?}{}; {log}",
+        if *.broken { " (the vhost-user connection broke)" } else { "" }
+    )]
+    Incomplete {
+        /// How long the driver waited.
+        timeout: Duration,
+        /// The vhost-user connection broke.
+        broken: bool,
+        /// The tail of the backend's log.
+        log: String,
+    },
+    /// The cell was finished without its timed part marked.
+    #[error("the timed part was never marked")]
+    NotMarked,
+    /// The front-end refused IOTLB misses or had invalidates unacknowledged.
+    #[error(
+        "the front-end refused {refused} misses and {invalidate_failures} invalidates were not acknowledged"
+    )]
+    FrontEnd {
+        /// Misses refused.
+        refused: u64,
+        /// Invalidates not acknowledged.
+        invalidate_failures: u64,
+    },
+    /// The backend did not exit after the front-end disconnected.
+    #[error("the backend did not exit within {timeout:?} after the front-end left; {log}")]
+    NoExit {
+        /// How long the front-end waited.
+        timeout: Duration,
+        /// The tail of the backend's log.
+        log: String,
+    },
+    /// Waiting for the backend process failed.
+    #[error("waiting for the backend: {0}")]
+    Wait(#[source] std::io::Error),
+    /// The backend exited unsuccessfully.
+    #[error("the backend exited with {status}; {log}")]
+    Exit {
+        /// How it exited.
+        status: ExitStatus,
+        /// The tail of its log.
+        log: String,
+    },
+    /// The backend's stats file could not be read.
+    #[error("the backend's stats {}: {source}", .path.display())]
+    StatsFile {
+        /// The file.
+        path: PathBuf,
+        /// What the file system reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backend's stats file is not JSON.
+    #[error("the backend's stats {}: {source}", .path.display())]
+    StatsJson {
+        /// The file.
+        path: PathBuf,
+        /// What the parser reported.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The backend's stats lack a figure.
+    #[error("the backend's stats {} lack {field}", .path.display())]
+    StatsField {
+        /// The file.
+        path: PathBuf,
+        /// The missing figure.
+        field: &'static str,
+    },
+    /// The device's own counters do not show every request served and none refused.
+    #[error(
+        "the backend's counters {counters} do not show {served} requests served, none refused"
+    )]
+    Unserved {
+        /// The pattern.
+        pattern: Pattern,
+        /// The counters (`--stats` `requests`).
+        counters: serde_json::Value,
+        /// Requests the driver had completed.
+        served: u64,
+    },
+    /// The cell failed while running with the backend connected.
+    #[error(transparent)]
+    Cell(Box<RunError>),
+}
+
+impl From<RunError> for RemoteError {
+    /// A cell's failure: the backend's or the mode's own error as it is, anything else
+    /// boxed.
+    fn from(e: RunError) -> Self {
+        match e {
+            RunError::Remote(e) => e,
+            RunError::Mode(e) => Self::Mode(e),
+            RunError::Ring(e) => Self::Ring(e),
+            e => Self::Cell(Box::new(e)),
+        }
+    }
+}
 
 /// The command that runs a vhost-user backend: `program args... blk|rng|net-tx --socket S
 /// --stats F --once [--require-iommu] [--disk D --read-only]`, the command line of
@@ -133,7 +379,7 @@ impl BackendFigures {
     ///
     /// # Errors
     /// The counters are missing or say otherwise.
-    pub fn check_served(&self, pattern: Pattern, served: u64) -> Result<(), String> {
+    pub fn check_served(&self, pattern: Pattern, served: u64) -> Result<(), RemoteError> {
         let (done, failed) = match pattern {
             Pattern::Rng64 => return Ok(()),
             Pattern::Net64 | Pattern::Net1500 => ("frames", "errors"),
@@ -142,10 +388,11 @@ impl BackendFigures {
         let count = |k: &str| self.device.get(k).and_then(serde_json::Value::as_u64);
         match (count(done), count(failed)) {
             (Some(d), Some(0)) if d == served => Ok(()),
-            _ => Err(format!(
-                "the backend's counters {} do not show {served} requests served, none refused",
-                self.device
-            )),
+            _ => Err(RemoteError::Unserved {
+                pattern,
+                counters: self.device.clone(),
+                served,
+            }),
         }
     }
 }
@@ -200,7 +447,7 @@ pub(crate) struct Remote {
 }
 
 /// A fresh directory for one backend's socket, stats and log.
-fn work_dir() -> Result<PathBuf, String> {
+fn work_dir() -> Result<PathBuf, RemoteError> {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!(
         "aperture-survey-backend-{}-{}",
@@ -208,8 +455,10 @@ fn work_dir() -> Result<PathBuf, String> {
         N.fetch_add(1, Ordering::Relaxed)
     ));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    Ok(dir)
+    match std::fs::create_dir_all(&dir) {
+        Ok(()) => Ok(dir),
+        Err(source) => Err(RemoteError::WorkDir { path: dir, source }),
+    }
 }
 
 /// The end of the backend's log, for error messages.
@@ -237,7 +486,7 @@ impl Remote {
         ring: (u64, u64),
         table: &GuestMemoryMmap,
         iommu: Option<EndpointIommu>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, RemoteError> {
         let kind = match pattern {
             Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => DeviceKind::Block,
             Pattern::Rng64 => DeviceKind::Rng,
@@ -245,8 +494,10 @@ impl Remote {
         };
         let dir = work_dir()?;
         let socket = dir.join("backend.sock");
-        let log = std::fs::File::create(dir.join("backend.log"))
-            .map_err(|e| format!("cannot create the backend log in {}: {e}", dir.display()))?;
+        let log = match std::fs::File::create(dir.join("backend.log")) {
+            Ok(f) => f,
+            Err(source) => return Err(RemoteError::Log { dir, source }),
+        };
         let mut c = Command::new(&cmd.program);
         c.args(&cmd.args)
             .arg(match kind {
@@ -270,9 +521,12 @@ impl Remote {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(|e| {
+            .map_err(|source| {
                 let _ = std::fs::remove_dir_all(&dir);
-                format!("cannot run the backend {}: {e}", cmd.program.display())
+                RemoteError::Spawn {
+                    program: cmd.program.clone(),
+                    source,
+                }
             })?;
         let wake = Arc::new(Wake::default());
         // From here on, dropping `this` kills the child and removes `dir`.
@@ -291,7 +545,7 @@ impl Remote {
         let mut dev = this.connect(&socket, kind)?;
         let behind_iommu = iommu.is_some();
         if let Some(ep) = iommu {
-            dev.attach_iommu(ep).map_err(|e| e.to_string())?;
+            dev.attach_iommu(ep).map_err(RemoteError::AttachIommu)?;
         }
         let d: &mut dyn VirtioDevice<GuestMemoryMmap> = &mut dev;
         let want = (1 << VIRTIO_F_VERSION_1)
@@ -302,9 +556,7 @@ impl Remote {
             };
         let offered = d.device_features();
         if offered & want != want {
-            return Err(format!(
-                "the backend offers features {offered:#x}, without all of {want:#x}"
-            ));
+            return Err(RemoteError::Features { offered, want });
         }
         d.set_acked_features(want);
         let queue = crate::ring::GuestRing::device_queue(ring.1)?;
@@ -316,20 +568,20 @@ impl Remote {
             }],
             table,
         )
-        .map_err(|e| format!("activating the vhost-user device: {e}"))?;
+        .map_err(RemoteError::Activate)?;
         this.dev = Some(dev);
         Ok(this)
     }
 
     /// Connects to the backend once it listens; fails early if it exits.
-    fn connect(&mut self, socket: &Path, kind: DeviceKind) -> Result<VhostUserDevice, String> {
+    fn connect(&mut self, socket: &Path, kind: DeviceKind) -> Result<VhostUserDevice, RemoteError> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return Err(format!(
-                    "the backend exited ({st}) before accepting a connection; {}",
-                    log_tail(&self.dir)
-                ));
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(RemoteError::ExitedEarly {
+                    status,
+                    log: log_tail(&self.dir),
+                });
             }
             if socket.exists() {
                 let irq: Arc<dyn InterruptSink> = Arc::clone(&self.wake) as _;
@@ -337,49 +589,51 @@ impl Remote {
                     Ok(d) => return Ok(d),
                     // Bound but not yet listening.
                     Err(VhostUserError::Connect { .. }) => {}
-                    Err(e) => return Err(format!("{e}; {}", log_tail(&self.dir))),
+                    Err(source) => {
+                        return Err(RemoteError::Connect {
+                            source,
+                            log: log_tail(&self.dir),
+                        })
+                    }
                 }
             }
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "the backend did not listen on {} within {START_TIMEOUT:?}; {}",
-                    socket.display(),
-                    log_tail(&self.dir)
-                ));
+                return Err(RemoteError::NotListening {
+                    socket: socket.to_path_buf(),
+                    timeout: START_TIMEOUT,
+                    log: log_tail(&self.dir),
+                });
             }
             std::thread::sleep(Duration::from_millis(2));
         }
     }
 
-    fn handle(&self) -> Result<VhostUserHandle, String> {
+    fn handle(&self) -> Result<VhostUserHandle, RemoteError> {
         self.dev
             .as_ref()
             .map(VhostUserDevice::handle)
-            .ok_or_else(|| "the vhost-user device is gone".to_string())
+            .ok_or(RemoteError::DeviceGone)
     }
 
     /// The backend process's CPU time so far.
-    fn backend_cpu(&self) -> Result<Duration, String> {
-        run::clock_cpu(self.clock).ok_or_else(|| {
-            format!(
-                "cannot read the CPU clock of the backend (pid {})",
-                self.child.id()
-            )
+    fn backend_cpu(&self) -> Result<Duration, RemoteError> {
+        run::clock_cpu(self.clock).ok_or_else(|| RemoteError::BackendClock {
+            pid: self.child.id(),
         })
     }
 
     /// CPU time of both sides: this process and the backend's.
-    pub(crate) fn cpu(&self) -> Result<Duration, String> {
+    pub(crate) fn cpu(&self) -> Result<Duration, RemoteError> {
         Ok(run::process_cpu() + self.backend_cpu()?)
     }
 
     /// Whether the backend returned a chain since the last call.
-    fn used_moved(&mut self) -> Result<bool, String> {
+    fn used_moved(&mut self) -> Result<bool, RemoteError> {
         // Acquire: the used element the backend wrote before the index is visible.
         let idx: u16 = self
             .guest
             .load(self.used_idx, Ordering::Acquire)
-            .map_err(|e| format!("used index: {e}"))?;
+            .map_err(RemoteError::UsedIndex)?;
         let idx = u16::from_le(idx);
         if idx == self.seen {
             return Ok(false);
@@ -393,11 +647,11 @@ impl Remote {
     pub(crate) fn notify_and_wait(
         &mut self,
         queue: &mut virtio_queue::Queue,
-    ) -> Result<(), String> {
+    ) -> Result<(), RemoteError> {
         let Self { dev, guest, .. } = self;
-        let dev = dev.as_mut().ok_or("the vhost-user device is gone")?;
+        let dev = dev.as_mut().ok_or(RemoteError::DeviceGone)?;
         VirtioDevice::<GuestMemoryMmap>::process_queue(dev, 0, queue, guest)
-            .map_err(|e| e.to_string())?;
+            .map_err(RemoteError::Kick)?;
         let spin_end = Instant::now() + SPIN;
         loop {
             if self.used_moved()? {
@@ -415,22 +669,18 @@ impl Remote {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || self.handle()?.is_broken() {
-                return Err(format!(
-                    "the backend did not complete the request within {COMPLETION_TIMEOUT:?}{}; {}",
-                    if self.handle()?.is_broken() {
-                        " (the vhost-user connection broke)"
-                    } else {
-                        ""
-                    },
-                    log_tail(&self.dir)
-                ));
+                return Err(RemoteError::Incomplete {
+                    timeout: COMPLETION_TIMEOUT,
+                    broken: self.handle()?.is_broken(),
+                    log: log_tail(&self.dir),
+                });
             }
             self.wake.wait(left);
         }
     }
 
     /// Marks the start of the timed part.
-    pub(crate) fn mark(&mut self) -> Result<(), String> {
+    pub(crate) fn mark(&mut self) -> Result<(), RemoteError> {
         self.mark = Some(Mark {
             counters: self.handle()?.counters(),
             backend_cpu: self.backend_cpu()?,
@@ -440,15 +690,15 @@ impl Remote {
 
     /// Ends the cell: the figures since [`Remote::mark`], then disconnects, waits for
     /// the backend to exit and reads its exposure figures.
-    pub(crate) fn finish(mut self) -> Result<BackendFigures, String> {
-        let mark = self.mark.ok_or("the timed part was never marked")?;
+    pub(crate) fn finish(mut self) -> Result<BackendFigures, RemoteError> {
+        let mark = self.mark.ok_or(RemoteError::NotMarked)?;
         let now = self.handle()?.counters();
         let cpu = self.backend_cpu()?.saturating_sub(mark.backend_cpu);
         if now.invalidate_failures != 0 || now.refused != 0 {
-            return Err(format!(
-                "the front-end refused {} misses and {} invalidates were not acknowledged",
-                now.refused, now.invalidate_failures
-            ));
+            return Err(RemoteError::FrontEnd {
+                refused: now.refused,
+                invalidate_failures: now.invalidate_failures,
+            });
         }
         // Disconnect: the backend (`--once`) writes its stats and exits.
         self.dev = None;
@@ -460,29 +710,37 @@ impl Remote {
                     std::thread::sleep(Duration::from_millis(2));
                 }
                 Ok(None) => {
-                    let tail = log_tail(&self.dir);
-                    return Err(format!(
-                        "the backend did not exit within {EXIT_TIMEOUT:?} after the front-end left; {tail}"
-                    ));
+                    return Err(RemoteError::NoExit {
+                        timeout: EXIT_TIMEOUT,
+                        log: log_tail(&self.dir),
+                    });
                 }
-                Err(e) => return Err(format!("waiting for the backend: {e}")),
+                Err(e) => return Err(RemoteError::Wait(e)),
             }
         };
         if !status.success() {
-            return Err(format!(
-                "the backend exited with {status}; {}",
-                log_tail(&self.dir)
-            ));
+            return Err(RemoteError::Exit {
+                status,
+                log: log_tail(&self.dir),
+            });
         }
         let path = self.dir.join("stats.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("the backend's stats {}: {e}", path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| format!("the backend's stats {}: {e}", path.display()))?;
-        let num = |k: &str| {
-            v.get(k)
+        let text = std::fs::read_to_string(&path).map_err(|source| RemoteError::StatsFile {
+            path: path.clone(),
+            source,
+        })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| RemoteError::StatsJson {
+                path: path.clone(),
+                source,
+            })?;
+        let num = |field: &'static str| {
+            v.get(field)
                 .and_then(serde_json::Value::as_u64)
-                .ok_or_else(|| format!("the backend's stats {} lack {k}", path.display()))
+                .ok_or_else(|| RemoteError::StatsField {
+                    path: path.clone(),
+                    field,
+                })
         };
         Ok(BackendFigures {
             cpu,
@@ -526,15 +784,11 @@ pub fn run_one_remote(
     budget: Budget,
     auto_threshold: usize,
     cmd: &BackendCommand,
-) -> Result<Measured, String> {
+) -> Result<Measured, RemoteError> {
     if let Some(why) = not_measured(mode, pattern) {
-        return Err(format!(
-            "{} {} out of process: not measured: {why}",
-            mode.name(),
-            pattern.name()
-        ));
+        return Err(RemoteError::NotMeasured { mode, pattern, why });
     }
-    let ram = SplitRam::new(RAM_SIZE, Gpa(POOL_GPA), POOL_SIZE).map_err(|e| e.to_string())?;
+    let ram = SplitRam::new(RAM_SIZE, Gpa(POOL_GPA), POOL_SIZE).map_err(RemoteError::SplitRam)?;
     let mem = ram.memory().clone();
     let go = Launch {
         cmd,
@@ -554,19 +808,19 @@ pub fn run_one_remote(
             let pool_file = ram
                 .pool_file()
                 .try_clone()
-                .map_err(|e| format!("pool memfd: {e}"))?;
-            let table =
-                map_pool_file(pool_file, Gpa(POOL_GPA), POOL_SIZE).map_err(|e| e.to_string())?;
+                .map_err(RemoteError::PoolMemfd)?;
+            let table = map_pool_file(pool_file, Gpa(POOL_GPA), POOL_SIZE)
+                .map_err(RemoteError::PoolTable)?;
             go.run(&mut Pool::with_memory(mem)?, Some(&table), None)
         }
         Mode::Auto => {
             // Behind the virtio-iommu like viommu-strict; the pool is one mapping the
             // backend's first miss there fills, and keeps.
             let mut s = Pool::auto_with_memory(auto_threshold, mem)?;
-            let ep = s.endpoint().ok_or("auto has no IOMMU endpoint")?;
+            let ep = s.endpoint().ok_or(RemoteError::NoEndpoint)?;
             go.run(&mut s, None, Some(ep))
         }
-        _ => Err(format!("{}: not measured out of process", mode.name())),
+        _ => Err(RemoteError::NoRunner { mode }),
     }
 }
 
@@ -586,12 +840,19 @@ impl Launch<'_> {
         s: &mut S,
         table: Option<&GuestMemoryMmap>,
         iommu: Option<EndpointIommu>,
-    ) -> Result<Measured, String> {
+    ) -> Result<Measured, RemoteError> {
         let (p, disk) = (self.pattern, self.disk);
         let table = table.unwrap_or(s.guest_memory());
         let r = Remote::start(self.cmd, p, disk, s.guest_memory(), s.ring(), table, iommu)?;
         let (t, n) = (self.budget.per_cell, self.budget.min_requests);
-        run::run_device(s, Device::Remote(Box::new(r)), p, disk, t, n)
+        Ok(run::run_device(
+            s,
+            Device::Remote(Box::new(r)),
+            p,
+            disk,
+            t,
+            n,
+        )?)
     }
 }
 
@@ -628,10 +889,47 @@ mod tests {
         let e = figures(serde_json::Value::Null)
             .check_served(Pattern::Blk4kRandom, 1)
             .unwrap_err();
-        assert!(e.contains("1 requests served"), "{e}");
+        assert!(e.to_string().contains("1 requests served"), "{e}");
         // rng keeps no counters.
         assert!(figures(serde_json::Value::Null)
             .check_served(Pattern::Rng64, 3)
             .is_ok());
+    }
+
+    #[test]
+    fn errors_read_as_sentences_and_keep_their_cause() {
+        use std::error::Error as _;
+        let e = RemoteError::NotMeasured {
+            mode: Mode::GrantCopy,
+            pattern: Pattern::Net64,
+            why: "no backend",
+        };
+        assert_eq!(
+            e.to_string(),
+            "grant-copy net-64 out of process: not measured: no backend"
+        );
+        let late = |broken| RemoteError::Incomplete {
+            timeout: Duration::from_secs(5),
+            broken,
+            log: "(the backend wrote nothing)".into(),
+        };
+        assert_eq!(
+            late(false).to_string(),
+            "the backend did not complete the request within 5s; (the backend wrote nothing)"
+        );
+        assert!(late(true)
+            .to_string()
+            .contains("5s (the vhost-user connection broke);"));
+        let e = RemoteError::Spawn {
+            program: "/nonexistent/aperture".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        assert!(e
+            .to_string()
+            .starts_with("cannot run the backend /nonexistent/aperture: "));
+        assert!(e.source().is_some_and(|s| s.is::<std::io::Error>()));
+        // A cell's failure inside the out-of-process runner is not wrapped twice.
+        let e = RemoteError::from(RunError::Remote(RemoteError::DeviceGone));
+        assert!(matches!(e, RemoteError::DeviceGone), "{e:?}");
     }
 }

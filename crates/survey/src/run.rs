@@ -3,15 +3,16 @@
 //! (write the request, map every buffer, post one chain, wait, unmap in order, check
 //! the status), timed on the wall clock and on the thread's CPU clock.
 
-use crate::modes::{Mapping, ModeStats, Sharing};
+use crate::modes::{Mapping, ModeError, ModeStats, Sharing};
 use crate::net::{NetTx, NET_HDR_LEN};
-use crate::ring::{Buf, GuestRing};
+use crate::remote::RemoteError;
+use crate::ring::{Buf, GuestRing, RingError};
 use dma_types::DmaDirection;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use virtio_contract::{DeviceIdentity, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
-use virtio_devices::{Block, BlockConfig, Rng, RngConfig};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use virtio_devices::{Block, BlockConfig, BlockError, Rng, RngConfig, RngError};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
 /// Where the driver keeps a request header.
 const HDR: u64 = 0x20_0000;
@@ -32,6 +33,117 @@ pub const PIECE_STRIDE: u64 = 2 * PIECE as u64;
 pub const DISK_BYTES: u64 = 64 << 20;
 const SECTOR: u64 = 512;
 const VIRTIO_BLK_T_IN: u32 = 0;
+
+/// Why a cell failed: its setup, a request, or the check of what a request moved.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The sharing mode could not be set up, or refused to map or unmap a buffer.
+    #[error(transparent)]
+    Mode(#[from] ModeError),
+    /// The driver's side of the ring failed.
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    /// The backend in another process failed.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    /// The disk image cannot be written or read.
+    #[error("{}: {source}", .path.display())]
+    DiskImage {
+        /// The image.
+        path: PathBuf,
+        /// What the file system reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The virtio-blk device cannot open the disk image.
+    #[error("{}: {source}", .path.display())]
+    Block {
+        /// The image.
+        path: PathBuf,
+        /// What the device reported.
+        #[source]
+        source: BlockError,
+    },
+    /// The virtio-rng device cannot be built.
+    #[error("virtio-rng: {0}")]
+    Rng(#[source] RngError),
+    /// The device failed to process its queue.
+    #[error(transparent)]
+    Device(#[from] virtio_contract::DeviceError),
+    /// The driver cannot reach its own memory (a request header, a status byte, a
+    /// buffer) at guest-physical `addr`.
+    #[error("guest memory at {addr:#x}: {source}")]
+    GuestMemory {
+        /// The guest-physical address accessed.
+        addr: u64,
+        /// What guest memory reported.
+        #[source]
+        source: GuestMemoryError,
+    },
+    /// The device served the request without returning its chain.
+    #[error("the device returned no chain")]
+    NoChain {
+        /// The pattern.
+        pattern: Pattern,
+    },
+    /// The device returned the chain with another used length than the request needs.
+    #[error(
+        "{}: used length {used}, want {want} (blk status byte {status:?})",
+        .pattern.name()
+    )]
+    UsedLength {
+        /// The pattern.
+        pattern: Pattern,
+        /// The used length returned.
+        used: u32,
+        /// The used length the request needs.
+        want: u32,
+        /// The blk status byte, if readable.
+        status: Option<u8>,
+    },
+    /// A blk request completed with a status other than `VIRTIO_BLK_S_OK`.
+    #[error("{}: status {status}", .pattern.name())]
+    Status {
+        /// The pattern.
+        pattern: Pattern,
+        /// The status byte.
+        status: u8,
+    },
+    /// The data a blk read returned differs from the image.
+    #[error(
+        "{}: the data read differs from the image at {offset:#x}",
+        .pattern.name()
+    )]
+    DataMismatch {
+        /// The pattern.
+        pattern: Pattern,
+        /// The image offset read.
+        offset: u64,
+    },
+    /// An rng read returned only zero bytes.
+    #[error("{}: {len} zero bytes", .pattern.name())]
+    AllZero {
+        /// The pattern.
+        pattern: Pattern,
+        /// Bytes read.
+        len: usize,
+    },
+    /// The net sink did not take exactly the one frame sent.
+    #[error("{}: the sink took {frames} frames, refused {errors}", .pattern.name())]
+    NetSink {
+        /// The pattern.
+        pattern: Pattern,
+        /// Frames taken.
+        frames: u64,
+        /// Chains refused.
+        errors: u64,
+    },
+}
+
+/// [`RunError::GuestMemory`] at `addr`.
+fn mem_at(addr: u64) -> impl FnOnce(GuestMemoryError) -> RunError {
+    move |source| RunError::GuestMemory { addr, source }
+}
 
 /// A device access pattern.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -140,7 +252,7 @@ pub(crate) enum Device {
 }
 
 impl Device {
-    fn new(p: Pattern, disk: &Path) -> Result<Self, String> {
+    fn new(p: Pattern, disk: &Path) -> Result<Self, RunError> {
         let features = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM);
         Ok(match p {
             Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => {
@@ -150,7 +262,10 @@ impl Device {
                     access_platform: true,
                     test_stray_sector: None,
                 })
-                .map_err(|e| format!("{}: {e}", disk.display()))?;
+                .map_err(|source| RunError::Block {
+                    path: disk.to_path_buf(),
+                    source,
+                })?;
                 b.set_acked_features(features);
                 Device::Blk(b)
             }
@@ -159,7 +274,7 @@ impl Device {
                     access_platform: true,
                     ..RngConfig::default()
                 })
-                .map_err(|e| e.to_string())?;
+                .map_err(RunError::Rng)?;
                 r.set_acked_features(features);
                 Device::Rng(r)
             }
@@ -171,19 +286,19 @@ impl Device {
         &mut self,
         q: &mut virtio_queue::Queue,
         mem: &M,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, RunError> {
         match self {
-            Device::Blk(d) => d.process_queue(0, q, mem).map_err(|e| e.to_string()),
-            Device::Rng(d) => d.process_queue(0, q, mem).map_err(|e| e.to_string()),
-            Device::Net(d) => d.process_queue(0, q, mem).map_err(|e| e.to_string()),
-            Device::Remote(r) => r.notify_and_wait(q).map(|()| true),
+            Device::Blk(d) => Ok(d.process_queue(0, q, mem)?),
+            Device::Rng(d) => Ok(d.process_queue(0, q, mem)?),
+            Device::Net(d) => Ok(d.process_queue(0, q, mem)?),
+            Device::Remote(r) => Ok(r.notify_and_wait(q).map(|()| true)?),
         }
     }
 
     /// The CPU time that counts for this device's cells (see [`Measured::cpu`]).
-    fn cpu(&self) -> Result<Duration, String> {
+    fn cpu(&self) -> Result<Duration, RunError> {
         match self {
-            Device::Remote(r) => r.cpu(),
+            Device::Remote(r) => Ok(r.cpu()?),
             _ => Ok(thread_cpu()),
         }
     }
@@ -220,18 +335,20 @@ impl Cursor {
 ///
 /// # Errors
 /// The file cannot be written.
-pub fn prepare_disk(path: &Path) -> Result<(), String> {
+pub fn prepare_disk(path: &Path) -> Result<(), RunError> {
+    let image = |source| RunError::DiskImage {
+        path: path.to_path_buf(),
+        source,
+    };
     if std::fs::metadata(path).is_ok_and(|m| m.len() == DISK_BYTES) {
         // Read it once, so that every mode reads from the page cache, not the disk.
-        return std::fs::read(path)
-            .map(drop)
-            .map_err(|e| format!("{}: {e}", path.display()));
+        return std::fs::read(path).map(drop).map_err(image);
     }
     let mut data = vec![0u8; DISK_BYTES as usize];
     for (i, chunk) in data.chunks_mut(8).enumerate() {
         chunk.copy_from_slice(&(i as u64 * 8).to_le_bytes());
     }
-    std::fs::write(path, data).map_err(|e| format!("{}: {e}", path.display()))
+    std::fs::write(path, data).map_err(image)
 }
 
 /// One request: write it, map its buffers, post, serve, reap, unmap, check.
@@ -243,9 +360,8 @@ fn request<S: Sharing>(
     pattern: Pattern,
     offset: u64,
     maps: &mut Vec<Mapping>,
-) -> Result<(), String> {
+) -> Result<(), RunError> {
     let len = pattern.bytes();
-    let gerr = |e: vm_memory::GuestMemoryError| e.to_string();
     maps.clear();
     match pattern {
         Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => {
@@ -254,10 +370,10 @@ fn request<S: Sharing>(
             hdr[8..16].copy_from_slice(&(offset / SECTOR).to_le_bytes());
             s.guest_memory()
                 .write_slice(&hdr, GuestAddress(HDR))
-                .map_err(gerr)?;
+                .map_err(mem_at(HDR))?;
             s.guest_memory()
                 .write_obj(0xffu8, GuestAddress(STATUS))
-                .map_err(gerr)?;
+                .map_err(mem_at(STATUS))?;
             maps.push(s.map(HDR, 16, DmaDirection::ToDevice)?);
             for (gpa, n) in pattern.pieces() {
                 maps.push(s.map(gpa, n, DmaDirection::FromDevice)?);
@@ -283,7 +399,7 @@ fn request<S: Sharing>(
     s.after_process();
     let used = ring
         .reap(s.guest_memory())?
-        .ok_or("the device returned no chain")?;
+        .ok_or(RunError::NoChain { pattern })?;
     for m in maps.drain(..) {
         s.unmap(m)?;
     }
@@ -294,18 +410,23 @@ fn request<S: Sharing>(
     };
     if used != want {
         let st: Option<u8> = s.guest_memory().read_obj(GuestAddress(STATUS)).ok();
-        return Err(format!(
-            "{}: used length {used}, want {want} (blk status byte {st:?})",
-            pattern.name()
-        ));
+        return Err(RunError::UsedLength {
+            pattern,
+            used,
+            want,
+            status: st,
+        });
     }
     if want == len as u32 + 1 {
         let st: u8 = s
             .guest_memory()
             .read_obj(GuestAddress(STATUS))
-            .map_err(gerr)?;
+            .map_err(mem_at(STATUS))?;
         if st != 0 {
-            return Err(format!("{}: status {st}", pattern.name()));
+            return Err(RunError::Status {
+                pattern,
+                status: st,
+            });
         }
     }
     Ok(())
@@ -338,8 +459,8 @@ pub(crate) fn process_cpu() -> Duration {
 ///
 /// # Errors
 /// The kernel refuses (no such process).
-pub(crate) fn cpu_clock_of(pid: u32) -> Result<libc::clockid_t, String> {
-    let p = libc::pid_t::try_from(pid).map_err(|_| format!("process id {pid} out of range"))?;
+pub(crate) fn cpu_clock_of(pid: u32) -> Result<libc::clockid_t, RemoteError> {
+    let p = libc::pid_t::try_from(pid).map_err(|_| RemoteError::PidOutOfRange { pid })?;
     let mut id: libc::clockid_t = 0;
     // SAFETY: `id` is a valid, writable clockid_t for the duration of the call; the
     // return value is checked.
@@ -347,10 +468,10 @@ pub(crate) fn cpu_clock_of(pid: u32) -> Result<libc::clockid_t, String> {
     if rc == 0 {
         Ok(id)
     } else {
-        Err(format!(
-            "cannot get the CPU clock of process {pid}: {}",
-            std::io::Error::from_raw_os_error(rc)
-        ))
+        Err(RemoteError::CpuClock {
+            pid,
+            source: std::io::Error::from_raw_os_error(rc),
+        })
     }
 }
 
@@ -363,7 +484,7 @@ fn check_first<S: Sharing>(
     pattern: Pattern,
     offset: u64,
     disk: &Path,
-) -> Result<(), String> {
+) -> Result<(), RunError> {
     let len = pattern.bytes();
     let mut got = vec![0u8; len];
     let blk = matches!(
@@ -375,13 +496,13 @@ fn check_first<S: Sharing>(
         for (gpa, n) in pattern.pieces() {
             s.guest_memory()
                 .read_slice(&mut got[at..at + n], GuestAddress(gpa))
-                .map_err(|e| e.to_string())?;
+                .map_err(mem_at(gpa))?;
             at += n;
         }
     } else {
         s.guest_memory()
             .read_slice(&mut got, GuestAddress(DATA))
-            .map_err(|e| e.to_string())?;
+            .map_err(mem_at(DATA))?;
     }
     match dev {
         Device::Blk(_) | Device::Remote(_) if blk => {
@@ -389,26 +510,25 @@ fn check_first<S: Sharing>(
             let mut want = vec![0u8; len];
             std::fs::File::open(disk)
                 .and_then(|f| f.read_exact_at(&mut want, offset))
-                .map_err(|e| format!("{}: {e}", disk.display()))?;
+                .map_err(|source| RunError::DiskImage {
+                    path: disk.to_path_buf(),
+                    source,
+                })?;
             if got != want {
-                return Err(format!(
-                    "{}: the data read differs from the image at {offset:#x}",
-                    pattern.name()
-                ));
+                return Err(RunError::DataMismatch { pattern, offset });
             }
         }
         Device::Rng(_) | Device::Remote(_)
             if pattern == Pattern::Rng64 && got.iter().all(|&b| b == 0) =>
         {
-            return Err("rng-64: 64 zero bytes".into());
+            return Err(RunError::AllZero { pattern, len });
         }
         Device::Net(n) if n.frames != 1 || n.errors != 0 => {
-            return Err(format!(
-                "{}: the sink took {} frames, refused {}",
-                pattern.name(),
-                n.frames,
-                n.errors
-            ));
+            return Err(RunError::NetSink {
+                pattern,
+                frames: n.frames,
+                errors: n.errors,
+            });
         }
         _ => {}
     }
@@ -419,14 +539,15 @@ fn check_first<S: Sharing>(
 /// `budget` has passed (at least `min_requests`).
 ///
 /// # Errors
-/// A request failed (a mode refused, the device returned an error), as a sentence.
+/// The device could not be built, or a request failed (a mode refused, the device
+/// returned an error, what it moved was wrong).
 pub fn run_cell<S: Sharing>(
     s: &mut S,
     pattern: Pattern,
     disk: &Path,
     budget: Duration,
     min_requests: u64,
-) -> Result<Measured, String> {
+) -> Result<Measured, RunError> {
     let dev = Device::new(pattern, disk)?;
     run_device(s, dev, pattern, disk, budget, min_requests)
 }
@@ -439,7 +560,7 @@ pub(crate) fn run_device<S: Sharing>(
     disk: &Path,
     budget: Duration,
     min_requests: u64,
-) -> Result<Measured, String> {
+) -> Result<Measured, RunError> {
     let (ring_gpa, ring_dev) = s.ring();
     let mut ring = GuestRing::new(s.guest_memory(), ring_gpa)?;
     let mut queue = GuestRing::device_queue(ring_dev)?;
@@ -447,7 +568,7 @@ pub(crate) fn run_device<S: Sharing>(
         let frame: Vec<u8> = (0..pattern.bytes()).map(|i| i as u8).collect();
         s.guest_memory()
             .write_slice(&frame, GuestAddress(DATA))
-            .map_err(|e| e.to_string())?;
+            .map_err(mem_at(DATA))?;
     }
     let mut cursor = Cursor {
         pattern,

@@ -9,7 +9,7 @@ use super::{
     bump, wire, AtomicCounters, DeviceKind, Shared, VhostUserError, VhostUserHandle, QUEUE_SIZES,
     TRANSPORT_BITS,
 };
-use crate::host::{EndpointMemory, Function};
+use crate::host::{BuildError, EndpointMemory, Function};
 use crate::vfio::{EventFdSink, MemoryBuilder, MsixVectors, NotifyHook, PciFunction};
 use dma_types::lock;
 use std::fs::File;
@@ -676,23 +676,23 @@ impl<M: PhysicalMemory> VirtioDevice<M> for VhostUserDevice {
 /// returns the server backend, its vector count and a handle on the device.
 ///
 /// # Errors
-/// Why the back-end cannot be reached or cannot drive the device, as text.
+/// [`BuildError::VhostUser`]: the back-end cannot be reached or cannot drive the
+/// device; [`BuildError::Transport`].
 pub fn serve_vhost_user(
     socket: &Path,
     kind: DeviceKind,
     timeout: Duration,
     iommu: Option<EndpointIommu>,
-) -> Result<(Function, VhostUserHandle), String> {
+) -> Result<(Function, VhostUserHandle), BuildError> {
     let n = QUEUE_SIZES.len() as u16 + 1;
     let vectors = MsixVectors::new(n);
     let irq: Arc<dyn InterruptSink> = Arc::new(EventFdSink(Arc::clone(&vectors)));
-    let mut dev = VhostUserDevice::connect(socket, kind, timeout, Arc::clone(&irq))
-        .map_err(|e| e.to_string())?;
+    let mut dev = VhostUserDevice::connect(socket, kind, timeout, Arc::clone(&irq))?;
     let handle = dev.handle();
     let sink = Box::new(EventFdSink(Arc::clone(&vectors)));
     match iommu {
         Some(ep) => {
-            dev.attach_iommu(ep.clone()).map_err(|e| e.to_string())?;
+            dev.attach_iommu(ep.clone())?;
             let mem = vm_memory::IommuMemory::new(GuestMemoryMmap::default(), ep.clone(), true, ());
             let build: MemoryBuilder<EndpointMemory> =
                 Box::new(move |phys| vm_memory::IommuMemory::new(phys, ep.clone(), true, ()));
@@ -702,8 +702,7 @@ pub fn serve_vhost_user(
                 mem,
                 sink,
                 1 << VIRTIO_F_ACCESS_PLATFORM,
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
             let t = Arc::new(Mutex::new(t));
             Ok((function(&handle, t, vectors, build), handle))
         }
@@ -715,8 +714,7 @@ pub fn serve_vhost_user(
                 GuestMemoryMmap::default(),
                 sink,
                 0,
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
             let t = Arc::new(Mutex::new(t));
             Ok((function(&handle, t, vectors, build), handle))
         }

@@ -188,8 +188,7 @@ fn endpoints_is_a_model_demo_option() {
 
 #[test]
 fn bench_quick_writes_every_cell_as_json_and_a_plot() {
-    let dir = std::env::temp_dir().join(format!("aperture-cli-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = test_kit::TempDir::new("aperture-cli-bench");
     let (json, svg) = (dir.join("s.json"), dir.join("s.svg"));
     let o = aperture(&[
         "bench",
@@ -267,7 +266,6 @@ fn bench_quick_writes_every_cell_as_json_and_a_plot() {
         plot.starts_with("<svg") && plot.contains("viommu-strict"),
         "svg"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

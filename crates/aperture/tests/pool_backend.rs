@@ -21,26 +21,27 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
-use bounce_pool::blk_request::{BlkLayout, BlkRequest};
-use bounce_pool::inspect::{self, file_id, mapped_files, occurrences_in_memory, random_bytes};
 use bounce_pool::ram::{POOL_MEMFD_NAME, RAM_MEMFD_NAME};
 use bounce_pool::{Gpa, GuestDma, SplitRam};
 use device_host::vhost_user::{DeviceKind, VhostUserDevice, VhostUserError};
 use std::fs::File;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use test_kit::blk::{BlkLayout, BlkRequest};
+use test_kit::proc::{
+    self, file_id, mapped_files, maps_memfd, occurrences_in_memory, random_bytes,
+};
+use test_kit::ring::ready_queue;
+use test_kit::{pattern, MemfdRam, RingLayout, SplitRing, TempDir};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_contract::{ActiveQueue, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_pci::InterruptSink;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MIB: u64 = 1 << 20;
 /// Guest RAM.
@@ -52,9 +53,7 @@ const POOL_SIZE: u64 = 4 * MIB;
 const QSIZE: u16 = 256;
 /// The split ring in one coherent pool allocation (virtio 1.2 §2.7): descriptor
 /// table (16 bytes each), available ring (6 + 2·n bytes) and used ring (6 + 8·n
-/// bytes), each on its own page.
-const AVAIL_OFF: u64 = 0x1000;
-const USED_OFF: u64 = 0x2000;
+/// bytes), each on its own page ([`RingLayout::paged`]).
 const RING_BYTES: usize = 0x3000;
 /// The queue's MSI-X vector.
 const VECTOR: u16 = 1;
@@ -78,14 +77,12 @@ const DEADLINE: Duration = Duration::from_secs(20);
 /// `aperture backend blk --once` as a child process, with its socket, disk and stats.
 struct Backend {
     child: Child,
-    dir: PathBuf,
+    dir: TempDir,
 }
 
 impl Backend {
     fn spawn(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("aperture-pool-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TempDir::new(&format!("aperture-pool-{tag}"));
         std::fs::write(dir.join("disk.img"), vec![0u8; DISK]).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_aperture"))
             .arg("backend")
@@ -105,12 +102,13 @@ impl Backend {
         Self { child, dir }
     }
 
-    fn socket(&self) -> PathBuf {
+    fn socket(&self) -> std::path::PathBuf {
         self.dir.join("blk.sock")
     }
 
-    fn image(&self) -> PathBuf {
-        self.dir.join("disk.img")
+    /// What the disk image holds now.
+    fn disk(&self) -> Vec<u8> {
+        std::fs::read(self.dir.join("disk.img")).unwrap()
     }
 
     fn pid(&self) -> String {
@@ -166,7 +164,6 @@ impl Drop for Backend {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -184,25 +181,18 @@ impl InterruptSink for Calls {
 struct Guest {
     ram: SplitRam,
     dma: GuestDma<GuestMemoryMmap>,
-    ring: u64,
-    /// The driver's next available index.
-    avail_idx: u16,
+    ring: SplitRing<GuestMemoryMmap>,
 }
 
 impl Guest {
     fn new() -> Self {
         let ram = SplitRam::new(RAM, Gpa(POOL), POOL_SIZE).unwrap();
         let mem = ram.memory().clone();
-        let dma = GuestDma::with_own_pool(mem, Gpa(POOL), POOL_SIZE).unwrap();
-        // vring_alloc_queue(): dma_alloc_coherent, which a restricted pool serves
-        // (zeroed, so both ring indices start at 0).
-        let ring = dma.alloc_coherent(RING_BYTES).unwrap().0;
-        Self {
-            ram,
-            dma,
-            ring,
-            avail_idx: 0,
-        }
+        let dma = GuestDma::with_own_pool(mem.clone(), Gpa(POOL), POOL_SIZE).unwrap();
+        // vring_alloc_queue(): dma_alloc_coherent, which a restricted pool serves.
+        let at = dma.alloc_coherent(RING_BYTES).unwrap().0;
+        let ring = SplitRing::new(mem, RingLayout::paged(at), QSIZE);
+        Self { ram, dma, ring }
     }
 
     fn mem(&self) -> &GuestMemoryMmap {
@@ -211,59 +201,8 @@ impl Guest {
 
     /// The queue as the driver configures it in the transport.
     fn queue(&self) -> Queue {
-        queue_at(self.ring)
+        self.ring.queue()
     }
-
-    /// Puts the chain `descs` (address, length, device-writable) in descriptors 0..
-    /// and offers it (the previous chain has been used, so those are free).
-    fn add_chain(&mut self, descs: &[(u64, usize, bool)]) {
-        let mem = self.dma.memory();
-        for (i, &(addr, len, device_writes)) in descs.iter().enumerate() {
-            let more = i + 1 < descs.len();
-            let mut flags = if device_writes { VRING_DESC_F_WRITE } else { 0 };
-            if more {
-                flags |= VRING_DESC_F_NEXT;
-            }
-            let mut d = [0u8; 16];
-            d[..8].copy_from_slice(&addr.to_le_bytes());
-            d[8..12].copy_from_slice(&(len as u32).to_le_bytes());
-            d[12..14].copy_from_slice(&(flags as u16).to_le_bytes());
-            d[14..].copy_from_slice(&(if more { i as u16 + 1 } else { 0 }).to_le_bytes());
-            mem.write_slice(&d, GuestAddress(self.ring + 16 * i as u64))
-                .unwrap();
-        }
-        let slot = u64::from(self.avail_idx % QSIZE);
-        let avail = self.ring + AVAIL_OFF;
-        mem.write_obj(0u16, GuestAddress(avail + 4 + 2 * slot))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.store(
-            self.avail_idx.to_le(),
-            GuestAddress(avail + 2),
-            Ordering::Release,
-        )
-        .unwrap();
-    }
-
-    fn used_idx(&self) -> u16 {
-        let at = GuestAddress(self.ring + USED_OFF + 2);
-        u16::from_le(self.mem().load(at, Ordering::Acquire).unwrap())
-    }
-}
-
-/// A ready queue of [`QSIZE`] whose rings start at `ring`.
-fn queue_at(ring: u64) -> Queue {
-    let mut q = Queue::new(QSIZE).unwrap();
-    q.set_size(QSIZE);
-    let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
-    let (l, h) = split(ring);
-    q.set_desc_table_address(l, h);
-    let (l, h) = split(ring + AVAIL_OFF);
-    q.set_avail_ring_address(l, h);
-    let (l, h) = split(ring + USED_OFF);
-    q.set_used_ring_address(l, h);
-    q.set_ready(true);
-    q
 }
 
 /// A guest, the back-end process and the front-end device between them, started.
@@ -327,12 +266,12 @@ impl Session {
             status: STATUS,
         };
         let r = BlkRequest::map(&self.guest.dma, at, request_type, sector, len, raw_data).unwrap();
-        let want = self.guest.used_idx().wrapping_add(1);
-        self.guest.add_chain(&r.chain());
+        let want = self.guest.ring.used_idx().wrapping_add(1);
+        self.guest.ring.post(&r.descriptors());
         let d: &mut dyn VirtioDevice<GuestMemoryMmap> = &mut self.dev;
         d.process_queue(0, &mut self.vq, self.guest.mem()).unwrap();
         let start = Instant::now();
-        while self.guest.used_idx() != want {
+        while self.guest.ring.used_idx() != want {
             assert!(start.elapsed() < DEADLINE, "the back-end completed nothing");
             if let Ok(v) = self.calls.recv_timeout(Duration::from_millis(20)) {
                 assert_eq!(v, VECTOR, "the queue's vector");
@@ -351,15 +290,13 @@ impl Session {
     }
 }
 
-fn maps_memfd(maps: &[(u64, String)], file: &File, name: &str) -> bool {
-    let ino = id(file).1;
-    maps.iter()
-        .any(|(i, p)| *i == ino && p.contains(&format!("/memfd:{name}")))
+fn maps_memfd_of(maps: &[(u64, String)], file: &File, name: &str) -> bool {
+    maps_memfd(maps, file, name).unwrap()
 }
 
 /// (device, inode) of every open descriptor of `pid`.
 fn open_files(pid: &str) -> Vec<(u64, u64)> {
-    inspect::open_files(pid)
+    proc::open_files(pid)
         .unwrap()
         .into_iter()
         .map(|(_, f)| f)
@@ -371,16 +308,6 @@ fn id(f: &File) -> (u64, u64) {
     file_id(f).unwrap()
 }
 
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
-        .collect()
-}
-
-fn disk(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap()
-}
-
 /// Writes 64 KiB at sector 8 and reads it back into zeroed guest memory; checks the
 /// image and guest RAM.
 fn write_then_read_back(s: &mut Session) {
@@ -389,7 +316,7 @@ fn write_then_read_back(s: &mut Session) {
     let mem = s.guest.mem().clone();
     mem.write_slice(&data, GuestAddress(DATA)).unwrap();
     assert_eq!(s.request(VIRTIO_BLK_T_OUT, 8, len, None), OK, "write");
-    let on_disk = disk(&s.backend.image());
+    let on_disk = s.backend.disk();
     assert!(
         on_disk[8 * SECTOR..8 * SECTOR + len] == data[..],
         "the write is on the image"
@@ -419,10 +346,10 @@ fn pool_mode_backend_process_holds_only_the_pool_memfd_and_serves_blk_through_it
     // both, so the same check finds guest RAM where it is.
     let (ram_file, pool_file) = (s.guest.ram.ram_file(), s.guest.ram.pool_file());
     let mine = mapped_files("self").unwrap();
-    assert!(maps_memfd(&mine, ram_file, RAM_MEMFD_NAME), "{mine:?}");
+    assert!(maps_memfd_of(&mine, ram_file, RAM_MEMFD_NAME), "{mine:?}");
     let theirs = mapped_files(&pid).unwrap();
     assert!(
-        maps_memfd(&theirs, pool_file, POOL_MEMFD_NAME),
+        maps_memfd_of(&theirs, pool_file, POOL_MEMFD_NAME),
         "the back-end maps the pool: {theirs:?}"
     );
     assert!(
@@ -453,9 +380,7 @@ fn pool_mode_backend_process_holds_only_the_pool_memfd_and_serves_blk_through_it
         "a write from RAM outside the pool"
     );
     assert!(
-        !disk(&s.backend.image())
-            .windows(SECRET_LEN)
-            .any(|w| w == secret),
+        !s.backend.disk().windows(SECRET_LEN).any(|w| w == secret),
         "the secret never reached the image"
     );
     assert_eq!(
@@ -504,7 +429,7 @@ fn without_pool_mode_the_same_checks_find_guest_ram_and_the_secret_in_the_backen
     let secret = random_bytes::<SECRET_LEN>().unwrap();
     mem.write_slice(&secret, GuestAddress(SECRET)).unwrap();
     let ram_file = s.guest.ram.ram_file();
-    assert!(maps_memfd(
+    assert!(maps_memfd_of(
         &mapped_files(&pid).unwrap(),
         ram_file,
         RAM_MEMFD_NAME
@@ -517,9 +442,7 @@ fn without_pool_mode_the_same_checks_find_guest_ram_and_the_secret_in_the_backen
         "the back-end reads any guest RAM"
     );
     assert!(
-        disk(&s.backend.image())
-            .windows(SECRET_LEN)
-            .any(|w| w == secret),
+        s.backend.disk().windows(SECRET_LEN).any(|w| w == secret),
         "the secret is on the image"
     );
     if let Some(hits) = occurrences_in_memory(&pid, &secret) {
@@ -554,36 +477,22 @@ fn pool_mode_refuses_a_memory_file_holding_more_than_the_pool_and_rings_outside_
 
     // Guest RAM as one file with the pool inside it: the pool's descriptor would be
     // all of RAM's, so pool mode refuses it.
-    let one_file = std::env::temp_dir().join(format!("aperture-pool-one-{}", std::process::id()));
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&one_file)
-        .unwrap();
-    let _ = std::fs::remove_file(&one_file);
-    f.set_len(RAM).unwrap();
-    let whole = GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(0),
-        RAM as usize,
-        Some(FileOffset::new(f, 0)),
-    )])
-    .unwrap();
+    let one_file = MemfdRam::new("aperture-pool-one", &[(GuestAddress(0), RAM as usize)]);
+    let whole = one_file.memory();
     let vq = guest.queue();
     let active = [ActiveQueue {
         index: 0,
         queue: &vq,
         vector: VECTOR,
     }];
-    let e = d.activate(&active, &whole).unwrap_err().to_string();
+    let e = d.activate(&active, whole).unwrap_err().to_string();
     assert!(
         e.contains("needs its own memory file") && e.contains(&format!("{POOL:#x}")),
         "{e}"
     );
 
     // Rings outside the pool: the back-end could never reach them.
-    let outside = queue_at(0x40_0000);
+    let outside = ready_queue(RingLayout::paged(0x40_0000), QSIZE);
     let e = d
         .activate(
             &[ActiveQueue {

@@ -29,12 +29,8 @@
 
 #![deny(missing_docs)]
 
-#[cfg(feature = "test-utils")]
-pub mod blk_request;
 pub mod dma;
 pub mod dt;
-#[cfg(feature = "test-utils")]
-pub mod inspect;
 pub mod iommu;
 pub mod pool;
 pub mod ram;

@@ -26,10 +26,6 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
-use bounce_pool::blk_request::{BlkLayout, BlkRequest};
-use bounce_pool::inspect::{
-    file_id, mapped_files, occurrences_in_memory, open_files, random_bytes,
-};
 use bounce_pool::ram::{POOL_MEMFD_NAME, RAM_MEMFD_NAME};
 use bounce_pool::*;
 use std::fs::File;
@@ -37,13 +33,12 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use test_kit::blk::{access_platform_block, BlkLayout, BlkRequest};
+use test_kit::proc::{file_id, mapped_files, occurrences_in_memory, open_files, random_bytes};
+use test_kit::{pattern, RingLayout, SplitRing, TempImage};
 use virtio_bindings::virtio_blk::*;
-use virtio_contract::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
-use virtio_devices::{Block, BlockConfig};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
+use virtio_contract::VirtioDevice;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -102,17 +97,7 @@ fn backend(spec: &str) {
     queue.set_avail_ring_address(Some(a as u32), Some((a >> 32) as u32));
     queue.set_used_ring_address(Some(u as u32), Some((u >> 32) as u32));
     queue.set_ready(true);
-    let mut blk = Block::new(&BlockConfig {
-        path: PathBuf::from(f[6]),
-        read_only: false,
-        access_platform: true,
-        test_stray_sector: None,
-    })
-    .unwrap();
-    <Block as virtio_contract::DeviceIdentity>::set_acked_features(
-        &mut blk,
-        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM),
-    );
+    let mut blk = access_platform_block(std::path::Path::new(f[6]));
     let mut out = std::io::stdout().lock();
     writeln!(out, "ready").unwrap();
     out.flush().unwrap();
@@ -137,12 +122,11 @@ struct Backend {
 }
 
 impl Backend {
-    fn spawn(ram: &SplitRam, q: &MockSplitQueue<'_, GuestMemoryMmap<()>>, image: &str) -> Self {
+    fn spawn(ram: &SplitRam, q: &SplitRing<GuestMemoryMmap<()>>, image: &str) -> Self {
+        let l = q.layout();
         let spec = format!(
             "{POOL},{POOL_SIZE},{},{},{},{QSIZE},{image}",
-            q.desc_table_addr().0,
-            q.avail_addr().0,
-            q.used_addr().0
+            l.desc, l.avail, l.used
         );
         let pool_fd = ram.pool_file().as_raw_fd();
         let mut cmd = Command::new(std::env::current_exe().unwrap());
@@ -217,24 +201,13 @@ impl Drop for Backend {
     }
 }
 
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
-        .collect()
-}
-
-fn desc((addr, len, device_writes): (u64, usize, bool)) -> RawDescriptor {
-    let flags = if device_writes { 2 } else { 0 };
-    RawDescriptor::from(SplitDescriptor::new(addr, len as u32, flags, 0))
-}
-
 /// One request as virtio_blk makes it in pool mode ([`BlkRequest`]): header, data and
 /// status bounced through the pool — except that `raw_data`, if given, puts that
 /// guest-physical address in the data descriptor unbounced (a confused or hostile
 /// guest). Returns the status byte the guest reads.
 fn request(
     dma: &GuestDma<GuestMemoryMmap<()>>,
-    q: &MockSplitQueue<'_, GuestMemoryMmap<()>>,
+    q: &mut SplitRing<GuestMemoryMmap<()>>,
     be: &mut Backend,
     request_type: u32,
     sector: u64,
@@ -247,15 +220,10 @@ fn request(
         status: STATUS,
     };
     let r = BlkRequest::map(dma, at, request_type, sector, data_len, raw_data).unwrap();
-    let chain: Vec<RawDescriptor> = r.chain().into_iter().map(desc).collect();
-    q.build_desc_chain(&chain).unwrap();
-    let used = q.used().idx().load();
+    q.post(&r.descriptors());
+    let used = q.used_idx();
     be.kick();
-    assert_eq!(
-        q.used().idx().load(),
-        used.wrapping_add(1),
-        "one chain used"
-    );
+    assert_eq!(q.used_idx(), used.wrapping_add(1), "one chain used");
     r.complete(dma).unwrap()
 }
 
@@ -264,7 +232,7 @@ fn backend_process_holds_only_the_pool() {
     let mem = ram.memory().clone();
     let dma = GuestDma::with_own_pool(mem.clone(), Gpa(POOL), POOL_SIZE).unwrap();
     let ring = dma.alloc_coherent(8192).unwrap();
-    let q = MockSplitQueue::create(&mem, GuestAddress(ring.0), QSIZE);
+    let mut q = SplitRing::new(mem.clone(), RingLayout::packed(ring.0, QSIZE), QSIZE);
     // The guest's secret, made at run time so no binary or argument carries it.
     let secret = random_bytes::<SECRET_LEN>().unwrap();
     mem.write_slice(&secret, GuestAddress(SECRET)).unwrap();
@@ -273,10 +241,8 @@ fn backend_process_holds_only_the_pool() {
     let marker_at = dma.alloc_coherent(SECRET_LEN).unwrap();
     mem.write_slice(&marker, GuestAddress(marker_at.0)).unwrap();
 
-    let image = std::env::temp_dir().join(format!("bounce-proc-{}.img", std::process::id()));
-    std::fs::write(&image, vec![0u8; 1024 * 512]).unwrap();
-    let _cleanup = Cleanup(image.clone());
-    let mut be = Backend::spawn(&ram, &q, image.to_str().unwrap());
+    let image = TempImage::new("bounce-proc", &vec![0u8; 1024 * 512]);
+    let mut be = Backend::spawn(&ram, &q, image.path().to_str().unwrap());
     let pid = be.child.id().to_string();
 
     // What the child holds: fd 3 is the pool, nothing is the RAM memfd.
@@ -293,7 +259,7 @@ fn backend_process_holds_only_the_pool() {
     // Besides its stdio pipes and the pool it holds only the disk image it opened
     // itself.
     let image_id = {
-        let m = std::fs::metadata(&image).unwrap();
+        let m = std::fs::metadata(image.path()).unwrap();
         (m.dev(), m.ino())
     };
     assert!(
@@ -326,15 +292,15 @@ fn backend_process_holds_only_the_pool() {
     let data = pattern(len, 9);
     mem.write_slice(&data, GuestAddress(DATA)).unwrap();
     assert_eq!(
-        request(&dma, &q, &mut be, VIRTIO_BLK_T_OUT, 8, len, None),
+        request(&dma, &mut q, &mut be, VIRTIO_BLK_T_OUT, 8, len, None),
         OK
     );
-    let disk = std::fs::read(&image).unwrap();
+    let disk = image.contents();
     assert!(disk[8 * 512..8 * 512 + len] == data[..], "on disk");
     mem.write_slice(&vec![0u8; len], GuestAddress(DATA))
         .unwrap();
     assert_eq!(
-        request(&dma, &q, &mut be, VIRTIO_BLK_T_IN, 8, len, None),
+        request(&dma, &mut q, &mut be, VIRTIO_BLK_T_IN, 8, len, None),
         OK
     );
     let mut back = vec![0u8; len];
@@ -346,7 +312,7 @@ fn backend_process_holds_only_the_pool() {
     assert_eq!(
         request(
             &dma,
-            &q,
+            &mut q,
             &mut be,
             VIRTIO_BLK_T_OUT,
             0,
@@ -355,7 +321,7 @@ fn backend_process_holds_only_the_pool() {
         ),
         IOERR
     );
-    let disk = std::fs::read(&image).unwrap();
+    let disk = image.contents();
     assert!(
         !disk.windows(SECRET_LEN).any(|w| w == secret),
         "the secret never reached the disk"
@@ -363,7 +329,7 @@ fn backend_process_holds_only_the_pool() {
     assert_eq!(
         request(
             &dma,
-            &q,
+            &mut q,
             &mut be,
             VIRTIO_BLK_T_IN,
             8,
@@ -377,7 +343,7 @@ fn backend_process_holds_only_the_pool() {
     assert_eq!(now, secret, "the secret is untouched");
     // And it still serves the next good request.
     assert_eq!(
-        request(&dma, &q, &mut be, VIRTIO_BLK_T_OUT, 16, 512, None),
+        request(&dma, &mut q, &mut be, VIRTIO_BLK_T_OUT, 16, 512, None),
         OK
     );
 
@@ -393,12 +359,4 @@ fn backend_process_holds_only_the_pool() {
         _ => println!("note: /proc/{pid}/mem is not readable here; memory scan skipped"),
     }
     be.finish();
-}
-
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }

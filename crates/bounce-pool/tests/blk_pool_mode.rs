@@ -8,14 +8,12 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
-use bounce_pool::blk_request::{BlkLayout, BlkRequest};
 use bounce_pool::*;
-use std::path::PathBuf;
+use test_kit::blk::{access_platform_block as blk, BlkLayout, BlkRequest};
+use test_kit::{pattern, RingLayout, SplitRing, TempImage};
 use virtio_bindings::virtio_blk::*;
-use virtio_contract::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
-use virtio_devices::{Block, BlockConfig};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
+use virtio_contract::VirtioDevice;
+use virtio_devices::Block;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, IommuMemory};
 
@@ -33,31 +31,6 @@ const DATA: u64 = 0x20_0000;
 const SECTOR: u64 = 512;
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
-
-struct TempImage(PathBuf);
-
-impl TempImage {
-    fn new(tag: &str, contents: &[u8]) -> Self {
-        let p = std::env::temp_dir().join(format!("bounce-{}-{tag}.img", std::process::id()));
-        std::fs::write(&p, contents).unwrap();
-        Self(p)
-    }
-    fn contents(&self) -> Vec<u8> {
-        std::fs::read(&self.0).unwrap()
-    }
-}
-
-impl Drop for TempImage {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
-        .collect()
-}
 
 /// The guest: RAM, the pool, its DMA API, and a ring in coherent pool memory.
 struct Guest {
@@ -78,8 +51,13 @@ impl Guest {
         self.dma.memory()
     }
 
-    fn queue(&self) -> MockSplitQueue<'_, Mem> {
-        MockSplitQueue::create(self.mem(), GuestAddress(self.ring.0), 256)
+    /// The driver's side of the queue: 256 entries packed in the coherent allocation.
+    fn queue(&self) -> SplitRing<Mem> {
+        SplitRing::new(
+            self.mem().clone(),
+            RingLayout::packed(self.ring.0, 256),
+            256,
+        )
     }
 
     /// What the device gets: the pool and nothing else.
@@ -89,37 +67,11 @@ impl Guest {
     }
 }
 
-fn blk(img: &TempImage) -> Block {
-    let mut b = Block::new(&BlockConfig {
-        path: img.0.clone(),
-        read_only: false,
-        access_platform: true,
-        test_stray_sector: None,
-    })
-    .unwrap();
-    <Block as virtio_contract::DeviceIdentity>::set_acked_features(
-        &mut b,
-        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM),
-    );
-    b
-}
-
 const AT: BlkLayout = BlkLayout {
     hdr: HDR,
     data: DATA,
     status: STATUS,
 };
-
-/// The split-ring descriptors of a request's chain.
-fn descriptors(r: &BlkRequest) -> Vec<RawDescriptor> {
-    r.chain()
-        .into_iter()
-        .map(|(a, n, writes)| {
-            let flags = if writes { 2 } else { 0 };
-            RawDescriptor::from(SplitDescriptor::new(a, n as u32, flags, 0))
-        })
-        .collect()
-}
 
 /// One request as virtio_blk does it ([`BlkRequest`]: header, data and status mapped
 /// through the DMA API, data split at `max_mapping_size`), posted, served, used entry
@@ -128,7 +80,7 @@ fn descriptors(r: &BlkRequest) -> Vec<RawDescriptor> {
 #[allow(clippy::too_many_arguments)] // one request, spelled out as the driver has it
 fn request(
     g: &Guest,
-    q: &MockSplitQueue<'_, Mem>,
+    q: &mut SplitRing<Mem>,
     queue: &mut Queue,
     dev: &mut Block,
     dev_mem: &DevMem,
@@ -137,17 +89,11 @@ fn request(
     data_len: usize,
 ) -> (u32, u8) {
     let r = BlkRequest::map(&g.dma, AT, request_type, sector, data_len, None).unwrap();
-    let used_before = q.used().idx().load();
-    q.build_desc_chain(&descriptors(&r)).unwrap();
+    let used_before = q.used_idx();
+    q.post(&r.descriptors());
     dev.process_queue(0, queue, dev_mem).unwrap();
-    assert_eq!(q.used().idx().load(), used_before.wrapping_add(1));
-    let used = q
-        .used()
-        .ring()
-        .ref_at(usize::from(used_before % 256))
-        .unwrap()
-        .load()
-        .len();
+    assert_eq!(q.used_idx(), used_before.wrapping_add(1));
+    let used = q.used_elem(used_before).1;
     (used, r.complete(&g.dma).unwrap())
 }
 
@@ -155,10 +101,10 @@ fn request(
 fn blk_serves_a_pool_mode_guest_writes_and_reads_round_trip_through_the_pool() {
     let g = Guest::new();
     let img = TempImage::new("rt", &vec![0u8; 2048 * 512]);
-    let mut dev = blk(&img);
+    let mut dev = blk(img.path());
     let dev_mem = g.device_memory();
-    let q = g.queue();
-    let mut queue: Queue = q.create_queue().unwrap();
+    let mut q = g.queue();
+    let mut queue = q.queue();
 
     // Write 300 KiB (two segments: 256 KiB + 44 KiB) at sector 8.
     let len = 300 << 10;
@@ -166,7 +112,7 @@ fn blk_serves_a_pool_mode_guest_writes_and_reads_round_trip_through_the_pool() {
     g.mem().write_slice(&data, GuestAddress(DATA)).unwrap();
     let out = request(
         &g,
-        &q,
+        &mut q,
         &mut queue,
         &mut dev,
         &dev_mem,
@@ -184,7 +130,7 @@ fn blk_serves_a_pool_mode_guest_writes_and_reads_round_trip_through_the_pool() {
         .unwrap();
     let back = request(
         &g,
-        &q,
+        &mut q,
         &mut queue,
         &mut dev,
         &dev_mem,
@@ -200,7 +146,7 @@ fn blk_serves_a_pool_mode_guest_writes_and_reads_round_trip_through_the_pool() {
     // Flush, and nothing was ever denied; every streaming slot was given back.
     let flush = request(
         &g,
-        &q,
+        &mut q,
         &mut queue,
         &mut dev,
         &dev_mem,
@@ -220,10 +166,10 @@ fn blk_descriptor_pointing_outside_the_pool_is_denied_and_fails_only_its_request
     let g = Guest::new();
     let img = TempImage::new("deny", &pattern(64 * 512, 3));
     let before = img.contents();
-    let mut dev = blk(&img);
+    let mut dev = blk(img.path());
     let dev_mem = g.device_memory();
-    let q = g.queue();
-    let mut queue: Queue = q.create_queue().unwrap();
+    let mut q = g.queue();
+    let mut queue = q.queue();
 
     // A write whose data descriptor is the guest-physical address of a RAM buffer
     // instead of a bounce buffer: the device may not read it.
@@ -231,7 +177,7 @@ fn blk_descriptor_pointing_outside_the_pool_is_denied_and_fails_only_its_request
         .write_slice(&[0xee; 512], GuestAddress(DATA))
         .unwrap();
     let r = BlkRequest::map(&g.dma, AT, VIRTIO_BLK_T_OUT, 0, 512, Some(DATA)).unwrap();
-    q.build_desc_chain(&descriptors(&r)).unwrap();
+    q.post(&r.descriptors());
     dev.process_queue(0, &mut queue, &dev_mem).unwrap();
     assert_eq!(r.complete(&g.dma).unwrap(), IOERR);
     assert!(
@@ -243,7 +189,7 @@ fn blk_descriptor_pointing_outside_the_pool_is_denied_and_fails_only_its_request
     // A read aimed at guest RAM outside the pool: denied, RAM untouched.
     let faults = dev_mem.iommu().faults();
     let r = BlkRequest::map(&g.dma, AT, VIRTIO_BLK_T_IN, 0, 512, Some(DATA)).unwrap();
-    q.build_desc_chain(&descriptors(&r)).unwrap();
+    q.post(&r.descriptors());
     dev.process_queue(0, &mut queue, &dev_mem).unwrap();
     assert_eq!(r.complete(&g.dma).unwrap(), IOERR);
     assert!(dev_mem.iommu().faults() > faults);
@@ -254,7 +200,7 @@ fn blk_descriptor_pointing_outside_the_pool_is_denied_and_fails_only_its_request
     // The device still serves the next, well-formed request.
     let ok = request(
         &g,
-        &q,
+        &mut q,
         &mut queue,
         &mut dev,
         &dev_mem,

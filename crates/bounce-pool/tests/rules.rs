@@ -34,6 +34,7 @@
 
 use bounce_pool::*;
 use std::sync::Arc;
+use test_kit::pattern;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, IommuMemory};
 
 type Mem = GuestMemoryMmap<()>;
@@ -65,12 +66,6 @@ fn setup() -> (Mem, BouncePool) {
     let mem = ram();
     let pool = pool_with(&mem, POOL_SIZE, 1);
     (mem, pool)
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
-        .collect()
 }
 
 fn read(mem: &Mem, addr: u64, len: usize) -> Vec<u8> {

@@ -9,105 +9,67 @@
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
 use device_host::poll::{PollHandle, Pollable, Poller};
-use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use test_kit::pci::{self, Irqs, QueueSetup};
+use test_kit::proc::thread_ticks;
+use test_kit::{w, RingLayout, SplitRing};
 use virtio_contract::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use virtio_devices::{Rng, RngConfig};
-use virtio_pci::{InterruptSink, VirtioPciTransport};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_pci::VirtioPciTransport;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 type Mem = GuestMemoryMmap<()>;
 type Transport = Mutex<VirtioPciTransport<Rng, Mem>>;
 
 const SIZE: u16 = 16;
-const DESC: u64 = 0x1000;
-const AVAIL: u64 = 0x2000;
-const USED: u64 = 0x3000;
+/// Queue 0's rings: table, available and used ring on pages 1, 2 and 3.
+const RING: u64 = 0x1000;
 const DATA: u64 = 0x10000;
-const NO_NOTIFY: u16 = 1;
-const WRITE: u16 = 2;
 
-#[derive(Default)]
-struct Count(AtomicU64);
-struct Sink(Arc<Count>);
-impl InterruptSink for Sink {
-    fn signal(&self, _vector: u16) {
-        self.0 .0.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// An rng on a transport whose driver negotiated `features` and set up queue 0.
-fn live(features: u64) -> (Arc<Transport>, Mem) {
+/// An rng on a transport whose driver negotiated `features` and set up queue 0; and
+/// the driver's side of that queue.
+fn live(features: u64) -> (Arc<Transport>, SplitRing<Mem>) {
     let mem = Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let ring = driver(&mem, features);
     let rng = Rng::new(&RngConfig::default()).unwrap();
-    let mut t = VirtioPciTransport::new(
-        rng,
-        0x00ff_0000,
-        mem.clone(),
-        Box::new(Sink(Arc::default())),
-        0,
-    )
-    .unwrap();
+    let mut t = VirtioPciTransport::new(rng, 0x00ff_0000, mem, Irqs::new().sink(), 0).unwrap();
     bring_up(&mut t, features);
     assert_eq!(t.status(), 1 | 2 | 8 | 4, "DRIVER_OK");
-    (Arc::new(Mutex::new(t)), mem)
+    (Arc::new(Mutex::new(t)), ring)
+}
+
+/// The driver's side of queue 0 in `mem`, with EVENT_IDX if `features` has it.
+fn driver(mem: &Mem, features: u64) -> SplitRing<Mem> {
+    SplitRing::new(mem.clone(), RingLayout::paged(RING), SIZE)
+        .with_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0)
 }
 
 /// Linux's bring-up of queue 0 from reset: features, queue addresses, DRIVER_OK.
 fn bring_up(t: &mut VirtioPciTransport<Rng, Mem>, features: u64) {
-    let w = |t: &mut VirtioPciTransport<Rng, Mem>, off: u64, v: u64, len: usize| {
-        t.write_bar(off, &v.to_le_bytes()[..len]);
+    let queue = QueueSetup {
+        index: 0,
+        size: Some(SIZE),
+        vector: 1,
+        layout: RingLayout::paged(RING),
     };
-    let want = features | (1 << VIRTIO_F_VERSION_1);
-    w(t, 0x14, 0, 1);
-    w(t, 0x14, 1 | 2, 1);
-    for half in 0..2 {
-        w(t, 0x08, half, 4);
-        w(t, 0x0c, (want >> (32 * half)) & 0xffff_ffff, 4);
-    }
-    w(t, 0x14, 1 | 2 | 8, 1);
-    w(t, 0x16, 0, 2);
-    w(t, 0x18, u64::from(SIZE), 2);
-    w(t, 0x1a, 1, 2);
-    w(t, 0x20, DESC, 8);
-    w(t, 0x28, AVAIL, 8);
-    w(t, 0x30, USED, 8);
-    w(t, 0x1c, 1, 2);
-    w(t, 0x14, 1 | 2 | 8 | 4, 1);
+    pci::bring_up(
+        t,
+        Some(features | (1 << VIRTIO_F_VERSION_1)),
+        None,
+        &[queue],
+    );
 }
 
-fn load16(mem: &Mem, at: u64) -> u16 {
-    mem.load(GuestAddress(at), Ordering::Acquire).unwrap()
-}
-
-/// The driver's side of one request: a 64-byte device-writable buffer on the ring.
+/// The driver's side of one request: a 64-byte device-writable buffer on the ring,
+/// published, and a notification if the device's ring asks for one (the kit's
+/// `publish` decides as `virtqueue_kick_prepare` does: a full barrier, then
+/// `VRING_USED_F_NO_NOTIFY`, or with EVENT_IDX `vring_need_event` on `avail_event`).
 /// Returns whether the driver notified.
-fn submit(mem: &Mem, event_idx: bool, old: u16, t: &Transport, kick: &dyn Fn()) -> bool {
-    let slot = old % SIZE;
-    let mut d = [0u8; 16];
-    d[..8].copy_from_slice(&(DATA + u64::from(slot) * 0x100).to_le_bytes());
-    d[8..12].copy_from_slice(&64u32.to_le_bytes());
-    d[12..14].copy_from_slice(&WRITE.to_le_bytes());
-    mem.write_slice(&d, GuestAddress(DESC + u64::from(slot) * 16))
-        .unwrap();
-    mem.store(
-        slot,
-        GuestAddress(AVAIL + 4 + u64::from(slot) * 2),
-        Ordering::Relaxed,
-    )
-    .unwrap();
-    let new = old.wrapping_add(1);
-    mem.store(new, GuestAddress(AVAIL + 2), Ordering::Release)
-        .unwrap();
-    // virtqueue_kick_prepare: a full barrier, then the device's suppression state.
-    fence(Ordering::SeqCst);
-    let notify = if event_idx {
-        let event = load16(mem, USED + 4 + 8 * u64::from(SIZE));
-        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
-    } else {
-        load16(mem, USED) & NO_NOTIFY == 0
-    };
+fn submit(ring: &mut SplitRing<Mem>, t: &Transport, kick: &dyn Fn()) -> bool {
+    let slot = ring.avail_idx() % SIZE;
+    ring.add_chain(&[w(DATA + u64::from(slot) * 0x100, 64)]);
+    let notify = ring.publish();
     if notify {
         t.lock().unwrap().notify(0);
         kick();
@@ -116,9 +78,9 @@ fn submit(mem: &Mem, event_idx: bool, old: u16, t: &Transport, kick: &dyn Fn()) 
 }
 
 /// Waits until the used index reaches `idx`; false after 2 s (a request never served).
-fn served(mem: &Mem, idx: u16) -> bool {
+fn served(ring: &SplitRing<Mem>, idx: u16) -> bool {
     let deadline = Instant::now() + Duration::from_secs(2);
-    while load16(mem, USED + 2) != idx {
+    while ring.used_idx() != idx {
         if Instant::now() >= deadline {
             return false;
         }
@@ -155,18 +117,17 @@ fn spin(d: Duration) {
 fn no_lost_wakeup_when_the_driver_races_the_switch_between_polling_and_sleeping() {
     let _one = one_at_a_time();
     for features in [0, 1 << VIRTIO_RING_F_EVENT_IDX] {
-        let event_idx = features != 0;
-        let (t, mem) = live(features);
+        let (t, mut ring) = live(features);
         let poller = poller_for(&t, 20);
         let handle = poller.handle();
         let kick = move || handle.kick();
         let (mut notified, n) = (0u32, 3000u16);
         for i in 0..n {
-            if submit(&mem, event_idx, i, &t, &kick) {
+            if submit(&mut ring, &t, &kick) {
                 notified += 1;
             }
             assert!(
-                served(&mem, i.wrapping_add(1)),
+                served(&ring, i.wrapping_add(1)),
                 "features {features:#x}: request {i} was never served \
                  (published without a notification while the poller went to sleep)"
             );
@@ -183,22 +144,6 @@ fn no_lost_wakeup_when_the_driver_races_the_switch_between_polling_and_sleeping(
         assert!(p.sleeps > 10, "{features:#x}: {p:?}");
         assert_eq!(c.notifications, u64::from(notified), "{features:#x}");
     }
-}
-
-/// CPU time (user + system, clock ticks) of this process's thread named `name`.
-fn thread_ticks(name: &str) -> Option<u64> {
-    for e in std::fs::read_dir("/proc/self/task").ok()? {
-        let dir = e.ok()?.path();
-        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
-        if comm.trim() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-        let f: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
-        // proc(5): utime and stime are fields 14 and 15 (11 and 12 after the name).
-        return Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?);
-    }
-    None
 }
 
 /// After 50 ms to let its window pass, the poller does nothing over `over`: no counter
@@ -220,7 +165,7 @@ fn assert_poller_sleeps(handle: &PollHandle, over: Duration) {
 #[test]
 fn an_idle_device_host_uses_no_cpu_after_its_poll_window() {
     let _one = one_at_a_time();
-    let (t, mem) = live(1 << VIRTIO_RING_F_EVENT_IDX);
+    let (t, mut ring) = live(1 << VIRTIO_RING_F_EVENT_IDX);
     let poller = poller_for(&t, 200);
     let handle = poller.handle();
     let kick = move || handle.kick();
@@ -229,9 +174,9 @@ fn an_idle_device_host_uses_no_cpu_after_its_poll_window() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut i = 0u16;
     while poller.handle().counters().busy_passes == 0 && Instant::now() < deadline {
-        submit(&mem, true, i, &t, &kick);
+        submit(&mut ring, &t, &kick);
         assert!(
-            served(&mem, i.wrapping_add(1)),
+            served(&ring, i.wrapping_add(1)),
             "request {i} was never served"
         );
         spin(Duration::from_micros(5));
@@ -259,7 +204,7 @@ impl Fuzz {
 #[test]
 fn register_traffic_fuzzed_while_queues_run_causes_no_deadlock_and_no_panic() {
     let _one = one_at_a_time();
-    let (t, mem) = live(1 << VIRTIO_RING_F_EVENT_IDX);
+    let (t, ring) = live(1 << VIRTIO_RING_F_EVENT_IDX);
     let poller = poller_for(&t, 50);
     let handle = poller.handle();
     let run_for = Duration::from_secs(1);
@@ -267,15 +212,15 @@ fn register_traffic_fuzzed_while_queues_run_causes_no_deadlock_and_no_panic() {
 
     // The driver: keeps submitting, waiting at most a millisecond for each (a reset by
     // the fuzzer may have stopped the queue: the driver then just carries on).
-    let (dt, dmem, dh, tx) = (Arc::clone(&t), mem.clone(), handle.clone(), done_tx.clone());
+    let (dt, mut dring, dh, tx) = (Arc::clone(&t), ring, handle.clone(), done_tx.clone());
     let driver = std::thread::spawn(move || {
         let end = Instant::now() + run_for;
         let kick = move || dh.kick();
         let mut i = 0u16;
         while Instant::now() < end {
-            submit(&dmem, true, i, &dt, &kick);
+            submit(&mut dring, &dt, &kick);
             let deadline = Instant::now() + Duration::from_millis(1);
-            while load16(&dmem, USED + 2) != i.wrapping_add(1) && Instant::now() < deadline {
+            while dring.used_idx() != i.wrapping_add(1) && Instant::now() < deadline {
                 std::hint::spin_loop();
             }
             i = i.wrapping_add(1);
@@ -336,7 +281,7 @@ fn a_ring_the_device_cannot_take_from_does_not_keep_the_poller_spinning() {
     // than the ring holds). The device takes nothing, so that is no work: after its
     // window the poller must sleep, not spin on it for ever.
     let _one = one_at_a_time();
-    let (t, mem) = live(1 << VIRTIO_RING_F_EVENT_IDX);
+    let (t, mut ring) = live(1 << VIRTIO_RING_F_EVENT_IDX);
     let poller = poller_for(&t, 200);
     let handle = poller.handle();
     // One good request first, so the poller's window is open...
@@ -345,12 +290,11 @@ fn a_ring_the_device_cannot_take_from_does_not_keep_the_poller_spinning() {
         move || h.kick()
     };
     for i in 0..20u16 {
-        submit(&mem, true, i, &t, &kick);
-        assert!(served(&mem, i + 1));
+        submit(&mut ring, &t, &kick);
+        assert!(served(&ring, i + 1));
     }
     // ...then the bogus index, and a notification of it.
-    mem.store(1000u16, GuestAddress(AVAIL + 2), Ordering::Release)
-        .unwrap();
+    ring.set_avail_idx(1000);
     t.lock().unwrap().notify(0);
     handle.kick();
     assert_poller_sleeps(&handle, Duration::from_millis(500));

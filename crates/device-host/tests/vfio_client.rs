@@ -14,10 +14,11 @@ use mem_layout::{Layout, LayoutConfig, MemRange, RdmDatabase, RegionKind};
 use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
+use test_kit::{pci, r, w, TempDir, TempImage};
 use vfio_user::Client;
 
 mod common;
-use common::{map_ram_and_irqs, ram_file, scratch_dir};
+use common::{init_queue0, map_ram_and_irqs, queue0, ram_file};
 
 const BAR0: u32 = 0;
 const CONFIG: u32 = 7;
@@ -26,10 +27,6 @@ fn read_u32(c: &mut Client, region: u32, off: u64, len: usize) -> u32 {
     let mut b = [0u8; 4];
     c.region_read(region, off, &mut b[..len]).unwrap();
     u32::from_le_bytes(b)
-}
-
-fn write_le(c: &mut Client, off: u64, v: u64, len: usize) {
-    c.region_write(BAR0, off, &v.to_le_bytes()[..len]).unwrap();
 }
 
 /// The RMRR-like region the layout keeps for the first endpoint.
@@ -52,9 +49,9 @@ fn layout_with_reserved_region() -> Layout {
 
 #[test]
 fn plain_layout_needs_no_max_ram_below_4g() {
-    let dir = scratch_dir("host-plain");
+    let dir = TempDir::new("host-plain");
     let host = DeviceHost::new(
-        &dir,
+        dir.path(),
         IommuMode::Off,
         &plain_layout(64).unwrap(),
         Vec::new(),
@@ -65,16 +62,15 @@ fn plain_layout_needs_no_max_ram_below_4g() {
     assert!(args.contains("-m 67108864B"), "{args}");
     assert!(!args.contains("max-ram-below-4g"), "{args}");
     drop(host);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn iommu_served_over_vfio_user_answers_attach_and_probe_from_the_layout() {
-    let dir = scratch_dir("host-attach");
+    let dir = TempDir::new("host-attach");
     let eps: Vec<Box<dyn device_host::host::EndpointFactory>> =
         vec![Box::new(device_host::endpoints::RngFactory::new("rng"))];
     let layout = layout_with_reserved_region();
-    let host = DeviceHost::new(&dir, IommuMode::On, &layout, eps, DEFAULT_POLL_MAX).unwrap();
+    let host = DeviceHost::new(dir.path(), IommuMode::On, &layout, eps, DEFAULT_POLL_MAX).unwrap();
     let args = host.qemu_args().join(" ");
     assert!(
         args.contains("vfio-user-pci") && args.contains("viot.aml") && args.contains("share=on"),
@@ -96,28 +92,12 @@ fn iommu_served_over_vfio_user_answers_attach_and_probe_from_the_layout() {
         0x1057,
         "virtio-iommu PCI ID"
     );
-    let ram = ram_file(&dir);
+    let ram = ram_file("aperture-host-attach-ram");
+    let mut ring = queue0(&ram);
     let fds = map_ram_and_irqs(&mut c, &ram, 3);
 
     // virtio-pci init (Linux's order): status, features, queue 0, DRIVER_OK.
-    write_le(&mut c, 0x14, 1 | 2, 1);
-    for sel in 0..2u64 {
-        write_le(&mut c, 0x00, sel, 4);
-        let f = read_u32(&mut c, BAR0, 0x04, 4);
-        write_le(&mut c, 0x08, sel, 4);
-        write_le(&mut c, 0x0c, u64::from(f), 4);
-    }
-    write_le(&mut c, 0x14, 1 | 2 | 8, 1);
-    assert_eq!(read_u32(&mut c, BAR0, 0x14, 1), 1 | 2 | 8, "FEATURES_OK");
-    write_le(&mut c, 0x16, 0, 2);
-    write_le(&mut c, 0x18, 16, 2);
-    write_le(&mut c, 0x1a, 1, 2);
-    write_le(&mut c, 0x20, 0x1000, 8);
-    write_le(&mut c, 0x28, 0x2000, 8);
-    write_le(&mut c, 0x30, 0x3000, 8);
-    write_le(&mut c, 0x1c, 1, 2);
-    write_le(&mut c, 0x14, 1 | 2 | 8 | 4, 1);
-    assert_eq!(read_u32(&mut c, BAR0, 0x14, 1), 1 | 2 | 8 | 4, "DRIVER_OK");
+    init_queue0(&mut c);
 
     // ATTACH(domain 1, the rng's endpoint) in guest RAM, then kick queue 0.
     let ep = endpoint_id(IOMMU_SLOT + 1);
@@ -127,27 +107,17 @@ fn iommu_served_over_vfio_user_answers_attach_and_probe_from_the_layout() {
     req.extend_from_slice(&[0; 8]);
     ram.write_all_at(&req, 0x10000).unwrap();
     ram.write_all_at(&[0xaa; 4], 0x11000).unwrap();
-    let desc = |addr: u64, len: u32, flags: u16, next: u16| {
-        let mut d = addr.to_le_bytes().to_vec();
-        d.extend_from_slice(&len.to_le_bytes());
-        d.extend_from_slice(&flags.to_le_bytes());
-        d.extend_from_slice(&next.to_le_bytes());
-        d
-    };
-    ram.write_all_at(&desc(0x10000, 20, 1, 1), 0x1000).unwrap();
-    ram.write_all_at(&desc(0x11000, 4, 2, 0), 0x1010).unwrap();
-    ram.write_all_at(&0u16.to_le_bytes(), 0x2004).unwrap();
-    ram.write_all_at(&1u16.to_le_bytes(), 0x2002).unwrap();
-    write_le(&mut c, 0x3000, 0, 2);
+    let head = ring.post(&[r(0x10000, 20), w(0x11000, 4)]);
+    pci::notify(&mut c, 0);
     // The notify is a posted write; a config read after it is answered after it ran.
     read_u32(&mut c, CONFIG, 0, 2);
 
-    let mut used = [0u8; 2];
-    ram.read_exact_at(&mut used, 0x3002).unwrap();
-    assert_eq!(u16::from_le_bytes(used), 1, "one chain used");
-    let mut len = [0u8; 4];
-    ram.read_exact_at(&mut len, 0x3008).unwrap();
-    assert_eq!(u32::from_le_bytes(len), 4, "used length = writable size");
+    assert_eq!(ring.used_idx(), 1, "one chain used");
+    assert_eq!(
+        ring.used_elem(0),
+        (u32::from(head), 4),
+        "used length = writable size"
+    );
     let mut tail = [0u8; 4];
     ram.read_exact_at(&mut tail, 0x11000).unwrap();
     assert_eq!(tail, [0, 0, 0, 0], "S_OK, reserved zeroed");
@@ -162,14 +132,10 @@ fn iommu_served_over_vfio_user_answers_attach_and_probe_from_the_layout() {
     probe.extend_from_slice(&[0; 64]);
     ram.write_all_at(&probe, 0x12000).unwrap();
     ram.write_all_at(&[0xaa; 516], 0x13000).unwrap();
-    ram.write_all_at(&desc(0x12000, 72, 1, 3), 0x1020).unwrap();
-    ram.write_all_at(&desc(0x13000, 516, 2, 0), 0x1030).unwrap();
-    ram.write_all_at(&2u16.to_le_bytes(), 0x2006).unwrap();
-    ram.write_all_at(&2u16.to_le_bytes(), 0x2002).unwrap();
-    write_le(&mut c, 0x3000, 0, 2);
+    ring.post(&[r(0x12000, 72), w(0x13000, 516)]);
+    pci::notify(&mut c, 0);
     read_u32(&mut c, CONFIG, 0, 2);
-    ram.read_exact_at(&mut used, 0x3002).unwrap();
-    assert_eq!(u16::from_le_bytes(used), 2, "PROBE chain used");
+    assert_eq!(ring.used_idx(), 2, "PROBE chain used");
     let mut props = vec![0u8; 516];
     ram.read_exact_at(&mut props, 0x13000).unwrap();
     assert_eq!(&props[512..], &[0, 0, 0, 0], "PROBE: S_OK");
@@ -199,16 +165,14 @@ fn iommu_served_over_vfio_user_answers_attach_and_probe_from_the_layout() {
         results.iter().any(|(name, r)| name == "iommu" && r.is_ok()),
         "{results:?}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn bad_directory_and_too_many_devices_are_refused() {
-    let file = std::env::temp_dir().join(format!("aperture-host-file-{}", std::process::id()));
-    std::fs::write(&file, b"x").unwrap();
+    let file = TempImage::new("host-file", b"x");
     assert!(
         DeviceHost::new(
-            &file,
+            file.path(),
             IommuMode::On,
             &plain_layout(64).unwrap(),
             Vec::new(),
@@ -217,14 +181,14 @@ fn bad_directory_and_too_many_devices_are_refused() {
         .is_err(),
         "a file is not a directory"
     );
-    let _ = std::fs::remove_file(&file);
+    drop(file);
     let many: Vec<Box<dyn device_host::host::EndpointFactory>> = (0..20)
         .map(|i| Box::new(device_host::endpoints::RngFactory::new(&format!("r{i}"))) as _)
         .collect();
-    let dir = scratch_dir("host-many");
+    let dir = TempDir::new("host-many");
     assert!(matches!(
         DeviceHost::new(
-            &dir,
+            dir.path(),
             IommuMode::On,
             &plain_layout(64).unwrap(),
             many,
@@ -232,5 +196,4 @@ fn bad_directory_and_too_many_devices_are_refused() {
         ),
         Err(device_host::host::HostError::TooManyDevices(20))
     ));
-    let _ = std::fs::remove_dir_all(&dir);
 }

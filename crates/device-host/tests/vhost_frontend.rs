@@ -17,13 +17,15 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use test_kit::pci::channel_sink as irqs;
+use test_kit::ring::{desc, ready_queue, F_NEXT, F_WRITE};
+use test_kit::{memfd, RingLayout, SplitRing, TempDir};
 use virtio_contract::{ActiveQueue, VirtioDevice};
 use virtio_iommu::fake_driver::FakeGuest;
 use virtio_iommu::{
     DomainId, EndpointConfig, EndpointId, IommuConfig, Iova, Request, Status, VirtioIommu,
 };
-use virtio_pci::InterruptSink;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, IommuMemory};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use zerocopy::{FromBytes, IntoBytes};
@@ -114,24 +116,14 @@ struct FakeBackend {
     _dir: TempDir,
 }
 
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn tempdir(tag: &str) -> TempDir {
-    let p = std::env::temp_dir().join(format!("aperture-vhost-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    TempDir(p)
+    TempDir::new(&format!("aperture-vhost-{tag}"))
 }
 
 impl FakeBackend {
     fn start(tag: &str, features: u64, protocol: u64, ack: AckMode, refuse: Option<u32>) -> Self {
         let dir = tempdir(tag);
-        let path = dir.0.join("backend.sock");
+        let path = dir.join("backend.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let seen = Arc::new(Mutex::new(Seen::default()));
         let invalidate_acked = Arc::new(AtomicBool::new(false));
@@ -301,47 +293,17 @@ fn serve(
     }
 }
 
-/// Records the vectors signalled.
-struct Irqs(Mutex<mpsc::Sender<u16>>);
-impl InterruptSink for Irqs {
-    fn signal(&self, vector: u16) {
-        let _ = self.0.lock().unwrap().send(vector);
-    }
-}
-
-fn irqs() -> (Arc<dyn InterruptSink>, mpsc::Receiver<u16>) {
-    let (tx, rx) = mpsc::channel();
-    (Arc::new(Irqs(Mutex::new(tx))), rx)
-}
-
-/// Guest RAM as the VMM hands it over: one file-backed DMA range at 0.
+/// Guest RAM as the VMM hands it over: one memfd DMA range at 0.
 fn guest_ram(tag: &str) -> GuestMemoryMmap {
-    let path =
-        std::env::temp_dir().join(format!("aperture-vhost-ram-{tag}-{}", std::process::id()));
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    let _ = std::fs::remove_file(&path);
-    f.set_len(RAM).unwrap();
+    let f = memfd(&format!("aperture-vhost-ram-{tag}"), RAM);
     let mut dma = DmaMap::new();
     dma.map(0, RAM, 0, Some(f), true).unwrap();
     dma.memory()
 }
 
-fn ready_queue(desc: u64) -> Queue {
-    let mut q = Queue::new(256).unwrap();
-    q.set_size(256);
-    q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
-    let avail = desc + 0x1000;
-    q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
-    let used = desc + 0x2000;
-    q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
-    q.set_ready(true);
-    q
+/// A ready queue of 256 entries whose rings are on the pages from `desc`.
+fn ready_queue_at(desc: u64) -> Queue {
+    ready_queue(RingLayout::paged(desc), 256)
 }
 
 fn read_eventfd(f: &File) -> Option<u64> {
@@ -385,7 +347,7 @@ fn session_start_activation_notify_call_and_reset_send_the_spec_messages() {
 
     let mem = guest_ram("seq");
     d.set_acked_features(F_VERSION_1);
-    let q = ready_queue(0x4000);
+    let q = ready_queue_at(0x4000);
     d.activate(
         &[ActiveQueue {
             index: 0,
@@ -471,7 +433,7 @@ fn session_start_activation_notify_call_and_reset_send_the_spec_messages() {
 fn malformed_reply_at_session_start_fails_connect() {
     // A back-end whose GET_FEATURES reply carries 4 bytes instead of 8.
     let dir = tempdir("short");
-    let path = dir.0.join("b.sock");
+    let path = dir.join("b.sock");
     let l = UnixListener::bind(&path).unwrap();
     std::thread::spawn(move || {
         let (c, _) = l.accept().unwrap();
@@ -502,7 +464,7 @@ fn refused_activation_changes_nothing_and_keeps_the_connection() {
     let d: &mut dyn VirtioDevice<GuestMemoryMmap> = &mut dev;
     let mem = guest_ram("refuse");
     d.set_acked_features(F_VERSION_1);
-    let mut q = ready_queue(0x4000);
+    let mut q = ready_queue_at(0x4000);
     let e = d
         .activate(
             &[ActiveQueue {
@@ -589,7 +551,7 @@ impl IommuRig {
         let mut dev = VhostUserDevice::connect(&be.path, kind, timeout, irq).unwrap();
         dev.attach_iommu(ep.clone()).unwrap();
         let mem = IommuMemory::new(guest_ram("iommu"), ep, true, ());
-        let queue = ready_queue(0x8_0000);
+        let queue = ready_queue_at(RING);
         let mut rig = Self {
             iommu,
             guest,
@@ -924,69 +886,35 @@ fn a_backend_that_dies_marks_the_device_broken_and_a_reset_reconnects() {
     assert_eq!(rig.dev.handle().counters().reconnects, 1);
 }
 
-/// The split ring of [`ready_queue`]`(RING)`, as the guest driver writes it: through
+/// The split ring of [`ready_queue_at`]`(RING)`, as the guest driver writes it: through
 /// guest-physical memory, at the IOVAs [`IommuRig::map`] maps one to one.
 const RING: u64 = 0x8_0000;
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
 const VIRTIO_BLK_S_IOERR: u8 = 1;
 
-struct GuestRing<'a>(&'a GuestMemoryMmap);
+/// The guest driver's side of the ring in `ram`.
+fn guest_ring(ram: &GuestMemoryMmap) -> SplitRing<GuestMemoryMmap> {
+    SplitRing::new(ram.clone(), RingLayout::paged(RING), 256)
+}
 
-impl GuestRing<'_> {
-    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let a = RING + 16 * u64::from(i);
-        self.0.write_obj(addr, GuestAddress(a)).unwrap();
-        self.0.write_obj(len, GuestAddress(a + 8)).unwrap();
-        self.0.write_obj(flags, GuestAddress(a + 12)).unwrap();
-        self.0.write_obj(next, GuestAddress(a + 14)).unwrap();
-    }
+/// Makes the chain at `head` available at ring position `pos` and publishes `pos + 1`
+/// as the available index, whatever the ring held before.
+fn offer(g: &SplitRing<GuestMemoryMmap>, pos: u16, head: u16) {
+    g.set_avail_entry(pos, head);
+    g.set_avail_idx(pos.wrapping_add(1));
+}
 
-    /// Makes the chain at `head` available at ring position `pos` and publishes
-    /// `pos + 1` as the available index.
-    fn offer(&self, pos: u16, head: u16) {
-        let avail = RING + 0x1000;
-        self.0
-            .write_obj(head, GuestAddress(avail + 4 + 2 * u64::from(pos % 256)))
-            .unwrap();
-        self.0
-            .write_obj(pos.wrapping_add(1), GuestAddress(avail + 2))
-            .unwrap();
-    }
-
-    /// A virtio-blk read of one sector: header, data, status (§5.2.6), status 0xff.
-    fn blk_read(&self, head: u16, buf: u64) -> GuestAddress {
-        self.0.write_obj(0u32, GuestAddress(buf)).unwrap(); // VIRTIO_BLK_T_IN
-        self.desc(head, buf, 16, DESC_F_NEXT, head + 1);
-        self.desc(
-            head + 1,
-            buf + 0x100,
-            512,
-            DESC_F_NEXT | DESC_F_WRITE,
-            head + 2,
-        );
-        self.desc(head + 2, buf + 0x400, 1, DESC_F_WRITE, 0);
-        let status = GuestAddress(buf + 0x400);
-        self.0.write_obj(0xffu8, status).unwrap();
-        status
-    }
-
-    fn used_idx(&self) -> u16 {
-        self.0.read_obj(GuestAddress(RING + 0x2002)).unwrap()
-    }
-
-    /// Used element `pos`: (id, len).
-    fn used(&self, pos: u16) -> (u32, u32) {
-        let e = RING + 0x2004 + 8 * u64::from(pos % 256);
-        (
-            self.0.read_obj(GuestAddress(e)).unwrap(),
-            self.0.read_obj(GuestAddress(e + 4)).unwrap(),
-        )
-    }
-
-    fn set_used_idx(&self, v: u16) {
-        self.0.write_obj(v, GuestAddress(RING + 0x2002)).unwrap();
-    }
+/// A virtio-blk read of one sector in descriptors `head..head + 3`: header, data,
+/// status (§5.2.6), status 0xff. Returns where the status byte is.
+fn blk_read(g: &SplitRing<GuestMemoryMmap>, head: u16, buf: u64) -> GuestAddress {
+    let ram = g.memory();
+    ram.write_slice(&test_kit::blk::header(0, 0), GuestAddress(buf))
+        .unwrap(); // VIRTIO_BLK_T_IN
+    g.write_desc(head, desc(buf, 16, F_NEXT, head + 1));
+    g.write_desc(head + 1, desc(buf + 0x100, 512, F_NEXT | F_WRITE, head + 2));
+    g.write_desc(head + 2, desc(buf + 0x400, 1, F_WRITE, 0));
+    let status = GuestAddress(buf + 0x400);
+    ram.write_obj(0xffu8, status).unwrap();
+    status
 }
 
 fn blk_rig(tag: &str) -> (FakeBackend, IommuRig) {
@@ -1008,12 +936,12 @@ fn blk_rig(tag: &str) -> (FakeBackend, IommuRig) {
 fn requests_a_dead_backend_took_complete_with_ioerr_and_a_used_entry() {
     let (be, mut rig) = blk_rig("ioerr");
     let ram = rig.mem.get_backend().clone();
-    let g = GuestRing(&ram);
+    let g = guest_ring(&ram);
     // Two requests handed to the back-end (kicked), which it takes and never completes.
-    let s0 = g.blk_read(0, 0x9_0000);
-    let s1 = g.blk_read(3, 0x9_1000);
-    g.offer(0, 0);
-    g.offer(1, 3);
+    let s0 = blk_read(&g, 0, 0x9_0000);
+    let s1 = blk_read(&g, 3, 0x9_1000);
+    offer(&g, 0, 0);
+    offer(&g, 1, 3);
     assert!(matches!(rig.notify(), Ok(false)));
     assert_eq!(
         rig.dev.fail_pending(&rig.mem),
@@ -1033,7 +961,7 @@ fn requests_a_dead_backend_took_complete_with_ioerr_and_a_used_entry() {
     assert_eq!(ram.read_obj::<u8>(s0).unwrap(), VIRTIO_BLK_S_IOERR);
     assert_eq!(ram.read_obj::<u8>(s1).unwrap(), VIRTIO_BLK_S_IOERR);
     assert_eq!(g.used_idx(), 2);
-    assert_eq!((g.used(0), g.used(1)), ((0, 1), (3, 1)));
+    assert_eq!((g.used_elem(0), g.used_elem(1)), ((0, 1), (3, 1)));
     assert_eq!(
         rig.vectors.recv_timeout(Duration::from_secs(2)),
         Ok(1),
@@ -1042,11 +970,11 @@ fn requests_a_dead_backend_took_complete_with_ioerr_and_a_used_entry() {
     assert_eq!(rig.dev.fail_pending(&rig.mem), 0, "each request once");
 
     // A request the guest queues afterwards fails at its notification.
-    let s2 = g.blk_read(6, 0x9_2000);
-    g.offer(2, 6);
+    let s2 = blk_read(&g, 6, 0x9_2000);
+    offer(&g, 2, 6);
     assert!(rig.notify().is_err());
     assert_eq!(ram.read_obj::<u8>(s2).unwrap(), VIRTIO_BLK_S_IOERR);
-    assert_eq!((g.used_idx(), g.used(2)), (3, (6, 1)));
+    assert_eq!((g.used_idx(), g.used_elem(2)), (3, (6, 1)));
     assert_eq!(rig.vectors.recv_timeout(Duration::from_secs(2)), Ok(1));
     assert_eq!(rig.dev.handle().counters().failed_requests, 3);
 
@@ -1054,8 +982,8 @@ fn requests_a_dead_backend_took_complete_with_ioerr_and_a_used_entry() {
     let d: &mut dyn VirtioDevice<EndpointMemory> = &mut rig.dev;
     d.reset();
     assert!(!rig.dev.handle().is_broken());
-    g.blk_read(9, 0x9_3000);
-    g.offer(3, 9);
+    blk_read(&g, 9, 0x9_3000);
+    offer(&g, 3, 9);
     assert_eq!(rig.dev.fail_pending(&rig.mem), 0);
     assert_eq!(g.used_idx(), 3);
 }
@@ -1064,7 +992,7 @@ fn requests_a_dead_backend_took_complete_with_ioerr_and_a_used_entry() {
 fn failing_pending_requests_is_bounded_on_a_hostile_ring() {
     let (be, rig) = blk_rig("hostile");
     let ram = rig.mem.get_backend().clone();
-    let g = GuestRing(&ram);
+    let g = guest_ring(&ram);
     be.die();
     for _ in 0..200 {
         if rig.dev.handle().is_broken() {
@@ -1074,22 +1002,22 @@ fn failing_pending_requests_is_bounded_on_a_hostile_ring() {
     }
     assert!(rig.dev.handle().is_broken());
     // Indices claiming more outstanding chains than the ring holds: left alone.
-    g.offer(299, 0);
+    offer(&g, 299, 0);
     assert_eq!(rig.dev.fail_pending(&rig.mem), 0);
     assert_eq!(g.used_idx(), 0);
     // A chain whose descriptors loop, one whose status lies outside anything the guest
     // mapped (IOVA 0x50000), and a head out of range: the looping chain is walked as
     // far as the ring allows and completed, the unmapped status byte is not written
     // (length 0), and the out-of-range head ends the walk.
-    g.desc(0, 0x9_0000, 16, DESC_F_NEXT, 1);
-    g.desc(1, 0x9_0100, 16, DESC_F_NEXT | DESC_F_WRITE, 0);
-    g.offer(0, 0);
-    g.desc(5, 0x9_0000, 16, DESC_F_NEXT, 6);
-    g.desc(6, 0x5_0000, 1, DESC_F_WRITE, 0);
-    g.offer(1, 5);
-    g.offer(2, 4000);
+    g.write_desc(0, desc(0x9_0000, 16, F_NEXT, 1));
+    g.write_desc(1, desc(0x9_0100, 16, F_NEXT | F_WRITE, 0));
+    offer(&g, 0, 0);
+    g.write_desc(5, desc(0x9_0000, 16, F_NEXT, 6));
+    g.write_desc(6, desc(0x5_0000, 1, F_WRITE, 0));
+    offer(&g, 1, 5);
+    offer(&g, 2, 4000);
     assert_eq!(rig.dev.fail_pending(&rig.mem), 2);
-    assert_eq!((g.used(0), g.used(1)), ((0, 1), (5, 0)));
+    assert_eq!((g.used_elem(0), g.used_elem(1)), ((0, 1), (5, 0)));
     assert_eq!(
         ram.read_obj::<u8>(GuestAddress(0x9_010f)).unwrap(),
         VIRTIO_BLK_S_IOERR

@@ -34,7 +34,7 @@ mod common;
 use common::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use grant_table::iommu::DEFAULT_MAX_PERSISTENT;
-use grant_table::{Gfn, GrantDma, GrantIommu, IommuMode, PersistentConfig};
+use grant_table::{Gfn, GrantIommu, IommuMode};
 use std::path::PathBuf;
 use virtio_bindings::virtio_blk::*;
 use vm_memory::IommuMemory;
@@ -63,16 +63,16 @@ fn bench_mode(c: &mut Criterion, group: &str, t: u32) {
             let w = world(1);
             let mem = w.grants.memory().clone();
             let sector = 16;
-            let mut dev = blk(&img);
+            let mut dev = blk(img.path());
             if mode == "none" {
-                let ring = Ring::new(&mem, &Dma::None);
+                let mut ring = Ring::new(&mem, &Dma::None);
                 let mut queue = ring.device_queue();
                 g.bench_with_input(BenchmarkId::new(mode, size), &size, |b, &s| {
                     b.iter(|| {
                         let out = request(
                             &mem,
                             &Dma::None,
-                            &ring,
+                            &mut ring,
                             &mut queue,
                             &mut dev,
                             &mem,
@@ -88,23 +88,15 @@ fn bench_mode(c: &mut Criterion, group: &str, t: u32) {
                 continue;
             }
             let (dma, imode) = match mode {
-                "per_io" => (GrantDma::new(w.grants.clone(), BACKEND), IommuMode::PerIo),
+                "per_io" => (guest_dma(&w, false), IommuMode::PerIo),
                 "persistent" => (
-                    GrantDma::persistent(
-                        w.grants.clone(),
-                        BACKEND,
-                        &PersistentConfig {
-                            base: Gfn(POOL_GFN),
-                            pages: 64,
-                        },
-                    )
-                    .unwrap(),
+                    guest_dma(&w, true),
                     IommuMode::Persistent {
                         max: DEFAULT_MAX_PERSISTENT,
                     },
                 ),
                 _ => (
-                    GrantDma::new(w.grants.clone(), BACKEND),
+                    guest_dma(&w, false),
                     IommuMode::Copy {
                         scratch: Gfn(SCRATCH_GFN),
                         frames: SCRATCH_FRAMES,
@@ -113,9 +105,9 @@ fn bench_mode(c: &mut Criterion, group: &str, t: u32) {
             };
             let iommu = GrantIommu::new(w.xen.clone(), BACKEND, GUEST, imode).unwrap();
             let dm = IommuMemory::new(iommu.device_memory().unwrap(), iommu, true, ());
-            let mut dev = blk(&img);
+            let mut dev = blk(img.path());
             let d = Dma::Grant(&dma);
-            let ring = Ring::new(&mem, &d);
+            let mut ring = Ring::new(&mem, &d);
             dm.iommu()
                 .map_ring(ring.ring_dma.unwrap(), RING_LEN as u64)
                 .unwrap();
@@ -125,7 +117,7 @@ fn bench_mode(c: &mut Criterion, group: &str, t: u32) {
                     let out = request(
                         &mem,
                         &d,
-                        &ring,
+                        &mut ring,
                         &mut queue,
                         &mut dev,
                         &dm,

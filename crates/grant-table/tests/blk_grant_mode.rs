@@ -11,7 +11,7 @@ mod common;
 
 use common::*;
 use grant_table::iommu::DEFAULT_MAX_PERSISTENT;
-use grant_table::{DmaDirection, Gfn, Gpa, GrantDma, GrantIommu, IommuMode, Mem, PersistentConfig};
+use grant_table::{DmaDirection, Gfn, Gpa, GrantDma, GrantIommu, IommuMode, Mem};
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
 use virtio_contract::VirtioDevice;
@@ -51,19 +51,7 @@ struct Rig {
 
 fn rig(version: u32, persistent: bool) -> Rig {
     let w = world(version);
-    let dma = if persistent {
-        GrantDma::persistent(
-            w.grants.clone(),
-            BACKEND,
-            &PersistentConfig {
-                base: Gfn(POOL_GFN),
-                pages: 64,
-            },
-        )
-        .unwrap()
-    } else {
-        GrantDma::new(w.grants.clone(), BACKEND)
-    };
+    let dma = guest_dma(&w, persistent);
     Rig { w, dma }
 }
 
@@ -76,7 +64,7 @@ fn device_memory(w: &World, mode: IommuMode) -> DevMem {
 #[allow(clippy::too_many_arguments)]
 fn go(
     rg: &Rig,
-    ring: &Ring<'_>,
+    ring: &mut Ring,
     queue: &mut Queue,
     dev: &mut Block,
     dm: &DevMem,
@@ -106,9 +94,9 @@ fn blk_serves_a_grant_mode_guest_round_trip_in_every_mode_and_both_versions() {
             let rg = rig(version, persistent);
             let mem = rg.w.grants.memory().clone();
             let img = TempImage::new(&format!("rt-{name}-{version}"), &vec![0u8; 1024 * SECTOR]);
-            let mut dev = blk(&img);
+            let mut dev = blk(img.path());
             let dm = device_memory(&rg.w, mode);
-            let ring = Ring::new(&mem, &Dma::Grant(&rg.dma));
+            let mut ring = Ring::new(&mem, &Dma::Grant(&rg.dma));
             dm.iommu()
                 .map_ring(ring.ring_dma.unwrap(), RING_LEN as u64)
                 .unwrap();
@@ -120,7 +108,7 @@ fn blk_serves_a_grant_mode_guest_round_trip_in_every_mode_and_both_versions() {
             mem.write_slice(&data, GuestAddress(DATA)).unwrap();
             let out = go(
                 &rg,
-                &ring,
+                &mut ring,
                 &mut queue,
                 &mut dev,
                 &dm,
@@ -138,7 +126,7 @@ fn blk_serves_a_grant_mode_guest_round_trip_in_every_mode_and_both_versions() {
                 .unwrap();
             let back = go(
                 &rg,
-                &ring,
+                &mut ring,
                 &mut queue,
                 &mut dev,
                 &dm,
@@ -154,7 +142,7 @@ fn blk_serves_a_grant_mode_guest_round_trip_in_every_mode_and_both_versions() {
 
             let flush = go(
                 &rg,
-                &ring,
+                &mut ring,
                 &mut queue,
                 &mut dev,
                 &dm,
@@ -199,9 +187,9 @@ fn blk_refuses_ungranted_plain_readonly_and_foreign_buffers_and_guest_data_is_un
         let mem = rg.w.grants.memory().clone();
         let img = TempImage::new(&format!("deny-{name}"), &pattern(64 * SECTOR, 3));
         let disk_before = img.contents();
-        let mut dev = blk(&img);
+        let mut dev = blk(img.path());
         let dm = device_memory(&rg.w, mode);
-        let ring = Ring::new(&mem, &Dma::Grant(&rg.dma));
+        let mut ring = Ring::new(&mem, &Dma::Grant(&rg.dma));
         dm.iommu()
             .map_ring(ring.ring_dma.unwrap(), RING_LEN as u64)
             .unwrap();
@@ -234,7 +222,7 @@ fn blk_refuses_ungranted_plain_readonly_and_foreign_buffers_and_guest_data_is_un
         ] {
             let faults = dm.iommu().stats().faults;
             mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-            ring.post(&[r(hdr.0, 16), w(target, SECTOR), w(st.0, 1)]);
+            ring.post(&[r(hdr.0, 16), w(target, SECTOR as u32), w(st.0, 1)]);
             dev.process_queue(0, &mut queue, &dm).unwrap();
             dm.iommu().complete();
             let status: u8 = mem.read_obj(GuestAddress(STATUS)).unwrap();
@@ -266,9 +254,9 @@ fn persistent_pool_stays_mapped_until_the_backend_releases_then_is_reclaimed() {
     let rg = rig(1, true);
     let mem = rg.w.grants.memory().clone();
     let img = TempImage::new("pers", &vec![0u8; 256 * SECTOR]);
-    let mut dev = blk(&img);
+    let mut dev = blk(img.path());
     let dm = device_memory(&rg.w, IommuMode::Persistent { max: 8 });
-    let ring = Ring::new(&mem, &Dma::Grant(&rg.dma));
+    let mut ring = Ring::new(&mem, &Dma::Grant(&rg.dma));
     dm.iommu()
         .map_ring(ring.ring_dma.unwrap(), RING_LEN as u64)
         .unwrap();
@@ -281,7 +269,7 @@ fn persistent_pool_stays_mapped_until_the_backend_releases_then_is_reclaimed() {
         assert_eq!(
             go(
                 &rg,
-                &ring,
+                &mut ring,
                 &mut queue,
                 &mut dev,
                 &dm,

@@ -8,11 +8,15 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 use std::time::Duration;
+use test_kit::blk::header;
+use test_kit::proc::{maps_covering, maps_mention, thread_ticks};
+use test_kit::ring::buf;
+use test_kit::{memfd, r, w, FileRam, RingLayout, SplitRing, TempImage};
 use vhost_iotlb::wire::{
     flags, iotlb, protocol, req, ConfigHeader, Header, IotlbMsg, MemoryHeader, MemoryRegion,
     VringAddr, VringState, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_IOMMU_PLATFORM,
@@ -28,29 +32,29 @@ const RAM: u64 = 1 << 20;
 const UBASE: u64 = 0x7f12_0000_0000;
 /// IOVA = GPA + this, so that a mix-up of the two fails.
 const IOVA_OFF: u64 = 0x40_0000_0000;
-const RING: u64 = 0x10000; // desc; avail at +0x100; used at +0x200 (queue of 16)
+/// The ring of a queue of 16: table at 0x10000, available ring at +0x100, used ring
+/// at +0x200.
+const RING: RingLayout = RingLayout {
+    desc: 0x10000,
+    avail: 0x10100,
+    used: 0x10200,
+};
 const HDR: u64 = 0x20000;
 const DATA: u64 = 0x21000;
 const STATUS: u64 = 0x22000;
 const SECRET: u64 = 0x80000;
 const QSIZE: u16 = 16;
 
-fn memfd(name: &str, len: u64) -> File {
-    let cname = std::ffi::CString::new(name).unwrap();
-    // SAFETY: a valid NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: a fresh fd we own.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(len).unwrap();
-    f
+/// A disk image of `sectors` sectors whose byte `i` is `i % 251`.
+fn disk(name: &str, sectors: u64) -> TempImage {
+    let data: Vec<u8> = (0..sectors * 512).map(|i| (i % 251) as u8).collect();
+    TempImage::new(&format!("vhost-iotlb-it-{name}"), &data)
 }
 
-fn disk(name: &str, sectors: u64) -> std::path::PathBuf {
-    let p = std::env::temp_dir().join(format!("vhost-iotlb-it-{}-{name}.img", std::process::id()));
-    let data: Vec<u8> = (0..sectors * 512).map(|i| (i % 251) as u8).collect();
-    std::fs::write(&p, data).unwrap();
-    p
+/// The driver's side of vring 0 in `ram` (written through the file: this process
+/// never maps guest RAM itself).
+fn ring(ram: &File) -> SplitRing<FileRam> {
+    SplitRing::new(FileRam(ram.try_clone().unwrap()), RING, QSIZE)
 }
 
 struct Frontend {
@@ -238,9 +242,9 @@ fn setup_ring(fe: &Frontend, bus: impl Fn(u64) -> u64) -> (EventFd, EventFd) {
     let addr = VringAddr {
         index: 0,
         flags: 0,
-        desc: bus(RING),
-        used: bus(RING + 0x200),
-        avail: bus(RING + 0x100),
+        desc: bus(RING.desc),
+        used: bus(RING.used),
+        avail: bus(RING.avail),
         log: 0,
     };
     assert_eq!(fe.ack(req::SET_VRING_ADDR, addr.as_bytes(), &[]), 0);
@@ -266,35 +270,25 @@ fn setup_ring(fe: &Frontend, bus: impl Fn(u64) -> u64) -> (EventFd, EventFd) {
     (kick, call)
 }
 
-/// Writes a virtio-blk request (type, sector) whose data segment is at `data`
-/// (device-writable for IN) into the ring as avail entry `n`.
-fn post_request(ram: &File, bus: impl Fn(u64) -> u64, n: u16, kind: u32, data: u64) {
-    let desc = |i: u64, addr: u64, len: u32, fl: u16, next: u16| {
-        let mut d = [0u8; 16];
-        d[0..8].copy_from_slice(&bus(addr).to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&fl.to_le_bytes());
-        d[14..16].copy_from_slice(&next.to_le_bytes());
-        ram.write_all_at(&d, RING + i * 16).unwrap();
-    };
-    let mut hdr = [0u8; 16];
-    hdr[0..4].copy_from_slice(&kind.to_le_bytes());
-    hdr[8..16].copy_from_slice(&0u64.to_le_bytes()); // sector 0
-    ram.write_all_at(&hdr, HDR).unwrap();
+/// Writes a virtio-blk request (type, sector 0) whose data segment is at `data`
+/// (device-writable for IN), descriptors at bus addresses `bus(gpa)`, into the ring and
+/// publishes it. Returns whether the back-end wants a kick (`VRING_USED_F_NO_NOTIFY`
+/// clear, after a full barrier, as Linux's driver decides).
+fn post_request(
+    ring: &mut SplitRing<FileRam>,
+    bus: impl Fn(u64) -> u64,
+    kind: u32,
+    data: u64,
+) -> bool {
+    let ram = &ring.memory().0;
+    ram.write_all_at(&header(kind, 0), HDR).unwrap();
     ram.write_all_at(&[0xff], STATUS).unwrap();
-    const NEXT: u16 = 1;
-    const WRITE: u16 = 2;
-    let data_flags = if kind == 0 { WRITE } else { 0 };
-    desc(0, HDR, 16, NEXT, 1);
-    desc(1, data, 4096, NEXT | data_flags, 2);
-    desc(2, STATUS, 1, WRITE, 0);
-    ram.write_all_at(
-        &0u16.to_le_bytes(),
-        RING + 0x100 + 4 + u64::from(n % QSIZE) * 2,
-    )
-    .unwrap();
-    ram.write_all_at(&(n + 1).to_le_bytes(), RING + 0x100 + 2)
-        .unwrap();
+    ring.add_chain(&[
+        r(bus(HDR), 16),
+        buf(bus(data), 4096, kind == 0),
+        w(bus(STATUS), 1),
+    ]);
+    ring.publish()
 }
 
 /// Plays the front-end's part of misses until the call eventfd fires: each miss is
@@ -356,7 +350,7 @@ fn serve_misses(
 #[test]
 fn negotiation_messages_get_the_spec_answers() {
     let img = disk("nego", 16);
-    let (fe, _space) = Frontend::start(&img, false);
+    let (fe, _space) = Frontend::start(img.path(), false);
     let f = u64::from_ne_bytes(fe.get(req::GET_FEATURES, &[]).try_into().unwrap());
     assert_ne!(f & VHOST_USER_F_PROTOCOL_FEATURES, 0);
     assert_ne!(f & VIRTIO_F_IOMMU_PLATFORM, 0, "ACCESS_PLATFORM offered");
@@ -411,13 +405,12 @@ fn negotiation_messages_get_the_spec_answers() {
     assert_eq!(fe.get(req::GET_VRING_BASE, &state(0, 0)), state(0, 7));
     let r = fe.finish();
     assert_eq!(r.exposure.peak_mapped_bytes, 0, "nothing was ever mapped");
-    std::fs::remove_file(img).unwrap();
 }
 
 #[test]
 fn malformed_and_out_of_bounds_requests_are_refused_without_state_change() {
     let img = disk("bad", 16);
-    let (fe, space) = Frontend::start(&img, true);
+    let (fe, space) = Frontend::start(img.path(), true);
     let ram = memfd("vhost-iotlb-it-bad", RAM);
     fe.send(
         req::SET_PROTOCOL_FEATURES,
@@ -570,24 +563,30 @@ fn malformed_and_out_of_bounds_requests_are_refused_without_state_change() {
     assert!(space.windows().is_empty());
     let r = fe.finish();
     assert_eq!(r.exposure.updates, 0);
-    std::fs::remove_file(img).unwrap();
 }
 
 #[test]
 fn blk_request_is_served_through_windows_filled_by_misses_and_nothing_else() {
     let img = disk("read", 16);
-    let (fe, space) = Frontend::start(&img, true);
+    let (fe, space) = Frontend::start(img.path(), true);
     let ram = memfd("vhost-iotlb-it-read", RAM);
+    let mut ring = ring(&ram);
     ram.write_all_at(b"the guest's secret", SECRET).unwrap();
     let chan = negotiate(&fe, &ram, true);
     let bus = |gpa| gpa + IOVA_OFF;
     let (kick, call) = setup_ring(&fe, bus);
     // The front-end may tell the used ring up front, as QEMU does.
-    let u = iotlb_msg(iotlb::UPDATE, bus(RING), 4096, UBASE + RING, iotlb::PERM_RW);
+    let u = iotlb_msg(
+        iotlb::UPDATE,
+        bus(RING.desc),
+        4096,
+        UBASE + RING.desc,
+        iotlb::PERM_RW,
+    );
     assert_eq!(fe.ack(req::IOTLB_MSG, &u, &[]), 0);
 
     // IN (read sector 0 into DATA).
-    post_request(&ram, bus, 0, 0, DATA);
+    post_request(&mut ring, bus, 0, DATA);
     kick.write(1).unwrap();
     let (misses, fails) = serve_misses(&fe, &chan, &call, |_| true);
     assert!(
@@ -619,13 +618,13 @@ fn blk_request_is_served_through_windows_filled_by_misses_and_nothing_else() {
     // OUT from the secret page, which the guest never mapped: the front-end refuses the
     // miss, the back-end reports the access failure, the request fails, the disk keeps
     // its data.
-    post_request(&ram, bus, 1, 1, SECRET);
+    post_request(&mut ring, bus, 1, SECRET);
     kick.write(1).unwrap();
     let (_, fails) = serve_misses(&fe, &chan, &call, |gpa| gpa != SECRET);
     assert!(fails >= 1, "an access failure was reported");
     ram.read_exact_at(&mut status, STATUS).unwrap();
     assert_eq!(status[0], 1, "VIRTIO_BLK_S_IOERR");
-    let on_disk = std::fs::read(&img).unwrap();
+    let on_disk = img.contents();
     assert_eq!(
         &on_disk[..4096],
         &want[..],
@@ -636,25 +635,25 @@ fn blk_request_is_served_through_windows_filled_by_misses_and_nothing_else() {
     let inv = iotlb_msg(iotlb::INVALIDATE, 0, u64::MAX, 0, 0);
     assert_eq!(fe.ack(req::IOTLB_MSG, &inv, &[]), 0);
     assert_eq!(space.exposure().mapped_bytes, 0);
-    assert!(!maps_mention("vhost-iotlb-it-read"));
+    assert!(!maps_mention_self("vhost-iotlb-it-read"));
     let r = fe.finish();
     assert_eq!(r.mode, Mode::Iotlb);
     assert_eq!(r.device.counters().ok, 1);
     assert_eq!(r.device.counters().ioerr, 1);
     assert!(r.exposure.miss_failures >= 1);
-    std::fs::remove_file(img).unwrap();
 }
 
 #[test]
 fn without_iommu_platform_the_regions_are_mapped_and_ring_addresses_are_user_addresses() {
     let img = disk("plain", 16);
-    let (fe, space) = Frontend::start(&img, false);
+    let (fe, space) = Frontend::start(img.path(), false);
     let ram = memfd("vhost-iotlb-it-plain", RAM);
+    let mut ring = ring(&ram);
     let _chan = negotiate(&fe, &ram, false);
     assert_eq!(space.mode(), Mode::Plain);
     assert_eq!(space.exposure().mapped_bytes, RAM);
     let (kick, call) = setup_ring(&fe, |gpa| gpa + UBASE);
-    post_request(&ram, |gpa| gpa, 0, 0, DATA);
+    post_request(&mut ring, |gpa| gpa, 0, DATA);
     kick.write(1).unwrap();
     for _ in 0..500 {
         if call.read().is_ok() {
@@ -671,51 +670,27 @@ fn without_iommu_platform_the_regions_are_mapped_and_ring_addresses_are_user_add
         r.exposure.peak_mapped_bytes, RAM,
         "the comparison point: all of RAM"
     );
-    std::fs::remove_file(img).unwrap();
-}
-
-fn used_u16(ram: &File, offset: u64) -> u16 {
-    let mut b = [0u8; 2];
-    ram.read_exact_at(&mut b, RING + 0x200 + offset).unwrap();
-    u16::from_le_bytes(b)
-}
-
-/// CPU time (user + system, clock ticks) of this process's thread named `name`.
-fn thread_ticks(name: &str) -> Option<u64> {
-    for e in std::fs::read_dir("/proc/self/task").ok()? {
-        let dir = e.ok()?.path();
-        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
-        if comm.trim() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-        let f: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
-        // proc(5): utime and stime are fields 14 and 15 (11 and 12 after the name).
-        return Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?);
-    }
-    None
 }
 
 #[test]
 fn a_polling_worker_serves_unkicked_buffers_loses_no_wakeup_and_sleeps_when_idle() {
-    const NO_NOTIFY: u16 = 1;
+    use test_kit::ring::NO_NOTIFY;
     let img = disk("poll", 16);
-    let (fe, _space) = Frontend::start_polling(&img, false, Duration::from_micros(50));
+    let (fe, _space) = Frontend::start_polling(img.path(), false, Duration::from_micros(50));
     let ram = memfd("vhost-iotlb-it-poll", RAM);
+    let mut ring = ring(&ram);
     let _chan = negotiate(&fe, &ram, false);
     let (kick, _call) = setup_ring(&fe, |gpa| gpa + UBASE);
     // A driver as Linux's: it kicks only when the device did not say it polls. Gaps
     // from 0 to 120 µs fall inside the window, across it and past it.
     let (n, mut kicked) = (1500u16, 0u32);
     for i in 0..n {
-        post_request(&ram, |gpa| gpa, i, 0, DATA);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        if used_u16(&ram, 0) & NO_NOTIFY == 0 {
+        if post_request(&mut ring, |gpa| gpa, 0, DATA) {
             kick.write(1).unwrap();
             kicked += 1;
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while used_u16(&ram, 2) != i.wrapping_add(1) {
+        while ring.used_idx() != i.wrapping_add(1) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "request {i} was never served (published unkicked while the worker went to sleep)"
@@ -733,7 +708,7 @@ fn a_polling_worker_serves_unkicked_buffers_loses_no_wakeup_and_sleeps_when_idle
     );
     // Idle: after its window the worker asks for kicks again and uses no CPU.
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(used_u16(&ram, 0) & NO_NOTIFY, 0, "kicks are on again");
+    assert_eq!(ring.used_flags() & NO_NOTIFY, 0, "kicks are on again");
     let before = thread_ticks("vhost-iotlb-dev").expect("the worker thread");
     std::thread::sleep(Duration::from_secs(1));
     let after = thread_ticks("vhost-iotlb-dev").unwrap();
@@ -747,31 +722,16 @@ fn a_polling_worker_serves_unkicked_buffers_loses_no_wakeup_and_sleeps_when_idle
         "{} polled, {kicked} of {n} kicked",
         r.polled
     );
-    std::fs::remove_file(img).unwrap();
 }
 
-fn maps_mention(name: &str) -> bool {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .contains(name)
+/// Whether this process maps anything named `name`.
+fn maps_mention_self(name: &str) -> bool {
+    maps_mention("self", name).unwrap()
 }
 
 /// The lines of /proc/self/maps covering `addr`.
 fn maps_at(addr: usize) -> Vec<String> {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|l| {
-            let range = l.split_whitespace().next().unwrap();
-            let (a, b) = range.split_once('-').unwrap();
-            let (a, b) = (
-                usize::from_str_radix(a, 16).unwrap(),
-                usize::from_str_radix(b, 16).unwrap(),
-            );
-            a <= addr && addr < b
-        })
-        .map(str::to_string)
-        .collect()
+    maps_covering("self", addr as u64).unwrap()
 }
 
 #[test]
@@ -784,7 +744,7 @@ fn after_an_invalidate_the_window_is_gone_from_proc_maps_and_access_fails_cleanl
         .unwrap();
     space.set_mode(Mode::Iotlb).unwrap();
     assert!(
-        !maps_mention("vhost-iotlb-it-maps"),
+        !maps_mention_self("vhost-iotlb-it-maps"),
         "the memory table is not mapped"
     );
 
@@ -797,7 +757,7 @@ fn after_an_invalidate_the_window_is_gone_from_proc_maps_and_access_fails_cleanl
         .iter()
         .any(|l| l.contains("vhost-iotlb-it-maps")));
     space.invalidate(0x1000_0000, 4096).unwrap();
-    assert!(!maps_mention("vhost-iotlb-it-maps"));
+    assert!(!maps_mention_self("vhost-iotlb-it-maps"));
     let view = space.view();
     assert!(
         view.read_obj::<u64>(GuestAddress(0x1000_0000)).is_err(),
@@ -822,7 +782,7 @@ fn after_an_invalidate_the_window_is_gone_from_proc_maps_and_access_fails_cleanl
     assert_eq!(&b, b"SECRET!!");
     space.invalidate(0x2000_0000, 4096).unwrap();
     assert!(
-        !maps_mention("vhost-iotlb-it-maps"),
+        !maps_mention_self("vhost-iotlb-it-maps"),
         "guest pages left the process"
     );
     assert_eq!(space.exposure().mapped_bytes, 0);

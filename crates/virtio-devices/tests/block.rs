@@ -1,5 +1,5 @@
-//! virtio-blk driven directly through `process_queue` with chains posted by
-//! virtio-queue's mock driver, against temporary image files: the request types, every
+//! virtio-blk driven directly through `process_queue` with chains posted by the test
+//! kit's split-ring driver, against temporary image files: the request types, every
 //! refusal (and that a refused request leaves the file as it was), and chains no
 //! driver should send.
 
@@ -8,12 +8,12 @@
 mod common;
 
 use common::*;
+use test_kit::ring::{desc, indirect, F_INDIRECT, F_NEXT as NEXT};
 use virtio_bindings::virtio_blk::*;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use virtio_contract::{DeviceIdentity, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_devices::block::request::{MAX_DATA_BYTES, SEG_MAX};
 use virtio_devices::block::{Block, BlockConfig, BlockError};
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::desc::RawDescriptor;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -25,7 +25,7 @@ const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 fn disk(tag: &str, read_only: bool) -> (TempImage, Block) {
     let img = TempImage::new(tag, &pattern(64 * 512, 7));
     let dev = Block::new(&BlockConfig {
-        path: img.path.clone(),
+        path: img.path().to_path_buf(),
         read_only,
         access_platform: false,
         test_stray_sector: None,
@@ -37,10 +37,10 @@ fn disk(tag: &str, read_only: bool) -> (TempImage, Block) {
 /// Posts `descs`, runs the device, returns (used length, status byte).
 fn run(
     dev: &mut Block,
-    drv: &mut Driver<'_, Mem>,
+    drv: &mut Driver,
     q: &mut Queue,
     mem: &Mem,
-    descs: &[virtio_queue::desc::RawDescriptor],
+    descs: &[RawDescriptor],
 ) -> (u32, u8) {
     drv.post(descs);
     assert!(dev.process_queue(0, q, mem).unwrap(), "interrupt wanted");
@@ -80,7 +80,7 @@ fn blk_offers_version_1_event_idx_indirect_flush_seg_max_size_max_blk_size_and_r
 fn blk_read_returns_the_file_bytes_and_counts_data_plus_status() {
     let (img, mut dev) = disk("read", false);
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     prepare(&mem, VIRTIO_BLK_T_IN, 3);
     // Data split over two descriptors, status in its own.
@@ -111,7 +111,7 @@ fn blk_read_returns_the_file_bytes_and_counts_data_plus_status() {
 fn blk_write_then_read_round_trips_through_the_file() {
     let (img, mut dev) = disk("roundtrip", false);
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     let data = pattern(3 * 512, 99);
     mem.write_slice(&data, GuestAddress(DATA)).unwrap();
@@ -154,14 +154,14 @@ fn blk_large_request_moves_whole_and_header_may_span_descriptors() {
     // writable descriptor with data.
     let img = TempImage::new("large", &vec![0u8; 4 << 20]);
     let mut dev = Block::new(&BlockConfig {
-        path: img.path.clone(),
+        path: img.path().to_path_buf(),
         read_only: false,
         access_platform: false,
         test_stray_sector: None,
     })
     .unwrap();
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     let data = pattern(1 << 20, 3);
     mem.write_slice(&data, GuestAddress(DATA)).unwrap();
@@ -197,7 +197,7 @@ fn blk_write_past_capacity_is_ioerr_and_file_untouched() {
     let (img, mut dev) = disk("past-cap", false);
     let before = img.contents();
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     mem.write_slice(&[0xee; 1024], GuestAddress(DATA)).unwrap();
     for sector in [63, 64, 1 << 40, u64::MAX / 512, u64::MAX - 1, u64::MAX] {
@@ -218,7 +218,7 @@ fn blk_write_past_capacity_is_ioerr_and_file_untouched() {
 fn blk_read_past_capacity_is_ioerr_and_writes_no_data() {
     let (_img, mut dev) = disk("read-past", false);
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     for sector in [64, 63, u64::MAX] {
         mem.write_slice(&[0x5a; 1024], GuestAddress(DATA)).unwrap();
@@ -252,7 +252,7 @@ fn blk_write_on_read_only_disk_is_ioerr_and_file_untouched() {
     let (img, mut dev) = disk("ro", true);
     let before = img.contents();
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     mem.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
     prepare(&mem, VIRTIO_BLK_T_OUT, 0);
@@ -281,22 +281,22 @@ fn blk_write_on_read_only_disk_is_ioerr_and_file_untouched() {
 #[test]
 fn blk_read_only_image_is_opened_read_only() {
     let img = TempImage::new("ro-perm", &[0u8; 1024]);
-    let mut perm = std::fs::metadata(&img.path).unwrap().permissions();
+    let mut perm = std::fs::metadata(img.path()).unwrap().permissions();
     perm.set_readonly(true);
-    std::fs::set_permissions(&img.path, perm).unwrap();
+    std::fs::set_permissions(img.path(), perm).unwrap();
     let ro = Block::new(&BlockConfig {
-        path: img.path.clone(),
+        path: img.path().to_path_buf(),
         read_only: true,
         access_platform: false,
         test_stray_sector: None,
     });
     assert!(ro.is_ok(), "O_RDONLY needs no write permission");
     // Root may open anything read-write, so the converse is only checked where it holds.
-    let rw = std::fs::OpenOptions::new().write(true).open(&img.path);
+    let rw = std::fs::OpenOptions::new().write(true).open(img.path());
     if rw.is_err() {
         assert!(matches!(
             Block::new(&BlockConfig {
-                path: img.path.clone(),
+                path: img.path().to_path_buf(),
                 read_only: false,
                 access_platform: false,
                 test_stray_sector: None,
@@ -310,7 +310,7 @@ fn blk_read_only_image_is_opened_read_only() {
 fn blk_flush_is_ok_with_and_without_negotiated_writeback() {
     let (_img, mut dev) = disk("flush", false);
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     for acked in [0u64, 1 << VIRTIO_BLK_F_FLUSH | 1 << VIRTIO_F_VERSION_1] {
         DeviceIdentity::set_acked_features(&mut dev, acked);
@@ -340,7 +340,7 @@ fn blk_flush_is_ok_with_and_without_negotiated_writeback() {
 fn blk_get_id_returns_the_file_name_zero_padded() {
     let (img, mut dev) = disk("id", false);
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     mem.write_slice(&[0xaa; 20], GuestAddress(DATA)).unwrap();
     prepare(&mem, VIRTIO_BLK_T_GET_ID, 0);
@@ -354,7 +354,7 @@ fn blk_get_id_returns_the_file_name_zero_padded() {
     assert_eq!((used, st), (21, OK));
     let mut id = [0u8; 20];
     mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
-    let name = img.path.file_name().unwrap().to_str().unwrap().as_bytes();
+    let name = img.path().file_name().unwrap().to_str().unwrap().as_bytes();
     let n = name.len().min(20);
     assert_eq!(&id[..n], &name[..n]);
     assert!(id[n..].iter().all(|&b| b == 0), "zero padded");
@@ -382,7 +382,7 @@ fn blk_unsupported_types_are_unsupp_and_touch_nothing() {
     let (img, mut dev) = disk("unsupp", false);
     let before = img.contents();
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     for t in [
         VIRTIO_BLK_T_SCSI_CMD,
@@ -411,7 +411,7 @@ fn blk_data_not_a_multiple_of_512_is_ioerr_and_file_untouched() {
     let (img, mut dev) = disk("unaligned", false);
     let before = img.contents();
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     prepare(&mem, VIRTIO_BLK_T_OUT, 0);
     let (_, st) = run(
@@ -439,7 +439,7 @@ fn blk_request_beyond_seg_max_times_size_max_is_ioerr_before_touching_memory() {
     let (img, mut dev) = disk("too-large", false);
     let before = img.contents();
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     // 8 MiB + 512 of data, most of it outside guest RAM: refused on length alone.
     let big = (MAX_DATA_BYTES + 512) as u32;
@@ -469,7 +469,7 @@ fn blk_chain_without_a_status_byte_is_returned_with_used_len_zero() {
     let (img, mut dev) = disk("no-status", false);
     let before = img.contents();
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     prepare(&mem, VIRTIO_BLK_T_OUT, 0);
     for descs in [
@@ -492,7 +492,7 @@ fn blk_chain_without_a_status_byte_is_returned_with_used_len_zero() {
 fn blk_header_shorter_than_16_bytes_is_ioerr() {
     let (_img, mut dev) = disk("short-hdr", false);
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     for descs in [
         vec![r(HDR, 15), w(STATUS, 1)],
@@ -510,7 +510,7 @@ fn blk_readable_descriptor_after_a_writable_one_is_returned_unused() {
     let (img, mut dev) = disk("misordered", false);
     let before = img.contents();
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     prepare(&mem, VIRTIO_BLK_T_OUT, 0);
     drv.post(&[r(HDR, 16), w(STATUS, 1), r(DATA, 512)]);
@@ -525,7 +525,7 @@ fn blk_buffers_outside_guest_ram_fail_the_request_not_the_device() {
     let (img, mut dev) = disk("outside", false);
     let before = img.contents();
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     let end = RAM_SIZE as u64;
     // Data (partly) outside RAM: IOERR, file untouched.
@@ -581,7 +581,7 @@ fn blk_buffers_outside_guest_ram_fail_the_request_not_the_device() {
 fn blk_open_rejects_images_that_are_not_whole_sectors_naming_the_file() {
     let img = TempImage::new("odd", &[0u8; 1000]);
     let err = Block::new(&BlockConfig {
-        path: img.path.clone(),
+        path: img.path().to_path_buf(),
         read_only: false,
         access_platform: false,
         test_stray_sector: None,
@@ -589,7 +589,7 @@ fn blk_open_rejects_images_that_are_not_whole_sectors_naming_the_file() {
     .unwrap_err();
     assert!(matches!(err, BlockError::UnalignedSize { len: 1000, .. }));
     assert!(
-        err.to_string().contains(img.path.to_str().unwrap()),
+        err.to_string().contains(img.path().to_str().unwrap()),
         "{err}"
     );
 
@@ -618,7 +618,7 @@ fn blk_open_rejects_images_that_are_not_whole_sectors_naming_the_file() {
 fn blk_empty_image_has_capacity_zero_and_refuses_every_transfer() {
     let img = TempImage::new("empty", &[]);
     let mut dev = Block::new(&BlockConfig {
-        path: img.path.clone(),
+        path: img.path().to_path_buf(),
         read_only: false,
         access_platform: true,
         test_stray_sector: None,
@@ -630,7 +630,7 @@ fn blk_empty_image_has_capacity_zero_and_refuses_every_transfer() {
         0
     );
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     prepare(&mem, VIRTIO_BLK_T_OUT, 0);
     let (_, st) = run(
@@ -648,22 +648,20 @@ fn blk_empty_image_has_capacity_zero_and_refuses_every_transfer() {
 fn blk_processes_every_posted_chain_in_one_call_and_other_queues_are_ignored() {
     let (_img, mut dev) = disk("batch", false);
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     // Eight FLUSH chains of two descriptors each, one avail update.
     mem.write_slice(&header(VIRTIO_BLK_T_FLUSH, 0), GuestAddress(HDR))
         .unwrap();
     let mut descs = Vec::new();
     for i in 0..8u16 {
-        let mut h = virtio_queue::desc::split::Descriptor::new(HDR, 16, 1, 2 * i + 1);
-        descs.push(virtio_queue::desc::RawDescriptor::from(h));
-        h = virtio_queue::desc::split::Descriptor::new(STATUS + u64::from(i), 1, F_WRITE, 0);
-        descs.push(virtio_queue::desc::RawDescriptor::from(h));
+        descs.push(desc(HDR, 16, NEXT, 2 * i + 1));
+        descs.push(desc(STATUS + u64::from(i), 1, F_WRITE, 0));
     }
-    drv.post_raw(&descs);
+    drv.post_raw(0, &descs);
     assert!(!dev.process_queue(1, &mut q, &mem).unwrap(), "no queue 1");
     assert!(dev.process_queue(0, &mut q, &mem).unwrap());
-    let done = drv.completions();
+    let done = drv.take_used();
     assert_eq!(done.len(), 8);
     assert!(done.iter().all(|&(_, len)| len == 1));
     assert!(
@@ -675,7 +673,7 @@ fn blk_processes_every_posted_chain_in_one_call_and_other_queues_are_ignored() {
 mod hostile {
     use super::*;
     use proptest::prelude::*;
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 
     fn addr() -> impl Strategy<Value = u64> {
         prop_oneof![
@@ -704,7 +702,7 @@ mod hostile {
     }
 
     fn desc() -> impl Strategy<Value = RawDescriptor> {
-        // WRITE and INDIRECT flags at random; NEXT is set by the mock's chain builder.
+        // WRITE and INDIRECT flags at random; NEXT is set by the kit's chain builder.
         (addr(), len(), 0u16..8)
             .prop_map(|(a, l, f)| RawDescriptor::from(SplitDescriptor::new(a, l, f & !1, 0)))
     }
@@ -724,13 +722,13 @@ mod hostile {
             let (img, mut dev) = disk("hostile", read_only);
             let before = img.contents();
             let mem = ram();
-            let mut drv = Driver::new(&mem);
+            let mut drv = driver(&mem);
             let mut q = drv.queue();
             prepare(&mem, t, sector);
             mem.write_slice(&pattern(0x4000, 1), GuestAddress(DATA)).unwrap();
             drv.post(&descs);
             prop_assert!(dev.process_queue(0, &mut q, &mem).is_ok());
-            prop_assert_eq!(drv.completions().len(), 1);
+            prop_assert_eq!(drv.take_used().len(), 1);
             if read_only {
                 prop_assert_eq!(img.contents(), before);
             }
@@ -744,7 +742,7 @@ fn blk_direct_io_moves_only_the_translated_segments() {
     // (pwritev): bytes next to each segment, in memory and in the file, stay as they were.
     let (img, mut dev) = disk("direct", false);
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     let canary = vec![0xaau8; 0x4000];
     mem.write_slice(&canary, GuestAddress(DATA)).unwrap();
@@ -795,42 +793,18 @@ fn blk_direct_io_moves_only_the_translated_segments() {
     assert_eq!(after, want, "sectors 20-23 written, nothing else");
 }
 
-/// An indirect descriptor (§2.7.5.3): the chain is the table at `table`, `len` bytes.
-fn indirect(table: u64, len: u32) -> virtio_queue::desc::RawDescriptor {
-    SplitDescriptor::new(table, len, VRING_DESC_F_INDIRECT as u16, 0).into()
-}
-
-/// Writes `descs` as a descriptor table at `at`.
-fn table(mem: &Mem, at: u64, descs: &[SplitDescriptor]) {
-    for (i, d) in descs.iter().enumerate() {
-        mem.write_obj(
-            virtio_queue::desc::RawDescriptor::from(*d),
-            GuestAddress(at + 16 * i as u64),
-        )
-        .unwrap();
-    }
-}
-
 const TABLE: u64 = DATA + 0x10_0000;
-const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 
 #[test]
 fn blk_indirect_chains_are_served() {
     let (img, mut dev) = disk("indirect", false);
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     prepare(&mem, VIRTIO_BLK_T_IN, 3);
-    table(
-        &mem,
-        TABLE,
-        &[
-            SplitDescriptor::new(HDR, 16, NEXT, 1),
-            SplitDescriptor::new(DATA, 512, NEXT | F_WRITE, 2),
-            SplitDescriptor::new(STATUS, 1, F_WRITE, 0),
-        ],
-    );
-    drv.post_raw(&[indirect(TABLE, 48)]);
+    // The table: header, data, status linked 0 -> 1 -> 2; one descriptor points at it.
+    drv.add_indirect(TABLE, &[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]);
+    drv.publish();
     dev.process_queue(0, &mut q, &mem).unwrap();
     assert_eq!(drv.one(), 513);
     assert_eq!(status(&mem), OK);
@@ -844,56 +818,46 @@ fn blk_hostile_indirect_tables_are_refused_without_a_panic() {
     let (img, mut dev) = disk("indirect-hostile", false);
     let before = img.contents();
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     mem.write_slice(&pattern(512, 5), GuestAddress(DATA))
         .unwrap();
-    let hostile: [(&str, Vec<SplitDescriptor>, u32); 4] = [
+    let hostile: [(&str, Vec<RawDescriptor>, u32); 4] = [
         // A table inside a table (§2.7.5.3.1: the driver MUST NOT nest them).
         (
             "nested",
             vec![
-                SplitDescriptor::new(HDR, 16, NEXT, 1),
-                SplitDescriptor::new(TABLE + 0x100, 48, VRING_DESC_F_INDIRECT as u16, 0),
+                desc(HDR, 16, NEXT, 1),
+                desc(TABLE + 0x100, 48, F_INDIRECT, 0),
             ],
             32,
         ),
         // A length that is not a whole number of descriptors.
-        (
-            "bad length",
-            vec![SplitDescriptor::new(HDR, 16, NEXT, 1)],
-            20,
-        ),
+        ("bad length", vec![desc(HDR, 16, NEXT, 1)], 20),
         // A loop: 0 -> 1 -> 0 -> ...
         (
             "loop",
-            vec![
-                SplitDescriptor::new(HDR, 16, NEXT, 1),
-                SplitDescriptor::new(DATA, 512, NEXT, 0),
-            ],
+            vec![desc(HDR, 16, NEXT, 1), desc(DATA, 512, NEXT, 0)],
             32,
         ),
         // No status byte anywhere in a table of nothing but readable descriptors.
         (
             "no status",
-            vec![
-                SplitDescriptor::new(HDR, 16, NEXT, 1),
-                SplitDescriptor::new(DATA, 512, 0, 0),
-            ],
+            vec![desc(HDR, 16, NEXT, 1), desc(DATA, 512, 0, 0)],
             32,
         ),
     ];
     for (what, descs, len) in hostile {
         prepare(&mem, VIRTIO_BLK_T_OUT, 0);
-        table(&mem, TABLE, &descs);
-        drv.post_raw(&[indirect(TABLE, len)]);
+        drv.write_table(TABLE, &descs);
+        drv.post_raw(0, &[indirect(TABLE, len)]);
         dev.process_queue(0, &mut q, &mem).unwrap();
         assert_eq!(drv.one(), 0, "{what}: returned unused");
         assert_eq!(img.contents(), before, "{what}: the file is untouched");
     }
     // A table past the end of guest RAM.
     prepare(&mem, VIRTIO_BLK_T_OUT, 0);
-    drv.post_raw(&[indirect(RAM_SIZE as u64 + 0x1000, 48)]);
+    drv.post_raw(0, &[indirect(RAM_SIZE as u64 + 0x1000, 48)]);
     dev.process_queue(0, &mut q, &mem).unwrap();
     assert_eq!(drv.one(), 0, "past RAM: returned unused");
     assert_eq!(img.contents(), before);

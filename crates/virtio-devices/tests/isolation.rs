@@ -11,7 +11,6 @@
 mod common;
 
 use common::*;
-use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
 use virtio_contract::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_devices::{block, Block, BlockConfig, Rng, RngConfig};
@@ -104,26 +103,26 @@ fn blk_behind_iommu(
     img: &TempImage,
     dev: &VirtioIommu,
     g: &FakeGuest,
-    drv: &Driver<'_, Mem>,
+    drv: &Driver,
 ) -> VirtioPciTransport<Block, IoMem> {
     let blk = Block::new(&BlockConfig {
-        path: img.path.clone(),
+        path: img.path().to_path_buf(),
         read_only: false,
         access_platform: true,
         test_stray_sector: None,
     })
     .unwrap();
-    let irqs = Arc::new(Irqs::default());
+    let irqs = Irqs::new();
     let mut t = VirtioPciTransport::new(
         blk,
         block::PCI_CLASS_CODE,
         endpoint_memory(dev, g),
-        Box::new(Sink(irqs)),
+        irqs.sink(),
         AP,
     )
     .unwrap();
     assert!(negotiate(&mut t, V1 | AP | 1 << VIRTIO_BLK_F_FLUSH).1);
-    start(&mut t, &drv.mock);
+    start(&mut t, drv);
     assert_eq!(
         t.status() & device_status::DEVICE_NEEDS_RESET,
         0,
@@ -138,7 +137,7 @@ fn blk_write_from_unmapped_data_buffer_is_ioerr_faults_and_file_untouched() {
     let img = TempImage::new("iommu-w", &pattern(64 * 512, 5));
     let before = img.contents();
     let mem = g.mem.clone();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut t = blk_behind_iommu(&img, &dev, &g, &drv);
 
     mem.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
@@ -182,7 +181,7 @@ fn blk_read_into_unmapped_or_read_only_mapped_buffer_is_ioerr_and_ram_untouched(
     let (mut dev, mut g) = iommu();
     let img = TempImage::new("iommu-r", &pattern(64 * 512, 6));
     let mem = g.mem.clone();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut t = blk_behind_iommu(&img, &dev, &g, &drv);
     mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
 
@@ -219,7 +218,7 @@ fn blk_round_trip_behind_iommu_goes_through_the_guests_mappings() {
     let (mut dev, mut g) = iommu();
     let img = TempImage::new("iommu-rt", &vec![0u8; 64 * 512]);
     let mem = g.mem.clone();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut t = blk_behind_iommu(&img, &dev, &g, &drv);
     // Two IOVA pages backed by two distant guest pages.
     map(&mut g, &mut dev, DATA_IOVA, PAGE, DATA + 0x5000, RW);
@@ -268,7 +267,7 @@ fn blk_unmapped_status_byte_gets_used_len_zero_and_no_io() {
     let img = TempImage::new("iommu-st", &pattern(64 * 512, 4));
     let before = img.contents();
     let mem = g.mem.clone();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut t = blk_behind_iommu(&img, &dev, &g, &drv);
     map(&mut g, &mut dev, DATA_IOVA, PAGE, DATA, R);
     mem.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
@@ -288,14 +287,14 @@ fn blk_ring_unmapped_after_driver_ok_makes_kicks_do_nothing_without_panic() {
     let (mut dev, mut g) = iommu();
     let img = TempImage::new("iommu-ring", &[0u8; 4096]);
     let mem = g.mem.clone();
-    let drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut t = blk_behind_iommu(&img, &dev, &g, &drv);
     unmap(&mut g, &mut dev, RING, RING_LEN);
     prepare(&mem, VIRTIO_BLK_T_FLUSH, 0);
     drv.post(&[r(HDR, 16), w(STATUS, 1)]);
     kick(&mut t);
     assert_eq!(status(&mem), 0xff, "the device could not see the request");
-    assert_eq!(drv.mock.used().idx().load(), 0);
+    assert_eq!(drv.used_idx(), 0);
 }
 
 #[test]
@@ -308,7 +307,7 @@ fn rng_unmapped_buffer_gets_used_len_zero_faults_and_mapped_one_is_filled() {
         ..RngConfig::default()
     })
     .unwrap();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     mem.write_slice(&[0u8; 64], GuestAddress(DATA)).unwrap();
 

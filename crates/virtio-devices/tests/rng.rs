@@ -1,5 +1,5 @@
-//! virtio-rng driven directly through `process_queue` with chains posted by
-//! virtio-queue's mock driver: buffers are filled, requests and calls are bounded, and
+//! virtio-rng driven directly through `process_queue` with chains posted by the test
+//! kit's split-ring driver: buffers are filled, requests and calls are bounded, and
 //! chains it cannot use or a failing source never panic.
 
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
@@ -31,7 +31,7 @@ fn changed(mem: &Mem, addr: u64, len: usize, fill: u8) -> bool {
 fn rng_fills_every_writable_buffer_and_reports_the_bytes_written() {
     let mut dev = rng();
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     mem.write_slice(&[0u8; 0x3000], GuestAddress(DATA)).unwrap();
     drv.post(&[w(DATA, 64), w(DATA + 0x1000, 32), w(DATA + 0x2000, 16)]);
@@ -54,7 +54,7 @@ fn rng_fills_every_writable_buffer_and_reports_the_bytes_written() {
 fn rng_caps_one_request_at_max_request_bytes() {
     let mut dev = rng();
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     let big = 4 * MAX_REQUEST_BYTES;
     mem.write_slice(&vec![0u8; big], GuestAddress(DATA))
@@ -77,7 +77,7 @@ fn rng_caps_one_request_at_max_request_bytes() {
 fn rng_budget_per_call_bounds_bytes_but_still_completes_every_chain() {
     let mut dev = rng();
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     // 32 single-descriptor chains of 64 KiB: 2 MiB asked, twice the per-call budget.
     let n = 2 * MAX_BYTES_PER_CALL / MAX_REQUEST_BYTES;
@@ -89,9 +89,9 @@ fn rng_budget_per_call_bounds_bytes_but_still_completes_every_chain() {
             )
         })
         .collect();
-    drv.post_raw(&descs);
+    drv.post_raw(0, &descs);
     dev.process_queue(0, &mut q, &mem).unwrap();
-    let done = drv.completions();
+    let done = drv.take_used();
     assert_eq!(done.len(), n, "every chain completed");
     let total: usize = done.iter().map(|&(_, len)| len as usize).sum();
     assert_eq!(
@@ -106,7 +106,7 @@ fn rng_budget_per_call_bounds_bytes_but_still_completes_every_chain() {
 fn rng_chains_it_cannot_use_get_used_len_zero() {
     let mut dev = rng();
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     for descs in [
         vec![r(DATA, 64)],                         // nothing writable
@@ -167,12 +167,12 @@ fn rng_source_that_cannot_be_opened_is_an_error_naming_it() {
 fn rng_source_that_runs_dry_fails_the_call_after_returning_the_chain() {
     let img = TempImage::new("entropy", &[0x42; 100]);
     let mut dev = Rng::new(&RngConfig {
-        source: img.path.clone(),
+        source: img.path().to_path_buf(),
         access_platform: false,
     })
     .unwrap();
     let mem = ram();
-    let mut drv = Driver::new(&mem);
+    let mut drv = driver(&mem);
     let mut q = drv.queue();
     drv.post(&[w(DATA, 64)]);
     dev.process_queue(0, &mut q, &mem).unwrap();

@@ -25,31 +25,24 @@ const LIVE: u64 = (device_status::ACKNOWLEDGE
 
 fn blk_transport(img: &TempImage, mem: Mem) -> (VirtioPciTransport<Block, Mem>, Arc<Irqs>) {
     let dev = Block::new(&BlockConfig {
-        path: img.path.clone(),
+        path: img.path().to_path_buf(),
         read_only: false,
         access_platform: true,
         test_stray_sector: None,
     })
     .unwrap();
-    let irqs = Arc::new(Irqs::default());
-    let t = VirtioPciTransport::new(
-        dev,
-        block::PCI_CLASS_CODE,
-        mem,
-        Box::new(Sink(irqs.clone())),
-        AP,
-    )
-    .unwrap();
+    let irqs = Irqs::new();
+    let t = VirtioPciTransport::new(dev, block::PCI_CLASS_CODE, mem, irqs.sink(), AP).unwrap();
     (t, irqs)
 }
 
 fn rng_transport(config: RngConfig, mem: Mem) -> (VirtioPciTransport<Rng, Mem>, Arc<Irqs>) {
-    let irqs = Arc::new(Irqs::default());
+    let irqs = Irqs::new();
     let t = VirtioPciTransport::new(
         Rng::new(&config).unwrap(),
         rng::PCI_CLASS_CODE,
         mem,
-        Box::new(Sink(irqs.clone())),
+        irqs.sink(),
         AP,
     )
     .unwrap();
@@ -87,8 +80,8 @@ fn blk_through_virtio_pci_negotiates_reads_config_and_round_trips_data() {
     assert_eq!(bar_read(&mut t, 0x200c, 4), 128, "seg_max");
     assert_eq!(bar_read(&mut t, 0x2014, 4), 512, "blk_size");
 
-    let mut drv = Driver::new(&mem);
-    start(&mut t, &drv.mock);
+    let mut drv = driver(&mem);
+    start(&mut t, &drv);
     assert_eq!(t.status() as u64, LIVE);
 
     let data = pattern(4096, 77);
@@ -98,7 +91,7 @@ fn blk_through_virtio_pci_negotiates_reads_config_and_round_trips_data() {
     kick(&mut t);
     assert_eq!(drv.one(), 1);
     assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8);
-    assert_eq!(*irqs.0.lock().unwrap(), vec![1], "queue vector");
+    assert_eq!(irqs.vectors(), vec![1], "queue vector");
     assert_eq!(bar_read(&mut t, 0x1000, 1), 1, "ISR queue bit");
     assert_eq!(img.contents()[40 * 512..48 * 512], data[..]);
 
@@ -132,16 +125,15 @@ fn blk_through_virtio_pci_negotiates_reads_config_and_round_trips_data() {
 fn blk_read_only_disk_offers_ro_through_virtio_pci() {
     let img = TempImage::new("pci-ro", &[0u8; 4096]);
     let dev = Block::new(&BlockConfig {
-        path: img.path.clone(),
+        path: img.path().to_path_buf(),
         read_only: true,
         access_platform: true,
         test_stray_sector: None,
     })
     .unwrap();
-    let irqs = Arc::new(Irqs::default());
+    let irqs = Irqs::new();
     let mut t =
-        VirtioPciTransport::new(dev, block::PCI_CLASS_CODE, ram(), Box::new(Sink(irqs)), AP)
-            .unwrap();
+        VirtioPciTransport::new(dev, block::PCI_CLASS_CODE, ram(), irqs.sink(), AP).unwrap();
     let (offered, ok) = negotiate(&mut t, V1 | AP | 1 << VIRTIO_BLK_F_RO);
     assert!(ok);
     assert_ne!(offered & 1 << VIRTIO_BLK_F_RO, 0);
@@ -160,8 +152,8 @@ fn rng_through_virtio_pci_fills_the_buffer_and_interrupts() {
     let (offered, ok) = negotiate(&mut t, V1 | AP);
     assert!(ok);
     assert_eq!(offered, V1 | AP | EI);
-    let mut drv = Driver::new(&mem);
-    start(&mut t, &drv.mock);
+    let mut drv = driver(&mem);
+    start(&mut t, &drv);
     mem.write_slice(&[0u8; 64], GuestAddress(DATA)).unwrap();
     drv.post(&[w(DATA, 64)]);
     kick(&mut t);
@@ -169,7 +161,7 @@ fn rng_through_virtio_pci_fills_the_buffer_and_interrupts() {
     let mut b = [0u8; 64];
     mem.read_slice(&mut b, GuestAddress(DATA)).unwrap();
     assert!(b.iter().any(|&x| x != 0));
-    assert_eq!(*irqs.0.lock().unwrap(), vec![1]);
+    assert_eq!(irqs.vectors(), vec![1]);
 }
 
 #[test]
@@ -188,21 +180,17 @@ fn rng_whose_source_fails_is_marked_needs_reset_not_hung() {
     let mem = ram();
     let (mut t, irqs) = rng_transport(
         RngConfig {
-            source: img.path.clone(),
+            source: img.path().to_path_buf(),
             access_platform: true,
         },
         mem.clone(),
     );
     assert!(negotiate(&mut t, V1 | AP).1);
-    let mut drv = Driver::new(&mem);
-    start(&mut t, &drv.mock);
+    let mut drv = driver(&mem);
+    start(&mut t, &drv);
     drv.post(&[w(DATA, 64)]);
     kick(&mut t);
     assert_eq!(drv.one(), 0, "chain returned");
     assert_ne!(t.status() & device_status::DEVICE_NEEDS_RESET, 0);
-    assert_eq!(
-        *irqs.0.lock().unwrap(),
-        vec![0],
-        "config vector: status changed"
-    );
+    assert_eq!(irqs.vectors(), vec![0], "config vector: status changed");
 }

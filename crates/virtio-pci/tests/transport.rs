@@ -3,11 +3,12 @@
 //! receive the interrupt, reset. The device is a test echo device.
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use test_kit::pci::{self, bar_read, bar_write, Irqs, QueueSetup};
+use test_kit::ring::{NO_INTERRUPT, NO_NOTIFY};
+use test_kit::{r, w, RingLayout, SplitRing};
 use virtio_contract::*;
 use virtio_pci::*;
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -92,23 +93,14 @@ impl VirtioDevice<Mem> for Echo {
     }
 }
 
-#[derive(Default)]
-struct Irqs(Mutex<Vec<u16>>);
-struct Sink(Arc<Irqs>);
-impl InterruptSink for Sink {
-    fn signal(&self, vector: u16) {
-        self.0 .0.lock().unwrap().push(vector);
-    }
-}
-
 fn transport() -> (VirtioPciTransport<Echo, Mem>, Arc<Irqs>) {
     let mem = Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-    let irqs = Arc::new(Irqs::default());
+    let irqs = Irqs::new();
     let t = VirtioPciTransport::new(
         Echo::default(),
         0x00ff_0000,
         mem,
-        Box::new(Sink(irqs.clone())),
+        irqs.sink(),
         1 << VIRTIO_F_ACCESS_PLATFORM,
     )
     .unwrap();
@@ -119,16 +111,6 @@ fn cfg_read(t: &mut VirtioPciTransport<Echo, Mem>, off: u64, len: usize) -> u32 
     let mut b = [0u8; 4];
     t.read_config_space(off, &mut b[..len]);
     u32::from_le_bytes(b)
-}
-
-fn bar_read(t: &mut VirtioPciTransport<Echo, Mem>, off: u64, len: usize) -> u64 {
-    let mut b = [0u8; 8];
-    t.read_bar(off, &mut b[..len]);
-    u64::from_le_bytes(b)
-}
-
-fn bar_write(t: &mut VirtioPciTransport<Echo, Mem>, off: u64, v: u64, len: usize) {
-    t.write_bar(off, &v.to_le_bytes()[..len]);
 }
 
 /// (cfg_type → (offset in BAR 0, length, notify multiplier)) as Linux's
@@ -213,32 +195,29 @@ fn linux_modern_init_queue_kick_interrupt_and_reset() {
     assert_eq!(t.device().acked, want);
     assert_eq!(bar_read(&mut t, 0x12, 2), 2, "num_queues");
 
-    // Queue 0 of 16 entries, rings laid out by the virtio-queue mock.
+    // Queue 0 of 16 entries, rings packed from 0x1_0000.
     let mem = t.memory().clone();
-    let mock = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+    let mut ring = SplitRing::new(mem.clone(), RingLayout::packed(0x1_0000, 16), 16);
+    let l = ring.layout();
     bar_write(&mut t, 0x10, 0, 2); // config vector 0
     bar_write(&mut t, 0x16, 0, 2);
     assert_eq!(bar_read(&mut t, 0x18, 2), 16);
     bar_write(&mut t, 0x1a, 1, 2); // queue vector 1
     assert_eq!(bar_read(&mut t, 0x1a, 2), 1);
-    bar_write(&mut t, 0x20, mock.desc_table_addr().0, 8);
-    bar_write(&mut t, 0x28, mock.avail_addr().0, 8);
-    bar_write(&mut t, 0x30, mock.used_addr().0, 8);
+    bar_write(&mut t, 0x20, l.desc, 8);
+    bar_write(&mut t, 0x28, l.avail, 8);
+    bar_write(&mut t, 0x30, l.used, 8);
     bar_write(&mut t, 0x1c, 1, 2);
     bar_write(&mut t, 0x14, 1 | 2 | 8 | 4, 1);
     assert_eq!(t.status(), 1 | 2 | 8 | 4);
 
     mem.write_slice(b"olleh", GuestAddress(0x8_0000)).unwrap();
-    let descs = [
-        RawDescriptor::from(SplitDescriptor::new(0x8_0000, 5, 0, 0)),
-        RawDescriptor::from(SplitDescriptor::new(0x9_0000, 16, 2, 0)),
-    ];
-    mock.build_desc_chain(&descs).unwrap();
+    ring.post(&[r(0x8_0000, 5), w(0x9_0000, 16)]);
     bar_write(&mut t, 0x3000, 0, 2); // notify queue 0 (queue_notify_off 0 × 4)
     let mut out = [0u8; 5];
     mem.read_slice(&mut out, GuestAddress(0x9_0000)).unwrap();
     assert_eq!(&out, b"hello");
-    assert_eq!(*irqs.0.lock().unwrap(), vec![1], "queue vector signalled");
+    assert_eq!(irqs.vectors(), vec![1], "queue vector signalled");
     assert_eq!(
         bar_read(&mut t, 0x1000, 1),
         1,
@@ -317,8 +296,8 @@ fn bad_vectors_sizes_and_queue_addresses_are_refused() {
     bar_write(&mut t2, 0x1c, 1, 2);
     bar_write(&mut t2, 0x14, 3 | 8 | 4, 1);
     assert_eq!(t2.status() & 0x44, 0x40, "NEEDS_RESET, not DRIVER_OK");
-    assert_eq!(*irqs2.0.lock().unwrap(), vec![0], "config vector signalled");
-    assert!(irqs.0.lock().unwrap().is_empty());
+    assert_eq!(irqs2.vectors(), vec![0], "config vector signalled");
+    assert!(irqs.vectors().is_empty());
 }
 
 #[test]
@@ -347,149 +326,113 @@ fn hostile_accesses_never_panic() {
     }
 }
 
+/// A transport whose driver negotiated `features` (ACCESS_PLATFORM and VERSION_1 added)
+/// and set up queue 0 (16 entries, vector 1) on the rings above, DRIVER_OK; and the
+/// driver's side of that queue.
+fn live(features: u64) -> (VirtioPciTransport<Echo, Mem>, Arc<Irqs>, SplitRing<Mem>) {
+    let (mut t, irqs) = transport();
+    let want = features | (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM);
+    assert!(pci::negotiate(&mut t, Some(want)).features_ok);
+    assert_eq!(t.device().acked, want, "features accepted");
+    let layout = RingLayout {
+        desc: DESC,
+        avail: AVAIL,
+        used: USED,
+    };
+    pci::setup_queue(
+        &mut t,
+        &QueueSetup {
+            index: 0,
+            size: None,
+            vector: 1,
+            layout,
+        },
+    );
+    pci::driver_ok(&mut t);
+    assert_eq!(t.status(), 1 | 2 | 8 | 4);
+    let ring = SplitRing::new(t.memory().clone(), layout, QSIZE)
+        .with_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+    (t, irqs, ring)
+}
+
+/// Publishes one echo request (readable "abc", then a writable buffer) without
+/// notifying.
+fn publish(ring: &mut SplitRing<Mem>) {
+    ring.memory()
+        .write_slice(b"abc", GuestAddress(0x8_0000))
+        .unwrap();
+    ring.post(&[r(0x8_0000, 3), w(0x9_0000, 16)]);
+}
+
 /// The rings of [`live`]'s queue 0 (16 entries), laid out apart so that EVENT_IDX's
 /// fields (§2.7.10: `used_event` after the avail ring, `avail_event` after the used
 /// ring) are nobody else's bytes.
-const QSIZE: u64 = 16;
+const QSIZE: u16 = 16;
 const DESC: u64 = 0x1_0000;
 const AVAIL: u64 = 0x1_1000;
 const USED: u64 = 0x1_2000;
-
-/// A transport whose driver negotiated `features` (ACCESS_PLATFORM and VERSION_1 added)
-/// and set up queue 0 (16 entries, vector 1) on the rings above, DRIVER_OK.
-fn live(features: u64) -> (VirtioPciTransport<Echo, Mem>, Arc<Irqs>, Mem) {
-    let (mut t, irqs) = transport();
-    let want = features | (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM);
-    bar_write(&mut t, 0x14, 1 | 2, 1);
-    for half in 0..2 {
-        bar_write(&mut t, 0x08, half, 4);
-        bar_write(&mut t, 0x0c, (want >> (32 * half)) & 0xffff_ffff, 4);
-    }
-    bar_write(&mut t, 0x14, 1 | 2 | 8, 1);
-    assert_eq!(t.device().acked, want, "features accepted");
-    bar_write(&mut t, 0x16, 0, 2);
-    bar_write(&mut t, 0x1a, 1, 2);
-    bar_write(&mut t, 0x20, DESC, 8);
-    bar_write(&mut t, 0x28, AVAIL, 8);
-    bar_write(&mut t, 0x30, USED, 8);
-    bar_write(&mut t, 0x1c, 1, 2);
-    bar_write(&mut t, 0x14, 1 | 2 | 8 | 4, 1);
-    assert_eq!(t.status(), 1 | 2 | 8 | 4);
-    let mem = t.memory().clone();
-    (t, irqs, mem)
-}
-
-fn at(a: u64) -> GuestAddress {
-    GuestAddress(a)
-}
-
-/// Publishes one echo request (descriptors 0 and 1) without notifying.
-fn publish(mem: &Mem) {
-    mem.write_slice(b"abc", at(0x8_0000)).unwrap();
-    let descs = [
-        SplitDescriptor::new(0x8_0000, 3, 1, 1),  // NEXT
-        SplitDescriptor::new(0x9_0000, 16, 2, 0), // WRITE
-    ];
-    for (i, d) in descs.into_iter().enumerate() {
-        mem.write_obj(RawDescriptor::from(d), at(DESC + 16 * i as u64))
-            .unwrap();
-    }
-    let idx: u16 = mem.read_obj(at(AVAIL + 2)).unwrap();
-    mem.write_obj(0u16, at(AVAIL + 4 + 2 * (u64::from(idx) % QSIZE)))
-        .unwrap();
-    mem.write_obj(idx.wrapping_add(1), at(AVAIL + 2)).unwrap();
-}
-
-fn used_idx(mem: &Mem) -> u16 {
-    mem.read_obj(at(USED + 2)).unwrap()
-}
-
-/// `avail->flags`.
-fn set_avail_flags(mem: &Mem, flags: u16) {
-    mem.write_obj(flags, at(AVAIL)).unwrap();
-}
-
-/// `used->flags`.
-fn used_flags(mem: &Mem) -> u16 {
-    mem.read_obj(at(USED)).unwrap()
-}
-
-fn avail_event(mem: &Mem) -> u16 {
-    mem.read_obj(at(USED + 4 + 8 * QSIZE)).unwrap()
-}
-
-fn set_used_event(mem: &Mem, v: u16) {
-    mem.write_obj(v, at(AVAIL + 4 + 2 * QSIZE)).unwrap();
-}
-
-const NO_INTERRUPT: u16 = 1;
-const NO_NOTIFY: u16 = 1;
 
 #[test]
 fn no_msi_when_the_driver_set_no_interrupt_without_event_idx() {
     // §2.7.7.2: the device SHOULD NOT notify when VRING_AVAIL_F_NO_INTERRUPT is set, as
     // Linux's virtio-iommu driver sets it on its request queue (it has no callback).
-    let (mut t, irqs, mem) = live(0);
-    set_avail_flags(&mem, NO_INTERRUPT);
-    publish(&mem);
+    let (mut t, irqs, mut ring) = live(0);
+    ring.set_avail_flags(NO_INTERRUPT);
+    publish(&mut ring);
     bar_write(&mut t, 0x3000, 0, 2);
-    assert_eq!(used_idx(&mem), 1, "the request is served");
-    assert!(irqs.0.lock().unwrap().is_empty(), "but no MSI is sent");
+    assert_eq!(ring.used_idx(), 1, "the request is served");
+    assert!(irqs.vectors().is_empty(), "but no MSI is sent");
     let c = t.counters();
     assert_eq!(
         (c.notifications, c.interrupts, c.suppressed_interrupts),
         (1, 0, 1)
     );
     // The driver asks again: the next completion interrupts.
-    set_avail_flags(&mem, 0);
-    publish(&mem);
+    ring.set_avail_flags(0);
+    publish(&mut ring);
     bar_write(&mut t, 0x3000, 0, 2);
-    assert_eq!(*irqs.0.lock().unwrap(), vec![1]);
+    assert_eq!(irqs.vectors(), vec![1]);
     assert_eq!(t.counters().interrupts, 1);
 }
 
 #[test]
 fn with_event_idx_msis_follow_used_event_and_avail_event_follows_the_device() {
-    let (mut t, irqs, mem) = live(1 << VIRTIO_RING_F_EVENT_IDX);
+    let (mut t, irqs, mut ring) = live(1 << VIRTIO_RING_F_EVENT_IDX);
     // The driver wants an interrupt only once the used index passes 2 (used_event 2).
-    set_used_event(&mem, 2);
+    ring.set_used_event(2);
     for served in 1..=3u16 {
-        publish(&mem);
+        publish(&mut ring);
         bar_write(&mut t, 0x3000, 0, 2);
-        assert_eq!(used_idx(&mem), served);
+        assert_eq!(ring.used_idx(), served);
         // §2.7.10: the device keeps avail_event where it stopped, so the driver's next
         // publication notifies; without it the driver would never notify again.
-        assert_eq!(avail_event(&mem), served);
+        assert_eq!(ring.avail_event(), served);
     }
-    assert_eq!(
-        *irqs.0.lock().unwrap(),
-        vec![1],
-        "one MSI, when used passed 2"
-    );
+    assert_eq!(irqs.vectors(), vec![1], "one MSI, when used passed 2");
 }
 
 #[test]
 fn polling_serves_published_buffers_without_a_notification() {
     for features in [0, 1 << VIRTIO_RING_F_EVENT_IDX] {
-        let (mut t, _irqs, mem) = live(features);
+        let (mut t, _irqs, mut ring) = live(features);
         assert!(
             !t.poll(),
             "{features:#x}: nothing published, nothing served"
         );
         assert!(!t.set_polling(true));
         if features == 0 {
-            assert_eq!(used_flags(&mem), NO_NOTIFY, "notifications off");
+            assert_eq!(ring.used_flags(), NO_NOTIFY, "notifications off");
         }
-        publish(&mem);
+        publish(&mut ring);
         assert!(t.poll(), "{features:#x}: the poll found the request");
-        assert_eq!(used_idx(&mem), 1);
+        assert_eq!(ring.used_idx(), 1);
         let c = t.counters();
         assert_eq!((c.notifications, c.polled), (0, 1), "{features:#x}");
         // Switching polling off with nothing new: notifications on, nothing pending.
         assert!(!t.set_polling(false));
-        assert_eq!(used_flags(&mem), 0);
+        assert_eq!(ring.used_flags(), 0);
         if features != 0 {
-            assert_eq!(avail_event(&mem), 1, "the next publication notifies");
+            assert_eq!(ring.avail_event(), 1, "the next publication notifies");
         }
     }
 }
@@ -499,15 +442,15 @@ fn switching_polling_off_reports_buffers_published_meanwhile() {
     // The race of a poller going to sleep: the driver published while it still saw
     // notifications off, so it will not notify. set_polling(false) must say so.
     for features in [0, 1 << VIRTIO_RING_F_EVENT_IDX] {
-        let (mut t, _irqs, mem) = live(features);
+        let (mut t, _irqs, mut ring) = live(features);
         t.set_polling(true);
-        publish(&mem);
+        publish(&mut ring);
         assert!(
             t.set_polling(false),
             "{features:#x}: the published request is reported"
         );
         assert!(t.poll());
-        assert_eq!(used_idx(&mem), 1);
+        assert_eq!(ring.used_idx(), 1);
     }
 }
 

@@ -1,38 +1,56 @@
 //! What the vfio-user client test and the doorbell bench share (the bench includes this
-//! file by path): a scratch directory, a guest RAM file, and a client set up as QEMU
-//! sets one up on connect — the RAM DMA-mapped at guest-physical 0, MSI-X vectors
-//! routed to eventfds.
+//! file by path): guest RAM as a memfd the client DMA-maps at guest-physical 0, a
+//! client set up as QEMU sets one up on connect — the RAM DMA-mapped, MSI-X vectors
+//! routed to eventfds — and Linux's virtio-pci bring-up of queue 0 with the driver's
+//! side of that queue (the test kit's split ring, written through the RAM file).
+
+#![allow(dead_code)] // the test and the bench each use their own part
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::path::{Path, PathBuf};
+use test_kit::pci::{self, Bar0, QueueSetup};
+use test_kit::{memfd, FileRam, RingLayout, SplitRing};
 use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_MSIX_IRQ_INDEX,
 };
 use vfio_user::Client;
 
-/// Guest RAM the client maps (one file, at guest-physical 0).
+/// Guest RAM the client maps (one memfd, at guest-physical 0).
 pub const RAM: u64 = 1 << 20;
+/// Queue 0's size.
+pub const QSIZE: u16 = 16;
+/// Queue 0's rings: table, available ring and used ring on pages 1, 2 and 3 of RAM.
+pub const RING: RingLayout = RingLayout {
+    desc: 0x1000,
+    avail: 0x2000,
+    used: 0x3000,
+};
 
-/// An empty directory `aperture-TAG-PID` under the temporary directory.
-pub fn scratch_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("aperture-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// [`RAM`] bytes of zeros in a memfd named `name`.
+pub fn ram_file(name: &str) -> File {
+    memfd(name, RAM)
 }
 
-/// `dir/ram`, [`RAM`] bytes of zeros.
-pub fn ram_file(dir: &Path) -> File {
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.join("ram"))
-        .unwrap();
-    f.set_len(RAM).unwrap();
-    f
+/// The driver's side of queue 0, written through `ram` (not mapped here).
+pub fn queue0(ram: &File) -> SplitRing<FileRam> {
+    SplitRing::new(FileRam(ram.try_clone().unwrap()), RING, QSIZE)
+}
+
+/// Linux's virtio-pci init of queue 0: status, every offered feature, queue 0 of
+/// [`QSIZE`] entries at [`RING`] with MSI-X vector 1, DRIVER_OK; checks that
+/// FEATURES_OK and DRIVER_OK stuck.
+pub fn init_queue0<B: Bar0 + ?Sized>(b: &mut B) {
+    assert!(pci::negotiate(b, None).features_ok, "FEATURES_OK");
+    assert_eq!(pci::status(b), 1 | 2 | 8, "FEATURES_OK");
+    let queue = QueueSetup {
+        index: 0,
+        size: Some(QSIZE),
+        vector: 1,
+        layout: RING,
+    };
+    pci::setup_queue(b, &queue);
+    pci::driver_ok(b);
+    assert_eq!(pci::status(b), 1 | 2 | 8 | 4, "DRIVER_OK");
 }
 
 fn eventfd() -> File {

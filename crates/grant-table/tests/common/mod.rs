@@ -1,25 +1,24 @@
 //! Shared by the tests and the benchmark: a small Xen world (a guest, its backend
 //! domain, a third domain) and a fake virtio-blk guest driver that maps every buffer
 //! through [`GrantDma`] (or, for the `none` baseline, hands the device guest-physical
-//! addresses) and drives `virtio_devices::Block` through virtio-queue's
-//! `MockSplitQueue`.
+//! addresses) and drives `virtio_devices::Block` through the test kit's split ring.
 
-#![allow(dead_code, clippy::unwrap_used)] // each test file uses part of it
+#![allow(dead_code, unused_imports, clippy::unwrap_used)] // each test file uses part of it
 
 use grant_table::abi::PAGE_SIZE;
 use grant_table::{
     DmaDirection, DomId, DomainConfig, Gfn, Gpa, GrantDma, GrantDmaAddr, GrantIommu, GuestGrants,
-    Mem, TableSetup, Xen,
+    Mem, PersistentConfig, TableSetup, Xen,
 };
-use std::path::PathBuf;
 use std::sync::Arc;
+pub use test_kit::blk::{access_platform_block as blk, header};
+pub use test_kit::{pattern, r, w, TempImage};
+use test_kit::{RingLayout, SplitRing};
 use virtio_bindings::virtio_blk::*;
-use virtio_contract::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
-use virtio_devices::{Block, BlockConfig};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use virtio_contract::VirtioDevice;
+use virtio_devices::Block;
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 pub const GUEST: DomId = DomId(5);
 pub const BACKEND: DomId = DomId(1);
@@ -73,18 +72,26 @@ pub fn world(version: u32) -> World {
     world_with(version, DomainConfig::default())
 }
 
+/// The guest's DMA API towards [`BACKEND`]: a grant per buffer per I/O, or (with
+/// `persistent`) copies through a pool of 64 pages at [`POOL_GFN`] granted once.
+pub fn guest_dma(w: &World, persistent: bool) -> GrantDma {
+    if persistent {
+        let pool = PersistentConfig {
+            base: Gfn(POOL_GFN),
+            pages: 64,
+        };
+        GrantDma::persistent(w.grants.clone(), BACKEND, &pool).unwrap()
+    } else {
+        GrantDma::new(w.grants.clone(), BACKEND)
+    }
+}
+
 pub fn page(i: u64) -> Gfn {
     Gfn(PAGES_GFN + i)
 }
 
 pub fn gpa(g: Gfn) -> u64 {
     g.0 * PAGE_SIZE
-}
-
-pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
-        .collect()
 }
 
 pub fn read_guest(w: &World, at: u64, len: usize) -> Vec<u8> {
@@ -96,58 +103,6 @@ pub fn read_guest(w: &World, at: u64, len: usize) -> Vec<u8> {
     v
 }
 
-pub struct TempImage(pub PathBuf);
-
-impl TempImage {
-    pub fn new(tag: &str, contents: &[u8]) -> Self {
-        Self::new_in(&std::env::temp_dir(), tag, contents)
-    }
-    pub fn new_in(dir: &std::path::Path, tag: &str, contents: &[u8]) -> Self {
-        let p = dir.join(format!("grant-{}-{tag}.img", std::process::id()));
-        std::fs::write(&p, contents).unwrap();
-        Self(p)
-    }
-    pub fn contents(&self) -> Vec<u8> {
-        std::fs::read(&self.0).unwrap()
-    }
-}
-
-impl Drop for TempImage {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-pub fn blk(img: &TempImage) -> Block {
-    let mut b = Block::new(&BlockConfig {
-        path: img.0.clone(),
-        read_only: false,
-        access_platform: true,
-        test_stray_sector: None,
-    })
-    .unwrap();
-    <Block as virtio_contract::DeviceIdentity>::set_acked_features(
-        &mut b,
-        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM),
-    );
-    b
-}
-
-pub fn r(addr: u64, len: usize) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len as u32, 0, 0))
-}
-
-pub fn w(addr: u64, len: usize) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len as u32, 2, 0))
-}
-
-pub fn header(request_type: u32, sector: u64) -> [u8; 16] {
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&request_type.to_le_bytes());
-    h[8..16].copy_from_slice(&sector.to_le_bytes());
-    h
-}
-
 /// How the fake driver hands buffers to the device.
 pub enum Dma<'a> {
     /// Guest-physical addresses, no translation (`none` mode).
@@ -156,64 +111,37 @@ pub enum Dma<'a> {
     Grant(&'a GrantDma),
 }
 
-/// The guest's ring: the mock queue writes it at [`RING`]; the device is given its
-/// grant address in grant mode.
-pub struct Ring<'m> {
-    pub mem: &'m Mem,
-    pub q: MockSplitQueue<'m, Mem>,
+/// The guest's ring: 256 entries packed at [`RING`] in guest RAM; the device is given
+/// its grant address in grant mode.
+pub struct Ring {
+    pub q: SplitRing<Mem>,
     pub ring_dma: Option<GrantDmaAddr>,
 }
 
 pub const RING_LEN: usize = 8192;
 
-impl<'m> Ring<'m> {
-    pub fn new(mem: &'m Mem, dma: &Dma<'_>) -> Self {
-        let q = MockSplitQueue::create(mem, GuestAddress(RING), 256);
+impl Ring {
+    pub fn new(mem: &Mem, dma: &Dma<'_>) -> Self {
+        let q = SplitRing::new(mem.clone(), RingLayout::packed(RING, 256), 256);
         let ring_dma = match dma {
             Dma::None => None,
             Dma::Grant(d) => Some(d.map_coherent(Gpa(RING), RING_LEN).unwrap()),
         };
-        Self { mem, q, ring_dma }
+        Self { q, ring_dma }
     }
 
-    /// Posts one chain as a driver does: descriptors from table index 0 linked with
-    /// `VRING_DESC_F_NEXT`, the head in the next avail slot (modulo the ring size),
-    /// then the avail index (wrapping). virtio-queue's mock helpers do not wrap, and
-    /// the benchmark posts millions of requests.
-    pub fn post(&self, descs: &[RawDescriptor]) {
-        let mem = self.q.desc_table_addr();
-        let m = self.mem;
-        for (i, d) in descs.iter().enumerate() {
-            let d = SplitDescriptor::from(*d);
-            let last = i + 1 == descs.len();
-            let flags = if last { d.flags() & !1 } else { d.flags() | 1 };
-            let next = if last { 0 } else { i as u16 + 1 };
-            let raw = RawDescriptor::from(SplitDescriptor::new(d.addr().0, d.len(), flags, next));
-            m.write_obj(raw, mem.unchecked_add(16 * i as u64)).unwrap();
-        }
-        let avail = self.q.avail_addr();
-        let idx: u16 = m.read_obj(avail.unchecked_add(2)).unwrap();
-        m.write_obj(0u16, avail.unchecked_add(4 + 2 * u64::from(idx % 256)))
-            .unwrap();
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        m.write_obj(idx.wrapping_add(1), avail.unchecked_add(2))
-            .unwrap();
+    /// Posts one chain as a driver does (the kit's ring wraps its indices: the
+    /// benchmark posts millions of requests).
+    pub fn post(&mut self, descs: &[virtio_queue::desc::RawDescriptor]) {
+        self.q.post(descs);
     }
 
     /// The device's queue: ring addresses as the device sees them.
     pub fn device_queue(&self) -> Queue {
-        let mut queue: Queue = self.q.create_queue().unwrap();
-        if let Some(base) = self.ring_dma {
-            let at = |a: GuestAddress| base.0 + (a.0 - RING);
-            let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
-            let (l, h) = split(at(self.q.desc_table_addr()));
-            queue.set_desc_table_address(l, h);
-            let (l, h) = split(at(self.q.avail_addr()));
-            queue.set_avail_ring_address(l, h);
-            let (l, h) = split(at(self.q.used_addr()));
-            queue.set_used_ring_address(l, h);
+        match self.ring_dma {
+            None => self.q.queue(),
+            Some(base) => self.q.device_queue(|a| base.0 + (a - RING)),
         }
-        queue
     }
 }
 
@@ -224,7 +152,7 @@ impl<'m> Ring<'m> {
 pub fn request<M: GuestMemory>(
     mem: &Mem,
     dma: &Dma<'_>,
-    ring: &Ring<'_>,
+    ring: &mut Ring,
     queue: &mut Queue,
     dev: &mut Block,
     dev_mem: &M,
@@ -234,14 +162,8 @@ pub fn request<M: GuestMemory>(
     data: u64,
     data_len: usize,
 ) -> (u32, u8) {
-    mem.write_slice(&header(request_type, sector), GuestAddress(HDR))
-        .unwrap();
-    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    let data_dir = if request_type == VIRTIO_BLK_T_IN {
-        DmaDirection::FromDevice
-    } else {
-        DmaDirection::ToDevice
-    };
+    test_kit::blk::prepare(mem, HDR, STATUS, request_type, sector);
+    let data_dir = test_kit::blk::data_direction(request_type);
     let map = |gpa: u64, len: usize, dir: DmaDirection| match dma {
         Dma::None => gpa,
         Dma::Grant(d) => d.map(Gpa(gpa), len, dir).unwrap().0,
@@ -251,28 +173,18 @@ pub fn request<M: GuestMemory>(
     let st = map(STATUS, 1, DmaDirection::FromDevice);
     let mut descs = vec![r(hdr, 16)];
     if let Some(d) = d {
-        descs.push(if data_dir == DmaDirection::FromDevice {
-            w(d, data_len)
-        } else {
-            r(d, data_len)
-        });
+        let writes = data_dir == DmaDirection::FromDevice;
+        descs.push(test_kit::ring::buf(d, data_len as u32, writes));
     }
     descs.push(w(st, 1));
-    let used_before = ring.q.used().idx().load();
+    let used_before = ring.q.used_idx();
     ring.post(&descs);
     dev.process_queue(0, queue, dev_mem).unwrap();
     if let Some(i) = iommu {
         i.complete();
     }
-    assert_eq!(ring.q.used().idx().load(), used_before.wrapping_add(1));
-    let used = ring
-        .q
-        .used()
-        .ring()
-        .ref_at(usize::from(used_before % 256))
-        .unwrap()
-        .load()
-        .len();
+    assert_eq!(ring.q.used_idx(), used_before.wrapping_add(1));
+    let used = ring.q.used_elem(used_before).1;
     if let Dma::Grant(g) = dma {
         g.unmap(GrantDmaAddr(hdr), 16, DmaDirection::ToDevice)
             .unwrap();

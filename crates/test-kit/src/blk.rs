@@ -1,15 +1,37 @@
-//! A virtio-blk request as Linux's `virtio_blk` driver makes it in pool mode (feature
-//! `test-utils`): the header, the data and the status byte in the guest's own memory,
-//! each mapped through [`GuestDma`] (so bounced through the pool) before the chain is
-//! posted, and unmapped (read data and status copied back) after the device used it.
-//! The tests that serve virtio-blk from the pool, here and in `aperture`'s vhost-user
-//! pool test, build their requests this way.
+//! virtio-blk requests as a guest driver makes them (virtio 1.2 §5.2.6): the 16-byte
+//! header, and a request bounced through a restricted DMA pool as Linux's `virtio_blk`
+//! driver makes it in pool mode ([`BlkRequest`]).
 
-use crate::{DmaAddr, DmaDirection, DmaError, Gpa, GuestDma};
+use bounce_pool::{DmaAddr, DmaDirection, DmaError, Gpa, GuestDma};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
-/// `VIRTIO_BLK_T_IN`: a read, whose data the device writes.
-const VIRTIO_BLK_T_IN: u32 = 0;
+/// The request header (`struct virtio_blk_outhdr`): type, reserved, sector.
+pub fn header(request_type: u32, sector: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&request_type.to_le_bytes());
+    h[8..].copy_from_slice(&sector.to_le_bytes());
+    h
+}
+
+/// Writes the header of a `request_type` request at `hdr` and a 0xff sentinel in the
+/// status byte at `status`, as a driver prepares a request.
+pub fn prepare<M: GuestMemory>(mem: &M, hdr: u64, status: u64, request_type: u32, sector: u64) {
+    mem.write_slice(&header(request_type, sector), GuestAddress(hdr))
+        .expect("the header is in guest RAM");
+    mem.write_obj(0xffu8, GuestAddress(status))
+        .expect("the status byte is in guest RAM");
+}
+
+/// The direction of a request's data: the device writes it for a read
+/// (`VIRTIO_BLK_T_IN`), reads it otherwise.
+pub fn data_direction(request_type: u32) -> DmaDirection {
+    if request_type == VIRTIO_BLK_T_IN {
+        DmaDirection::FromDevice
+    } else {
+        DmaDirection::ToDevice
+    }
+}
 
 /// Why a request could not be built or completed.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +55,10 @@ pub struct BlkLayout {
     pub status: u64,
 }
 
-/// One mapped request.
+/// One request mapped through a restricted pool's DMA API ([`GuestDma`]): the header,
+/// the data and the status byte in the guest's own memory, each bounced through the
+/// pool before the chain is posted, and unmapped (read data and status copied back)
+/// after the device used it.
 #[derive(Debug)]
 pub struct BlkRequest {
     hdr: DmaAddr,
@@ -63,16 +88,9 @@ impl BlkRequest {
         raw_data: Option<u64>,
     ) -> Result<Self, BlkRequestError> {
         let mem = dma.memory();
-        let mut hdr = [0u8; 16];
-        hdr[..4].copy_from_slice(&request_type.to_le_bytes());
-        hdr[8..].copy_from_slice(&sector.to_le_bytes());
-        mem.write_slice(&hdr, GuestAddress(at.hdr))?;
+        mem.write_slice(&header(request_type, sector), GuestAddress(at.hdr))?;
         mem.write_obj(0xffu8, GuestAddress(at.status))?;
-        let data_dir = if request_type == VIRTIO_BLK_T_IN {
-            DmaDirection::FromDevice
-        } else {
-            DmaDirection::ToDevice
-        };
+        let data_dir = data_direction(request_type);
         let hdr = dma.map(Gpa(at.hdr), 16, DmaDirection::ToDevice)?;
         let data = match raw_data {
             Some(addr) => vec![(DmaAddr(addr), len)],
@@ -107,6 +125,14 @@ impl BlkRequest {
         c
     }
 
+    /// The chain as split-ring descriptors, for [`crate::SplitRing::post`].
+    pub fn descriptors(&self) -> Vec<virtio_queue::desc::RawDescriptor> {
+        self.chain()
+            .into_iter()
+            .map(|(a, n, writes)| crate::ring::buf(a, n as u32, writes))
+            .collect()
+    }
+
     /// After the device used the chain: unmaps every buffer (read data and status are
     /// copied back) and returns the status byte the guest reads.
     ///
@@ -122,4 +148,23 @@ impl BlkRequest {
         dma.unmap(self.status, 1, DmaDirection::FromDevice)?;
         Ok(dma.memory().read_obj(GuestAddress(self.status_gpa))?)
     }
+}
+
+/// A virtio-blk device on the image at `path`, read-write, offering ACCESS_PLATFORM,
+/// with VERSION_1 and ACCESS_PLATFORM acknowledged: what a guest driver that maps its
+/// buffers through a DMA API (an IOMMU, grants, a restricted pool) has negotiated.
+pub fn access_platform_block(path: &std::path::Path) -> virtio_devices::Block {
+    use virtio_contract::{DeviceIdentity, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+    let mut b = virtio_devices::Block::new(&virtio_devices::BlockConfig {
+        path: path.to_path_buf(),
+        read_only: false,
+        access_platform: true,
+        test_stray_sector: None,
+    })
+    .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    DeviceIdentity::set_acked_features(
+        &mut b,
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM),
+    );
+    b
 }

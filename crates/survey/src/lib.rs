@@ -20,7 +20,7 @@
 //!
 //! # Errors
 //!
-//! Every failure is a typed error. There is one enum per module rather than one for
+//! Every failure is a typed error. There is one enum per layer rather than one for
 //! the crate, because the layers fail in different ways and know different things:
 //! a mode knows the buffer it refused, a cell knows its pattern, the out-of-process
 //! runner knows the backend process. Each enum keeps the error of the crate that
@@ -41,8 +41,12 @@
 //! - [`SurveyError`] (here): [`run_survey`]'s, naming the cell (mode, pattern,
 //!   placement) or the step that failed.
 //!
+//! `ModeError` and `RemoteError`, the two long ones, are defined in `error.rs` and
+//! re-exported by their modules.
+//!
 //! The messages are sentences for a person; the `aperture` binary prints them.
 
+mod error;
 pub mod modes;
 pub mod net;
 pub mod remote;

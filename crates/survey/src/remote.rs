@@ -34,25 +34,26 @@
 //! sides of the path as the in-process cells count their one thread. Exposure is the
 //! backend's own figure (`--stats`): the most guest bytes its address space held.
 
-use crate::modes::{Direct, ModeError, Pool, Sharing, Viommu, POOL_GPA, POOL_SIZE, RAM_SIZE};
-use crate::ring::RingError;
-use crate::run::{self, Device, Measured, Pattern, RunError};
+use crate::modes::{Direct, Pool, Sharing, Viommu, POOL_GPA, POOL_SIZE, RAM_SIZE};
+use crate::run::{self, Device, Measured, Pattern};
 use crate::{Budget, Mode};
-use bounce_pool::{map_pool_file, Gpa, RamError, SplitRam};
+use bounce_pool::{map_pool_file, Gpa, SplitRam};
 use device_host::vhost_user::{
     DeviceKind, VhostUserCounters, VhostUserDevice, VhostUserError, VhostUserHandle,
     DEFAULT_TIMEOUT,
 };
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use virtio_contract::{ActiveQueue, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_iommu::EndpointIommu;
 use virtio_pci::InterruptSink;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+pub use crate::error::RemoteError;
 
 /// How long the driver polls the used ring before it sleeps until the interrupt.
 pub const SPIN: Duration = Duration::from_micros(10);
@@ -61,251 +62,6 @@ const COMPLETION_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the backend may take to start listening, and to exit after disconnect.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Why an out-of-process cell failed: the cell has no out-of-process backend, the
-/// backend could not be started, connected or waited for, or its figures are wrong.
-/// Messages that involve the backend process end with the tail of its log.
-#[derive(Debug, thiserror::Error)]
-pub enum RemoteError {
-    /// `mode` × `pattern` has no out-of-process cell ([`not_measured`]).
-    #[error(
-        "{} {} out of process: not measured: {why}",
-        .mode.name(),
-        .pattern.name()
-    )]
-    NotMeasured {
-        /// The mode.
-        mode: Mode,
-        /// The pattern.
-        pattern: Pattern,
-        /// Why ([`not_measured`]'s reason).
-        why: &'static str,
-    },
-    /// `mode` has no out-of-process runner.
-    #[error("{}: not measured out of process", .mode.name())]
-    NoRunner {
-        /// The mode.
-        mode: Mode,
-    },
-    /// The file-backed guest RAM could not be built.
-    #[error("file-backed guest RAM: {0}")]
-    SplitRam(#[source] RamError),
-    /// The pool's memfd could not be duplicated for the memory table.
-    #[error("pool memfd: {0}")]
-    PoolMemfd(#[source] std::io::Error),
-    /// The pool's file could not be mapped as the memory table.
-    #[error("the pool's memory table: {0}")]
-    PoolTable(#[source] RamError),
-    /// The sharing mode could not be set up.
-    #[error(transparent)]
-    Mode(#[from] ModeError),
-    /// `auto` built without its virtio-iommu endpoint.
-    #[error("auto has no IOMMU endpoint")]
-    NoEndpoint,
-    /// The backend's working directory could not be created.
-    #[error("cannot create {}: {source}", .path.display())]
-    WorkDir {
-        /// The directory.
-        path: PathBuf,
-        /// What the file system reported.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The backend's log could not be created.
-    #[error("cannot create the backend log in {}: {source}", .dir.display())]
-    Log {
-        /// The working directory.
-        dir: PathBuf,
-        /// What the file system reported.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The backend program could not be run.
-    #[error("cannot run the backend {}: {source}", .program.display())]
-    Spawn {
-        /// The program.
-        program: PathBuf,
-        /// What the OS reported.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The backend's process id does not fit a `pid_t`.
-    #[error("process id {pid} out of range")]
-    PidOutOfRange {
-        /// The process id.
-        pid: u32,
-    },
-    /// The kernel refused the backend process's CPU clock.
-    #[error("cannot get the CPU clock of process {pid}: {source}")]
-    CpuClock {
-        /// The process id.
-        pid: u32,
-        /// What the kernel reported.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The backend's CPU clock could no longer be read (it exited).
-    #[error("cannot read the CPU clock of the backend (pid {pid})")]
-    BackendClock {
-        /// The backend's process id.
-        pid: u32,
-    },
-    /// The backend exited before it accepted the front-end's connection.
-    #[error("the backend exited ({status}) before accepting a connection; {log}")]
-    ExitedEarly {
-        /// How it exited.
-        status: ExitStatus,
-        /// The tail of its log.
-        log: String,
-    },
-    /// The front-end could not connect to the backend.
-    #[error("{source}; {log}")]
-    Connect {
-        /// What the front-end reported.
-        #[source]
-        source: VhostUserError,
-        /// The tail of the backend's log.
-        log: String,
-    },
-    /// The backend did not listen on its socket in time.
-    #[error(
-        "the backend did not listen on {} within {timeout:?}; {log}",
-        .socket.display()
-    )]
-    NotListening {
-        /// The socket.
-        socket: PathBuf,
-        /// How long the front-end waited.
-        timeout: Duration,
-        /// The tail of the backend's log.
-        log: String,
-    },
-    /// The front-end could not be put behind the virtio-iommu.
-    #[error("attaching the vhost-user device to the virtio-iommu: {0}")]
-    AttachIommu(#[source] VhostUserError),
-    /// The backend does not offer the features the cell needs.
-    #[error("the backend offers features {offered:#x}, without all of {want:#x}")]
-    Features {
-        /// Features offered.
-        offered: u64,
-        /// Features needed.
-        want: u64,
-    },
-    /// The device's queue could not be programmed.
-    #[error(transparent)]
-    Ring(#[from] RingError),
-    /// The front-end could not activate the device.
-    #[error("activating the vhost-user device: {0}")]
-    Activate(#[source] virtio_contract::DeviceError),
-    /// The front-end was already disconnected.
-    #[error("the vhost-user device is gone")]
-    DeviceGone,
-    /// The used index could not be read from guest memory.
-    #[error("used index: {0}")]
-    UsedIndex(#[source] GuestMemoryError),
-    /// The front-end failed to kick the backend.
-    #[error("kicking the backend: {0}")]
-    Kick(#[source] virtio_contract::DeviceError),
-    /// The backend did not return a request's chain in time.
-    #[error(
-        "the backend did not complete the request within {timeout:?}{}; {log}",
-        if *.broken { " (the vhost-user connection broke)" } else { "" }
-    )]
-    Incomplete {
-        /// How long the driver waited.
-        timeout: Duration,
-        /// The vhost-user connection broke.
-        broken: bool,
-        /// The tail of the backend's log.
-        log: String,
-    },
-    /// The cell was finished without its timed part marked.
-    #[error("the timed part was never marked")]
-    NotMarked,
-    /// The front-end refused IOTLB misses or had invalidates unacknowledged.
-    #[error(
-        "the front-end refused {refused} misses and {invalidate_failures} invalidates were not acknowledged"
-    )]
-    FrontEnd {
-        /// Misses refused.
-        refused: u64,
-        /// Invalidates not acknowledged.
-        invalidate_failures: u64,
-    },
-    /// The backend did not exit after the front-end disconnected.
-    #[error("the backend did not exit within {timeout:?} after the front-end left; {log}")]
-    NoExit {
-        /// How long the front-end waited.
-        timeout: Duration,
-        /// The tail of the backend's log.
-        log: String,
-    },
-    /// Waiting for the backend process failed.
-    #[error("waiting for the backend: {0}")]
-    Wait(#[source] std::io::Error),
-    /// The backend exited unsuccessfully.
-    #[error("the backend exited with {status}; {log}")]
-    Exit {
-        /// How it exited.
-        status: ExitStatus,
-        /// The tail of its log.
-        log: String,
-    },
-    /// The backend's stats file could not be read.
-    #[error("the backend's stats {}: {source}", .path.display())]
-    StatsFile {
-        /// The file.
-        path: PathBuf,
-        /// What the file system reported.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The backend's stats file is not JSON.
-    #[error("the backend's stats {}: {source}", .path.display())]
-    StatsJson {
-        /// The file.
-        path: PathBuf,
-        /// What the parser reported.
-        #[source]
-        source: serde_json::Error,
-    },
-    /// The backend's stats lack a figure.
-    #[error("the backend's stats {} lack {field}", .path.display())]
-    StatsField {
-        /// The file.
-        path: PathBuf,
-        /// The missing figure.
-        field: &'static str,
-    },
-    /// The device's own counters do not show every request served and none refused.
-    #[error(
-        "the backend's counters {counters} do not show {served} requests served, none refused"
-    )]
-    Unserved {
-        /// The pattern.
-        pattern: Pattern,
-        /// The counters (`--stats` `requests`).
-        counters: serde_json::Value,
-        /// Requests the driver had completed.
-        served: u64,
-    },
-    /// The cell failed while running with the backend connected.
-    #[error(transparent)]
-    Cell(Box<RunError>),
-}
-
-impl From<RunError> for RemoteError {
-    /// A cell's failure: the backend's or the mode's own error as it is, anything else
-    /// boxed.
-    fn from(e: RunError) -> Self {
-        match e {
-            RunError::Remote(e) => e,
-            RunError::Mode(e) => Self::Mode(e),
-            RunError::Ring(e) => Self::Ring(e),
-            e => Self::Cell(Box::new(e)),
-        }
-    }
-}
 
 /// The command that runs a vhost-user backend: `program args... blk|rng|net-tx --socket S
 /// --stats F --once [--require-iommu] [--disk D --read-only]`, the command line of
@@ -860,6 +616,7 @@ impl Launch<'_> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::run::RunError;
 
     fn figures(device: serde_json::Value) -> BackendFigures {
         BackendFigures {

@@ -253,7 +253,7 @@ impl GrantCopy {
     }
 }
 
-/// What a live map handle reaches ([`Xen::mapped_frame`]).
+/// What a live map handle reaches ([`Xen::mapped_frame`](super::Xen::mapped_frame)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MappedFrame {
     /// The granting domain.

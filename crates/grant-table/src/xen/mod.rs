@@ -3,7 +3,7 @@
 //! active entries with the four pin counts) and its maptrack (the handles of the
 //! mappings it holds of other domains' grants), and performs `GNTTABOP_*` operations
 //! with Xen's checks, in Xen's order, answering each operation of a batch with its own
-//! [`GrantStatus`] (xen/common/grant_table.c; operations as declared in
+//! [`GrantStatus`](crate::abi::GrantStatus) (xen/common/grant_table.c; operations as declared in
 //! xen/include/public/grant_table.h).
 //!
 //! # What is and is not modelled

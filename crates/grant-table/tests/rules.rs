@@ -654,6 +654,30 @@ fn r11_domain_death_releases_the_dying_backends_mappings_and_keeps_mapped_grante
     assert!(w.grants.try_end_foreign_access(r));
     assert!(!w.xen.domain_exists(BACKEND));
 
+    // A dead domain makes no hypercalls: its copy of a ref granted to it is refused,
+    // as its map is (found by the grant_entries fuzz target).
+    let w = world(1);
+    let from = w
+        .grants
+        .grant_foreign_access(BACKEND, page(1), true)
+        .unwrap();
+    let to = w
+        .grants
+        .grant_foreign_access(BACKEND, page(2), false)
+        .unwrap();
+    let op = || {
+        GrantCopy::new(
+            CopyPtr::gref(GUEST, from, 0),
+            true,
+            CopyPtr::gref(GUEST, to, 0),
+            true,
+            8,
+        )
+    };
+    assert_eq!(copy1(&w, Caller::new(BACKEND), op()), St::Okay);
+    w.xen.destroy_domain(BACKEND).unwrap();
+    assert_eq!(copy1(&w, Caller::new(BACKEND), op()), St::BadDomain);
+
     // The granter dies while a live backend maps its page: the page stays.
     let w = world(1);
     let r = w

@@ -241,8 +241,10 @@ impl MissChannel {
         (&self.sock).read_exact(&mut buf)?;
         let header = Header::read_from_bytes(&buf[..HEADER_SIZE])
             .map_err(|_| MissError::BadReply("short header".into()))?;
+        // A reply is version 1 with the reply bit and nothing else (vhost-user.rst,
+        // "Header").
         if header.request != backend_req::IOTLB_MSG
-            || header.flags & flags::REPLY == 0
+            || header.flags != flags::VERSION | flags::REPLY
             || header.size != 8
         {
             return Err(MissError::BadReply(format!(

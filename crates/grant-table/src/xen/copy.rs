@@ -27,6 +27,14 @@ struct CopyBuf {
 impl Xen {
     /// `GNTTABOP_copy`, one status per operation.
     pub fn copy(&self, caller: Caller, ops: &mut [GrantCopy]) {
+        // As for a map: only a live domain makes hypercalls (found by the grant_entries
+        // fuzz target: a destroyed domain's copy of a ref granted to it succeeded).
+        if self.live(caller.domain.0).is_none() {
+            for op in ops {
+                op.status = St::BadDomain;
+            }
+            return;
+        }
         for op in ops {
             op.status = match self.copy_one(caller.domain.0, op) {
                 Ok(()) => St::Okay,

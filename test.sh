@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test run of Aperture, from a fresh clone on Debian 12 (bookworm):
 # formatting, lints, then every unit, integration, property and doc test
-# (`aperture demo --model` runs too, in crates/aperture/tests/cli.rs), then provisioning
+# (`aperture demo --model` runs too, in crates/aperture/tests/cli.rs), the fuzz targets'
+# inputs replayed on stable (and the targets built when nightly and cargo-fuzz are
+# there), then provisioning
 # (scripts/provision.sh: QEMU and the guest kernel, into $APERTURE_CACHE, by default
 # ~/.cache/aperture) and its own tests (scripts/e2e-provision.sh), then the end-to-end
 # suites: scripts/e2e.sh (a real guest against `aperture serve`), scripts/e2e-vhost.sh and
@@ -71,6 +73,29 @@ step "cargo clippy --workspace --all-targets -- -D warnings" \
 step "cargo doc --workspace --no-deps (warnings are errors: no broken doc links)" \
     env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 step "cargo test --workspace" cargo test --workspace
+
+# The fuzz targets (fuzz/, a workspace of its own): every committed input and any local
+# corpus replayed through each target's body on stable, then, when a nightly toolchain
+# with cargo-fuzz is installed, the libFuzzer targets built. This script installs
+# neither; see fuzz/README.md.
+fuzz_build() {
+    local why=""
+    if ! command -v rustup >/dev/null 2>&1; then
+        why="rustup not found"
+    elif ! rustup toolchain list 2>/dev/null | grep '^nightly' >/dev/null; then
+        why="no nightly toolchain (rustup toolchain install nightly)"
+    elif ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+        why="cargo-fuzz not installed (cargo install cargo-fuzz)"
+    fi
+    if [ -n "$why" ]; then
+        say "fuzz build skipped: $why; the stable replay of every fuzz input ran"
+        return 0
+    fi
+    (cd fuzz && cargo +nightly fuzz build)
+}
+step "cargo test --manifest-path fuzz/Cargo.toml (fuzz inputs replayed on stable)" \
+    cargo test --manifest-path fuzz/Cargo.toml
+step "cargo +nightly fuzz build (if nightly and cargo-fuzz are installed)" fuzz_build
 
 # QEMU, the guest kernel and busybox, resolved from the archive by the version policy
 # of scripts/versions.env (cached; needs root, as CI runs). Then provisioning's own

@@ -73,6 +73,9 @@ step "cargo clippy --workspace --all-targets -- -D warnings" \
 step "cargo doc --workspace --no-deps (warnings are errors: no broken doc links)" \
     env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 step "cargo test --workspace" cargo test --workspace
+# The product (serve, backend blk|rng, layout, demo) builds without the benchmarks.
+step "cargo build -p aperture --no-default-features (the product without the survey)" \
+    cargo build -p aperture --no-default-features --quiet
 
 # The fuzz targets (fuzz/, a workspace of its own): every committed input and any local
 # corpus replayed through each target's body on stable, then, when a nightly toolchain

@@ -10,6 +10,15 @@ use virtio_contract::{
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemory};
 
+/// The sink as a vhost-user device kind, for the front-end: a virtio-net transmit
+/// queue alone (device type 1, PCI class network). Not a whole virtio-net device (no
+/// receive queue), so no guest driver binds it.
+pub const DEVICE_KIND: device_host::vhost_user::DeviceKind =
+    device_host::vhost_user::DeviceKind::Other {
+        device_type: 1,
+        class_code: 0x02_00_00,
+    };
+
 /// `sizeof(struct virtio_net_hdr_v1)`.
 pub const NET_HDR_LEN: usize = 12;
 /// Largest frame the sink takes (a 1500-byte MTU frame and its Ethernet header).

@@ -246,7 +246,7 @@ impl Remote {
         let kind = match pattern {
             Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => DeviceKind::Block,
             Pattern::Rng64 => DeviceKind::Rng,
-            Pattern::Net64 | Pattern::Net1500 => DeviceKind::NetTx,
+            Pattern::Net64 | Pattern::Net1500 => crate::net::DEVICE_KIND,
         };
         let dir = work_dir()?;
         let socket = dir.join("backend.sock");
@@ -256,10 +256,10 @@ impl Remote {
         };
         let mut c = Command::new(&cmd.program);
         c.args(&cmd.args)
-            .arg(match kind {
-                DeviceKind::Block => "blk",
-                DeviceKind::Rng => "rng",
-                DeviceKind::NetTx => "net-tx",
+            .arg(match pattern {
+                Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => "blk",
+                Pattern::Rng64 => "rng",
+                Pattern::Net64 | Pattern::Net1500 => "net-tx",
             })
             .arg("--socket")
             .arg(&socket)

@@ -163,6 +163,21 @@ pub trait VirtioDevice<M: GuestMemory>: DeviceIdentity {
     }
 }
 
+/// `VIRTIO_BLK_S_IOERR` (virtio v1.3 §5.2.6).
+const VIRTIO_BLK_S_IOERR: u8 = 1;
+/// virtio-blk's device type.
+const VIRTIO_ID_BLOCK: u16 = 2;
+
+/// What a carrier writes into the last device-writable byte of a request it completes
+/// on the device's behalf, because what serves the device is gone (a back-end process
+/// that died, one cut off for misbehaving): the device type's error status, so the
+/// driver sees the request fail rather than succeed with stale bytes. virtio-blk's is
+/// `VIRTIO_BLK_S_IOERR`; device types whose requests carry no status (entropy, a
+/// network transmit queue) have none, and such requests complete with used length 0.
+pub fn failed_request_status(device_type: u16) -> Option<u8> {
+    (device_type == VIRTIO_ID_BLOCK).then_some(VIRTIO_BLK_S_IOERR)
+}
+
 /// A ready queue as [`VirtioDevice::activate`] sees it.
 #[derive(Debug)]
 pub struct ActiveQueue<'a> {
@@ -236,4 +251,16 @@ fn driver_wants_interrupt<M: GuestMemory>(q: &Queue, mem: &M) -> bool {
         .map_or(true, |flags| {
             u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_failed_on_the_devices_behalf_carries_its_types_error_status() {
+        assert_eq!(failed_request_status(2), Some(1), "virtio-blk: IOERR");
+        assert_eq!(failed_request_status(4), None, "virtio-rng has no status");
+        assert_eq!(failed_request_status(1), None, "a transmit queue has none");
+    }
 }

@@ -179,10 +179,14 @@ pub enum DeviceKind {
     Block,
     /// virtio-rng (device type 4), one queue.
     Rng,
-    /// A virtio-net transmit queue alone (device type 1): the cost survey's sink
-    /// (`aperture backend net-tx`), which takes frames and drops them. Not a whole
-    /// virtio-net device (it has no receive queue), so no guest driver binds it.
-    NetTx,
+    /// Any other one-queue device with no configuration, whose feature bits the
+    /// back-end keeps to itself (the cost survey's network transmit sink is one).
+    Other {
+        /// Virtio device type.
+        device_type: u16,
+        /// PCI class code.
+        class_code: u32,
+    },
 }
 
 /// Queue size offered for each kind's single queue (QEMU's vhost-user-blk default).
@@ -194,7 +198,7 @@ impl DeviceKind {
         match self {
             Self::Block => 2,
             Self::Rng => 4,
-            Self::NetTx => 1,
+            Self::Other { device_type, .. } => device_type,
         }
     }
 
@@ -203,17 +207,17 @@ impl DeviceKind {
         match self {
             Self::Block => 0x01_80_00,
             Self::Rng => 0xff_00_00,
-            Self::NetTx => 0x02_00_00,
+            Self::Other { class_code, .. } => class_code,
         }
     }
 
     /// Bytes of device configuration forwarded: virtio-blk up to `blk_size` (virtio v1.3 §5.2.4:
-    /// capacity, size_max, seg_max, geometry, blk_size), virtio-rng and the transmit
-    /// sink have none.
+    /// capacity, size_max, seg_max, geometry, blk_size), virtio-rng and the others
+    /// have none.
     pub fn config_size(self) -> u32 {
         match self {
             Self::Block => 24,
-            Self::Rng | Self::NetTx => 0,
+            Self::Rng | Self::Other { .. } => 0,
         }
     }
 
@@ -223,7 +227,7 @@ impl DeviceKind {
     fn device_bits(self) -> u64 {
         match self {
             Self::Block => (1 << 1) | (1 << 2) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 9),
-            Self::Rng | Self::NetTx => 0,
+            Self::Rng | Self::Other { .. } => 0,
         }
     }
 }

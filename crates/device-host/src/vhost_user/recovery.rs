@@ -5,6 +5,7 @@ use super::device::VhostUserDevice;
 use super::DeviceKind;
 use dma_types::lock;
 use std::sync::atomic::Ordering;
+use virtio_contract::failed_request_status;
 use virtio_contract::VIRTIO_MSI_NO_VECTOR;
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
@@ -81,10 +82,9 @@ pub(super) fn fail_ring<M: GuestMemory>(kind: DeviceKind, state: QueueState, mem
             break;
         };
         let head = chain.head_index();
-        let len = match kind {
-            DeviceKind::Block => write_ioerr(chain, mem),
-            // Nothing written: a transmit chain is returned with length 0 anyway.
-            DeviceKind::Rng | DeviceKind::NetTx => 0,
+        let len = match failed_request_status(kind.device_type()) {
+            Some(status) => write_status(chain, mem, status),
+            None => 0,
         };
         if q.add_used(mem, head, len).is_err() {
             break;
@@ -97,22 +97,23 @@ pub(super) fn fail_ring<M: GuestMemory>(kind: DeviceKind, state: QueueState, mem
     done
 }
 
-/// Writes `VIRTIO_BLK_S_IOERR` into a virtio-blk request's status byte, the last byte
-/// of its last device-writable descriptor (virtio v1.3 §5.2.6); returns the bytes written (1, or
-/// 0 when the chain has no writable byte or the guest did not map it writable).
-pub(super) fn write_ioerr<M: GuestMemory>(
+/// Writes `status` into a request's status byte, the last byte of its last
+/// device-writable descriptor (virtio-blk's, virtio v1.3 §5.2.6); returns the bytes
+/// written (1, or 0 when the chain has no writable byte or the guest did not map it
+/// writable).
+pub(super) fn write_status<M: GuestMemory>(
     chain: virtio_queue::DescriptorChain<&M>,
     mem: &M,
+    status: u8,
 ) -> u32 {
-    let status = chain.filter(|d| d.is_write_only() && d.len() > 0).last();
-    let Some(d) = status else {
+    let last = chain.filter(|d| d.is_write_only() && d.len() > 0).last();
+    let Some(d) = last else {
         return 0;
     };
     let Some(addr) = d.addr().0.checked_add(u64::from(d.len() - 1)) else {
         return 0;
     };
-    let ioerr = virtio_devices::block::request::Status::IoErr as u8;
-    match mem.write_slice(&[ioerr], GuestAddress(addr)) {
+    match mem.write_slice(&[status], GuestAddress(addr)) {
         Ok(()) => 1,
         Err(_) => 0,
     }

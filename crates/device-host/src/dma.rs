@@ -243,30 +243,10 @@ impl DmaMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
     use vm_memory::{Bytes, GuestMemoryBackend};
 
     fn memfd(len: usize) -> File {
-        let mut f = tempfile();
-        f.write_all(&vec![0u8; len]).expect("write");
-        f
-    }
-
-    fn tempfile() -> File {
-        let path = std::env::temp_dir().join(format!(
-            "aperture-dma-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .expect("tempfile");
-        let _ = std::fs::remove_file(&path);
-        f
+        test_kit::mem::memfd("dma-unit", len as u64)
     }
 
     #[test]

@@ -54,23 +54,3 @@ macro_rules! trace {
     };
 }
 pub(crate) use trace;
-
-#[cfg(test)]
-pub(crate) mod test_util {
-    #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
-
-    use std::fs::File;
-    use std::os::fd::FromRawFd;
-
-    /// A memfd of `len` bytes named `name` (visible as `/memfd:name` in /proc/self/maps).
-    pub fn memfd(name: &str, len: u64) -> File {
-        let cname = std::ffi::CString::new(name).unwrap();
-        // SAFETY: a valid NUL-terminated name; the returned fd is checked below.
-        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create failed");
-        // SAFETY: a fresh fd we own.
-        let f = unsafe { File::from_raw_fd(fd) };
-        f.set_len(len).unwrap();
-        f
-    }
-}

@@ -187,7 +187,7 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     fn file_with(bytes: &[u8]) -> File {
-        let f = crate::test_util::memfd("mmap-unit", bytes.len() as u64);
+        let f = test_kit::mem::memfd("mmap-unit", bytes.len() as u64);
         f.write_all_at(bytes, 0).unwrap();
         f
     }

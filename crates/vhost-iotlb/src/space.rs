@@ -870,7 +870,7 @@ mod tests {
     const UBASE: u64 = 0x7f00_0000_0000;
 
     fn ram() -> File {
-        crate::test_util::memfd("space-unit-ram", RAM)
+        test_kit::mem::memfd("space-unit-ram", RAM)
     }
 
     fn space(mode: Mode) -> Arc<AddressSpace> {

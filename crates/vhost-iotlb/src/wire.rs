@@ -641,26 +641,7 @@ mod tests {
     }
 
     fn memfd() -> File {
-        let f = tempfile();
-        f.set_len(4096).unwrap();
-        f
-    }
-
-    fn tempfile() -> File {
-        let path = std::env::temp_dir().join(format!(
-            "vhost-iotlb-wire-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
-        f
+        test_kit::mem::memfd("wire-unit", 4096)
     }
 
     #[test]

@@ -3,7 +3,6 @@ use super::iotlb::{IotlbState, Region, ShadowMap};
 use super::link::{Link, Reply};
 use super::memory::{mem_table, SharedRange};
 use super::*;
-use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
@@ -43,16 +42,7 @@ fn shared_range_clips_regions_to_its_bytes_and_nothing_more() {
 
 /// Guest RAM of two memfds: [0, 1 MiB) and the "pool" [1 MiB, 1.25 MiB).
 fn split_ram() -> GuestMemoryMmap {
-    let file = |len: u64| {
-        // SAFETY: memfd_create takes a NUL-terminated name and flags; the result is
-        // checked before it is owned by exactly one File.
-        let fd = unsafe { libc::memfd_create(c"aperture-test".as_ptr(), 0) };
-        assert!(fd >= 0);
-        // SAFETY: `fd` is a fresh descriptor nobody else owns.
-        let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        f.set_len(len).unwrap();
-        f
-    };
+    let file = |len: u64| test_kit::mem::memfd("aperture-test", len);
     let (ram, pool) = (file(1 << 20), file(256 << 10));
     GuestMemoryMmap::from_ranges_with_files(&[
         (

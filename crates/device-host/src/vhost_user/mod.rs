@@ -96,8 +96,10 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 /// space lets adjacent pieces of one file be one region. Never zero.
 pub const UADDR_BASE: u64 = 1 << 48;
 
-/// Most UPDATE windows remembered per device; past it the next unmap invalidates
-/// everything and starts over (bounds what a back-end's misses make us keep).
+/// Most UPDATE windows remembered per device (bounds what a back-end's misses and our
+/// pushes make us keep); past it a miss is refused rather than lose track of a window.
+/// Pushes stop at half of it, so a guest with many long-lived mappings leaves room
+/// for the misses of what the back-end actually touches.
 pub const MAX_WINDOWS: usize = 4096;
 
 /// Why the vhost-user front-end failed; the device is unchanged unless it says the

@@ -268,6 +268,29 @@ fn state(regions: &[(u64, u64)]) -> IotlbState {
 }
 
 #[test]
+fn pushes_stop_at_half_the_windows_so_misses_always_find_room() {
+    let mut st = state(&[(0, 1 << 30)]);
+    let mut pushed = 0;
+    for i in 0..MAX_WINDOWS as u64 {
+        let (start, end) = (i * 0x1000, i * 0x1000 + 0xfff);
+        st.mappings.insert(
+            start,
+            ShadowMap {
+                end,
+                phys: start,
+                perms: Permissions::ReadWrite,
+            },
+        );
+        pushed += st.push_windows(start, end, Permissions::ReadWrite).len();
+    }
+    assert_eq!(pushed, MAX_WINDOWS / 2);
+    // A miss on a mapping that was not pushed still gets its window.
+    let last = (MAX_WINDOWS as u64 - 1) * 0x1000;
+    let w = st.window(last, Permissions::Write).unwrap();
+    assert!(st.give(&w), "a miss found room");
+}
+
+#[test]
 fn window_is_the_mapping_clipped_to_one_region() {
     let mut st = state(&[(0, 0x10000), (0x20000, 0x10000)]);
     st.mappings.insert(

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use virtio_contract::{adjust_poll_window as adjust, VirtioDevice};
+use virtio_contract::{PollWindow, VirtioDevice};
 use virtio_pci::{TransportCounters, VirtioPciTransport};
 use vm_memory::GuestMemory;
 
@@ -208,8 +208,7 @@ fn set_polling(queues: &[Arc<dyn Pollable>], on: bool) -> bool {
 }
 
 fn run(s: &Shared) {
-    let mut window = Duration::ZERO;
-    let mut last_work = Instant::now();
+    let mut window = PollWindow::new(s.max);
     loop {
         {
             let mut w = lock(&s.wake);
@@ -225,46 +224,28 @@ fn run(s: &Shared) {
         }
         s.counters.wakeups.fetch_add(1, Ordering::Relaxed);
         // The notification that kicked us was served just now by its server thread.
-        let now = Instant::now();
-        window = adjust(window, now - last_work, s.max);
-        last_work = now;
-        if window.is_zero() {
+        if !window.woken() {
             continue;
         }
         // Held for this polling period only.
         let queues: Vec<Arc<dyn Pollable>> =
             lock(&s.queues).iter().filter_map(Weak::upgrade).collect();
-        let started = now;
+        let started = Instant::now();
         s.polling.store(true, Ordering::Release);
-        set_polling(&queues, true);
-        let poll = |queues: &[Arc<dyn Pollable>]| queues.iter().fold(false, |w, q| q.poll() | w);
-        loop {
-            if s.stopping.load(Ordering::Acquire) {
-                set_polling(&queues, false);
-                s.polling.store(false, Ordering::Release);
-                break;
-            }
-            let now = Instant::now();
-            if poll(&queues) {
-                s.counters.busy_passes.fetch_add(1, Ordering::Relaxed);
-                window = adjust(window, now - last_work, s.max);
-                last_work = now;
-            } else if now - last_work >= window {
-                // Notifications back on, then one more look: what was published while
-                // they were off would otherwise wait for a kick that never comes. What
-                // the devices cannot take (a bogus ring) waits for a notification.
-                if set_polling(&queues, false) && poll(&queues) {
+        // What the devices cannot take (a bogus ring) is not work, and after the window
+        // waits for a notification.
+        window.poll(
+            || s.stopping.load(Ordering::Acquire),
+            || {
+                let took = queues.iter().fold(false, |w, q| q.poll() | w);
+                if took {
                     s.counters.busy_passes.fetch_add(1, Ordering::Relaxed);
-                    last_work = Instant::now();
-                    set_polling(&queues, true);
-                    continue;
                 }
-                // The window adapts when the next work comes, by the whole gap.
-                s.polling.store(false, Ordering::Release);
-                break;
-            }
-            std::thread::yield_now();
-        }
+                took
+            },
+            |on| set_polling(&queues, on),
+        );
+        s.polling.store(false, Ordering::Release);
         s.counters.sleeps.fetch_add(1, Ordering::Relaxed);
         let spent = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         s.counters.polling_ns.fetch_add(spent, Ordering::Relaxed);

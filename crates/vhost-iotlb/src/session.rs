@@ -21,7 +21,7 @@
 //! keeps it busy, the worker instead serves the rings with the driver's notifications
 //! off (`VRING_USED_F_NO_NOTIFY`, or with EVENT_IDX `avail_event` left behind) and
 //! watches their avail indexes, for a window that adapts as the device host's poller
-//! does ([`virtio_contract::adjust_poll_window`], up to [`SessionConfig::poll_max`]). When
+//! does ([`virtio_contract::PollWindow`], up to [`SessionConfig::poll_max`]). When
 //! the window passes with nothing new it turns notifications back on, which re-checks
 //! the rings after a fence, serves what was published meanwhile, and sleeps. It takes
 //! the device lock per pass, never across the window.
@@ -39,8 +39,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use virtio_contract::{adjust_poll_window, VirtioDevice};
+use std::time::Duration;
+use virtio_contract::{PollWindow, VirtioDevice};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use zerocopy::IntoBytes;
@@ -650,8 +650,7 @@ impl<D: VirtioDevice<GuestView> + Send> Session<D> {
 /// The device worker: waits for kicks (and wake-ups from the main thread), then
 /// processes each ring that is started, enabled and was kicked.
 fn worker<D: VirtioDevice<GuestView>>(sh: &Shared<D>) {
-    let mut window = Duration::ZERO;
-    let mut last_work = Instant::now();
+    let mut window = PollWindow::new(sh.poll_max);
     loop {
         if sh.stop.load(Ordering::Acquire) {
             return;
@@ -707,45 +706,14 @@ fn worker<D: VirtioDevice<GuestView>>(sh: &Shared<D>) {
                 process(sh, i, false);
             }
         }
-        poll_while_busy(sh, &mut window, &mut last_work);
-    }
-}
-
-/// After a wake-up, serves the rings with the driver's notifications off while work
-/// keeps coming within the adaptive window; returns with notifications on and every
-/// buffer published before that served.
-fn poll_while_busy<D: VirtioDevice<GuestView>>(
-    sh: &Shared<D>,
-    window: &mut Duration,
-    last_work: &mut Instant,
-) {
-    let now = Instant::now();
-    *window = adjust_poll_window(*window, now - *last_work, sh.poll_max);
-    *last_work = now;
-    if window.is_zero() {
-        return;
-    }
-    set_notifications(sh, false);
-    loop {
-        if sh.stop.load(Ordering::Acquire) {
-            set_notifications(sh, true);
-            return;
+        // Kicks off while work keeps coming within the window.
+        if window.woken() {
+            window.poll(
+                || sh.stop.load(Ordering::Acquire),
+                || poll_rings(sh),
+                |polling| set_notifications(sh, !polling),
+            );
         }
-        let now = Instant::now();
-        if poll_rings(sh) {
-            *window = adjust_poll_window(*window, now - *last_work, sh.poll_max);
-            *last_work = now;
-        } else if now - *last_work >= *window {
-            // Notifications back on, then one more look: what was published while they
-            // were off would otherwise wait for a kick that never comes.
-            if set_notifications(sh, true) && poll_rings(sh) {
-                *last_work = Instant::now();
-                set_notifications(sh, false);
-                continue;
-            }
-            return;
-        }
-        std::thread::yield_now();
     }
 }
 

@@ -10,7 +10,8 @@
 //! - [`serve_queue`] and [`Interrupt`]: how a notification (or a poller) serves a
 //!   queue, the same for every carrier: event-index bookkeeping and interrupt
 //!   suppression (virtio v1.3 §2.7.7, §2.7.10).
-//! - [`adjust_poll_window`]: the adaptive window of a thread that polls queues.
+//! - [`PollWindow`] and [`adjust_poll_window`]: the adaptive window, and the loop, of a
+//!   thread that polls queues.
 //!
 //! # The batch
 //! A device reaches guest memory only inside [`VirtioDevice::process_queue`] (and
@@ -46,7 +47,7 @@
 
 mod poll;
 
-pub use poll::{adjust_poll_window, POLL_WINDOW_START};
+pub use poll::{adjust_poll_window, PollWindow, POLL_WINDOW_START};
 
 use std::sync::atomic::Ordering;
 use virtio_queue::{Queue, QueueT};

@@ -12,14 +12,7 @@ use virtio_contract::VirtioDevice;
 use virtio_pci::{InterruptSink, VirtioPciTransport};
 use vm_memory::GuestMemory;
 
-/// `VIRTIO_CONFIG_S_ACKNOWLEDGE`.
-pub const ACKNOWLEDGE: u8 = 1;
-/// `VIRTIO_CONFIG_S_DRIVER`.
-pub const DRIVER: u8 = 2;
-/// `VIRTIO_CONFIG_S_DRIVER_OK`.
-pub const DRIVER_OK: u8 = 4;
-/// `VIRTIO_CONFIG_S_FEATURES_OK`.
-pub const FEATURES_OK: u8 = 8;
+pub use virtio_pci::device_status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 
 /// Common configuration registers (`struct virtio_pci_common_cfg`) at BAR 0 offset 0.
 pub mod reg {
@@ -51,12 +44,13 @@ pub mod reg {
     pub const QUEUE_DRIVER: u64 = 0x28;
     /// `queue_device`: the used ring (8 bytes).
     pub const QUEUE_DEVICE: u64 = 0x30;
-    /// The ISR status byte (`Bar0Layout::ISR`).
-    pub const ISR: u64 = 0x1000;
-    /// The device configuration (`Bar0Layout::DEVICE_CFG`).
-    pub const DEVICE_CFG: u64 = 0x2000;
-    /// Queue 0's notify address (`Bar0Layout::NOTIFY`; queue `n` at `+ 4 n`).
-    pub const NOTIFY: u64 = 0x3000;
+    use virtio_pci::Bar0Layout;
+    /// The ISR status byte.
+    pub const ISR: u64 = Bar0Layout::ISR;
+    /// The device configuration.
+    pub const DEVICE_CFG: u64 = Bar0Layout::DEVICE;
+    /// Queue 0's notify address (queue `n` at `+ NOTIFY_MULTIPLIER · n`).
+    pub const NOTIFY: u64 = Bar0Layout::NOTIFY;
 }
 
 /// BAR 0 of a virtio-pci function, however its accesses arrive.
@@ -231,7 +225,12 @@ pub fn bring_up<B: Bar0 + ?Sized>(
 /// Notifies queue `index` as the driver does: a 2-byte write of the queue's index to
 /// its notify address (`queue_notify_off` is the index, the multiplier 4).
 pub fn notify<B: Bar0 + ?Sized>(b: &mut B, index: u16) {
-    bar_write(b, reg::NOTIFY + 4 * u64::from(index), u64::from(index), 2);
+    bar_write(
+        b,
+        reg::NOTIFY + u64::from(virtio_pci::Bar0Layout::NOTIFY_MULTIPLIER) * u64::from(index),
+        u64::from(index),
+        2,
+    );
 }
 
 /// Records the MSI-X vectors a transport signals, in order.

@@ -103,7 +103,6 @@ struct Slot {
     /// Its shadow descriptor indices, head first.
     shadow: Vec<u16>,
     arena_off: u64,
-    arena_len: u64,
     readable: u64,
     writable: u64,
 }
@@ -230,7 +229,10 @@ impl CopyShadow {
 
     /// The counters and the exposure now.
     pub fn stats(&self) -> Stats {
-        self.stats
+        Stats {
+            in_flight: self.guest_in_flight.len(),
+            ..self.stats
+        }
     }
 
     /// Whether the back-end wants a kick for what was posted (it has not set
@@ -382,12 +384,10 @@ impl CopyShadow {
             descs,
             shadow,
             arena_off: off,
-            arena_len: readable + writable,
             readable,
             writable,
         });
         self.stats.posted += 1;
-        self.stats.in_flight += 1;
         self.stats.exposed_bytes += readable;
         self.stats.peak_exposed_bytes = self.stats.peak_exposed_bytes.max(self.stats.exposed_bytes);
         Ok(())
@@ -414,11 +414,9 @@ impl CopyShadow {
             .map(u16::from_le)
             .map_err(|_| ShadowError::Shadow(self.used_at + 2))?;
         let moved = (Wrapping(used_idx) - self.last_used).0;
-        if usize::from(moved) > self.stats.in_flight {
-            return Err(ShadowError::UsedJump {
-                moved,
-                in_flight: self.stats.in_flight,
-            });
+        let in_flight = self.guest_in_flight.len();
+        if usize::from(moved) > in_flight {
+            return Err(ShadowError::UsedJump { moved, in_flight });
         }
         let mut any = false;
         for _ in 0..moved {
@@ -481,10 +479,10 @@ impl CopyShadow {
     }
 
     fn retire(&mut self, slot: Slot) {
-        self.arena.release(slot.arena_off, slot.arena_len);
+        self.arena
+            .release(slot.arena_off, slot.readable + slot.writable);
         self.free_descs.extend(slot.shadow.iter().rev());
         self.guest_in_flight.remove(&slot.guest_head);
-        self.stats.in_flight -= 1;
         self.stats.exposed_bytes -= slot.readable;
         self.stats.completed += 1;
     }
@@ -537,7 +535,6 @@ impl CopyShadow {
         self.guest_in_flight.clear();
         self.next_avail = Wrapping(0);
         self.last_used = Wrapping(0);
-        self.stats.in_flight = 0;
         self.stats.exposed_bytes = 0;
         let _ = zero(
             self.mem.mem(),

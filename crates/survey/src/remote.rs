@@ -243,10 +243,13 @@ impl Remote {
         table: &GuestMemoryMmap,
         iommu: Option<EndpointIommu>,
     ) -> Result<Self, RemoteError> {
-        let kind = match pattern {
-            Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => DeviceKind::Block,
-            Pattern::Rng64 => DeviceKind::Rng,
-            Pattern::Net64 | Pattern::Net1500 => crate::net::DEVICE_KIND,
+        // The device, and the `aperture backend` subcommand that serves it.
+        let (kind, backend) = match pattern {
+            Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => {
+                (DeviceKind::Block, "blk")
+            }
+            Pattern::Rng64 => (DeviceKind::Rng, "rng"),
+            Pattern::Net64 | Pattern::Net1500 => (crate::net::DEVICE_KIND, "net-tx"),
         };
         let dir = work_dir()?;
         let socket = dir.join("backend.sock");
@@ -256,11 +259,7 @@ impl Remote {
         };
         let mut c = Command::new(&cmd.program);
         c.args(&cmd.args)
-            .arg(match pattern {
-                Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => "blk",
-                Pattern::Rng64 => "rng",
-                Pattern::Net64 | Pattern::Net1500 => "net-tx",
-            })
+            .arg(backend)
             .arg("--socket")
             .arg(&socket)
             .arg("--stats")

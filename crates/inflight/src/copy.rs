@@ -5,6 +5,7 @@ use crate::memory::ShadowMemory;
 use std::collections::{BTreeMap, HashSet};
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
+use std::time::Instant;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
@@ -21,6 +22,26 @@ pub struct ShadowConfig {
     pub queue_size: u16,
     /// Bytes of the bounce arena: what can be in flight at once.
     pub arena_bytes: u64,
+    /// Where the back-end sees the shadow's memory (its memory-table address): every
+    /// ring and buffer address the shadow hands out lies in `[base, base + size)`.
+    pub base: u64,
+    /// The device's error status (virtio-blk's `VIRTIO_BLK_S_IOERR`), written into the
+    /// last writable byte of a request the shadow completes without the back-end: one
+    /// larger than the whole shadow, and every request in flight when the back-end is
+    /// cut off. `None` for a device without a status byte (virtio-rng).
+    pub fail_status: Option<u8>,
+}
+
+/// What one [`CopyShadow::pull`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pulled {
+    /// Requests posted to the back-end.
+    pub posted: usize,
+    /// Requests completed at once with the failure status: each larger than the whole
+    /// shadow, so it could never be posted.
+    pub refused: usize,
+    /// Whether the guest asked for an interrupt for those completions.
+    pub interrupt: bool,
 }
 
 /// What the shadow has done, and what the back-end can reach now.
@@ -40,6 +61,8 @@ pub struct Stats {
     pub waits: u64,
     /// Used lengths the back-end reported beyond the writable bytes (clamped).
     pub clamped: u64,
+    /// Requests larger than the whole shadow, completed with the failure status.
+    pub refused: u64,
 }
 
 /// Why the shadow stopped. The carrier then sets DEVICE_NEEDS_RESET (a guest error)
@@ -60,17 +83,6 @@ pub enum ShadowError {
         /// What is wrong.
         #[source]
         source: ChainError,
-    },
-    /// A guest chain larger than the whole arena, or than the shadow ring: it could
-    /// never be posted.
-    #[error("guest chain at head {head} needs {bytes} bytes and {descs} descriptors, more than the shadow has")]
-    TooBig {
-        /// Its head.
-        head: u16,
-        /// Its bytes.
-        bytes: u64,
-        /// Its descriptors.
-        descs: usize,
     },
     /// A guest buffer the device host cannot read.
     #[error("guest buffer at {0:#x} cannot be read")]
@@ -105,6 +117,8 @@ struct Slot {
     arena_off: u64,
     readable: u64,
     writable: u64,
+    /// When it was posted, for the carrier's deadline.
+    posted_at: Instant,
 }
 
 /// A first-fit allocator of arena offsets.
@@ -189,11 +203,19 @@ impl CopyShadow {
                 format!("shadow queue size {} is not a power of two", cfg.queue_size),
             ));
         }
-        let desc_at = 0;
-        let avail_at = desc_at + q * DESC_SIZE;
-        let used_at = align(avail_at + 6 + 2 * q, 4);
-        let arena_at = align(used_at + 6 + 8 * q, 4096);
-        let mem = ShadowMemory::new("aperture-inflight", arena_at + cfg.arena_bytes)?;
+        // Rings first (virtio v1.3 §2.7: 16·n, 6 + 2·n and 6 + 8·n bytes), then the
+        // arena on a page of its own; relative to `base` until mapped.
+        let avail_off = q * DESC_SIZE;
+        let used_off = align(avail_off + 6 + 2 * q, 4);
+        let arena_off = align(used_off + 6 + 8 * q, 4096);
+        let mem = ShadowMemory::new(
+            "aperture-inflight",
+            cfg.base,
+            align(arena_off + cfg.arena_bytes, 4096),
+        )?;
+        let base = cfg.base;
+        let (desc_at, avail_at, used_at, arena_at) =
+            (base, base + avail_off, base + used_off, base + arena_off);
         Ok(Self {
             cfg,
             mem,
@@ -235,6 +257,12 @@ impl CopyShadow {
         }
     }
 
+    /// When the oldest request in flight was posted to the back-end (`None` when
+    /// nothing is in flight): the carrier cuts off a back-end that keeps one too long.
+    pub fn oldest_posted(&self) -> Option<Instant> {
+        self.slots.iter().flatten().map(|s| s.posted_at).min()
+    }
+
     /// Whether the back-end wants a kick for what was posted (it has not set
     /// `VRING_USED_F_NO_NOTIFY`).
     pub fn needs_kick(&self) -> bool {
@@ -247,8 +275,9 @@ impl CopyShadow {
     /// Takes what the guest made available on `guest`: each chain is read once and
     /// checked, its readable bytes copied into the arena, its writable ones zeroed
     /// there, and a chain of the same shape posted on the shadow ring. Stops, leaving
-    /// the rest in the guest's ring, when the arena or the shadow ring is full. Returns
-    /// how many requests were posted.
+    /// the rest in the guest's ring, when the arena or the shadow ring is full. A chain
+    /// larger than the whole shadow could never be posted: it is completed at once
+    /// with [`ShadowConfig::fail_status`], and the device goes on.
     ///
     /// # Errors
     /// [`ShadowError`] for a malformed guest ring or chain; nothing of that chain is
@@ -257,14 +286,14 @@ impl CopyShadow {
         &mut self,
         guest: &mut Queue,
         mem: &M,
-    ) -> Result<usize, ShadowError> {
+    ) -> Result<Pulled, ShadowError> {
         let avail_idx = guest.avail_idx(mem, Ordering::Acquire)?;
         let mut next = Wrapping(guest.next_avail());
         let pending = (avail_idx - next).0;
         if pending > guest.size() {
             return Err(ShadowError::AvailJump(pending));
         }
-        let mut posted = 0;
+        let mut done = Pulled::default();
         while next != avail_idx {
             let slot_at = guest.avail_ring() + 4 + 2 * u64::from(next.0 % guest.size());
             let head = mem
@@ -289,11 +318,13 @@ impl CopyShadow {
             let n = descs.len().max(1);
             let bytes = readable + writable;
             if n > usize::from(self.cfg.queue_size) || bytes > self.cfg.arena_bytes {
-                return Err(ShadowError::TooBig {
-                    head,
-                    bytes,
-                    descs: n,
-                });
+                let len = self.fail_chain(&descs, mem);
+                next += Wrapping(1);
+                guest.set_next_avail(next.0);
+                guest.add_used(mem, head, len)?;
+                self.stats.refused += 1;
+                done.refused += 1;
+                continue;
             }
             if n > self.free_descs.len() {
                 self.stats.waits += 1;
@@ -309,9 +340,12 @@ impl CopyShadow {
             }
             next += Wrapping(1);
             guest.set_next_avail(next.0);
-            posted += 1;
+            done.posted += 1;
         }
-        if posted > 0 {
+        if done.refused > 0 {
+            done.interrupt = guest.needs_notification(mem)?;
+        }
+        if done.posted > 0 {
             // Descriptors and ring entries before the index the back-end reads.
             fence(Ordering::Release);
             self.mem
@@ -323,7 +357,22 @@ impl CopyShadow {
                 )
                 .map_err(|_| ShadowError::Shadow(self.avail_at + 2))?;
         }
-        Ok(posted)
+        Ok(done)
+    }
+
+    /// Writes the failure status into a chain's last writable byte (virtio-blk's status
+    /// byte, v1.3 §5.2.6); returns the bytes written for its used element (1, or 0 when
+    /// there is no status, no writable byte, or the guest's memory refuses it).
+    fn fail_chain<M: GuestMemory>(&self, descs: &[Desc], mem: &M) -> u32 {
+        let Some(status) = self.cfg.fail_status else {
+            return 0;
+        };
+        let Some(last) = descs.iter().rev().find(|d| d.write && d.len > 0) else {
+            return 0;
+        };
+        // collect_chain checked that no buffer wraps the address space.
+        let at = last.addr + u64::from(last.len) - 1;
+        u32::from(mem.write_obj(status, GuestAddress(at)).is_ok())
     }
 
     /// Copies one checked chain into the arena at `off` and writes its shadow chain.
@@ -386,6 +435,7 @@ impl CopyShadow {
             arena_off: off,
             readable,
             writable,
+            posted_at: Instant::now(),
         });
         self.stats.posted += 1;
         self.stats.exposed_bytes += readable;
@@ -488,9 +538,9 @@ impl CopyShadow {
     }
 
     /// Cuts the back-end off: every request in flight completes to the guest with no
-    /// bytes copied back, except `status` (virtio-blk's `VIRTIO_BLK_S_IOERR`) written
-    /// into the last writable byte of each chain that has one. The shadow is then
-    /// empty; the back-end's later writes to its used ring are never read.
+    /// bytes copied back, except [`ShadowConfig::fail_status`] written into the last
+    /// writable byte of each chain that has one. The shadow is then empty; the
+    /// back-end's later writes to its used ring are never read.
     ///
     /// # Errors
     /// [`ShadowError::GuestRing`] if the guest's used ring cannot be written.
@@ -498,23 +548,13 @@ impl CopyShadow {
         &mut self,
         guest: &mut Queue,
         mem: &M,
-        status: Option<u8>,
     ) -> Result<usize, ShadowError> {
         let mut n = 0;
         for i in 0..self.slots.len() {
             let Some(slot) = self.slots[i].take() else {
                 continue;
             };
-            let mut len = 0;
-            if let (Some(s), Some(last)) = (
-                status,
-                slot.descs.iter().rev().find(|d| d.write && d.len > 0),
-            ) {
-                let at = last.addr + u64::from(last.len) - 1;
-                if mem.write_obj(s, GuestAddress(at)).is_ok() {
-                    len = 1;
-                }
-            }
+            let len = self.fail_chain(&slot.descs, mem);
             let r = guest.add_used(mem, slot.guest_head, len);
             self.retire(slot);
             r?;
@@ -538,7 +578,7 @@ impl CopyShadow {
         self.stats.exposed_bytes = 0;
         let _ = zero(
             self.mem.mem(),
-            0,
+            self.mem.base(),
             usize::try_from(self.mem.size()).unwrap_or(usize::MAX),
         );
     }

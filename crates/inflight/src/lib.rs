@@ -24,7 +24,8 @@
 //! - writable bounce bytes are zeroed before the back-end sees them, so nothing of an
 //!   earlier request leaks, and only `min(used len, writable bytes)` is copied back;
 //! - a request that cannot get arena space waits in the guest's ring (back-pressure),
-//!   it is never dropped.
+//!   it is never dropped; one larger than the whole shadow fails with the device's
+//!   error status.
 //!
 //! Not built yet: the map form, the wiring into the vhost-user front-end and the CLI,
 //! deadlines for a back-end that never returns, EVENT_IDX on the shadow ring.
@@ -36,5 +37,5 @@ mod copy;
 mod memory;
 
 pub use chain::{collect_chain, ChainError, Desc, MAX_CHAIN_DESCRIPTORS};
-pub use copy::{CopyShadow, ShadowConfig, ShadowError, Stats};
+pub use copy::{CopyShadow, Pulled, ShadowConfig, ShadowError, Stats};
 pub use memory::ShadowMemory;

@@ -140,10 +140,18 @@ impl Backend {
     }
 }
 
+/// Where the back-end sees the shadow: away from 0, so an address the shadow forgot
+/// to offset by it points nowhere.
+const SHADOW_BASE: u64 = 0x7_0000_0000;
+/// virtio-blk's `VIRTIO_BLK_S_IOERR`.
+const IOERR: u8 = 1;
+
 fn shadow(arena: u64) -> CopyShadow {
     CopyShadow::new(ShadowConfig {
         queue_size: QSIZE,
         arena_bytes: arena,
+        base: SHADOW_BASE,
+        fail_status: Some(IOERR),
     })
     .unwrap()
 }
@@ -154,7 +162,7 @@ fn readable_bytes_are_copied_in_and_written_bytes_copied_back_through_the_shadow
     let mut s = shadow(1 << 16);
     let mut b = Backend::new();
     g.request(0, b"hello", 8);
-    assert_eq!(s.pull(&mut g.queue, &g.mem).unwrap(), 1);
+    assert_eq!(s.pull(&mut g.queue, &g.mem).unwrap().posted, 1);
     assert!(s.needs_kick());
     let posted = b.take(&s);
     let (head, chain) = &posted[0];
@@ -407,7 +415,11 @@ fn a_request_without_arena_space_waits_in_the_guests_ring_and_is_never_dropped()
     let mut b = Backend::new();
     g.request(0, &[1; 3000], 8);
     g.request(2, &[2; 3000], 8);
-    assert_eq!(s.pull(&mut g.queue, &g.mem).unwrap(), 1, "the second waits");
+    assert_eq!(
+        s.pull(&mut g.queue, &g.mem).unwrap().posted,
+        1,
+        "the second waits"
+    );
     assert_eq!(s.stats().waits, 1);
     assert_eq!(
         g.queue.next_avail(),
@@ -418,7 +430,7 @@ fn a_request_without_arena_space_waits_in_the_guests_ring_and_is_never_dropped()
     b.put_used(&s, u32::from(head), 0);
     s.complete(&mut g.queue, &g.mem).unwrap();
     assert_eq!(
-        s.pull(&mut g.queue, &g.mem).unwrap(),
+        s.pull(&mut g.queue, &g.mem).unwrap().posted,
         1,
         "and goes once space frees"
     );
@@ -432,14 +444,30 @@ fn a_request_without_arena_space_waits_in_the_guests_ring_and_is_never_dropped()
 }
 
 #[test]
-fn a_chain_larger_than_the_arena_is_refused_rather_than_waiting_forever() {
+fn a_chain_larger_than_the_shadow_fails_with_the_device_status_and_the_next_one_is_served() {
     let mut g = Guest::new();
     let mut s = shadow(4096);
+    let mut b = Backend::new();
     g.request(0, &[1; 8], 8192);
-    assert!(matches!(
-        s.pull(&mut g.queue, &g.mem),
-        Err(ShadowError::TooBig { head: 0, .. })
-    ));
+    g.request(2, &[2; 8], 8);
+    let pulled = s.pull(&mut g.queue, &g.mem).unwrap();
+    assert_eq!((pulled.posted, pulled.refused), (1, 1));
+    assert!(pulled.interrupt, "the guest hears of the failed request");
+    assert_eq!(
+        g.used(),
+        vec![(0, 1)],
+        "completed at once, status byte only"
+    );
+    let status: u8 = g.mem.read_obj(GuestAddress(0x40000 + 8191)).unwrap();
+    assert_eq!(status, IOERR);
+    assert_eq!(s.stats().refused, 1);
+    let posted = b.take(&s);
+    assert_eq!(
+        posted.len(),
+        1,
+        "only the request that fits reaches the back-end"
+    );
+    assert_eq!(posted[0].1[0].1, 8);
 }
 
 #[test]
@@ -532,7 +560,7 @@ fn a_cut_off_backend_leaves_the_guest_with_errors_and_its_later_writes_are_ignor
     g.request(2, b"b", 4);
     s.pull(&mut g.queue, &g.mem).unwrap();
     let posted = b.take(&s);
-    assert_eq!(s.fail_all(&mut g.queue, &g.mem, Some(1)).unwrap(), 2);
+    assert_eq!(s.fail_all(&mut g.queue, &g.mem).unwrap(), 2);
     let used = g.used();
     assert_eq!(used.len(), 2);
     assert!(used.iter().all(|&(_, len)| len == 1));

@@ -82,6 +82,17 @@ pub enum DeviceError {
         #[source]
         source: virtio_queue::Error,
     },
+    /// The driver broke the ring's rules in a way no status code can answer: a
+    /// malformed chain that a device reading every chain whole before it acts (a
+    /// shadow ring) must not pass on.
+    #[error("queue {queue}: the driver broke the ring's rules: {source}")]
+    Driver {
+        /// The queue's index.
+        queue: usize,
+        /// What the driver did.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// What serves the device failed (an entropy source, a back-end process that is
     /// gone, the IOMMU's own queue).
     #[error("{device}: {source}")]

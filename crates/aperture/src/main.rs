@@ -111,6 +111,21 @@ fn parse_rng(s: &str) -> Result<RngArg, String> {
     }
 }
 
+/// `--inflight FORM`: only the copy form is built.
+fn parse_inflight(s: &str) -> Result<serve::InflightForm, String> {
+    match s {
+        "copy" => Ok(serve::InflightForm::Copy),
+        "map" => Err(
+            "the map form of implicit grants is not built yet; 'copy' is (the back-end gets \
+             bounce copies, never guest memory)"
+                .into(),
+        ),
+        _ => Err(format!(
+            "'{s}' is not a form of implicit grants (the form built is 'copy')"
+        )),
+    }
+}
+
 fn parse_disk(s: &str) -> Result<DiskArg, String> {
     if let Some(sock) = vhost_user_socket(s) {
         return sock.map(|path| DiskArg {
@@ -171,6 +186,8 @@ qemu-system-x86_64 -M q35 -nographic -kernel vmlinuz ... $(cat /tmp/vm/qemu-args
 aperture serve --dir /tmp/vm --disk base.img,ro --iommu bypass\n  \
 aperture serve --dir /tmp/vm --disk vhost-user=/tmp/blk.sock   (after: aperture backend blk --socket /tmp/blk.sock --disk disk.img)\n  \
 aperture serve --dir /tmp/vm --rng vhost-user=/tmp/rng.sock --iommu off   (a third-party back-end, e.g. vhost-device-rng)\n  \
+aperture serve --dir /tmp/vm --disk vhost-user=/tmp/blk.sock --rng vhost-user=/tmp/rng.sock --iommu off --inflight copy\n      \
+(implicit grants: the back-ends get bounce copies of the buffers in flight, never guest RAM)\n  \
 aperture serve --dir /tmp/vm --disk disk.img --rng --mem 2560 \\\n      \
 --reserved 0x90301000-0x90301fff@blk0 --reserved 0x98000000-0x980fffff@rng\n\n\
 Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")]
@@ -216,6 +233,23 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
         #[arg(long, value_name = "MAX", default_value_t = DEFAULT_POLL_US,
               value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
         poll_us: u32,
+        /// Implicit grants for every vhost-user device (issue 16): the device host reads
+        /// the guest's rings and gives the back-end only what is in flight. "copy": the
+        /// back-end's memory table holds shadow rings and bounce buffers the device host
+        /// made, never a descriptor of guest RAM; the guest's data is copied in before a
+        /// request is posted and copied back (at most what the back-end says it wrote)
+        /// before the guest sees it done. Needs no IOMMU driver in the guest and no
+        /// IOMMU support in the back-end; works with --iommu off and on. virtio-blk and
+        /// virtio-rng only.
+        #[arg(long, value_name = "copy", value_parser = parse_inflight)]
+        inflight: Option<serve::InflightForm>,
+        /// With --inflight: MiB of bounce buffers per queue (what can be in flight at
+        /// once). A request larger than this fails with the device's error status;
+        /// smaller ones wait for space.
+        #[arg(long, value_name = "MIB", requires = "inflight",
+              default_value_t = (device_host::vhost_user::DEFAULT_ARENA_BYTES >> 20) as u32,
+              value_parser = clap::value_parser!(u32).range(1..=1024))]
+        inflight_arena_mib: u32,
     },
     /// Boot an unmodified Linux guest whose disk and RNG sit behind our virtio-iommu,
     /// run a workload in it, and report what each device could reach.
@@ -437,6 +471,8 @@ fn main() -> ExitCode {
             reserved,
             test_fault_sector,
             poll_us,
+            inflight,
+            inflight_arena_mib,
         } => serve::run(serve::Options {
             dir: &dir,
             disks: &disk,
@@ -447,6 +483,10 @@ fn main() -> ExitCode {
             test_fault_sector,
             rng_vhost_user: rng.as_ref().and_then(|r| r.0.as_deref()),
             poll: poll_max(poll_us),
+            inflight: inflight.map(|_| device_host::vhost_user::InflightConfig {
+                arena_bytes: u64::from(inflight_arena_mib) << 20,
+                ..Default::default()
+            }),
         }),
     }
 }

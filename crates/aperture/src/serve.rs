@@ -9,12 +9,13 @@
 use crate::{DiskArg, IommuArg};
 use device_host::endpoints::VhostUserFactory;
 use device_host::host::{endpoint_slot, slot_bdf, DeviceHost, EndpointFactory};
-use device_host::vhost_user::DeviceKind;
+use device_host::vhost_user::{DeviceKind, InflightConfig, VhostUserHandle};
 use mem_layout::reserved_regions::ResvRegion;
 use mem_layout::{Bdf, Layout, LayoutConfig, MemRange, RdmDatabase, RegionKind};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::mpsc;
 use std::time::Duration;
 
 /// How long the other functions get to disconnect after the first one did.
@@ -68,6 +69,15 @@ pub(crate) struct Options<'a> {
     pub rng_vhost_user: Option<&'a Path>,
     /// The poll window's maximum (`--poll-us`).
     pub poll: std::time::Duration,
+    /// Implicit grants for every vhost-user device (`--inflight copy`).
+    pub inflight: Option<InflightConfig>,
+}
+
+/// A form of implicit grants (`--inflight`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum InflightForm {
+    /// Bounce copies in memory the device host made.
+    Copy,
 }
 
 /// The guest layout: `mem` MiB of RAM around the `--reserved` regions of the devices
@@ -152,18 +162,56 @@ fn describe(layout: &Layout, names: &[String]) {
 
 /// A device run by the vhost-user back-end at `sock` (connected when the host builds
 /// it; each answer awaited at most 1 s).
+/// With implicit grants, the device's handle arrives on `handles` once it is built, for
+/// the statistics printed at exit.
 fn vhost_user(
     name: &str,
     sock: &Path,
     kind: DeviceKind,
+    inflight: Option<InflightConfig>,
+    handles: &mut Vec<(String, mpsc::Receiver<VhostUserHandle>)>,
 ) -> Result<VhostUserFactory, device_host::endpoints::VhostUserArgError> {
-    VhostUserFactory::new(name, sock, kind, device_host::vhost_user::DEFAULT_TIMEOUT)
+    let f = VhostUserFactory::new(name, sock, kind, device_host::vhost_user::DEFAULT_TIMEOUT)?;
+    Ok(match inflight {
+        Some(cfg) => {
+            let (tx, rx) = mpsc::channel();
+            handles.push((name.to_string(), rx));
+            f.with_inflight(cfg).with_handle_sender(tx)
+        }
+        None => f,
+    })
+}
+
+/// What implicit grants did for one device, and what its back-end could read.
+fn report_inflight(name: &str, h: &VhostUserHandle) {
+    let c = h.counters();
+    let s = c.shadow;
+    eprintln!(
+        "aperture serve: {name}: implicit grants (copy): {} requests posted, {} completed, \
+         peak exposure {} bytes (guest bytes the back-end could read at once; it never held \
+         guest RAM), {} waited for bounce space, {} too large, {} lengths clamped, {} cut off \
+         at the deadline",
+        s.posted,
+        s.completed,
+        s.peak_exposed_bytes,
+        s.waits,
+        s.refused,
+        s.clamped,
+        c.deadline_cutoffs
+    );
 }
 
 pub(crate) fn run(o: Options<'_>) -> ExitCode {
     let mode = crate::mode(o.iommu);
     if o.disks.is_empty() && !o.rng {
         eprintln!("aperture serve: nothing to serve: give at least one --disk PATH or --rng");
+        return ExitCode::from(2);
+    }
+    if o.inflight.is_some() && o.rng_vhost_user.is_none() && !o.disks.iter().any(|d| d.vhost_user) {
+        eprintln!(
+            "aperture serve: --inflight applies to devices run by vhost-user back-ends, and none \
+             is given (--disk vhost-user=SOCK or --rng vhost-user=SOCK)"
+        );
         return ExitCode::from(2);
     }
     let mut names: Vec<String> = (0..o.disks.len()).map(|i| format!("blk{i}")).collect();
@@ -178,9 +226,16 @@ pub(crate) fn run(o: Options<'_>) -> ExitCode {
         }
     };
     let mut endpoints: Vec<Box<dyn EndpointFactory>> = Vec::new();
+    let mut handles = Vec::new();
     for (i, d) in o.disks.iter().enumerate() {
         if d.vhost_user {
-            match vhost_user(&names[i], &d.path, DeviceKind::Block) {
+            match vhost_user(
+                &names[i],
+                &d.path,
+                DeviceKind::Block,
+                o.inflight,
+                &mut handles,
+            ) {
                 Ok(f) => endpoints.push(Box::new(f)),
                 Err(e) => {
                     eprintln!("aperture serve: --disk vhost-user={e}");
@@ -201,7 +256,7 @@ pub(crate) fn run(o: Options<'_>) -> ExitCode {
         }
     }
     if let Some(sock) = o.rng_vhost_user {
-        match vhost_user("rng", sock, DeviceKind::Rng) {
+        match vhost_user("rng", sock, DeviceKind::Rng, o.inflight, &mut handles) {
             Ok(f) => endpoints.push(Box::new(f)),
             Err(e) => {
                 eprintln!("aperture serve: --rng vhost-user={e}");
@@ -230,6 +285,11 @@ pub(crate) fn run(o: Options<'_>) -> ExitCode {
         o.dir.join("qemu-args").display()
     );
     let results = host.run(GRACE);
+    for (name, rx) in &handles {
+        if let Ok(h) = rx.try_recv() {
+            report_inflight(name, &h);
+        }
+    }
     let mut failed = false;
     for (name, r) in results {
         match r {

@@ -6,7 +6,7 @@
 //! the IOMMU.
 
 use crate::host::{serve_endpoint, BuildError, EndpointFactory, Function};
-use crate::vhost_user::{serve_vhost_user, DeviceKind, VhostUserHandle};
+use crate::vhost_user::{serve_vhost_user, DeviceKind, InflightConfig, VhostUserHandle};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use virtio_devices::{Block, BlockConfig, Rng, RngConfig};
@@ -109,6 +109,7 @@ pub struct VhostUserFactory {
     socket: PathBuf,
     kind: DeviceKind,
     timeout: Duration,
+    inflight: Option<InflightConfig>,
     handle: Option<std::sync::mpsc::Sender<VhostUserHandle>>,
 }
 
@@ -154,8 +155,17 @@ impl VhostUserFactory {
             socket: socket.to_path_buf(),
             kind,
             timeout,
+            inflight: None,
             handle: None,
         })
+    }
+
+    /// Serves the device with implicit grants, copy form
+    /// ([`crate::vhost_user::VhostUserDevice::inflight_copy`]): the back-end is given
+    /// shadow rings and bounce buffers, never guest memory.
+    pub fn with_inflight(mut self, cfg: InflightConfig) -> Self {
+        self.inflight = Some(cfg);
+        self
     }
 
     /// Sends the device's handle (counters, broken state) on `tx` once it is built.
@@ -171,7 +181,8 @@ impl EndpointFactory for VhostUserFactory {
     }
 
     fn build(self: Box<Self>, iommu: Option<EndpointIommu>) -> Result<Function, BuildError> {
-        let (function, handle) = serve_vhost_user(&self.socket, self.kind, self.timeout, iommu)?;
+        let (function, handle) =
+            serve_vhost_user(&self.socket, self.kind, self.timeout, iommu, self.inflight)?;
         if let Some(tx) = self.handle {
             let _ = tx.send(handle);
         }

@@ -2,6 +2,7 @@
 //! kicks, reset, reconnection), the thread that turns call eventfds into interrupts,
 //! and the factory that serves one behind a vfio-user function.
 
+use super::inflight::{Inflight, InflightConfig};
 use super::iotlb::{iotlb_loop, spawn_backend_req, IotlbJob, IotlbState, Region, Subscriber};
 use super::link::{has, read_config, Link, Reply};
 use super::memory::{mem_table, PhysicalMemory, SharedRange};
@@ -21,7 +22,7 @@ use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::Duration;
 use virtio_contract::{
     ActiveQueue, DeviceError, DeviceIdentity, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM,
-    VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR,
+    VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_iommu::EndpointIommu;
 use virtio_pci::{device_status, InterruptSink, VirtioPciTransport};
@@ -31,8 +32,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use wire::req;
 use zerocopy::{FromBytes, IntoBytes};
 
-/// Turns call eventfds into MSI-X interrupts and marks the transport as needing
-/// reset when the connection breaks. Ends when the device is dropped.
+/// Turns call eventfds into MSI-X interrupts (with implicit grants: hands them to the
+/// transport, which completes to the guest), marks the transport as needing reset when
+/// the connection breaks, and cuts off a back-end that keeps a shadowed request past
+/// its deadline. Ends when the device is dropped.
 pub(super) fn watch_loop(
     shared: Weak<Shared>,
     stop: EventFd,
@@ -51,8 +54,18 @@ pub(super) fn watch_loop(
         })
         .collect();
     loop {
+        // With implicit grants, wake often enough to see a deadline pass.
+        let timeout = shared.upgrade().map_or(-1, |s| {
+            lock(&s.inflight).as_ref().map_or(-1, |i| {
+                let ms = (i.cfg.deadline / 4).as_millis().clamp(10, 1000);
+                i32::try_from(ms).unwrap_or(1000)
+            })
+        });
         // SAFETY: `fds` is a live, correctly sized array of pollfd for the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if let Some(s) = shared.upgrade() {
+            cut_off_if_overdue(&s);
+        }
         if n < 0 {
             if std::io::Error::last_os_error().kind() == ErrorKind::Interrupted {
                 continue;
@@ -72,6 +85,12 @@ pub(super) fn watch_loop(
         }
         for (i, call) in calls.iter().enumerate() {
             if fds[i + 2].revents != 0 && call.read().is_ok() {
+                if let Some(s) = shared.upgrade() {
+                    if let Some(f) = lock(&s.on_call).as_ref() {
+                        f(i);
+                        continue;
+                    }
+                }
                 let v = lock(&vectors)
                     .get(i)
                     .copied()
@@ -81,6 +100,22 @@ pub(super) fn watch_loop(
                 }
             }
         }
+    }
+}
+
+/// Implicit grants: a back-end that kept a request past the deadline is cut off; the
+/// broken-connection path then fails what it held.
+fn cut_off_if_overdue(s: &Shared) {
+    if s.broken.load(Ordering::Acquire) {
+        return;
+    }
+    let overdue = lock(&s.inflight).as_mut().is_some_and(|i| {
+        let late = i.overdue(std::time::Instant::now());
+        i.cutoffs += u64::from(late);
+        late
+    });
+    if overdue {
+        s.break_link();
     }
 }
 
@@ -109,6 +144,8 @@ pub struct VhostUserDevice {
     pub(super) sent_files: Vec<Arc<File>>,
     /// Pool mode: the only guest memory the back-end is given ([`Self::share_only`]).
     pub(super) share: Option<SharedRange>,
+    /// Implicit grants ([`Self::inflight_copy`]): the back-end is given shadows only.
+    pub(super) inflight: bool,
     pub(super) stop: EventFd,
 }
 
@@ -181,6 +218,8 @@ impl VhostUserDevice {
             iommu: Mutex::new(None),
             counters: AtomicCounters::default(),
             on_broken: Mutex::new(None),
+            inflight: Mutex::new(None),
+            on_call: Mutex::new(None),
             jobs,
         });
         std::thread::Builder::new()
@@ -229,8 +268,51 @@ impl VhostUserDevice {
             irq,
             sent_files: Vec::new(),
             share: None,
+            inflight: false,
             stop,
         })
+    }
+
+    /// Implicit grants, copy form (issue 16): from the next activation on, the
+    /// back-end's memory table holds only shadow rings and bounce arenas the device
+    /// host made ([`super::inflight`]), never a descriptor of guest memory. The guest
+    /// is offered indirect descriptors and EVENT_IDX whatever the back-end supports
+    /// (the shadow serves them); the back-end is given neither, nor
+    /// ACCESS_PLATFORM. Behind the virtio-iommu ([`Self::attach_iommu`], called after
+    /// this) the guest's addresses are IOVAs, translated as the shadow copies.
+    ///
+    /// # Errors
+    /// [`VhostUserError::Inflight`] for a device whose requests may carry guest
+    /// addresses (anything but virtio-blk and virtio-rng), a device already in pool
+    /// mode or behind the virtio-iommu, an arena of zero bytes, or shadows that cannot
+    /// be made.
+    pub fn inflight_copy(&mut self, cfg: InflightConfig) -> Result<(), VhostUserError> {
+        let refuse = |why: String| Err(VhostUserError::Inflight(why));
+        if !matches!(self.kind, DeviceKind::Block | DeviceKind::Rng) {
+            return refuse(format!(
+                "device type {} may carry guest addresses in its requests, which a back-end \
+                 that holds only copies cannot follow; only virtio-blk and virtio-rng can be shadowed",
+                self.kind.device_type()
+            ));
+        }
+        if let Some(share) = self.share {
+            return refuse(format!(
+                "the device already shares only {share} with its back-end (pool mode)"
+            ));
+        }
+        if has(self.offered, VIRTIO_F_ACCESS_PLATFORM) {
+            return refuse(
+                "the device is already behind the virtio-iommu; set up implicit grants first"
+                    .into(),
+            );
+        }
+        if cfg.arena_bytes == 0 {
+            return refuse("the bounce arena must not be empty".into());
+        }
+        *lock(&self.shared.inflight) = Some(Inflight::new(self.kind, cfg)?);
+        self.inflight = true;
+        self.offered |= (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX);
+        Ok(())
     }
 
     /// Puts the device behind the virtio-iommu: offers ACCESS_PLATFORM, answers the
@@ -241,6 +323,12 @@ impl VhostUserDevice {
     /// VIRTIO_F_ACCESS_PLATFORM, or lacks the REPLY_ACK or BACKEND_REQ protocol
     /// features the IOTLB protocol needs.
     pub fn attach_iommu(&mut self, iommu: EndpointIommu) -> Result<(), VhostUserError> {
+        if self.inflight {
+            // The shadow copies through the transport's memory, which is the IOMMU's
+            // view: the back-end never sees an IOVA, so it needs no IOTLB.
+            self.offered |= 1 << VIRTIO_F_ACCESS_PLATFORM;
+            return Ok(());
+        }
         if let Some(share) = self.share {
             return Err(VhostUserError::PoolMode(format!(
                 "the device shares only {share} with its back-end; it cannot also sit behind the virtio-iommu"
@@ -325,7 +413,7 @@ impl VhostUserDevice {
     }
 
     pub(super) fn iotlb_on(&self) -> bool {
-        has(self.acked, VIRTIO_F_ACCESS_PLATFORM) && self.share.is_none()
+        has(self.acked, VIRTIO_F_ACCESS_PLATFORM) && self.share.is_none() && !self.inflight
     }
 
     /// Starts the back-end's rings: features, memory table, then each ready queue.
@@ -334,7 +422,15 @@ impl VhostUserDevice {
         queues: &[ActiveQueue<'_>],
         mem: &GuestMemoryMmap,
     ) -> Result<(), VhostUserError> {
-        let (table, files) = mem_table(mem, self.share)?;
+        let s = Arc::clone(&self.shared);
+        let (table, files) = if self.inflight {
+            lock(&s.inflight)
+                .as_ref()
+                .ok_or(VhostUserError::Broken)?
+                .mem_table()?
+        } else {
+            mem_table(mem, self.share)?
+        };
         if let Some(share) = self.share {
             share.check_rings(queues)?;
         }
@@ -356,15 +452,28 @@ impl VhostUserDevice {
                     q.index
                 )));
             };
-            addrs.push(self.ring_addr(q.index, q.queue, &regions)?);
+            let addr = if self.inflight {
+                lock(&s.inflight)
+                    .as_ref()
+                    .and_then(|i| i.ring_addr(q.index))
+                    .ok_or(VhostUserError::Broken)?
+            } else {
+                self.ring_addr(q.index, q.queue, &regions)?
+            };
+            addrs.push(addr);
         }
-        let s = Arc::clone(&self.shared);
         let link = s.current()?;
         let mut features = self.acked & link.features;
         if self.share.is_some() {
             // Pool mode: a guest's ACCESS_PLATFORM only says it bounces through the pool
             // (its DMA API); the back-end gets guest-physical addresses, no IOTLB.
             features &= !(1 << VIRTIO_F_ACCESS_PLATFORM);
+        }
+        if self.inflight {
+            // The shadow ring: plain addresses, direct descriptors, no event index.
+            features &= !((1 << VIRTIO_F_ACCESS_PLATFORM)
+                | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+                | (1 << VIRTIO_RING_F_EVENT_IDX));
         }
         if link.features & wire::VHOST_USER_F_PROTOCOL_FEATURES != 0 {
             features |= wire::VHOST_USER_F_PROTOCOL_FEATURES;
@@ -404,16 +513,22 @@ impl VhostUserDevice {
             let state = |num: u32| wire::VringState { index: i, num };
             let fd_arg = u64::from(i);
             let qf = &self.queues[q.index];
+            // The back-end's ring: the guest's, or a fresh shadow of the largest size.
+            let (num, base) = if self.inflight {
+                (QUEUE_SIZES[q.index], 0)
+            } else {
+                (q.queue.size(), q.queue.next_avail())
+            };
             s.with_link(|l| {
                 l.request(
                     req::SET_VRING_NUM,
-                    state(u32::from(q.queue.size())).as_bytes(),
+                    state(u32::from(num)).as_bytes(),
                     &[],
                     Reply::None,
                 )?;
                 l.request(
                     req::SET_VRING_BASE,
-                    state(u32::from(q.queue.next_avail())).as_bytes(),
+                    state(u32::from(base)).as_bytes(),
                     &[],
                     Reply::None,
                 )?;
@@ -438,8 +553,10 @@ impl VhostUserDevice {
             lock(&self.vectors)[q.index] = q.vector;
             self.started[q.index] = true;
             self.rings[q.index] = Some(q.queue.state());
-            // Buffers the driver queued before DRIVER_OK were notified to nobody.
-            let _ = qf.kick.write(1);
+            // Buffers the driver queued before DRIVER_OK were notified to nobody: the
+            // back-end looks at the guest's ring, or (implicit grants) the watch
+            // thread has the transport pull them into the shadow.
+            let _ = if self.inflight { &qf.call } else { &qf.kick }.write(1);
         }
         Ok(())
     }
@@ -528,6 +645,11 @@ impl VhostUserDevice {
             s.invalidate_and_wait(lo, hi);
         }
         self.sent_files.clear();
+        if let Some(i) = lock(&s.inflight).as_mut() {
+            // New shadows for the next activation; the old ones are zeroed, so a
+            // back-end that still maps them (one cut off) holds nothing.
+            let _ = i.renew(self.kind);
+        }
         lock(&self.vectors).fill(VIRTIO_MSI_NO_VECTOR);
         if s.broken.load(Ordering::Acquire) {
             let _ = self.reconnect();
@@ -646,12 +768,15 @@ impl<M: PhysicalMemory> VirtioDevice<M> for VhostUserDevice {
     fn process_queue(
         &mut self,
         index: usize,
-        _queue: &mut Queue,
+        queue: &mut Queue,
         mem: &M,
     ) -> Result<bool, DeviceError> {
         if self.shared.broken.load(Ordering::Acquire) {
             self.fail_pending(mem);
             return Err(DeviceError::backend("vhost-user", VhostUserError::Broken));
+        }
+        if self.inflight {
+            return self.process_inflight(index, queue, mem);
         }
         if let (Some(q), Some(true)) = (self.queues.get(index), self.started.get(index)) {
             // An eventfd write fails only if the counter would overflow: a kick is
@@ -672,7 +797,8 @@ impl<M: PhysicalMemory> VirtioDevice<M> for VhostUserDevice {
     }
 }
 
-/// Serves a vhost-user device as a PCI function, translated by `iommu` when given;
+/// Serves a vhost-user device as a PCI function, translated by `iommu` when given,
+/// with implicit grants when `inflight` is given ([`VhostUserDevice::inflight_copy`]);
 /// returns the server backend, its vector count and a handle on the device.
 ///
 /// # Errors
@@ -683,11 +809,15 @@ pub fn serve_vhost_user(
     kind: DeviceKind,
     timeout: Duration,
     iommu: Option<EndpointIommu>,
+    inflight: Option<InflightConfig>,
 ) -> Result<(Function, VhostUserHandle), BuildError> {
     let n = QUEUE_SIZES.len() as u16 + 1;
     let vectors = MsixVectors::new(n);
     let irq: Arc<dyn InterruptSink> = Arc::new(EventFdSink(Arc::clone(&vectors)));
     let mut dev = VhostUserDevice::connect(socket, kind, timeout, Arc::clone(&irq))?;
+    if let Some(cfg) = inflight {
+        dev.inflight_copy(cfg)?;
+    }
     let handle = dev.handle();
     let sink = Box::new(EventFdSink(Arc::clone(&vectors)));
     match iommu {
@@ -736,6 +866,23 @@ pub(super) fn on_broken<M: PhysicalMemory + Send + 'static>(
     }));
 }
 
+/// Implicit grants: the back-end's calls go to the transport, which completes to the
+/// guest ([`super::inflight`]).
+pub(super) fn on_call<M: PhysicalMemory + Send + 'static>(
+    handle: &VhostUserHandle,
+    t: &Arc<Mutex<VirtioPciTransport<VhostUserDevice, M>>>,
+) {
+    if lock(&handle.0.inflight).is_none() {
+        return;
+    }
+    let weak = Arc::downgrade(t);
+    handle.set_on_call(Box::new(move |index| {
+        if let Some(t) = weak.upgrade() {
+            lock(&t).notify(index);
+        }
+    }));
+}
+
 pub(super) fn function<M: PhysicalMemory + Send + 'static>(
     handle: &VhostUserHandle,
     t: Arc<Mutex<VirtioPciTransport<VhostUserDevice, M>>>,
@@ -743,6 +890,7 @@ pub(super) fn function<M: PhysicalMemory + Send + 'static>(
     build: MemoryBuilder<M>,
 ) -> Function {
     on_broken(handle, &t);
+    on_call(handle, &t);
     // A queue notification while the connection is broken fails what the driver
     // queued ([`VhostUserDevice::fail_pending`]): the transport ignores notifications
     // once the device needs a reset, and a driver that ignores DEVICE_NEEDS_RESET would

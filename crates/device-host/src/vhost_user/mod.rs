@@ -63,6 +63,7 @@
 //! library's own ([`wire`]).
 
 mod device;
+mod inflight;
 mod iotlb;
 mod link;
 mod memory;
@@ -71,11 +72,13 @@ mod recovery;
 mod tests;
 
 pub use device::{serve_vhost_user, VhostUserDevice};
+pub use inflight::{InflightConfig, DEFAULT_ARENA_BYTES, DEFAULT_DEADLINE};
 pub use memory::PhysicalMemory;
 /// The wire format ("Message Specification" of vhost-user.rst), as the back-end
 /// library decodes it.
 pub use vhost_iotlb::wire;
 
+use inflight::Inflight;
 use iotlb::{IotlbJob, IotlbState};
 use link::Link;
 
@@ -161,6 +164,9 @@ pub enum VhostUserError {
     /// range, a memory file that holds guest memory outside it, or a ring outside it.
     #[error("pool mode: {0}")]
     PoolMode(String),
+    /// Implicit grants ([`VhostUserDevice::inflight_copy`]) cannot be set up as asked.
+    #[error("implicit grants: {0}")]
+    Inflight(String),
     /// The connection broke earlier; the device needs a reset (which reconnects).
     #[error("the vhost-user back-end connection is broken; the device needs a reset")]
     Broken,
@@ -265,6 +271,12 @@ pub struct VhostUserCounters {
     pub reconnects: u64,
     /// Requests the front-end completed with an error because the back-end was gone.
     pub failed_requests: u64,
+    /// Implicit grants ([`VhostUserDevice::inflight_copy`]): what the shadows did and
+    /// the guest bytes the back-end can read now (`exposed_bytes`) and at most
+    /// (`peak_exposed_bytes`). All zero in the other modes.
+    pub shadow: ::inflight::Stats,
+    /// Back-ends cut off for keeping a request past the implicit grants' deadline.
+    pub deadline_cutoffs: u64,
 }
 
 #[derive(Default)]
@@ -286,6 +298,9 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Implicit grants: what the watch thread runs for a call of queue `index`.
+type OnCall = Box<dyn Fn(usize) + Send>;
+
 /// State shared by the device, its subscriber and its threads.
 struct Shared {
     socket: PathBuf,
@@ -303,6 +318,11 @@ struct Shared {
     counters: AtomicCounters,
     /// Marks the transport as needing reset (set once the transport exists).
     on_broken: Mutex<Option<Box<dyn Fn() + Send>>>,
+    /// Implicit grants: the shadow of each queue (`None` in the other modes).
+    inflight: Mutex<Option<Inflight>>,
+    /// Implicit grants: hands the back-end's call of a queue to the transport, which
+    /// completes to the guest (set once the transport exists).
+    on_call: Mutex<Option<OnCall>>,
     /// To the IOTLB thread, which alone sends pushes and invalidations.
     jobs: mpsc::Sender<IotlbJob>,
 }
@@ -353,6 +373,9 @@ impl VhostUserHandle {
     pub fn counters(&self) -> VhostUserCounters {
         let c = &self.0.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (shadow, deadline_cutoffs) = lock(&self.0.inflight)
+            .as_ref()
+            .map_or_else(Default::default, |i| (i.stats(), i.cutoffs));
         VhostUserCounters {
             misses: l(&c.misses),
             updates: l(&c.updates),
@@ -365,7 +388,16 @@ impl VhostUserHandle {
             bad_messages: l(&c.bad_messages),
             reconnects: l(&c.reconnects),
             failed_requests: l(&c.failed_requests),
+            shadow,
+            deadline_cutoffs,
         }
+    }
+
+    /// Implicit grants: sets what runs when the back-end calls queue `index` (the
+    /// host hands it to the transport, which completes to the guest); runs on the
+    /// device's watch thread, holding nothing.
+    pub fn set_on_call(&self, f: OnCall) {
+        *lock(&self.0.on_call) = Some(f);
     }
 
     /// Whether the connection broke (the device needs a reset).

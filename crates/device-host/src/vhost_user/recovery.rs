@@ -19,6 +19,10 @@ impl VhostUserDevice {
     /// through `mem`, the function's memory, so behind the IOMMU every ring and status
     /// address is an IOVA translated with the access it needs.
     ///
+    /// With implicit grants the chains the back-end held are the shadow's: they fail
+    /// first ([`inflight::CopyShadow::fail_all`]: no byte of the back-end's is copied
+    /// back), then the walk fails the rest, which the shadow never took.
+    ///
     /// Does nothing while the connection is up: only a back-end already cut off
     /// (`Shared::break_link` closes its sockets before marking the device broken)
     /// leaves the rings to us. At most one ring's worth of chains per queue; a ring
@@ -30,9 +34,12 @@ impl VhostUserDevice {
             return 0;
         }
         let mut total = 0;
+        let mut inflight = lock(&self.shared.inflight);
         for (index, state) in self.rings.iter().enumerate() {
             let Some(state) = state else { continue };
-            let n = fail_ring(self.kind, *state, mem);
+            let shadow = inflight.as_mut().and_then(|i| i.shadows.get_mut(index));
+            let n = shadow.map_or(0, |s| fail_shadow(s, *state, mem))
+                + fail_ring(self.kind, *state, mem);
             if n == 0 {
                 continue;
             }
@@ -95,6 +102,23 @@ pub(super) fn fail_ring<M: GuestMemory>(kind: DeviceKind, state: QueueState, mem
     // with EVENT_IDX, the dead back-end left avail_event wherever it was (virtio v1.3 §2.7.10).
     let _ = q.enable_notification(mem);
     done
+}
+
+/// Fails every request a shadow holds, through the guest's ring `state` describes
+/// (its used index read back from the guest, where the transport left it).
+fn fail_shadow<M: GuestMemory>(
+    shadow: &mut inflight::CopyShadow,
+    state: QueueState,
+    mem: &M,
+) -> usize {
+    let Ok(mut q) = Queue::try_from(state) else {
+        return 0;
+    };
+    let Ok(used) = q.used_idx(mem, Ordering::Acquire) else {
+        return 0;
+    };
+    q.set_next_used(used.0);
+    shadow.fail_all(&mut q, mem).unwrap_or(0)
 }
 
 /// Writes `status` into a request's status byte, the last byte of its last

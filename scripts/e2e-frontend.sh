@@ -7,6 +7,16 @@
 #                     built by scripts/install-vhost-device-rng.sh) behind
 #                     `serve --rng vhost-user=SOCK --iommu off`, next to our in-process
 #                     virtio-blk: the guest reads 64 random bytes from /dev/hwrng through it.
+#                     Also the control for the next scenario: while the guest holds
+#                     (aperture.hold), the back-end maps guest RAM's memfd and a secret the
+#                     guest wrote to memory no device touches is found in its memory.
+#   inflight-copy     implicit grants: `serve --iommu off --inflight copy` with
+#                     `aperture backend blk` as the disk and vhost-device-rng as the RNG,
+#                     an unmodified guest with no IOMMU. Data and RNG as above; while the
+#                     guest holds, neither back-end's /proc/PID/fd nor /proc/PID/maps
+#                     names guest RAM's memfd (its inode, from QEMU's maps), the secret
+#                     is absent from a scan of each back-end's memory, and serve reports
+#                     the requests it posted through the shadows.
 #   ours-blk-strict   `aperture backend blk` behind `serve --disk vhost-user=SOCK --iommu on`,
 #   ours-blk-lazy     guest iommu.strict=1 / Linux's default lazy mode: the guest reads host
 #                     data and writes a pattern with checksums through the back-end, and the
@@ -28,7 +38,9 @@ set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/e2e-lib.sh"
 
 SCRIPTS="$APERTURE_SCRIPTS_DIR"
-ALL=(third-party-rng ours-blk-strict ours-blk-lazy ours-blk-killed)
+ALL=(third-party-rng inflight-copy ours-blk-strict ours-blk-lazy ours-blk-killed)
+# Seconds the guest holds after its workload while the back-ends are inspected.
+HOLD=20
 # Most seconds from the back-end's SIGKILL to the guest's failed read (TCG is slow; the
 # front-end notices the death at once and its deadline is 1 s).
 KILL_BOUND=20
@@ -76,6 +88,58 @@ wait_exit() {   # wait_exit PID SECONDS: sets EXIT_RC to its status, or "hung" (
 }
 m() { awk -v k="$1" '$2 == k { sub(/^APERTURE-E2E [^ ]+ ?/, ""); print; exit }' "$MARKERS"; }
 has() { awk -v k="$1" '$2 == k { f = 1 } END { exit !f }' "$MARKERS"; }
+
+# memfd_inodes PID [MIN_BYTES]: inodes of the memfds PID maps in pieces of at least
+# MIN_BYTES (default 0) and, without MIN_BYTES, of those it holds open.
+memfd_inodes() {
+    local pid="$1" min="${2:-}" range perms off dev ino path f
+    while read -r range perms off dev ino path; do
+        [[ "$path" == /memfd:* ]] || continue
+        (( $((16#${range#*-})) - $((16#${range%-*})) >= ${min:-0} )) && echo "$ino"
+    done <"/proc/$pid/maps"
+    if [[ -z "$min" ]]; then
+        for f in /proc/"$pid"/fd/*; do
+            [[ "$(readlink "$f" 2>/dev/null)" == /memfd:* ]] && stat -L -c %i "$f" 2>/dev/null
+        done
+    fi
+}
+# secret_regions PID WORD: how many of PID's readable mappings hold WORD (/proc/PID/mem).
+secret_regions() {
+    local pid="$1" word="$2" range perms rest a b n=0
+    while read -r range perms rest; do
+        [[ "$perms" == r* ]] || continue
+        a=$((16#${range%-*})) b=$((16#${range#*-}))
+        # grep -q stops reading at the first hit; dd's SIGPIPE must not count (pipefail).
+        { dd if="/proc/$pid/mem" bs=1M iflag=skip_bytes,count_bytes skip="$a" count=$((b - a)) 2>/dev/null || true; } \
+            | grep -q -a -F -- "$word" && n=$((n + 1))
+    done <"/proc/$pid/maps"
+    echo "$n"
+}
+# inspect QEMU_PARENT_PID NAME=PID...: waits for the guest's hold, then for each back-end
+# sets HELD_<NAME> (guest RAM memfd inodes it maps or holds, space-separated) and
+# SECRET_<NAME> (mappings holding the guest's secret). Guest RAM is every memfd QEMU maps
+# in a piece of 64 MiB or more.
+inspect() {
+    local parent="$1" qpid="" ram nb name pid i
+    shift
+    for ((i = 0; i < BOOT_TIMEOUT * 5; i++)); do
+        grep -q 'APERTURE-E2E hold' "$CONSOLE_RAW" 2>/dev/null && break
+        kill -0 "$parent" 2>/dev/null || { bad "the guest ended before its hold"; return; }
+        sleep 0.2
+    done
+    for i in /proc/[0-9]*; do
+        [[ "$(awk '$1 == "PPid:" { print $2 }' "$i/status" 2>/dev/null)" == "$parent" ]] && { qpid=${i#/proc/}; break; }
+    done
+    [[ -n "$qpid" ]] || { bad "cannot find QEMU's pid (child of $parent)"; return; }
+    ram=$(memfd_inodes "$qpid" $((64 << 20)) | sort -u)
+    [[ -n "$ram" ]] || { bad "found no guest RAM memfd in QEMU's /proc/$qpid/maps"; return; }
+    for nb in "$@"; do
+        name="${nb%%=*}" pid="${nb#*=}"
+        printf -v "HELD_$name" '%s' "$(comm -12 <(echo "$ram") <(memfd_inodes "$pid" | sort -u) | tr '\n' ' ')"
+        printf -v "SECRET_$name" '%s' "$(secret_regions "$pid" "$SECRET")"
+    done
+    kill -0 "$qpid" 2>/dev/null || bad "the inspection outlasted the guest's hold of $HOLD s"
+}
 
 # killed_scenario NAME: the back-end is SIGKILLed during the guest's reads.
 killed_scenario() {
@@ -166,7 +230,8 @@ killed_scenario() {
 # scenario NAME: one boot.
 scenario() {
     local name="$1" sd="$RUN/$1" t0 backend_pid serve_pid qrc iommu append sock disk_arg rng_arg pat want_w
-    local extra=()
+    local extra=() serve_extra=() socks=() inspected=() rng_pid="" qemu_parent
+    SECRET="" HELD_blk="" HELD_rng="" SECRET_blk="" SECRET_rng=""
     t0=$(now)
     REASONS=()
     mkdir -p "$sd"
@@ -174,53 +239,80 @@ scenario() {
     CONSOLE="$sd/console.log" MARKERS="$sd/markers.txt"
     make_image "$img" "$name" || { fail "$name: cannot write $img"; KEEP_RUN=1; return; }
     pat="W-$name"
+    if [[ "$name" == third-party-rng || "$name" == inflight-* ]]; then
+        local vdr
+        if ! vdr=$("$SCRIPTS/install-vhost-device-rng.sh" 2>"$sd/install.log"); then
+            fail "$name: scripts/install-vhost-device-rng.sh failed (log: $sd/install.log)"; KEEP_RUN=1; return
+        fi
+        # With --socket-count 1 it listens on SOCKET-PATH with "0" appended.
+        "$vdr" --socket-path "$sd/rng.sock" >"$sd/rng-backend.log" 2>&1 &
+        rng_pid=$!
+        PIDS+=("$rng_pid")
+        socks+=("$sd/rng.sock0=$rng_pid")
+        SECRET="SECRET-$(printf '%s %s' "$name" "$(date +%s%N)" | md5_of)"
+    fi
     case "$name" in
         third-party-rng)
-            local vdr
-            if ! vdr=$("$SCRIPTS/install-vhost-device-rng.sh" 2>"$sd/install.log"); then
-                fail "$name: scripts/install-vhost-device-rng.sh failed (log: $sd/install.log)"; KEEP_RUN=1; return
-            fi
-            # With --socket-count 1 it listens on SOCKET-PATH with "0" appended.
-            "$vdr" --socket-path "$sd/rng.sock" >"$sd/backend.log" 2>&1 &
-            backend_pid=$!
-            sock="$sd/rng.sock0"
+            backend_pid=$rng_pid
             iommu=off append=""
-            disk_arg=("$img") rng_arg=("vhost-user=$sock")
+            disk_arg=("$img") rng_arg=("vhost-user=$sd/rng.sock0")
+            inspected=("rng=$rng_pid")
+            ;;
+        inflight-copy)
+            "$BIN" backend blk --socket "$sd/blk.sock" --disk "$img" >"$sd/backend.log" 2>&1 &
+            backend_pid=$!
+            socks+=("$sd/blk.sock=$backend_pid")
+            iommu=off append=""
+            disk_arg=("vhost-user=$sd/blk.sock") rng_arg=("vhost-user=$sd/rng.sock0")
+            serve_extra=(--inflight copy)
+            inspected=("blk=$backend_pid" "rng=$rng_pid")
             ;;
         ours-blk-*)
             "$BIN" backend blk --socket "$sd/blk.sock" --disk "$img" >"$sd/backend.log" 2>&1 &
             backend_pid=$!
-            sock="$sd/blk.sock"
+            socks+=("$sd/blk.sock=$backend_pid")
             iommu=on
             append=""
             [[ "$name" == *strict ]] && append="iommu.strict=1"
-            disk_arg=("vhost-user=$sock") rng_arg=()
+            disk_arg=("vhost-user=$sd/blk.sock") rng_arg=()
             ;;
     esac
     PIDS+=("$backend_pid")
-    local i
-    for ((i = 0; i < 200; i++)); do [[ -S "$sock" ]] && break; kill -0 "$backend_pid" 2>/dev/null || break; sleep 0.05; done
-    if [[ ! -S "$sock" ]]; then
-        fail "$name: the back-end did not listen on $sock: $(tail -n 3 "$sd/backend.log" | tr '\n' ' ')"; KEEP_RUN=1; return
-    fi
-    "$BIN" serve --dir "$dir" --disk "${disk_arg[0]}" --rng "${rng_arg[@]}" --iommu "$iommu" >"$sd/serve.log" 2>&1 &
+    [[ -n "$SECRET" ]] && append="$append aperture.secret=$SECRET aperture.hold=$HOLD"
+    local i sp
+    for sp in "${socks[@]}"; do
+        sock="${sp%=*}"
+        for ((i = 0; i < 200; i++)); do [[ -S "$sock" ]] && break; kill -0 "${sp##*=}" 2>/dev/null || break; sleep 0.05; done
+        if [[ ! -S "$sock" ]]; then
+            fail "$name: the back-end did not listen on $sock: $(tail -n 3 "$sd"/*backend.log | tr '\n' ' ')"; KEEP_RUN=1; return
+        fi
+    done
+    "$BIN" serve --dir "$dir" --disk "${disk_arg[0]}" --rng "${rng_arg[@]}" --iommu "$iommu" "${serve_extra[@]}" >"$sd/serve.log" 2>&1 &
     serve_pid=$!
     PIDS+=("$serve_pid")
     if ! wait_for "$serve_pid" "$sd/serve.log" 'QEMU arguments in'; then
         fail "$name: aperture serve did not come up: $(tail -n 3 "$sd/serve.log" | tr '\n' ' ')"; KEEP_RUN=1; return
     fi
     mapfile -t extra <"$dir/qemu-args"
-    log "$name: booting (serve --disk ${disk_arg[0]} --rng ${rng_arg[*]} --iommu $iommu; append: ${append:-none})"
+    log "$name: booting (serve --disk ${disk_arg[0]} --rng ${rng_arg[*]} --iommu $iommu ${serve_extra[*]}; append: ${append:-none})"
+    CONSOLE_RAW="$sd/console.raw"
     timeout -k 10 "$BOOT_TIMEOUT" "$QEMU" -nodefaults -no-user-config -display none -serial stdio -no-reboot \
         -machine q35 -accel tcg -smp 1 -kernel "$KERNEL" -initrd "$INITRD" \
         -append "console=ttyS0 panic=-1 loglevel=4 aperture.mib=$MIB aperture.pattern=$pat aperture.watchdog=$WATCHDOG $append" \
-        "${extra[@]}" </dev/null >"$sd/console.raw" 2>"$sd/qemu.err"
+        "${extra[@]}" </dev/null >"$CONSOLE_RAW" 2>"$sd/qemu.err" &
+    qemu_parent=$!
+    ((${#inspected[@]} == 0)) || inspect "$qemu_parent" "${inspected[@]}"
+    wait "$qemu_parent"
     qrc=$?
     local serve_rc
     wait_exit "$serve_pid" 10
     serve_rc=$EXIT_RC
     kill -TERM "$backend_pid" 2>/dev/null
     wait_exit "$backend_pid" 5
+    if [[ -n "$rng_pid" && "$rng_pid" != "$backend_pid" ]]; then
+        kill -TERM "$rng_pid" 2>/dev/null
+        wait_exit "$rng_pid" 5
+    fi
     tr -d '\r' <"$sd/console.raw" >"$CONSOLE"
     grep -o 'APERTURE-E2E .*' "$CONSOLE" >"$MARKERS"
 
@@ -238,6 +330,29 @@ scenario() {
     expect "blk-readback-md5" "$(m blk-readback-md5)" "$want_w"
     expect "host md5 of what the guest wrote" "$(md5_range "$img" "$MIB" "$MIB")" "$want_w"
     local info="" g
+    case "$name" in
+        third-party-rng)
+            # The control: a back-end given guest RAM holds it, secret and all.
+            [[ -n "$HELD_rng" ]] || bad "control: vhost-device-rng should map guest RAM's memfd without implicit grants, and does not (the inspection cannot see it)"
+            [[ "$SECRET_rng" -gt 0 ]] 2>/dev/null || bad "control: the guest's secret should be in vhost-device-rng's memory without implicit grants, and the scan found it in ${SECRET_rng:-no} mappings"
+            info="; control: vhost-device-rng maps guest RAM (inode ${HELD_rng% }), secret in $SECRET_rng of its mappings"
+            ;;
+        inflight-*)
+            local b
+            for b in blk rng; do
+                local held="HELD_$b" sec="SECRET_$b"
+                [[ -z "${!held}" ]] || bad "$b back-end maps or holds guest RAM's memfd (inode ${!held})"
+                [[ "${!sec}" == 0 ]] || bad "$b back-end: the guest's secret is in ${!sec:-?} of its mappings"
+            done
+            local posted
+            for b in blk0 rng; do
+                posted=$(grep -m1 "aperture serve: $b: implicit grants (copy):" "$sd/serve.log" | sed 's/.*(copy): \([0-9]*\) requests posted.*/\1/')
+                [[ "$posted" =~ ^[1-9][0-9]*$ ]] || bad "serve did not report requests posted through $b's shadow: '${posted:-no line}'"
+                info="$info; $b: $(grep -m1 "aperture serve: $b: implicit grants" "$sd/serve.log" | sed 's/.*(copy): //; s/ (guest bytes.*RAM)//; s/, [0-9]* waited.*//')"
+            done
+            info="$info; no guest RAM in either back-end, secret absent"
+            ;;
+    esac
     if [[ "$name" == ours-blk-* ]]; then
         # The guest's IOMMU mode, and the back-end's own account of the IOTLB traffic.
         g=$(awk '$2 == "iommu-group" && $3 == "0000:00:11.0" { print $4; exit }' "$MARKERS")

@@ -16,6 +16,11 @@
 #                           and print fault-read (for `aperture serve --test-fault-sector S`,
 #                           which aims that read's DMA at an unmapped IOVA: expected "fail";
 #                           without that switch it is a plain one-sector read: "ok")
+#   aperture.secret=WORD    before the devices are used, fill 1 MiB of a tmpfs file (guest
+#                           RAM that no device ever reads or writes) with WORD; the host
+#                           then scans the back-ends' memory for it
+#   aperture.hold=SECS      after the workload, print "hold SECS" and sleep that long before
+#                           powering off, so the host can inspect the back-ends mid-session
 #
 # Output, one line each (host side: grep '^APERTURE-E2E '):
 #   APERTURE-E2E start <uname -r>
@@ -42,6 +47,8 @@
 #   APERTURE-E2E rng <ok|fail> <bytes read>        64 bytes from /dev/hwrng; ok = 64 bytes, not all zero
 #   APERTURE-E2E rng-md5 <md5 of those bytes>      (when any were read)
 #   APERTURE-E2E rng absent                        when there is no hwrng source (rng_current "none")
+#   APERTURE-E2E secret-written <bytes>            (only with aperture.secret)
+#   APERTURE-E2E hold <seconds>                    (only with aperture.hold)
 #   APERTURE-E2E dmesg-faults <count of "fault from EP" lines>
 #   APERTURE-DMESG <line>                          dmesg lines matching iommu, virtio, viot, fault (not
 #                                                  "default") or "I/O error"
@@ -66,7 +73,7 @@ dump_dmesg() {
 }
 
 # --- parameters --------------------------------------------------------------------------
-MIB=64 PATTERN=APERTURE SETTLE=20 WATCHDOG=600 FAULT_SECTOR=
+MIB=64 PATTERN=APERTURE SETTLE=20 WATCHDOG=600 FAULT_SECTOR= SECRET= HOLD=0
 for w in $(cat /proc/cmdline); do
     case "$w" in
         aperture.mib=*) MIB=${w#aperture.mib=} ;;
@@ -74,10 +81,13 @@ for w in $(cat /proc/cmdline); do
         aperture.settle=*) SETTLE=${w#aperture.settle=} ;;
         aperture.watchdog=*) WATCHDOG=${w#aperture.watchdog=} ;;
         aperture.fault_sector=*) FAULT_SECTOR=${w#aperture.fault_sector=} ;;
+        aperture.secret=*) SECRET=${w#aperture.secret=} ;;
+        aperture.hold=*) HOLD=${w#aperture.hold=} ;;
     esac
 done
 is_uint "$SETTLE" || { echo "APERTURE-ERROR: bad aperture.settle=$SETTLE, using 20"; SETTLE=20; }
 is_uint "$WATCHDOG" && [ "$WATCHDOG" -gt 0 ] || { echo "APERTURE-ERROR: bad aperture.watchdog=$WATCHDOG, using 600"; WATCHDOG=600; }
+is_uint "$HOLD" || { echo "APERTURE-ERROR: bad aperture.hold=$HOLD, using 0"; HOLD=0; }
 [ -n "$PATTERN" ] || PATTERN=APERTURE
 
 echo "APERTURE: e2e init started, uptime $(uptime_s)s, cmdline: $(cat /proc/cmdline)"
@@ -199,6 +209,13 @@ fault_read() {
 }
 [ -z "$FAULT_SECTOR" ] || fault_read
 
+# --- a secret in memory no device touches ---------------------------------------------------
+if [ -n "$SECRET" ]; then
+    mkdir -p /secret && mount -t tmpfs -o size=2m tmpfs /secret
+    yes "$SECRET" | head -c 1048576 >/secret/s
+    e2e secret-written "$(wc -c </secret/s)"
+fi
+
 # --- block: read the host's pattern, write ours --------------------------------------------
 blk() {
     if ! is_uint "$MIB" || [ "$MIB" -lt 1 ]; then
@@ -279,6 +296,12 @@ if [ -c /dev/hwrng ] && [ "$rng_current" != none ]; then
     fi
 else
     e2e rng absent
+fi
+
+# --- hold: the host inspects the back-ends while the devices are still live -----------------
+if [ "$HOLD" -gt 0 ]; then
+    e2e hold "$HOLD"
+    sleep "$HOLD"
 fi
 
 # --- dmesg, done ---------------------------------------------------------------------------

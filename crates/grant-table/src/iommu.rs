@@ -32,7 +32,7 @@
 //! first and moves data afterwards. Pins released when the guard drops would therefore
 //! be released *before* the data moves. So pins are held per batch instead
 //! (`virtio_contract`'s "The batch"): from the first translation that needs a page
-//! until the batch ends. The carrier calls the [`Batch`](virtio_contract::Batch) hooks
+//! until the batch ends. The carrier calls the [`Batch`] hooks
 //! around `process_queue` (`virtio_contract::process_batch`), and the end is
 //! [`GrantIommu::complete`] (what blkback does: map the request's segments, do the
 //! I/O, unmap them). While pinned, a page cannot be revoked

@@ -24,8 +24,8 @@
 //! records the IOVA spans it translates. A change that removes or replaces a
 //! translation (UNMAP, DETACH, re-ATTACH, a `bypass` write, reset) still changes the
 //! tables at once, and the IOTLB drops at once whatever the batch has not translated;
-//! what it has stays in the IOTLB, as it was, until [`Batch::end`](virtio_contract::Batch::end),
-//! and the request holds a [`Hold`] until then, so the guest sees its status only once
+//! what it has stays in the IOTLB, as it was, until [`Batch::end`], and the request
+//! holds a [`Hold`] until then, so the guest sees its status only once
 //! the batch is over. The IOTLB is not emptied to make room while it keeps such spans.
 
 use crate::state::{Denied, EndpointRef, MappingEvent, Tables};

@@ -151,6 +151,9 @@ where
     match iommu {
         Some(ep) => {
             let mem = IommuMemory::new(GuestMemoryMmap::default(), ep.clone(), true, ());
+            // Each process_queue is one batch of the endpoint (virtio_contract's "The
+            // batch"): an UNMAP of what it translated completes after it.
+            let batch = Box::new(ep.clone());
             let build: MemoryBuilder<EndpointMemory> =
                 Box::new(move |phys| IommuMemory::new(phys, ep.clone(), true, ()));
             function(
@@ -159,11 +162,19 @@ where
                 mem,
                 build,
                 1 << VIRTIO_F_ACCESS_PLATFORM,
+                batch,
             )
         }
         None => {
             let build: MemoryBuilder<GuestMemoryMmap> = Box::new(|phys| phys);
-            function(device, class_code, GuestMemoryMmap::default(), build, 0)
+            function(
+                device,
+                class_code,
+                GuestMemoryMmap::default(),
+                build,
+                0,
+                Box::new(()),
+            )
         }
     }
 }
@@ -174,6 +185,7 @@ fn function<D, M>(
     mem: M,
     build: MemoryBuilder<M>,
     required: u64,
+    batch: Box<dyn virtio_contract::Batch + Send>,
 ) -> Result<Function, BuildError>
 where
     D: VirtioDevice<M> + Send + 'static,
@@ -181,13 +193,14 @@ where
 {
     let n = device.queue_max_sizes().len() as u16 + 1;
     let vectors = MsixVectors::new(n);
-    let t = VirtioPciTransport::new(
+    let mut t = VirtioPciTransport::new(
         device,
         class_code,
         mem,
         Box::new(EventFdSink(Arc::clone(&vectors))),
         required,
     )?;
+    t.set_batch(batch);
     let vector_count = t.msix_vectors();
     let t = Arc::new(Mutex::new(t));
     Ok(Function {

@@ -30,10 +30,12 @@
 //! `vm_memory::Iommu` returns mappings the consumer may turn into `VolatileSlice`s that
 //! outlive the returned guard: `virtio-devices` translates a whole request into slices
 //! first and moves data afterwards. Pins released when the guard drops would therefore
-//! be released *before* the data moves. So pins are held per request batch instead:
-//! from the first translation that needs a page until the device path calls
-//! [`GrantIommu::complete`] after `process_queue` returns (what blkback does: map the
-//! request's segments, do the I/O, unmap them). While pinned, a page cannot be revoked
+//! be released *before* the data moves. So pins are held per batch instead
+//! (`virtio_contract`'s "The batch"): from the first translation that needs a page
+//! until the batch ends. The carrier calls the [`Batch`] hooks
+//! around `process_queue` (`virtio_contract::process_batch`), and the end is
+//! [`GrantIommu::complete`] (what blkback does: map the request's segments, do the
+//! I/O, unmap them). While pinned, a page cannot be revoked
 //! by the guest (its revoke answers "busy"), so no access of the batch can reach a
 //! revoked page. `complete` takes the IOTLB's write lock, so it waits for any access
 //! still holding a translation; after it returns, nothing of the batch is reachable
@@ -48,6 +50,7 @@ use dma_types::{lock, read, write};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use virtio_contract::Batch;
 use vm_memory::iommu::{Error as IommuError, Iotlb, IotlbIterator, IovaRange};
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, Iommu, Permissions,
@@ -698,6 +701,19 @@ impl GrantIommu {
         let handles: Vec<(GrantHandle, u64)> = all.iter().flat_map(|p| p.handles.clone()).collect();
         self.unmap_handles(&handles);
         tlb.invalidate_all();
+    }
+}
+
+/// The carrier's hooks (`virtio_contract`'s "The batch"): pages are pinned from their
+/// first translation in a batch, and the guest's revoke answers "busy" until the end
+/// ([`GrantIommu::complete`]) unmaps them (Xen's ABI: `GTF_reading`/`GTF_writing` make
+/// `gnttab_end_foreign_access` fail while a backend has the page mapped; the guest's
+/// driver retries, so the revocation completes after the batch).
+impl Batch for GrantIommu {
+    fn begin(&self) {}
+
+    fn end(&self) {
+        self.complete();
     }
 }
 

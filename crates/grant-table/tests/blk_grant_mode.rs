@@ -14,7 +14,6 @@ use grant_table::iommu::DEFAULT_MAX_PERSISTENT;
 use grant_table::{DmaDirection, Gfn, Gpa, GrantDma, GrantIommu, IommuMode, Mem};
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
-use virtio_contract::VirtioDevice;
 use virtio_devices::Block;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, IommuMemory};
@@ -223,8 +222,7 @@ fn blk_refuses_ungranted_plain_readonly_and_foreign_buffers_and_guest_data_is_un
             let faults = dm.iommu().stats().faults;
             mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
             ring.post(&[r(hdr.0, 16), w(target, SECTOR as u32), w(st.0, 1)]);
-            dev.process_queue(0, &mut queue, &dm).unwrap();
-            dm.iommu().complete();
+            virtio_contract::process_batch(&**dm.iommu(), &mut dev, 0, &mut queue, &dm).unwrap();
             let status: u8 = mem.read_obj(GuestAddress(STATUS)).unwrap();
             assert_eq!(status, IOERR, "{name}: device read into {what}");
             assert!(dm.iommu().stats().faults > faults, "{name}: {what} faulted");

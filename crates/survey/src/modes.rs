@@ -837,8 +837,9 @@ impl Sharing for Grant {
         Ok(())
     }
     fn after_process(&mut self) {
-        // The device path's end of batch: per-I/O unmaps, copy-mode copies out.
-        self.dev_mem.iommu().complete();
+        // The end of the device's batch (the grant hooks' end is `complete`): per-I/O
+        // unmaps, copy-mode copies out.
+        virtio_contract::Batch::end(&**self.dev_mem.iommu());
     }
     fn stats(&self) -> ModeStats {
         let s = self.dev_mem.iommu().stats();

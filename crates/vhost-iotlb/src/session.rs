@@ -787,12 +787,15 @@ fn process<D: VirtioDevice<GuestView>>(sh: &Shared<D>, i: usize, polling: bool) 
     }
     // As the transport serves a notification: with EVENT_IDX, avail_event follows,
     // and no call goes out that the driver did not ask for.
-    let result = virtio_contract::serve_queue(device, i, &mut ring.queue, &view, polling);
+    // Each process_queue is one batch of the address space (see `AddressSpace`'s
+    // `Batch` hooks): an INVALIDATE of a window it translated waits for its end.
+    let result =
+        virtio_contract::serve_queue(device, i, &mut ring.queue, &view, &*sh.space, polling);
     crate::trace!(
         "queue {i}: done at avail {}: {result:?}",
         ring.queue.next_avail()
     );
-    // Unpins the windows of the batch: revoked ones are unmapped now.
+    // Unpins the windows of the view: revoked ones are unmapped now.
     drop(view);
     match result {
         Ok(virtio_contract::Interrupt::Send) => signal(&sh.calls[i]),

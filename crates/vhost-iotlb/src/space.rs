@@ -11,10 +11,16 @@
 //! guest physical address, mapped whole, as any vhost-user back-end does.
 //!
 //! Invalidation is strict: when [`AddressSpace::invalidate`] returns, no guest page of
-//! the range is mapped in this process any more. A window a device is still using (a
-//! [`GuestView`] pinned it for the current batch) is not unmapped under it; its guest
-//! pages are replaced in place by anonymous pages ([`Mapping::revoke`]), so the late
-//! access lands in scratch and the range is unmapped when the pin drops.
+//! the range is mapped in this process any more. It waits for the device's batch
+//! (`virtio_contract`'s "The batch"; the worker calls the space's
+//! [`Batch`] hooks around each `process_queue`): a window the open batch translated stays
+//! mapped, as it was, until [`Batch::end`], and only then does `invalidate` return (and
+//! the session acknowledge the INVALIDATE). Meanwhile misses fail at once, since the
+//! front-end answers none while it waits for that acknowledgement, and the wait is
+//! bounded by [`Limits::miss_timeout`]. A window a [`GuestView`] still pins outside a
+//! batch (or past that bound) is not unmapped under it: its guest pages are replaced in
+//! place by anonymous pages ([`Mapping::revoke`]), so a late access lands in scratch and
+//! the range is unmapped when the pin drops.
 //!
 //! Exposure ([`Exposure`]) counts the guest bytes mapped now and at the peak.
 
@@ -26,8 +32,9 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use virtio_contract::Batch;
 use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::GuestMemorySliceIterator;
 use vm_memory::iommu::{Error as IommuError, IovaRange};
@@ -41,7 +48,8 @@ pub struct Limits {
     /// the back-end hold unbounded mappings (each one a kernel VMA; Linux allows 65530
     /// per process by default).
     pub max_windows: usize,
-    /// How long a miss waits for the front-end's reply before the access fails.
+    /// How long a miss waits for the front-end's reply before the access fails, and the
+    /// longest an invalidate waits for the batch using its window.
     pub miss_timeout: Duration,
     /// Misses one access may raise. QEMU answers a miss with one IOMMU page (4 KiB with
     /// its virtio-iommu), so a 1 MiB buffer costs 256; a chain's buffers are bounded by
@@ -89,8 +97,11 @@ pub struct Exposure {
     pub invalidates: u64,
     /// Windows dropped to stay within [`Limits::max_windows`].
     pub evictions: u64,
-    /// Windows invalidated while a device batch still pinned them (revoked in place).
+    /// Windows invalidated while a [`GuestView`] still pinned them (revoked in place).
     pub revoked_in_use: u64,
+    /// Invalidates that overlapped a window of the open batch, so took effect (and were
+    /// acknowledged) only when the batch ended.
+    pub deferred_invalidates: u64,
     /// Misses sent to the front-end.
     pub misses: u64,
     /// Misses that did not produce a covering window (refused, timed out, cancelled).
@@ -232,6 +243,8 @@ pub struct Window {
     perm: Permissions,
     map: Mapping,
     seq: u64,
+    /// The last batch that translated through it (0: none).
+    batch: AtomicU64,
 }
 
 impl Window {
@@ -267,6 +280,12 @@ struct Table {
     fifo: BTreeMap<u64, u64>,
     next_seq: u64,
     stats: Exposure,
+    /// The batch the device is in, if any (numbered from 1).
+    batch: Option<u64>,
+    last_batch: u64,
+    /// Windows invalidated during the open batch that it translated: left in place
+    /// until it ends.
+    deferred: Vec<Arc<Window>>,
 }
 
 /// The windows of guest memory this back-end holds. Shared by the thread reading the
@@ -275,6 +294,9 @@ struct Table {
 #[derive(Debug)]
 pub struct AddressSpace {
     table: RwLock<Table>,
+    /// The last batch that ended, and its signal (for invalidates waiting on it).
+    ended: Mutex<u64>,
+    batch_ended: Condvar,
     channel: Mutex<Option<MissChannel>>,
     cancel: AtomicBool,
     limits: Limits,
@@ -352,6 +374,33 @@ impl Table {
         }
     }
 
+    /// Whether the open batch translated through `w`.
+    fn in_batch(&self, w: &Window) -> bool {
+        self.batch
+            .is_some_and(|b| w.batch.load(Ordering::Relaxed) == b)
+    }
+
+    /// Puts a window taken out by [`Table::take_overlapping`] back, unchanged.
+    fn put_back(&mut self, w: Arc<Window>) {
+        self.fifo.insert(w.seq, w.start);
+        self.windows.insert(w.start, w);
+    }
+
+    /// Retires the windows whose invalidation waited for the batch that just ended.
+    fn retire_deferred(&mut self) {
+        for w in std::mem::take(&mut self.deferred) {
+            if self
+                .windows
+                .get(&w.start)
+                .is_some_and(|held| Arc::ptr_eq(held, &w))
+            {
+                self.windows.remove(&w.start);
+                self.fifo.remove(&w.seq);
+                self.retire(w);
+            }
+        }
+    }
+
     fn insert(&mut self, start: u64, len: u64, uaddr: u64, perm: Permissions, map: Mapping) {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -369,6 +418,7 @@ impl Table {
                 perm,
                 map,
                 seq,
+                batch: AtomicU64::new(0),
             }),
         );
     }
@@ -410,7 +460,12 @@ impl AddressSpace {
                 fifo: BTreeMap::new(),
                 next_seq: 0,
                 stats: Exposure::default(),
+                batch: None,
+                last_batch: 0,
+                deferred: Vec::new(),
             }),
+            ended: Mutex::new(0),
+            batch_ended: Condvar::new(),
             channel: Mutex::new(None),
             cancel: AtomicBool::new(false),
             limits,
@@ -591,11 +646,18 @@ impl AddressSpace {
         for w in t.take_overlapping(iova, last_iova) {
             t.retire(w);
         }
+        // The open batch's windows are not evicted: they stay as they were until it ends.
         while t.windows.len() >= self.limits.max_windows.max(1) {
-            let Some((_, oldest)) = t.fifo.pop_first() else {
+            let victim = t
+                .fifo
+                .iter()
+                .map(|(&seq, &start)| (seq, start))
+                .find(|(_, start)| t.windows.get(start).is_some_and(|w| !t.in_batch(w)));
+            let Some((seq, start)) = victim else {
                 break;
             };
-            if let Some(w) = t.windows.remove(&oldest) {
+            t.fifo.remove(&seq);
+            if let Some(w) = t.windows.remove(&start) {
                 t.stats.evictions += 1;
                 t.retire(w);
             }
@@ -607,20 +669,62 @@ impl AddressSpace {
 
     /// Applies an IOTLB invalidate: every window overlapping `[iova, iova + size)` is
     /// gone from this process's memory when this returns (unmapped, or revoked in place
-    /// if a device batch still pins it).
+    /// if a [`GuestView`] still pins it). A window the open batch translated stays as it
+    /// was until the batch ends: this then waits for [`Batch::end`], with misses failing
+    /// at once meanwhile (the front-end answers none before this is acknowledged), for
+    /// at most [`Limits::miss_timeout`], after which the window is revoked in place.
     ///
     /// # Errors
     /// [`SpaceError::NotIotlb`] or [`SpaceError::IotlbRange`]; nothing changed.
     pub fn invalidate(&self, iova: u64, size: u64) -> Result<(), SpaceError> {
         let last_iova = last(iova, size).ok_or(SpaceError::IotlbRange { iova, size })?;
-        let mut t = self.write();
-        if t.mode != Mode::Iotlb {
-            return Err(SpaceError::NotIotlb);
+        let waiting_for = {
+            let mut t = self.write();
+            if t.mode != Mode::Iotlb {
+                return Err(SpaceError::NotIotlb);
+            }
+            t.stats.invalidates += 1;
+            let mut deferred = false;
+            for w in t.take_overlapping(iova, last_iova) {
+                if t.in_batch(&w) {
+                    t.deferred.push(Arc::clone(&w));
+                    t.put_back(w);
+                    deferred = true;
+                } else {
+                    t.retire(w);
+                }
+            }
+            if !deferred {
+                return Ok(());
+            }
+            t.stats.deferred_invalidates += 1;
+            t.batch
+        };
+        let Some(batch) = waiting_for else {
+            return Ok(());
+        };
+        // The batch may be waiting on a miss the front-end will not answer now.
+        self.set_cancel_misses(true);
+        let deadline = Instant::now() + self.limits.miss_timeout;
+        let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        while *ended < batch {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            ended = self
+                .batch_ended
+                .wait_timeout(ended, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
-        for w in t.take_overlapping(iova, last_iova) {
-            t.retire(w);
+        let late = *ended < batch;
+        drop(ended);
+        self.set_cancel_misses(false);
+        if late {
+            eprintln!("vhost-iotlb: a batch outlived the invalidate's wait; its windows are revoked in place");
+            self.write().retire_deferred();
         }
-        t.stats.invalidates += 1;
         Ok(())
     }
 
@@ -721,6 +825,9 @@ impl AddressSpace {
                             if !p.last().is_some_and(|l| Arc::ptr_eq(l, w)) {
                                 p.push(Arc::clone(w));
                             }
+                            if let Some(b) = t.batch {
+                                w.batch.store(b, Ordering::Relaxed);
+                            }
                         }
                         // `off` < w.len ≤ the mapping's length.
                         Lookup::Hit(w.map.ptr().wrapping_add(off as usize), n)
@@ -783,6 +890,30 @@ impl AddressSpace {
             space: Arc::clone(self),
             pins: RefCell::new(Vec::new()),
         }
+    }
+}
+
+/// The carrier's hooks (`virtio_contract`'s "The batch"): windows the batch translates
+/// through a [`GuestView`] are kept, as they were, until it ends, and invalidates of
+/// them wait for that.
+impl Batch for AddressSpace {
+    fn begin(&self) {
+        let mut t = self.write();
+        t.last_batch += 1;
+        t.batch = Some(t.last_batch);
+    }
+
+    fn end(&self) {
+        let ended = {
+            let mut t = self.write();
+            let Some(b) = t.batch.take() else {
+                return;
+            };
+            t.retire_deferred();
+            b
+        };
+        *self.ended.lock().unwrap_or_else(|e| e.into_inner()) = ended;
+        self.batch_ended.notify_all();
     }
 }
 

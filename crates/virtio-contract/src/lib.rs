@@ -14,34 +14,49 @@
 //!   thread that polls queues.
 //!
 //! # The batch
-//! A device reaches guest memory only inside [`VirtioDevice::process_queue`] (and
-//! [`VirtioDevice::activate`]): one call is one *batch*. It starts when the carrier calls
-//! it and ends when it returns; a device keeps no reference into guest memory (a
-//! `VolatileSlice`, a host pointer) past the end of its batch. Within a batch a device
-//! may hold what it translated for one request while it moves that request's data
-//! (virtio-blk translates every segment of a request, then reads the image into them
-//! with one `preadv`). What each way of sharing guarantees for memory the guest takes
-//! away *during* a batch:
+//! A device reaches guest memory only inside [`VirtioDevice::process_queue`]: one call is
+//! one *batch*. The carrier opens it with [`Batch::begin`] right before the call and
+//! closes it with [`Batch::end`] right after the call returns ([`process_batch`] does
+//! both, and [`serve_queue`] serves a queue through it). A device keeps no reference
+//! into guest memory (a `VolatileSlice`, a host pointer) past the end of its batch.
+//! Within a batch a device may hold what it translated for a request while it moves that
+//! request's data (virtio-blk translates every segment of a request, then reads the
+//! image into them with one `preadv`).
+//!
+//! Every sharing mode that lets the guest take memory away gives the one guarantee:
+//!
+//! > From a device's first translation of a range in a batch until that batch ends,
+//! > the range stays reachable as it was when translated. A revocation that overlaps
+//! > it takes effect when the batch ends, and the guest learns it completed only then.
+//! > A range the batch has not translated is revoked at once.
+//!
+//! A batch is bounded by one `process_queue` call, which serves at most what the driver
+//! made available, so the guest never waits on a batch for longer than the device takes
+//! to serve its own requests; nothing in a batch waits on the guest. How each mode
+//! keeps the guarantee:
 //!
 //! - virtio-iommu in process (`virtio_iommu::EndpointIommu` under
-//!   `vm_memory::IommuMemory`): every translation is checked against the tables when
-//!   it is made; an UNMAP that completes before a translation is made denies it (the
-//!   access fails and a fault is reported). What was translated before the UNMAP stays
-//!   reachable until the batch ends, as with real DMA that started before an IOTLB
-//!   flush.
-//! - virtio-iommu out of process (`vhost-iotlb`): the back-end maps windows; an
-//!   INVALIDATE during a batch replaces the window's pages in place (reads see zeros,
-//!   writes are lost) and the window is unmapped when the batch ends; the guest's UNMAP
-//!   completes only after the back-end acknowledged.
-//! - Grant tables (`grant_table::GrantIommu`): pages are pinned from their first
-//!   translation in a batch until the carrier calls `complete` after the batch; while
-//!   pinned, the guest's revoke answers "busy", so nothing is taken away mid-batch.
-//! - The restricted pool (`bounce_pool::PoolIommu`): the pool is fixed at VM creation
-//!   and never taken away; what the guest's DMA layer bounces through it is its own
-//!   business.
+//!   `vm_memory::IommuMemory`): the endpoint records what the batch translates. An UNMAP
+//!   (DETACH, re-ATTACH, a `bypass` write) changes the tables at once, so translations
+//!   of anything else are denied at once, but the endpoint's IOTLB keeps the overlapping
+//!   translations until the batch ends, and the request is parked with a
+//!   `virtio_iommu::Hold` that [`Batch::end`] drops: the guest reads its status then.
+//! - virtio-iommu out of process (`vhost-iotlb`): the back-end keeps a window the
+//!   batch translated mapped, as it was, until the batch ends, and acknowledges an
+//!   INVALIDATE that overlaps it only then; the front-end, which completes the guest's
+//!   UNMAP on that acknowledgement, waits with a deadline. Windows the batch did not
+//!   use are unmapped at once.
+//! - Grant tables (`grant_table::GrantIommu`): a page is pinned from its first
+//!   translation in a batch; [`Batch::end`] unmaps it. Until then the guest's revoke
+//!   answers "busy" (Xen's ABI: `GTF_reading`/`GTF_writing` make
+//!   `gnttab_end_foreign_access` fail while a backend has the page mapped), and the
+//!   guest's driver retries it, so it completes only after the batch.
+//! - The restricted pool (`bounce_pool::PoolIommu`) and plain guest RAM: nothing is
+//!   revocable; their carriers pass `()`, whose hooks do nothing.
 //!
-//! So the modes differ in what an early revocation costs (a fault, zeros, "busy", or
-//! nothing to revoke), never in what the device can reach after its batch ends.
+//! So the modes differ only in how the guest hears that its revocation waits (a request
+//! not yet used, an acknowledgement not yet sent, "busy"), never in what a device can
+//! reach during its batch or after it ends.
 
 #![deny(missing_docs)]
 
@@ -138,7 +153,7 @@ pub trait DeviceIdentity {
 }
 
 /// A virtio device's queue handling, over guest memory `M`. See the crate docs for the
-/// batch each call is.
+/// batch each [`process_queue`](Self::process_queue) call is.
 pub trait VirtioDevice<M: GuestMemory>: DeviceIdentity {
     /// Processes queue `index` after the driver notified it (or a poller saw new
     /// buffers); returns whether the driver should be interrupted, as
@@ -165,7 +180,7 @@ pub trait VirtioDevice<M: GuestMemory>: DeviceIdentity {
     /// Called when the driver sets DRIVER_OK, after the carrier checked every ready
     /// queue (§3.1.1 step 8), with those queues and their MSI-X vectors. A device whose
     /// queues run elsewhere (an out-of-process backend) starts them here; the default
-    /// does nothing.
+    /// does nothing. It moves no request data: it is not a batch.
     ///
     /// # Errors
     /// [`DeviceError`]: the device cannot start; the carrier refuses DRIVER_OK.
@@ -213,27 +228,85 @@ pub enum Interrupt {
     Suppressed,
 }
 
+/// The edges of a batch (see the crate docs), as the sharing mode behind a device's
+/// memory needs them: the carrier calls [`Batch::begin`] right before
+/// [`VirtioDevice::process_queue`] and [`Batch::end`] right after it returns, on the
+/// same thread, with no lock of the mode held. [`process_batch`] does both.
+pub trait Batch {
+    /// A batch starts: the device is about to reach guest memory.
+    fn begin(&self);
+    /// The batch ended: the device returned and holds nothing of guest memory. What the
+    /// guest revoked meanwhile from ranges the batch translated takes effect now, and
+    /// the guest is told it completed.
+    fn end(&self);
+}
+
+/// Memory with nothing revocable (plain guest RAM, the restricted pool): no hooks.
+impl Batch for () {
+    fn begin(&self) {}
+    fn end(&self) {}
+}
+
+/// Ends the batch when dropped, so a device that panics does not leave a revocation
+/// waiting for ever.
+struct OpenBatch<'a, B: Batch + ?Sized>(&'a B);
+
+impl<B: Batch + ?Sized> Drop for OpenBatch<'_, B> {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// One batch: [`Batch::begin`], `device.process_queue(index, queue, mem)`, then
+/// [`Batch::end`], whatever the call returns.
+///
+/// # Errors
+/// The device's error: it cannot go on without a reset.
+pub fn process_batch<M, D, B>(
+    batch: &B,
+    device: &mut D,
+    index: usize,
+    queue: &mut Queue,
+    mem: &M,
+) -> Result<bool, DeviceError>
+where
+    M: GuestMemory,
+    D: VirtioDevice<M> + ?Sized,
+    B: Batch + ?Sized,
+{
+    batch.begin();
+    let _open = OpenBatch(batch);
+    device.process_queue(index, queue, mem)
+}
+
 /// Serves queue `index` of `device` as a notification of it asks, for the transport and
 /// for a vhost-user back-end alike. It processes the queue; then, unless `polling` (a
 /// poller serves the queue with notifications off), it asks the driver for the next
 /// notification, which with EVENT_IDX moves `avail_event` to where the device stopped
 /// (§2.7.10): without that the driver would never notify again. Buffers published in
 /// between are served at once. A queue whose buffers the device leaves waiting (an
-/// event queue) is served once.
+/// event queue) is served once. Each call of the device is one batch of `batch`
+/// ([`process_batch`]).
 ///
 /// # Errors
 /// The device's error: it cannot go on without a reset.
-pub fn serve_queue<M: GuestMemory, D: VirtioDevice<M> + ?Sized>(
+pub fn serve_queue<M, D, B>(
     device: &mut D,
     index: usize,
     queue: &mut Queue,
     mem: &M,
+    batch: &B,
     polling: bool,
-) -> Result<Interrupt, DeviceError> {
+) -> Result<Interrupt, DeviceError>
+where
+    M: GuestMemory,
+    D: VirtioDevice<M> + ?Sized,
+    B: Batch + ?Sized,
+{
     let mut wanted = false;
     loop {
         let before = queue.next_avail();
-        wanted |= device.process_queue(index, queue, mem)?;
+        wanted |= process_batch(batch, device, index, queue, mem)?;
         if polling
             || queue.next_avail() == before
             || !queue.enable_notification(mem).unwrap_or(false)

@@ -204,6 +204,8 @@ impl VirtioIommu {
             tables: RwLock::new(tables),
             iotlbs: (0..n).map(|_| RwLock::new(Iotlb::new())).collect(),
             iotlb_fills: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            batches: (0..n).map(|_| Arc::default()).collect(),
+            retaining: (0..n).map(|_| AtomicBool::new(false)).collect(),
             subscribers: RwLock::new(vec![Vec::new(); n]),
             has_subscribers: AtomicBool::new(false),
             faults: Mutex::new(FaultQueue::default()),

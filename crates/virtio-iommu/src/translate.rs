@@ -17,6 +17,16 @@
 //! only once each of them has settled ([`Settle`]).
 //! What a backend keeps beyond one access (a `VolatileSlice` it saved) is outside any
 //! IOMMU's reach, as with real DMA; backends must translate per access.
+//!
+//! # The batch
+//! An endpoint is also a [`virtio_contract::Batch`]: its carrier opens a batch around
+//! each `process_queue` of the endpoint's device. While one is open the endpoint
+//! records the IOVA spans it translates. A change that removes or replaces a
+//! translation (UNMAP, DETACH, re-ATTACH, a `bypass` write, reset) still changes the
+//! tables at once, and the IOTLB drops at once whatever the batch has not translated;
+//! what it has stays in the IOTLB, as it was, until [`Batch::end`], and the request
+//! holds a [`Hold`] until then, so the guest sees its status only once
+//! the batch is over. The IOTLB is not emptied to make room while it keeps such spans.
 
 use crate::state::{Denied, EndpointRef, MappingEvent, Tables};
 use crate::wire::{
@@ -28,6 +38,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use virtio_contract::Batch;
 use vm_memory::iommu::{Error as IommuError, Iotlb, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, Iommu, Permissions};
 use zerocopy::byteorder::little_endian::{U32, U64};
@@ -115,6 +126,102 @@ impl fmt::Debug for Hold {
     }
 }
 
+/// Separate IOVA spans a batch's record keeps; beyond, it widens to one span covering
+/// them all (a revocation inside it then waits for the batch end even where the batch
+/// translated nothing). Bounds the record, whatever the device translates.
+const MAX_BATCH_SPANS: usize = 64;
+
+/// One endpoint's batch (see the module docs).
+#[derive(Debug, Default)]
+pub(crate) struct EndpointBatch {
+    /// The open batch's number, if one is open (numbered from 1).
+    open: Option<u64>,
+    last: u64,
+    /// Inclusive IOVA spans translated in the open batch, disjoint.
+    touched: Vec<(u64, u64)>,
+    /// Inclusive IOVA spans whose IOTLB entries wait for the batch end.
+    deferred: Vec<(u64, u64)>,
+    /// The requests that revoked them, completed when the holds drop.
+    holds: Vec<Hold>,
+}
+
+impl EndpointBatch {
+    /// Records `[first, last]` as translated in the open batch.
+    fn touch(&mut self, first: u64, last: u64) {
+        let (mut lo, mut hi) = (first, last);
+        // Merge every span that overlaps or adjoins the new one.
+        self.touched.retain(|&(a, b)| {
+            let apart = b.checked_add(1).is_some_and(|n| n < lo)
+                || hi.checked_add(1).is_some_and(|n| n < a);
+            if !apart {
+                lo = lo.min(a);
+                hi = hi.max(b);
+            }
+            apart
+        });
+        self.touched.push((lo, hi));
+        if self.touched.len() > MAX_BATCH_SPANS {
+            let lo = self.touched.iter().map(|s| s.0).min().unwrap_or(lo);
+            let hi = self.touched.iter().map(|s| s.1).max().unwrap_or(hi);
+            self.touched = vec![(lo, hi)];
+        }
+    }
+
+    /// The parts of `[start, end]` the open batch translated, in order.
+    fn kept(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        if self.open.is_none() {
+            return Vec::new();
+        }
+        let mut kept: Vec<(u64, u64)> = self
+            .touched
+            .iter()
+            .filter_map(|&(a, b)| {
+                let (lo, hi) = (a.max(start), b.min(end));
+                (lo <= hi).then_some((lo, hi))
+            })
+            .collect();
+        kept.sort_unstable();
+        kept
+    }
+}
+
+/// `[start, end]` without the disjoint, sorted spans `kept`.
+fn without(start: u64, end: u64, kept: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut from = Some(start);
+    for &(a, b) in kept {
+        if let Some(f) = from {
+            if a > f {
+                out.push((f, a - 1));
+            }
+        }
+        from = b.checked_add(1);
+    }
+    if let Some(f) = from {
+        if f <= end {
+            out.push((f, end));
+        }
+    }
+    out
+}
+
+/// Holds the revoking request until the batch it waited for ends (a subscriber of one
+/// change, queued by [`Shared::on_event`]).
+struct BatchWait {
+    batch: Arc<Mutex<EndpointBatch>>,
+    number: u64,
+}
+
+impl MappingSubscriber for BatchWait {
+    fn on_event(&self, _: EndpointId, _: &MappingEvent, settle: &Settle) {
+        let mut b = lock(&self.batch);
+        // Ended meanwhile: its end already dropped what the request revoked.
+        if b.open == Some(self.number) {
+            b.holds.push(settle.hold());
+        }
+    }
+}
+
 /// A change waiting to be told to one subscriber (see [`Shared::tell`]).
 pub(crate) type Told = (Arc<dyn MappingSubscriber>, EndpointId, MappingEvent);
 
@@ -132,6 +239,10 @@ pub(crate) struct Shared {
     /// size: merges and invalidations only shrink it). Changed under that IOTLB's
     /// write lock.
     pub(crate) iotlb_fills: Box<[AtomicUsize]>,
+    /// Each endpoint's batch. Lock order: tables, then a batch, then its IOTLB.
+    pub(crate) batches: Box<[Arc<Mutex<EndpointBatch>>]>,
+    /// Whether an endpoint's IOTLB keeps spans for its batch (not to be emptied).
+    pub(crate) retaining: Box<[AtomicBool]>,
     pub(crate) subscribers: RwLock<Vec<Vec<Arc<dyn MappingSubscriber>>>>,
     pub(crate) has_subscribers: AtomicBool,
     pub(crate) faults: Mutex<FaultQueue>,
@@ -166,21 +277,50 @@ impl Shared {
     pub(crate) fn on_event(&self, ep: EndpointRef, ev: MappingEvent, told: &mut Vec<Told>) {
         match ev {
             MappingEvent::Mapped { .. } => {}
-            MappingEvent::Unmapped { start, end } => {
-                if let Some((base, len)) = iotlb_span(start, end) {
-                    write(&self.iotlbs[ep.index]).invalidate_mapping(base, len);
-                }
-            }
-            MappingEvent::Identity(_) => {
-                let mut tlb = write(&self.iotlbs[ep.index]);
-                tlb.invalidate_all();
-                self.iotlb_fills[ep.index].store(0, Ordering::Relaxed);
-            }
+            MappingEvent::Unmapped { start, end } => self.revoke(ep, start.0, end.0, ev, told),
+            MappingEvent::Identity(_) => self.revoke(ep, 0, u64::MAX, ev, told),
         }
         if self.has_subscribers.load(Ordering::Acquire) {
             for s in &read(&self.subscribers)[ep.index] {
                 told.push((Arc::clone(s), ep.id, ev));
             }
+        }
+    }
+
+    /// Drops `[start, end]` from the endpoint's IOTLB, except what its open batch
+    /// translated: that stays until the batch ends, and a [`BatchWait`] is queued so the
+    /// request holds until then.
+    fn revoke(
+        &self,
+        ep: EndpointRef,
+        start: u64,
+        end: u64,
+        ev: MappingEvent,
+        told: &mut Vec<Told>,
+    ) {
+        let batch = &self.batches[ep.index];
+        let mut b = lock(batch);
+        let kept = b.kept(start, end);
+        let mut tlb = write(&self.iotlbs[ep.index]);
+        if kept.is_empty() && (start, end) == (0, u64::MAX) {
+            tlb.invalidate_all();
+            self.iotlb_fills[ep.index].store(0, Ordering::Relaxed);
+        } else {
+            for (lo, hi) in without(start, end, &kept) {
+                if let Some((base, len)) = iotlb_span(Iova(lo), Iova(hi)) {
+                    tlb.invalidate_mapping(base, len);
+                }
+            }
+        }
+        drop(tlb);
+        if let (false, Some(number)) = (kept.is_empty(), b.open) {
+            b.deferred.extend(kept);
+            self.retaining[ep.index].store(true, Ordering::Release);
+            let wait = BatchWait {
+                batch: Arc::clone(batch),
+                number,
+            };
+            told.push((Arc::new(wait), ep.id, ev));
         }
     }
 
@@ -285,6 +425,42 @@ impl EndpointIommu {
     }
 }
 
+/// The endpoint's batch hooks (see the module docs): its carrier calls them around each
+/// `process_queue` of the endpoint's device.
+impl Batch for EndpointIommu {
+    fn begin(&self) {
+        let mut b = lock(&self.shared.batches[self.index]);
+        b.last += 1;
+        b.open = Some(b.last);
+        b.touched.clear();
+    }
+
+    fn end(&self) {
+        let (deferred, holds) = {
+            let mut b = lock(&self.shared.batches[self.index]);
+            if b.open.take().is_none() {
+                return;
+            }
+            b.touched.clear();
+            let deferred = std::mem::take(&mut b.deferred);
+            if !deferred.is_empty() {
+                let mut tlb = write(&self.shared.iotlbs[self.index]);
+                for (lo, hi) in deferred.iter().copied() {
+                    if let Some((base, len)) = iotlb_span(Iova(lo), Iova(hi)) {
+                        tlb.invalidate_mapping(base, len);
+                    }
+                }
+                self.shared.retaining[self.index].store(false, Ordering::Release);
+            }
+            (deferred, std::mem::take(&mut b.holds))
+        };
+        drop(deferred);
+        // With no lock held: the last drop completes the request (the device's
+        // request-queue notifier runs).
+        drop(holds);
+    }
+}
+
 impl Iommu for EndpointIommu {
     type IotlbGuard<'a> = RwLockReadGuard<'a, Iotlb>;
 
@@ -304,6 +480,13 @@ impl Iommu for EndpointIommu {
             self.shared.raise_fault(self.id, denied, access);
             return Err(self.deny(iova, length, "range wraps past 2^64"));
         };
+        if length > 0 {
+            // Recorded before the lookup: a revocation after this keeps what it finds.
+            let mut b = lock(&self.shared.batches[self.index]);
+            if b.open.is_some() {
+                b.touch(iova.0, end - 1);
+            }
+        }
         if let Ok(hit) = Iotlb::lookup(read(iotlb), iova, length, access) {
             return Ok(hit);
         }
@@ -314,8 +497,11 @@ impl Iommu for EndpointIommu {
             let mut tlb = write(iotlb);
             // A bounded IOTLB, as in hardware: when full, start over. Keeps lookups
             // and fills fast and the cache's memory bounded whatever the guest maps.
+            // Not while it keeps spans for a batch: they are bounded by the batch.
             let fills = &self.shared.iotlb_fills[self.index];
-            if fills.load(Ordering::Relaxed) >= IOTLB_ENTRIES {
+            if fills.load(Ordering::Relaxed) >= IOTLB_ENTRIES
+                && !self.shared.retaining[self.index].load(Ordering::Acquire)
+            {
                 tlb.invalidate_all();
                 fills.store(0, Ordering::Relaxed);
             }

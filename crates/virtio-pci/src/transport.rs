@@ -7,8 +7,8 @@ use crate::config_space::{
 };
 use std::sync::atomic::Ordering;
 use virtio_contract::{
-    serve_queue, ActiveQueue, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR,
-    VIRTIO_RING_F_EVENT_IDX,
+    serve_queue, ActiveQueue, Batch, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_MSI_NO_VECTOR, VIRTIO_RING_F_EVENT_IDX,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
@@ -83,6 +83,8 @@ pub struct TransportCounters {
 pub struct VirtioPciTransport<D, M> {
     device: D,
     mem: M,
+    /// The batch hooks of the sharing mode behind `mem` (see [`Self::set_batch`]).
+    batch: Box<dyn Batch + Send>,
     config: ConfigSpace,
     queues: Vec<QueueSlot>,
     irq: Box<dyn InterruptSink>,
@@ -154,6 +156,7 @@ impl<D: VirtioDevice<M>, M: GuestMemory> VirtioPciTransport<D, M> {
         Ok(Self {
             device,
             mem,
+            batch: Box::new(()),
             config,
             queues,
             irq,
@@ -190,6 +193,13 @@ impl<D: VirtioDevice<M>, M: GuestMemory> VirtioPciTransport<D, M> {
     /// Replaces the memory DMA goes to (the VMM's memory map changed).
     pub fn set_memory(&mut self, mem: M) {
         self.mem = mem;
+    }
+
+    /// Sets the batch hooks of the sharing mode behind the memory (an endpoint's
+    /// `virtio_iommu::EndpointIommu`): every `process_queue` is then one batch of it
+    /// (`virtio_contract`'s "The batch"). Without, the memory has nothing revocable.
+    pub fn set_batch(&mut self, batch: Box<dyn Batch + Send>) {
+        self.batch = batch;
     }
 
     /// The memory DMA goes to.
@@ -321,6 +331,7 @@ impl<D: VirtioDevice<M>, M: GuestMemory> VirtioPciTransport<D, M> {
             index,
             &mut slot.queue,
             &self.mem,
+            &*self.batch,
             self.polling,
         ) {
             Ok(Interrupt::Send) => {

@@ -15,7 +15,7 @@ pub use test_kit::blk::{access_platform_block as blk, header};
 pub use test_kit::{pattern, r, w, TempImage};
 use test_kit::{RingLayout, SplitRing};
 use virtio_bindings::virtio_blk::*;
-use virtio_contract::VirtioDevice;
+use virtio_contract::{process_batch, VirtioDevice};
 use virtio_devices::Block;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
@@ -146,8 +146,8 @@ impl Ring {
 }
 
 /// One virtio-blk request as the driver does it: header, data and status mapped,
-/// posted, served, completed (`iommu.complete()` after `process_queue`, the device
-/// path's end of batch), used entry read, all unmapped. Returns (used length, status).
+/// posted, served as one batch (`virtio_contract::process_batch`, whose end is
+/// `iommu.complete()`), used entry read, all unmapped. Returns (used length, status).
 #[allow(clippy::too_many_arguments)] // one request, spelled out
 pub fn request<M: GuestMemory>(
     mem: &Mem,
@@ -179,10 +179,12 @@ pub fn request<M: GuestMemory>(
     descs.push(w(st, 1));
     let used_before = ring.q.used_idx();
     ring.post(&descs);
-    dev.process_queue(0, queue, dev_mem).unwrap();
-    if let Some(i) = iommu {
-        i.complete();
+    // One batch: the grant hooks' end is `complete`.
+    match iommu {
+        Some(i) => process_batch(i, dev, 0, queue, dev_mem),
+        None => process_batch(&(), dev, 0, queue, dev_mem),
     }
+    .unwrap();
     assert_eq!(ring.q.used_idx(), used_before.wrapping_add(1));
     let used = ring.q.used_elem(used_before).1;
     if let Dma::Grant(g) = dma {

@@ -17,6 +17,9 @@
 #                     names guest RAM's memfd (its inode, from QEMU's maps), the secret
 #                     is absent from a scan of each back-end's memory, and serve reports
 #                     the requests it posted through the shadows.
+#   inflight-copy-qsd the same with qemu-storage-daemon (QEMU's own tools, provisioned with
+#                     QEMU) exporting the image as vhost-user-blk: an unmodified
+#                     third-party blk back-end that holds no guest RAM.
 #   ours-blk-strict   `aperture backend blk` behind `serve --disk vhost-user=SOCK --iommu on`,
 #   ours-blk-lazy     guest iommu.strict=1 / Linux's default lazy mode: the guest reads host
 #                     data and writes a pattern with checksums through the back-end, and the
@@ -38,7 +41,7 @@ set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/e2e-lib.sh"
 
 SCRIPTS="$APERTURE_SCRIPTS_DIR"
-ALL=(third-party-rng inflight-copy ours-blk-strict ours-blk-lazy ours-blk-killed)
+ALL=(third-party-rng inflight-copy inflight-copy-qsd ours-blk-strict ours-blk-lazy ours-blk-killed)
 # Seconds the guest holds after its workload while the back-ends are inspected.
 HOLD=20
 # Most seconds from the back-end's SIGKILL to the guest's failed read (TCG is slow; the
@@ -260,6 +263,22 @@ scenario() {
             ;;
         inflight-copy)
             "$BIN" backend blk --socket "$sd/blk.sock" --disk "$img" >"$sd/backend.log" 2>&1 &
+            backend_pid=$!
+            socks+=("$sd/blk.sock=$backend_pid")
+            iommu=off append=""
+            disk_arg=("vhost-user=$sd/blk.sock") rng_arg=("vhost-user=$sd/rng.sock0")
+            serve_extra=(--inflight copy)
+            inspected=("blk=$backend_pid" "rng=$rng_pid")
+            ;;
+        inflight-copy-qsd)
+            local qsd="${APERTURE_QSD:-}"
+            if [[ ! -x "$qsd" ]]; then
+                fail "$name: provisioning left no qemu-storage-daemon (APERTURE_QSD='$qsd')"; KEEP_RUN=1; return
+            fi
+            "$qsd" --blockdev "driver=file,node-name=file0,filename=$img" \
+                --blockdev driver=raw,node-name=disk0,file=file0 \
+                --export "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=$sd/blk.sock,writable=on" \
+                >"$sd/backend.log" 2>&1 &
             backend_pid=$!
             socks+=("$sd/blk.sock=$backend_pid")
             iommu=off append=""

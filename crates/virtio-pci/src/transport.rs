@@ -326,13 +326,18 @@ impl<D: VirtioDevice<M>, M: GuestMemory> VirtioPciTransport<D, M> {
         if !slot.queue.ready() {
             return;
         }
+        // Notifications stay off only for a queue the poller comes back to; any other
+        // queue (one whose device runs it elsewhere, or drains it on calls) must leave
+        // them on, or with EVENT_IDX its `avail_event` goes stale and the driver stops
+        // notifying for good.
+        let polling = self.polling && self.device.polled(index);
         match serve_queue(
             &mut self.device,
             index,
             &mut slot.queue,
             &self.mem,
             &*self.batch,
-            self.polling,
+            polling,
         ) {
             Ok(Interrupt::Send) => {
                 self.counters.interrupts += 1;

@@ -20,6 +20,8 @@ struct Echo {
     acked: u64,
     resets: u32,
     cfg: [u8; 8],
+    /// Its queues are not for a poller (a device that runs them elsewhere).
+    unpolled: bool,
 }
 
 impl DeviceIdentity for Echo {
@@ -56,6 +58,10 @@ impl DeviceIdentity for Echo {
 }
 
 impl VirtioDevice<Mem> for Echo {
+    fn polled(&self, _index: usize) -> bool {
+        !self.unpolled
+    }
+
     fn process_queue(
         &mut self,
         index: usize,
@@ -409,6 +415,23 @@ fn with_event_idx_msis_follow_used_event_and_avail_event_follows_the_device() {
         assert_eq!(ring.avail_event(), served);
     }
     assert_eq!(irqs.vectors(), vec![1], "one MSI, when used passed 2");
+}
+
+#[test]
+fn a_queue_the_poller_does_not_poll_keeps_avail_event_current_while_others_poll() {
+    // A vhost-user device with implicit grants drains its queue on notifications and
+    // calls only. Were avail_event left behind because *other* queues are polled, the
+    // driver (EVENT_IDX, §2.7.10) would stop notifying and its requests would wait
+    // forever.
+    let (mut t, _irqs, mut ring) = live(1 << VIRTIO_RING_F_EVENT_IDX);
+    t.device_mut().unpolled = true;
+    assert!(!t.set_polling(true));
+    for served in 1..=3u16 {
+        publish(&mut ring);
+        bar_write(&mut t, 0x3000, 0, 2);
+        assert_eq!(ring.used_idx(), served);
+        assert_eq!(ring.avail_event(), served, "the next publication notifies");
+    }
 }
 
 #[test]

@@ -266,6 +266,12 @@ impl CopyShadow {
     /// Whether the back-end wants a kick for what was posted (it has not set
     /// `VRING_USED_F_NO_NOTIFY`).
     pub fn needs_kick(&self) -> bool {
+        // The avail index just published must be visible before the flag is read: a
+        // back-end that stops polling clears the flag, then re-reads the index
+        // (virtio v1.3 §2.7.10); without a full fence both sides can miss each other
+        // (the store-to-load reordering Linux's `virtio_mb` prevents) and the request
+        // waits forever.
+        fence(Ordering::SeqCst);
         self.mem
             .mem()
             .load::<u16>(GuestAddress(self.used_at), Ordering::Acquire)

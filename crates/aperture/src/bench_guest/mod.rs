@@ -23,7 +23,7 @@ use crate::vm;
 use device_host::endpoints::{BlockFactory, VhostUserFactory};
 use device_host::host::{DeviceHost, EndpointFactory, Function, IommuHandle, IommuMode};
 use device_host::poll::Pollable;
-use device_host::vhost_user::{DeviceKind, VhostUserHandle, DEFAULT_TIMEOUT};
+use device_host::vhost_user::{DeviceKind, InflightConfig, VhostUserHandle, DEFAULT_TIMEOUT};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, Weak};
@@ -62,6 +62,9 @@ pub(crate) enum Config {
     ApertureVhostStrict,
     /// As [`Config::ApertureVhostStrict`], the guest's default lazy invalidation.
     ApertureVhostLazy,
+    /// Implicit grants, copy form: `aperture backend blk` in another process given
+    /// only the device host's shadow rings and bounce buffers; no IOMMU in the guest.
+    ApertureInflightCopy,
     /// QEMU's virtio-blk-pci behind QEMU's virtio-iommu-pci, iommu.strict=1.
     QemuViommuStrict,
     /// QEMU's virtio-blk-pci behind QEMU's virtio-iommu-pci, lazy.
@@ -72,12 +75,13 @@ pub(crate) enum Config {
 
 impl Config {
     /// Every configuration, in table order.
-    pub(crate) const ALL: [Config; 8] = [
+    pub(crate) const ALL: [Config; 9] = [
         Config::ApertureStrict,
         Config::ApertureLazy,
         Config::ApertureOff,
         Config::ApertureVhostStrict,
         Config::ApertureVhostLazy,
+        Config::ApertureInflightCopy,
         Config::QemuViommuStrict,
         Config::QemuViommuLazy,
         Config::QemuOff,
@@ -90,6 +94,7 @@ impl Config {
             Config::ApertureOff => "aperture-off",
             Config::ApertureVhostStrict => "aperture-vhost-strict",
             Config::ApertureVhostLazy => "aperture-vhost-lazy",
+            Config::ApertureInflightCopy => "aperture-inflight-copy",
             Config::QemuViommuStrict => "qemu-viommu-strict",
             Config::QemuViommuLazy => "qemu-viommu-lazy",
             Config::QemuOff => "qemu-off",
@@ -108,13 +113,16 @@ impl Config {
     fn vhost(self) -> bool {
         matches!(
             self,
-            Config::ApertureVhostStrict | Config::ApertureVhostLazy
+            Config::ApertureVhostStrict | Config::ApertureVhostLazy | Config::ApertureInflightCopy
         )
     }
 
     /// The disk sits behind a virtio-iommu.
     fn translated(self) -> bool {
-        !matches!(self, Config::ApertureOff | Config::QemuOff)
+        !matches!(
+            self,
+            Config::ApertureOff | Config::QemuOff | Config::ApertureInflightCopy
+        )
     }
 
     fn strict(self) -> bool {
@@ -133,6 +141,8 @@ impl Config {
             Config::ApertureOff => Some(Config::QemuOff),
             Config::ApertureVhostStrict => Some(Config::ApertureStrict),
             Config::ApertureVhostLazy => Some(Config::ApertureLazy),
+            // Isolation with no guest change, against none at all.
+            Config::ApertureInflightCopy => Some(Config::ApertureOff),
             _ => None,
         }
     }
@@ -154,6 +164,7 @@ impl Config {
             Config::ApertureOff => "our virtio-blk over vfio-user, no IOMMU",
             Config::ApertureVhostStrict => "our device host as vhost-user front-end of `aperture backend blk` (another process, IOTLB) behind our virtio-iommu, iommu.strict=1",
             Config::ApertureVhostLazy => "our device host as vhost-user front-end of `aperture backend blk` (another process, IOTLB) behind our virtio-iommu, lazy",
+            Config::ApertureInflightCopy => "implicit grants, copy form: `aperture backend blk` (another process) given only our shadow rings and bounce buffers, no IOMMU in the guest",
             Config::QemuViommuStrict => "QEMU's virtio-blk-pci (iommu_platform=on) behind QEMU's virtio-iommu-pci, iommu.strict=1",
             Config::QemuViommuLazy => "QEMU's virtio-blk-pci (iommu_platform=on) behind QEMU's virtio-iommu-pci, lazy",
             Config::QemuOff => "QEMU's virtio-blk-pci, no IOMMU",
@@ -597,9 +608,13 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
             let b = BackendProcess::spawn(&dir, &p.disk, opts.backend_poll)?;
             let (tx, rx) = std::sync::mpsc::channel();
             vhost = Some(rx);
-            let f = VhostUserFactory::new("blk0", &b.socket, DeviceKind::Block, DEFAULT_TIMEOUT)
-                .map_err(|e| format!("aperture backend blk: {e}"))?
-                .with_handle_sender(tx);
+            let mut f =
+                VhostUserFactory::new("blk0", &b.socket, DeviceKind::Block, DEFAULT_TIMEOUT)
+                    .map_err(|e| format!("aperture backend blk: {e}"))?
+                    .with_handle_sender(tx);
+            if config == Config::ApertureInflightCopy {
+                f = f.with_inflight(InflightConfig::default());
+            }
             backend = Some(b);
             Box::new(f)
         } else {
@@ -687,7 +702,12 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
         }
     }
     // The back-end exits once the front-end disconnected (--once) and leaves its stats.
-    let backend_stats = match backend.take().map(BackendProcess::finish) {
+    let mode = if config == Config::ApertureInflightCopy {
+        "plain"
+    } else {
+        "iotlb"
+    };
+    let backend_stats = match backend.take().map(|b| b.finish(mode)) {
         None => None,
         Some(Ok(stats)) => Some(stats),
         Some(Err(e)) => {

@@ -76,8 +76,9 @@ impl BackendProcess {
     ///
     /// # Errors
     /// It does not exit, exits with an error, leaves no readable stats, or did not run
-    /// in IOTLB mode.
-    pub(super) fn finish(mut self) -> Result<serde_json::Value, String> {
+    /// in `mode` (`iotlb` behind the virtio-iommu, `plain` with implicit grants: its
+    /// memory is then only the device host's shadows).
+    pub(super) fn finish(mut self, mode: &str) -> Result<serde_json::Value, String> {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let status = loop {
             match self.child.try_wait() {
@@ -103,9 +104,9 @@ impl BackendProcess {
             .map_err(|e| format!("no back-end stats at {}: {e}", self.stats.display()))?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| format!("back-end stats {}: {e}", self.stats.display()))?;
-        if v["mode"] != "iotlb" {
+        if v["mode"] != mode {
             return Err(format!(
-                "the back-end ran in mode {}, not iotlb (stats {})",
+                "the back-end ran in mode {}, not {mode} (stats {})",
                 v["mode"],
                 self.stats.display()
             ));

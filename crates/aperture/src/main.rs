@@ -142,7 +142,10 @@ enum Command {
     /// was done with it (reserved, identity, dropped), and every conflict.
     #[command(after_help = "Examples:\n  \
 aperture layout --ram 8G --dmar /sys/firmware/acpi/tables/DMAR --assign 00:02.0\n  \
-aperture layout --ram 4G --reserved-regions /sys/kernel/iommu_groups/7/reserved_regions --assign 00:14.0,relaxed --json\n\n\
+aperture layout --ram 4G --reserved-regions /sys/kernel/iommu_groups/7/reserved_regions --assign 00:14.0,relaxed --json\n  \
+aperture layout --ram 8G --dmar DMAR --group 00:14.0,00:1a.0,00:1d.0   USB controllers sharing one RMRR, together\n\n\
+A region several devices share is refused under strict unless every sharer is assigned\n\
+in the same run (repeated --assign, or one --group); relaxed assigns with a warning.\n\n\
 Exit status: 0 planned, 1 a strict conflict makes the plan impossible, 2 bad input.")]
     Layout(layout::Args),
     /// Run one of our devices as an out-of-process vhost-user back-end (blk or rng).

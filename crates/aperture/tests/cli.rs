@@ -288,3 +288,97 @@ fn bench_guest_options_need_guest() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--guest"), "{}", stderr(&o));
 }
+
+/// A committed host-table fixture of `mem-layout`.
+fn fixture(name: &str) -> String {
+    format!(
+        "{}/../mem-layout/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+#[test]
+fn layout_shared_rmrr_strict_single_assignment_exits_1_naming_every_sharer_and_the_range() {
+    let dmar = fixture("thinkpad-snb-dmar.bin");
+    let o = aperture(&[
+        "layout",
+        "--ram",
+        "8G",
+        "--dmar",
+        &dmar,
+        "--assign",
+        "00:14.0,strict",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    for want in ["00:14.0", "00:1a.0", "00:1d.0", "[0xda2f0000-0xda306fff]"] {
+        assert!(err.contains(want), "{err} lacks {want}");
+    }
+}
+
+#[test]
+fn layout_group_of_every_sharer_plans_under_strict() {
+    let dmar = fixture("thinkpad-snb-dmar.bin");
+    for args in [
+        vec!["--group", "00:14.0,00:1a.0,00:1d.0,strict"],
+        vec![
+            "--assign",
+            "00:14.0,strict",
+            "--assign",
+            "00:1a.0",
+            "--assign",
+            "00:1d.0",
+        ],
+    ] {
+        let mut all = vec!["layout", "--ram", "8G", "--dmar", &dmar, "--json"];
+        all.extend(args);
+        let o = aperture(&all);
+        assert_eq!(o.status.code(), Some(0), "{all:?}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        let r = &v["reserved"][0];
+        assert_eq!(r["start"], 0xda2f_0000u64);
+        assert_eq!(r["action"], "identity");
+        assert_eq!(r["table"][0], "DMAR");
+        assert_eq!(r["source"], "DMAR RMRR @0x68");
+        assert_eq!(v["warnings"].as_array().map(Vec::len), Some(0));
+    }
+}
+
+#[test]
+fn layout_shared_rmrr_relaxed_single_assignment_plans_with_the_risky_warning() {
+    let dmar = fixture("thinkpad-snb-dmar.bin");
+    let o = aperture(&[
+        "layout",
+        "--ram",
+        "8G",
+        "--dmar",
+        &dmar,
+        "--assign",
+        "00:1a.0,relaxed",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("risky") && err.contains("00:14.0, 00:1d.0"),
+        "{err}"
+    );
+}
+
+#[test]
+fn layout_device_named_twice_or_group_of_one_is_bad_input() {
+    let dmar = fixture("thinkpad-snb-dmar.bin");
+    for (args, needle) in [
+        (
+            vec!["--group", "00:14.0,00:1a.0", "--assign", "00:14.0"],
+            "named twice",
+        ),
+        (vec!["--group", "00:14.0"], "two or more"),
+        (vec!["--group", "00:14.0,zz"], "zz"),
+    ] {
+        let mut all = vec!["layout", "--ram", "8G", "--dmar", &dmar];
+        all.extend(args);
+        let o = aperture(&all);
+        assert_eq!(o.status.code(), Some(2), "{all:?}");
+        assert!(stderr(&o).contains(needle), "{all:?}: {}", stderr(&o));
+    }
+}

@@ -152,6 +152,10 @@ impl RdmDatabase {
             let same_table = no_merge_prefix.is_some_and(|p| old.source.starts_with(p));
             if !same_table && old.range == new.range {
                 old.devices.extend(new.devices);
+                // Say every place that listed it.
+                if !old.source.split("; ").any(|s| s == new.source) {
+                    old.source = format!("{}; {}", old.source, new.source);
+                }
                 // The stricter meaning wins: a region one source calls direct stays direct.
                 old.kind = old.kind.min(new.kind);
                 return Ok(());
@@ -358,11 +362,28 @@ fn covers(pieces: &[MemRange], range: &MemRange) -> bool {
     false
 }
 
-/// `00:1d.0, 00:1a.0` for messages.
+/// `00:1d.0, 00:1a.0` for messages, in the order given; three or more consecutive
+/// functions shrink to a span (`00:00.0-0f:1f.7`), so an IVMD covering a range of
+/// peripherals stays one line.
 pub fn device_list<'a>(devices: impl IntoIterator<Item = &'a Bdf>) -> String {
-    devices
-        .into_iter()
-        .map(|b| b.to_string())
+    let mut runs: Vec<(Bdf, Bdf, usize)> = Vec::new();
+    for b in devices {
+        if let Some((_, last, n)) = runs.last_mut() {
+            let next = last.requester_id().checked_add(1);
+            if b.segment == last.segment && next == Some(b.requester_id()) {
+                *last = *b;
+                *n += 1;
+                continue;
+            }
+        }
+        runs.push((*b, *b, 1));
+    }
+    runs.iter()
+        .flat_map(|(first, last, n)| match n {
+            1 => vec![first.to_string()],
+            2 => vec![first.to_string(), last.to_string()],
+            _ => vec![format!("{first}-{last}")],
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -509,6 +530,22 @@ mod tests {
             .add_reserved_regions(&partial, &[bdf("00:14.0")].into(), "group 7")
             .is_err());
         assert_eq!(db, before, "a failed add leaves no trace");
+    }
+
+    #[test]
+    fn device_list_shrinks_three_or_more_consecutive_functions_to_a_span() {
+        let many: Vec<Bdf> = (0..=0xfffu16)
+            .map(|id| Bdf::new(0, (id >> 8) as u8, ((id >> 3) & 0x1f) as u8, (id & 7) as u8))
+            .collect::<Result<_, _>>()
+            .expect("valid");
+        assert_eq!(device_list(&many), "00:00.0-0f:1f.7");
+        let few = [
+            bdf("00:1d.0"),
+            bdf("00:1a.0"),
+            bdf("00:1a.1"),
+            bdf("00:14.0"),
+        ];
+        assert_eq!(device_list(&few), "00:1d.0, 00:1a.0, 00:1a.1, 00:14.0");
     }
 
     #[test]

@@ -171,3 +171,48 @@ fn thinkpad_host_strategy_needs_no_move_because_q35_already_splits_at_2g() {
     assert_eq!(l.low_ram_end, 0x8000_0000);
     assert_eq!(l.e820_ram(), 0xE000_0000);
 }
+
+#[test]
+fn thinkpad_shared_usb_rmrr_strict_single_assignment_is_refused_naming_every_sharer() {
+    let db = thinkpad_db();
+    let mut cfg = LayoutConfig::new(8 << 30);
+    cfg.assigned.push((bdf("00:14.0"), Some(Policy::Strict)));
+    match plan(&cfg, &db) {
+        Err(mem_layout::LayoutError::StrictConflict(r)) => {
+            let msg = &r.conflicts[0].message;
+            for want in [
+                "00:14.0",
+                "00:1a.0",
+                "00:1d.0",
+                "[0xda2f0000-0xda306fff]",
+                "DMAR RMRR @0x68",
+            ] {
+                assert!(msg.contains(want), "{msg} lacks {want}");
+            }
+        }
+        other => panic!("expected a strict shared-region refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn thinkpad_shared_usb_rmrr_group_assignment_plans_and_relaxed_warns() {
+    let db = thinkpad_db();
+    let mut cfg = LayoutConfig::new(8 << 30);
+    for d in ["00:14.0", "00:1a.0", "00:1d.0"] {
+        cfg.assigned.push((bdf(d), Some(Policy::Strict)));
+    }
+    let l = plan(&cfg, &db).expect("the whole group together");
+    assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+    assert_eq!(l.regions[0].action, Action::Identity);
+    assert_eq!(l.regions[0].source, "DMAR RMRR @0x68");
+    let mut cfg = LayoutConfig::new(8 << 30);
+    cfg.assigned.push((bdf("00:1a.0"), Some(Policy::Relaxed)));
+    let l = plan(&cfg, &db).expect("relaxed assigns anyway");
+    assert_eq!(l.warnings.len(), 1);
+    assert!(l.warnings[0].contains("risky"), "{:?}", l.warnings);
+    assert!(
+        l.warnings[0].contains("00:14.0, 00:1d.0"),
+        "{:?}",
+        l.warnings
+    );
+}

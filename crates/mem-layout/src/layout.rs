@@ -171,6 +171,8 @@ pub struct PlannedRegion {
     pub kind: RegionKind,
     /// The devices that need it.
     pub devices: Vec<Bdf>,
+    /// Platform devices that need it, by ACPI name (IORT named components).
+    pub components: Vec<String>,
     /// The policy that decided conflicts on it.
     pub policy: Policy,
     /// What was done.
@@ -415,6 +417,7 @@ fn collect(cfg: &LayoutConfig, db: &RdmDatabase) -> Collected {
                     range: r.range,
                     kind: r.kind,
                     devices: r.devices.iter().copied().collect(),
+                    components: r.components.iter().cloned().collect(),
                     policy: global,
                     action: Action::Reserved,
                     source: r.source.clone(),
@@ -435,6 +438,7 @@ fn collect(cfg: &LayoutConfig, db: &RdmDatabase) -> Collected {
                 range: r.range,
                 kind: r.kind,
                 devices: r.devices.iter().copied().collect(),
+                components: r.components.iter().cloned().collect(),
                 policy,
                 action: Action::Reserved,
                 source: r.source.clone(),

@@ -2,8 +2,9 @@
 //! the devices to assign, and prints the plan — the e820, each reserved region with its
 //! devices and what was done with it, and every conflict — as a table or as JSON.
 //!
-//! Input comes from the host's ACPI DMAR table (`--dmar`) and Linux's per-group
-//! `reserved_regions` files (`--reserved-regions`); the planning is
+//! Input comes from the host's ACPI tables — Intel's DMAR (`--dmar`), AMD's IVRS
+//! (`--ivrs`), Arm's IORT (`--iort`) — and Linux's per-group `reserved_regions` files
+//! (`--reserved-regions`), all into one region database; the planning is
 //! [`mem_layout::plan`], so this file only reads, converts and prints. Exit status: 0
 //! planned, 1 a strict conflict makes the plan impossible, 2 bad input.
 
@@ -25,6 +26,14 @@ pub struct Args {
     /// The host's ACPI DMAR table, e.g. /sys/firmware/acpi/tables/DMAR (root only).
     #[arg(long, value_name = "FILE")]
     dmar: Option<PathBuf>,
+    /// The host's ACPI IVRS table (AMD), e.g. /sys/firmware/acpi/tables/IVRS: its IVMD
+    /// unity and exclusion ranges.
+    #[arg(long, value_name = "FILE")]
+    ivrs: Option<PathBuf>,
+    /// The host's ACPI IORT table (Arm), e.g. /sys/firmware/acpi/tables/IORT: its RMR
+    /// nodes, followed to PCI functions and named components.
+    #[arg(long, value_name = "FILE")]
+    iort: Option<PathBuf>,
     /// A Linux /sys/kernel/iommu_groups/N/reserved_regions file; its devices are read
     /// from devices/ beside it, or given after @ (FILE@00:14.0,00:1a.0).
     #[arg(long = "reserved-regions", value_name = "FILE[@BDF,...]")]
@@ -44,6 +53,10 @@ pub struct Args {
     /// host: keep every host region free (for hotplug); ignore: only assigned devices'.
     #[arg(long, value_name = "host|ignore", default_value = "ignore", value_parser = parse_strategy)]
     strategy: Strategy,
+    /// Regions starting above this may lower the end of low RAM; below it they are
+    /// only checked (Xen's rdm_mem_boundary; default 2G).
+    #[arg(long = "rdm-mem-boundary", value_name = "SIZE", value_parser = parse_size)]
+    rdm_mem_boundary: Option<u64>,
     /// Print one JSON object (e820, reserved, conflicts; addresses as integers).
     #[arg(long)]
     json: bool,
@@ -159,6 +172,18 @@ fn database(args: &Args) -> Result<RdmDatabase, BadInput> {
         db.add_dmar(&table, &bridges, None)
             .map_err(|e| BadInput(format!("--dmar {}: {e}", path.display())))?;
     }
+    if let Some(path) = &args.ivrs {
+        let table = mem_layout::ivrs::read(path)
+            .map_err(|e| BadInput(format!("--ivrs {}: {e}", path.display())))?;
+        db.add_ivrs(&table)
+            .map_err(|e| BadInput(format!("--ivrs {}: {e}", path.display())))?;
+    }
+    if let Some(path) = &args.iort {
+        let table = mem_layout::iort::read(path)
+            .map_err(|e| BadInput(format!("--iort {}: {e}", path.display())))?;
+        db.add_iort(&table)
+            .map_err(|e| BadInput(format!("--iort {}: {e}", path.display())))?;
+    }
     for arg in &args.reserved_regions {
         let (path, devices) = group_devices(arg)?;
         let text = std::fs::read_to_string(&path)
@@ -205,7 +230,8 @@ fn to_json(
         })).collect::<Vec<_>>(),
         "reserved": regions.iter().map(|r| json!({
             "start": r.range.start(), "end": r.range.end(),
-            "devices": devices_json(&r.devices), "action": r.action.as_str(),
+            "devices": devices_json(&r.devices), "components": r.components,
+            "action": r.action.as_str(),
             "kind": r.kind.as_str(), "policy": r.policy.as_str(),
             "table": table_of(&r.source), "source": r.source,
         })).collect::<Vec<_>>(),
@@ -273,6 +299,12 @@ fn to_text(
             r.action.as_str(),
             r.source,
             mem_layout::rdm::device_list(&r.devices)
+                .split(", ")
+                .filter(|d| !d.is_empty())
+                .map(str::to_string)
+                .chain(r.components.iter().cloned())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     s += "\nconflicts:\n";
@@ -307,6 +339,9 @@ pub fn run(args: Args) -> ExitCode {
     }
     let mut cfg = LayoutConfig::new(args.ram);
     cfg.strategy = args.strategy;
+    if let Some(b) = args.rdm_mem_boundary {
+        cfg.rdm_mem_boundary = b;
+    }
     cfg.policy = args.policy;
     cfg.assigned = match assigned(&args) {
         Ok(a) => a,

@@ -136,14 +136,16 @@ fn parse_disk(s: &str) -> Result<DiskArg, String> {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Plan a q35 guest's memory around the reserved memory (RMRRs, reserved_regions)
-    /// of the devices to assign: low RAM ends below the regions, the rest goes above
+    /// Plan a q35 guest's memory around the reserved memory (Intel DMAR RMRRs, AMD IVRS
+    /// IVMDs, Arm IORT RMRs, reserved_regions) of the devices to assign: low RAM ends below the regions, the rest goes above
     /// 4 GiB, nothing is lost. Prints the e820, each region with its devices and what
     /// was done with it (reserved, identity, dropped), and every conflict.
     #[command(after_help = "Examples:\n  \
 aperture layout --ram 8G --dmar /sys/firmware/acpi/tables/DMAR --assign 00:02.0\n  \
 aperture layout --ram 4G --reserved-regions /sys/kernel/iommu_groups/7/reserved_regions --assign 00:14.0,relaxed --json\n  \
-aperture layout --ram 8G --dmar DMAR --group 00:14.0,00:1a.0,00:1d.0   USB controllers sharing one RMRR, together\n\n\
+aperture layout --ram 8G --dmar DMAR --group 00:14.0,00:1a.0,00:1d.0   USB controllers sharing one RMRR, together\n  \
+aperture layout --ram 8G --ivrs /sys/firmware/acpi/tables/IVRS --assign c4:00.7 --rdm-mem-boundary 1G   AMD IVMDs\n  \
+aperture layout --ram 4G --iort /sys/firmware/acpi/tables/IORT --strategy host --json   Arm IORT RMR nodes\n\n\
 A region several devices share is refused under strict unless every sharer is assigned\n\
 in the same run (repeated --assign, or one --group); relaxed assigns with a warning.\n\n\
 Exit status: 0 planned, 1 a strict conflict makes the plan impossible, 2 bad input.")]

@@ -382,3 +382,143 @@ fn layout_device_named_twice_or_group_of_one_is_bad_input() {
         assert!(stderr(&o).contains(needle), "{all:?}: {}", stderr(&o));
     }
 }
+
+/// A copy of a fixture with `edit` applied and the checksum made right again, in a
+/// temporary file the test owns.
+fn edited_fixture(name: &str, tag: &str, edit: impl Fn(&mut Vec<u8>)) -> std::path::PathBuf {
+    let mut bytes = std::fs::read(fixture(name)).unwrap();
+    edit(&mut bytes);
+    bytes[9] = 0;
+    let sum = bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b));
+    bytes[9] = sum.wrapping_neg();
+    let path =
+        std::env::temp_dir().join(format!("aperture-cli-{}-{tag}-{name}", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn layout_ivrs_plans_a_real_amd_table_keeping_the_unity_range_reserved() {
+    let ivrs = fixture("asus-zenbook-s16-ivrs.bin");
+    let o = aperture(&[
+        "layout",
+        "--ram",
+        "8G",
+        "--ivrs",
+        &ivrs,
+        "--assign",
+        "c4:00.7",
+        "--rdm-mem-boundary",
+        "1G",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let r = &v["reserved"][0];
+    assert_eq!(r["start"], 0x75e0_0000u64);
+    assert_eq!(r["end"], 0x75e1_ffffu64);
+    assert_eq!(r["table"][0], "IVRS");
+    assert_eq!(r["source"], "IVRS IVMD @0xe8");
+    assert_eq!(r["devices"][0], "c4:00.7");
+    let e820 = v["e820"].as_array().unwrap();
+    assert!(e820
+        .iter()
+        .any(|e| e["type"] == "reserved" && e["start"] == 0x75e0_0000u64));
+    assert!(e820
+        .iter()
+        .filter(|e| e["type"] == "ram")
+        .all(|e| e["end"].as_u64().unwrap() < 0x75e0_0000
+            || e["start"].as_u64().unwrap() > 0x75e1_ffff));
+}
+
+#[test]
+fn layout_iort_plans_a_real_arm_table_naming_its_named_components() {
+    let iort = fixture("cix-sky1-orion-o6-iort.bin");
+    let o = aperture(&[
+        "layout",
+        "--ram",
+        "4G",
+        "--iort",
+        &iort,
+        "--strategy",
+        "host",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let r = &v["reserved"][0];
+    assert_eq!(r["start"], 0x8480_0000u64);
+    assert_eq!(r["kind"], "direct-relaxable");
+    assert_eq!(r["table"][0], "IORT");
+    assert_eq!(r["components"][0], "\\_SB_.DPU0");
+    assert_eq!(r["action"], "reserved");
+}
+
+#[test]
+fn layout_malformed_tables_are_one_line_naming_the_table_and_offset_exit_2() {
+    let cases: Vec<(&str, std::path::PathBuf, &str)> = vec![
+        // Bad checksum: byte 9 off by one after the sum was made right.
+        (
+            "--ivrs",
+            {
+                let p = edited_fixture("asus-zenbook-s16-ivrs.bin", "sum", |_| {});
+                let mut b = std::fs::read(&p).unwrap();
+                b[9] = b[9].wrapping_add(1);
+                std::fs::write(&p, b).unwrap();
+                p
+            },
+            "IVRS: checksum (offset 9)",
+        ),
+        // A length past the table: the IVMD at 0xc8 says 0xff00 bytes.
+        (
+            "--ivrs",
+            edited_fixture("asus-zenbook-s16-ivrs.bin", "len", |b| {
+                b[0xca] = 0x00;
+                b[0xcb] = 0xff;
+            }),
+            "IVRS: block type 0x21 at offset 0xc8",
+        ),
+        // A zero-length range: the IVMD at 0xc8's length field cleared.
+        (
+            "--ivrs",
+            edited_fixture("asus-zenbook-s16-ivrs.bin", "zero", |b| {
+                b[0xc8 + 24..0xc8 + 32].fill(0);
+            }),
+            "IVRS IVMD @0xc8: the range at 0x7d900000 has length zero",
+        ),
+        // Overlapping ranges: the IVMD at 0xe8 moved onto the one at 0xc8.
+        (
+            "--ivrs",
+            edited_fixture("asus-zenbook-s16-ivrs.bin", "overlap", |b| {
+                b[0xe8 + 16..0xe8 + 24].copy_from_slice(&0x7d91_0000u64.to_le_bytes());
+            }),
+            "IVRS IVMD @0xe8",
+        ),
+        // A truncated node: one node more than the table holds.
+        (
+            "--iort",
+            edited_fixture("cix-sky1-orion-o6-iort.bin", "count", |b| {
+                b[36] += 1;
+            }),
+            "IORT: node 19 at offset 0xad8",
+        ),
+        // An ID mapping to a missing node: the RMR's first mapping points at 0x999.
+        (
+            "--iort",
+            edited_fixture("cix-sky1-orion-o6-iort.bin", "ref", |b| {
+                b[0xa08..0xa0c].copy_from_slice(&0x999u32.to_le_bytes());
+            }),
+            "IORT: ID mapping at offset 0x9fc refers to offset 0x999",
+        ),
+    ];
+    for (flag, path, needle) in cases {
+        let p = path.to_string_lossy().to_string();
+        let o = aperture(&["layout", "--ram", "4G", flag, &p]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{needle}: {err}");
+        assert!(err.contains(needle), "{err} lacks {needle}");
+        assert!(err.contains(&p), "{err} names the file");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        let _ = std::fs::remove_file(&path);
+    }
+}

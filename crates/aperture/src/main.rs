@@ -177,7 +177,12 @@ aperture serve --dir /tmp/vm --disk base.img,ro --iommu bypass\n  \
 aperture serve --dir /tmp/vm --disk vhost-user=/tmp/blk.sock   (after: aperture backend blk --socket /tmp/blk.sock --disk disk.img)\n  \
 aperture serve --dir /tmp/vm --rng vhost-user=/tmp/rng.sock --iommu off   (a third-party back-end, e.g. vhost-device-rng)\n  \
 aperture serve --dir /tmp/vm --disk disk.img --rng --mem 2560 \\\n      \
---reserved 0x90301000-0x90301fff@blk0 --reserved 0x98000000-0x980fffff@rng\n\n\
+--reserved 0x90301000-0x90301fff@blk0 --reserved 0x98000000-0x980fffff@rng\n  \
+aperture serve --dir /tmp/vm --disk disk.img --mem 2560 \\\n      \
+--dmar /sys/firmware/acpi/tables/DMAR --host-device 0000:00:02.0=blk0   (the IGD's RMRRs reserved for blk0)\n  \
+aperture serve --dir /tmp/vm --disk disk.img --ivrs IVRS --host-device c4:00.7=blk0\n  \
+aperture serve --dir /tmp/vm --disk a.img --disk b.img --dmar DMAR \\\n      \
+--host-device 00:14.0=blk0 --host-device 00:1a.0=blk0 --host-device 00:1d.0=blk1   (USB controllers sharing an RMRR)\n\n\
 Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")]
     Serve {
         /// Directory for the sockets, viot.aml and qemu-args (created if missing).
@@ -214,6 +219,22 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
         /// free is refused (the policy is strict, as for an assigned device).
         #[arg(long, value_name = "START-END@DEVICE", value_parser = serve::parse_reserved)]
         reserved: Vec<serve::ReservedArg>,
+        /// The host's ACPI DMAR table (Intel), to read --host-device regions from.
+        #[arg(long, value_name = "FILE")]
+        dmar: Option<std::path::PathBuf>,
+        /// The host's ACPI IVRS table (AMD), to read --host-device regions from.
+        #[arg(long, value_name = "FILE")]
+        ivrs: Option<std::path::PathBuf>,
+        /// The host's ACPI IORT table (Arm), to read --host-device regions from.
+        #[arg(long, value_name = "FILE")]
+        iort: Option<std::path::PathBuf>,
+        /// Give served DEVICE (blk0, blk1..., rng) the reserved regions that the host
+        /// tables list for host function HOSTBDF, as if each were a --reserved range. A
+        /// region HOSTBDF shares with other host functions is refused unless each of
+        /// them is given too (any served device), or with ",relaxed" at the end.
+        #[arg(long = "host-device", value_name = "HOSTBDF=DEVICE[,relaxed]",
+              value_parser = serve::parse_host_device)]
+        host_device: Vec<serve::HostDeviceArg>,
         /// Longest a device thread keeps polling the queues for new requests after
         /// the last one, in microseconds, with the guest's notifications off while it
         /// polls (a busy guest then sends no doorbell at all). The window adapts below
@@ -440,6 +461,10 @@ fn main() -> ExitCode {
             iommu,
             mem,
             reserved,
+            dmar,
+            ivrs,
+            iort,
+            host_device,
             test_fault_sector,
             poll_us,
         } => serve::run(serve::Options {
@@ -449,6 +474,12 @@ fn main() -> ExitCode {
             iommu,
             mem,
             reserved: &reserved,
+            host_tables: serve::HostTables {
+                dmar: dmar.as_deref(),
+                ivrs: ivrs.as_deref(),
+                iort: iort.as_deref(),
+            },
+            host_devices: &host_device,
             test_fault_sector,
             rng_vhost_user: rng.as_ref().and_then(|r| r.0.as_deref()),
             poll: poll_max(poll_us),

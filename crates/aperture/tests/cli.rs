@@ -522,3 +522,43 @@ fn layout_malformed_tables_are_one_line_naming_the_table_and_offset_exit_2() {
         let _ = std::fs::remove_file(&path);
     }
 }
+
+#[test]
+fn serve_host_table_bad_input_is_one_line_naming_it_and_exit_2() {
+    let dir = std::env::temp_dir().join(format!("aperture-cli-hostdev-{}", std::process::id()));
+    let d = dir.to_string_lossy().to_string();
+    let dmar = fixture("thinkpad-snb-dmar.bin");
+    for (args, needle) in [
+        (vec!["--dmar", dmar.as_str()], "no --host-device"),
+        (
+            vec!["--dmar", dmar.as_str(), "--host-device", "00:14.0=blk0"],
+            "host devices 00:1a.0, 00:1d.0 need it too",
+        ),
+        (
+            vec!["--dmar", dmar.as_str(), "--host-device", "00:02.0=blk9"],
+            "no device 'blk9'",
+        ),
+        (
+            vec!["--dmar", dmar.as_str(), "--host-device", "00:1f.0=blk0"],
+            "no reserved region for 00:1f.0",
+        ),
+        (
+            vec![
+                "--dmar",
+                "/nonexistent/DMAR",
+                "--host-device",
+                "00:02.0=blk0",
+            ],
+            "--dmar /nonexistent/DMAR",
+        ),
+        (vec!["--host-device", "00:02.0"], "HOSTBDF=DEVICE"),
+    ] {
+        let mut all = vec!["serve", "--dir", &d, "--disk", "/dev/null", "--mem", "2560"];
+        all.extend(args);
+        let o = aperture(&all);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{all:?}: {err}");
+        assert!(err.contains(needle), "{all:?}: {err} lacks {needle}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -430,12 +430,13 @@ pub fn parse(table: &[u8]) -> Result<Iort, IortError> {
         at += l;
     }
     // Every output reference must be the start of a node.
+    let starts: std::collections::BTreeSet<u32> = nodes
+        .iter()
+        .filter_map(|n| u32::try_from(n.offset).ok())
+        .collect();
     for node in &nodes {
         for m in &node.mappings {
-            if !nodes
-                .iter()
-                .any(|n| u32::try_from(n.offset).ok() == Some(m.output_reference))
-            {
+            if !starts.contains(&m.output_reference) {
                 return Err(IortError::MissingNode {
                     offset: m.offset,
                     reference: m.output_reference,

@@ -99,6 +99,16 @@ pub enum RdmError {
         /// Its start.
         start: u64,
     },
+    /// IVMDs that together name more (region, device) pairs than the bound.
+    #[error("{entry}: the IVMDs so far name {pairs} (region, device) pairs, more than the {max} this database takes")]
+    TooManyDevices {
+        /// The IVMD that passed the bound, with its offset.
+        entry: String,
+        /// Pairs named up to and including it.
+        pairs: usize,
+        /// [`MAX_IVRS_DEVICE_PAIRS`].
+        max: usize,
+    },
     /// A range that runs past the top of the address space.
     #[error("{entry}: the range at {start:#x} of length {length:#x} runs past 2^64")]
     PastTop {
@@ -301,6 +311,7 @@ impl RdmDatabase {
     /// is added on error.
     pub fn add_ivrs(&mut self, ivrs: &Ivrs) -> Result<(), RdmError> {
         let mut next = self.clone();
+        let mut pairs = 0usize;
         for m in &ivrs.ivmds {
             let source = format!("IVRS IVMD @{:#x}", m.offset);
             if !m.unity() && !m.exclusion() {
@@ -353,6 +364,15 @@ impl RdmDatabase {
                     ),
                 });
                 continue;
+            }
+            // Each device of each region is kept: bound the total before building it.
+            pairs = pairs.saturating_add(usize::from(last - first) + 1);
+            if pairs > MAX_IVRS_DEVICE_PAIRS {
+                return Err(RdmError::TooManyDevices {
+                    entry: source,
+                    pairs,
+                    max: MAX_IVRS_DEVICE_PAIRS,
+                });
             }
             let devices: BTreeSet<Bdf> = (first..=last)
                 .map(|id| device_id_bdf(m.segment, id))
@@ -597,6 +617,12 @@ const ZERO_PAGE: MemRange = match MemRange::span(0, crate::types::PAGE_SIZE - 1)
     Some(r) => r,
     None => panic!("constant range"),
 };
+
+/// Most (region, device) pairs one IVRS table may name: sixteen IVMDs naming every
+/// device ID of a segment. An IVMD of type 0x20 or 0x22 names up to 65 536 devices and
+/// each is kept, so without a bound a 64 KiB table of such IVMDs would ask for over a
+/// hundred million; real tables name a few thousand (the MECHREVO fixture 20 480).
+pub const MAX_IVRS_DEVICE_PAIRS: usize = 16 << 16;
 
 /// RMR descriptors should be 64 KiB aligned (DEN 0049E.d; Linux `iort_rmr_alloc`).
 const RMR_ALIGN: u64 = 64 << 10;
@@ -914,6 +940,24 @@ mod tests {
         assert_eq!(device_list(&db.regions()[0].devices), "00:00.0-0f:1f.7");
         // Type 0x20 ends at the highest device ID the IVHDs name (01:1f.7).
         assert_eq!(db.regions()[1].devices.len(), 0x200);
+    }
+
+    #[test]
+    fn ivrs_device_pairs_past_the_bound_are_an_error_not_a_huge_allocation() {
+        let all = |i: u64| crate::ivrs::build::ivmd(0x22, 0x01, 0, 0xffff, i << 20, 0x1000);
+        let blocks: Vec<Vec<u8>> = (0..17).map(all).collect();
+        let e = ivrs_db(&blocks).expect_err("17 x 65536 pairs");
+        assert!(
+            matches!(
+                e,
+                RdmError::TooManyDevices {
+                    pairs: 0x11_0000,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(ivrs_db(&blocks[..16]).is_ok(), "16 x 65536 is the bound");
     }
 
     #[test]

@@ -23,6 +23,11 @@
 #                        all 2560 MiB (low RAM lowered as serve planned it, the rest
 #                        above 4 GiB), and each device's IOMMU group lists its region
 #                        (and not the other's) next to the MSI window
+#      host-table        as reserved, but the regions come from a real host table: the
+#                        ThinkPad DMAR fixture (crates/mem-layout/fixtures) with
+#                        --host-device 00:02.0=blk0 (the IGD's RMRR) and the three USB
+#                        controllers sharing one RMRR given together to rng; the guest's
+#                        own reserved_regions must list each RMRR for its device
 #      qemu-killed       SIGKILL to QEMU during I/O: serve exits by itself, sockets gone
 # Prints "PASS name (...)" or "FAIL name: reason (logs: DIR)" per scenario, then exactly
 # one line "N passed, M failed". Exit status 0 only if M == 0.
@@ -40,7 +45,7 @@ set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/e2e-lib.sh"
 
 SCRIPTS="$APERTURE_SCRIPTS_DIR"
-ALL=(iommu-on-strict iommu-on-lazy iommu-bypass iommu-off fault reserved qemu-killed)
+ALL=(iommu-on-strict iommu-on-lazy iommu-bypass iommu-off fault reserved host-table qemu-killed)
 MIB="${E2E_MIB:-32}"
 KILL_MIB="${E2E_KILL_MIB:-256}"
 BOOT_TIMEOUT="${E2E_BOOT_TIMEOUT:-240}"
@@ -53,6 +58,11 @@ KILL_AFTER=2            # qemu-killed: seconds between the first block I/O and S
 RESV_MEM=2560
 RESV_BLK=(0x90301000 0x90301fff)
 RESV_RNG=(0x98000000 0x980fffff)
+# host-table: the ThinkPad DMAR's two RMRRs, IGD 00:02.0 for blk0 and the USB one
+# (00:14.0, 00:1a.0, 00:1d.0) for rng; both lie in q35's 32-bit PCI hole.
+HOST_DMAR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/crates/mem-layout/fixtures/thinkpad-snb-dmar.bin"
+HOST_BLK=(0xdb800000 0xdf9fffff)
+HOST_RNG=(0xda2f0000 0xda306fff)
 
 for v in MIB KILL_MIB BOOT_TIMEOUT; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "E2E_$v must be a positive integer, not '${!v}'"
@@ -306,6 +316,13 @@ io_scenario() {
     [[ "$kind" == fault ]] && extra=(--test-fault-sector "$TAIL_SECTOR")
     [[ "$kind" == reserved ]] && extra=(--mem "$RESV_MEM"
         --reserved "${RESV_BLK[0]}-${RESV_BLK[1]}@blk0" --reserved "${RESV_RNG[0]}-${RESV_RNG[1]}@rng")
+    # check_reserved reads RESV_BLK/RESV_RNG: here they are the table's RMRRs.
+    local RESV_BLK=("${RESV_BLK[@]}") RESV_RNG=("${RESV_RNG[@]}")
+    if [[ "$kind" == host-table ]]; then
+        RESV_BLK=("${HOST_BLK[@]}") RESV_RNG=("${HOST_RNG[@]}")
+        extra=(--mem "$RESV_MEM" --dmar "$HOST_DMAR" --host-device 00:02.0=blk0
+            --host-device 00:14.0=rng --host-device 00:1a.0=rng --host-device 00:1d.0=rng)
+    fi
     if ! start_serve "$dir" --disk "$img" --rng --iommu "$iommu" "${extra[@]}"; then
         fail "$name: $WHY (logs: $sd)"; KEEP_RUN=1; return
     fi
@@ -324,9 +341,9 @@ io_scenario() {
     check_pci "$viommu"
     case "$kind" in
         strict) check_groups DMA ;;
-        lazy | reserved) check_groups DMA-FQ ;;
+        lazy | reserved | host-table) check_groups DMA-FQ ;;
     esac
-    [[ "$kind" == reserved ]] && check_reserved "$dir"
+    [[ "$kind" == reserved || "$kind" == host-table ]] && check_reserved "$dir"
     if has done; then
         check_io "$img" "$MIB" "$pat"
         if [[ "$kind" == fault ]]; then
@@ -350,7 +367,7 @@ io_scenario() {
     case "$kind" in
         strict | lazy | bypass) info+="; $(groups_summary)" ;;
         fault) info+="; ${fault_line#APERTURE-DMESG }" ;;
-        reserved) info+="; ${RESV_INFO:-}" ;;
+        reserved | host-table) info+="; ${RESV_INFO:-}" ;;
     esac
     if ((${#REASONS[@]} == 0)); then
         pass "$name ($info)"
@@ -436,6 +453,7 @@ for s in "${SELECTED[@]}"; do
         iommu-off) io_scenario "$s" off "" off ;;
         fault) io_scenario "$s" on "" fault ;;
         reserved) io_scenario "$s" on "" reserved ;;
+        host-table) io_scenario "$s" on "" host-table ;;
         qemu-killed) killed_scenario ;;
     esac
 done

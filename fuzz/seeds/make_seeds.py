@@ -99,6 +99,23 @@ def host_tables():
           b"0x000000007b800000 0x000000007fffffff direct\n")
     write("host_tables", "reserved-regions-8g",
           b"\x07" + b"0x00000000000a0000 0x00000000000bffff direct-relaxable\n")
+    for name in ("asus-zenbook-s16-ivrs", "cix-sky1-orion-o6-iort"):
+        with open(os.path.join(FIXTURES, name + ".bin"), "rb") as f:
+            write("host_tables", name, b"\x40" + f.read())
+
+
+# --- host_tables_ivrs / host_tables_iort (src/host_tables.rs) ----------------------
+def host_tables_ivrs_iort():
+    for target, names in (
+        ("host_tables_ivrs", ("asus-zenbook-s16-ivrs", "mechrevo-wujie14-ivrs",
+                              "thinkpad-t14g3-ivrs", "hp-envy-x360-13-ivrs")),
+        ("host_tables_iort", ("cix-sky1-orion-o6-iort", "acer-spin7-iort")),
+    ):
+        for name in names:
+            with open(os.path.join(FIXTURES, name + ".bin"), "rb") as f:
+                data = f.read()
+            write(target, name, b"\x00" + data)
+            write(target, name + "-assigned", b"\x42" + data)
 
 
 # --- vhost_user_wire (src/vhost_user_wire.rs) -------------------------------------
@@ -339,6 +356,7 @@ def grant_entries():
 requests()
 blk_request()
 host_tables()
+host_tables_ivrs_iort()
 vhost_user_wire()
 virtio_pci_registers()
 grant_entries()

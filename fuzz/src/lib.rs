@@ -28,6 +28,8 @@ pub const TARGETS: &[(&str, Run)] = &[
     ("requests", requests::run),
     ("blk_request", blk_request::run),
     ("host_tables", host_tables::run),
+    ("host_tables_ivrs", host_tables::run_ivrs),
+    ("host_tables_iort", host_tables::run_iort),
     ("vhost_user_wire", vhost_user_wire::run),
     ("virtio_pci_registers", virtio_pci_registers::run),
     ("grant_entries", grant_entries::run),

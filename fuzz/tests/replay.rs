@@ -64,6 +64,16 @@ fn host_tables() {
 }
 
 #[test]
+fn host_tables_ivrs() {
+    replay_all("host_tables_ivrs");
+}
+
+#[test]
+fn host_tables_iort() {
+    replay_all("host_tables_iort");
+}
+
+#[test]
 fn vhost_user_wire() {
     replay_all("vhost_user_wire");
 }

@@ -2,8 +2,9 @@
 //! the devices to assign, and prints the plan — the e820, each reserved region with its
 //! devices and what was done with it, and every conflict — as a table or as JSON.
 //!
-//! Input comes from the host's ACPI DMAR table (`--dmar`) and Linux's per-group
-//! `reserved_regions` files (`--reserved-regions`); the planning is
+//! Input comes from the host's ACPI tables — Intel's DMAR (`--dmar`), AMD's IVRS
+//! (`--ivrs`), Arm's IORT (`--iort`) — and Linux's per-group `reserved_regions` files
+//! (`--reserved-regions`), all into one region database; the planning is
 //! [`mem_layout::plan`], so this file only reads, converts and prints. Exit status: 0
 //! planned, 1 a strict conflict makes the plan impossible, 2 bad input.
 
@@ -25,19 +26,37 @@ pub struct Args {
     /// The host's ACPI DMAR table, e.g. /sys/firmware/acpi/tables/DMAR (root only).
     #[arg(long, value_name = "FILE")]
     dmar: Option<PathBuf>,
+    /// The host's ACPI IVRS table (AMD), e.g. /sys/firmware/acpi/tables/IVRS: its IVMD
+    /// unity and exclusion ranges.
+    #[arg(long, value_name = "FILE")]
+    ivrs: Option<PathBuf>,
+    /// The host's ACPI IORT table (Arm), e.g. /sys/firmware/acpi/tables/IORT: its RMR
+    /// nodes, followed to PCI functions and named components.
+    #[arg(long, value_name = "FILE")]
+    iort: Option<PathBuf>,
     /// A Linux /sys/kernel/iommu_groups/N/reserved_regions file; its devices are read
     /// from devices/ beside it, or given after @ (FILE@00:14.0,00:1a.0).
     #[arg(long = "reserved-regions", value_name = "FILE[@BDF,...]")]
     reserved_regions: Vec<String>,
     /// A device to assign, with its own policy (default: --policy if given, else strict).
+    /// Every device of one run goes to the same guest: a reserved region several
+    /// devices share is allowed under strict only when all of them are assigned.
     #[arg(long, value_name = "BDF[,strict|relaxed]", value_parser = parse_assign)]
     assign: Vec<(Bdf, Option<Policy>)>,
+    /// Devices that share reserved regions, assigned together with one policy: the same
+    /// as one --assign per device (e.g. --group 00:14.0,00:1a.0,00:1d.0,strict).
+    #[arg(long, value_name = "BDF,BDF...[,strict|relaxed]", value_parser = parse_group)]
+    group: Vec<(Vec<Bdf>, Option<Policy>)>,
     /// Global policy for regions without a device policy (default: relaxed).
     #[arg(long, value_name = "strict|relaxed", value_parser = parse_policy)]
     policy: Option<Policy>,
     /// host: keep every host region free (for hotplug); ignore: only assigned devices'.
     #[arg(long, value_name = "host|ignore", default_value = "ignore", value_parser = parse_strategy)]
     strategy: Strategy,
+    /// Regions starting above this may lower the end of low RAM; below it they are
+    /// only checked (Xen's rdm_mem_boundary; default 2G).
+    #[arg(long = "rdm-mem-boundary", value_name = "SIZE", value_parser = parse_size)]
+    rdm_mem_boundary: Option<u64>,
     /// Print one JSON object (e820, reserved, conflicts; addresses as integers).
     #[arg(long)]
     json: bool,
@@ -85,6 +104,31 @@ fn parse_assign(s: &str) -> Result<(Bdf, Option<Policy>), String> {
     ))
 }
 
+fn parse_group(s: &str) -> Result<(Vec<Bdf>, Option<Policy>), String> {
+    let mut parts: Vec<&str> = s.split(',').collect();
+    let policy = match parts.last().map(|p| p.parse::<Policy>()) {
+        Some(Ok(p)) => {
+            parts.pop();
+            Some(p)
+        }
+        _ => None,
+    };
+    let devices = parts
+        .iter()
+        .map(|b| {
+            b.parse::<Bdf>()
+                .map_err(|e: mem_layout::types::BdfError| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if devices.len() < 2 {
+        return Err(format!(
+            "'{s}' names {} device(s); a group needs two or more (use --assign for one)",
+            devices.len()
+        ));
+    }
+    Ok((devices, policy))
+}
+
 /// Bad input: the one-line message, naming the input.
 struct BadInput(String);
 
@@ -128,6 +172,18 @@ fn database(args: &Args) -> Result<RdmDatabase, BadInput> {
         db.add_dmar(&table, &bridges, None)
             .map_err(|e| BadInput(format!("--dmar {}: {e}", path.display())))?;
     }
+    if let Some(path) = &args.ivrs {
+        let table = mem_layout::ivrs::read(path)
+            .map_err(|e| BadInput(format!("--ivrs {}: {e}", path.display())))?;
+        db.add_ivrs(&table)
+            .map_err(|e| BadInput(format!("--ivrs {}: {e}", path.display())))?;
+    }
+    if let Some(path) = &args.iort {
+        let table = mem_layout::iort::read(path)
+            .map_err(|e| BadInput(format!("--iort {}: {e}", path.display())))?;
+        db.add_iort(&table)
+            .map_err(|e| BadInput(format!("--iort {}: {e}", path.display())))?;
+    }
     for arg in &args.reserved_regions {
         let (path, devices) = group_devices(arg)?;
         let text = std::fs::read_to_string(&path)
@@ -140,6 +196,24 @@ fn database(args: &Args) -> Result<RdmDatabase, BadInput> {
     Ok(db)
 }
 
+/// `--assign` and `--group` as one list; a device named twice is bad input.
+fn assigned(args: &Args) -> Result<Vec<(Bdf, Option<Policy>)>, BadInput> {
+    let mut out: Vec<(Bdf, Option<Policy>)> = Vec::new();
+    let groups = args
+        .group
+        .iter()
+        .flat_map(|(devices, p)| devices.iter().map(move |d| (*d, *p)));
+    for (bdf, policy) in args.assign.iter().copied().chain(groups) {
+        if out.iter().any(|(b, _)| *b == bdf) {
+            return Err(BadInput(format!(
+                "--assign/--group: {bdf} is named twice; name each device once"
+            )));
+        }
+        out.push((bdf, policy));
+    }
+    Ok(out)
+}
+
 fn devices_json(devices: &[Bdf]) -> Vec<String> {
     devices.iter().map(|b| b.to_string()).collect()
 }
@@ -148,6 +222,7 @@ fn to_json(
     e820: &[E820Entry],
     regions: &[PlannedRegion],
     conflicts: &[Conflict],
+    warnings: &[String],
 ) -> serde_json::Value {
     json!({
         "e820": e820.iter().map(|e| json!({
@@ -155,13 +230,34 @@ fn to_json(
         })).collect::<Vec<_>>(),
         "reserved": regions.iter().map(|r| json!({
             "start": r.range.start(), "end": r.range.end(),
-            "devices": devices_json(&r.devices), "action": r.action.as_str(),
+            "devices": devices_json(&r.devices), "components": r.components,
+            "action": r.action.as_str(),
+            "kind": r.kind.as_str(), "policy": r.policy.as_str(),
+            "table": table_of(&r.source), "source": r.source,
         })).collect::<Vec<_>>(),
         "conflicts": conflicts.iter().map(|c| json!({
             "start": c.range.start(), "end": c.range.end(),
             "devices": devices_json(&c.devices), "message": c.message,
         })).collect::<Vec<_>>(),
+        "warnings": warnings,
     })
+}
+
+/// The host table a region came from: `DMAR`, `IVRS`, `IORT`, or `reserved_regions`
+/// for a sysfs file (sources are `DMAR RMRR @0x68`, `IVRS IVMD @0x1a8`, `IORT RMR
+/// @0x9e0` or a path; merged regions list several, `; `-separated).
+fn table_of(source: &str) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    for part in source.split("; ") {
+        let t = ["DMAR ", "IVRS ", "IORT "]
+            .iter()
+            .find(|p| part.starts_with(**p))
+            .map_or("reserved_regions", |p| p.trim_end());
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    out
 }
 
 fn to_text(
@@ -189,19 +285,26 @@ fn to_text(
         s += "  none\n";
     } else {
         s += &format!(
-            "  {:<18}  {:<18}  {:<16}  {:<7}  {:<8}  DEVICES\n",
-            "START", "END", "KIND", "POLICY", "ACTION"
+            "  {:<18}  {:<18}  {:<16}  {:<7}  {:<8}  {:<18}  DEVICES\n",
+            "START", "END", "KIND", "POLICY", "ACTION", "SOURCE"
         );
     }
     for r in regions {
         s += &format!(
-            "  {:#018x}  {:#018x}  {:<16}  {:<7}  {:<8}  {}\n",
+            "  {:#018x}  {:#018x}  {:<16}  {:<7}  {:<8}  {:<18}  {}\n",
             r.range.start(),
             r.range.end(),
             r.kind.as_str(),
             r.policy.as_str(),
             r.action.as_str(),
-            devices_json(&r.devices).join(", ")
+            r.source,
+            mem_layout::rdm::device_list(&r.devices)
+                .split(", ")
+                .filter(|d| !d.is_empty())
+                .map(str::to_string)
+                .chain(r.components.iter().cloned())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     s += "\nconflicts:\n";
@@ -236,8 +339,17 @@ pub fn run(args: Args) -> ExitCode {
     }
     let mut cfg = LayoutConfig::new(args.ram);
     cfg.strategy = args.strategy;
+    if let Some(b) = args.rdm_mem_boundary {
+        cfg.rdm_mem_boundary = b;
+    }
     cfg.policy = args.policy;
-    cfg.assigned = args.assign.clone();
+    cfg.assigned = match assigned(&args) {
+        Ok(a) => a,
+        Err(BadInput(msg)) => {
+            eprintln!("aperture layout: {msg}");
+            return ExitCode::from(2);
+        }
+    };
     match plan(&cfg, &db) {
         Ok(l) => {
             let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
@@ -256,10 +368,13 @@ pub fn run(args: Args) -> ExitCode {
                     "no RAM above 4 GiB".to_string()
                 }
             );
+            for w in &l.warnings {
+                eprintln!("aperture layout: warning: {w}");
+            }
             print(
                 args.json,
                 to_text(&head, &l.e820, &l.regions, &l.conflicts),
-                to_json(&l.e820, &l.regions, &l.conflicts),
+                to_json(&l.e820, &l.regions, &l.conflicts, &l.warnings),
             );
             ExitCode::SUCCESS
         }
@@ -272,7 +387,12 @@ pub fn run(args: Args) -> ExitCode {
                     &rejected.regions,
                     &rejected.conflicts,
                 ),
-                to_json(&[], &rejected.regions, &rejected.conflicts),
+                to_json(
+                    &[],
+                    &rejected.regions,
+                    &rejected.conflicts,
+                    &rejected.warnings,
+                ),
             );
             eprintln!(
                 "aperture layout: the plan is impossible: {}",

@@ -151,13 +151,18 @@ fn parse_disk(s: &str) -> Result<DiskArg, String> {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Plan a q35 guest's memory around the reserved memory (RMRRs, reserved_regions)
-    /// of the devices to assign: low RAM ends below the regions, the rest goes above
+    /// Plan a q35 guest's memory around the reserved memory (Intel DMAR RMRRs, AMD IVRS
+    /// IVMDs, Arm IORT RMRs, reserved_regions) of the devices to assign: low RAM ends below the regions, the rest goes above
     /// 4 GiB, nothing is lost. Prints the e820, each region with its devices and what
     /// was done with it (reserved, identity, dropped), and every conflict.
     #[command(after_help = "Examples:\n  \
 aperture layout --ram 8G --dmar /sys/firmware/acpi/tables/DMAR --assign 00:02.0\n  \
-aperture layout --ram 4G --reserved-regions /sys/kernel/iommu_groups/7/reserved_regions --assign 00:14.0,relaxed --json\n\n\
+aperture layout --ram 4G --reserved-regions /sys/kernel/iommu_groups/7/reserved_regions --assign 00:14.0,relaxed --json\n  \
+aperture layout --ram 8G --dmar DMAR --group 00:14.0,00:1a.0,00:1d.0   USB controllers sharing one RMRR, together\n  \
+aperture layout --ram 8G --ivrs /sys/firmware/acpi/tables/IVRS --assign c4:00.7 --rdm-mem-boundary 1G   AMD IVMDs\n  \
+aperture layout --ram 4G --iort /sys/firmware/acpi/tables/IORT --strategy host --json   Arm IORT RMR nodes\n\n\
+A region several devices share is refused under strict unless every sharer is assigned\n\
+in the same run (repeated --assign, or one --group); relaxed assigns with a warning.\n\n\
 Exit status: 0 planned, 1 a strict conflict makes the plan impossible, 2 bad input.")]
     Layout(layout::Args),
     /// Run one of our devices as an out-of-process vhost-user back-end (blk or rng).
@@ -189,7 +194,12 @@ aperture serve --dir /tmp/vm --rng vhost-user=/tmp/rng.sock --iommu off   (a thi
 aperture serve --dir /tmp/vm --disk vhost-user=/tmp/blk.sock --rng vhost-user=/tmp/rng.sock --iommu off --inflight copy\n      \
 (implicit grants: the back-ends get bounce copies of the buffers in flight, never guest RAM)\n  \
 aperture serve --dir /tmp/vm --disk disk.img --rng --mem 2560 \\\n      \
---reserved 0x90301000-0x90301fff@blk0 --reserved 0x98000000-0x980fffff@rng\n\n\
+--reserved 0x90301000-0x90301fff@blk0 --reserved 0x98000000-0x980fffff@rng\n  \
+aperture serve --dir /tmp/vm --disk disk.img --mem 2560 \\\n      \
+--dmar /sys/firmware/acpi/tables/DMAR --host-device 0000:00:02.0=blk0   (the IGD's RMRRs reserved for blk0)\n  \
+aperture serve --dir /tmp/vm --disk disk.img --ivrs IVRS --host-device c4:00.7=blk0\n  \
+aperture serve --dir /tmp/vm --disk a.img --disk b.img --dmar DMAR \\\n      \
+--host-device 00:14.0=blk0 --host-device 00:1a.0=blk0 --host-device 00:1d.0=blk1   (USB controllers sharing an RMRR)\n\n\
 Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")]
     Serve {
         /// Directory for the sockets, viot.aml and qemu-args (created if missing).
@@ -226,6 +236,22 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
         /// free is refused (the policy is strict, as for an assigned device).
         #[arg(long, value_name = "START-END@DEVICE", value_parser = serve::parse_reserved)]
         reserved: Vec<serve::ReservedArg>,
+        /// The host's ACPI DMAR table (Intel), to read --host-device regions from.
+        #[arg(long, value_name = "FILE")]
+        dmar: Option<std::path::PathBuf>,
+        /// The host's ACPI IVRS table (AMD), to read --host-device regions from.
+        #[arg(long, value_name = "FILE")]
+        ivrs: Option<std::path::PathBuf>,
+        /// The host's ACPI IORT table (Arm), to read --host-device regions from.
+        #[arg(long, value_name = "FILE")]
+        iort: Option<std::path::PathBuf>,
+        /// Give served DEVICE (blk0, blk1..., rng) the reserved regions that the host
+        /// tables list for host function HOSTBDF, as if each were a --reserved range. A
+        /// region HOSTBDF shares with other host functions is refused unless each of
+        /// them is given too (any served device), or with ",relaxed" at the end.
+        #[arg(long = "host-device", value_name = "HOSTBDF=DEVICE[,relaxed]",
+              value_parser = serve::parse_host_device)]
+        host_device: Vec<serve::HostDeviceArg>,
         /// Longest a device thread keeps polling the queues for new requests after
         /// the last one, in microseconds, with the guest's notifications off while it
         /// polls (a busy guest then sends no doorbell at all). The window adapts below
@@ -469,6 +495,10 @@ fn main() -> ExitCode {
             iommu,
             mem,
             reserved,
+            dmar,
+            ivrs,
+            iort,
+            host_device,
             test_fault_sector,
             poll_us,
             inflight,
@@ -480,6 +510,12 @@ fn main() -> ExitCode {
             iommu,
             mem,
             reserved: &reserved,
+            host_tables: serve::HostTables {
+                dmar: dmar.as_deref(),
+                ivrs: ivrs.as_deref(),
+                iort: iort.as_deref(),
+            },
+            host_devices: &host_device,
             test_fault_sector,
             rng_vhost_user: rng.as_ref().and_then(|r| r.0.as_deref()),
             poll: poll_max(poll_us),

@@ -5,13 +5,21 @@
 //! the reserved regions given with `--reserved` (libxl's algorithm, see
 //! [`mem_layout::layout`]); the device host turns the same value into QEMU's RAM
 //! arguments and each endpoint's PROBE answers.
+//!
+//! A host's own table can stand in for typing the ranges: with `--dmar`, `--ivrs` or
+//! `--iort` and `--host-device HOSTBDF=DEVICE`, every direct region the tables list for
+//! host function HOSTBDF (RMRRs, IVMDs, RMRs, read into one [`RdmDatabase`]) becomes a
+//! `--reserved` region of the served DEVICE, and takes the same path from there. The
+//! shared-region rule applies first: a region the host device shares with other host
+//! functions is refused unless every sharer is given with `--host-device` too (strict,
+//! the default), or allowed with a "risky" warning when the argument ends in `,relaxed`.
 
 use crate::{DiskArg, IommuArg};
 use device_host::endpoints::VhostUserFactory;
 use device_host::host::{endpoint_slot, slot_bdf, DeviceHost, EndpointFactory};
 use device_host::vhost_user::{DeviceKind, InflightConfig, VhostUserHandle};
 use mem_layout::reserved_regions::ResvRegion;
-use mem_layout::{Bdf, Layout, LayoutConfig, MemRange, RdmDatabase, RegionKind};
+use mem_layout::{Bdf, Layout, LayoutConfig, MemRange, Policy, RdmDatabase, RegionKind};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::ExitCode;
@@ -56,6 +64,125 @@ pub(crate) fn parse_reserved(s: &str) -> Result<ReservedArg, String> {
     })
 }
 
+/// One `--host-device HOSTBDF=DEVICE[,strict|relaxed]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct HostDeviceArg {
+    host: Bdf,
+    device: String,
+    policy: Policy,
+}
+
+/// Parses `HOSTBDF=DEVICE[,strict|relaxed]`.
+pub(crate) fn parse_host_device(s: &str) -> Result<HostDeviceArg, String> {
+    let (host, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not HOSTBDF=DEVICE (e.g. 0000:00:14.0=blk0)"))?;
+    let host: Bdf = host
+        .parse()
+        .map_err(|e: mem_layout::types::BdfError| format!("'{s}': {e}"))?;
+    let (device, policy) = match rest.split_once(',') {
+        Some((d, p)) => (d, p.parse::<Policy>().map_err(|e| format!("'{s}': {e}"))?),
+        None => (rest, Policy::Strict),
+    };
+    if device.is_empty() {
+        return Err(format!("'{s}' names no served device after '='"));
+    }
+    Ok(HostDeviceArg {
+        host,
+        device: device.to_string(),
+        policy,
+    })
+}
+
+/// The host tables `serve` may read (`--dmar`, `--ivrs`, `--iort`).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct HostTables<'a> {
+    pub dmar: Option<&'a Path>,
+    pub ivrs: Option<&'a Path>,
+    pub iort: Option<&'a Path>,
+}
+
+/// The host's region database from the tables given. Errors are bad input, as a
+/// sentence naming the flag and file.
+fn host_database(t: HostTables<'_>) -> Result<RdmDatabase, String> {
+    let mut db = RdmDatabase::new();
+    if let Some(p) = t.dmar {
+        let table =
+            mem_layout::dmar::read(p).map_err(|e| format!("--dmar {}: {e}", p.display()))?;
+        let bridges = mem_layout::dmar::SysfsBridges {
+            root: std::path::PathBuf::from("/sys/bus/pci/devices"),
+        };
+        db.add_dmar(&table, &bridges, None)
+            .map_err(|e| format!("--dmar {}: {e}", p.display()))?;
+    }
+    if let Some(p) = t.ivrs {
+        let table =
+            mem_layout::ivrs::read(p).map_err(|e| format!("--ivrs {}: {e}", p.display()))?;
+        db.add_ivrs(&table)
+            .map_err(|e| format!("--ivrs {}: {e}", p.display()))?;
+    }
+    if let Some(p) = t.iort {
+        let table =
+            mem_layout::iort::read(p).map_err(|e| format!("--iort {}: {e}", p.display()))?;
+        db.add_iort(&table)
+            .map_err(|e| format!("--iort {}: {e}", p.display()))?;
+    }
+    Ok(db)
+}
+
+/// The `--reserved` regions the `--host-device` arguments stand for: each direct region
+/// of each host function, for its served device, after the shared-region rule. Returns
+/// the regions and the warnings (relaxed sharing, table findings). Errors are bad input.
+fn host_reserved(
+    db: &RdmDatabase,
+    host_devices: &[HostDeviceArg],
+) -> Result<(Vec<ReservedArg>, Vec<String>), String> {
+    let mut out = Vec::new();
+    let mut warnings: Vec<String> = db.warnings().iter().map(|w| w.message.clone()).collect();
+    let given: BTreeSet<Bdf> = host_devices.iter().map(|h| h.host).collect();
+    for h in host_devices {
+        let arg = format!("--host-device {}={}", h.host, h.device);
+        let regions: Vec<_> = db
+            .for_device(h.host)
+            .filter(|r| r.kind.is_direct())
+            .collect();
+        if regions.is_empty() {
+            return Err(format!(
+                "{arg}: the host tables list no reserved region for {}; drop the argument, or check the table and the address",
+                h.host
+            ));
+        }
+        for r in regions {
+            let others: Vec<Bdf> = r
+                .devices
+                .iter()
+                .filter(|d| !given.contains(*d))
+                .copied()
+                .collect();
+            if !others.is_empty() {
+                let others = mem_layout::rdm::device_list(&others);
+                match h.policy {
+                    Policy::Strict => {
+                        return Err(format!(
+                            "{arg}: it is disallowed to pass {} through with shared reserved region {} ({}): host devices {others} need it too; give each with --host-device, or end this argument in ,relaxed",
+                            h.host, r.range, r.source
+                        ))
+                    }
+                    Policy::Relaxed => warnings.push(format!(
+                        "{arg}: it is risky to pass {} through with shared reserved region {} ({}): host devices {others} need it too; passed anyway (relaxed)",
+                        h.host, r.range, r.source
+                    )),
+                }
+            }
+            out.push(ReservedArg {
+                range: r.range,
+                device: h.device.clone(),
+            });
+        }
+    }
+    Ok((out, warnings))
+}
+
 /// What `aperture serve` was asked to do.
 pub(crate) struct Options<'a> {
     pub dir: &'a Path,
@@ -64,6 +191,10 @@ pub(crate) struct Options<'a> {
     pub iommu: IommuArg,
     pub mem: u32,
     pub reserved: &'a [ReservedArg],
+    /// Host ACPI tables to read reserved regions from.
+    pub host_tables: HostTables<'a>,
+    /// Host functions whose regions served devices take (`--host-device`).
+    pub host_devices: &'a [HostDeviceArg],
     pub test_fault_sector: Option<u64>,
     /// With `rng`: the socket of the vhost-user back-end that runs it.
     pub rng_vhost_user: Option<&'a Path>,
@@ -218,7 +349,32 @@ pub(crate) fn run(o: Options<'_>) -> ExitCode {
     if o.rng {
         names.push("rng".into());
     }
-    let layout = match plan_layout(o.mem, &names, o.reserved) {
+    let mut reserved = o.reserved.to_vec();
+    if !o.host_devices.is_empty()
+        || o.host_tables.dmar.is_some()
+        || o.host_tables.ivrs.is_some()
+        || o.host_tables.iort.is_some()
+    {
+        if o.host_devices.is_empty() {
+            eprintln!("aperture serve: --dmar/--ivrs/--iort: no --host-device says which host function's regions to use (e.g. --host-device 0000:00:14.0=blk0)");
+            return ExitCode::from(2);
+        }
+        let from_host =
+            host_database(o.host_tables).and_then(|db| host_reserved(&db, o.host_devices));
+        match from_host {
+            Ok((regions, warnings)) => {
+                for w in warnings {
+                    eprintln!("aperture serve: warning: {w}");
+                }
+                reserved.extend(regions);
+            }
+            Err(e) => {
+                eprintln!("aperture serve: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let layout = match plan_layout(o.mem, &names, &reserved) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("aperture serve: {e}");
@@ -351,6 +507,84 @@ mod tests {
         let r = [parse_reserved("0x90301000-0x90301fff@blk7").unwrap()];
         let e = plan_layout(2560, &names(), &r).unwrap_err();
         assert!(e.contains("'blk7'") && e.contains("blk0, rng"), "{e}");
+    }
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../mem-layout/fixtures")
+            .join(name)
+    }
+
+    #[test]
+    fn host_device_argument_forms() {
+        let h = parse_host_device("0000:00:14.0=blk0").unwrap();
+        assert_eq!(
+            (h.host.to_string(), h.device.as_str(), h.policy),
+            ("00:14.0".into(), "blk0", Policy::Strict)
+        );
+        assert_eq!(
+            parse_host_device("c4:00.7=rng,relaxed").unwrap().policy,
+            Policy::Relaxed
+        );
+        for bad in ["00:14.0", "zz=blk0", "00:14.0=", "00:14.0=blk0,lenient"] {
+            assert!(parse_host_device(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn host_device_regions_become_the_served_devices_reserved_regions() {
+        let ivrs = fixture("mechrevo-wujie14-ivrs.bin");
+        let db = host_database(HostTables {
+            ivrs: Some(&ivrs),
+            ..HostTables::default()
+        })
+        .unwrap();
+        let h = [parse_host_device("01:00.0=blk0,relaxed").unwrap()];
+        let (regions, warnings) = host_reserved(&db, &h).unwrap();
+        assert_eq!(regions.len(), 5);
+        assert!(regions.iter().all(|r| r.device == "blk0"));
+        let risky = warnings.iter().filter(|w| w.contains("risky")).count();
+        assert_eq!(risky, 5, "shared with 4095 host functions: {warnings:?}");
+        let aligned = warnings
+            .iter()
+            .filter(|w| w.contains("not page aligned"))
+            .count();
+        assert_eq!(aligned, 5, "length 1 rounded up, said once per IVMD");
+        let l = plan_layout(2560, &names(), &regions).unwrap();
+        let blk = slot_bdf(endpoint_slot(0).unwrap());
+        assert_eq!(l.reserved_for(blk).len(), 5);
+        assert_eq!(l.low_ram_end, 0x9600_0000);
+        assert_eq!(l.e820_ram(), 2560 << 20);
+    }
+
+    #[test]
+    fn host_device_with_a_shared_rmrr_is_refused_unless_every_sharer_is_given() {
+        let dmar = fixture("thinkpad-snb-dmar.bin");
+        let db = host_database(HostTables {
+            dmar: Some(&dmar),
+            ..HostTables::default()
+        })
+        .unwrap();
+        let one = [parse_host_device("00:14.0=blk0").unwrap()];
+        let e = host_reserved(&db, &one).unwrap_err();
+        for want in ["00:14.0", "00:1a.0, 00:1d.0", "[0xda2f0000-0xda306fff]"] {
+            assert!(e.contains(want), "{e} lacks {want}");
+        }
+        let all = [
+            parse_host_device("00:14.0=blk0").unwrap(),
+            parse_host_device("00:1a.0=blk0").unwrap(),
+            parse_host_device("00:1d.0=rng").unwrap(),
+        ];
+        let (regions, warnings) = host_reserved(&db, &all).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(regions.len(), 3);
+        let l = plan_layout(2560, &names(), &regions).unwrap();
+        let rng = slot_bdf(endpoint_slot(1).unwrap());
+        assert_eq!(l.reserved_for(rng)[0].range.start(), 0xda2f_0000);
+        let none = [parse_host_device("00:1f.0=blk0").unwrap()];
+        assert!(host_reserved(&db, &none)
+            .unwrap_err()
+            .contains("no reserved region"));
     }
 
     #[test]

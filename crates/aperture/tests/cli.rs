@@ -288,3 +288,277 @@ fn bench_guest_options_need_guest() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--guest"), "{}", stderr(&o));
 }
+
+/// A committed host-table fixture of `mem-layout`.
+fn fixture(name: &str) -> String {
+    format!(
+        "{}/../mem-layout/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+#[test]
+fn layout_shared_rmrr_strict_single_assignment_exits_1_naming_every_sharer_and_the_range() {
+    let dmar = fixture("thinkpad-snb-dmar.bin");
+    let o = aperture(&[
+        "layout",
+        "--ram",
+        "8G",
+        "--dmar",
+        &dmar,
+        "--assign",
+        "00:14.0,strict",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    for want in ["00:14.0", "00:1a.0", "00:1d.0", "[0xda2f0000-0xda306fff]"] {
+        assert!(err.contains(want), "{err} lacks {want}");
+    }
+}
+
+#[test]
+fn layout_group_of_every_sharer_plans_under_strict() {
+    let dmar = fixture("thinkpad-snb-dmar.bin");
+    for args in [
+        vec!["--group", "00:14.0,00:1a.0,00:1d.0,strict"],
+        vec![
+            "--assign",
+            "00:14.0,strict",
+            "--assign",
+            "00:1a.0",
+            "--assign",
+            "00:1d.0",
+        ],
+    ] {
+        let mut all = vec!["layout", "--ram", "8G", "--dmar", &dmar, "--json"];
+        all.extend(args);
+        let o = aperture(&all);
+        assert_eq!(o.status.code(), Some(0), "{all:?}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        let r = &v["reserved"][0];
+        assert_eq!(r["start"], 0xda2f_0000u64);
+        assert_eq!(r["action"], "identity");
+        assert_eq!(r["table"][0], "DMAR");
+        assert_eq!(r["source"], "DMAR RMRR @0x68");
+        assert_eq!(v["warnings"].as_array().map(Vec::len), Some(0));
+    }
+}
+
+#[test]
+fn layout_shared_rmrr_relaxed_single_assignment_plans_with_the_risky_warning() {
+    let dmar = fixture("thinkpad-snb-dmar.bin");
+    let o = aperture(&[
+        "layout",
+        "--ram",
+        "8G",
+        "--dmar",
+        &dmar,
+        "--assign",
+        "00:1a.0,relaxed",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("risky") && err.contains("00:14.0, 00:1d.0"),
+        "{err}"
+    );
+}
+
+#[test]
+fn layout_device_named_twice_or_group_of_one_is_bad_input() {
+    let dmar = fixture("thinkpad-snb-dmar.bin");
+    for (args, needle) in [
+        (
+            vec!["--group", "00:14.0,00:1a.0", "--assign", "00:14.0"],
+            "named twice",
+        ),
+        (vec!["--group", "00:14.0"], "two or more"),
+        (vec!["--group", "00:14.0,zz"], "zz"),
+    ] {
+        let mut all = vec!["layout", "--ram", "8G", "--dmar", &dmar];
+        all.extend(args);
+        let o = aperture(&all);
+        assert_eq!(o.status.code(), Some(2), "{all:?}");
+        assert!(stderr(&o).contains(needle), "{all:?}: {}", stderr(&o));
+    }
+}
+
+/// A copy of a fixture with `edit` applied and the checksum made right again, in a
+/// temporary file the test owns.
+fn edited_fixture(name: &str, tag: &str, edit: impl Fn(&mut Vec<u8>)) -> std::path::PathBuf {
+    let mut bytes = std::fs::read(fixture(name)).unwrap();
+    edit(&mut bytes);
+    bytes[9] = 0;
+    let sum = bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b));
+    bytes[9] = sum.wrapping_neg();
+    let path =
+        std::env::temp_dir().join(format!("aperture-cli-{}-{tag}-{name}", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn layout_ivrs_plans_a_real_amd_table_keeping_the_unity_range_reserved() {
+    let ivrs = fixture("asus-zenbook-s16-ivrs.bin");
+    let o = aperture(&[
+        "layout",
+        "--ram",
+        "8G",
+        "--ivrs",
+        &ivrs,
+        "--assign",
+        "c4:00.7",
+        "--rdm-mem-boundary",
+        "1G",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let r = &v["reserved"][0];
+    assert_eq!(r["start"], 0x75e0_0000u64);
+    assert_eq!(r["end"], 0x75e1_ffffu64);
+    assert_eq!(r["table"][0], "IVRS");
+    assert_eq!(r["source"], "IVRS IVMD @0xe8");
+    assert_eq!(r["devices"][0], "c4:00.7");
+    let e820 = v["e820"].as_array().unwrap();
+    assert!(e820
+        .iter()
+        .any(|e| e["type"] == "reserved" && e["start"] == 0x75e0_0000u64));
+    assert!(e820
+        .iter()
+        .filter(|e| e["type"] == "ram")
+        .all(|e| e["end"].as_u64().unwrap() < 0x75e0_0000
+            || e["start"].as_u64().unwrap() > 0x75e1_ffff));
+}
+
+#[test]
+fn layout_iort_plans_a_real_arm_table_naming_its_named_components() {
+    let iort = fixture("cix-sky1-orion-o6-iort.bin");
+    let o = aperture(&[
+        "layout",
+        "--ram",
+        "4G",
+        "--iort",
+        &iort,
+        "--strategy",
+        "host",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let r = &v["reserved"][0];
+    assert_eq!(r["start"], 0x8480_0000u64);
+    assert_eq!(r["kind"], "direct-relaxable");
+    assert_eq!(r["table"][0], "IORT");
+    assert_eq!(r["components"][0], "\\_SB_.DPU0");
+    assert_eq!(r["action"], "reserved");
+}
+
+#[test]
+fn layout_malformed_tables_are_one_line_naming_the_table_and_offset_exit_2() {
+    let cases: Vec<(&str, std::path::PathBuf, &str)> = vec![
+        // Bad checksum: byte 9 off by one after the sum was made right.
+        (
+            "--ivrs",
+            {
+                let p = edited_fixture("asus-zenbook-s16-ivrs.bin", "sum", |_| {});
+                let mut b = std::fs::read(&p).unwrap();
+                b[9] = b[9].wrapping_add(1);
+                std::fs::write(&p, b).unwrap();
+                p
+            },
+            "IVRS: checksum (offset 9)",
+        ),
+        // A length past the table: the IVMD at 0xc8 says 0xff00 bytes.
+        (
+            "--ivrs",
+            edited_fixture("asus-zenbook-s16-ivrs.bin", "len", |b| {
+                b[0xca] = 0x00;
+                b[0xcb] = 0xff;
+            }),
+            "IVRS: block type 0x21 at offset 0xc8",
+        ),
+        // A zero-length range: the IVMD at 0xc8's length field cleared.
+        (
+            "--ivrs",
+            edited_fixture("asus-zenbook-s16-ivrs.bin", "zero", |b| {
+                b[0xc8 + 24..0xc8 + 32].fill(0);
+            }),
+            "IVRS IVMD @0xc8: the range at 0x7d900000 has length zero",
+        ),
+        // Overlapping ranges: the IVMD at 0xe8 moved onto the one at 0xc8.
+        (
+            "--ivrs",
+            edited_fixture("asus-zenbook-s16-ivrs.bin", "overlap", |b| {
+                b[0xe8 + 16..0xe8 + 24].copy_from_slice(&0x7d91_0000u64.to_le_bytes());
+            }),
+            "IVRS IVMD @0xe8",
+        ),
+        // A truncated node: one node more than the table holds.
+        (
+            "--iort",
+            edited_fixture("cix-sky1-orion-o6-iort.bin", "count", |b| {
+                b[36] += 1;
+            }),
+            "IORT: node 19 at offset 0xad8",
+        ),
+        // An ID mapping to a missing node: the RMR's first mapping points at 0x999.
+        (
+            "--iort",
+            edited_fixture("cix-sky1-orion-o6-iort.bin", "ref", |b| {
+                b[0xa08..0xa0c].copy_from_slice(&0x999u32.to_le_bytes());
+            }),
+            "IORT: ID mapping at offset 0x9fc refers to offset 0x999",
+        ),
+    ];
+    for (flag, path, needle) in cases {
+        let p = path.to_string_lossy().to_string();
+        let o = aperture(&["layout", "--ram", "4G", flag, &p]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{needle}: {err}");
+        assert!(err.contains(needle), "{err} lacks {needle}");
+        assert!(err.contains(&p), "{err} names the file");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+#[test]
+fn serve_host_table_bad_input_is_one_line_naming_it_and_exit_2() {
+    let dir = std::env::temp_dir().join(format!("aperture-cli-hostdev-{}", std::process::id()));
+    let d = dir.to_string_lossy().to_string();
+    let dmar = fixture("thinkpad-snb-dmar.bin");
+    for (args, needle) in [
+        (vec!["--dmar", dmar.as_str()], "no --host-device"),
+        (
+            vec!["--dmar", dmar.as_str(), "--host-device", "00:14.0=blk0"],
+            "host devices 00:1a.0, 00:1d.0 need it too",
+        ),
+        (
+            vec!["--dmar", dmar.as_str(), "--host-device", "00:02.0=blk9"],
+            "no device 'blk9'",
+        ),
+        (
+            vec!["--dmar", dmar.as_str(), "--host-device", "00:1f.0=blk0"],
+            "no reserved region for 00:1f.0",
+        ),
+        (
+            vec![
+                "--dmar",
+                "/nonexistent/DMAR",
+                "--host-device",
+                "00:02.0=blk0",
+            ],
+            "--dmar /nonexistent/DMAR",
+        ),
+        (vec!["--host-device", "00:02.0"], "HOSTBDF=DEVICE"),
+    ] {
+        let mut all = vec!["serve", "--dir", &d, "--disk", "/dev/null", "--mem", "2560"];
+        all.extend(args);
+        let o = aperture(&all);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{all:?}: {err}");
+        assert!(err.contains(needle), "{all:?}: {err} lacks {needle}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

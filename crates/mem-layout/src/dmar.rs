@@ -254,6 +254,25 @@ pub struct AcpiHeader {
     pub oem_revision: u32,
 }
 
+impl AcpiHeader {
+    /// Reads the header fields of any ACPI table of at least [`ACPI_HEADER_LEN`] bytes
+    /// (ACPI 6.5 §5.2.6); the caller checks the length first.
+    pub(crate) fn from_table(table: &[u8]) -> Self {
+        let mut oem_id = [0u8; 6];
+        oem_id.copy_from_slice(&table[10..16]);
+        let mut oem_table_id = [0u8; 8];
+        oem_table_id.copy_from_slice(&table[16..24]);
+        AcpiHeader {
+            length: u32_at(table, 4),
+            revision: table[8],
+            checksum: table[9],
+            oem_id,
+            oem_table_id,
+            oem_revision: u32_at(table, 24),
+        }
+    }
+}
+
 /// A decoded DMAR table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dmar {
@@ -347,20 +366,8 @@ pub fn parse(table: &[u8]) -> Result<Dmar, DmarError> {
     if sum != 0 {
         return Err(DmarError::Checksum { sum });
     }
-    let mut oem_id = [0u8; 6];
-    oem_id.copy_from_slice(&table[10..16]);
-    let mut oem_table_id = [0u8; 8];
-    oem_table_id.copy_from_slice(&table[16..24]);
-    let header = AcpiHeader {
-        length,
-        revision: table[8],
-        checksum: table[9],
-        oem_id,
-        oem_table_id,
-        oem_revision: u32_at(table, 24),
-    };
     let mut dmar = Dmar {
-        header,
+        header: AcpiHeader::from_table(table),
         host_address_width: table[36],
         flags: table[37],
         drhds: Vec::new(),

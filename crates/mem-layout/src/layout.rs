@@ -21,6 +21,13 @@
 //! `max-ram-below-4g` can only lower it. The planned low end is what `aperture serve`
 //! passes to QEMU as `max-ram-below-4g` ([`Layout::max_ram_below_4g`]).
 //!
+//! Before the passes, the **shared-region rule** (Xen `intel_iommu_assign_device`; see
+//! [`crate::identity`]): a direct region of an assigned device that other devices need
+//! too is shared; unless every one of those sharers is assigned as well (the devices
+//! of one plan go to one guest together: a group), strict makes it a conflict naming
+//! the device, the range and every sharer left out, and relaxed a "risky" warning
+//! ([`Layout::warnings`]).
+//!
 //! Defaults follow Xen: global policy relaxed, each explicitly assigned device strict
 //! unless it says otherwise or a global policy was given explicitly (xl copies it into
 //! each device). Two deliberate differences: a region several assigned devices share
@@ -128,6 +135,8 @@ pub struct Rejected {
     pub regions: Vec<PlannedRegion>,
     /// Every conflict, strict and relaxed.
     pub conflicts: Vec<Conflict>,
+    /// Findings that did not decide anything (relaxed shared regions).
+    pub warnings: Vec<String>,
 }
 
 /// What the plan did with a reserved region.
@@ -162,10 +171,15 @@ pub struct PlannedRegion {
     pub kind: RegionKind,
     /// The devices that need it.
     pub devices: Vec<Bdf>,
+    /// Platform devices that need it, by ACPI name (IORT named components).
+    pub components: Vec<String>,
     /// The policy that decided conflicts on it.
     pub policy: Policy,
     /// What was done.
     pub action: Action,
+    /// Where the host said so: the table and entry, or the file
+    /// (`DMAR RMRR @0x68`, `IVRS IVMD @0x1a8`, `IORT RMR @0x9e0`, a path).
+    pub source: String,
 }
 
 /// A region the layout could not honour.
@@ -259,6 +273,8 @@ pub struct Layout {
     pub regions: Vec<PlannedRegion>,
     /// Relaxed conflicts (warnings); a strict one makes [`plan`] fail instead.
     pub conflicts: Vec<Conflict>,
+    /// Other findings worth showing: a shared region assigned under relaxed ("risky").
+    pub warnings: Vec<String>,
     /// The guest's memory map, sorted, end inclusive.
     pub e820: Vec<E820Entry>,
     /// 32-bit MMIO window for BARs ([`Q35_PCI_HOLE32`]).
@@ -379,8 +395,18 @@ fn align_up(v: u64, align: u64) -> Option<u64> {
     Some(v.checked_add(align - 1)? & !(align - 1))
 }
 
-/// Collects the regions to consider with their policy and action (step 1).
-fn collect(cfg: &LayoutConfig, db: &RdmDatabase) -> Vec<PlannedRegion> {
+/// What [`collect`] found besides the regions.
+struct Collected {
+    regions: Vec<PlannedRegion>,
+    /// Strict shared-region conflicts.
+    shared: Vec<Conflict>,
+    /// Relaxed shared-region warnings.
+    warnings: Vec<String>,
+}
+
+/// Collects the regions to consider with their policy and action (step 1), and applies
+/// the shared-region rule to the assigned devices.
+fn collect(cfg: &LayoutConfig, db: &RdmDatabase) -> Collected {
     let global = cfg.policy.unwrap_or(Policy::Relaxed);
     let mut chosen: BTreeMap<MemRange, PlannedRegion> = BTreeMap::new();
     if cfg.strategy == Strategy::Host {
@@ -391,12 +417,17 @@ fn collect(cfg: &LayoutConfig, db: &RdmDatabase) -> Vec<PlannedRegion> {
                     range: r.range,
                     kind: r.kind,
                     devices: r.devices.iter().copied().collect(),
+                    components: r.components.iter().cloned().collect(),
                     policy: global,
                     action: Action::Reserved,
+                    source: r.source.clone(),
                 },
             );
         }
     }
+    let assigned: std::collections::BTreeSet<Bdf> = cfg.assigned.iter().map(|(b, _)| *b).collect();
+    let mut shared = Vec::new();
+    let mut warnings = Vec::new();
     // Which assigned devices have set their policy, for the strictest-wins rule.
     let mut from_device: BTreeMap<MemRange, Policy> = BTreeMap::new();
     for (bdf, own) in &cfg.assigned {
@@ -407,18 +438,52 @@ fn collect(cfg: &LayoutConfig, db: &RdmDatabase) -> Vec<PlannedRegion> {
                 range: r.range,
                 kind: r.kind,
                 devices: r.devices.iter().copied().collect(),
+                components: r.components.iter().cloned().collect(),
                 policy,
                 action: Action::Reserved,
+                source: r.source.clone(),
             });
             let p = from_device.entry(r.range).or_insert(policy);
             *p = (*p).min(policy); // Strict < Relaxed: strictest wins.
             entry.policy = *p;
             if r.kind.is_direct() {
                 entry.action = Action::Identity;
+                // Shared-region rule: every other sharer must be assigned too.
+                let outside: Vec<Bdf> = r
+                    .devices
+                    .iter()
+                    .filter(|d| !assigned.contains(*d))
+                    .copied()
+                    .collect();
+                if outside.is_empty() {
+                    continue;
+                }
+                let others = device_list(&outside);
+                // A relaxable region is safe to drop on assignment, so never strict.
+                let rule = if r.kind == RegionKind::DirectRelaxable {
+                    Policy::Relaxed
+                } else {
+                    policy
+                };
+                match rule {
+                    Policy::Strict => shared.push(Conflict {
+                        range: r.range,
+                        devices: r.devices.iter().copied().collect(),
+                        policy: Policy::Strict,
+                        message: format!(
+                            "it is disallowed to assign {bdf} with shared reserved region {} ({}): {others} need it too and would stay with the host; assign every sharer together (a group) or use the relaxed policy",
+                            r.range, r.source
+                        ),
+                    }),
+                    Policy::Relaxed => warnings.push(format!(
+                        "it is risky to assign {bdf} with shared reserved region {} ({}): {others} need it too and stay with the host; assigned anyway (relaxed)",
+                        r.range, r.source
+                    )),
+                }
             }
         }
     }
-    chosen
+    let regions = chosen
         .into_values()
         .map(|mut r| {
             if r.kind == RegionKind::DirectRelaxable {
@@ -426,7 +491,12 @@ fn collect(cfg: &LayoutConfig, db: &RdmDatabase) -> Vec<PlannedRegion> {
             }
             r
         })
-        .collect()
+        .collect();
+    Collected {
+        regions,
+        shared,
+        warnings,
+    }
 }
 
 /// Where QEMU's q35 ends low RAM by itself for `ram` bytes (no `max-ram-below-4g`):
@@ -466,7 +536,11 @@ pub fn plan(cfg: &LayoutConfig, db: &RdmDatabase) -> Result<Layout, LayoutError>
     // u128: 4 GiB + RAM cannot overflow, the address-width check comes later.
     let mut high_end: u128 = u128::from(FOUR_GIB) + u128::from(ram - low_end);
 
-    let mut regions = collect(cfg, db);
+    let Collected {
+        mut regions,
+        shared,
+        warnings,
+    } = collect(cfg, db);
 
     // Pass 1: only low memory, only above the boundary.
     for r in &regions {
@@ -544,10 +618,13 @@ pub fn plan(cfg: &LayoutConfig, db: &RdmDatabase) -> Result<Layout, LayoutError>
             }
         }
     }
+    // Shared-region refusals come first: they name what the user must change.
+    conflicts.splice(0..0, shared);
     if conflicts.iter().any(|c| c.policy == Policy::Strict) {
         return Err(LayoutError::StrictConflict(Box::new(Rejected {
             regions,
             conflicts,
+            warnings,
         })));
     }
 
@@ -596,6 +673,7 @@ pub fn plan(cfg: &LayoutConfig, db: &RdmDatabase) -> Result<Layout, LayoutError>
         high_ram_end: u64::try_from(high_end).unwrap_or(u64::MAX),
         regions,
         conflicts,
+        warnings,
         e820,
         mmio32: Q35_PCI_HOLE32,
         mmio64,

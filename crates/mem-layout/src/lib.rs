@@ -7,9 +7,12 @@
 //! (xl.cfg(5) `rdm=`, `docs/misc/vtd.txt`, `tools/libs/light/libxl_dm.c`):
 //!
 //! - [`dmar`]: the ACPI DMAR table — header, checksum, DRHDs, RMRRs, device scopes.
+//! - [`ivrs`]: the AMD IVRS table — IVHDs (which devices each IOMMU covers), IVMDs.
+//! - [`iort`]: the Arm IORT table — nodes, ID mappings, RMR nodes.
 //! - [`reserved_regions`]: Linux's `/sys/kernel/iommu_groups/*/reserved_regions`.
-//! - [`rdm`]: the host's regions with the devices that need them, after Linux's and
-//!   Xen's sanity checks; the `XENMEM_reserved_device_memory_map`-style query.
+//! - [`rdm`]: the host's regions with the devices that need them — from any of the
+//!   three tables and the sysfs files, one database — after Linux's and Xen's checks;
+//!   the `XENMEM_reserved_device_memory_map`-style query.
 //! - [`layout`]: the q35 layout planner (libxl's two passes), e820, BAR allocator; one
 //!   [`layout::Layout`] is the single source of truth.
 //! - [`identity`]: identity maps on assignment and the shared-region rule.
@@ -23,6 +26,8 @@
 
 pub mod dmar;
 pub mod identity;
+pub mod iort;
+pub mod ivrs;
 pub mod layout;
 pub mod rdm;
 pub mod reserved_regions;

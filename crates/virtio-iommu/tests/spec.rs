@@ -942,21 +942,69 @@ fn dev_prb_3_probe_is_always_offered_so_probe_is_always_answered() {
     assert_eq!(g.probe(&mut dev, EP1).0, Status::Ok);
 }
 
+/// The RESV_MEM body (virtio 1.3 §5.13.6.8.2 `struct virtio_iommu_probe_resv_mem`
+/// after its header): subtype, 3 reserved bytes, `start`, `end`.
+const RESV_MEM_BODY: u16 = 1 + 3 + 8 + 8;
+
+/// The `start`..=`end` pair a RESV_MEM property at `at` carries, read by raw offset.
+fn resv_at(props: &[u8], at: usize) -> (u64, u64) {
+    let le = |o: usize| u64::from_le_bytes(props[o..o + 8].try_into().expect("8 bytes"));
+    (le(at + 8), le(at + 16))
+}
+
 #[test]
-fn dev_prb_4_5_6_properties_are_well_formed() {
+fn dev_prb_4_property_type_reserved_bits_are_zero() {
     let (mut dev, mut g) = setup_with(&resv_cfg());
     let (status, props) = g.probe(&mut dev, EP1);
     assert_eq!(status, Status::Ok);
     let parsed = parse_props(&props);
     assert_eq!(parsed.len(), 2);
-    for (t, len, _) in &parsed {
+    for (t, _, _) in &parsed {
         assert_eq!(*t, VIRTIO_IOMMU_PROBE_T_RESV_MEM, "reserved type bits zero");
-        assert_eq!(*len, 20, "length excludes the 4-byte header");
     }
-    // Consecutive properties exactly length + 4 apart: the second starts at 24.
+}
+
+#[test]
+fn dev_prb_5_property_length_counts_the_body_not_the_header() {
+    let (mut dev, mut g) = setup_with(&resv_cfg());
+    let (_, props) = g.probe(&mut dev, EP1);
+    // The first property's own length field: the body only, 20, never 24.
+    assert_eq!(u16::from_le_bytes([props[2], props[3]]), RESV_MEM_BODY);
+    // Read with that length as the body size, the body ends on a real `end` field:
+    // one of the two regions this endpoint has (the configured one, or the MSI window).
+    let (start, end) = resv_at(&props, 0);
+    assert!(
+        (start, end) == (0x1_0000_0000, 0x1_0000_ffff)
+            || (start, end) == (0xfee0_0000, 0xfeef_ffff),
+        "{start:#x}-{end:#x}"
+    );
+}
+
+#[test]
+fn dev_prb_6_next_property_starts_exactly_length_plus_4_after() {
+    let (mut dev, mut g) = setup_with(&resv_cfg());
+    let (_, props) = g.probe(&mut dev, EP1);
+    let first_len = usize::from(u16::from_le_bytes([props[2], props[3]]));
+    let second = first_len + 4;
+    assert_eq!(second, 24);
     assert_eq!(
-        u16::from_le_bytes([props[24], props[25]]),
-        VIRTIO_IOMMU_PROBE_T_RESV_MEM
+        u16::from_le_bytes([props[second], props[second + 1]]),
+        VIRTIO_IOMMU_PROBE_T_RESV_MEM,
+        "a property header exactly length + 4 bytes on"
+    );
+    // Both regions are there, one at 0 and one at length + 4, nothing in between.
+    let mut got = [resv_at(&props, 0), resv_at(&props, second)];
+    got.sort();
+    assert_eq!(
+        got,
+        [(0xfee0_0000, 0xfeef_ffff), (0x1_0000_0000, 0x1_0000_ffff)]
+    );
+    // After the second, length + 4 on again, the list ends (type NONE).
+    let third =
+        second + usize::from(u16::from_le_bytes([props[second + 2], props[second + 3]])) + 4;
+    assert_eq!(
+        u16::from_le_bytes([props[third], props[third + 1]]),
+        VIRTIO_IOMMU_PROBE_T_NONE
     );
 }
 

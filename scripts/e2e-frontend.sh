@@ -17,7 +17,11 @@
 #                     names guest RAM's memfd (its inode, from QEMU's maps), the secret
 #                     is absent from a scan of each back-end's memory, and serve reports
 #                     the requests it posted through the shadows.
-#   inflight-copy-qsd the same with qemu-storage-daemon (QEMU's own tools, provisioned with
+#   inflight-copy-iommu the same behind our virtio-iommu (--iommu on, the guest's default
+#                     lazy mode): the shadow copies through the IOMMU's translation, the
+#                     back-ends (vhost-device-rng has no IOMMU support) still get no IOTLB
+#                     and no guest RAM; the disk's IOMMU group is DMA-FQ.
+#   inflight-copy-qsd the same as inflight-copy with qemu-storage-daemon (QEMU's own tools, provisioned with
 #                     QEMU) exporting the image as vhost-user-blk: an unmodified
 #                     third-party blk back-end that holds no guest RAM.
 #   ours-blk-strict   `aperture backend blk` behind `serve --disk vhost-user=SOCK --iommu on`,
@@ -41,7 +45,7 @@ set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/e2e-lib.sh"
 
 SCRIPTS="$APERTURE_SCRIPTS_DIR"
-ALL=(third-party-rng inflight-copy inflight-copy-qsd ours-blk-strict ours-blk-lazy ours-blk-killed)
+ALL=(third-party-rng inflight-copy inflight-copy-iommu inflight-copy-qsd ours-blk-strict ours-blk-lazy ours-blk-killed)
 # Seconds the guest holds after its workload while the back-ends are inspected.
 HOLD=20
 # Most seconds from the back-end's SIGKILL to the guest's failed read (TCG is slow; the
@@ -261,11 +265,12 @@ scenario() {
             disk_arg=("$img") rng_arg=("vhost-user=$sd/rng.sock0")
             inspected=("rng=$rng_pid")
             ;;
-        inflight-copy)
+        inflight-copy | inflight-copy-iommu)
             "$BIN" backend blk --socket "$sd/blk.sock" --disk "$img" >"$sd/backend.log" 2>&1 &
             backend_pid=$!
             socks+=("$sd/blk.sock=$backend_pid")
             iommu=off append=""
+            [[ "$name" == *-iommu ]] && iommu=on
             disk_arg=("vhost-user=$sd/blk.sock") rng_arg=("vhost-user=$sd/rng.sock0")
             serve_extra=(--inflight copy)
             inspected=("blk=$backend_pid" "rng=$rng_pid")
@@ -370,6 +375,10 @@ scenario() {
                 info="$info; $b: $(grep -m1 "aperture serve: $b: implicit grants" "$sd/serve.log" | sed 's/.*(copy): //; s/ (guest bytes.*RAM)//; s/, [0-9]* waited.*//')"
             done
             info="$info; no guest RAM in either back-end, secret absent"
+            if [[ "$iommu" == on ]]; then
+                g=$(awk '$2 == "iommu-group" && $3 == "0000:00:11.0" { print $4; exit }' "$MARKERS")
+                expect "IOMMU group type of the blk" "$(awk -v g="$g" '$2 == "iommu-group-type" && $3 == g { print $4; exit }' "$MARKERS")" DMA-FQ
+            fi
             ;;
     esac
     if [[ "$name" == ours-blk-* ]]; then

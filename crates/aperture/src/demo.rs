@@ -5,10 +5,13 @@
 //! read, write and read back the disk with checksums, read the RNG), checks what the
 //! guest reports against the host, and prints what each device could reach.
 
+use crate::backend_process::BackendProcess;
 use crate::vm::{self, hex, RAM_MIB};
-use device_host::endpoints::{BlockFactory, RngFactory};
+use device_host::endpoints::{BlockFactory, RngFactory, VhostUserFactory};
 use device_host::host::{endpoint_id, DeviceHost, EndpointFactory, IommuMode, IOMMU_SLOT};
+use device_host::vhost_user::{DeviceKind, InflightConfig, VhostUserHandle, DEFAULT_TIMEOUT};
 use md5::{Digest, Md5};
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -24,6 +27,9 @@ pub(crate) struct Options {
     pub(crate) strict: bool,
     pub(crate) mib: u32,
     pub(crate) json: bool,
+    /// Implicit grants: the disk and the RNG run in `aperture backend` processes that
+    /// are given only the device host's shadow memory.
+    pub(crate) inflight: bool,
 }
 
 fn say(msg: &str) {
@@ -110,10 +116,33 @@ fn run_inner(opts: Options) -> Result<bool, String> {
     let disk = work.join("disk.img");
     let host_md5 = vm::make_disk(&disk, opts.mib, 2 * opts.mib)?;
 
-    let endpoints: Vec<Box<dyn EndpointFactory>> = vec![
-        Box::new(BlockFactory::new("blk0", &disk, false).map_err(|e| e.to_string())?),
-        Box::new(RngFactory::new("rng")),
-    ];
+    let mut backends = Vec::new();
+    let mut handles = Vec::new();
+    let endpoints: Vec<Box<dyn EndpointFactory>> = if opts.inflight {
+        say("starting `aperture backend blk` and `aperture backend rng` in their own processes");
+        let blk_args = [OsStr::new("blk"), OsStr::new("--disk"), disk.as_os_str()];
+        let mut out: Vec<Box<dyn EndpointFactory>> = Vec::new();
+        for (name, kind, args) in [
+            ("blk0", DeviceKind::Block, &blk_args[..]),
+            ("rng", DeviceKind::Rng, &[OsStr::new("rng")][..]),
+        ] {
+            let b = BackendProcess::spawn(&work, name, args)?;
+            let (tx, rx) = std::sync::mpsc::channel();
+            let f = VhostUserFactory::new(name, &b.socket, kind, DEFAULT_TIMEOUT)
+                .map_err(|e| e.to_string())?
+                .with_inflight(InflightConfig::default())
+                .with_handle_sender(tx);
+            handles.push((name, rx));
+            backends.push(b);
+            out.push(Box::new(f));
+        }
+        out
+    } else {
+        vec![
+            Box::new(BlockFactory::new("blk0", &disk, false).map_err(|e| e.to_string())?),
+            Box::new(RngFactory::new("rng")),
+        ]
+    };
     let host = DeviceHost::new(
         &work.join("serve"),
         opts.mode,
@@ -123,11 +152,25 @@ fn run_inner(opts: Options) -> Result<bool, String> {
     )
     .map_err(|e| e.to_string())?;
     let iommu = host.iommu();
+    // Built (and their handles sent) by DeviceHost::new.
+    let handles: Vec<(&str, Option<VhostUserHandle>)> = handles
+        .into_iter()
+        .map(|(n, rx)| (n, rx.try_recv().ok()))
+        .collect();
     let mut args = vm::base_args(&kernel, &initrd, &append(opts));
     args.extend(host.qemu_args().iter().cloned());
     let served = std::thread::spawn(move || host.run(Duration::from_secs(3)));
 
-    say(&format!("booting Linux under QEMU TCG with a disk and an RNG served by this process (--iommu {:?}, {})", opts.mode, if opts.strict { "strict" } else { "lazy" }));
+    let served_by = if opts.inflight {
+        "by back-end processes behind implicit grants"
+    } else {
+        "by this process"
+    };
+    say(&format!(
+        "booting Linux under QEMU TCG with a disk and an RNG served {served_by} (--iommu {:?}, {})",
+        opts.mode,
+        if opts.strict { "strict" } else { "lazy" }
+    ));
     let console_path = work.join("console.log");
     let mut t_init = None;
     // Host CPU over the block phase: from its first marker to its last.
@@ -216,6 +259,28 @@ fn run_inner(opts: Options) -> Result<bool, String> {
             format!("{r:?}"),
         );
     }
+    // Implicit grants: each back-end held only shadow memory and saw requests.
+    let mut shadows = Vec::new();
+    for (b, (name, h)) in backends.into_iter().zip(&handles) {
+        let held = b
+            .finish("plain")
+            .map(|st| st["guest_ram_bytes"].as_u64().unwrap_or(0));
+        check(
+            &format!("{name}'s back-end process exited cleanly, given only shadow memory"),
+            held.is_ok(),
+            match &held {
+                Ok(bytes) => format!("its memory table: {bytes} bytes of shadows"),
+                Err(e) => e.clone(),
+            },
+        );
+        let stats = h.as_ref().map(|h| h.counters().shadow).unwrap_or_default();
+        check(
+            &format!("{name}'s requests went through its shadow"),
+            stats.posted > 0 && stats.posted == stats.completed,
+            format!("{} posted, {} completed", stats.posted, stats.completed),
+        );
+        shadows.push(stats);
+    }
 
     let secs: f64 = first("blk-seconds").parse().unwrap_or(0.0);
     let moved = 3.0 * f64::from(opts.mib);
@@ -223,7 +288,16 @@ fn run_inner(opts: Options) -> Result<bool, String> {
     let counters = iommu.map(|h| h.counters());
     let mut exposure = Vec::new();
     let ids = [endpoint_id(IOMMU_SLOT + 1), endpoint_id(IOMMU_SLOT + 2)];
-    for (name, id) in [("virtio-blk", ids[0]), ("virtio-rng", ids[1])] {
+    for (i, (name, id)) in [("virtio-blk", ids[0]), ("virtio-rng", ids[1])]
+        .into_iter()
+        .enumerate()
+    {
+        if let Some(s) = shadows.get(i) {
+            // The back-end could read only copies of what was in flight.
+            let b = u128::from(s.peak_exposed_bytes);
+            exposure.push((name, b, b as f64 * 100.0 / ram as f64));
+            continue;
+        }
         let (bytes, share) = match &counters {
             None => (ram, 100.0),
             Some(c) => match c.peak_exposure.iter().find(|(e, _)| e.0 == id) {
@@ -248,6 +322,7 @@ fn run_inner(opts: Options) -> Result<bool, String> {
         let j = serde_json::json!({
             "iommu": format!("{:?}", opts.mode).to_lowercase(),
             "strict": opts.strict,
+            "inflight": if opts.inflight { "copy" } else { "off" },
             "qemu_version": stack.qemu_version,
             "qemu_deb": stack.qemu_deb,
             "guest_kernel": stack.kernel_release,
@@ -277,6 +352,12 @@ fn run_inner(opts: Options) -> Result<bool, String> {
             opts.mode,
             if opts.strict { "strict" } else { "lazy" }
         );
+        if opts.inflight {
+            println!("  implicit grants (copy): the disk and the RNG ran in `aperture backend` processes");
+            println!(
+                "    given only the device host's shadow rings and bounce buffers, never guest RAM"
+            );
+        }
         println!(
             "  ran: QEMU {} ({}), Linux {} ({})",
             stack.qemu_version, stack.qemu_deb, stack.kernel_release, stack.kernel_deb
@@ -288,8 +369,8 @@ fn run_inner(opts: Options) -> Result<bool, String> {
         println!("  disk I/O in the guest: {moved:.0} MiB in {secs:.1} s = {:.1} MiB/s (TCG: slow by nature)", if secs > 0.0 { moved / secs } else { 0.0 });
         if let Some(c) = cpu {
             println!(
-                "  host CPU over it: {:.1} s this process (our devices), {:.1} s QEMU (its TCG vCPU included)",
-                c.ours_s, c.children_s
+                "  host CPU over it: {:.1} s this process (our devices), {:.1} s QEMU (its TCG vCPU included){}",
+                c.ours_s, c.children_s, if opts.inflight { " and the back-end processes" } else { "" }
             );
         }
         println!("  virtio-iommu requests: {maps} MAP, {unmaps} UNMAP");
@@ -297,7 +378,7 @@ fn run_inner(opts: Options) -> Result<bool, String> {
         println!(
             "    IOMMU driver was up, e.g. the firmware probing the disk while boot bypass is off)"
         );
-        println!("  exposure (most guest memory a device could reach at one moment; guest RAM {RAM_MIB} MiB):");
+        println!("  exposure (most guest memory a device could reach at one moment; guest RAM {RAM_MIB} MiB{}):", if opts.inflight { "; with implicit grants: copies of the bytes in flight" } else { "" });
         for (n, b, s) in &exposure {
             println!("    {n:<10} {:>12} bytes  {s:6.2}% of guest RAM", b);
         }

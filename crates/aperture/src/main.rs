@@ -13,6 +13,7 @@
 //! command line is defined here.
 
 mod backend;
+mod backend_process;
 #[cfg(feature = "bench")]
 mod bench;
 #[cfg(feature = "bench")]
@@ -292,7 +293,7 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
     /// With --model it instead plays Linux's driver sequence against the device model
     /// through a fake guest driver, in-process and in a second (no QEMU needed).
     #[command(
-        after_help = "Examples:\n  aperture demo\n  aperture demo --iommu off        the same with no IOMMU: exposure 100%\n  aperture demo --lazy --mib 64\n  aperture demo --model --endpoints 8 --json"
+        after_help = "Examples:\n  aperture demo\n  aperture demo --iommu off        the same with no IOMMU: exposure 100%\n  aperture demo --iommu off --inflight copy   back-end processes that hold no guest RAM\n  aperture demo --lazy --mib 64\n  aperture demo --model --endpoints 8 --json"
     )]
     Demo {
         /// How the virtio-iommu is presented (as for serve).
@@ -305,6 +306,11 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
         #[arg(long, value_name = "MIB", default_value_t = 128,
               value_parser = clap::value_parser!(u32).range(1..=4096))]
         mib: u32,
+        /// Implicit grants (as for serve): the disk and the RNG run in `aperture backend`
+        /// processes given only the device host's shadow rings and bounce buffers; the
+        /// report shows what they could read. Works with any --iommu.
+        #[arg(long, value_name = "copy", value_parser = parse_inflight)]
+        inflight: Option<serve::InflightForm>,
         /// Play the driver sequence against the device model instead (no guest, no QEMU).
         #[cfg(feature = "bench")]
         #[arg(long)]
@@ -443,6 +449,15 @@ fn main() -> ExitCode {
         #[cfg(feature = "bench")]
         Command::Demo {
             model: true,
+            inflight: Some(_),
+            ..
+        } => {
+            eprintln!("aperture demo: --inflight needs the guest; --model plays the driver model without one");
+            ExitCode::from(2)
+        }
+        #[cfg(feature = "bench")]
+        Command::Demo {
+            model: true,
             endpoints,
             json,
             ..
@@ -452,12 +467,14 @@ fn main() -> ExitCode {
             lazy,
             mib,
             json,
+            inflight,
             ..
         } => demo::run(demo::Options {
             mode: mode(iommu),
             strict: !lazy,
             mib,
             json,
+            inflight: inflight.is_some(),
         }),
         #[cfg(feature = "bench")]
         Command::Bench {

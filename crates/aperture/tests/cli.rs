@@ -97,6 +97,17 @@ fn help_explains_and_lists_demo() {
 }
 
 #[test]
+fn demo_model_with_implicit_grants_is_a_usage_error() {
+    let o = aperture(&["demo", "--model", "--inflight", "copy"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--inflight needs the guest"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn zero_endpoints_is_a_usage_error_naming_the_flag() {
     let o = aperture(&["demo", "--model", "--endpoints", "0"]);
     assert_eq!(o.status.code(), Some(2));
@@ -126,6 +137,22 @@ fn serve_bad_input_is_one_line_naming_it_and_exit_2() {
             "/nonexistent/disk.img",
         ),
         (vec!["serve", "--dir", &d], "nothing to serve"),
+        (
+            vec!["serve", "--dir", &d, "--rng", "--inflight", "copy"],
+            "none is given",
+        ),
+        (
+            vec!["serve", "--dir", &d, "--rng", "--inflight", "map"],
+            "not built yet",
+        ),
+        (
+            vec!["serve", "--dir", &d, "--rng", "--inflight", "all"],
+            "'all' is not a form",
+        ),
+        (
+            vec!["serve", "--dir", &d, "--rng", "--inflight-arena-mib", "4"],
+            "--inflight",
+        ),
         (vec!["serve", "--dir", &d, "--disk", "x.img,rw"], "--disk"),
         (
             vec!["serve", "--dir", &d, "--rng", "--iommu", "maybe"],

@@ -25,16 +25,16 @@ use device_host::host::{DeviceHost, EndpointFactory, Function, IommuHandle, Iomm
 use device_host::poll::Pollable;
 use device_host::vhost_user::{DeviceKind, InflightConfig, VhostUserHandle, DEFAULT_TIMEOUT};
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 use virtio_iommu::RequestType;
 
-mod process;
 mod report;
 mod tools;
 
-use process::BackendProcess;
+use crate::backend_process::BackendProcess;
 use report::{cpu_sample, opt, summarise, table, to_json, Interference, Summary};
 use tools::{build_diskbench, utc_now};
 
@@ -605,7 +605,13 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
     let mut vhost = None;
     if config.ours() {
         let blk: Box<dyn EndpointFactory> = if config.vhost() {
-            let b = BackendProcess::spawn(&dir, &p.disk, opts.backend_poll)?;
+            let poll = opts.backend_poll.as_micros().to_string();
+            let args = ["blk", "--read-only", "--poll-us", &poll, "--disk"]
+                .map(OsStr::new)
+                .into_iter()
+                .chain([p.disk.as_os_str()])
+                .collect::<Vec<_>>();
+            let b = BackendProcess::spawn(&dir, "blk", &args)?;
             let (tx, rx) = std::sync::mpsc::channel();
             vhost = Some(rx);
             let mut f =

@@ -1,25 +1,32 @@
-//! `aperture backend blk` as the bench's out-of-process back-end: a child process.
+//! `aperture backend blk|rng` as a child process: the out-of-process back-ends of
+//! `aperture bench --guest` and of `aperture demo --inflight copy`.
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// `aperture backend blk` serving the bench's image read-only, a child process.
-pub(super) struct BackendProcess {
-    pub(super) child: std::process::Child,
-    pub(super) socket: PathBuf,
-    pub(super) stats: PathBuf,
-    pub(super) log: PathBuf,
+/// `aperture backend ARGS --once` in a child process, its socket, stats and log in one
+/// directory.
+pub(crate) struct BackendProcess {
+    child: std::process::Child,
+    /// What it serves, for messages (`aperture backend blk`).
+    what: String,
+    pub(crate) socket: PathBuf,
+    stats: PathBuf,
+    log: PathBuf,
 }
 
 impl BackendProcess {
-    /// Starts it (this executable) in `dir` and waits until it listens.
+    /// Starts `aperture backend ARGS` (this executable) with `--once` and its socket
+    /// (`NAME.sock`), stats (`NAME-stats.json`) and log (`NAME.log`) in `dir`, and waits
+    /// until it listens. `args` start with the device (`blk`, `rng`).
     ///
     /// # Errors
     /// The process cannot be started, or exits or does not listen within 10 s.
-    pub(super) fn spawn(dir: &Path, disk: &Path, poll: Duration) -> Result<Self, String> {
+    pub(crate) fn spawn(dir: &Path, name: &str, args: &[&OsStr]) -> Result<Self, String> {
         let exe = std::env::current_exe()
             .map_err(|e| format!("cannot find this executable to run `aperture backend`: {e}"))?;
         // Rebuilt while the bench runs (`cargo build` replaces the file): Linux names the
@@ -28,29 +35,32 @@ impl BackendProcess {
             Some(p) if !exe.exists() => PathBuf::from(p),
             _ => exe,
         };
-        let socket = dir.join("blk.sock");
-        let stats = dir.join("backend-stats.json");
-        let log = dir.join("backend.log");
+        let what = format!(
+            "`aperture backend {}`",
+            args.first().map_or("".into(), |a| a.to_string_lossy())
+        );
+        let socket = dir.join(format!("{name}.sock"));
+        let stats = dir.join(format!("{name}-stats.json"));
+        let log = dir.join(format!("{name}.log"));
         let _ = std::fs::remove_file(&stats);
         let err =
             File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
         let child = Command::new(exe)
-            .args(["backend", "blk", "--read-only", "--once"])
-            .arg("--poll-us")
-            .arg(poll.as_micros().to_string())
+            .arg("backend")
+            .args(args)
+            .arg("--once")
             .arg("--socket")
             .arg(&socket)
-            .arg("--disk")
-            .arg(disk)
             .arg("--stats")
             .arg(&stats)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
             .spawn()
-            .map_err(|e| format!("cannot start `aperture backend blk`: {e}"))?;
+            .map_err(|e| format!("cannot start {what}: {e}"))?;
         let mut b = Self {
             child,
+            what,
             socket,
             stats,
             log,
@@ -60,7 +70,8 @@ impl BackendProcess {
             let exited = b.child.try_wait().ok().flatten();
             if exited.is_some() || std::time::Instant::now() > deadline {
                 return Err(format!(
-                    "`aperture backend blk` did not listen on {} ({}); its log: {}",
+                    "{} did not listen on {} ({}); its log: {}",
+                    b.what,
                     b.socket.display(),
                     exited.map_or("10 s passed".to_string(), |s| s.to_string()),
                     b.log.display()
@@ -78,7 +89,7 @@ impl BackendProcess {
     /// It does not exit, exits with an error, leaves no readable stats, or did not run
     /// in `mode` (`iotlb` behind the virtio-iommu, `plain` with implicit grants: its
     /// memory is then only the device host's shadows).
-    pub(super) fn finish(mut self, mode: &str) -> Result<serde_json::Value, String> {
+    pub(crate) fn finish(mut self, mode: &str) -> Result<serde_json::Value, String> {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let status = loop {
             match self.child.try_wait() {
@@ -88,7 +99,8 @@ impl BackendProcess {
                 }
                 _ => {
                     return Err(format!(
-                        "`aperture backend blk` did not exit 10 s after the front-end disconnected (log: {})",
+                        "{} did not exit 10 s after the front-end disconnected (log: {})",
+                        self.what,
                         self.log.display()
                     ))
                 }
@@ -96,7 +108,8 @@ impl BackendProcess {
         };
         if !status.success() {
             return Err(format!(
-                "`aperture backend blk` exited with {status} (log: {})",
+                "{} exited with {status} (log: {})",
+                self.what,
                 self.log.display()
             ));
         }

@@ -21,6 +21,12 @@
 #                     lazy mode): the shadow copies through the IOMMU's translation, the
 #                     back-ends (vhost-device-rng has no IOMMU support) still get no IOTLB
 #                     and no guest RAM; the disk's IOMMU group is DMA-FQ.
+#   inflight-map      implicit grants, map form (--inflight map --inflight-map-kib 16) with
+#                     `aperture backend blk` (which has IOMMU support) and our in-process
+#                     RNG: data as above; it documents what the map form leaves
+#                     reachable: the back-end holds guest RAM's descriptor (checked in
+#                     /proc/PID/fd), maps none of it with nothing in flight (maps), and
+#                     the secret is absent from its memory.
 #   inflight-copy-qsd the same as inflight-copy with qemu-storage-daemon (QEMU's own tools, provisioned with
 #                     QEMU) exporting the image as vhost-user-blk: an unmodified
 #                     third-party blk back-end that holds no guest RAM.
@@ -45,7 +51,7 @@ set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/e2e-lib.sh"
 
 SCRIPTS="$APERTURE_SCRIPTS_DIR"
-ALL=(third-party-rng inflight-copy inflight-copy-iommu inflight-copy-qsd ours-blk-strict ours-blk-lazy ours-blk-killed)
+ALL=(third-party-rng inflight-copy inflight-copy-iommu inflight-copy-qsd inflight-map ours-blk-strict ours-blk-lazy ours-blk-killed)
 # Seconds the guest holds after its workload while the back-ends are inspected.
 HOLD=20
 # Most seconds from the back-end's SIGKILL to the guest's failed read (TCG is slow; the
@@ -96,19 +102,21 @@ wait_exit() {   # wait_exit PID SECONDS: sets EXIT_RC to its status, or "hung" (
 m() { awk -v k="$1" '$2 == k { sub(/^APERTURE-E2E [^ ]+ ?/, ""); print; exit }' "$MARKERS"; }
 has() { awk -v k="$1" '$2 == k { f = 1 } END { exit !f }' "$MARKERS"; }
 
-# memfd_inodes PID [MIN_BYTES]: inodes of the memfds PID maps in pieces of at least
-# MIN_BYTES (default 0) and, without MIN_BYTES, of those it holds open.
-memfd_inodes() {
-    local pid="$1" min="${2:-}" range perms off dev ino path f
+# mapped_memfds PID [MIN_BYTES]: inodes of the memfds PID maps, in pieces of at least
+# MIN_BYTES (default 0).
+mapped_memfds() {
+    local pid="$1" min="${2:-0}" range perms off dev ino path
     while read -r range perms off dev ino path; do
         [[ "$path" == /memfd:* ]] || continue
-        (( $((16#${range#*-})) - $((16#${range%-*})) >= ${min:-0} )) && echo "$ino"
+        (( $((16#${range#*-})) - $((16#${range%-*})) >= min )) && echo "$ino"
     done <"/proc/$pid/maps"
-    if [[ -z "$min" ]]; then
-        for f in /proc/"$pid"/fd/*; do
-            [[ "$(readlink "$f" 2>/dev/null)" == /memfd:* ]] && stat -L -c %i "$f" 2>/dev/null
-        done
-    fi
+}
+# open_memfds PID: inodes of the memfds PID holds open.
+open_memfds() {
+    local f
+    for f in /proc/"$1"/fd/*; do
+        [[ "$(readlink "$f" 2>/dev/null)" == /memfd:* ]] && stat -L -c %i "$f" 2>/dev/null
+    done
 }
 # secret_regions PID WORD: how many of PID's readable mappings hold WORD (/proc/PID/mem).
 secret_regions() {
@@ -123,9 +131,9 @@ secret_regions() {
     echo "$n"
 }
 # inspect QEMU_PARENT_PID NAME=PID...: waits for the guest's hold, then for each back-end
-# sets HELD_<NAME> (guest RAM memfd inodes it maps or holds, space-separated) and
-# SECRET_<NAME> (mappings holding the guest's secret). Guest RAM is every memfd QEMU maps
-# in a piece of 64 MiB or more.
+# sets MAPPED_<NAME> and OPEN_<NAME> (guest RAM memfd inodes it maps / holds open,
+# space-separated), HELD_<NAME> (either) and SECRET_<NAME> (mappings holding the guest's
+# secret). Guest RAM is every memfd QEMU maps in a piece of 64 MiB or more.
 inspect() {
     local parent="$1" qpid="" ram nb name pid i
     shift
@@ -138,11 +146,13 @@ inspect() {
         [[ "$(awk '$1 == "PPid:" { print $2 }' "$i/status" 2>/dev/null)" == "$parent" ]] && { qpid=${i#/proc/}; break; }
     done
     [[ -n "$qpid" ]] || { bad "cannot find QEMU's pid (child of $parent)"; return; }
-    ram=$(memfd_inodes "$qpid" $((64 << 20)) | sort -u)
+    ram=$(mapped_memfds "$qpid" $((64 << 20)) | sort -u)
     [[ -n "$ram" ]] || { bad "found no guest RAM memfd in QEMU's /proc/$qpid/maps"; return; }
     for nb in "$@"; do
         name="${nb%%=*}" pid="${nb#*=}"
-        printf -v "HELD_$name" '%s' "$(comm -12 <(echo "$ram") <(memfd_inodes "$pid" | sort -u) | tr '\n' ' ')"
+        printf -v "MAPPED_$name" '%s' "$(comm -12 <(echo "$ram") <(mapped_memfds "$pid" | sort -u) | tr '\n' ' ')"
+        printf -v "OPEN_$name" '%s' "$(comm -12 <(echo "$ram") <(open_memfds "$pid" | sort -u) | tr '\n' ' ')"
+        printf -v "HELD_$name" '%s' "$(comm -12 <(echo "$ram") <({ mapped_memfds "$pid"; open_memfds "$pid"; } | sort -u) | tr '\n' ' ')"
         printf -v "SECRET_$name" '%s' "$(secret_regions "$pid" "$SECRET")"
     done
     kill -0 "$qpid" 2>/dev/null || bad "the inspection outlasted the guest's hold of $HOLD s"
@@ -238,7 +248,7 @@ killed_scenario() {
 scenario() {
     local name="$1" sd="$RUN/$1" t0 backend_pid serve_pid qrc iommu append sock disk_arg rng_arg pat want_w
     local extra=() serve_extra=() socks=() inspected=() rng_pid="" qemu_parent
-    SECRET="" HELD_blk="" HELD_rng="" SECRET_blk="" SECRET_rng=""
+    SECRET="" HELD_blk="" HELD_rng="" SECRET_blk="" SECRET_rng="" MAPPED_blk="" OPEN_blk=""
     t0=$(now)
     REASONS=()
     mkdir -p "$sd"
@@ -246,7 +256,7 @@ scenario() {
     CONSOLE="$sd/console.log" MARKERS="$sd/markers.txt"
     make_image "$img" "$name" || { fail "$name: cannot write $img"; KEEP_RUN=1; return; }
     pat="W-$name"
-    if [[ "$name" == third-party-rng || "$name" == inflight-* ]]; then
+    if [[ "$name" == third-party-rng || "$name" == inflight-copy* ]]; then
         local vdr
         if ! vdr=$("$SCRIPTS/install-vhost-device-rng.sh" 2>"$sd/install.log"); then
             fail "$name: scripts/install-vhost-device-rng.sh failed (log: $sd/install.log)"; KEEP_RUN=1; return
@@ -274,6 +284,17 @@ scenario() {
             disk_arg=("vhost-user=$sd/blk.sock") rng_arg=("vhost-user=$sd/rng.sock0")
             serve_extra=(--inflight copy)
             inspected=("blk=$backend_pid" "rng=$rng_pid")
+            ;;
+        inflight-map)
+            # The map form needs a back-end with IOTLB support: the RNG is ours, in process.
+            "$BIN" backend blk --socket "$sd/blk.sock" --disk "$img" >"$sd/backend.log" 2>&1 &
+            backend_pid=$!
+            socks+=("$sd/blk.sock=$backend_pid")
+            iommu=off append=""
+            disk_arg=("vhost-user=$sd/blk.sock") rng_arg=()
+            serve_extra=(--inflight map --inflight-map-kib 16)
+            inspected=("blk=$backend_pid")
+            SECRET="SECRET-$(printf '%s %s' "$name" "$(date +%s%N)" | md5_of)"
             ;;
         inflight-copy-qsd)
             local qsd="${APERTURE_QSD:-}"
@@ -360,6 +381,20 @@ scenario() {
             [[ -n "$HELD_rng" ]] || bad "control: vhost-device-rng should map guest RAM's memfd without implicit grants, and does not (the inspection cannot see it)"
             [[ "$SECRET_rng" -gt 0 ]] 2>/dev/null || bad "control: the guest's secret should be in vhost-device-rng's memory without implicit grants, and the scan found it in ${SECRET_rng:-no} mappings"
             info="; control: vhost-device-rng maps guest RAM (inode ${HELD_rng% }), secret in $SECRET_rng of its mappings"
+            ;;
+        inflight-map)
+            # What the map form leaves reachable: the back-end holds guest RAM's
+            # descriptor (a hostile one could map it all); ours maps only the windows of
+            # requests in flight, so at rest it maps none and holds no guest secret.
+            [[ -n "$OPEN_blk" ]] || bad "the map form gives the back-end guest RAM's descriptor; /proc/PID/fd does not show it (the inspection cannot see it)"
+            [[ -z "$MAPPED_blk" ]] || bad "blk back-end still maps guest RAM with no request in flight (inode $MAPPED_blk)"
+            [[ "$SECRET_blk" == 0 ]] || bad "blk back-end: the guest's secret is in ${SECRET_blk:-?} of its mappings"
+            local line
+            line=$(grep -m1 "aperture serve: blk0: implicit grants (map):" "$sd/serve.log")
+            [[ "$line" =~ \(map\):\ ([1-9][0-9]*)\ requests\ posted ]] || bad "serve did not report requests posted through blk0's shadow: '${line:-no line}'"
+            info=$(grep -m1 'front-end disconnected' "$sd/backend.log" | sed 's/.*front-end disconnected: //')
+            [[ "$info" == *"mode iotlb"* ]] || bad "the back-end did not run in IOTLB mode: '${info:-no summary line}'"
+            info="; $(sed 's/.*(map): //; s/ (guest bytes.*confined to them)//; s/, [0-9]* waited.*//' <<<"$line"); back-end: $info; holds guest RAM's descriptor (inode ${OPEN_blk% }), maps none of it at rest, secret absent"
             ;;
         inflight-*)
             local b

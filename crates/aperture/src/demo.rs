@@ -9,7 +9,9 @@ use crate::backend_process::BackendProcess;
 use crate::vm::{self, hex, RAM_MIB};
 use device_host::endpoints::{BlockFactory, RngFactory, VhostUserFactory};
 use device_host::host::{endpoint_id, DeviceHost, EndpointFactory, IommuMode, IOMMU_SLOT};
-use device_host::vhost_user::{DeviceKind, InflightConfig, VhostUserHandle, DEFAULT_TIMEOUT};
+use device_host::vhost_user::{
+    DeviceKind, InflightConfig, VhostUserHandle, DEFAULT_MAP_THRESHOLD, DEFAULT_TIMEOUT,
+};
 use md5::{Digest, Md5};
 use std::ffi::OsStr;
 use std::path::Path;
@@ -28,8 +30,8 @@ pub(crate) struct Options {
     pub(crate) mib: u32,
     pub(crate) json: bool,
     /// Implicit grants: the disk and the RNG run in `aperture backend` processes that
-    /// are given only the device host's shadow memory.
-    pub(crate) inflight: bool,
+    /// are given the device host's shadow memory (and, in the map form, windows).
+    pub(crate) inflight: Option<crate::serve::InflightForm>,
 }
 
 fn say(msg: &str) {
@@ -118,7 +120,8 @@ fn run_inner(opts: Options) -> Result<bool, String> {
 
     let mut backends = Vec::new();
     let mut handles = Vec::new();
-    let endpoints: Vec<Box<dyn EndpointFactory>> = if opts.inflight {
+    let map = opts.inflight == Some(crate::serve::InflightForm::Map);
+    let endpoints: Vec<Box<dyn EndpointFactory>> = if opts.inflight.is_some() {
         say("starting `aperture backend blk` and `aperture backend rng` in their own processes");
         let blk_args = [OsStr::new("blk"), OsStr::new("--disk"), disk.as_os_str()];
         let mut out: Vec<Box<dyn EndpointFactory>> = Vec::new();
@@ -130,7 +133,10 @@ fn run_inner(opts: Options) -> Result<bool, String> {
             let (tx, rx) = std::sync::mpsc::channel();
             let f = VhostUserFactory::new(name, &b.socket, kind, DEFAULT_TIMEOUT)
                 .map_err(|e| e.to_string())?
-                .with_inflight(InflightConfig::default())
+                .with_inflight(InflightConfig {
+                    map_threshold: map.then_some(DEFAULT_MAP_THRESHOLD),
+                    ..InflightConfig::default()
+                })
                 .with_handle_sender(tx);
             handles.push((name, rx));
             backends.push(b);
@@ -161,7 +167,7 @@ fn run_inner(opts: Options) -> Result<bool, String> {
     args.extend(host.qemu_args().iter().cloned());
     let served = std::thread::spawn(move || host.run(Duration::from_secs(3)));
 
-    let served_by = if opts.inflight {
+    let served_by = if opts.inflight.is_some() {
         "by back-end processes behind implicit grants"
     } else {
         "by this process"
@@ -262,14 +268,19 @@ fn run_inner(opts: Options) -> Result<bool, String> {
     // Implicit grants: each back-end held only shadow memory and saw requests.
     let mut shadows = Vec::new();
     for (b, (name, h)) in backends.into_iter().zip(&handles) {
+        // The copy form's back-end runs plain over the shadows alone; the map form's
+        // translates everything through the windows (IOTLB mode).
         let held = b
-            .finish("plain")
+            .finish(if map { "iotlb" } else { "plain" })
             .map(|st| st["guest_ram_bytes"].as_u64().unwrap_or(0));
         check(
-            &format!("{name}'s back-end process exited cleanly, given only shadow memory"),
+            &format!(
+                "{name}'s back-end process exited cleanly, given {}",
+                if map { "windows" } else { "only shadow memory" }
+            ),
             held.is_ok(),
             match &held {
-                Ok(bytes) => format!("its memory table: {bytes} bytes of shadows"),
+                Ok(bytes) => format!("its memory table: {bytes} bytes"),
                 Err(e) => e.clone(),
             },
         );
@@ -322,7 +333,11 @@ fn run_inner(opts: Options) -> Result<bool, String> {
         let j = serde_json::json!({
             "iommu": format!("{:?}", opts.mode).to_lowercase(),
             "strict": opts.strict,
-            "inflight": if opts.inflight { "copy" } else { "off" },
+            "inflight": match opts.inflight {
+                None => "off",
+                Some(crate::serve::InflightForm::Copy) => "copy",
+                Some(crate::serve::InflightForm::Map) => "map",
+            },
             "qemu_version": stack.qemu_version,
             "qemu_deb": stack.qemu_deb,
             "guest_kernel": stack.kernel_release,
@@ -352,10 +367,17 @@ fn run_inner(opts: Options) -> Result<bool, String> {
             opts.mode,
             if opts.strict { "strict" } else { "lazy" }
         );
-        if opts.inflight {
-            println!("  implicit grants (copy): the disk and the RNG ran in `aperture backend` processes");
+        if opts.inflight.is_some() {
             println!(
-                "    given only the device host's shadow rings and bounce buffers, never guest RAM"
+                "  implicit grants: the disk and the RNG ran in `aperture backend` processes given"
+            );
+            println!(
+                "    {}",
+                if map {
+                    "the device host's shadow rings, bounce buffers and per-request windows (map form)"
+                } else {
+                    "only the device host's shadow rings and bounce buffers, never guest RAM (copy form)"
+                }
             );
         }
         println!(
@@ -370,7 +392,7 @@ fn run_inner(opts: Options) -> Result<bool, String> {
         if let Some(c) = cpu {
             println!(
                 "  host CPU over it: {:.1} s this process (our devices), {:.1} s QEMU (its TCG vCPU included){}",
-                c.ours_s, c.children_s, if opts.inflight { " and the back-end processes" } else { "" }
+                c.ours_s, c.children_s, if opts.inflight.is_some() { " and the back-end processes" } else { "" }
             );
         }
         println!("  virtio-iommu requests: {maps} MAP, {unmaps} UNMAP");
@@ -378,7 +400,7 @@ fn run_inner(opts: Options) -> Result<bool, String> {
         println!(
             "    IOMMU driver was up, e.g. the firmware probing the disk while boot bypass is off)"
         );
-        println!("  exposure (most guest memory a device could reach at one moment; guest RAM {RAM_MIB} MiB{}):", if opts.inflight { "; with implicit grants: copies of the bytes in flight" } else { "" });
+        println!("  exposure (most guest memory a device could reach at one moment; guest RAM {RAM_MIB} MiB{}):", if opts.inflight.is_some() { "; with implicit grants: the bytes in flight" } else { "" });
         for (n, b, s) in &exposure {
             println!("    {n:<10} {:>12} bytes  {s:6.2}% of guest RAM", b);
         }

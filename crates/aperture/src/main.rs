@@ -112,17 +112,13 @@ fn parse_rng(s: &str) -> Result<RngArg, String> {
     }
 }
 
-/// `--inflight FORM`: only the copy form is built.
+/// `--inflight FORM`.
 fn parse_inflight(s: &str) -> Result<serve::InflightForm, String> {
     match s {
         "copy" => Ok(serve::InflightForm::Copy),
-        "map" => Err(
-            "the map form of implicit grants is not built yet; 'copy' is (the back-end gets \
-             bounce copies, never guest memory)"
-                .into(),
-        ),
+        "map" => Ok(serve::InflightForm::Map),
         _ => Err(format!(
-            "'{s}' is not a form of implicit grants (the form built is 'copy')"
+            "'{s}' is not a form of implicit grants (forms: 'copy', 'map')"
         )),
     }
 }
@@ -194,6 +190,7 @@ aperture serve --dir /tmp/vm --disk vhost-user=/tmp/blk.sock   (after: aperture 
 aperture serve --dir /tmp/vm --rng vhost-user=/tmp/rng.sock --iommu off   (a third-party back-end, e.g. vhost-device-rng)\n  \
 aperture serve --dir /tmp/vm --disk vhost-user=/tmp/blk.sock --rng vhost-user=/tmp/rng.sock --iommu off --inflight copy\n      \
 (implicit grants: the back-ends get bounce copies of the buffers in flight, never guest RAM)\n  \
+aperture serve --dir /tmp/vm --disk vhost-user=/tmp/blk.sock --iommu off --inflight map   (large buffers through per-request IOTLB windows)\n  \
 aperture serve --dir /tmp/vm --disk disk.img --rng --mem 2560 \\\n      \
 --reserved 0x90301000-0x90301fff@blk0 --reserved 0x98000000-0x980fffff@rng\n  \
 aperture serve --dir /tmp/vm --disk disk.img --mem 2560 \\\n      \
@@ -266,10 +263,21 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
         /// made, never a descriptor of guest RAM; the guest's data is copied in before a
         /// request is posted and copied back (at most what the back-end says it wrote)
         /// before the guest sees it done. Needs no IOMMU driver in the guest and no
-        /// IOMMU support in the back-end; works with --iommu off and on. virtio-blk and
-        /// virtio-rng only.
-        #[arg(long, value_name = "copy", value_parser = parse_inflight)]
+        /// IOMMU support in the back-end; works with --iommu off and on. "map": buffers
+        /// of at least --inflight-map-kib are shown in place through IOTLB windows opened
+        /// per request (acknowledged before the back-end is kicked, closed before the
+        /// guest sees the request done) instead of copied; needs a back-end with
+        /// VIRTIO_F_ACCESS_PLATFORM (aperture backend blk) and --iommu off, and gives it
+        /// guest RAM's descriptor, so only a cooperating back-end is confined.
+        /// virtio-blk and virtio-rng only.
+        #[arg(long, value_name = "copy|map", value_parser = parse_inflight)]
         inflight: Option<serve::InflightForm>,
+        /// With --inflight map: the size in KiB from which a buffer is shown in place
+        /// rather than copied.
+        #[arg(long, value_name = "KIB", requires = "inflight",
+              default_value_t = (device_host::vhost_user::DEFAULT_MAP_THRESHOLD >> 10) as u32,
+              value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+        inflight_map_kib: u32,
         /// With --inflight: MiB of bounce buffers per queue (what can be in flight at
         /// once). A request larger than this fails with the device's error status;
         /// smaller ones wait for space.
@@ -474,7 +482,7 @@ fn main() -> ExitCode {
             strict: !lazy,
             mib,
             json,
-            inflight: inflight.is_some(),
+            inflight,
         }),
         #[cfg(feature = "bench")]
         Command::Bench {
@@ -520,6 +528,7 @@ fn main() -> ExitCode {
             poll_us,
             inflight,
             inflight_arena_mib,
+            inflight_map_kib,
         } => serve::run(serve::Options {
             dir: &dir,
             disks: &disk,
@@ -536,8 +545,10 @@ fn main() -> ExitCode {
             test_fault_sector,
             rng_vhost_user: rng.as_ref().and_then(|r| r.0.as_deref()),
             poll: poll_max(poll_us),
-            inflight: inflight.map(|_| device_host::vhost_user::InflightConfig {
+            inflight: inflight.map(|form| device_host::vhost_user::InflightConfig {
                 arena_bytes: u64::from(inflight_arena_mib) << 20,
+                map_threshold: (form == serve::InflightForm::Map)
+                    .then_some(u64::from(inflight_map_kib) << 10),
                 ..Default::default()
             }),
         }),

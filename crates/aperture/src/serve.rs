@@ -209,6 +209,8 @@ pub(crate) struct Options<'a> {
 pub(crate) enum InflightForm {
     /// Bounce copies in memory the device host made.
     Copy,
+    /// Large buffers through per-request IOTLB windows, the rest bounced.
+    Map,
 }
 
 /// The guest layout: `mem` MiB of RAM around the `--reserved` regions of the devices
@@ -314,14 +316,25 @@ fn vhost_user(
 }
 
 /// What implicit grants did for one device, and what its back-end could read.
-fn report_inflight(name: &str, h: &VhostUserHandle) {
+fn report_inflight(name: &str, h: &VhostUserHandle, map: bool) {
     let c = h.counters();
     let s = c.shadow;
+    let (form, reach) = if map {
+        (
+            "map",
+            "guest bytes it could reach at once through copies and windows; it holds guest \
+             RAM's descriptor, so only a cooperating back-end is confined to them",
+        )
+    } else {
+        (
+            "copy",
+            "guest bytes the back-end could read at once; it never held guest RAM",
+        )
+    };
     eprintln!(
-        "aperture serve: {name}: implicit grants (copy): {} requests posted, {} completed, \
-         peak exposure {} bytes (guest bytes the back-end could read at once; it never held \
-         guest RAM), {} waited for bounce space, {} too large, {} lengths clamped, {} cut off \
-         at the deadline",
+        "aperture serve: {name}: implicit grants ({form}): {} requests posted, {} completed, \
+         peak exposure {} bytes ({reach}), {} waited for bounce space, {} too large, {} \
+         lengths clamped, {} cut off at the deadline",
         s.posted,
         s.completed,
         s.peak_exposed_bytes,
@@ -443,7 +456,11 @@ pub(crate) fn run(o: Options<'_>) -> ExitCode {
     let results = host.run(GRACE);
     for (name, rx) in &handles {
         if let Ok(h) = rx.try_recv() {
-            report_inflight(name, &h);
+            report_inflight(
+                name,
+                &h,
+                o.inflight.is_some_and(|c| c.map_threshold.is_some()),
+            );
         }
     }
     let mut failed = false;

@@ -142,8 +142,8 @@ fn serve_bad_input_is_one_line_naming_it_and_exit_2() {
             "none is given",
         ),
         (
-            vec!["serve", "--dir", &d, "--rng", "--inflight", "map"],
-            "not built yet",
+            vec!["serve", "--dir", &d, "--rng", "--inflight-map-kib", "4"],
+            "--inflight",
         ),
         (
             vec!["serve", "--dir", &d, "--rng", "--inflight", "all"],

@@ -56,6 +56,7 @@ fn rig(tag: &str, deadline: Duration) -> Rig {
     dev.inflight_copy(InflightConfig {
         arena_bytes: 1 << 16,
         deadline,
+        map_threshold: None,
     })
     .unwrap();
     let mem = guest_ram(tag);
@@ -368,4 +369,143 @@ fn inflight_a_malformed_guest_chain_needs_reset_and_grants_nothing() {
     let idx: u16 = r.shadow.read_obj(GuestAddress(r.ring.1 + 2)).unwrap();
     assert_eq!(idx, 0, "nothing was posted to the back-end");
     assert_eq!(r.dev.handle().counters().shadow.exposed_bytes, 0);
+}
+
+#[test]
+fn inflight_map_form_opens_a_window_before_the_kick_and_closes_it_before_the_guest_sees_used() {
+    let be = FakeBackend::start(
+        "map",
+        F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
+        P_ALL,
+        AckMode::Now,
+        None,
+    );
+    let (irq, _vectors) = irqs();
+    let mut dev =
+        VhostUserDevice::connect(&be.path, DeviceKind::Block, Duration::from_secs(1), irq).unwrap();
+    dev.inflight_copy(InflightConfig {
+        arena_bytes: 1 << 16,
+        deadline: Duration::from_secs(10),
+        map_threshold: Some(8192),
+    })
+    .unwrap();
+    let mem = guest_ram("map");
+    let g = SplitRing::new(mem.clone(), RingLayout::paged(RING), 256);
+    let mut q = ready_queue_at(RING);
+    let d: &mut dyn VirtioDevice<GuestMemoryMmap> = &mut dev;
+    d.set_acked_features(F_VERSION_1);
+    d.activate(
+        &[ActiveQueue {
+            index: 0,
+            queue: &q,
+            vector: 1,
+        }],
+        &mem,
+    )
+    .unwrap();
+    let log = be.seen.lock().unwrap().log.clone();
+    let set = &log.iter().find(|m| m.0 == req::SET_FEATURES).unwrap().1;
+    assert_ne!(
+        u64::read_from_bytes(set).unwrap() & F_ACCESS_PLATFORM,
+        0,
+        "the back-end translates through windows"
+    );
+    // A read of 16 KiB, page-aligned: shown in place; header and status bounced.
+    let buf = 0x9_0000;
+    mem.write_slice(&test_kit::blk::header(0, 0), GuestAddress(buf))
+        .unwrap();
+    g.write_desc(0, desc(buf, 16, F_NEXT, 1));
+    g.write_desc(1, desc(0xa_0000, 16384, F_NEXT | F_WRITE, 2));
+    g.write_desc(2, desc(buf + 0x400, 1, F_WRITE, 0));
+    g.set_avail_entry(0, 0);
+    g.set_avail_idx(1);
+    d.process_queue(0, &mut q, &mem).unwrap();
+    let iotlb = be.iotlb();
+    let window = iotlb
+        .iter()
+        .find(|m| m.kind == wire::iotlb::UPDATE && m.size == 16384)
+        .expect("an UPDATE for the data buffer's pages");
+    assert_eq!(window.perm, wire::iotlb::PERM_WO);
+    assert_eq!(
+        window.uaddr,
+        UADDR_BASE + 0xa_0000,
+        "guest RAM at its pages"
+    );
+    let kick = be.file(req::SET_VRING_KICK);
+    assert!(
+        read_eventfd(&kick).is_some(),
+        "kicked after the window opened"
+    );
+    assert_eq!(
+        be.iotlb()
+            .iter()
+            .filter(|m| m.kind == wire::iotlb::INVALIDATE)
+            .count(),
+        0
+    );
+    // The back-end completes through the shadow ring it was given.
+    // Guest RAM and the shadow are both in its table; the rings are IOVAs, the shadow's
+    // equal to its table address.
+    let a = &log.iter().find(|m| m.0 == req::SET_VRING_ADDR).unwrap().1;
+    let a = wire::VringAddr::read_from_bytes(a).unwrap();
+    let table = &log.iter().find(|m| m.0 == req::SET_MEM_TABLE).unwrap().1;
+    let (head, mut rest) = wire::MemoryHeader::read_from_prefix(table).unwrap();
+    assert_eq!(head.nregions, 2, "guest RAM and one shadow");
+    let mut shadow_at = None;
+    for i in 0..head.nregions as usize {
+        let (r, tail) = wire::MemoryRegion::read_from_prefix(rest).unwrap();
+        rest = tail;
+        if (r.guest_phys_addr..r.guest_phys_addr + r.memory_size).contains(&a.desc) {
+            shadow_at = Some((i, r));
+        }
+    }
+    let (i, r) = shadow_at.expect("the ring lies in the shadow");
+    let file = be
+        .seen
+        .lock()
+        .unwrap()
+        .files
+        .iter()
+        .find(|f| f.0 == req::SET_MEM_TABLE)
+        .unwrap()
+        .1[i]
+        .try_clone()
+        .unwrap();
+    let shadow: GuestMemoryMmap = GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(r.guest_phys_addr),
+        r.memory_size as usize,
+        Some(FileOffset::new(file, r.mmap_offset)),
+    )])
+    .unwrap();
+    let head: u16 = shadow.read_obj(GuestAddress(a.avail + 4)).unwrap();
+    let data_addr: u64 = shadow
+        .read_obj(GuestAddress(a.desc + 16 * u64::from(head) + 16))
+        .unwrap_or(0);
+    assert_eq!(
+        data_addr, window.iova,
+        "the shadow descriptor points at the window"
+    );
+    mem.write_slice(&[BACKEND_BYTE; 16384], GuestAddress(0xa_0000))
+        .unwrap();
+    shadow
+        .write_obj(u32::from(head), GuestAddress(a.used + 4))
+        .unwrap();
+    shadow
+        .write_obj(16385u32, GuestAddress(a.used + 8))
+        .unwrap();
+    shadow.write_obj(1u16, GuestAddress(a.used + 2)).unwrap();
+    assert!(d.process_queue(0, &mut q, &mem).unwrap());
+    let inv = be
+        .iotlb()
+        .into_iter()
+        .find(|m| m.kind == wire::iotlb::INVALIDATE)
+        .expect("the window is invalidated");
+    assert_eq!((inv.iova, inv.size), (window.iova, 16384));
+    assert_eq!(g.used_elem(0), (0, 16385));
+    let c = dev.handle().counters().shadow;
+    assert_eq!(
+        c.peak_exposed_bytes,
+        16 + 16384,
+        "the header's copy and the window"
+    );
 }

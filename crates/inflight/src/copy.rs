@@ -49,7 +49,8 @@ pub struct Pulled {
 pub struct Stats {
     /// Requests in flight at the back-end.
     pub in_flight: usize,
-    /// Guest bytes the back-end can read now: copies of the in-flight readable buffers.
+    /// Guest bytes the back-end can reach now: copies of the in-flight readable buffers,
+    /// and (map form) the whole pages of the windows open onto guest memory.
     pub exposed_bytes: u64,
     /// The most it could read at once.
     pub peak_exposed_bytes: u64,
@@ -104,6 +105,52 @@ pub enum ShadowError {
     /// The shadow's own memory failed (never on a healthy host).
     #[error("shadow memory at {0:#x}")]
     Shadow(u64),
+    /// A window onto guest memory could not be opened (map form).
+    #[error("cannot open a window for the back-end: {0}")]
+    Window(WindowError),
+}
+
+/// The map form's windows: a guest buffer the back-end is shown in place, through an
+/// address the carrier maps for it (a vhost-user IOTLB UPDATE), instead of a bounce
+/// copy. The shadow asks for every buffer of a chain it posts and closes a request's
+/// windows before the guest sees that request used.
+pub trait Windows {
+    /// Whether `d` is shown in place; otherwise it is bounced. A writable buffer that
+    /// does not cover whole pages must be bounced: the back-end could write the rest of
+    /// its pages.
+    fn wants(&self, d: &Desc) -> bool;
+    /// Opens a window onto `d` and returns the back-end's address of `d.addr`. When
+    /// this returns, the back-end can reach it.
+    ///
+    /// # Errors
+    /// The back-end could not be told; the shadow then closes what it opened for the
+    /// chain and fails.
+    fn open(&mut self, d: &Desc) -> Result<u64, WindowError>;
+    /// Closes the windows `(back-end address, length)` of one request; when this
+    /// returns the back-end can no longer reach them (or has been cut off).
+    fn close(&mut self, windows: &[(u64, u32)]);
+    /// Guest bytes a window onto `d` exposes (whole pages).
+    fn exposed(&self, d: &Desc) -> u64;
+}
+
+/// Why a window could not be opened.
+pub type WindowError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The copy form: every buffer is bounced.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CopyAll;
+
+impl Windows for CopyAll {
+    fn wants(&self, _d: &Desc) -> bool {
+        false
+    }
+    fn open(&mut self, _d: &Desc) -> Result<u64, WindowError> {
+        Err("the copy form opens no windows".into())
+    }
+    fn close(&mut self, _windows: &[(u64, u32)]) {}
+    fn exposed(&self, _d: &Desc) -> u64 {
+        0
+    }
 }
 
 /// A request in flight at the back-end.
@@ -112,23 +159,44 @@ struct Slot {
     guest_head: u16,
     /// The guest's chain, as read once.
     descs: Vec<Desc>,
+    /// Per descriptor: the back-end address of its window, or `None`: bounced.
+    windows: Vec<Option<u64>>,
     /// Its shadow descriptor indices, head first.
     shadow: Vec<u16>,
     arena_off: u64,
-    readable: u64,
+    /// Arena bytes it holds: its bounced readable bytes, then its bounced writable ones.
+    arena_len: u64,
+    bounced_readable: u64,
+    /// All its writable bytes, bounced or shown: what a used length may claim.
     writable: u64,
+    /// Guest bytes the back-end can reach through it (bounced readable bytes and
+    /// whole-page windows).
+    exposed: u64,
     /// When it was posted, for the carrier's deadline.
     posted_at: Instant,
 }
 
-/// A first-fit allocator of arena offsets.
+impl Slot {
+    fn open_windows(&self) -> Vec<(u64, u32)> {
+        self.descs
+            .iter()
+            .zip(&self.windows)
+            .filter_map(|(d, w)| w.map(|a| (a, d.len)))
+            .collect()
+    }
+}
+
+/// A first-fit allocator of offsets in `[0, size)`, in 64-byte granules: the bounce
+/// arena's, and the map form's IOVA space (whose lengths, whole pages, keep every
+/// offset page-aligned).
 #[derive(Debug)]
-struct Arena {
+pub struct Arena {
     free: BTreeMap<u64, u64>,
 }
 
 impl Arena {
-    fn new(size: u64) -> Self {
+    /// All of `[0, size)` free.
+    pub fn new(size: u64) -> Self {
         let mut free = BTreeMap::new();
         if size > 0 {
             free.insert(0, size);
@@ -136,7 +204,8 @@ impl Arena {
         Self { free }
     }
 
-    fn alloc(&mut self, len: u64) -> Option<u64> {
+    /// The lowest free offset with `len` bytes (rounded up to the granule) after it.
+    pub fn alloc(&mut self, len: u64) -> Option<u64> {
         let len = len.max(1).div_ceil(ARENA_ALIGN) * ARENA_ALIGN;
         let (&off, &have) = self.free.iter().find(|(_, &l)| l >= len)?;
         self.free.remove(&off);
@@ -146,7 +215,8 @@ impl Arena {
         Some(off)
     }
 
-    fn release(&mut self, off: u64, len: u64) {
+    /// Frees what [`Self::alloc`] gave for `len` at `off`.
+    pub fn release(&mut self, off: u64, len: u64) {
         let mut off = off;
         let mut len = len.max(1).div_ceil(ARENA_ALIGN) * ARENA_ALIGN;
         if let Some((&next, &nlen)) = self.free.range(off..).next() {
@@ -293,6 +363,21 @@ impl CopyShadow {
         guest: &mut Queue,
         mem: &M,
     ) -> Result<Pulled, ShadowError> {
+        self.pull_with(guest, mem, &mut CopyAll)
+    }
+
+    /// [`Self::pull`], showing the buffers `windows` wants in place (the map form):
+    /// their windows are open before the back-end can see the request.
+    ///
+    /// # Errors
+    /// As [`Self::pull`]; [`ShadowError::Window`] when a window cannot be opened (the
+    /// chain's other windows are closed again and nothing of it is posted).
+    pub fn pull_with<M: GuestMemory>(
+        &mut self,
+        guest: &mut Queue,
+        mem: &M,
+        windows: &mut dyn Windows,
+    ) -> Result<Pulled, ShadowError> {
         let avail_idx = guest.avail_idx(mem, Ordering::Acquire)?;
         let mut next = Wrapping(guest.next_avail());
         let pending = (avail_idx - next).0;
@@ -311,16 +396,14 @@ impl CopyShadow {
             }
             let descs = collect_chain(mem, GuestAddress(guest.desc_table()), guest.size(), head)
                 .map_err(|source| ShadowError::Chain { head, source })?;
-            let readable: u64 = descs
-                .iter()
-                .filter(|d| !d.write)
-                .map(|d| u64::from(d.len))
-                .sum();
-            let writable: u64 = descs
-                .iter()
-                .filter(|d| d.write)
-                .map(|d| u64::from(d.len))
-                .sum();
+            let bounced = |w: bool| -> u64 {
+                descs
+                    .iter()
+                    .filter(|d| d.write == w && !windows.wants(d))
+                    .map(|d| u64::from(d.len))
+                    .sum()
+            };
+            let (readable, writable) = (bounced(false), bounced(true));
             let n = descs.len().max(1);
             let bytes = readable + writable;
             if n > usize::from(self.cfg.queue_size) || bytes > self.cfg.arena_bytes {
@@ -340,7 +423,7 @@ impl CopyShadow {
                 self.stats.waits += 1;
                 break;
             };
-            if let Err(e) = self.post(head, descs, off, readable, writable, mem) {
+            if let Err(e) = self.post(head, descs, off, readable, mem, windows) {
                 self.arena.release(off, bytes);
                 return Err(e);
             }
@@ -381,38 +464,74 @@ impl CopyShadow {
         u32::from(mem.write_obj(status, GuestAddress(at)).is_ok())
     }
 
-    /// Copies one checked chain into the arena at `off` and writes its shadow chain.
+    /// Opens the chain's windows, copies its bounced buffers into the arena at `off`
+    /// (readable ones first, `readable` bytes, then writable ones) and writes its shadow
+    /// chain.
     fn post<M: GuestMemory>(
         &mut self,
         head: u16,
         descs: Vec<Desc>,
         off: u64,
         readable: u64,
-        writable: u64,
         mem: &M,
+        windows: &mut dyn Windows,
     ) -> Result<(), ShadowError> {
         let smem = self.mem.mem();
         // Copy in first: a guest buffer that cannot be read fails the chain before any
-        // shadow state changes.
-        let mut at = self.arena_at + off;
+        // shadow state changes. Each descriptor's address for the back-end: its window
+        // or its place in the arena.
+        let (mut r_at, mut w_at) = (self.arena_at + off, self.arena_at + off + readable);
+        let mut addrs = Vec::with_capacity(descs.len());
+        let mut shown: Vec<Option<u64>> = Vec::with_capacity(descs.len());
+        let mut exposed = 0;
         for d in &descs {
             let len = usize::try_from(d.len).unwrap_or(usize::MAX);
-            if d.write {
-                zero(smem, at, len)?;
-            } else if len > 0 {
-                let mut buf = vec![0u8; len];
-                mem.read_slice(&mut buf, GuestAddress(d.addr))
-                    .map_err(|_| ShadowError::GuestMemory(d.addr))?;
-                smem.write_slice(&buf, GuestAddress(at))
-                    .map_err(|_| ShadowError::Shadow(at))?;
+            if windows.wants(d) {
+                addrs.push(0);
+                shown.push(Some(0));
+                exposed += windows.exposed(d);
+            } else if d.write {
+                zero(smem, w_at, len)?;
+                addrs.push(w_at);
+                shown.push(None);
+                w_at += u64::from(d.len);
+            } else {
+                if len > 0 {
+                    let mut buf = vec![0u8; len];
+                    mem.read_slice(&mut buf, GuestAddress(d.addr))
+                        .map_err(|_| ShadowError::GuestMemory(d.addr))?;
+                    smem.write_slice(&buf, GuestAddress(r_at))
+                        .map_err(|_| ShadowError::Shadow(r_at))?;
+                }
+                addrs.push(r_at);
+                shown.push(None);
+                r_at += u64::from(d.len);
+                exposed += u64::from(d.len);
             }
-            at += u64::from(d.len);
+        }
+        // Then the windows, each open before the back-end can see the request.
+        let mut opened = Vec::new();
+        for (i, d) in descs.iter().enumerate() {
+            if shown[i].is_none() {
+                continue;
+            }
+            match windows.open(d) {
+                Ok(a) => {
+                    addrs[i] = a;
+                    shown[i] = Some(a);
+                    opened.push((a, d.len));
+                }
+                Err(e) => {
+                    windows.close(&opened);
+                    return Err(ShadowError::Window(e));
+                }
+            }
         }
         let n = descs.len().max(1);
         let shadow: Vec<u16> = (0..n).filter_map(|_| self.free_descs.pop()).collect();
-        let mut at = self.arena_at + off;
         for (i, &idx) in shadow.iter().enumerate() {
             let (len, write) = descs.get(i).map_or((0, false), |d| (d.len, d.write));
+            let at = addrs.get(i).copied().unwrap_or(self.arena_at + off);
             let mut flags = if write { F_WRITE } else { 0 };
             let next = shadow.get(i + 1).copied();
             if next.is_some() {
@@ -426,7 +545,6 @@ impl CopyShadow {
             let d_at = self.desc_at + u64::from(idx) * DESC_SIZE;
             smem.write_slice(&raw, GuestAddress(d_at))
                 .map_err(|_| ShadowError::Shadow(d_at))?;
-            at += u64::from(len);
         }
         let first = shadow[0];
         let ring_at = self.avail_at + 4 + 2 * u64::from(self.next_avail.0 % self.cfg.queue_size);
@@ -434,17 +552,25 @@ impl CopyShadow {
             .map_err(|_| ShadowError::Shadow(ring_at))?;
         self.next_avail += Wrapping(1);
         self.guest_in_flight.insert(head);
+        let writable = descs
+            .iter()
+            .filter(|d| d.write)
+            .map(|d| u64::from(d.len))
+            .sum();
         self.slots[usize::from(first)] = Some(Slot {
             guest_head: head,
             descs,
+            windows: shown,
             shadow,
             arena_off: off,
-            readable,
+            arena_len: w_at - (self.arena_at + off),
+            bounced_readable: readable,
             writable,
+            exposed,
             posted_at: Instant::now(),
         });
         self.stats.posted += 1;
-        self.stats.exposed_bytes += readable;
+        self.stats.exposed_bytes += exposed;
         self.stats.peak_exposed_bytes = self.stats.peak_exposed_bytes.max(self.stats.exposed_bytes);
         Ok(())
     }
@@ -463,6 +589,20 @@ impl CopyShadow {
         &mut self,
         guest: &mut Queue,
         mem: &M,
+    ) -> Result<bool, ShadowError> {
+        self.complete_with(guest, mem, &mut CopyAll)
+    }
+
+    /// [`Self::complete`], closing each request's windows (map form) before the guest
+    /// sees it used.
+    ///
+    /// # Errors
+    /// As [`Self::complete`].
+    pub fn complete_with<M: GuestMemory>(
+        &mut self,
+        guest: &mut Queue,
+        mem: &M,
+        windows: &mut dyn Windows,
     ) -> Result<bool, ShadowError> {
         let smem = self.mem.mem();
         let used_idx = smem
@@ -496,6 +636,8 @@ impl CopyShadow {
             } else {
                 u64::from(len)
             };
+            // Revoke before return: the windows close before the guest sees it used.
+            windows.close(&slot.open_windows());
             self.copy_back(&slot, written, mem);
             let r = guest.add_used(mem, slot.guest_head, written as u32);
             self.retire(slot);
@@ -508,16 +650,26 @@ impl CopyShadow {
         Ok(guest.needs_notification(mem)?)
     }
 
-    /// Copies the first `written` bytes of the slot's writable arena bytes back to the
-    /// guest's writable buffers, in order.
+    /// Copies the first `written` bytes the back-end wrote back to the guest's writable
+    /// buffers, in order: a bounced buffer from the arena; a buffer shown in place
+    /// already holds its bytes.
     fn copy_back<M: GuestMemory>(&self, slot: &Slot, written: u64, mem: &M) {
         let mut left = written;
-        let mut at = self.arena_at + slot.arena_off + slot.readable;
-        for d in slot.descs.iter().filter(|d| d.write) {
+        let mut at = self.arena_at + slot.arena_off + slot.bounced_readable;
+        for (d, w) in slot
+            .descs
+            .iter()
+            .zip(&slot.windows)
+            .filter(|(d, _)| d.write)
+        {
             if left == 0 {
                 break;
             }
             let n = left.min(u64::from(d.len));
+            left -= n;
+            if w.is_some() {
+                continue;
+            }
             let mut buf = vec![0u8; n as usize];
             if self
                 .mem
@@ -529,17 +681,15 @@ impl CopyShadow {
                 // request still completes.
                 let _ = mem.write_slice(&buf, GuestAddress(d.addr));
             }
-            at += n;
-            left -= n;
+            at += u64::from(d.len);
         }
     }
 
     fn retire(&mut self, slot: Slot) {
-        self.arena
-            .release(slot.arena_off, slot.readable + slot.writable);
+        self.arena.release(slot.arena_off, slot.arena_len);
         self.free_descs.extend(slot.shadow.iter().rev());
         self.guest_in_flight.remove(&slot.guest_head);
-        self.stats.exposed_bytes -= slot.readable;
+        self.stats.exposed_bytes -= slot.exposed;
         self.stats.completed += 1;
     }
 
@@ -555,11 +705,25 @@ impl CopyShadow {
         guest: &mut Queue,
         mem: &M,
     ) -> Result<usize, ShadowError> {
+        self.fail_all_with(guest, mem, &mut CopyAll)
+    }
+
+    /// [`Self::fail_all`], closing each request's windows first (map form).
+    ///
+    /// # Errors
+    /// As [`Self::fail_all`].
+    pub fn fail_all_with<M: GuestMemory>(
+        &mut self,
+        guest: &mut Queue,
+        mem: &M,
+        windows: &mut dyn Windows,
+    ) -> Result<usize, ShadowError> {
         let mut n = 0;
         for i in 0..self.slots.len() {
             let Some(slot) = self.slots[i].take() else {
                 continue;
             };
+            windows.close(&slot.open_windows());
             let len = self.fail_chain(&slot.descs, mem);
             let r = guest.add_used(mem, slot.guest_head, len);
             self.retire(slot);

@@ -37,5 +37,7 @@ mod copy;
 mod memory;
 
 pub use chain::{collect_chain, ChainError, Desc, MAX_CHAIN_DESCRIPTORS};
-pub use copy::{CopyShadow, Pulled, ShadowConfig, ShadowError, Stats};
+pub use copy::{
+    Arena, CopyAll, CopyShadow, Pulled, ShadowConfig, ShadowError, Stats, WindowError, Windows,
+};
 pub use memory::ShadowMemory;

@@ -579,3 +579,89 @@ fn a_cut_off_backend_leaves_the_guest_with_errors_and_its_later_writes_are_ignor
     g.mem.read_slice(&mut w, GuestAddress(0x40000)).unwrap();
     assert_eq!(w, [0; 3]);
 }
+
+/// The map form's windows, scripted: buffers of a page or more that cover whole pages
+/// are shown at `WINDOW_BASE + guest address`; every open and close is logged with the
+/// guest's used index at that moment.
+struct PageWindows {
+    guest: GuestMemoryMmap,
+    log: Vec<(&'static str, u64, u16)>,
+}
+
+const WINDOW_BASE: u64 = 1 << 40;
+
+impl inflight::Windows for PageWindows {
+    fn wants(&self, d: &inflight::Desc) -> bool {
+        d.len >= 4096 && d.addr.is_multiple_of(4096) && d.len.is_multiple_of(4096)
+    }
+    fn open(&mut self, d: &inflight::Desc) -> Result<u64, inflight::WindowError> {
+        let used: u16 = self.guest.read_obj(GuestAddress(USED + 2)).unwrap();
+        self.log.push(("open", d.addr, used));
+        Ok(WINDOW_BASE + d.addr)
+    }
+    fn close(&mut self, windows: &[(u64, u32)]) {
+        let used: u16 = self.guest.read_obj(GuestAddress(USED + 2)).unwrap();
+        for &(a, _) in windows {
+            self.log.push(("close", a - WINDOW_BASE, used));
+        }
+    }
+    fn exposed(&self, d: &inflight::Desc) -> u64 {
+        u64::from(d.len)
+    }
+}
+
+#[test]
+fn map_form_shows_whole_page_buffers_in_place_and_closes_them_before_the_guest_sees_used() {
+    let mut g = Guest::new();
+    let mut s = shadow(1 << 16);
+    let mut b = Backend::new();
+    let mut w = PageWindows {
+        guest: g.mem.clone(),
+        log: Vec::new(),
+    };
+    // A read: 16-byte header, 8 KiB of page-aligned data, 1-byte status.
+    g.mem.write_slice(&[7; 16], GuestAddress(0x10000)).unwrap();
+    g.desc(DESC, 0, 0x10000, 16, NEXT, 1);
+    g.desc(DESC, 1, 0x60000, 8192, NEXT | WRITE, 2);
+    g.desc(DESC, 2, 0x50000, 1, WRITE, 0);
+    g.publish(0);
+    assert_eq!(s.pull_with(&mut g.queue, &g.mem, &mut w).unwrap().posted, 1);
+    assert_eq!(w.log, vec![("open", 0x60000, 0)]);
+    let (head, chain) = b.take(&s).remove(0);
+    assert_eq!(
+        chain[1].0,
+        WINDOW_BASE + 0x60000,
+        "the data is shown in place"
+    );
+    let base = s.ring().0;
+    for (addr, _, _) in [chain[0], chain[2]] {
+        assert!(
+            addr >= base && addr < base + (1 << 20),
+            "bounced: {addr:#x}"
+        );
+    }
+    assert_eq!(
+        s.stats().exposed_bytes,
+        16 + 8192,
+        "the header's copy and the window"
+    );
+    // The back-end writes through the window (guest memory) and the status (arena).
+    g.mem
+        .write_slice(&[9; 8192], GuestAddress(0x60000))
+        .unwrap();
+    s.memory()
+        .mem()
+        .write_obj(0u8, GuestAddress(chain[2].0))
+        .unwrap();
+    b.put_used(&s, u32::from(head), 8193);
+    s.complete_with(&mut g.queue, &g.mem, &mut w).unwrap();
+    assert_eq!(
+        w.log[1],
+        ("close", 0x60000, 0),
+        "closed while the guest's used index had not moved"
+    );
+    assert_eq!(g.used(), vec![(0, 8193)]);
+    let status: u8 = g.mem.read_obj(GuestAddress(0x50000)).unwrap();
+    assert_eq!(status, 0, "the bounced status was copied back");
+    assert_eq!(s.stats().exposed_bytes, 0);
+}

@@ -309,6 +309,21 @@ impl VhostUserDevice {
         if cfg.arena_bytes == 0 {
             return refuse("the bounce arena must not be empty".into());
         }
+        if let Some(t) = cfg.map_threshold {
+            let link = self.shared.current()?;
+            if t == 0 {
+                return refuse("the map form's threshold must be at least 1 byte".into());
+            }
+            if !has(link.features, VIRTIO_F_ACCESS_PLATFORM)
+                || link.protocol & wire::protocol::REPLY_ACK == 0
+            {
+                return refuse(format!(
+                    "the map form needs a back-end with VIRTIO_F_ACCESS_PLATFORM and the REPLY_ACK \
+                     protocol feature (IOTLB windows); {} lacks them (use --inflight copy)",
+                    self.shared.socket.display()
+                ));
+            }
+        }
         *lock(&self.shared.inflight) = Some(Inflight::new(self.kind, cfg)?);
         self.inflight = true;
         self.offered |= (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX);
@@ -324,6 +339,16 @@ impl VhostUserDevice {
     /// features the IOTLB protocol needs.
     pub fn attach_iommu(&mut self, iommu: EndpointIommu) -> Result<(), VhostUserError> {
         if self.inflight {
+            if lock(&self.shared.inflight)
+                .as_ref()
+                .is_some_and(|i| i.map.is_some())
+            {
+                return Err(VhostUserError::Inflight(
+                    "the map form opens windows onto guest-physical memory and cannot sit behind \
+                     the virtio-iommu yet (use --iommu off, or --inflight copy)"
+                        .into(),
+                ));
+            }
             // The shadow copies through the transport's memory, which is the IOMMU's
             // view: the back-end never sees an IOVA, so it needs no IOTLB.
             self.offered |= 1 << VIRTIO_F_ACCESS_PLATFORM;
@@ -425,9 +450,9 @@ impl VhostUserDevice {
         let s = Arc::clone(&self.shared);
         let (table, files) = if self.inflight {
             lock(&s.inflight)
-                .as_ref()
+                .as_mut()
                 .ok_or(VhostUserError::Broken)?
-                .mem_table()?
+                .mem_table(mem)?
         } else {
             mem_table(mem, self.share)?
         };
@@ -469,11 +494,12 @@ impl VhostUserDevice {
             // (its DMA API); the back-end gets guest-physical addresses, no IOTLB.
             features &= !(1 << VIRTIO_F_ACCESS_PLATFORM);
         }
-        if self.inflight {
-            // The shadow ring: plain addresses, direct descriptors, no event index.
-            features &= !((1 << VIRTIO_F_ACCESS_PLATFORM)
-                | (1 << VIRTIO_RING_F_INDIRECT_DESC)
-                | (1 << VIRTIO_RING_F_EVENT_IDX));
+        let mut shadow_updates = Vec::new();
+        if let Some(i) = lock(&s.inflight).as_ref() {
+            features = i.backend_features(features);
+            if i.map.is_some() {
+                shadow_updates = i.shadow_updates();
+            }
         }
         if link.features & wire::VHOST_USER_F_PROTOCOL_FEATURES != 0 {
             features |= wire::VHOST_USER_F_PROTOCOL_FEATURES;
@@ -492,6 +518,10 @@ impl VhostUserDevice {
         let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
         s.with_link(|l| l.request(req::SET_MEM_TABLE, &payload, &fds, Reply::None))?;
         self.sent_files = files;
+        // The map form: the shadows at IOVAs equal to their addresses, for the session.
+        for u in &shadow_updates {
+            s.with_link(|l| l.request(req::IOTLB_MSG, u.as_bytes(), &[], Reply::Ack))?;
+        }
         {
             let mut st = lock(&s.iotlb);
             st.regions = regions;
@@ -606,6 +636,7 @@ impl VhostUserDevice {
         let protocol_on = s
             .current()
             .is_ok_and(|l| l.features & wire::VHOST_USER_F_PROTOCOL_FEATURES != 0);
+        let session = self.started.iter().any(|&s| s);
         self.rings.fill(None);
         for (i, started) in self.started.iter_mut().enumerate() {
             if !std::mem::take(started) {
@@ -646,6 +677,11 @@ impl VhostUserDevice {
         }
         self.sent_files.clear();
         if let Some(i) = lock(&s.inflight).as_mut() {
+            if session && i.map.is_some() && !s.broken.load(Ordering::Acquire) {
+                // The map form: no window outlives the session (a reset before any
+                // activation has none, and its back-end has no IOTLB yet).
+                s.invalidate(0, u64::MAX);
+            }
             // New shadows for the next activation; the old ones are zeroed, so a
             // back-end that still maps them (one cut off) holds nothing.
             let _ = i.renew(self.kind);

@@ -15,19 +15,38 @@
 //! [`InflightConfig::deadline`] is cut off, and every request it held fails with the
 //! device's error status (the usual broken-connection path, [`super::recovery`]).
 //!
+//! The map form ([`InflightConfig::map_threshold`]) shows large buffers in place instead
+//! of copying them: the back-end (one that negotiates `VIRTIO_F_ACCESS_PLATFORM`) gets
+//! guest RAM in its memory table too, but reaches it only through IOTLB windows the
+//! device host opens per request: an UPDATE, acknowledged, before the shadow kick; an
+//! INVALIDATE, acknowledged, after the back-end returned the buffer and before the guest
+//! sees it used. Writable buffers that do not cover whole pages, and buffers below the
+//! threshold, are bounced as in the copy form. What it leaves reachable: the back-end
+//! holds guest RAM's descriptor, as in IOTLB mode, so only a cooperating back-end is
+//! confined to the windows (docs/THREAT-MODEL.md).
+//!
 //! Only devices whose requests carry no guest addresses in their payload can be
 //! shadowed this way (the back-end would be handed addresses it cannot reach):
 //! virtio-blk and virtio-rng.
 
 use super::device::VhostUserDevice;
-use super::{DeviceKind, VhostUserError, QUEUE_SIZES, UADDR_BASE};
-use inflight::{CopyShadow, ShadowConfig, ShadowError, Stats};
+use super::iotlb::Region;
+use super::link::Reply;
+use super::{wire, DeviceKind, Shared, VhostUserError, QUEUE_SIZES, UADDR_BASE};
+use inflight::{
+    Arena, CopyAll, CopyShadow, Desc, ShadowConfig, ShadowError, Stats, WindowError, Windows,
+};
 use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use virtio_contract::{failed_request_status, DeviceError};
+use virtio_contract::{
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 use virtio_queue::Queue;
 use vm_memory::GuestMemory;
+use vm_memory::GuestMemoryMmap;
+use zerocopy::IntoBytes;
 
 /// Default bytes of bounce arena per queue: four of the largest request Linux's
 /// virtio-blk sends by default (`max_sectors_kb` is capped at 1280 KiB), rounded.
@@ -38,9 +57,19 @@ pub const DEFAULT_ARENA_BYTES: u64 = 8 << 20;
 /// its own timeout handling.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Where the first shadow lies in the back-end's memory table; each next one follows
-/// on a 2 MiB boundary. Not 0, so no ring of ours sits at address 0.
-const SHADOW_BASE: u64 = 1 << 30;
+/// Default size from which the map form shows a buffer in place: below it a copy costs
+/// less than the two acknowledged IOTLB messages a window takes.
+pub const DEFAULT_MAP_THRESHOLD: u64 = 64 << 10;
+
+/// Where the first shadow lies in the back-end's memory table (and, in the map form,
+/// its IOVA space); each next one follows on a 2 MiB boundary. Above any
+/// guest-physical address we serve, so the front-end addresses of shadows and of guest
+/// RAM (`UADDR_BASE` + address) never meet.
+const SHADOW_BASE: u64 = 1 << 46;
+/// The map form's windows: IOVAs from here, `WINDOW_SPACE` bytes of them.
+const WINDOW_BASE: u64 = 1 << 47;
+const WINDOW_SPACE: u64 = 1 << 46;
+const PAGE: u64 = 4096;
 
 /// How the copy form is configured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +79,9 @@ pub struct InflightConfig {
     pub arena_bytes: u64,
     /// Longest a back-end may keep a request.
     pub deadline: Duration,
+    /// The map form: buffers of at least this many bytes are shown in place through
+    /// IOTLB windows (`None`: the copy form, everything bounced).
+    pub map_threshold: Option<u64>,
 }
 
 impl Default for InflightConfig {
@@ -57,6 +89,7 @@ impl Default for InflightConfig {
         Self {
             arena_bytes: DEFAULT_ARENA_BYTES,
             deadline: DEFAULT_DEADLINE,
+            map_threshold: None,
         }
     }
 }
@@ -70,6 +103,100 @@ pub(super) struct Inflight {
     retired: Stats,
     /// Back-ends cut off for missing the deadline.
     pub(super) cutoffs: u64,
+    /// The map form's windows (`None` in the copy form).
+    pub(super) map: Option<MapWindows>,
+}
+
+/// The map form's state: where guest RAM is in the back-end's memory table, and the
+/// IOVA space windows are opened in.
+pub(super) struct MapWindows {
+    threshold: u64,
+    /// Guest RAM as the memory table sent at activation gives it.
+    pub(super) regions: Vec<Region>,
+    iovas: Arena,
+}
+
+impl MapWindows {
+    fn new(threshold: u64) -> Self {
+        Self {
+            threshold,
+            regions: Vec::new(),
+            iovas: Arena::new(WINDOW_SPACE),
+        }
+    }
+
+    /// The whole pages around `d`, and the guest RAM region that holds them.
+    fn pages(&self, d: &Desc) -> Option<(u64, u64, &Region)> {
+        let first = d.addr & !(PAGE - 1);
+        let end = d
+            .addr
+            .checked_add(u64::from(d.len))?
+            .checked_next_multiple_of(PAGE)?;
+        let r = self
+            .regions
+            .iter()
+            .find(|r| r.gpa <= first && end - 1 <= r.last())?;
+        Some((first, end - first, r))
+    }
+}
+
+/// The map form's windows for one pass, over the current link.
+struct LinkWindows<'a> {
+    shared: &'a Shared,
+    map: &'a mut MapWindows,
+}
+
+impl Windows for LinkWindows<'_> {
+    fn wants(&self, d: &Desc) -> bool {
+        // A writable window must cover whole pages: the back-end could write the rest.
+        let whole = d.addr.is_multiple_of(PAGE) && u64::from(d.len).is_multiple_of(PAGE);
+        u64::from(d.len) >= self.map.threshold && (whole || !d.write) && self.map.pages(d).is_some()
+    }
+
+    fn open(&mut self, d: &Desc) -> Result<u64, WindowError> {
+        let (first, size, r) = self.map.pages(d).ok_or("the buffer left guest RAM")?;
+        let uaddr = r.uaddr + (first - r.gpa);
+        let off = self
+            .map
+            .iovas
+            .alloc(size)
+            .ok_or("no IOVA space left for windows")?;
+        let msg = wire::IotlbMsg {
+            iova: WINDOW_BASE + off,
+            size,
+            uaddr,
+            perm: if d.write {
+                wire::iotlb::PERM_WO
+            } else {
+                wire::iotlb::PERM_RO
+            },
+            kind: wire::iotlb::UPDATE,
+            padding: [0; 6],
+        };
+        let sent = self
+            .shared
+            .with_link(|l| l.request(wire::req::IOTLB_MSG, msg.as_bytes(), &[], Reply::Ack));
+        if let Err(e) = sent {
+            self.map.iovas.release(off, size);
+            return Err(Box::new(e));
+        }
+        Ok(WINDOW_BASE + off + (d.addr - first))
+    }
+
+    fn close(&mut self, windows: &[(u64, u32)]) {
+        for &(at, len) in windows {
+            let first = at & !(PAGE - 1);
+            let size = (at + u64::from(len)).next_multiple_of(PAGE) - first;
+            // Acknowledged, or the link breaks (the back-end is cut off): either way it
+            // no longer reaches the window when this returns.
+            self.shared.invalidate(first, first + size - 1);
+            self.map.iovas.release(first - WINDOW_BASE, size);
+        }
+    }
+
+    fn exposed(&self, d: &Desc) -> u64 {
+        self.map.pages(d).map_or(0, |(_, size, _)| size)
+    }
 }
 
 impl Inflight {
@@ -93,6 +220,7 @@ impl Inflight {
             shadows,
             retired: Stats::default(),
             cutoffs: 0,
+            map: cfg.map_threshold.map(MapWindows::new),
         })
     }
 
@@ -107,6 +235,7 @@ impl Inflight {
             add(&mut self.retired, &st);
         }
         self.shadows = std::mem::take(&mut fresh.shadows);
+        self.map = fresh.map.take();
         Ok(())
     }
 
@@ -121,12 +250,27 @@ impl Inflight {
         total
     }
 
-    /// The memory table: one region per shadow, nothing of the guest's.
+    /// The memory table: one region per shadow; in the map form guest RAM too (which
+    /// the back-end reaches only through windows), whose regions the windows use.
     pub(super) fn mem_table(
-        &self,
+        &mut self,
+        mem: &GuestMemoryMmap,
     ) -> Result<(Vec<super::wire::MemoryRegion>, Vec<Arc<File>>), VhostUserError> {
-        let mut table = Vec::new();
-        let mut files = Vec::new();
+        let (mut table, mut files) = match &mut self.map {
+            Some(map) => {
+                let (t, f) = super::memory::mem_table(mem, None)?;
+                map.regions = t
+                    .iter()
+                    .map(|r| Region {
+                        gpa: r.guest_phys_addr,
+                        size: r.memory_size,
+                        uaddr: r.userspace_addr,
+                    })
+                    .collect();
+                (t, f)
+            }
+            None => (Vec::new(), Vec::new()),
+        };
         for s in &self.shadows {
             let m = s.memory();
             table.push(super::wire::MemoryRegion {
@@ -140,21 +284,68 @@ impl Inflight {
             })?;
             files.push(Arc::new(f));
         }
+        if table.len() > wire::MAX_REGIONS {
+            return Err(VhostUserError::Inflight(format!(
+                "guest RAM in {} pieces and {} shadows exceed the {} regions of SET_MEM_TABLE",
+                table.len() - self.shadows.len(),
+                self.shadows.len(),
+                wire::MAX_REGIONS
+            )));
+        }
         Ok((table, files))
     }
 
-    /// The ring addresses of queue `index`'s shadow, as front-end addresses.
+    /// The features the back-end is given: plain shadow rings with direct descriptors
+    /// and no event index; in the map form ACCESS_PLATFORM, whatever the guest acked
+    /// (the back-end then translates everything through the windows we open).
+    pub(super) fn backend_features(&self, features: u64) -> u64 {
+        let off = (1 << VIRTIO_F_ACCESS_PLATFORM)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX);
+        let f = features & !off;
+        if self.map.is_some() {
+            f | (1 << VIRTIO_F_ACCESS_PLATFORM)
+        } else {
+            f
+        }
+    }
+
+    /// The ring addresses of queue `index`'s shadow: front-end addresses, or in the map
+    /// form IOVAs (the shadows are mapped one to one, [`Self::shadow_updates`]).
     pub(super) fn ring_addr(&self, index: usize) -> Option<super::wire::VringAddr> {
         let s = self.shadows.get(index)?;
         let (desc, avail, used) = s.ring();
+        let to = |a: u64| {
+            if self.map.is_some() {
+                a
+            } else {
+                UADDR_BASE + a
+            }
+        };
         Some(super::wire::VringAddr {
             index: index as u32,
             flags: 0,
-            desc: UADDR_BASE + desc,
-            used: UADDR_BASE + used,
-            avail: UADDR_BASE + avail,
+            desc: to(desc),
+            used: to(used),
+            avail: to(avail),
             log: 0,
         })
+    }
+
+    /// The map form: the IOTLB UPDATEs that show each shadow to the back-end at the
+    /// IOVA equal to its memory-table address, for the whole session.
+    pub(super) fn shadow_updates(&self) -> Vec<wire::IotlbMsg> {
+        self.shadows
+            .iter()
+            .map(|s| wire::IotlbMsg {
+                iova: s.memory().base(),
+                size: s.memory().size(),
+                uaddr: UADDR_BASE + s.memory().base(),
+                perm: wire::iotlb::PERM_RW,
+                kind: wire::iotlb::UPDATE,
+                padding: [0; 6],
+            })
+            .collect()
     }
 
     /// Whether some request has been with the back-end longer than the deadline.
@@ -206,11 +397,24 @@ impl VhostUserDevice {
         queue: &mut Queue,
         mem: &M,
     ) -> Result<bool, DeviceError> {
-        let mut guard = dma_types::lock(&self.shared.inflight);
-        let Some(shadow) = guard.as_mut().and_then(|i| i.shadows.get_mut(index)) else {
+        let shared = &*self.shared;
+        let mut guard = dma_types::lock(&shared.inflight);
+        let Some(Inflight { shadows, map, .. }) = guard.as_mut() else {
             return Ok(false);
         };
-        let completed = match shadow.complete(queue, mem) {
+        let Some(shadow) = shadows.get_mut(index) else {
+            return Ok(false);
+        };
+        let mut link_windows;
+        let mut copy_all = CopyAll;
+        let windows: &mut dyn Windows = match map {
+            Some(map) => {
+                link_windows = LinkWindows { shared, map };
+                &mut link_windows
+            }
+            None => &mut copy_all,
+        };
+        let completed = match shadow.complete_with(queue, mem, windows) {
             Ok(w) => w,
             Err(e) if is_backend_fault(&e) => {
                 // A hostile or broken back-end: cut it off, then fail what it held
@@ -223,9 +427,17 @@ impl VhostUserDevice {
             }
             Err(e) => return Err(driver_error(index, e)),
         };
-        let pulled = shadow
-            .pull(queue, mem)
-            .map_err(|e| driver_error(index, e))?;
+        let pulled = match shadow.pull_with(queue, mem, windows) {
+            Ok(p) => p,
+            Err(e @ ShadowError::Window(_)) => {
+                // The back-end could not be told of a window: the link is broken.
+                drop(guard);
+                self.shared.break_link();
+                self.fail_pending(mem);
+                return Err(DeviceError::backend("vhost-user (implicit grants)", e));
+            }
+            Err(e) => return Err(driver_error(index, e)),
+        };
         if pulled.posted > 0 && shadow.needs_kick() {
             if let Some(q) = self.queues.get(index) {
                 // Fails only if the counter would overflow: a kick is pending anyway.

@@ -72,7 +72,7 @@ mod recovery;
 mod tests;
 
 pub use device::{serve_vhost_user, VhostUserDevice};
-pub use inflight::{InflightConfig, DEFAULT_ARENA_BYTES, DEFAULT_DEADLINE};
+pub use inflight::{InflightConfig, DEFAULT_ARENA_BYTES, DEFAULT_DEADLINE, DEFAULT_MAP_THRESHOLD};
 pub use memory::PhysicalMemory;
 /// The wire format ("Message Specification" of vhost-user.rst), as the back-end
 /// library decodes it.

@@ -34,10 +34,19 @@
 //! takes the strictest of their policies (libxl lets the last device win), and a
 //! `direct-relaxable` region is always relaxed (Linux ≥ 5.3: safe to drop on
 //! assignment).
+//!
+//! This file holds the layout types and the two passes; step 1 with the shared-region
+//! rule is its submodule `collect`, the BAR allocator ([`MmioAllocator`]) its submodule
+//! `mmio`.
+
+mod collect;
+mod mmio;
+
+pub use mmio::MmioAllocator;
 
 use crate::rdm::{device_list, RdmDatabase};
 use crate::types::{Bdf, MemRange, Policy, RegionKind, Strategy, PAGE_SIZE};
-use std::collections::BTreeMap;
+use collect::{collect, Collected};
 
 /// 4 GiB: high RAM starts here (QEMU maps `above_4g_mem_size` from 4 GiB).
 pub const FOUR_GIB: u64 = 1 << 32;
@@ -308,195 +317,11 @@ impl Layout {
             .filter(|r| r.action != Action::Dropped && r.devices.contains(&bdf))
             .collect()
     }
-
-    /// A BAR allocator over this layout's MMIO windows that avoids RAM, the fixed
-    /// windows and every region considered (kept or dropped).
-    pub fn mmio_allocator(&self) -> MmioAllocator {
-        let mut avoid: Vec<MemRange> = self.regions.iter().map(|r| r.range).collect();
-        avoid.extend(
-            self.e820
-                .iter()
-                .filter(|e| e.kind == E820Kind::Ram)
-                .map(|e| e.range),
-        );
-        avoid.push(Q35_MMCONFIG);
-        avoid.push(X86_PLATFORM);
-        avoid.sort();
-        MmioAllocator {
-            mmio32: self.mmio32,
-            mmio64: self.mmio64,
-            avoid,
-            allocated: Vec::new(),
-        }
-    }
-}
-
-/// Places BARs in the MMIO windows, naturally aligned, never on a reserved region
-/// (hvmloader's `pci_setup`: on an RMRR, bump the base past it and re-align).
-#[derive(Debug, Clone)]
-pub struct MmioAllocator {
-    mmio32: MemRange,
-    mmio64: MemRange,
-    avoid: Vec<MemRange>,
-    allocated: Vec<MemRange>,
-}
-
-impl MmioAllocator {
-    /// Allocates a BAR of `size` bytes: 32-bit BARs in the 32-bit window; 64-bit BARs
-    /// in the 64-bit window first, then the 32-bit one.
-    ///
-    /// # Errors
-    /// [`LayoutError::BadBarSize`], [`LayoutError::MmioExhausted`].
-    pub fn allocate(&mut self, size: u64, bar64: bool) -> Result<MemRange, LayoutError> {
-        if size < PAGE_SIZE || !size.is_power_of_two() {
-            return Err(LayoutError::BadBarSize { size });
-        }
-        let windows: &[MemRange] = if bar64 {
-            &[self.mmio64, self.mmio32]
-        } else {
-            &[self.mmio32]
-        };
-        for w in windows {
-            if let Some(r) = self.first_fit(w, size) {
-                self.allocated.push(r);
-                return Ok(r);
-            }
-        }
-        Err(LayoutError::MmioExhausted { size })
-    }
-
-    /// Everything allocated so far.
-    pub fn allocated(&self) -> &[MemRange] {
-        &self.allocated
-    }
-
-    fn first_fit(&self, window: &MemRange, size: u64) -> Option<MemRange> {
-        let mut base = align_up(window.start(), size)?;
-        loop {
-            let candidate = MemRange::from_len(base, size).ok()?;
-            if !window.contains_range(&candidate) {
-                return None;
-            }
-            match self
-                .avoid
-                .iter()
-                .chain(&self.allocated)
-                .find(|r| r.overlaps(&candidate))
-            {
-                Some(r) => base = align_up(r.end().checked_add(1)?, size)?,
-                None => return Some(candidate),
-            }
-        }
-    }
 }
 
 /// `v` rounded up to a multiple of the power of two `align`; `None` on overflow.
 fn align_up(v: u64, align: u64) -> Option<u64> {
     Some(v.checked_add(align - 1)? & !(align - 1))
-}
-
-/// What [`collect`] found besides the regions.
-struct Collected {
-    regions: Vec<PlannedRegion>,
-    /// Strict shared-region conflicts.
-    shared: Vec<Conflict>,
-    /// Relaxed shared-region warnings.
-    warnings: Vec<String>,
-}
-
-/// Collects the regions to consider with their policy and action (step 1), and applies
-/// the shared-region rule to the assigned devices.
-fn collect(cfg: &LayoutConfig, db: &RdmDatabase) -> Collected {
-    let global = cfg.policy.unwrap_or(Policy::Relaxed);
-    let mut chosen: BTreeMap<MemRange, PlannedRegion> = BTreeMap::new();
-    if cfg.strategy == Strategy::Host {
-        for r in db.regions() {
-            chosen.insert(
-                r.range,
-                PlannedRegion {
-                    range: r.range,
-                    kind: r.kind,
-                    devices: r.devices.iter().copied().collect(),
-                    components: r.components.iter().cloned().collect(),
-                    policy: global,
-                    action: Action::Reserved,
-                    source: r.source.clone(),
-                },
-            );
-        }
-    }
-    let assigned: std::collections::BTreeSet<Bdf> = cfg.assigned.iter().map(|(b, _)| *b).collect();
-    let mut shared = Vec::new();
-    let mut warnings = Vec::new();
-    // Which assigned devices have set their policy, for the strictest-wins rule.
-    let mut from_device: BTreeMap<MemRange, Policy> = BTreeMap::new();
-    for (bdf, own) in &cfg.assigned {
-        // xl copies the global policy into each device; unset, libxl forces strict.
-        let policy = own.or(cfg.policy).unwrap_or(Policy::Strict);
-        for r in db.for_device(*bdf) {
-            let entry = chosen.entry(r.range).or_insert_with(|| PlannedRegion {
-                range: r.range,
-                kind: r.kind,
-                devices: r.devices.iter().copied().collect(),
-                components: r.components.iter().cloned().collect(),
-                policy,
-                action: Action::Reserved,
-                source: r.source.clone(),
-            });
-            let p = from_device.entry(r.range).or_insert(policy);
-            *p = (*p).min(policy); // Strict < Relaxed: strictest wins.
-            entry.policy = *p;
-            if r.kind.is_direct() {
-                entry.action = Action::Identity;
-                // Shared-region rule: every other sharer must be assigned too.
-                let outside: Vec<Bdf> = r
-                    .devices
-                    .iter()
-                    .filter(|d| !assigned.contains(*d))
-                    .copied()
-                    .collect();
-                if outside.is_empty() {
-                    continue;
-                }
-                let others = device_list(&outside);
-                // A relaxable region is safe to drop on assignment, so never strict.
-                let rule = if r.kind == RegionKind::DirectRelaxable {
-                    Policy::Relaxed
-                } else {
-                    policy
-                };
-                match rule {
-                    Policy::Strict => shared.push(Conflict {
-                        range: r.range,
-                        devices: r.devices.iter().copied().collect(),
-                        policy: Policy::Strict,
-                        message: format!(
-                            "it is disallowed to assign {bdf} with shared reserved region {} ({}): {others} need it too and would stay with the host; assign every sharer together (a group) or use the relaxed policy",
-                            r.range, r.source
-                        ),
-                    }),
-                    Policy::Relaxed => warnings.push(format!(
-                        "it is risky to assign {bdf} with shared reserved region {} ({}): {others} need it too and stay with the host; assigned anyway (relaxed)",
-                        r.range, r.source
-                    )),
-                }
-            }
-        }
-    }
-    let regions = chosen
-        .into_values()
-        .map(|mut r| {
-            if r.kind == RegionKind::DirectRelaxable {
-                r.policy = Policy::Relaxed;
-            }
-            r
-        })
-        .collect();
-    Collected {
-        regions,
-        shared,
-        warnings,
-    }
 }
 
 /// Where QEMU's q35 ends low RAM by itself for `ram` bytes (no `max-ram-below-4g`):
@@ -685,18 +510,18 @@ pub fn plan(cfg: &LayoutConfig, db: &RdmDatabase) -> Result<Layout, LayoutError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reserved_regions::{self, ResvRegion};
+    use crate::reserved_regions::ResvRegion;
     use std::collections::BTreeSet;
 
-    const GIB: u64 = 1 << 30;
-    const MIB: u64 = 1 << 20;
+    pub(super) const GIB: u64 = 1 << 30;
+    pub(super) const MIB: u64 = 1 << 20;
 
-    fn bdf(s: &str) -> Bdf {
+    pub(super) fn bdf(s: &str) -> Bdf {
         s.parse().expect("valid bdf")
     }
 
     /// A database with one region per (start, end, kind, devices).
-    fn db(regions: &[(u64, u64, RegionKind, &[&str])]) -> RdmDatabase {
+    pub(super) fn db(regions: &[(u64, u64, RegionKind, &[&str])]) -> RdmDatabase {
         let mut db = RdmDatabase::new();
         for (i, (s, e, kind, devs)) in regions.iter().enumerate() {
             let r = [ResvRegion {
@@ -710,7 +535,7 @@ mod tests {
         db
     }
 
-    fn assigned(cfg: &mut LayoutConfig, d: &str, p: Option<Policy>) {
+    pub(super) fn assigned(cfg: &mut LayoutConfig, d: &str, p: Option<Policy>) {
         cfg.assigned.push((bdf(d), p));
     }
 
@@ -798,100 +623,6 @@ mod tests {
     }
 
     #[test]
-    fn layout_per_device_policy_overrides_global() {
-        let d = db(&[(GIB, GIB + 0xfff, RegionKind::Direct, &["00:02.0"])]);
-        let mut cfg = LayoutConfig::new(4 * GIB);
-        cfg.policy = Some(Policy::Strict);
-        assigned(&mut cfg, "00:02.0", Some(Policy::Relaxed));
-        assert!(plan(&cfg, &d).is_ok(), "device relaxed beats global strict");
-        cfg.policy = Some(Policy::Relaxed);
-        cfg.assigned[0].1 = Some(Policy::Strict);
-        assert!(
-            plan(&cfg, &d).is_err(),
-            "device strict beats global relaxed"
-        );
-        // An explicit global policy is copied into devices that set none (xl).
-        cfg.assigned[0].1 = None;
-        assert!(plan(&cfg, &d).is_ok());
-    }
-
-    #[test]
-    fn layout_default_policies_are_global_relaxed_and_assigned_strict() {
-        let d = db(&[
-            (GIB, GIB + 0xfff, RegionKind::Direct, &["00:02.0"]),
-            (
-                GIB + MIB,
-                GIB + MIB + 0xfff,
-                RegionKind::Direct,
-                &["00:14.0"],
-            ),
-        ]);
-        let mut cfg = LayoutConfig::new(4 * GIB);
-        cfg.strategy = Strategy::Host;
-        let l = plan(&cfg, &d).expect("host regions default to relaxed");
-        assert!(l.regions.iter().all(|r| r.action == Action::Dropped));
-        assigned(&mut cfg, "00:14.0", None);
-        match plan(&cfg, &d) {
-            Err(LayoutError::StrictConflict(r)) => {
-                let strict: Vec<_> = r
-                    .conflicts
-                    .iter()
-                    .filter(|c| c.policy == Policy::Strict)
-                    .collect();
-                assert_eq!(strict.len(), 1);
-                assert_eq!(strict[0].devices, vec![bdf("00:14.0")]);
-            }
-            other => panic!("expected strict conflict, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn layout_duplicates_with_the_same_start_are_merged() {
-        // One RMRR listed by two groups' files: one region, both devices, one e820 entry.
-        let r =
-            reserved_regions::parse("0x00000000da2f0000 0x00000000da306fff direct\n").expect("ok");
-        let mut d = RdmDatabase::new();
-        d.add_reserved_regions(&r, &[bdf("00:1d.0")].into(), "g1")
-            .expect("ok");
-        d.add_reserved_regions(&r, &[bdf("00:1a.0")].into(), "g2")
-            .expect("ok");
-        let mut cfg = LayoutConfig::new(4 * GIB);
-        assigned(&mut cfg, "00:1d.0", None);
-        assigned(&mut cfg, "00:1a.0", Some(Policy::Relaxed));
-        let l = plan(&cfg, &d).expect("plan");
-        assert_eq!(l.regions.len(), 1);
-        assert_eq!(l.regions[0].devices.len(), 2);
-        assert_eq!(
-            l.regions[0].policy,
-            Policy::Strict,
-            "strictest of the sharers"
-        );
-        assert_eq!(
-            l.e820
-                .iter()
-                .filter(|e| e.kind == E820Kind::Reserved)
-                .count(),
-            1
-        );
-    }
-
-    #[test]
-    fn layout_host_strategy_adds_non_assigned_regions() {
-        let d = db(&[(0xC800_0000, 0xC800_FFFF, RegionKind::Direct, &["00:1f.0"])]);
-        let cfg = LayoutConfig::new(4 * GIB);
-        assert!(
-            plan(&cfg, &d).expect("plan").regions.is_empty(),
-            "ignore: not assigned"
-        );
-        let mut cfg = LayoutConfig::new(4 * GIB);
-        cfg.strategy = Strategy::Host;
-        let l = plan(&cfg, &d).expect("plan");
-        assert_eq!(l.regions[0].action, Action::Reserved);
-        assert_eq!(l.regions[0].policy, Policy::Relaxed);
-        assert!(l.e820.iter().any(|e| e.kind == E820Kind::Reserved));
-    }
-
-    #[test]
     fn layout_e820_is_sorted_with_ram_and_reserved_types() {
         let d = db(&[
             (0xDB80_0000, 0xDF9F_FFFF, RegionKind::Direct, &["00:02.0"]),
@@ -941,34 +672,6 @@ mod tests {
     }
 
     #[test]
-    fn layout_bar_allocator_never_overlaps_a_reserved_region() {
-        // The IGD stolen-memory RMRR of the ThinkPad table sits in the 32-bit hole.
-        let d = db(&[(0xC000_0000, 0xC0FF_FFFF, RegionKind::Direct, &["00:02.0"])]);
-        let mut cfg = LayoutConfig::new(4 * GIB);
-        assigned(&mut cfg, "00:02.0", None);
-        let l = plan(&cfg, &d).expect("plan");
-        let mut a = l.mmio_allocator();
-        let bar = a.allocate(256 * MIB, false).expect("room");
-        assert_eq!(
-            bar.start(),
-            0xD000_0000,
-            "bumped past the region, re-aligned to its size"
-        );
-        let small = a.allocate(0x1000, false).expect("room");
-        assert_eq!(small.start(), 0xC100_0000);
-        let high = a.allocate(GIB, true).expect("room");
-        assert!(high.start() >= l.high_ram_end);
-        assert!(matches!(
-            a.allocate(3000, false),
-            Err(LayoutError::BadBarSize { size: 3000 })
-        ));
-        assert!(matches!(
-            a.allocate(1 << 40, false),
-            Err(LayoutError::MmioExhausted { .. })
-        ));
-    }
-
-    #[test]
     fn layout_direct_region_on_mmconfig_conflicts() {
         let d = db(&[(0xB000_0000, 0xB000_0FFF, RegionKind::Direct, &["00:02.0"])]);
         let mut cfg = LayoutConfig::new(GIB);
@@ -990,15 +693,6 @@ mod tests {
         assert_eq!(l.regions[0].action, Action::Reserved);
         assert!(l.conflicts.is_empty());
         assert_eq!(l.reserved_for(bdf("00:02.0")).len(), 1);
-    }
-
-    #[test]
-    fn layout_direct_relaxable_region_is_always_relaxed() {
-        let d = db(&[(GIB, GIB + 0xfff, RegionKind::DirectRelaxable, &["00:14.0"])]);
-        let mut cfg = LayoutConfig::new(4 * GIB);
-        assigned(&mut cfg, "00:14.0", Some(Policy::Strict));
-        let l = plan(&cfg, &d).expect("relaxable never fails the plan");
-        assert_eq!(l.regions[0].action, Action::Dropped);
     }
 
     #[test]

@@ -47,10 +47,16 @@
 //! [`RdmDatabase::query`] answers like `XENMEM_reserved_device_memory_map` (Xen
 //! `xen/include/public/memory.h`, `xen/common/memory.c`): per device or all, and
 //! `NoBufs` with the count needed when the buffer is too small.
+//!
+//! This file holds the database, its DMAR and `reserved_regions` sources, the host e820
+//! check and the query; the IVRS and IORT sources are its submodules `ivmd` and `rmr`.
+
+mod ivmd;
+mod rmr;
+
+pub use ivmd::MAX_IVRS_DEVICE_PAIRS;
 
 use crate::dmar::{BridgeResolver, Dmar};
-use crate::iort::{Iort, Node, NodeKind, RMR_REMAP_PERMITTED};
-use crate::ivrs::{IvmdDevices, Ivrs};
 use crate::layout::{E820Entry, E820Kind};
 use crate::reserved_regions::ResvRegion;
 use crate::types::{Bdf, MemRange, RegionKind};
@@ -304,204 +310,6 @@ impl RdmDatabase {
         Ok(())
     }
 
-    /// Adds an IVRS table's IVMDs with Linux's rules (module docs).
-    ///
-    /// # Errors
-    /// [`RdmError::ZeroLength`], [`RdmError::PastTop`], [`RdmError::Overlap`]. Nothing
-    /// is added on error.
-    pub fn add_ivrs(&mut self, ivrs: &Ivrs) -> Result<(), RdmError> {
-        let mut next = self.clone();
-        let mut pairs = 0usize;
-        for m in &ivrs.ivmds {
-            let source = format!("IVRS IVMD @{:#x}", m.offset);
-            if !m.unity() && !m.exclusion() {
-                next.warnings.push(Warning {
-                    range: MemRange::span(m.start, m.start).unwrap_or(ZERO_PAGE),
-                    message: format!(
-                        "{source}: flags {:#04x} ask for neither a unity map nor an exclusion range: ignored (Linux does too)",
-                        m.flags
-                    ),
-                });
-                continue;
-            }
-            let past = || RdmError::PastTop {
-                entry: source.clone(),
-                start: m.start,
-                length: m.length,
-            };
-            // Linux: address_start = PAGE_ALIGN(start), end = start + PAGE_ALIGN(length).
-            let start = page_align_up(m.start).ok_or_else(past)?;
-            let len = page_align_up(m.length).ok_or_else(past)?;
-            if len == 0 {
-                return Err(RdmError::ZeroLength {
-                    entry: source,
-                    start: m.start,
-                });
-            }
-            let range = MemRange::from_len(start, len).map_err(|_| past())?;
-            if start != m.start || len != m.length {
-                next.warnings.push(Warning {
-                    range,
-                    message: format!(
-                        "{source}: start {:#x} or length {:#x} is not page aligned: used as {range}, as Linux rounds them up",
-                        m.start, m.length
-                    ),
-                });
-            }
-            let (first, last) = match m.devices {
-                IvmdDevices::One(id) => (id, id),
-                IvmdDevices::Range(a, b) => (a, b),
-                IvmdDevices::All => match ivrs.last_device_id(m.segment) {
-                    Some(last) => (0, last),
-                    None => (1, 0), // no IVHD names a device of the segment
-                },
-            };
-            if first > last {
-                next.warnings.push(Warning {
-                    range,
-                    message: format!(
-                        "{source}: names no device (device IDs {first:#06x} to {last:#06x}): ignored"
-                    ),
-                });
-                continue;
-            }
-            // Each device of each region is kept: bound the total before building it.
-            pairs = pairs.saturating_add(usize::from(last - first) + 1);
-            if pairs > MAX_IVRS_DEVICE_PAIRS {
-                return Err(RdmError::TooManyDevices {
-                    entry: source,
-                    pairs,
-                    max: MAX_IVRS_DEVICE_PAIRS,
-                });
-            }
-            let devices: BTreeSet<Bdf> = (first..=last)
-                .map(|id| device_id_bdf(m.segment, id))
-                .collect();
-            next.insert(
-                HostRegion {
-                    range,
-                    kind: RegionKind::Direct,
-                    devices,
-                    components: BTreeSet::new(),
-                    source,
-                },
-                None,
-            )?;
-        }
-        *self = next;
-        Ok(())
-    }
-
-    /// Adds an IORT table's RMR nodes with Linux's rules (module docs).
-    ///
-    /// # Errors
-    /// [`RdmError::ZeroLength`], [`RdmError::PastTop`], [`RdmError::Overlap`]. Nothing
-    /// is added on error.
-    pub fn add_iort(&mut self, iort: &Iort) -> Result<(), RdmError> {
-        let mut next = self.clone();
-        for node in &iort.nodes {
-            let NodeKind::Rmr { flags, descriptors } = &node.kind else {
-                continue;
-            };
-            let source = format!("IORT RMR @{:#x}", node.offset);
-            let warn = |next: &mut RdmDatabase, message: String| {
-                next.warnings.push(Warning {
-                    range: ZERO_PAGE,
-                    message,
-                })
-            };
-            // Linux iort_find_rmrs: "Only supports ARM DEN 0049E.d onwards".
-            if iort.header.revision < 5 {
-                warn(
-                    &mut next,
-                    format!(
-                        "{source}: table revision {} is older than 5 (DEN 0049E.d): RMR ignored, as Linux does",
-                        iort.header.revision
-                    ),
-                );
-                continue;
-            }
-            if node.mappings.is_empty() {
-                warn(
-                    &mut next,
-                    format!(
-                        "{source}: no ID mappings: RMR node skipped (Linux: Invalid ID mapping)"
-                    ),
-                );
-                continue;
-            }
-            // Stream IDs per SMMU, from the RMR's own mappings.
-            let mut sids: Vec<(u32, u32, u32)> = Vec::new();
-            for m in &node.mappings {
-                if !iort.node_at(m.output_reference).is_some_and(Node::is_smmu) {
-                    warn(
-                        &mut next,
-                        format!(
-                            "{source}: ID mapping at {:#x} does not lead to an SMMU: ignored",
-                            m.offset
-                        ),
-                    );
-                    continue;
-                }
-                let (lo, hi) = m.outputs();
-                sids.push((m.output_reference, lo, hi));
-            }
-            let (devices, components) = rmr_devices(iort, &sids);
-            if devices.is_empty() && components.is_empty() {
-                warn(
-                    &mut next,
-                    format!(
-                        "{source}: its stream IDs belong to no root complex or named component"
-                    ),
-                );
-            }
-            let kind = if flags & RMR_REMAP_PERMITTED != 0 {
-                RegionKind::DirectRelaxable
-            } else {
-                RegionKind::Direct
-            };
-            for d in descriptors {
-                let dsource = format!("{source} descriptor @{:#x}", d.offset);
-                if d.length == 0 {
-                    return Err(RdmError::ZeroLength {
-                        entry: dsource,
-                        start: d.base,
-                    });
-                }
-                let past = || RdmError::PastTop {
-                    entry: dsource.clone(),
-                    start: d.base,
-                    length: d.length,
-                };
-                let raw = MemRange::from_len(d.base, d.length).map_err(|_| past())?;
-                let mut range = raw;
-                if !d.base.is_multiple_of(RMR_ALIGN) || !d.length.is_multiple_of(RMR_ALIGN) {
-                    // Linux: base &= PAGE_MASK; size = PAGE_ALIGN(size + offset_in_page).
-                    range = raw.page_round_out();
-                    next.warnings.push(Warning {
-                        range,
-                        message: format!(
-                            "{dsource}: {raw} is not aligned to 64K: continued with {range}"
-                        ),
-                    });
-                }
-                let node_offset = node.offset;
-                next.insert(
-                    HostRegion {
-                        range,
-                        kind,
-                        devices: devices.clone(),
-                        components: components.clone(),
-                        source: source.clone(),
-                    },
-                    Some(&move |s: &str| s == format!("IORT RMR @{node_offset:#x}")),
-                )?;
-            }
-        }
-        *self = next;
-        Ok(())
-    }
-
     /// Adds the lines of one IOMMU group's `reserved_regions`, needed by `devices` (the
     /// group's members). Identical ranges merge; MSI windows are the same for every
     /// group and merge too.
@@ -618,20 +426,6 @@ const ZERO_PAGE: MemRange = match MemRange::span(0, crate::types::PAGE_SIZE - 1)
     None => panic!("constant range"),
 };
 
-/// Most (region, device) pairs one IVRS table may name: sixteen IVMDs naming every
-/// device ID of a segment. An IVMD of type 0x20 or 0x22 names up to 65 536 devices and
-/// each is kept, so without a bound a 64 KiB table of such IVMDs would ask for over a
-/// hundred million; real tables name a few thousand (the MECHREVO fixture 20 480).
-pub const MAX_IVRS_DEVICE_PAIRS: usize = 16 << 16;
-
-/// RMR descriptors should be 64 KiB aligned (DEN 0049E.d; Linux `iort_rmr_alloc`).
-const RMR_ALIGN: u64 = 64 << 10;
-
-/// `v` rounded up to a page; `None` past 2^64.
-fn page_align_up(v: u64) -> Option<u64> {
-    Some(v.checked_add(crate::types::PAGE_SIZE - 1)? & !(crate::types::PAGE_SIZE - 1))
-}
-
 /// The PCI function of a 16-bit device ID (`bus << 8 | device << 3 | function`).
 fn device_id_bdf(segment: u16, id: u16) -> Bdf {
     let [bus, devfn] = id.to_be_bytes();
@@ -641,45 +435,6 @@ fn device_id_bdf(segment: u16, id: u16) -> Bdf {
         device: devfn >> 3,
         function: devfn & 7,
     }
-}
-
-/// The PCI functions and named components whose stream IDs fall in `sids`
-/// ((SMMU offset, first, last) triples): root complexes map requester IDs to stream
-/// IDs, named components their own IDs.
-fn rmr_devices(iort: &Iort, sids: &[(u32, u32, u32)]) -> (BTreeSet<Bdf>, BTreeSet<String>) {
-    let mut devices = BTreeSet::new();
-    let mut components = BTreeSet::new();
-    for node in &iort.nodes {
-        for m in &node.mappings {
-            let (out_lo, out_hi) = m.outputs();
-            for &(smmu, lo, hi) in sids {
-                if m.output_reference != smmu || out_hi < lo || hi < out_lo {
-                    continue;
-                }
-                match &node.kind {
-                    NodeKind::NamedComponent { name } => {
-                        components.insert(name.clone());
-                    }
-                    NodeKind::RootComplex { segment } if !m.single => {
-                        let Ok(segment) = u16::try_from(*segment) else {
-                            continue;
-                        };
-                        // The stream IDs both ranges share, back to requester IDs.
-                        let (a, b) = (lo.max(out_lo), hi.min(out_hi));
-                        let first = u64::from(m.input_base) + u64::from(a - out_lo);
-                        let last = u64::from(m.input_base) + u64::from(b - out_lo);
-                        for rid in first..=last.min(u64::from(u16::MAX)) {
-                            if let Ok(rid) = u16::try_from(rid) {
-                                devices.insert(device_id_bdf(segment, rid));
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-    (devices, components)
 }
 
 /// Whether the (possibly unsorted, possibly overlapping) `pieces` cover all of `range`.
@@ -730,7 +485,7 @@ mod tests {
     use super::*;
     use crate::dmar::{self, build, NoBridges};
 
-    fn bdf(s: &str) -> Bdf {
+    pub(super) fn bdf(s: &str) -> Bdf {
         s.parse().expect("valid bdf")
     }
 
@@ -883,212 +638,6 @@ mod tests {
             bdf("00:14.0"),
         ];
         assert_eq!(device_list(&few), "00:1d.0, 00:1a.0, 00:1a.1, 00:14.0");
-    }
-
-    fn ivrs_db(blocks: &[Vec<u8>]) -> Result<RdmDatabase, RdmError> {
-        let t = crate::ivrs::parse(&crate::ivrs::build::table(blocks)).expect("well-formed");
-        let mut db = RdmDatabase::new();
-        db.add_ivrs(&t)?;
-        Ok(db)
-    }
-
-    fn ivhd() -> Vec<u8> {
-        use crate::ivrs::build::entry;
-        crate::ivrs::build::ivhd(&[entry(0x03, 0x0003), entry(0x04, 0x01ff)])
-    }
-
-    #[test]
-    fn ivrs_unity_ivmd_for_one_device_is_rounded_up_as_linux_page_aligns() {
-        let db = ivrs_db(&[
-            ivhd(),
-            crate::ivrs::build::ivmd(0x21, 0x07, 0x0300, 0, 0x7d90_0800, 0x1800),
-        ])
-        .expect("sane");
-        let r = &db.regions()[0];
-        // PAGE_ALIGN(start) = 0x7d901000, PAGE_ALIGN(len) = 0x2000.
-        assert_eq!(
-            r.range,
-            MemRange::new(0x7d90_1000, 0x7d90_2fff).expect("ok")
-        );
-        assert_eq!(r.devices, [bdf("03:00.0")].into());
-        assert_eq!(r.kind, RegionKind::Direct);
-        assert_eq!(r.source, "IVRS IVMD @0x50");
-        assert!(db.warnings()[0].message.contains("not page aligned"));
-    }
-
-    #[test]
-    fn ivrs_exclusion_range_is_a_direct_region_and_no_flag_is_ignored() {
-        let db = ivrs_db(&[
-            crate::ivrs::build::ivmd(0x21, 0x08, 0x0300, 0, 0x7132_f000, 0x26000),
-            crate::ivrs::build::ivmd(0x21, 0x06, 0x0400, 0, 0x8000_0000, 0x1000),
-        ])
-        .expect("sane");
-        assert_eq!(db.regions().len(), 1);
-        assert_eq!(db.regions()[0].kind, RegionKind::Direct);
-        assert!(db.warnings()[0].message.contains("neither a unity map"));
-    }
-
-    #[test]
-    fn ivrs_range_and_all_types_name_every_device_id_linux_does() {
-        let db = ivrs_db(&[
-            ivhd(),
-            crate::ivrs::build::ivmd(0x22, 0x08, 0x0000, 0x0fff, 0x9618_e000, 1),
-            crate::ivrs::build::ivmd(0x20, 0x01, 0, 0, 0xa000_0000, 0x1000),
-        ])
-        .expect("sane");
-        assert_eq!(db.regions()[0].devices.len(), 0x1000);
-        assert_eq!(device_list(&db.regions()[0].devices), "00:00.0-0f:1f.7");
-        // Type 0x20 ends at the highest device ID the IVHDs name (01:1f.7).
-        assert_eq!(db.regions()[1].devices.len(), 0x200);
-    }
-
-    #[test]
-    fn ivrs_device_pairs_past_the_bound_are_an_error_not_a_huge_allocation() {
-        let all = |i: u64| crate::ivrs::build::ivmd(0x22, 0x01, 0, 0xffff, i << 20, 0x1000);
-        let blocks: Vec<Vec<u8>> = (0..17).map(all).collect();
-        let e = ivrs_db(&blocks).expect_err("17 x 65536 pairs");
-        assert!(
-            matches!(
-                e,
-                RdmError::TooManyDevices {
-                    pairs: 0x11_0000,
-                    ..
-                }
-            ),
-            "{e:?}"
-        );
-        assert!(ivrs_db(&blocks[..16]).is_ok(), "16 x 65536 is the bound");
-    }
-
-    #[test]
-    fn ivrs_zero_length_ivmd_is_an_error_naming_the_table_and_offset() {
-        let e = ivrs_db(&[crate::ivrs::build::ivmd(0x21, 0x07, 0x10, 0, 0x1000, 0)])
-            .expect_err("nothing to reserve");
-        assert_eq!(
-            e.to_string(),
-            "IVRS IVMD @0x30: the range at 0x1000 has length zero"
-        );
-    }
-
-    #[test]
-    fn ivrs_overlapping_ivmds_are_an_error_and_identical_ones_merge() {
-        let e = ivrs_db(&[
-            crate::ivrs::build::ivmd(0x21, 0x07, 0x10, 0, 0x10_0000, 0x2000),
-            crate::ivrs::build::ivmd(0x21, 0x07, 0x18, 0, 0x10_1000, 0x2000),
-        ])
-        .expect_err("partial overlap");
-        let msg = e.to_string();
-        assert!(
-            msg.contains("IVRS IVMD @0x50") && msg.contains("IVRS IVMD @0x30"),
-            "{msg}"
-        );
-        let db = ivrs_db(&[
-            crate::ivrs::build::ivmd(0x21, 0x07, 0x10, 0, 0x10_0000, 0x2000),
-            crate::ivrs::build::ivmd(0x21, 0x07, 0x18, 0, 0x10_0000, 0x2000),
-        ])
-        .expect("the same range for two devices");
-        assert_eq!(
-            db.regions()[0].devices,
-            [bdf("00:02.0"), bdf("00:03.0")].into()
-        );
-    }
-
-    fn iort_db(revision: u8, rmrs: &[Vec<u8>]) -> Result<RdmDatabase, RdmError> {
-        use crate::iort::build;
-        let mut nodes = vec![
-            build::smmu_v3(),
-            build::root_complex(0, build::SMMU_AT),
-            build::named("\\_SB_.DPU0", 0x1_0000, build::SMMU_AT),
-        ];
-        nodes.extend(rmrs.iter().cloned());
-        let t = crate::iort::parse(&build::table(revision, &nodes)).expect("well-formed");
-        let mut db = RdmDatabase::new();
-        db.add_iort(&t)?;
-        Ok(db)
-    }
-
-    fn rmr(flags: u32, descs: &[(u64, u64)], sids: &[u32]) -> Vec<u8> {
-        use crate::iort::build;
-        let maps: Vec<Vec<u8>> = sids
-            .iter()
-            .map(|s| build::mapping(0, 0, *s, build::SMMU_AT, true))
-            .collect();
-        build::rmr(flags, descs, &maps)
-    }
-
-    #[test]
-    fn iort_rmr_reaches_root_complex_requester_ids_and_named_components() {
-        let db = iort_db(
-            5,
-            &[rmr(0, &[(0x8480_0000, 0x80_0000)], &[0x0300, 0x1_0000])],
-        )
-        .expect("sane");
-        let r = &db.regions()[0];
-        assert_eq!(
-            r.range,
-            MemRange::new(0x8480_0000, 0x84ff_ffff).expect("ok")
-        );
-        assert_eq!(r.devices, [bdf("03:00.0")].into());
-        assert_eq!(r.components, ["\\_SB_.DPU0".to_string()].into());
-        assert_eq!(r.kind, RegionKind::Direct);
-        assert!(r.source.starts_with("IORT RMR @0x"));
-    }
-
-    #[test]
-    fn iort_remapping_permitted_makes_the_region_direct_relaxable() {
-        let db = iort_db(5, &[rmr(1, &[(0x8000_0000, 0x1_0000)], &[0x0300])]).expect("sane");
-        assert_eq!(db.regions()[0].kind, RegionKind::DirectRelaxable);
-    }
-
-    #[test]
-    fn iort_revision_older_than_e_d_ignores_rmr_nodes_as_linux_does() {
-        let db = iort_db(4, &[rmr(0, &[(0x8000_0000, 0x1_0000)], &[0x0300])]).expect("sane");
-        assert!(db.regions().is_empty());
-        assert!(
-            db.warnings()[0].message.contains("older than 5"),
-            "{:?}",
-            db.warnings()
-        );
-    }
-
-    #[test]
-    fn iort_descriptor_not_64k_aligned_is_rounded_out_to_pages_with_a_warning() {
-        let db = iort_db(5, &[rmr(0, &[(0x8000_1800, 0x1000)], &[0x0300])]).expect("sane");
-        assert_eq!(
-            db.regions()[0].range,
-            MemRange::new(0x8000_1000, 0x8000_2fff).expect("ok")
-        );
-        assert!(db.warnings()[0].message.contains("not aligned to 64K"));
-    }
-
-    #[test]
-    fn iort_zero_length_and_overlapping_descriptors_are_errors_naming_their_offsets() {
-        let e = iort_db(5, &[rmr(0, &[(0x8000_0000, 0)], &[0x0300])]).expect_err("zero");
-        assert!(matches!(e, RdmError::ZeroLength { .. }), "{e:?}");
-        assert!(e.to_string().contains("descriptor @0x"), "{e}");
-        let e = iort_db(
-            5,
-            &[rmr(
-                0,
-                &[(0x8000_0000, 0x2_0000), (0x8001_0000, 0x2_0000)],
-                &[0x0300],
-            )],
-        )
-        .expect_err("overlap");
-        assert!(matches!(e, RdmError::Overlap { .. }), "{e:?}");
-        // The identical range in two RMR nodes (two devices) merges.
-        let db = iort_db(
-            5,
-            &[
-                rmr(0, &[(0x8000_0000, 0x1_0000)], &[0x0300]),
-                rmr(0, &[(0x8000_0000, 0x1_0000)], &[0x0400]),
-            ],
-        )
-        .expect("merge");
-        assert_eq!(
-            db.regions()[0].devices,
-            [bdf("03:00.0"), bdf("04:00.0")].into()
-        );
     }
 
     #[test]

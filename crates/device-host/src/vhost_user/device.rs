@@ -275,7 +275,7 @@ impl VhostUserDevice {
 
     /// Implicit grants, copy form (issue 16): from the next activation on, the
     /// back-end's memory table holds only shadow rings and bounce arenas the device
-    /// host made ([`super::inflight`]), never a descriptor of guest memory. The guest
+    /// host made (module `inflight`), never a descriptor of guest memory. The guest
     /// is offered indirect descriptors and EVENT_IDX whatever the back-end supports
     /// (the shadow serves them); the back-end is given neither, nor
     /// ACCESS_PLATFORM. Behind the virtio-iommu ([`Self::attach_iommu`], called after

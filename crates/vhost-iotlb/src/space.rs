@@ -13,8 +13,8 @@
 //! Invalidation is strict: when [`AddressSpace::invalidate`] returns, no guest page of
 //! the range is mapped in this process any more. It waits for the device's batch
 //! (`virtio_contract`'s "The batch"; the worker calls the space's
-//! [`Batch`] hooks around each `process_queue`): a window the open batch translated stays
-//! mapped, as it was, until [`Batch::end`], and only then does `invalidate` return (and
+//! [`Batch`](virtio_contract::Batch) hooks around each `process_queue`): a window the open batch translated stays
+//! mapped, as it was, until [`Batch::end`](virtio_contract::Batch::end), and only then does `invalidate` return (and
 //! the session acknowledge the INVALIDATE). Meanwhile misses fail at once, since the
 //! front-end answers none while it waits for that acknowledgement, and the wait is
 //! bounded by [`Limits::miss_timeout`]. A window a [`GuestView`] still pins outside a
@@ -27,18 +27,13 @@
 use crate::channel::{MissChannel, MissError};
 use crate::mmap::{Mapping, MmapError};
 use crate::wire::{iotlb, MemoryRegion};
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use virtio_contract::Batch;
-use vm_memory::bitmap::BS;
-use vm_memory::guest_memory::GuestMemorySliceIterator;
-use vm_memory::iommu::{Error as IommuError, IovaRange};
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryError, Permissions, VolatileSlice};
+use vm_memory::Permissions;
 
 /// What the front-end may make this address space hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -670,7 +665,7 @@ impl AddressSpace {
     /// Applies an IOTLB invalidate: every window overlapping `[iova, iova + size)` is
     /// gone from this process's memory when this returns (unmapped, or revoked in place
     /// if a [`GuestView`] still pins it). A window the open batch translated stays as it
-    /// was until the batch ends: this then waits for [`Batch::end`], with misses failing
+    /// was until the batch ends: this then waits for [`Batch::end`](virtio_contract::Batch::end), with misses failing
     /// at once meanwhile (the front-end answers none before this is acknowledged), for
     /// at most [`Limits::miss_timeout`], after which the window is revoked in place.
     ///
@@ -886,324 +881,13 @@ impl AddressSpace {
 
     /// A device's view for one batch of work.
     pub fn view(self: &Arc<Self>) -> GuestView {
-        GuestView {
-            space: Arc::clone(self),
-            pins: RefCell::new(Vec::new()),
-        }
+        GuestView::new(Arc::clone(self))
     }
 }
 
-/// The carrier's hooks (`virtio_contract`'s "The batch"): windows the batch translates
-/// through a [`GuestView`] are kept, as they were, until it ends, and invalidates of
-/// them wait for that.
-impl Batch for AddressSpace {
-    fn begin(&self) {
-        let mut t = self.write();
-        t.last_batch += 1;
-        t.batch = Some(t.last_batch);
-    }
+mod view;
 
-    fn end(&self) {
-        let ended = {
-            let mut t = self.write();
-            let Some(b) = t.batch.take() else {
-                return;
-            };
-            t.retire_deferred();
-            b
-        };
-        *self.ended.lock().unwrap_or_else(|e| e.into_inner()) = ended;
-        self.batch_ended.notify_all();
-    }
-}
-
-/// The guest memory a device sees: every access is translated by the
-/// [`AddressSpace`], and every window it touches stays mapped (or revoked in place,
-/// never unmapped) until the view is dropped. Make one per batch of queue work.
-#[derive(Debug)]
-pub struct GuestView {
-    space: Arc<AddressSpace>,
-    pins: RefCell<Vec<Arc<Window>>>,
-}
-
-impl GuestView {
-    /// Windows pinned so far.
-    pub fn pinned(&self) -> usize {
-        self.pins.borrow().len()
-    }
-
-    fn fault(addr: GuestAddress, count: usize, f: Fault) -> GuestMemoryError {
-        GuestMemoryError::IommuError(IommuError::CannotResolve {
-            iova_range: IovaRange {
-                base: addr,
-                length: count,
-            },
-            reason: f.to_string(),
-        })
-    }
-}
-
-/// The host pieces of one translated access.
-#[derive(Debug)]
-pub struct Slices<'a>(std::vec::IntoIter<VolatileSlice<'a>>);
-
-impl<'a> Iterator for Slices<'a> {
-    type Item = vm_memory::GuestMemoryResult<VolatileSlice<'a>>;
-    fn next(&mut self) -> Option<Self::Item> {
-        self.0.next().map(Ok)
-    }
-}
-
-impl std::iter::FusedIterator for Slices<'_> {}
-
-impl<'a> GuestMemorySliceIterator<'a, ()> for Slices<'a> {}
-
-impl GuestMemory for GuestView {
-    type PhysicalMemory = vm_memory::GuestMemoryMmap<()>;
-    type Bitmap = ();
-
-    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
-        self.space.translate(addr.0, count, access, None).is_ok()
-    }
-
-    fn get_slices<'a>(
-        &'a self,
-        addr: GuestAddress,
-        count: usize,
-        access: Permissions,
-    ) -> vm_memory::GuestMemoryResult<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
-        let mut pins = self.pins.borrow_mut();
-        let pieces = self
-            .space
-            .translate(addr.0, count, access, Some(&mut pins))
-            .map_err(|f| Self::fault(addr, count, f))?;
-        let slices: Vec<VolatileSlice<'a>> = pieces
-            .into_iter()
-            // SAFETY: each piece lies inside a window's mapping (`translate` bounds it by
-            // the window's length, which the mapping covers), and that window is now in
-            // `self.pins`, which only drops with `self`, outliving `'a`. An invalidate
-            // in between revokes the pages in place (`Mapping::revoke`) instead of
-            // unmapping, so the memory stays valid for volatile access throughout.
-            .map(|(ptr, n)| unsafe { VolatileSlice::new(ptr, n) })
-            .collect();
-        Ok(Slices(slices.into_iter()))
-    }
-}
+pub use view::{GuestView, Slices};
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
-
-    use super::*;
-    use vm_memory::Bytes;
-
-    const RAM: u64 = 1 << 20;
-    const UBASE: u64 = 0x7f00_0000_0000;
-
-    fn ram() -> File {
-        test_kit::mem::memfd("space-unit-ram", RAM)
-    }
-
-    fn space(mode: Mode) -> Arc<AddressSpace> {
-        let s = AddressSpace::new(Limits {
-            max_windows: 4,
-            miss_timeout: Duration::from_millis(200),
-            max_misses_per_access: 16,
-        });
-        let region = MemoryRegion {
-            guest_phys_addr: 0,
-            memory_size: RAM,
-            userspace_addr: UBASE,
-            mmap_offset: 0,
-        };
-        s.set_regions(vec![(region, ram())]).unwrap();
-        s.set_mode(mode).unwrap();
-        s
-    }
-
-    #[test]
-    fn iotlb_mode_maps_nothing_until_an_update_and_only_the_window_then() {
-        let s = space(Mode::Iotlb);
-        assert_eq!(
-            s.exposure().mapped_bytes,
-            0,
-            "the memory table is never mapped"
-        );
-        assert_eq!(s.exposure().guest_ram_bytes, RAM);
-        let v = s.view();
-        assert!(v.read_obj::<u32>(GuestAddress(0x1000)).is_err());
-        s.update(0x10_0000_0000, 4096, UBASE + 0x3000, iotlb::PERM_RW)
-            .unwrap();
-        assert_eq!(s.exposure().mapped_bytes, 4096);
-        v.write_obj(0xdead_beef_u32, GuestAddress(0x10_0000_0010))
-            .unwrap();
-        assert_eq!(
-            v.read_obj::<u32>(GuestAddress(0x10_0000_0010)).unwrap(),
-            0xdead_beef
-        );
-        assert!(
-            v.read_obj::<u32>(GuestAddress(0x10_0000_1000)).is_err(),
-            "one byte past"
-        );
-    }
-
-    #[test]
-    fn plain_mode_maps_the_regions_by_guest_physical_address() {
-        let s = space(Mode::Plain);
-        assert_eq!(s.exposure().mapped_bytes, RAM);
-        let v = s.view();
-        v.write_obj(7u8, GuestAddress(RAM - 1)).unwrap();
-        assert!(v.read_obj::<u8>(GuestAddress(RAM)).is_err());
-        assert_eq!(s.uaddr_to_gpa(UBASE + 0x1234), Some(0x1234));
-        assert_eq!(s.uaddr_to_gpa(UBASE + RAM), None);
-        assert!(matches!(
-            s.update(0, 4096, UBASE, 3),
-            Err(SpaceError::NotIotlb)
-        ));
-    }
-
-    #[test]
-    fn permissions_of_the_update_are_enforced() {
-        let s = space(Mode::Iotlb);
-        s.update(0x2000, 4096, UBASE, iotlb::PERM_RO).unwrap();
-        let v = s.view();
-        assert!(v.read_obj::<u8>(GuestAddress(0x2000)).is_ok());
-        assert!(v.write_obj(1u8, GuestAddress(0x2000)).is_err());
-        // No channel: a denied access is counted as an access failure all the same.
-        assert_eq!(s.exposure().access_fails, 1);
-    }
-
-    #[test]
-    fn updates_outside_the_memory_table_or_overflowing_change_nothing() {
-        let s = space(Mode::Iotlb);
-        let before = s.exposure();
-        assert!(matches!(
-            s.update(0, 4096, UBASE + RAM - 100, 3),
-            Err(SpaceError::OutsideRegions { .. })
-        ));
-        assert!(matches!(
-            s.update(0, 4096, 0x1000, 3),
-            Err(SpaceError::OutsideRegions { .. })
-        ));
-        assert!(matches!(
-            s.update(u64::MAX, 2, UBASE, 3),
-            Err(SpaceError::IotlbRange { .. })
-        ));
-        assert!(matches!(
-            s.update(0, 0, UBASE, 3),
-            Err(SpaceError::IotlbRange { .. })
-        ));
-        assert!(matches!(
-            s.invalidate(5, 0),
-            Err(SpaceError::IotlbRange { .. })
-        ));
-        assert_eq!(s.exposure(), before);
-        assert!(s.windows().is_empty());
-    }
-
-    #[test]
-    fn a_window_ending_at_the_top_of_the_address_space_is_legal() {
-        let s = space(Mode::Iotlb);
-        s.update(u64::MAX - 4095, 4096, UBASE, 3).unwrap();
-        let v = s.view();
-        v.write_obj(9u8, GuestAddress(u64::MAX)).unwrap();
-        assert!(v.read_obj::<u16>(GuestAddress(u64::MAX)).is_err());
-        s.invalidate(u64::MAX - 4095, 4096).unwrap();
-        assert!(s.windows().is_empty());
-    }
-
-    #[test]
-    fn window_count_is_bounded_by_evicting_the_oldest() {
-        let s = space(Mode::Iotlb);
-        for i in 0..6u64 {
-            s.update(i * 4096, 4096, UBASE + i * 4096, 3).unwrap();
-        }
-        let e = s.exposure();
-        assert_eq!(e.windows, 4);
-        assert_eq!(e.evictions, 2);
-        assert_eq!(e.peak_windows, 4);
-        let starts: Vec<u64> = s.windows().iter().map(|w| w.0).collect();
-        assert_eq!(starts, vec![0x2000, 0x3000, 0x4000, 0x5000]);
-    }
-
-    #[test]
-    fn an_update_repeating_a_held_window_keeps_it_for_the_batch_using_it() {
-        let s = space(Mode::Iotlb);
-        s.update(0x1000, 4096, UBASE, iotlb::PERM_RW).unwrap();
-        let mut pins = Vec::new();
-        let pieces = s
-            .translate(0x1000, 4096, Permissions::Write, Some(&mut pins))
-            .unwrap();
-        s.update(0x1000, 4096, UBASE, iotlb::PERM_RW).unwrap();
-        assert_eq!(s.exposure().revoked_in_use, 0);
-        assert!(!pins[0].map.is_revoked(), "the batch's window stays mapped");
-        // SAFETY: the piece is the 4096 bytes of the window `pins` keeps mapped.
-        unsafe { pieces[0].0.write(0x5a) };
-        assert_eq!(s.view().read_obj::<u8>(GuestAddress(0x1000)).unwrap(), 0x5a);
-        assert_eq!(s.exposure().updates, 2);
-        // A different translation at the same IOVA still replaces it.
-        s.update(0x1000, 4096, UBASE + 0x2000, iotlb::PERM_RW)
-            .unwrap();
-        assert_eq!(s.exposure().revoked_in_use, 1);
-    }
-
-    #[test]
-    fn an_update_over_existing_windows_replaces_them() {
-        let s = space(Mode::Iotlb);
-        s.update(0x1000, 4096, UBASE, 3).unwrap();
-        s.update(0x2000, 4096, UBASE + 0x1000, 3).unwrap();
-        s.update(0x1800, 4096, UBASE + 0x5000, 1).unwrap();
-        let w = s.windows();
-        assert_eq!(w.len(), 1);
-        assert_eq!((w[0].0, w[0].1), (0x1800, 4096));
-    }
-
-    #[test]
-    fn exposure_counts_pages_now_and_at_the_peak() {
-        let s = space(Mode::Iotlb);
-        s.update(0, 8192, UBASE, 3).unwrap();
-        s.update(0x10000, 100, UBASE + 0x8010, 3).unwrap();
-        let e = s.exposure();
-        assert_eq!(
-            e.mapped_bytes,
-            8192 + 4096,
-            "a 100-byte window costs its page"
-        );
-        s.invalidate(0, 8192).unwrap();
-        let e = s.exposure();
-        assert_eq!(e.mapped_bytes, 4096);
-        assert_eq!(e.peak_mapped_bytes, 12288);
-        assert_eq!((e.updates, e.invalidates), (2, 1));
-        s.set_mode(Mode::Unset).unwrap();
-        assert_eq!(s.exposure().mapped_bytes, 0);
-    }
-
-    #[test]
-    fn bad_memory_tables_are_refused_and_keep_the_old_one() {
-        let s = space(Mode::Plain);
-        let r = |gpa, size, uaddr, off| MemoryRegion {
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: uaddr,
-            mmap_offset: off,
-        };
-        let cases = vec![
-            vec![(r(0, 0, UBASE, 0), ram())],
-            vec![(r(u64::MAX, 2, UBASE, 0), ram())],
-            vec![(r(0, RAM * 2, UBASE, 0), ram())],
-            vec![
-                (r(0, 4096, UBASE, 0), ram()),
-                (r(4096, 4096, UBASE + 10, 0), ram()),
-            ],
-            vec![
-                (r(0, 4096, UBASE, 0), ram()),
-                (r(100, 4096, UBASE + RAM, 0), ram()),
-            ],
-        ];
-        for table in cases {
-            assert!(s.set_regions(table).is_err());
-            assert_eq!(s.exposure().mapped_bytes, RAM);
-            assert_eq!(s.uaddr_to_gpa(UBASE), Some(0));
-        }
-    }
-}
+mod tests;

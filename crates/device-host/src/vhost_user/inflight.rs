@@ -31,12 +31,14 @@
 
 use super::device::VhostUserDevice;
 use super::iotlb::Region;
-use super::link::Reply;
+use super::link::{has, Reply};
 use super::{wire, DeviceKind, Shared, VhostUserError, QUEUE_SIZES, UADDR_BASE};
+use dma_types::lock;
 use inflight::{
     Arena, CopyAll, CopyShadow, Desc, ShadowConfig, ShadowError, Stats, WindowError, Windows,
 };
 use std::fs::File;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use virtio_contract::{failed_request_status, DeviceError};
@@ -388,7 +390,80 @@ fn is_backend_fault(e: &ShadowError) -> bool {
     )
 }
 
+/// Implicit grants: a back-end that kept a request past the deadline is cut off; the
+/// broken-connection path then fails what it held.
+pub(super) fn cut_off_if_overdue(s: &Shared) {
+    if s.broken.load(Ordering::Acquire) {
+        return;
+    }
+    let overdue = lock(&s.inflight).as_mut().is_some_and(|i| {
+        let late = i.overdue(std::time::Instant::now());
+        i.cutoffs += u64::from(late);
+        late
+    });
+    if overdue {
+        s.break_link();
+    }
+}
+
 impl VhostUserDevice {
+    /// Implicit grants, copy form (issue 16): from the next activation on, the
+    /// back-end's memory table holds only shadow rings and bounce arenas the device
+    /// host made (module `inflight`), never a descriptor of guest memory. The guest
+    /// is offered indirect descriptors and EVENT_IDX whatever the back-end supports
+    /// (the shadow serves them); the back-end is given neither, nor
+    /// ACCESS_PLATFORM. Behind the virtio-iommu ([`Self::attach_iommu`], called after
+    /// this) the guest's addresses are IOVAs, translated as the shadow copies.
+    ///
+    /// # Errors
+    /// [`VhostUserError::Inflight`] for a device whose requests may carry guest
+    /// addresses (anything but virtio-blk and virtio-rng), a device already in pool
+    /// mode or behind the virtio-iommu, an arena of zero bytes, or shadows that cannot
+    /// be made.
+    pub fn inflight_copy(&mut self, cfg: InflightConfig) -> Result<(), VhostUserError> {
+        let refuse = |why: String| Err(VhostUserError::Inflight(why));
+        if !matches!(self.kind, DeviceKind::Block | DeviceKind::Rng) {
+            return refuse(format!(
+                "device type {} may carry guest addresses in its requests, which a back-end \
+                 that holds only copies cannot follow; only virtio-blk and virtio-rng can be shadowed",
+                self.kind.device_type()
+            ));
+        }
+        if let Some(share) = self.share {
+            return refuse(format!(
+                "the device already shares only {share} with its back-end (pool mode)"
+            ));
+        }
+        if has(self.offered, VIRTIO_F_ACCESS_PLATFORM) {
+            return refuse(
+                "the device is already behind the virtio-iommu; set up implicit grants first"
+                    .into(),
+            );
+        }
+        if cfg.arena_bytes == 0 {
+            return refuse("the bounce arena must not be empty".into());
+        }
+        if let Some(t) = cfg.map_threshold {
+            let link = self.shared.current()?;
+            if t == 0 {
+                return refuse("the map form's threshold must be at least 1 byte".into());
+            }
+            if !has(link.features, VIRTIO_F_ACCESS_PLATFORM)
+                || link.protocol & wire::protocol::REPLY_ACK == 0
+            {
+                return refuse(format!(
+                    "the map form needs a back-end with VIRTIO_F_ACCESS_PLATFORM and the REPLY_ACK \
+                     protocol feature (IOTLB windows); {} lacks them (use --inflight copy)",
+                    self.shared.socket.display()
+                ));
+            }
+        }
+        *lock(&self.shared.inflight) = Some(Inflight::new(self.kind, cfg)?);
+        self.inflight = true;
+        self.offered |= (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX);
+        Ok(())
+    }
+
     /// One pass over queue `index` in the copy form: completions first, then new
     /// requests, then the kick. Returns whether the guest wants an interrupt.
     pub(super) fn process_inflight<M: GuestMemory>(

@@ -23,7 +23,9 @@ use crate::vm;
 use device_host::endpoints::{BlockFactory, VhostUserFactory};
 use device_host::host::{DeviceHost, EndpointFactory, Function, IommuHandle, IommuMode};
 use device_host::poll::Pollable;
-use device_host::vhost_user::{DeviceKind, InflightConfig, VhostUserHandle, DEFAULT_TIMEOUT};
+use device_host::vhost_user::{
+    DeviceKind, InflightConfig, VhostUserHandle, DEFAULT_MAP_THRESHOLD, DEFAULT_TIMEOUT,
+};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -65,6 +67,9 @@ pub(crate) enum Config {
     /// Implicit grants, copy form: `aperture backend blk` in another process given
     /// only the device host's shadow rings and bounce buffers; no IOMMU in the guest.
     ApertureInflightCopy,
+    /// Implicit grants, map form: as [`Config::ApertureInflightCopy`], buffers of 64 KiB
+    /// and more shown through per-request IOTLB windows instead of copied.
+    ApertureInflightMap,
     /// QEMU's virtio-blk-pci behind QEMU's virtio-iommu-pci, iommu.strict=1.
     QemuViommuStrict,
     /// QEMU's virtio-blk-pci behind QEMU's virtio-iommu-pci, lazy.
@@ -75,13 +80,14 @@ pub(crate) enum Config {
 
 impl Config {
     /// Every configuration, in table order.
-    pub(crate) const ALL: [Config; 9] = [
+    pub(crate) const ALL: [Config; 10] = [
         Config::ApertureStrict,
         Config::ApertureLazy,
         Config::ApertureOff,
         Config::ApertureVhostStrict,
         Config::ApertureVhostLazy,
         Config::ApertureInflightCopy,
+        Config::ApertureInflightMap,
         Config::QemuViommuStrict,
         Config::QemuViommuLazy,
         Config::QemuOff,
@@ -95,6 +101,7 @@ impl Config {
             Config::ApertureVhostStrict => "aperture-vhost-strict",
             Config::ApertureVhostLazy => "aperture-vhost-lazy",
             Config::ApertureInflightCopy => "aperture-inflight-copy",
+            Config::ApertureInflightMap => "aperture-inflight-map",
             Config::QemuViommuStrict => "qemu-viommu-strict",
             Config::QemuViommuLazy => "qemu-viommu-lazy",
             Config::QemuOff => "qemu-off",
@@ -113,7 +120,10 @@ impl Config {
     fn vhost(self) -> bool {
         matches!(
             self,
-            Config::ApertureVhostStrict | Config::ApertureVhostLazy | Config::ApertureInflightCopy
+            Config::ApertureVhostStrict
+                | Config::ApertureVhostLazy
+                | Config::ApertureInflightCopy
+                | Config::ApertureInflightMap
         )
     }
 
@@ -121,7 +131,10 @@ impl Config {
     fn translated(self) -> bool {
         !matches!(
             self,
-            Config::ApertureOff | Config::QemuOff | Config::ApertureInflightCopy
+            Config::ApertureOff
+                | Config::QemuOff
+                | Config::ApertureInflightCopy
+                | Config::ApertureInflightMap
         )
     }
 
@@ -142,7 +155,7 @@ impl Config {
             Config::ApertureVhostStrict => Some(Config::ApertureStrict),
             Config::ApertureVhostLazy => Some(Config::ApertureLazy),
             // Isolation with no guest change, against none at all.
-            Config::ApertureInflightCopy => Some(Config::ApertureOff),
+            Config::ApertureInflightCopy | Config::ApertureInflightMap => Some(Config::ApertureOff),
             _ => None,
         }
     }
@@ -165,6 +178,7 @@ impl Config {
             Config::ApertureVhostStrict => "our device host as vhost-user front-end of `aperture backend blk` (another process, IOTLB) behind our virtio-iommu, iommu.strict=1",
             Config::ApertureVhostLazy => "our device host as vhost-user front-end of `aperture backend blk` (another process, IOTLB) behind our virtio-iommu, lazy",
             Config::ApertureInflightCopy => "implicit grants, copy form: `aperture backend blk` (another process) given only our shadow rings and bounce buffers, no IOMMU in the guest",
+            Config::ApertureInflightMap => "implicit grants, map form: as inflight-copy, buffers of 64 KiB and more through per-request IOTLB windows",
             Config::QemuViommuStrict => "QEMU's virtio-blk-pci (iommu_platform=on) behind QEMU's virtio-iommu-pci, iommu.strict=1",
             Config::QemuViommuLazy => "QEMU's virtio-blk-pci (iommu_platform=on) behind QEMU's virtio-iommu-pci, lazy",
             Config::QemuOff => "QEMU's virtio-blk-pci, no IOMMU",
@@ -618,8 +632,15 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
                 VhostUserFactory::new("blk0", &b.socket, DeviceKind::Block, DEFAULT_TIMEOUT)
                     .map_err(|e| format!("aperture backend blk: {e}"))?
                     .with_handle_sender(tx);
-            if config == Config::ApertureInflightCopy {
-                f = f.with_inflight(InflightConfig::default());
+            match config {
+                Config::ApertureInflightCopy => f = f.with_inflight(InflightConfig::default()),
+                Config::ApertureInflightMap => {
+                    f = f.with_inflight(InflightConfig {
+                        map_threshold: Some(DEFAULT_MAP_THRESHOLD),
+                        ..InflightConfig::default()
+                    })
+                }
+                _ => {}
             }
             backend = Some(b);
             Box::new(f)
@@ -708,6 +729,7 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
         }
     }
     // The back-end exits once the front-end disconnected (--once) and leaves its stats.
+    // The copy form's back-end holds plain shadow memory; every other one translates.
     let mode = if config == Config::ApertureInflightCopy {
         "plain"
     } else {

@@ -64,6 +64,8 @@ pub struct Stats {
     pub clamped: u64,
     /// Requests larger than the whole shadow, completed with the failure status.
     pub refused: u64,
+    /// Bytes copied between the guest's buffers and the arena, both ways.
+    pub copied_bytes: u64,
 }
 
 /// Why the shadow stopped. The carrier then sets DEVICE_NEEDS_RESET (a guest error)
@@ -507,6 +509,7 @@ impl CopyShadow {
                 shown.push(None);
                 r_at += u64::from(d.len);
                 exposed += u64::from(d.len);
+                self.stats.copied_bytes += u64::from(d.len);
             }
         }
         // Then the windows, each open before the back-end can see the request.
@@ -653,7 +656,7 @@ impl CopyShadow {
     /// Copies the first `written` bytes the back-end wrote back to the guest's writable
     /// buffers, in order: a bounced buffer from the arena; a buffer shown in place
     /// already holds its bytes.
-    fn copy_back<M: GuestMemory>(&self, slot: &Slot, written: u64, mem: &M) {
+    fn copy_back<M: GuestMemory>(&mut self, slot: &Slot, written: u64, mem: &M) {
         let mut left = written;
         let mut at = self.arena_at + slot.arena_off + slot.bounced_readable;
         for (d, w) in slot
@@ -680,6 +683,7 @@ impl CopyShadow {
                 // A guest buffer that vanished (memory hot-unplug) loses its bytes; the
                 // request still completes.
                 let _ = mem.write_slice(&buf, GuestAddress(d.addr));
+                self.stats.copied_bytes += n;
             }
             at += u64::from(d.len);
         }

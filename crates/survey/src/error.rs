@@ -19,6 +19,15 @@ pub enum ModeError {
     /// The guest's RAM could not be allocated.
     #[error("guest RAM: {0}")]
     GuestRam(#[source] FromRangesError),
+    /// The shadow ring's memory could not be made (implicit grants).
+    #[error("the shadow ring's memory: {0}")]
+    ShadowMemory(#[source] std::io::Error),
+    /// The device's queue on the shadow ring could not be set up.
+    #[error("the device's queue on the shadow ring: {0:?}")]
+    ShadowQueue(virtio_queue::Error),
+    /// The shadow refused a chain or a completion.
+    #[error("the shadow ring: {0}")]
+    Shadow(#[source] inflight::ShadowError),
     /// The virtio-iommu refused its configuration.
     #[error("creating the virtio-iommu: {0}")]
     IommuDevice(#[source] virtio_iommu::DeviceError),

@@ -47,6 +47,7 @@
 //! The messages are sentences for a person; the `aperture` binary prints them.
 
 mod error;
+pub mod implicit;
 pub mod modes;
 pub mod net;
 pub mod remote;
@@ -55,6 +56,7 @@ pub mod run;
 pub mod windowed;
 
 use dma_types::DmaDirection;
+use implicit::InflightCopy;
 use modes::{Direct, Grant, GrantKind, Pool, Sharing, Viommu};
 use remote::BackendCommand;
 use run::{run_cell, Measured, Pattern};
@@ -127,11 +129,14 @@ pub enum Mode {
     Pool,
     /// Small buffers bounced through the (mapped) pool, large ones mapped strictly.
     Auto,
+    /// Implicit grants, copy form: no guest change; a shadow ring copies what is in
+    /// flight in and back.
+    InflightCopy,
 }
 
 impl Mode {
     /// Every mode, in report order.
-    pub const ALL: [Mode; 8] = [
+    pub const ALL: [Mode; 9] = [
         Mode::None,
         Mode::ViommuStrict,
         Mode::ViommuLazy,
@@ -140,6 +145,7 @@ impl Mode {
         Mode::GrantCopy,
         Mode::Pool,
         Mode::Auto,
+        Mode::InflightCopy,
     ];
 
     /// The name in tables and JSON.
@@ -153,6 +159,7 @@ impl Mode {
             Mode::GrantCopy => "grant-copy",
             Mode::Pool => "pool",
             Mode::Auto => "auto",
+            Mode::InflightCopy => "inflight-copy",
         }
     }
 }
@@ -466,6 +473,7 @@ pub fn run_one(
         Mode::GrantCopy => run_cell(&mut Grant::new(GrantKind::Copy)?, pattern, disk, t, n),
         Mode::Pool => run_cell(&mut Pool::new()?, pattern, disk, t, n),
         Mode::Auto => run_cell(&mut Pool::auto(auto_threshold)?, pattern, disk, t, n),
+        Mode::InflightCopy => run_cell(&mut InflightCopy::new()?, pattern, disk, t, n),
     }
 }
 

@@ -83,6 +83,18 @@ pub struct Mapping {
     token: u64,
 }
 
+impl Mapping {
+    /// A buffer the device is given at its guest-physical address, as is.
+    pub(crate) fn direct(gpa: u64, len: usize, dir: DmaDirection) -> Self {
+        Self {
+            addr: gpa,
+            len,
+            dir,
+            token: 0,
+        }
+    }
+}
+
 /// What a mode counted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ModeStats {
@@ -118,6 +130,19 @@ pub trait Sharing {
     /// # Errors
     /// The mode refused.
     fn unmap(&mut self, m: Mapping) -> Result<(), ModeError>;
+    /// Has the device serve `queue` (the device's view of the guest's ring) through
+    /// `device`: by default on [`Sharing::device_memory`]; a mode that puts a shadow
+    /// ring between them (implicit grants) serves the shadow instead.
+    ///
+    /// # Errors
+    /// The device's, or the mode's.
+    fn serve<E: From<ModeError>>(
+        &mut self,
+        queue: &mut virtio_queue::Queue,
+        device: impl FnOnce(&mut virtio_queue::Queue, &Self::Mem) -> Result<bool, E>,
+    ) -> Result<bool, E> {
+        device(queue, self.device_memory())
+    }
     /// Called after the device processed the queue (the device path's end of batch).
     fn after_process(&mut self) {}
     /// Completes deferred work (lazy invalidation) before the counters are read.
@@ -131,7 +156,7 @@ pub trait Sharing {
     fn stats(&self) -> ModeStats;
 }
 
-fn guest_ram() -> Result<GuestMemoryMmap, ModeError> {
+pub(crate) fn guest_ram() -> Result<GuestMemoryMmap, ModeError> {
     GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), RAM_SIZE as usize)])
         .map_err(ModeError::GuestRam)
 }

@@ -395,7 +395,7 @@ fn request<S: Sharing>(
         })
         .collect();
     ring.post(s.guest_memory(), &bufs)?;
-    dev.process(queue, s.device_memory())?;
+    s.serve(queue, |q, m| dev.process(q, m))?;
     s.after_process();
     let used = ring
         .reap(s.guest_memory())?

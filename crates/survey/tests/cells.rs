@@ -119,6 +119,19 @@ fn every_mode_serves_every_pattern_and_counts_by_its_rules() {
                     assert!(s.exposure_peak >= POOL_SIZE, "{what}");
                     assert!(s.exposure_peak < POOL_SIZE + (4 << 20), "{what}");
                 }
+                Mode::InflightCopy => {
+                    // No guest change: nothing mapped, no IOMMU. Every byte in flight is
+                    // copied once (in, or back), and the device reaches only the
+                    // readable bytes of the request in flight.
+                    assert_eq!((s.map_ops, s.iommu_kicks), (0, 0), "{what}");
+                    assert_eq!(s.copy_bytes, m.bytes + n * overhead(pattern), "{what}");
+                    let readable = match pattern {
+                        Pattern::Net64 | Pattern::Net1500 => 12 + pattern.bytes() as u64,
+                        Pattern::Rng64 => 0,
+                        _ => 16,
+                    };
+                    assert_eq!(s.exposure_peak, readable, "{what}");
+                }
             }
         }
     }

@@ -368,6 +368,7 @@ fn add(total: &mut Stats, s: &Stats) {
     total.waits += s.waits;
     total.clamped += s.clamped;
     total.refused += s.refused;
+    total.copied_bytes += s.copied_bytes;
 }
 
 /// A guest's fault, as the transport takes it (DEVICE_NEEDS_RESET): its ring could not

@@ -13,8 +13,7 @@
 use crate::types::Bdf;
 use std::path::{Path, PathBuf};
 
-/// Size of the standard ACPI table header (ACPI 6.5 §5.2.6).
-pub const ACPI_HEADER_LEN: usize = 36;
+pub use crate::acpi::{AcpiHeader, ACPI_HEADER_LEN};
 /// Offset of the first remapping structure (VT-d spec 8.1: header + Width, Flags, 10 reserved).
 pub const DMAR_STRUCTS_OFFSET: usize = 48;
 /// Fixed part of a DRHD (VT-d 8.3).
@@ -35,32 +34,9 @@ pub enum DmarError {
         /// What the OS said.
         source: std::io::Error,
     },
-    /// Fewer bytes than the DMAR header.
-    #[error("{len} bytes is shorter than a DMAR header ({DMAR_STRUCTS_OFFSET} bytes)")]
-    TooShort {
-        /// Bytes given.
-        len: usize,
-    },
-    /// Signature other than `DMAR`.
-    #[error("signature is {found:?}, not \"DMAR\"")]
-    Signature {
-        /// The four signature bytes, lossily as text.
-        found: String,
-    },
-    /// The header's Length field disagrees with the bytes given.
-    #[error("header says {header} bytes but {actual} were given")]
-    Length {
-        /// The Length field.
-        header: u32,
-        /// Bytes given.
-        actual: usize,
-    },
-    /// The bytes do not sum to zero (ACPI 5.2.6: "entire table … must sum to zero").
-    #[error("checksum fails: the bytes sum to {sum:#04x}, not 0")]
-    Checksum {
-        /// Byte sum modulo 256.
-        sum: u8,
-    },
+    /// The ACPI header is refused (length, signature, Length field, checksum).
+    #[error(transparent)]
+    Header(#[from] crate::acpi::HeaderError),
     /// A remapping structure whose Length is below 4 or runs past the table.
     #[error("structure at offset {offset:#x} has length {len}, but {remaining} bytes remain")]
     StructLength {
@@ -237,42 +213,6 @@ pub struct Rmrr {
     pub scopes: Vec<DeviceScope>,
 }
 
-/// The standard ACPI header fields.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AcpiHeader {
-    /// Table length in bytes.
-    pub length: u32,
-    /// Revision.
-    pub revision: u8,
-    /// Checksum byte.
-    pub checksum: u8,
-    /// OEM id (6 bytes).
-    pub oem_id: [u8; 6],
-    /// OEM table id (8 bytes).
-    pub oem_table_id: [u8; 8],
-    /// OEM revision.
-    pub oem_revision: u32,
-}
-
-impl AcpiHeader {
-    /// Reads the header fields of any ACPI table of at least [`ACPI_HEADER_LEN`] bytes
-    /// (ACPI 6.5 §5.2.6); the caller checks the length first.
-    pub(crate) fn from_table(table: &[u8]) -> Self {
-        let mut oem_id = [0u8; 6];
-        oem_id.copy_from_slice(&table[10..16]);
-        let mut oem_table_id = [0u8; 8];
-        oem_table_id.copy_from_slice(&table[16..24]);
-        AcpiHeader {
-            length: u32_at(table, 4),
-            revision: table[8],
-            checksum: table[9],
-            oem_id,
-            oem_table_id,
-            oem_revision: u32_at(table, 24),
-        }
-    }
-}
-
 /// A decoded DMAR table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dmar {
@@ -299,10 +239,6 @@ impl Dmar {
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -347,27 +283,9 @@ fn scopes(table: &[u8], start: usize, end: usize) -> Result<Vec<DeviceScope>, Dm
 /// # Errors
 /// Any [`DmarError`] but `Io`.
 pub fn parse(table: &[u8]) -> Result<Dmar, DmarError> {
-    if table.len() < DMAR_STRUCTS_OFFSET {
-        return Err(DmarError::TooShort { len: table.len() });
-    }
-    if &table[0..4] != b"DMAR" {
-        return Err(DmarError::Signature {
-            found: String::from_utf8_lossy(&table[0..4]).into_owned(),
-        });
-    }
-    let length = u32_at(table, 4);
-    if usize::try_from(length).ok() != Some(table.len()) {
-        return Err(DmarError::Length {
-            header: length,
-            actual: table.len(),
-        });
-    }
-    let sum = table.iter().fold(0u8, |s, b| s.wrapping_add(*b));
-    if sum != 0 {
-        return Err(DmarError::Checksum { sum });
-    }
+    let header = crate::acpi::check(table, "DMAR", DMAR_STRUCTS_OFFSET)?;
     let mut dmar = Dmar {
-        header: AcpiHeader::from_table(table),
+        header,
         host_address_width: table[36],
         flags: table[37],
         drhds: Vec::new(),
@@ -498,6 +416,7 @@ pub(crate) mod build {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::acpi::HeaderError;
 
     #[test]
     fn scope_path_walks_bridges_through_the_resolver() {
@@ -545,17 +464,26 @@ mod tests {
         let good = build::table(&[build::rmrr(0x1000, 0x1fff, &[])]);
         let mut bad = good.clone();
         bad[9] = bad[9].wrapping_add(1);
-        assert!(matches!(parse(&bad), Err(DmarError::Checksum { sum: 1 })));
+        assert!(matches!(
+            parse(&bad),
+            Err(DmarError::Header(HeaderError::Checksum { sum: 1, .. }))
+        ));
         assert!(matches!(
             parse(&good[..40]),
-            Err(DmarError::TooShort { len: 40 })
+            Err(DmarError::Header(HeaderError::TooShort { len: 40, .. }))
         ));
         let mut sig = good.clone();
         sig[0] = b'X';
-        assert!(matches!(parse(&sig), Err(DmarError::Signature { .. })));
+        assert!(matches!(
+            parse(&sig),
+            Err(DmarError::Header(HeaderError::Signature { .. }))
+        ));
         let mut short = good.clone();
         short.pop();
-        assert!(matches!(parse(&short), Err(DmarError::Length { .. })));
+        assert!(matches!(
+            parse(&short),
+            Err(DmarError::Header(HeaderError::Length { .. }))
+        ));
         // A zero-length structure must not loop forever.
         let zero = build::table(&[vec![1, 0, 0, 0]]);
         assert!(matches!(

@@ -18,7 +18,7 @@
 //! devices an RMR reaches, and Linux's rules for revisions, alignment and overlaps, are
 //! [`crate::rdm::RdmDatabase::add_iort`].
 
-use crate::dmar::{AcpiHeader, ACPI_HEADER_LEN};
+use crate::acpi::{u32_at, AcpiHeader, ACPI_HEADER_LEN};
 use std::path::{Path, PathBuf};
 
 /// Header length: ACPI header, node count, node offset, 4 reserved bytes.
@@ -58,32 +58,9 @@ pub enum IortError {
         /// What the OS said.
         source: std::io::Error,
     },
-    /// Fewer bytes than the IORT header.
-    #[error("IORT: {len} bytes is shorter than the {IORT_HEADER_LEN}-byte header (offset 0)")]
-    TooShort {
-        /// Bytes given.
-        len: usize,
-    },
-    /// Signature other than `IORT`.
-    #[error("IORT: signature at offset 0 is {found:?}, not \"IORT\"")]
-    Signature {
-        /// The four signature bytes, lossily as text.
-        found: String,
-    },
-    /// The header's Length field disagrees with the bytes given.
-    #[error("IORT: the length at offset 4 says {header} bytes but {actual} were given")]
-    Length {
-        /// The Length field.
-        header: u32,
-        /// Bytes given.
-        actual: usize,
-    },
-    /// The bytes do not sum to zero (ACPI 6.5 §5.2.6).
-    #[error("IORT: checksum (offset 9) fails: the bytes sum to {sum:#04x}, not 0")]
-    Checksum {
-        /// Byte sum modulo 256.
-        sum: u8,
-    },
+    /// The ACPI header is refused (length, signature, Length field, checksum).
+    #[error(transparent)]
+    Header(#[from] crate::acpi::HeaderError),
     /// The node list starts inside the header or past the table.
     #[error("IORT: the node offset at offset 40 is {node_offset:#x}, outside [{IORT_HEADER_LEN:#x}, {len:#x})")]
     NodeOffset {
@@ -255,10 +232,6 @@ fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
 fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
@@ -280,25 +253,7 @@ fn array_in_node(node: usize, len: usize, at: u32, count: u32, size: usize) -> O
 /// # Errors
 /// Any [`IortError`] but `Io`.
 pub fn parse(table: &[u8]) -> Result<Iort, IortError> {
-    if table.len() < IORT_HEADER_LEN {
-        return Err(IortError::TooShort { len: table.len() });
-    }
-    if &table[0..4] != b"IORT" {
-        return Err(IortError::Signature {
-            found: String::from_utf8_lossy(&table[0..4]).into_owned(),
-        });
-    }
-    let length = u32_at(table, 4);
-    if usize::try_from(length).ok() != Some(table.len()) {
-        return Err(IortError::Length {
-            header: length,
-            actual: table.len(),
-        });
-    }
-    let sum = table.iter().fold(0u8, |s, b| s.wrapping_add(*b));
-    if sum != 0 {
-        return Err(IortError::Checksum { sum });
-    }
+    let header = crate::acpi::check(table, "IORT", IORT_HEADER_LEN)?;
     let count = u32_at(table, 36);
     let node_offset = u32_at(table, 40);
     let first = usize::try_from(node_offset)
@@ -444,10 +399,7 @@ pub fn parse(table: &[u8]) -> Result<Iort, IortError> {
             }
         }
     }
-    Ok(Iort {
-        header: AcpiHeader::from_table(table),
-        nodes,
-    })
+    Ok(Iort { header, nodes })
 }
 
 /// Reads and decodes an IORT table from a file, e.g. `/sys/firmware/acpi/tables/IORT`
@@ -573,6 +525,7 @@ pub(crate) mod build {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::acpi::HeaderError;
 
     fn sample() -> Vec<u8> {
         build::table(
@@ -620,7 +573,10 @@ mod tests {
         let mut t = sample();
         t[9] = t[9].wrapping_add(3);
         let e = parse(&t).expect_err("checksum");
-        assert!(matches!(e, IortError::Checksum { sum: 3 }));
+        assert!(matches!(
+            e,
+            IortError::Header(HeaderError::Checksum { sum: 3, .. })
+        ));
         assert!(
             e.to_string().starts_with("IORT: checksum (offset 9)"),
             "{e}"
@@ -716,14 +672,20 @@ mod tests {
         let good = sample();
         assert!(matches!(
             parse(&good[..40]),
-            Err(IortError::TooShort { len: 40 })
+            Err(IortError::Header(HeaderError::TooShort { len: 40, .. }))
         ));
         let mut sig = good.clone();
         sig[0] = b'X';
-        assert!(matches!(parse(&sig), Err(IortError::Signature { .. })));
+        assert!(matches!(
+            parse(&sig),
+            Err(IortError::Header(HeaderError::Signature { .. }))
+        ));
         let mut short = good.clone();
         short.pop();
-        assert!(matches!(parse(&short), Err(IortError::Length { .. })));
+        assert!(matches!(
+            parse(&short),
+            Err(IortError::Header(HeaderError::Length { .. }))
+        ));
         let mut off = good.clone();
         off[40] = 8; // node list inside the header
         let sum = off.iter().fold(0u8, |s, b| s.wrapping_add(*b));

@@ -14,7 +14,7 @@
 //! `init_unity_map_range` rules: page alignment, exclusion ranges treated as r/w unity
 //! maps, entries without either flag ignored) is [`crate::rdm::RdmDatabase::add_ivrs`].
 
-use crate::dmar::{AcpiHeader, ACPI_HEADER_LEN};
+use crate::acpi::{u32_at, AcpiHeader, ACPI_HEADER_LEN};
 use std::path::{Path, PathBuf};
 
 /// Offset of the first IVHD/IVMD block (header + IVinfo + 8 reserved bytes).
@@ -47,32 +47,9 @@ pub enum IvrsError {
         /// What the OS said.
         source: std::io::Error,
     },
-    /// Fewer bytes than the IVRS header.
-    #[error("IVRS: {len} bytes is shorter than the {IVRS_BLOCKS_OFFSET}-byte header (offset 0)")]
-    TooShort {
-        /// Bytes given.
-        len: usize,
-    },
-    /// Signature other than `IVRS`.
-    #[error("IVRS: signature at offset 0 is {found:?}, not \"IVRS\"")]
-    Signature {
-        /// The four signature bytes, lossily as text.
-        found: String,
-    },
-    /// The header's Length field disagrees with the bytes given.
-    #[error("IVRS: the length at offset 4 says {header} bytes but {actual} were given")]
-    Length {
-        /// The Length field.
-        header: u32,
-        /// Bytes given.
-        actual: usize,
-    },
-    /// The bytes do not sum to zero (ACPI 6.5 §5.2.6; Linux `check_ivrs_checksum`).
-    #[error("IVRS: checksum (offset 9) fails: the bytes sum to {sum:#04x}, not 0")]
-    Checksum {
-        /// Byte sum modulo 256.
-        sum: u8,
-    },
+    /// The ACPI header is refused (length, signature, Length field, checksum).
+    #[error(transparent)]
+    Header(#[from] crate::acpi::HeaderError),
     /// A block whose Length is below 4 or runs past the table.
     #[error("IVRS: block type {kind:#04x} at offset {offset:#x} has length {len}, but {remaining} bytes remain")]
     BlockLength {
@@ -212,10 +189,6 @@ fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
 fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
@@ -296,27 +269,9 @@ fn device_entries(table: &[u8], start: usize, end: usize) -> Result<Vec<DeviceId
 /// # Errors
 /// Any [`IvrsError`] but `Io`.
 pub fn parse(table: &[u8]) -> Result<Ivrs, IvrsError> {
-    if table.len() < IVRS_BLOCKS_OFFSET {
-        return Err(IvrsError::TooShort { len: table.len() });
-    }
-    if &table[0..4] != b"IVRS" {
-        return Err(IvrsError::Signature {
-            found: String::from_utf8_lossy(&table[0..4]).into_owned(),
-        });
-    }
-    let length = u32_at(table, 4);
-    if usize::try_from(length).ok() != Some(table.len()) {
-        return Err(IvrsError::Length {
-            header: length,
-            actual: table.len(),
-        });
-    }
-    let sum = table.iter().fold(0u8, |s, b| s.wrapping_add(*b));
-    if sum != 0 {
-        return Err(IvrsError::Checksum { sum });
-    }
+    let header = crate::acpi::check(table, "IVRS", IVRS_BLOCKS_OFFSET)?;
     let mut ivrs = Ivrs {
-        header: AcpiHeader::from_table(table),
+        header,
         iv_info: u32_at(table, ACPI_HEADER_LEN),
         ivhds: Vec::new(),
         ivmds: Vec::new(),
@@ -465,6 +420,7 @@ pub(crate) mod build {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::acpi::HeaderError;
 
     fn usual_ivhd() -> Vec<u8> {
         // Select 00:00.3, range 00:00.3..ff:1f.6 as real AMD laptops write it.
@@ -511,7 +467,10 @@ mod tests {
         let mut t = build::table(&[usual_ivhd()]);
         t[9] = t[9].wrapping_add(1);
         let e = parse(&t).expect_err("checksum");
-        assert!(matches!(e, IvrsError::Checksum { sum: 1 }));
+        assert!(matches!(
+            e,
+            IvrsError::Header(HeaderError::Checksum { sum: 1, .. })
+        ));
         assert!(
             e.to_string().starts_with("IVRS: checksum (offset 9)"),
             "{e}"
@@ -587,13 +546,19 @@ mod tests {
         let good = build::table(&[usual_ivhd()]);
         assert!(matches!(
             parse(&good[..40]),
-            Err(IvrsError::TooShort { len: 40 })
+            Err(IvrsError::Header(HeaderError::TooShort { len: 40, .. }))
         ));
         let mut sig = good.clone();
         sig[0] = b'X';
-        assert!(matches!(parse(&sig), Err(IvrsError::Signature { .. })));
+        assert!(matches!(
+            parse(&sig),
+            Err(IvrsError::Header(HeaderError::Signature { .. }))
+        ));
         let mut short = good.clone();
         short.pop();
-        assert!(matches!(parse(&short), Err(IvrsError::Length { .. })));
+        assert!(matches!(
+            parse(&short),
+            Err(IvrsError::Header(HeaderError::Length { .. }))
+        ));
     }
 }

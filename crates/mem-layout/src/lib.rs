@@ -24,6 +24,7 @@
 
 #![deny(missing_docs)]
 
+pub mod acpi;
 pub mod dmar;
 pub mod identity;
 pub mod iort;

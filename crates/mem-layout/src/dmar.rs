@@ -13,6 +13,7 @@
 use crate::types::Bdf;
 use std::path::{Path, PathBuf};
 
+use crate::acpi::{u16_at, u64_at};
 pub use crate::acpi::{AcpiHeader, ACPI_HEADER_LEN};
 /// Offset of the first remapping structure (VT-d spec 8.1: header + Width, Flags, 10 reserved).
 pub const DMAR_STRUCTS_OFFSET: usize = 48;
@@ -235,16 +236,6 @@ impl Dmar {
     pub fn address_bits(&self) -> u16 {
         u16::from(self.host_address_width) + 1
     }
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// Decodes the scopes in `table[start..end]`.

@@ -18,7 +18,7 @@
 //! devices an RMR reaches, and Linux's rules for revisions, alignment and overlaps, are
 //! [`crate::rdm::RdmDatabase::add_iort`].
 
-use crate::acpi::{u32_at, AcpiHeader, ACPI_HEADER_LEN};
+use crate::acpi::{u16_at, u32_at, u64_at, AcpiHeader, ACPI_HEADER_LEN};
 use std::path::{Path, PathBuf};
 
 /// Header length: ACPI header, node count, node offset, 4 reserved bytes.
@@ -226,16 +226,6 @@ impl Iort {
             .iter()
             .find(|n| u32::try_from(n.offset).ok() == Some(offset))
     }
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// Where `count` entries of `size` bytes from node-relative `at` lie in the table, if

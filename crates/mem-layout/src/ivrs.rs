@@ -14,7 +14,7 @@
 //! `init_unity_map_range` rules: page alignment, exclusion ranges treated as r/w unity
 //! maps, entries without either flag ignored) is [`crate::rdm::RdmDatabase::add_ivrs`].
 
-use crate::acpi::{u32_at, AcpiHeader, ACPI_HEADER_LEN};
+use crate::acpi::{u16_at, u32_at, u64_at, AcpiHeader, ACPI_HEADER_LEN};
 use std::path::{Path, PathBuf};
 
 /// Offset of the first IVHD/IVMD block (header + IVinfo + 8 reserved bytes).
@@ -183,16 +183,6 @@ impl Ivrs {
             .filter_map(Ivhd::last_device_id)
             .max()
     }
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// Decodes the device entries of the IVHD in `table[start..end]` (AMD IOMMU spec

@@ -748,3 +748,45 @@ fn failing_pending_requests_is_bounded_on_a_hostile_ring() {
     g.set_used_idx(40);
     assert_eq!(rig.dev.fail_pending(&rig.mem), 0);
 }
+
+#[test]
+fn without_reply_ack_activation_waits_for_a_reply_before_the_first_kick() {
+    // vhost-user-backend consumes a kick of a ring it has not enabled yet; a back-end
+    // without REPLY_ACK (vhost-device-rng) answers nothing during activation, so the
+    // front-end sends a request with a reply, answered in order, before it kicks.
+    let be = FakeBackend::start(
+        "barrier",
+        F_VERSION_1 | F_PROTOCOL,
+        P_ALL & !(1 << 3),
+        AckMode::Now,
+        None,
+    );
+    let (irq, _vectors) = irqs();
+    let mut dev =
+        VhostUserDevice::connect(&be.path, DeviceKind::Rng, Duration::from_secs(1), irq).unwrap();
+    let mem = guest_ram("barrier");
+    let q = ready_queue_at(0x4000);
+    let d: &mut dyn VirtioDevice<GuestMemoryMmap> = &mut dev;
+    d.set_acked_features(F_VERSION_1);
+    d.activate(
+        &[ActiveQueue {
+            index: 0,
+            queue: &q,
+            vector: 1,
+        }],
+        &mem,
+    )
+    .unwrap();
+    let codes = be.requests();
+    let enable = codes
+        .iter()
+        .rposition(|&c| c == req::SET_VRING_ENABLE)
+        .unwrap();
+    assert_eq!(
+        codes.get(enable + 1),
+        Some(&req::GET_FEATURES),
+        "a request with a reply after the ring is enabled: {codes:?}"
+    );
+    let kick = be.file(req::SET_VRING_KICK);
+    assert_eq!(read_eventfd(&kick), Some(1), "then the activation's kick");
+}

@@ -510,9 +510,20 @@ impl VhostUserDevice {
             lock(&self.vectors)[q.index] = q.vector;
             self.started[q.index] = true;
             self.rings[q.index] = Some(q.queue.state());
+        }
+        // Without REPLY_ACK nothing above was answered, and a back-end may still be
+        // applying SET_VRING_ENABLE when the first kick arrives; vhost-user-backend
+        // (vhost-device-rng) consumes a kick of a ring it has not enabled yet and the
+        // request then waits forever. A request with a reply, answered in order, is the
+        // barrier.
+        if link.protocol & wire::protocol::REPLY_ACK == 0 {
+            s.with_link(|l| l.request(req::GET_FEATURES, &[], &[], Reply::Payload(8)))?;
+        }
+        for q in queues {
             // Buffers the driver queued before DRIVER_OK were notified to nobody: the
             // back-end looks at the guest's ring, or (implicit grants) the watch
             // thread has the transport pull them into the shadow.
+            let qf = &self.queues[q.index];
             let _ = if self.inflight { &qf.call } else { &qf.kick }.write(1);
         }
         Ok(())
@@ -723,9 +734,12 @@ impl DeviceIdentity for VhostUserDevice {
 }
 
 impl<M: PhysicalMemory> VirtioDevice<M> for VhostUserDevice {
-    /// The back-end runs the queues: nothing here to poll.
+    /// The back-end runs the guest's queues: nothing here to poll. With implicit grants
+    /// the device host takes the guest's requests itself, so the poller may watch the
+    /// guest's ring as it does for our in-process devices (the back-end's completions
+    /// still arrive as calls).
     fn polled(&self, _index: usize) -> bool {
-        false
+        self.inflight
     }
 
     fn process_queue(

@@ -383,11 +383,15 @@ fn driver_error(queue: usize, e: ShadowError) -> DeviceError {
     }
 }
 
-/// What a shadow's error says about who broke the rules.
+/// Whether a shadow's error is the back-end's doing (a hostile used ring, or a window
+/// it could not be told of) rather than the guest's.
 fn is_backend_fault(e: &ShadowError) -> bool {
     matches!(
         e,
-        ShadowError::UsedJump { .. } | ShadowError::UnknownId(_) | ShadowError::Shadow(_)
+        ShadowError::UsedJump { .. }
+            | ShadowError::UnknownId(_)
+            | ShadowError::Shadow(_)
+            | ShadowError::Window(_)
     )
 }
 
@@ -465,8 +469,9 @@ impl VhostUserDevice {
         Ok(())
     }
 
-    /// One pass over queue `index` in the copy form: completions first, then new
-    /// requests, then the kick. Returns whether the guest wants an interrupt.
+    /// One pass over queue `index`: completions first, then new requests (with their
+    /// windows, in the map form), then the kick. Returns whether the guest wants an
+    /// interrupt.
     pub(super) fn process_inflight<M: GuestMemory>(
         &mut self,
         index: usize,
@@ -490,24 +495,18 @@ impl VhostUserDevice {
             }
             None => &mut copy_all,
         };
-        let completed = match shadow.complete_with(queue, mem, windows) {
-            Ok(w) => w,
-            Err(e) if is_backend_fault(&e) => {
-                // A hostile or broken back-end: cut it off, then fail what it held
-                // (the guest's ring was not touched for the refused entry).
-                drop(guard);
-                super::bump(&self.shared.counters.bad_messages);
-                self.shared.break_link();
-                self.fail_pending(mem);
-                return Err(DeviceError::backend("vhost-user (implicit grants)", e));
-            }
-            Err(e) => return Err(driver_error(index, e)),
-        };
-        let pulled = match shadow.pull_with(queue, mem, windows) {
+        let pass = shadow
+            .complete_with(queue, mem, windows)
+            .and_then(|done| Ok((done, shadow.pull_with(queue, mem, windows)?)));
+        let (completed, pulled) = match pass {
             Ok(p) => p,
-            Err(e @ ShadowError::Window(_)) => {
-                // The back-end could not be told of a window: the link is broken.
+            Err(e) if is_backend_fault(&e) => {
+                // A hostile or unreachable back-end: cut it off, then fail what it held
+                // (the guest's ring was not touched for a refused entry).
                 drop(guard);
+                if !matches!(e, ShadowError::Window(_)) {
+                    super::bump(&self.shared.counters.bad_messages);
+                }
                 self.shared.break_link();
                 self.fail_pending(mem);
                 return Err(DeviceError::backend("vhost-user (implicit grants)", e));

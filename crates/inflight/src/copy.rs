@@ -254,6 +254,11 @@ pub struct CopyShadow {
     guest_in_flight: HashSet<u16>,
     next_avail: Wrapping<u16>,
     last_used: Wrapping<u16>,
+    /// The back-end negotiated `VIRTIO_RING_F_EVENT_IDX` (v1.3 §2.7.10): it says in
+    /// `avail_event` when it wants a kick, and reads `used_event` for its calls.
+    event_idx: bool,
+    /// The avail index when the kick was last decided.
+    kick_checked: Wrapping<u16>,
     stats: Stats,
 }
 
@@ -301,6 +306,8 @@ impl CopyShadow {
             guest_in_flight: HashSet::new(),
             next_avail: Wrapping(0),
             last_used: Wrapping(0),
+            event_idx: false,
+            kick_checked: Wrapping(0),
             stats: Stats::default(),
         })
     }
@@ -335,18 +342,36 @@ impl CopyShadow {
         self.slots.iter().flatten().map(|s| s.posted_at).min()
     }
 
-    /// Whether the back-end wants a kick for what was posted (it has not set
-    /// `VRING_USED_F_NO_NOTIFY`).
-    pub fn needs_kick(&self) -> bool {
-        // The avail index just published must be visible before the flag is read: a
-        // back-end that stops polling clears the flag, then re-reads the index
-        // (virtio v1.3 §2.7.10); without a full fence both sides can miss each other
-        // (the store-to-load reordering Linux's `virtio_mb` prevents) and the request
-        // waits forever.
+    /// Sets whether the back-end negotiated `VIRTIO_RING_F_EVENT_IDX` (before it is
+    /// activated). With it, [`Self::needs_kick`] follows the back-end's `avail_event`
+    /// and the shadow keeps `used_event` at the last completion it took, so every new
+    /// completion is called.
+    pub fn set_event_idx(&mut self, on: bool) {
+        self.event_idx = on;
+    }
+
+    /// Whether the back-end wants a kick for what was posted since the last time this
+    /// was asked: without EVENT_IDX unless it set `VRING_USED_F_NO_NOTIFY`; with it, if
+    /// the avail index passed its `avail_event` (virtio v1.3 §2.7.10,
+    /// `vring_need_event`).
+    pub fn needs_kick(&mut self) -> bool {
+        // The avail index just published must be visible before the back-end's field
+        // is read: a back-end that stops polling writes it, then re-reads the index;
+        // without a full fence both sides can miss each other (the store-to-load
+        // reordering Linux's `virtio_mb` prevents) and the request waits forever.
         fence(Ordering::SeqCst);
-        self.mem
-            .mem()
-            .load::<u16>(GuestAddress(self.used_at), Ordering::Acquire)
+        let (new, old) = (self.next_avail, self.kick_checked);
+        self.kick_checked = new;
+        let m = self.mem.mem();
+        if self.event_idx {
+            let at = self.used_at + 4 + 8 * u64::from(self.cfg.queue_size);
+            return m
+                .load::<u16>(GuestAddress(at), Ordering::Acquire)
+                .map_or(true, |e| {
+                    (new - Wrapping(u16::from_le(e)) - Wrapping(1)) < (new - old)
+                });
+        }
+        m.load::<u16>(GuestAddress(self.used_at), Ordering::Acquire)
             .map_or(true, |f| u16::from_le(f) & USED_F_NO_NOTIFY == 0)
     }
 
@@ -607,50 +632,88 @@ impl CopyShadow {
         mem: &M,
         windows: &mut dyn Windows,
     ) -> Result<bool, ShadowError> {
-        let smem = self.mem.mem();
-        let used_idx = smem
-            .load::<u16>(GuestAddress(self.used_at + 2), Ordering::Acquire)
-            .map(u16::from_le)
-            .map_err(|_| ShadowError::Shadow(self.used_at + 2))?;
-        let moved = (Wrapping(used_idx) - self.last_used).0;
-        let in_flight = self.guest_in_flight.len();
-        if usize::from(moved) > in_flight {
-            return Err(ShadowError::UsedJump { moved, in_flight });
-        }
         let mut any = false;
-        for _ in 0..moved {
-            let e_at = self.used_at + 4 + 8 * u64::from(self.last_used.0 % self.cfg.queue_size);
-            let mut raw = [0u8; 8];
+        loop {
+            let used_idx = self.used_idx()?;
+            let moved = (Wrapping(used_idx) - self.last_used).0;
+            let in_flight = self.guest_in_flight.len();
+            if usize::from(moved) > in_flight {
+                return Err(ShadowError::UsedJump { moved, in_flight });
+            }
+            for _ in 0..moved {
+                self.complete_one(guest, mem, windows)?;
+                any = true;
+            }
+            if !self.event_idx {
+                break;
+            }
+            // Call us for the next completion (used_event, after the avail ring), then
+            // look again: a completion published before the back-end could see the new
+            // used_event was not called (v1.3 §2.7.10; Linux's virtqueue_enable_cb).
+            let at = self.avail_at + 4 + 2 * u64::from(self.cfg.queue_size);
             self.mem
                 .mem()
-                .read_slice(&mut raw, GuestAddress(e_at))
-                .map_err(|_| ShadowError::Shadow(e_at))?;
-            let id = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
-            let len = u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]);
-            let slot = usize::try_from(id)
-                .ok()
-                .and_then(|i| self.slots.get_mut(i))
-                .and_then(Option::take)
-                .ok_or(ShadowError::UnknownId(id))?;
-            self.last_used += Wrapping(1);
-            let written = if u64::from(len) > slot.writable {
-                self.stats.clamped += 1;
-                slot.writable
-            } else {
-                u64::from(len)
-            };
-            // Revoke before return: the windows close before the guest sees it used.
-            windows.close(&slot.open_windows());
-            self.copy_back(&slot, written, mem);
-            let r = guest.add_used(mem, slot.guest_head, written as u32);
-            self.retire(slot);
-            r?;
-            any = true;
+                .store(
+                    self.last_used.0.to_le(),
+                    GuestAddress(at),
+                    Ordering::Release,
+                )
+                .map_err(|_| ShadowError::Shadow(at))?;
+            fence(Ordering::SeqCst);
+            if self.used_idx()? == self.last_used.0 {
+                break;
+            }
         }
         if !any {
             return Ok(false);
         }
         Ok(guest.needs_notification(mem)?)
+    }
+
+    /// The back-end's used index.
+    fn used_idx(&self) -> Result<u16, ShadowError> {
+        self.mem
+            .mem()
+            .load::<u16>(GuestAddress(self.used_at + 2), Ordering::Acquire)
+            .map(u16::from_le)
+            .map_err(|_| ShadowError::Shadow(self.used_at + 2))
+    }
+
+    /// Takes the back-end's next used element: checked, its windows closed, what it
+    /// wrote copied back, and its chain used in the guest's ring.
+    fn complete_one<M: GuestMemory>(
+        &mut self,
+        guest: &mut Queue,
+        mem: &M,
+        windows: &mut dyn Windows,
+    ) -> Result<(), ShadowError> {
+        let e_at = self.used_at + 4 + 8 * u64::from(self.last_used.0 % self.cfg.queue_size);
+        let mut raw = [0u8; 8];
+        self.mem
+            .mem()
+            .read_slice(&mut raw, GuestAddress(e_at))
+            .map_err(|_| ShadowError::Shadow(e_at))?;
+        let id = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+        let len = u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]);
+        let slot = usize::try_from(id)
+            .ok()
+            .and_then(|i| self.slots.get_mut(i))
+            .and_then(Option::take)
+            .ok_or(ShadowError::UnknownId(id))?;
+        self.last_used += Wrapping(1);
+        let written = if u64::from(len) > slot.writable {
+            self.stats.clamped += 1;
+            slot.writable
+        } else {
+            u64::from(len)
+        };
+        // Revoke before return: the windows close before the guest sees it used.
+        windows.close(&slot.open_windows());
+        self.copy_back(&slot, written, mem);
+        let r = guest.add_used(mem, slot.guest_head, written as u32);
+        self.retire(slot);
+        r?;
+        Ok(())
     }
 
     /// Copies the first `written` bytes the back-end wrote back to the guest's writable
@@ -749,6 +812,7 @@ impl CopyShadow {
         self.guest_in_flight.clear();
         self.next_avail = Wrapping(0);
         self.last_used = Wrapping(0);
+        self.kick_checked = Wrapping(0);
         self.stats.exposed_bytes = 0;
         let _ = zero(
             self.mem.mem(),

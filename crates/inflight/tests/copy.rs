@@ -665,3 +665,96 @@ fn map_form_shows_whole_page_buffers_in_place_and_closes_them_before_the_guest_s
     assert_eq!(status, 0, "the bounced status was copied back");
     assert_eq!(s.stats().exposed_bytes, 0);
 }
+
+#[test]
+fn with_event_idx_kicks_follow_avail_event_and_used_event_follows_completions() {
+    // virtio v1.3 §2.7.10 on the shadow ring: the back-end's avail_event (after its
+    // used ring) says when it wants a kick; the shadow's used_event (after its avail
+    // ring) asks for a call at the next completion.
+    let mut g = Guest::new();
+    let mut s = shadow(1 << 16);
+    s.set_event_idx(true);
+    let mut b = Backend::new();
+    let (_, avail, used) = s.ring();
+    let avail_event = GuestAddress(used + 4 + 8 * u64::from(QSIZE));
+    let used_event = GuestAddress(avail + 4 + 2 * u64::from(QSIZE));
+    // avail_event 0: the first request (index 0 → 1) passes it: kick.
+    g.request(0, b"a", 4);
+    s.pull(&mut g.queue, &g.mem).unwrap();
+    assert!(s.needs_kick());
+    // The back-end, polling, moves avail_event ahead to 5: the next post needs no kick.
+    s.memory().mem().write_obj(5u16, avail_event).unwrap();
+    g.request(2, b"b", 4);
+    s.pull(&mut g.queue, &g.mem).unwrap();
+    assert!(!s.needs_kick(), "avail_event 5 not passed by index 2");
+    // It stops polling with avail_event at the index it saw (2): the next one kicks.
+    s.memory().mem().write_obj(2u16, avail_event).unwrap();
+    g.request(4, b"c", 4);
+    s.pull(&mut g.queue, &g.mem).unwrap();
+    assert!(s.needs_kick());
+    // used_event follows what the shadow took back.
+    for (head, _) in b.take(&s).into_iter().take(2) {
+        b.put_used(&s, u32::from(head), 0);
+    }
+    s.complete(&mut g.queue, &g.mem).unwrap();
+    let ue: u16 = s.memory().mem().read_obj(used_event).unwrap();
+    assert_eq!(ue, 2, "a call at the next completion");
+}
+
+/// Windows whose first close publishes one more used element on the shadow ring, as
+/// a back-end racing with the shadow's completion pass would.
+struct RacingWindows {
+    shadow: GuestMemoryMmap,
+    used: u64,
+    late: Option<(u16, u32)>,
+}
+
+impl inflight::Windows for RacingWindows {
+    fn wants(&self, d: &inflight::Desc) -> bool {
+        d.len >= 4096 && d.addr.is_multiple_of(4096) && d.len.is_multiple_of(4096)
+    }
+    fn open(&mut self, d: &inflight::Desc) -> Result<u64, inflight::WindowError> {
+        Ok(WINDOW_BASE + d.addr)
+    }
+    fn close(&mut self, _windows: &[(u64, u32)]) {
+        if let Some((idx, id)) = self.late.take() {
+            let at = self.used + 4 + 8 * u64::from(idx % QSIZE);
+            self.shadow.write_obj(id, GuestAddress(at)).unwrap();
+            self.shadow.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+            self.shadow
+                .store(idx + 1, GuestAddress(self.used + 2), Ordering::Release)
+                .unwrap();
+        }
+    }
+    fn exposed(&self, d: &inflight::Desc) -> u64 {
+        u64::from(d.len)
+    }
+}
+
+#[test]
+fn with_event_idx_a_completion_published_while_used_event_moves_is_not_lost() {
+    // The back-end publishes a completion after the shadow read its used index but
+    // before it moved used_event: the back-end saw the old used_event and did not call.
+    // The shadow looks again after moving it (Linux's virtqueue_enable_cb does the same).
+    let mut g = Guest::new();
+    let mut s = shadow(1 << 16);
+    s.set_event_idx(true);
+    let mut b = Backend::new();
+    for (head, page) in [(0u16, 0x60000u64), (2, 0x62000)] {
+        g.desc(DESC, head, page, 4096, NEXT | WRITE, head + 1);
+        g.desc(DESC, head + 1, 0x50000 + u64::from(head), 1, WRITE, 0);
+        g.publish(head);
+    }
+    let (_, _, used) = s.ring();
+    let mut w = RacingWindows {
+        shadow: s.memory().mem().clone(),
+        used,
+        late: None,
+    };
+    assert_eq!(s.pull_with(&mut g.queue, &g.mem, &mut w).unwrap().posted, 2);
+    let posted = b.take(&s);
+    b.put_used(&s, u32::from(posted[0].0), 0);
+    w.late = Some((1, u32::from(posted[1].0)));
+    s.complete_with(&mut g.queue, &g.mem, &mut w).unwrap();
+    assert_eq!(g.used().len(), 2, "the late completion was taken in the same pass");
+}

@@ -422,8 +422,8 @@ impl VhostUserDevice {
             features &= !(1 << VIRTIO_F_ACCESS_PLATFORM);
         }
         let mut shadow_updates = Vec::new();
-        if let Some(i) = lock(&s.inflight).as_ref() {
-            features = i.backend_features(features);
+        if let Some(i) = lock(&s.inflight).as_mut() {
+            features = i.backend_features(self.acked, link.features);
             if i.map.is_some() {
                 shadow_updates = i.shadow_updates();
             }

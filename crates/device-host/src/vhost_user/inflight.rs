@@ -297,19 +297,28 @@ impl Inflight {
         Ok((table, files))
     }
 
-    /// The features the back-end is given: plain shadow rings with direct descriptors
-    /// and no event index; in the map form ACCESS_PLATFORM, whatever the guest acked
-    /// (the back-end then translates everything through the windows we open).
-    pub(super) fn backend_features(&self, features: u64) -> u64 {
-        let off = (1 << VIRTIO_F_ACCESS_PLATFORM)
+    /// The features the back-end is given, from what the guest acked (`acked`) and what
+    /// the back-end offers (`offered`): shadow rings with direct descriptors, the event
+    /// index whenever the back-end offers it (the shadow ring is ours, whatever the
+    /// guest chose for its own), and in the map form ACCESS_PLATFORM (the back-end then
+    /// translates everything through the windows we open). Sets the shadows' event
+    /// index to match.
+    pub(super) fn backend_features(&mut self, acked: u64, offered: u64) -> u64 {
+        let ours = (1 << VIRTIO_F_ACCESS_PLATFORM)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX);
-        let f = features & !off;
-        if self.map.is_some() {
-            f | (1 << VIRTIO_F_ACCESS_PLATFORM)
-        } else {
-            f
+        let mut f = acked & offered & !ours;
+        let event_idx = offered & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        if event_idx {
+            f |= 1 << VIRTIO_RING_F_EVENT_IDX;
         }
+        for s in &mut self.shadows {
+            s.set_event_idx(event_idx);
+        }
+        if self.map.is_some() {
+            f |= 1 << VIRTIO_F_ACCESS_PLATFORM;
+        }
+        f
     }
 
     /// The ring addresses of queue `index`'s shadow: front-end addresses, or in the map

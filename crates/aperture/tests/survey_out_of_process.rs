@@ -40,6 +40,7 @@ fn each_mode_out_of_process_serves_requests_and_the_backend_holds_what_the_mode_
         (Mode::ViommuStrict, Pattern::Rng64),
         (Mode::ViommuStrict, Pattern::Net1500),
         (Mode::Pool, Pattern::Net64),
+        (Mode::InflightCopy, Pattern::Blk64k),
     ] {
         let what = format!("{} {}", mode.name(), pattern.name());
         assert_eq!(not_measured(mode, pattern), None, "{what}");
@@ -108,6 +109,20 @@ fn each_mode_out_of_process_serves_requests_and_the_backend_holds_what_the_mode_
                     (POOL_SIZE, POOL_SIZE),
                     "{what}"
                 );
+            }
+            Mode::InflightCopy => {
+                // The memory table is the front-end's shadow alone (ring and bounce
+                // arena), never guest RAM; the backend reads copies of the readable
+                // bytes in flight: one request's 16-byte header at a time.
+                assert_eq!(b.mode, "plain", "{what}");
+                assert!(
+                    b.table_bytes >= device_host::vhost_user::DEFAULT_ARENA_BYTES
+                        && b.table_bytes < RAM_SIZE / 4,
+                    "{what}: a table of {} bytes",
+                    b.table_bytes
+                );
+                assert_eq!(b.peak_mapped_bytes, 16, "{what}");
+                assert_eq!((b.misses, b.updates, b.invalidates), (0, 0, 0), "{what}");
             }
             _ => unreachable!(),
         }

@@ -756,5 +756,9 @@ fn with_event_idx_a_completion_published_while_used_event_moves_is_not_lost() {
     b.put_used(&s, u32::from(posted[0].0), 0);
     w.late = Some((1, u32::from(posted[1].0)));
     s.complete_with(&mut g.queue, &g.mem, &mut w).unwrap();
-    assert_eq!(g.used().len(), 2, "the late completion was taken in the same pass");
+    assert_eq!(
+        g.used().len(),
+        2,
+        "the late completion was taken in the same pass"
+    );
 }

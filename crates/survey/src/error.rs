@@ -278,6 +278,9 @@ pub enum RemoteError {
         /// The tail of the backend's log.
         log: String,
     },
+    /// The front-end could not set up implicit grants.
+    #[error("setting up implicit grants in front of the backend: {0}")]
+    Inflight(#[source] VhostUserError),
     /// The front-end could not be put behind the virtio-iommu.
     #[error("attaching the vhost-user device to the virtio-iommu: {0}")]
     AttachIommu(#[source] VhostUserError),

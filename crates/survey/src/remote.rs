@@ -39,8 +39,8 @@ use crate::run::{self, Device, Measured, Pattern};
 use crate::{Budget, Mode};
 use bounce_pool::{map_pool_file, Gpa, SplitRam};
 use device_host::vhost_user::{
-    DeviceKind, VhostUserCounters, VhostUserDevice, VhostUserError, VhostUserHandle,
-    DEFAULT_TIMEOUT,
+    DeviceKind, InflightConfig, VhostUserCounters, VhostUserDevice, VhostUserError,
+    VhostUserHandle, DEFAULT_TIMEOUT,
 };
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -98,8 +98,8 @@ pub fn not_measured(mode: Mode, pattern: Pattern) -> Option<&'static str> {
         (Mode::GrantMap | Mode::GrantPersistent | Mode::GrantCopy, _) => Some(
             "grant tables are modelled in process only: there is no Xen backend domain to run a backend in",
         ),
-        (Mode::InflightCopy, _) => Some(
-            "implicit grants out of process are not in the survey yet; `aperture bench --guest` measures them with a real guest (aperture-inflight-copy, aperture-inflight-map)",
+        (Mode::InflightCopy, Pattern::Net64 | Pattern::Net1500) => Some(
+            "the front-end shadows only virtio-blk and virtio-rng (device types whose requests carry no guest addresses); the network sink is measured in process",
         ),
         _ => None,
     }
@@ -193,6 +193,9 @@ struct Mark {
 /// A backend process and the front-end device connected to it.
 pub(crate) struct Remote {
     dev: Option<VhostUserDevice>,
+    /// Implicit grants: the front-end shadows the ring, so the driver's wait takes the
+    /// back-end's completions through it.
+    inflight: bool,
     wake: Arc<Wake>,
     child: Child,
     /// The child's process CPU clock.
@@ -233,19 +236,19 @@ fn log_tail(dir: &Path) -> String {
 }
 
 impl Remote {
-    /// Starts the backend for `pattern`, connects the front-end, puts it behind
+    /// Starts the backend for `go.pattern`, connects the front-end (with implicit
+    /// grants when `go.inflight`), puts it behind
     /// `iommu` when given, acks VERSION_1 (and ACCESS_PLATFORM behind the IOMMU) and
     /// activates queue 0 with the ring at `ring = (gpa, device address)` and `table`
     /// as the memory the VMM shares.
     fn start(
-        cmd: &BackendCommand,
-        pattern: Pattern,
-        disk: &Path,
+        go: &Launch<'_>,
         guest: &GuestMemoryMmap,
         ring: (u64, u64),
         table: &GuestMemoryMmap,
         iommu: Option<EndpointIommu>,
     ) -> Result<Self, RemoteError> {
+        let (cmd, pattern, disk, inflight) = (go.cmd, go.pattern, go.disk, go.inflight);
         // The device, and the `aperture backend` subcommand that serves it.
         let (kind, backend) = match pattern {
             Pattern::Blk4kRandom | Pattern::Blk64k | Pattern::Blk1mSeq => {
@@ -290,6 +293,7 @@ impl Remote {
         // From here on, dropping `this` kills the child and removes `dir`.
         let mut this = Self {
             dev: None,
+            inflight,
             wake,
             child,
             clock: 0,
@@ -301,6 +305,10 @@ impl Remote {
         };
         this.clock = run::cpu_clock_of(this.child.id())?;
         let mut dev = this.connect(&socket, kind)?;
+        if inflight {
+            dev.inflight_copy(InflightConfig::default())
+                .map_err(RemoteError::Inflight)?;
+        }
         let behind_iommu = iommu.is_some();
         if let Some(ep) = iommu {
             dev.attach_iommu(ep).map_err(RemoteError::AttachIommu)?;
@@ -412,7 +420,7 @@ impl Remote {
             .map_err(RemoteError::Kick)?;
         let spin_end = Instant::now() + SPIN;
         loop {
-            if self.used_moved()? {
+            if self.take_completions(queue)? {
                 return Ok(());
             }
             if Instant::now() >= spin_end {
@@ -422,7 +430,7 @@ impl Remote {
         }
         let deadline = Instant::now() + COMPLETION_TIMEOUT;
         loop {
-            if self.used_moved()? {
+            if self.take_completions(queue)? {
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -435,6 +443,19 @@ impl Remote {
             }
             self.wake.wait(left);
         }
+    }
+
+    /// Whether the backend's completion reached the driver's ring; with implicit grants
+    /// the front-end first takes what the backend used through the shadow (the
+    /// transport's pass on a call).
+    fn take_completions(&mut self, queue: &mut virtio_queue::Queue) -> Result<bool, RemoteError> {
+        if self.inflight {
+            let Self { dev, guest, .. } = self;
+            let dev = dev.as_mut().ok_or(RemoteError::DeviceGone)?;
+            VirtioDevice::<GuestMemoryMmap>::process_queue(dev, 0, queue, guest)
+                .map_err(RemoteError::Kick)?;
+        }
+        self.used_moved()
     }
 
     /// Marks the start of the timed part.
@@ -500,12 +521,19 @@ impl Remote {
                     field,
                 })
         };
+        // With implicit grants the backend's memory is the shadow; what it could reach
+        // of the guest is the front-end's count of the bytes in flight.
+        let peak_mapped_bytes = if self.inflight {
+            now.shadow.peak_exposed_bytes
+        } else {
+            num("peak_mapped_bytes")?
+        };
         Ok(BackendFigures {
             cpu,
             misses: now.misses - mark.counters.misses,
             updates: (now.updates + now.pushed) - (mark.counters.updates + mark.counters.pushed),
             invalidates: now.invalidates - mark.counters.invalidates,
-            peak_mapped_bytes: num("peak_mapped_bytes")?,
+            peak_mapped_bytes,
             table_bytes: num("guest_ram_bytes")?,
             peak_windows: num("peak_windows")?,
             mode: v
@@ -553,9 +581,13 @@ pub fn run_one_remote(
         pattern,
         disk,
         budget,
+        inflight: mode == Mode::InflightCopy,
     };
     match mode {
         Mode::None => go.run(&mut Direct::with_memory(mem), None, None),
+        // No guest change: the driver hands out guest-physical addresses; the table is
+        // not sent (the front-end gives the backend its shadows instead).
+        Mode::InflightCopy => go.run(&mut Direct::with_memory(mem), None, None),
         Mode::ViommuStrict | Mode::ViommuLazy => {
             let mut s = Viommu::with_memory(mode == Mode::ViommuLazy, mem)?;
             let ep = s.endpoint();
@@ -588,6 +620,8 @@ struct Launch<'a> {
     pattern: Pattern,
     disk: &'a Path,
     budget: Budget,
+    /// Implicit grants in front of the backend.
+    inflight: bool,
 }
 
 impl Launch<'_> {
@@ -601,7 +635,7 @@ impl Launch<'_> {
     ) -> Result<Measured, RemoteError> {
         let (p, disk) = (self.pattern, self.disk);
         let table = table.unwrap_or(s.guest_memory());
-        let r = Remote::start(self.cmd, p, disk, s.guest_memory(), s.ring(), table, iommu)?;
+        let r = Remote::start(self, s.guest_memory(), s.ring(), table, iommu)?;
         let (t, n) = (self.budget.per_cell, self.budget.min_requests);
         Ok(run::run_device(
             s,

@@ -41,10 +41,17 @@ fn each_mode_out_of_process_serves_requests_and_the_backend_holds_what_the_mode_
         (Mode::ViommuStrict, Pattern::Net1500),
         (Mode::Pool, Pattern::Net64),
         (Mode::InflightCopy, Pattern::Blk64k),
+        (Mode::InflightMap, Pattern::Blk64k),
     ] {
         let what = format!("{} {}", mode.name(), pattern.name());
         assert_eq!(not_measured(mode, pattern), None, "{what}");
-        let m = run_one_remote(mode, pattern, &d, TINY, 32 << 10, &backend())
+        // The map form's threshold at a page: the 8 KiB data pieces get windows.
+        let threshold = if mode == Mode::InflightMap {
+            4096
+        } else {
+            32 << 10
+        };
+        let m = run_one_remote(mode, pattern, &d, TINY, threshold, &backend())
             .unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(m.requests, n, "{what}");
         let b = m
@@ -123,6 +130,22 @@ fn each_mode_out_of_process_serves_requests_and_the_backend_holds_what_the_mode_
                 );
                 assert_eq!(b.peak_mapped_bytes, 16, "{what}");
                 assert_eq!((b.misses, b.updates, b.invalidates), (0, 0, 0), "{what}");
+            }
+            Mode::InflightMap => {
+                // The backend translates (IOTLB mode, guest RAM and the shadow in its
+                // table); each 8 KiB data piece is one acknowledged UPDATE before the
+                // request and one acknowledged INVALIDATE after it; it reaches the
+                // header's copy and one request's pieces at a time.
+                assert_eq!(b.mode, "iotlb", "{what}");
+                assert!(b.table_bytes > RAM_SIZE, "{what}: RAM and the shadow");
+                let pieces = pattern.buffers() - 2;
+                assert_eq!(
+                    (b.updates, b.invalidates),
+                    (n * pieces, n * pieces),
+                    "{what}"
+                );
+                assert_eq!(b.misses, 0, "{what}");
+                assert_eq!(b.peak_mapped_bytes, 16 + pattern.bytes() as u64, "{what}");
             }
             _ => unreachable!(),
         }

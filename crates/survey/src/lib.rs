@@ -56,7 +56,7 @@ pub mod run;
 pub mod windowed;
 
 use dma_types::DmaDirection;
-use implicit::InflightCopy;
+use implicit::Implicit;
 use modes::{Direct, Grant, GrantKind, Pool, Sharing, Viommu};
 use remote::BackendCommand;
 use run::{run_cell, Measured, Pattern};
@@ -132,11 +132,14 @@ pub enum Mode {
     /// Implicit grants, copy form: no guest change; a shadow ring copies what is in
     /// flight in and back.
     InflightCopy,
+    /// Implicit grants, map form: as `InflightCopy`, buffers from the copy/map
+    /// crossover up shown in place through per-request windows.
+    InflightMap,
 }
 
 impl Mode {
     /// Every mode, in report order.
-    pub const ALL: [Mode; 9] = [
+    pub const ALL: [Mode; 10] = [
         Mode::None,
         Mode::ViommuStrict,
         Mode::ViommuLazy,
@@ -146,6 +149,7 @@ impl Mode {
         Mode::Pool,
         Mode::Auto,
         Mode::InflightCopy,
+        Mode::InflightMap,
     ];
 
     /// The name in tables and JSON.
@@ -160,6 +164,7 @@ impl Mode {
             Mode::Pool => "pool",
             Mode::Auto => "auto",
             Mode::InflightCopy => "inflight-copy",
+            Mode::InflightMap => "inflight-map",
         }
     }
 }
@@ -473,7 +478,8 @@ pub fn run_one(
         Mode::GrantCopy => run_cell(&mut Grant::new(GrantKind::Copy)?, pattern, disk, t, n),
         Mode::Pool => run_cell(&mut Pool::new()?, pattern, disk, t, n),
         Mode::Auto => run_cell(&mut Pool::auto(auto_threshold)?, pattern, disk, t, n),
-        Mode::InflightCopy => run_cell(&mut InflightCopy::new()?, pattern, disk, t, n),
+        Mode::InflightCopy => run_cell(&mut Implicit::copy()?, pattern, disk, t, n),
+        Mode::InflightMap => run_cell(&mut Implicit::map(auto_threshold)?, pattern, disk, t, n),
     }
 }
 

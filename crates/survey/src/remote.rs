@@ -98,7 +98,7 @@ pub fn not_measured(mode: Mode, pattern: Pattern) -> Option<&'static str> {
         (Mode::GrantMap | Mode::GrantPersistent | Mode::GrantCopy, _) => Some(
             "grant tables are modelled in process only: there is no Xen backend domain to run a backend in",
         ),
-        (Mode::InflightCopy, Pattern::Net64 | Pattern::Net1500) => Some(
+        (Mode::InflightCopy | Mode::InflightMap, Pattern::Net64 | Pattern::Net1500) => Some(
             "the front-end shadows only virtio-blk and virtio-rng (device types whose requests carry no guest addresses); the network sink is measured in process",
         ),
         _ => None,
@@ -293,7 +293,7 @@ impl Remote {
         // From here on, dropping `this` kills the child and removes `dir`.
         let mut this = Self {
             dev: None,
-            inflight,
+            inflight: inflight.is_some(),
             wake,
             child,
             clock: 0,
@@ -305,9 +305,8 @@ impl Remote {
         };
         this.clock = run::cpu_clock_of(this.child.id())?;
         let mut dev = this.connect(&socket, kind)?;
-        if inflight {
-            dev.inflight_copy(InflightConfig::default())
-                .map_err(RemoteError::Inflight)?;
+        if let Some(cfg) = inflight {
+            dev.inflight_copy(cfg).map_err(RemoteError::Inflight)?;
         }
         let behind_iommu = iommu.is_some();
         if let Some(ep) = iommu {
@@ -581,13 +580,21 @@ pub fn run_one_remote(
         pattern,
         disk,
         budget,
-        inflight: mode == Mode::InflightCopy,
+        inflight: match mode {
+            Mode::InflightCopy => Some(InflightConfig::default()),
+            Mode::InflightMap => Some(InflightConfig {
+                map_threshold: Some(auto_threshold as u64),
+                ..InflightConfig::default()
+            }),
+            _ => None,
+        },
     };
     match mode {
         Mode::None => go.run(&mut Direct::with_memory(mem), None, None),
-        // No guest change: the driver hands out guest-physical addresses; the table is
-        // not sent (the front-end gives the backend its shadows instead).
-        Mode::InflightCopy => go.run(&mut Direct::with_memory(mem), None, None),
+        // No guest change: the driver hands out guest-physical addresses. The copy form
+        // sends the backend only the front-end's shadows; the map form guest RAM too,
+        // reached through windows.
+        Mode::InflightCopy | Mode::InflightMap => go.run(&mut Direct::with_memory(mem), None, None),
         Mode::ViommuStrict | Mode::ViommuLazy => {
             let mut s = Viommu::with_memory(mode == Mode::ViommuLazy, mem)?;
             let ep = s.endpoint();
@@ -621,7 +628,7 @@ struct Launch<'a> {
     disk: &'a Path,
     budget: Budget,
     /// Implicit grants in front of the backend.
-    inflight: bool,
+    inflight: Option<InflightConfig>,
 }
 
 impl Launch<'_> {

@@ -132,6 +132,22 @@ fn every_mode_serves_every_pattern_and_counts_by_its_rules() {
                     };
                     assert_eq!(s.exposure_peak, readable, "{what}");
                 }
+                Mode::InflightMap => {
+                    // Threshold 2048: the blk data pieces (4 and 8 KiB, whole pages)
+                    // are shown in place, one window opened and closed each; the
+                    // header, the status and every net and rng buffer are bounced.
+                    assert_eq!(s.map_ops, n * 2 * pieces, "{what}");
+                    assert_eq!(s.iommu_kicks, 0, "{what}");
+                    let (copied, exposed) = match pattern {
+                        Pattern::Net64 | Pattern::Net1500 => {
+                            (m.bytes + n * 12, 12 + pattern.bytes() as u64)
+                        }
+                        Pattern::Rng64 => (m.bytes, 0),
+                        _ => (n * 17, 16 + pattern.bytes() as u64),
+                    };
+                    assert_eq!(s.copy_bytes, copied, "{what}");
+                    assert_eq!(s.exposure_peak, exposed, "{what}");
+                }
             }
         }
     }

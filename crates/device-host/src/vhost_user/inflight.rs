@@ -182,6 +182,8 @@ impl Windows for LinkWindows<'_> {
             self.map.iovas.release(off, size);
             return Err(Box::new(e));
         }
+        // A window is pushed before the back-end needs it, as a MAP's UPDATE is.
+        super::bump(&self.shared.counters.pushed);
         Ok(WINDOW_BASE + off + (d.addr - first))
     }
 

@@ -48,17 +48,27 @@ struct Rig {
     used: u16,
 }
 
+/// The copy form, each request given `deadline`.
 fn rig(tag: &str, deadline: Duration) -> Rig {
-    let be = FakeBackend::start(tag, F_VERSION_1 | F_PROTOCOL, P_ALL, AckMode::Now, None);
+    rig_with(
+        tag,
+        F_VERSION_1 | F_PROTOCOL,
+        InflightConfig {
+            arena_bytes: 1 << 16,
+            deadline,
+            map_threshold: None,
+        },
+    )
+}
+
+/// A blk device behind implicit grants as `cfg` says, its back-end offering
+/// `features`, activated with the guest's ring at [`RING`].
+fn rig_with(tag: &str, features: u64, cfg: InflightConfig) -> Rig {
+    let be = FakeBackend::start(tag, features, P_ALL, AckMode::Now, None);
     let (irq, _vectors) = irqs();
     let mut dev =
         VhostUserDevice::connect(&be.path, DeviceKind::Block, Duration::from_secs(1), irq).unwrap();
-    dev.inflight_copy(InflightConfig {
-        arena_bytes: 1 << 16,
-        deadline,
-        map_threshold: None,
-    })
-    .unwrap();
+    dev.inflight_copy(cfg).unwrap();
     let mem = guest_ram(tag);
     let g = SplitRing::new(mem.clone(), RingLayout::paged(RING), 256);
     let q = ready_queue_at(RING);
@@ -73,25 +83,43 @@ fn rig(tag: &str, deadline: Duration) -> Rig {
         &mem,
     )
     .unwrap();
+    // The back-end's view: ring addresses are front-end addresses (copy form) or
+    // IOVAs equal to the shadow's table address (map form); the shadow is the region
+    // that holds them.
     let log = be.seen.lock().unwrap().log.clone();
+    let a = &log.iter().find(|m| m.0 == req::SET_VRING_ADDR).unwrap().1;
+    let a = wire::VringAddr::read_from_bytes(a).unwrap();
+    let addr = |x: u64| x.checked_sub(UADDR_BASE).unwrap_or(x);
+    let ring = (addr(a.desc), addr(a.avail), addr(a.used));
     let table = &log.iter().find(|m| m.0 == req::SET_MEM_TABLE).unwrap().1;
-    let (head, regions) = wire::MemoryHeader::read_from_prefix(table).unwrap();
-    assert_eq!(head.nregions, 1, "one queue, one shadow");
-    let r = wire::MemoryRegion::read_from_bytes(regions).unwrap();
-    assert_eq!(r.userspace_addr, UADDR_BASE + r.guest_phys_addr);
+    let (head, mut rest) = wire::MemoryHeader::read_from_prefix(table).unwrap();
+    let mut found = None;
+    for i in 0..head.nregions as usize {
+        let (r, tail) = wire::MemoryRegion::read_from_prefix(rest).unwrap();
+        rest = tail;
+        assert_eq!(r.userspace_addr, UADDR_BASE + r.guest_phys_addr);
+        if (r.guest_phys_addr..r.guest_phys_addr + r.memory_size).contains(&ring.0) {
+            found = Some((i, r));
+        }
+    }
+    let (i, r) = found.expect("the shadow ring lies in a region of the table");
+    let file = be
+        .seen
+        .lock()
+        .unwrap()
+        .files
+        .iter()
+        .find(|f| f.0 == req::SET_MEM_TABLE)
+        .unwrap()
+        .1[i]
+        .try_clone()
+        .unwrap();
     let shadow = GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(r.guest_phys_addr),
         r.memory_size as usize,
-        Some(FileOffset::new(be.file(req::SET_MEM_TABLE), r.mmap_offset)),
+        Some(FileOffset::new(file, r.mmap_offset)),
     )])
     .unwrap();
-    let a = &log.iter().find(|m| m.0 == req::SET_VRING_ADDR).unwrap().1;
-    let a = wire::VringAddr::read_from_bytes(a).unwrap();
-    let ring = (
-        a.desc - UADDR_BASE,
-        a.avail - UADDR_BASE,
-        a.used - UADDR_BASE,
-    );
     Rig {
         be,
         dev,
@@ -373,136 +401,75 @@ fn inflight_a_malformed_guest_chain_needs_reset_and_grants_nothing() {
 
 #[test]
 fn inflight_map_form_opens_a_window_before_the_kick_and_closes_it_before_the_guest_sees_used() {
-    let be = FakeBackend::start(
+    let mut r = rig_with(
         "map",
         F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
-        P_ALL,
-        AckMode::Now,
-        None,
+        InflightConfig {
+            arena_bytes: 1 << 16,
+            deadline: Duration::from_secs(10),
+            map_threshold: Some(8192),
+        },
     );
-    let (irq, _vectors) = irqs();
-    let mut dev =
-        VhostUserDevice::connect(&be.path, DeviceKind::Block, Duration::from_secs(1), irq).unwrap();
-    dev.inflight_copy(InflightConfig {
-        arena_bytes: 1 << 16,
-        deadline: Duration::from_secs(10),
-        map_threshold: Some(8192),
-    })
-    .unwrap();
-    let mem = guest_ram("map");
-    let g = SplitRing::new(mem.clone(), RingLayout::paged(RING), 256);
-    let mut q = ready_queue_at(RING);
-    let d: &mut dyn VirtioDevice<GuestMemoryMmap> = &mut dev;
-    d.set_acked_features(F_VERSION_1);
-    d.activate(
-        &[ActiveQueue {
-            index: 0,
-            queue: &q,
-            vector: 1,
-        }],
-        &mem,
-    )
-    .unwrap();
-    let log = be.seen.lock().unwrap().log.clone();
+    let log = r.be.seen.lock().unwrap().log.clone();
     let set = &log.iter().find(|m| m.0 == req::SET_FEATURES).unwrap().1;
     assert_ne!(
         u64::read_from_bytes(set).unwrap() & F_ACCESS_PLATFORM,
         0,
         "the back-end translates through windows"
     );
+    let table = &log.iter().find(|m| m.0 == req::SET_MEM_TABLE).unwrap().1;
+    let (head, _) = wire::MemoryHeader::read_from_prefix(table).unwrap();
+    assert_eq!(head.nregions, 2, "guest RAM and one shadow");
     // A read of 16 KiB, page-aligned: shown in place; header and status bounced.
     let buf = 0x9_0000;
-    mem.write_slice(&test_kit::blk::header(0, 0), GuestAddress(buf))
+    r.mem
+        .write_slice(&test_kit::blk::header(0, 0), GuestAddress(buf))
         .unwrap();
-    g.write_desc(0, desc(buf, 16, F_NEXT, 1));
-    g.write_desc(1, desc(0xa_0000, 16384, F_NEXT | F_WRITE, 2));
-    g.write_desc(2, desc(buf + 0x400, 1, F_WRITE, 0));
-    g.set_avail_entry(0, 0);
-    g.set_avail_idx(1);
-    d.process_queue(0, &mut q, &mem).unwrap();
-    let iotlb = be.iotlb();
-    let window = iotlb
-        .iter()
-        .find(|m| m.kind == wire::iotlb::UPDATE && m.size == 16384)
-        .expect("an UPDATE for the data buffer's pages");
+    r.g.write_desc(0, desc(buf, 16, F_NEXT, 1));
+    r.g.write_desc(1, desc(0xa_0000, 16384, F_NEXT | F_WRITE, 2));
+    r.g.write_desc(2, desc(buf + 0x400, 1, F_WRITE, 0));
+    r.g.set_avail_entry(0, 0);
+    r.g.set_avail_idx(1);
+    r.pass().unwrap();
+    let window =
+        r.be.iotlb()
+            .into_iter()
+            .find(|m| m.kind == wire::iotlb::UPDATE && m.size == 16384)
+            .expect("an UPDATE for the data buffer's pages");
     assert_eq!(window.perm, wire::iotlb::PERM_WO);
     assert_eq!(
         window.uaddr,
         UADDR_BASE + 0xa_0000,
         "guest RAM at its pages"
     );
-    let kick = be.file(req::SET_VRING_KICK);
+    let kick = r.be.file(req::SET_VRING_KICK);
     assert!(
         read_eventfd(&kick).is_some(),
         "kicked after the window opened"
     );
-    assert_eq!(
-        be.iotlb()
-            .iter()
+    let invalidates = |r: &Rig| {
+        r.be.iotlb()
+            .into_iter()
             .filter(|m| m.kind == wire::iotlb::INVALIDATE)
-            .count(),
-        0
-    );
-    // The back-end completes through the shadow ring it was given.
-    // Guest RAM and the shadow are both in its table; the rings are IOVAs, the shadow's
-    // equal to its table address.
-    let a = &log.iter().find(|m| m.0 == req::SET_VRING_ADDR).unwrap().1;
-    let a = wire::VringAddr::read_from_bytes(a).unwrap();
-    let table = &log.iter().find(|m| m.0 == req::SET_MEM_TABLE).unwrap().1;
-    let (head, mut rest) = wire::MemoryHeader::read_from_prefix(table).unwrap();
-    assert_eq!(head.nregions, 2, "guest RAM and one shadow");
-    let mut shadow_at = None;
-    for i in 0..head.nregions as usize {
-        let (r, tail) = wire::MemoryRegion::read_from_prefix(rest).unwrap();
-        rest = tail;
-        if (r.guest_phys_addr..r.guest_phys_addr + r.memory_size).contains(&a.desc) {
-            shadow_at = Some((i, r));
-        }
-    }
-    let (i, r) = shadow_at.expect("the ring lies in the shadow");
-    let file = be
-        .seen
-        .lock()
-        .unwrap()
-        .files
-        .iter()
-        .find(|f| f.0 == req::SET_MEM_TABLE)
-        .unwrap()
-        .1[i]
-        .try_clone()
-        .unwrap();
-    let shadow: GuestMemoryMmap = GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(r.guest_phys_addr),
-        r.memory_size as usize,
-        Some(FileOffset::new(file, r.mmap_offset)),
-    )])
-    .unwrap();
-    let head: u16 = shadow.read_obj(GuestAddress(a.avail + 4)).unwrap();
-    let data_addr: u64 = shadow
-        .read_obj(GuestAddress(a.desc + 16 * u64::from(head) + 16))
-        .unwrap_or(0);
+            .collect::<Vec<_>>()
+    };
+    assert!(invalidates(&r).is_empty());
+    let (head, chain) = r.take();
     assert_eq!(
-        data_addr, window.iova,
+        chain[1].0, window.iova,
         "the shadow descriptor points at the window"
     );
-    mem.write_slice(&[BACKEND_BYTE; 16384], GuestAddress(0xa_0000))
+    r.mem
+        .write_slice(&[BACKEND_BYTE; 16384], GuestAddress(0xa_0000))
         .unwrap();
-    shadow
-        .write_obj(u32::from(head), GuestAddress(a.used + 4))
-        .unwrap();
-    shadow
-        .write_obj(16385u32, GuestAddress(a.used + 8))
-        .unwrap();
-    shadow.write_obj(1u16, GuestAddress(a.used + 2)).unwrap();
-    assert!(d.process_queue(0, &mut q, &mem).unwrap());
-    let inv = be
-        .iotlb()
-        .into_iter()
-        .find(|m| m.kind == wire::iotlb::INVALIDATE)
-        .expect("the window is invalidated");
-    assert_eq!((inv.iova, inv.size), (window.iova, 16384));
-    assert_eq!(g.used_elem(0), (0, 16385));
-    let c = dev.handle().counters().shadow;
+    r.shadow.write_obj(0u8, GuestAddress(chain[2].0)).unwrap();
+    r.put_used(u32::from(head), 16385);
+    assert!(r.pass().unwrap());
+    let inv = invalidates(&r);
+    assert_eq!(inv.len(), 1, "the window is invalidated");
+    assert_eq!((inv[0].iova, inv[0].size), (window.iova, 16384));
+    assert_eq!(r.g.used_elem(0), (0, 16385));
+    let c = r.dev.handle().counters().shadow;
     assert_eq!(
         c.peak_exposed_bytes,
         16 + 16384,

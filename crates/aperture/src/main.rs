@@ -20,6 +20,7 @@ mod bench_guest;
 mod demo;
 #[cfg(feature = "bench")]
 mod demo_model;
+mod dt_pool;
 mod layout;
 #[cfg(feature = "bench")]
 mod report;
@@ -165,6 +166,20 @@ A region several devices share is refused under strict unless every sharer is as
 in the same run (repeated --assign, or one --group); relaxed assigns with a warning.\n\n\
 Exit status: 0 planned, 1 a strict conflict makes the plan impossible, 2 bad input.")]
     Layout(layout::Args),
+    /// Give PCI devices of an arm64 virt guest a restricted DMA pool through the device
+    /// tree: adds a /reserved-memory restricted-dma-pool node (placed at the top of RAM
+    /// unless --pool-base says where) and, under the PCI host bridge, a node per device
+    /// (by devfn on bus 0) with memory-region pointing at it, then compiles it with dtc.
+    /// Prints POOL_NODE, POOL_BASE, POOL_SIZE, POOL_PHANDLE, PCI_BRIDGE and POOL_DEVICES
+    /// as KEY=VALUE lines.
+    #[command(after_help = "Examples:\n  \
+qemu-system-aarch64 -M virt,dumpdtb=virt.dtb -cpu cortex-a57 -smp 1 -m 512M\n  \
+aperture dt-pool --dtb virt.dtb --out pool.dtb --pool-size 16M --device 2\n  \
+qemu-system-aarch64 -M virt -cpu cortex-a57 -smp 1 -m 512M -dtb pool.dtb \\\n      \
+-device virtio-blk-pci,addr=2,iommu_platform=on,disable-legacy=on,drive=d0 ...\n\n\
+The dump must come from the same QEMU with the same -m, -smp and -cpu as the boot.\n\
+Exit status: 0 written, 1 the pool cannot be placed or dtc failed, 2 bad command line.")]
+    DtPool(dt_pool::Args),
     /// Run one of our devices as an out-of-process vhost-user back-end (blk or rng).
     ///
     /// With iommu_platform=on at the front-end (VIRTIO_F_IOMMU_PLATFORM), the back-end
@@ -439,6 +454,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Layout(args) => layout::run(args),
+        Command::DtPool(args) => dt_pool::run(args),
         Command::Backend(args) => backend::run(args),
         #[cfg(feature = "bench")]
         Command::Demo {

@@ -59,7 +59,10 @@ if ! flock -n "$lock_fd"; then
     flock "$lock_fd"
 fi
 log "cache: $CACHE"
-FRAGMENT="$APERTURE_SCRIPTS_DIR/$APERTURE_ARM64_CONFIG_FRAGMENT"
+case "$APERTURE_ARM64_CONFIG_FRAGMENT" in
+    /*) FRAGMENT="$APERTURE_ARM64_CONFIG_FRAGMENT" ;;
+    *) FRAGMENT="$APERTURE_SCRIPTS_DIR/$APERTURE_ARM64_CONFIG_FRAGMENT" ;;
+esac
 [[ -r "$FRAGMENT" ]] || die "config fragment $FRAGMENT is missing (APERTURE_ARM64_CONFIG_FRAGMENT)"
 
 MIRROR="$(apt_mirror)" || die "could not determine a Debian mirror from /etc/apt/sources.list{,.d/*.sources,.d/*.list}; set APERTURE_APT_MIRROR"
@@ -362,6 +365,7 @@ else
         || { tail -n 20 "$KLOG" >&2; die "could not provision the arm64 guest kernel: make allnoconfig with $FRAGMENT failed (log: $KLOG)"; }
     if ! notheld=$(check_config "$BUILD/.config"); then
         sed 's/^/  /' <<<"$notheld" >&2
+        rm -rf "$BUILD"
         die "could not provision the arm64 guest kernel: these lines of $FRAGMENT do not hold after allnoconfig (a missing dependency or a wrong symbol name): $(paste -sd' ' - <<<"$notheld")"
     fi
     log "kernel: building Image with make -j$JOBS (about 5-10 min on 2 CPUs; progress every 30 s)"

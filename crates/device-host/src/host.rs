@@ -8,6 +8,7 @@ use crate::vfio::{
     irqs, regions, EventFdSink, MemoryBuilder, MsixVectors, NotifyHook, PciFunction,
 };
 use crate::viot::{build_viot, EndpointRange};
+use bounce_pool::{Gpa, PoolIommu};
 use dma_types::lock;
 use mem_layout::{Bdf, Layout, LayoutConfig, LayoutError, RdmDatabase};
 use std::path::{Path, PathBuf};
@@ -25,6 +26,23 @@ use vm_memory::{GuestMemoryMmap, IommuMemory};
 /// Memory of an endpoint behind the virtio-iommu: guest-physical memory seen through
 /// the endpoint's translation.
 pub type EndpointMemory = IommuMemory<GuestMemoryMmap, EndpointIommu>;
+
+/// Memory of a device in pool mode: guest-physical memory seen through
+/// [`PoolIommu`], which translates the restricted DMA pool's range and refuses every
+/// other address (the request that names one fails; the device does not panic).
+pub type PoolMemory = IommuMemory<GuestMemoryMmap, PoolIommu>;
+
+/// Pool mode (issue 17): the restricted DMA pool every device of the VM is limited
+/// to, where the guest's device tree places it (`aperture dt-pool`). The guest
+/// bounces all of a device's DMA through it, vrings included, once the device offers
+/// `VIRTIO_F_ACCESS_PLATFORM`, which pool-mode devices do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolWindow {
+    /// Guest-physical base of the pool.
+    pub base: Gpa,
+    /// Its size in bytes.
+    pub size: u64,
+}
 
 /// How the virtio-iommu is presented.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +115,14 @@ pub enum BuildError {
     /// The virtio-iommu's configuration.
     #[error(transparent)]
     Iommu(#[from] virtio_iommu::DeviceError),
+    /// The pool window of pool mode.
+    #[error(transparent)]
+    Pool(#[from] bounce_pool::PoolIommuError),
+    /// The device cannot be served in pool mode.
+    #[error(
+        "{0} cannot be served in pool mode (only in-process virtio-blk and virtio-rng can, so far)"
+    )]
+    NoPoolMode(String),
     /// A thread could not be started.
     #[error("cannot start its thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -134,6 +160,47 @@ pub trait EndpointFactory: Send {
     /// # Errors
     /// [`BuildError`]: why the device could not be built.
     fn build(self: Box<Self>, iommu: Option<EndpointIommu>) -> Result<Function, BuildError>;
+
+    /// Builds and serves the device in pool mode: it offers `VIRTIO_F_ACCESS_PLATFORM`
+    /// and reaches guest memory only inside `pool` ([`serve_pool_endpoint`]).
+    ///
+    /// # Errors
+    /// [`BuildError::NoPoolMode`] unless the factory supports pool mode; else as
+    /// [`Self::build`].
+    fn build_pool(self: Box<Self>, pool: PoolWindow) -> Result<Function, BuildError> {
+        let _ = pool;
+        Err(BuildError::NoPoolMode(self.name()))
+    }
+}
+
+/// Serves `device` in pool mode: its memory is [`PoolMemory`] over `pool`, and it
+/// must be driven with `VIRTIO_F_ACCESS_PLATFORM` (without it the guest's virtio
+/// would skip the DMA API, hence the pool).
+///
+/// # Errors
+/// [`BuildError::Pool`] for an empty or overflowing window; [`BuildError::Transport`].
+pub fn serve_pool_endpoint<D>(
+    device: D,
+    class_code: u32,
+    pool: PoolWindow,
+) -> Result<Function, BuildError>
+where
+    D: VirtioDevice<PoolMemory> + Send + 'static,
+{
+    let iommu = PoolIommu::new(pool.base, pool.size)?;
+    let mem = IommuMemory::new(GuestMemoryMmap::default(), iommu, true, ());
+    // The window never changes; each new guest-RAM map from the VMM keeps it.
+    let template = mem.clone();
+    let build: MemoryBuilder<PoolMemory> =
+        Box::new(move |phys| template.with_replaced_backend(phys));
+    function(
+        device,
+        class_code,
+        mem,
+        build,
+        1 << VIRTIO_F_ACCESS_PLATFORM,
+        Box::new(()),
+    )
 }
 
 /// Serves `device` as a PCI function, translated by `iommu` when given.
@@ -343,6 +410,36 @@ impl DeviceHost {
         endpoints: Vec<Box<dyn EndpointFactory>>,
         poll_max: Duration,
     ) -> Result<Self, HostError> {
+        Self::build(dir, mode, layout, endpoints, poll_max, None)
+    }
+
+    /// Pool mode (issue 17): as [`Self::new`] without a virtio-iommu, every endpoint
+    /// built with [`EndpointFactory::build_pool`]: it offers `VIRTIO_F_ACCESS_PLATFORM`
+    /// and reaches only `pool` of guest memory. The guest learns of the pool from its
+    /// device tree, which the caller provides (and may add to `qemu-args` with
+    /// [`Self::add_qemu_args`]).
+    ///
+    /// # Errors
+    /// As [`Self::new`]; [`BuildError::NoPoolMode`] for a device that cannot be
+    /// served in pool mode.
+    pub fn new_pool(
+        dir: &Path,
+        layout: &Layout,
+        endpoints: Vec<Box<dyn EndpointFactory>>,
+        poll_max: Duration,
+        pool: PoolWindow,
+    ) -> Result<Self, HostError> {
+        Self::build(dir, IommuMode::Off, layout, endpoints, poll_max, Some(pool))
+    }
+
+    fn build(
+        dir: &Path,
+        mode: IommuMode,
+        layout: &Layout,
+        endpoints: Vec<Box<dyn EndpointFactory>>,
+        poll_max: Duration,
+        pool: Option<PoolWindow>,
+    ) -> Result<Self, HostError> {
         if endpoints.len() > MAX_ENDPOINTS {
             return Err(HostError::TooManyDevices(endpoints.len()));
         }
@@ -430,7 +527,11 @@ impl DeviceHost {
         }
         for ((slot, factory), ep) in specs.into_iter().zip(iommu_handles) {
             let name = factory.name();
-            let f = factory.build(ep).map_err(|source| HostError::Device {
+            let built = match pool {
+                Some(p) => factory.build_pool(p),
+                None => factory.build(ep),
+            };
+            let f = built.map_err(|source| HostError::Device {
                 name: name.clone(),
                 source,
             })?;
@@ -495,6 +596,20 @@ impl DeviceHost {
         std::fs::write(self.dir.join("qemu-args"), text).map_err(dir_err)?;
         self.qemu_args = args;
         Ok(())
+    }
+
+    /// Appends `args` to the QEMU arguments and rewrites `DIR/qemu-args`.
+    ///
+    /// # Errors
+    /// [`HostError::Dir`] if the file cannot be written.
+    pub fn add_qemu_args(&mut self, args: &[String]) -> Result<(), HostError> {
+        self.qemu_args.extend_from_slice(args);
+        let mut text = self.qemu_args.join("\n");
+        text.push('\n');
+        std::fs::write(self.dir.join("qemu-args"), text).map_err(|source| HostError::Dir {
+            path: self.dir.clone(),
+            source,
+        })
     }
 
     /// The served virtio-iommu, unless the mode is `Off`.

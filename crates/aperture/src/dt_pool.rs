@@ -311,28 +311,38 @@ pub fn run(a: Args) -> ExitCode {
     }
 }
 
-fn run_inner(a: &Args) -> Result<(), String> {
+/// Reads the machine's blob `dtb`, plans a `size`-byte pool (at `base`, or at the
+/// top of RAM) for the functions `devfns` on bus 0, and writes the patched blob to
+/// `out` (and its source to `out`.dts). Errors are sentences naming the file or step.
+pub(crate) fn write_pool_dtb(
+    dtc_path: &Path,
+    dtb: &Path,
+    out: &Path,
+    size: u64,
+    base: Option<u64>,
+    devfns: &[u8],
+) -> Result<Plan, String> {
     let dts = dtc(
-        &a.dtc,
+        dtc_path,
         &[
             "-q".as_ref(),
             "-I".as_ref(),
             "dtb".as_ref(),
             "-O".as_ref(),
             "dts".as_ref(),
-            a.dtb.as_os_str(),
+            dtb.as_os_str(),
         ],
     )?;
     let dts = String::from_utf8(dts).map_err(|e| format!("dtc printed non-UTF-8 source: {e}"))?;
-    let p = plan(&dts, a.pool_size, a.pool_base, &a.device).map_err(|e| e.to_string())?;
+    let p = plan(&dts, size, base, devfns).map_err(|e| format!("{}: {e}", dtb.display()))?;
     let mut src = dts;
     src.push_str(&overlay_dts(&p));
-    let mut dts_path = a.out.clone().into_os_string();
+    let mut dts_path = out.to_path_buf().into_os_string();
     dts_path.push(".dts");
     std::fs::write(&dts_path, &src)
         .map_err(|e| format!("cannot write {}: {e}", Path::new(&dts_path).display()))?;
     dtc(
-        &a.dtc,
+        dtc_path,
         &[
             "-q".as_ref(),
             "-I".as_ref(),
@@ -340,10 +350,15 @@ fn run_inner(a: &Args) -> Result<(), String> {
             "-O".as_ref(),
             "dtb".as_ref(),
             "-o".as_ref(),
-            a.out.as_os_str(),
+            out.as_os_str(),
             dts_path.as_os_str(),
         ],
     )?;
+    Ok(p)
+}
+
+fn run_inner(a: &Args) -> Result<(), String> {
+    let p = write_pool_dtb(&a.dtc, &a.dtb, &a.out, a.pool_size, a.pool_base, &a.device)?;
     let (base, size) = p.node.reg.unwrap_or((0, 0));
     println!("POOL_NODE={}", p.node.name);
     println!("POOL_BASE={base:#x}");

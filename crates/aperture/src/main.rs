@@ -72,6 +72,17 @@ enum IommuArg {
     Bypass,
 }
 
+/// `--arch` of `serve`: the guest machine the QEMU arguments are for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ArchArg {
+    /// q35 (ACPI; our virtio-iommu announced by a VIOT table).
+    #[value(name = "x86_64")]
+    X86_64,
+    /// arm64 virt booted with a device tree (no ACPI, so no VIOT: --iommu off; pool
+    /// mode with --pool).
+    Arm64,
+}
+
 /// One `--disk PATH[,ro]` or `--disk vhost-user=SOCK`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct DiskArg {
@@ -213,6 +224,8 @@ aperture serve --dir /tmp/vm --disk disk.img --rng --mem 2560 \\\n      \
 aperture serve --dir /tmp/vm --disk disk.img --mem 2560 \\\n      \
 --dmar /sys/firmware/acpi/tables/DMAR --host-device 0000:00:02.0=blk0   (the IGD's RMRRs reserved for blk0)\n  \
 aperture serve --dir /tmp/vm --disk disk.img --ivrs IVRS --host-device c4:00.7=blk0\n  \
+aperture serve --dir /tmp/vm --disk disk.img --rng --arch arm64 --iommu off --pool 16M --dtb virt.dtb\n      \
+(pool mode: an arm64 virt guest whose devices reach only a restricted DMA pool)\n  \
 aperture serve --dir /tmp/vm --disk a.img --disk b.img --dmar DMAR \\\n      \
 --host-device 00:14.0=blk0 --host-device 00:1a.0=blk0 --host-device 00:1d.0=blk1   (USB controllers sharing an RMRR)\n\n\
 Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")]
@@ -291,6 +304,25 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
               default_value_t = (device_host::vhost_user::DEFAULT_ARENA_BYTES >> 20) as u32,
               value_parser = clap::value_parser!(u32).range(1..=1024))]
         inflight_arena_mib: u32,
+        /// The guest machine: x86_64 (q35) or arm64 (virt, device tree).
+        #[arg(long, value_enum, default_value_t = ArchArg::X86_64)]
+        arch: ArchArg,
+        /// Pool mode (arm64, --iommu off, --dtb): a restricted DMA pool of SIZE bytes
+        /// (K, M, G suffixes) at the top of guest RAM, written into the guest's device
+        /// tree (DIR/pool.dtb, added to qemu-args with -dtb) for every served function.
+        /// Each device offers VIRTIO_F_ACCESS_PLATFORM, so the guest bounces all its DMA
+        /// through the pool, and reaches only the pool: any other guest address fails
+        /// the request. In-process disks and the RNG only, so far.
+        #[arg(long, value_name = "SIZE", value_parser = layout::parse_size, requires = "dtb")]
+        pool: Option<u64>,
+        /// With --pool: the virt machine's device tree as QEMU dumps it, with the -cpu,
+        /// -smp and -m the guest boots with (-m must be --mem):
+        /// qemu-system-aarch64 -M virt,dumpdtb=FILE -cpu cortex-a57 -smp 1 -m 512M.
+        #[arg(long, value_name = "FILE")]
+        dtb: Option<std::path::PathBuf>,
+        /// The device tree compiler (with --pool).
+        #[arg(long, value_name = "PATH", default_value = "dtc")]
+        dtc: std::path::PathBuf,
     },
     /// Boot an unmodified Linux guest whose disk and RNG sit behind our virtio-iommu,
     /// run a workload in it, and report what each device could reach.
@@ -519,6 +551,10 @@ fn main() -> ExitCode {
             poll_us,
             inflight,
             inflight_arena_mib,
+            arch,
+            pool,
+            dtb,
+            dtc,
         } => serve::run(serve::Options {
             dir: &dir,
             disks: &disk,
@@ -538,6 +574,12 @@ fn main() -> ExitCode {
             inflight: inflight.map(|_| device_host::vhost_user::InflightConfig {
                 arena_bytes: u64::from(inflight_arena_mib) << 20,
                 ..Default::default()
+            }),
+            arm64: arch == ArchArg::Arm64,
+            pool: pool.map(|size| serve::PoolArg {
+                size,
+                dtb: dtb.unwrap_or_default(),
+                dtc,
             }),
         }),
     }

@@ -170,6 +170,22 @@ fn serve_bad_input_is_one_line_naming_it_and_exit_2() {
             ],
             "0x100000",
         ),
+        // Pool mode needs a device-tree guest; an arm64 guest cannot be told of our
+        // virtio-iommu (no ACPI, so no VIOT).
+        (
+            vec![
+                "serve", "--dir", &d, "--rng", "--pool", "16M", "--dtb", "virt.dtb",
+            ],
+            "--arch arm64",
+        ),
+        (
+            vec!["serve", "--dir", &d, "--rng", "--arch", "arm64"],
+            "--iommu off",
+        ),
+        (
+            vec!["serve", "--dir", &d, "--rng", "--pool", "16M"],
+            "--dtb",
+        ),
     ] {
         let o = aperture(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");

@@ -12,6 +12,9 @@
 #   aperture.pattern=WORD   the write pattern is `yes WORD | head -c N MiB` (default APERTURE)
 #   aperture.settle=SECS    how long to wait for the devices to bind (default 20)
 #   aperture.watchdog=SECS  then dump and power off even if I/O hangs (default 600)
+#   aperture.fault_sector=S before the block phase, read sector S alone (O_DIRECT) and
+#                           print fault-read (for `aperture serve --test-fault-sector S`,
+#                           which aims that read at guest RAM outside the pool: "fail")
 #
 # Output, one line each (host side: grep '^APERTURE-E2E '):
 #   APERTURE-E2E start <uname -r>
@@ -23,6 +26,7 @@
 #                 phase: probe (after the devices bound) or io (after the block and rng
 #                 phases; hiwater was reset to 0 in between); name: "default" for the
 #                 global swiotlb, else the pool's debugfs directory (its node name)
+#   APERTURE-E2E fault-read <ok MD5|fail ERROR|skipped WHY>   (only with aperture.fault_sector)
 #   APERTURE-E2E blk-read-md5 / blk-write-md5 / blk-readback-md5 <md5>, or blk <absent|fail R>
 #   APERTURE-E2E blk-seconds <s>
 #   APERTURE-E2E rng <ok|fail> <bytes> | rng absent
@@ -45,13 +49,14 @@ dump_dmesg() {
     dmesg | grep -i -E 'reserved mem|restricted|swiotlb|virtio|dma|I/O error|buffer is full' | sed 's/^/APERTURE-DMESG /'
 }
 
-MIB=32 PATTERN=APERTURE SETTLE=20 WATCHDOG=600
+MIB=32 PATTERN=APERTURE SETTLE=20 WATCHDOG=600 FAULT_SECTOR=
 for w in $(cat /proc/cmdline); do
     case "$w" in
         aperture.mib=*) MIB=${w#aperture.mib=} ;;
         aperture.pattern=*) PATTERN=${w#aperture.pattern=} ;;
         aperture.settle=*) SETTLE=${w#aperture.settle=} ;;
         aperture.watchdog=*) WATCHDOG=${w#aperture.watchdog=} ;;
+        aperture.fault_sector=*) FAULT_SECTOR=${w#aperture.fault_sector=} ;;
     esac
 done
 is_uint "$SETTLE" || SETTLE=20
@@ -124,6 +129,24 @@ swiotlb_report() {   # swiotlb_report PHASE
 swiotlb_report probe
 # From here on, hiwater is the peak of the I/O phases (plus what stays allocated: vrings).
 for d in $(swiotlb_dirs); do echo 0 >"$d/io_tlb_used_hiwater"; done
+
+# --- one-sector read (the refused-address test), before the block phase --------------------------
+fault_read() {
+    is_uint "$FAULT_SECTOR" || { e2e fault-read skipped "bad-sector=$FAULT_SECTOR"; return; }
+    [ -b /dev/vda ] || { e2e fault-read skipped no-disk; return; }
+    rm -f /tmp/fault.bin /tmp/fault.err
+    # bs=4096 for a page-aligned O_DIRECT buffer; the byte counts make it one 512-byte
+    # read (scripts/README.md, "busybox dd iflag=direct").
+    if dd if=/dev/vda of=/tmp/fault.bin bs=4096 skip=$((FAULT_SECTOR * 512)) count=512 \
+        iflag=direct,skip_bytes,count_bytes 2>/tmp/fault.err; then
+        n=$(wc -c </tmp/fault.bin)
+        if [ "$n" -eq 512 ]; then sum=$(md5sum </tmp/fault.bin); e2e fault-read ok "${sum%% *}"
+        else e2e fault-read fail "short read: $n bytes"; fi
+    else
+        e2e fault-read fail "$(tr '\n' ' ' </tmp/fault.err)"
+    fi
+}
+[ -z "$FAULT_SECTOR" ] || fault_read
 
 # --- block ---------------------------------------------------------------------------------------
 blk() {

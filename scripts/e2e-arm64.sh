@@ -27,6 +27,17 @@
 #      qemu-no-pool           control: no pool node, iommu_platform=on; the devices bounce
 #                             through the global swiotlb, whose hiwater rises (the check
 #                             that it stays 0 can fail)
+#      serve-pool             our device host: `aperture serve --arch arm64 --iommu off
+#                             --pool SIZE --dtb virt.dtb` serves virtio-blk (00:11.0) and
+#                             virtio-rng (00:12.0) over vfio-user, in process, each
+#                             offering ACCESS_PLATFORM and reaching only the pool; serve
+#                             writes the pool's device tree itself (its plan must agree
+#                             with dt-pool's); the checks of qemu-pool, and serve exits by
+#                             itself with its sockets gone
+#      serve-pool-fault       as serve-pool with --test-fault-sector S: the device aims
+#                             that one read at guest RAM outside the pool, which its
+#                             memory refuses; the guest's read fails (EIO), the rest of the
+#                             I/O works and serve exits cleanly
 # Prints "PASS name (...)" or "FAIL name: reason (logs: DIR)" per scenario, then
 # "N passed, M failed". Exit status 0 only if M == 0. Not part of test.sh (yet).
 #
@@ -43,14 +54,19 @@ set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/e2e-lib.sh"
 
 SCRIPTS="$APERTURE_SCRIPTS_DIR"
-ALL=(qemu-pool qemu-pool-no-platform qemu-no-pool)
+ALL=(qemu-pool qemu-pool-no-platform qemu-no-pool serve-pool serve-pool-fault)
 MIB="${E2E_MIB:-32}"
 POOL_SIZE_ARG="${E2E_POOL_SIZE:-16M}"
 BOOT_TIMEOUT="${E2E_BOOT_TIMEOUT:-240}"
 WATCHDOG=$((BOOT_TIMEOUT * 2 / 3))
 # The machine: the device tree is dumped with exactly these, and every boot uses them.
-MACHINE=(-machine virt -cpu cortex-a57 -smp 1 -m 512M)
+# serve's qemu-args carry -m (= --mem) for the served scenarios.
+MEM_MIB=512
+MACHINE=(-machine virt -cpu cortex-a57 -smp 1)
 BLK_PCI=0000:00:02.0 RNG_PCI=0000:00:03.0
+# The functions `aperture serve` lays out (0x10 is the virtio-iommu's slot, unused here).
+SERVE_BLK_PCI=0000:00:11.0 SERVE_RNG_PCI=0000:00:12.0
+SERVE_EXIT_LIMIT=10
 # swiotlb=N,force: the global swiotlb, 16 MiB of 2 KiB slabs, bounces every DMA that
 # does not go through the pool. Without N, arm64 sizes it for kmalloc bouncing only
 # (1 MiB per GiB of RAM: 512 KiB here) when RAM needs no bouncing.
@@ -88,7 +104,7 @@ INITRD="$RUN/initramfs.cpio.gz"
     || { KEEP_RUN=1; cat "$RUN/initramfs.log" >&2; abort_all "scripts/mkinitramfs.sh --arch arm64 failed (log: $RUN/initramfs.log)"; }
 
 # --- the device trees ----------------------------------------------------------------------------
-"$QEMU" -nodefaults -no-user-config -display none "${MACHINE[@]}" \
+"$QEMU" -nodefaults -no-user-config -display none "${MACHINE[@]}" -m "${MEM_MIB}M" \
     -machine "virt,dumpdtb=$RUN/virt.dtb" >"$RUN/dumpdtb.log" 2>&1
 [[ -s "$RUN/virt.dtb" ]] || { KEEP_RUN=1; abort_all "QEMU did not dump the virt device tree: $(tail -n 2 "$RUN/dumpdtb.log" | tr '\n' ' ')"; }
 # QEMU's dump is padded to 1 MiB, and the guest does not boot from it as given (no
@@ -114,6 +130,8 @@ field() { sed -n "s/.*\\b$1=\\([^ ]*\\).*/\\1/p" <<<"$2"; }
 
 run_scenario() {   # run_scenario NAME
     local name="$1" dir="$RUN/$1" dtb platform img qrc t0 secs host_md5 want_w line probe io counters
+    local blk_pci="$BLK_PCI" rng_pci="$RNG_PCI" serve=0 fault=0 tail_sector tail_md5 dev_args i
+    local extra=() serve_pid="" serve_rc="" serve_args=()
     mkdir -p "$dir"
     REASONS=()
     CONSOLE="$dir/console.log" MARKERS="$dir/markers"
@@ -121,22 +139,57 @@ run_scenario() {   # run_scenario NAME
         qemu-pool) dtb="$RUN/pool.dtb" platform=on ;;
         qemu-pool-no-platform) dtb="$RUN/pool.dtb" platform=off ;;
         qemu-no-pool) dtb="$RUN/virt-plain.dtb" platform=on ;;
+        serve-pool) serve=1 ;;
+        serve-pool-fault) serve=1 fault=1 ;;
     esac
+    # The image: [0, N) host data, [N, 2N) zeros, [2N, 2N+1) MiB `yes TAIL-name`, whose
+    # sector tail_sector is the one-sector read of the fault scenario.
     img="$dir/disk.img"
     head -c $((MIB << 20)) /dev/zero | openssl enc -aes-128-ctr -nosalt \
         -K "$(printf 'aperture-e2e-arm64 %s' "$name" | md5_of)" -iv 00000000000000000000000000000000 >"$img" 2>/dev/null \
         || { fail "$name: cannot write the disk image"; return; }
     truncate -s $(((2 * MIB) << 20)) "$img"
+    yes_bytes "TAIL-$name" $((1 << 20)) >>"$img"
+    tail_sector=$((((2 * MIB) << 11) + 1001))
+    tail_md5=$(dd if="$img" bs=512 skip="$tail_sector" count=1 status=none | md5_of)
     host_md5=$(md5_range "$img" 0 "$MIB")
     want_w=$(yes_bytes "ARM64-$name" $((MIB << 20)) | md5_of)
 
+    local append="console=ttyAMA0 panic=-1 loglevel=4 swiotlb=$GLOBAL_SLABS,force aperture.mib=$MIB aperture.pattern=ARM64-$name aperture.watchdog=$WATCHDOG"
+    if ((serve)); then
+        blk_pci=$SERVE_BLK_PCI rng_pci=$SERVE_RNG_PCI
+        serve_args=(serve --dir "$dir/vm" --disk "$img" --rng --arch arm64 --iommu off
+                    --pool "$POOL_SIZE_ARG" --dtb "$RUN/virt.dtb" --mem "$MEM_MIB")
+        if ((fault)); then
+            serve_args+=(--test-fault-sector "$tail_sector")
+            append+=" aperture.fault_sector=$tail_sector"
+        fi
+        "$BIN" "${serve_args[@]}" >"$dir/serve.log" 2>&1 &
+        serve_pid=$!
+        PIDS+=("$serve_pid")
+        for ((i = 0; i < 200; i++)); do
+            grep -q 'QEMU arguments in' "$dir/serve.log" 2>/dev/null && break
+            kill -0 "$serve_pid" 2>/dev/null || break
+            sleep 0.05
+        done
+        if ! grep -q 'QEMU arguments in' "$dir/serve.log" 2>/dev/null; then
+            KEEP_RUN=1
+            fail "$name: aperture serve did not come up: $(tail -n 3 "$dir/serve.log" | tr '\n' ' ')(logs: $dir)"
+            kill -KILL "$serve_pid" 2>/dev/null; wait "$serve_pid" 2>/dev/null; forget_pid "$serve_pid"
+            return
+        fi
+        mapfile -t extra <"$dir/vm/qemu-args"
+        dev_args=("${extra[@]}")
+    else
+        dev_args=(-m "${MEM_MIB}M" -dtb "$dtb"
+                  -drive "if=none,id=d0,file=$img,format=raw,cache=unsafe"
+                  -device "virtio-blk-pci,drive=d0,addr=${BLK_PCI#0000:00:},iommu_platform=$platform,disable-legacy=on"
+                  -device "virtio-rng-pci,addr=${RNG_PCI#0000:00:},iommu_platform=$platform,disable-legacy=on")
+    fi
+
     t0=$(now)
     timeout -k 5 "$BOOT_TIMEOUT" "$QEMU" -nodefaults -no-user-config -display none -serial stdio -no-reboot \
-        "${MACHINE[@]}" -accel tcg -dtb "$dtb" -kernel "$KERNEL" -initrd "$INITRD" \
-        -append "console=ttyAMA0 panic=-1 loglevel=4 swiotlb=$GLOBAL_SLABS,force aperture.mib=$MIB aperture.pattern=ARM64-$name aperture.watchdog=$WATCHDOG" \
-        -drive "if=none,id=d0,file=$img,format=raw,cache=unsafe" \
-        -device "virtio-blk-pci,drive=d0,addr=${BLK_PCI#0000:00:},iommu_platform=$platform,disable-legacy=on" \
-        -device "virtio-rng-pci,addr=${RNG_PCI#0000:00:},iommu_platform=$platform,disable-legacy=on" \
+        "${MACHINE[@]}" -accel tcg -kernel "$KERNEL" -initrd "$INITRD" -append "$append" "${dev_args[@]}" \
         </dev/null >"$dir/console.raw" 2>"$dir/qemu.err"
     qrc=$?
     secs=$(since "$t0")
@@ -146,12 +199,33 @@ run_scenario() {   # run_scenario NAME
     # The run itself.
     if ((qrc == 124 || qrc == 137)); then bad "QEMU did not finish within ${BOOT_TIMEOUT}s"
     elif ((qrc != 0)); then bad "QEMU exited with status $qrc: $(tail -n 2 "$dir/qemu.err" | tr '\n' ' ')"; fi
+    if ((serve)); then
+        for ((i = 0; i < SERVE_EXIT_LIMIT * 20; i++)); do kill -0 "$serve_pid" 2>/dev/null || break; sleep 0.05; done
+        if kill -0 "$serve_pid" 2>/dev/null; then
+            kill -KILL "$serve_pid" 2>/dev/null; wait "$serve_pid" 2>/dev/null
+            bad "aperture serve still running ${SERVE_EXIT_LIMIT}s after QEMU exited (killed)"
+        else
+            wait "$serve_pid"; serve_rc=$?
+            ((serve_rc == 0)) || bad "aperture serve exited with status $serve_rc: $(grep -v 'client disconnected' "$dir/serve.log" | tail -n 2 | tr '\n' ' ')"
+        fi
+        forget_pid "$serve_pid"
+        [[ -z "$(find "$dir/vm" -maxdepth 1 -type s 2>/dev/null)" ]] || bad "sockets left in $dir/vm after serve exited"
+        # serve planned the pool itself, from the same blob: it must be dt-pool's.
+        grep -q "restricted DMA pool at $POOL_BASE ($POOL_NODE)" "$dir/serve.log" \
+            || bad "serve's pool is not dt-pool's ($POOL_NODE at $POOL_BASE): $(grep 'pool mode' "$dir/serve.log")"
+        grep -qi 'panick' "$dir/serve.log" && bad "aperture serve panicked: $(grep -i -m1 'panick' "$dir/serve.log")"
+    fi
     expect "start" "$(m start)" "$KREL"
     [[ "$(m settle)" == ok* ]] || bad "devices did not bind: settle $(m settle)"
     has watchdog-expired && bad "guest watchdog expired"
     has "done" || bad "guest did not reach 'APERTURE-E2E done'"
-    expect "disk $BLK_PCI" "$(m pci "$BLK_PCI")" "1af4:1042 driver=virtio-pci"
-    expect "rng $RNG_PCI" "$(m pci "$RNG_PCI")" "1af4:1044 driver=virtio-pci"
+    expect "disk $blk_pci" "$(m pci "$blk_pci")" "1af4:1042 driver=virtio-pci"
+    expect "rng $rng_pci" "$(m pci "$rng_pci")" "1af4:1044 driver=virtio-pci"
+    if ((fault)); then
+        # The refused read fails alone: EIO in the guest, and everything after works.
+        [[ "$(m fault-read)" == fail* ]] || bad "the read of sector $tail_sector aimed outside the pool did not fail: fault-read $(m fault-read)"
+        [[ "$(m fault-read)" == *"$tail_md5"* ]] && bad "the refused read returned the sector's data"
+    fi
     # Data, both directions.
     expect "blk-read-md5 (host data)" "$(m blk-read-md5)" "$host_md5"
     expect "blk-write-md5" "$(m blk-write-md5)" "$want_w"
@@ -166,16 +240,16 @@ run_scenario() {   # run_scenario NAME
     expect "global swiotlb nslabs (swiotlb=$GLOBAL_SLABS,force)" "$(field nslabs "$io")" "$GLOBAL_SLABS"
 
     case "$name" in
-        qemu-pool | qemu-pool-no-platform)
+        qemu-pool | qemu-pool-no-platform | serve-pool | serve-pool-fault)
             line=$(m pool-created)
             expect "pool created (base MiB)" "$(printf '%#x %s' "${line%% *}" "${line#* }" 2>/dev/null)" "$(printf '%#x %s' "$POOL_BASE" $((POOL_SIZE >> 20)))"
-            expect "pool assigned to $BLK_PCI" "$(m pool-assigned "$BLK_PCI")" "$POOL_NODE"
-            expect "pool assigned to $RNG_PCI" "$(m pool-assigned "$RNG_PCI")" "$POOL_NODE"
+            expect "pool assigned to $blk_pci" "$(m pool-assigned "$blk_pci")" "$POOL_NODE"
+            expect "pool assigned to $rng_pci" "$(m pool-assigned "$rng_pci")" "$POOL_NODE"
             probe=$(m swiotlb probe "$POOL_NODE") io=$(m swiotlb io "$POOL_NODE")
             [[ -n "$io" ]] || bad "no debugfs counters of the pool $POOL_NODE"
             expect "pool nslabs" "$(field nslabs "$io")" $((POOL_SIZE >> 11))
             expect "global swiotlb hiwater after I/O" "$(field hiwater "$(m swiotlb io default)")" 0
-            if [[ "$name" == qemu-pool ]]; then
+            if [[ "$name" != qemu-pool-no-platform ]]; then
                 # What the probe left allocated (vrings) stays; the I/O peak must exceed it.
                 (($(field hiwater "$io") > $(field used "$probe"))) 2>/dev/null \
                     || bad "the pool's hiwater did not rise with I/O: probe '$probe', io '$io'"

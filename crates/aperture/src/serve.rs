@@ -251,13 +251,13 @@ fn check_arch(o: &Options<'_>) -> Result<(), String> {
 /// Pool mode: writes DIR/pool.dtb with the pool at the top of RAM for every served
 /// function (endpoint `i` at [`endpoint_slot`]`(i)`), from the one plan of
 /// [`crate::dt_pool`]; its RAM must be the layout's. Returns the pool, the blob's path
-/// and a guest-RAM address outside the pool. Errors are sentences.
+/// and a guest-RAM address outside the pool ([`PoolPlan`]). Errors are sentences.
 fn plan_pool(
     dir: &Path,
     pool: &PoolArg,
     layout: &Layout,
     functions: usize,
-) -> Result<(device_host::host::PoolWindow, std::path::PathBuf, u64), String> {
+) -> Result<PoolPlan, String> {
     let devfns: Vec<u8> = (0..functions)
         .map(|i| {
             endpoint_slot(i)
@@ -291,16 +291,29 @@ fn plan_pool(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    Ok((
-        device_host::host::PoolWindow {
+    let ram_start = plan.ram.first().map_or(0, |r| r.start);
+    Ok(PoolPlan {
+        window: device_host::host::PoolWindow {
             base: bounce_pool::Gpa(base),
             size,
         },
-        out,
+        ram_start: bounce_pool::Gpa(ram_start),
+        dtb: out,
         // For --test-fault-sector: guest RAM 2 MiB in (where virt loads the kernel),
         // outside the pool, which sits at the top of RAM.
-        plan.ram.first().map_or(0, |r| r.start) + (2 << 20),
-    ))
+        outside: ram_start + (2 << 20),
+    })
+}
+
+/// What [`plan_pool`] decided.
+struct PoolPlan {
+    window: device_host::host::PoolWindow,
+    /// Where guest RAM starts (virt: 1 GiB).
+    ram_start: bounce_pool::Gpa,
+    /// The patched device tree.
+    dtb: std::path::PathBuf,
+    /// A guest-RAM address outside the pool.
+    outside: u64,
 }
 
 /// A form of implicit grants (`--inflight`).
@@ -517,7 +530,7 @@ pub(crate) fn run(o: Options<'_>) -> ExitCode {
             Ok(f) => {
                 let stray = if i == 0 { o.test_fault_sector } else { None };
                 // Pool mode aims the test read at guest RAM outside the pool.
-                let addr = pool.as_ref().map(|(_, _, outside)| *outside);
+                let addr = pool.as_ref().map(|p| p.outside);
                 endpoints.push(Box::new(
                     f.with_test_stray_sector(stray).with_test_stray_addr(addr),
                 ))
@@ -540,7 +553,7 @@ pub(crate) fn run(o: Options<'_>) -> ExitCode {
         endpoints.push(Box::new(device_host::endpoints::RngFactory::new("rng")));
     }
     let built = match &pool {
-        Some((window, _, _)) => DeviceHost::new_pool(o.dir, &layout, endpoints, o.poll, *window),
+        Some(p) => DeviceHost::new_pool(o.dir, &layout, p.ram_start, endpoints, o.poll, p.window),
         None => DeviceHost::new(o.dir, mode, &layout, endpoints, o.poll),
     };
     let mut host = match built {
@@ -550,8 +563,8 @@ pub(crate) fn run(o: Options<'_>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Some((_, dtb, _)) = &pool {
-        if let Err(e) = host.add_qemu_args(&["-dtb".to_string(), dtb.display().to_string()]) {
+    if let Some(p) = &pool {
+        if let Err(e) = host.add_qemu_args(&["-dtb".to_string(), p.dtb.display().to_string()]) {
             eprintln!("aperture serve: {e}");
             return ExitCode::FAILURE;
         }

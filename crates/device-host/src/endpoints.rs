@@ -8,7 +8,9 @@
 use crate::host::{
     serve_endpoint, serve_pool_endpoint, BuildError, EndpointFactory, Function, PoolWindow,
 };
-use crate::vhost_user::{serve_vhost_user, DeviceKind, InflightConfig, VhostUserHandle};
+use crate::vhost_user::{
+    serve_vhost_user, serve_vhost_user_pool, DeviceKind, InflightConfig, VhostUserHandle,
+};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use virtio_devices::{Block, BlockConfig, Rng, RngConfig};
@@ -217,6 +219,21 @@ impl EndpointFactory for VhostUserFactory {
     fn build(self: Box<Self>, iommu: Option<EndpointIommu>) -> Result<Function, BuildError> {
         let (function, handle) =
             serve_vhost_user(&self.socket, self.kind, self.timeout, iommu, self.inflight)?;
+        if let Some(tx) = self.handle {
+            let _ = tx.send(handle);
+        }
+        Ok(function)
+    }
+
+    fn build_pool(self: Box<Self>, pool: PoolWindow) -> Result<Function, BuildError> {
+        if self.inflight.is_some() {
+            return Err(BuildError::NoPoolMode(format!(
+                "{} with implicit grants",
+                self.name
+            )));
+        }
+        let (function, handle) =
+            serve_vhost_user_pool(&self.socket, self.kind, self.timeout, pool)?;
         if let Some(tx) = self.handle {
             let _ = tx.send(handle);
         }

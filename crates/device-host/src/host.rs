@@ -95,6 +95,22 @@ pub enum HostError {
     /// The VIOT could not be built.
     #[error("VIOT: {0}")]
     Viot(#[from] crate::viot::ViotError),
+    /// Pool mode: the pool is not the last bytes of RAM, so RAM cannot be split into
+    /// two files at it.
+    #[error(
+        "the pool at {base:#x} of {size:#x} bytes does not end RAM ({ram:#x} bytes at \
+         {ram_start:#x}): pool mode puts it in a memory file of its own, the last one"
+    )]
+    PoolNotAtTop {
+        /// The pool's base.
+        base: u64,
+        /// Its size.
+        size: u64,
+        /// Where RAM starts.
+        ram_start: u64,
+        /// RAM size.
+        ram: u64,
+    },
 }
 
 /// Why a device, or a thread serving it, could not be started.
@@ -339,6 +355,52 @@ pub fn memory_args(layout: &Layout) -> Vec<String> {
     args
 }
 
+/// Pool mode's QEMU RAM arguments: guest RAM as two shared memfds, the pool its own
+/// (issue 17 scope 2), so that the VMM hands the device host the pool as a separate
+/// DMA region with its own file, and a vhost-user back-end can be given that file and
+/// nothing else ([`crate::vhost_user::VhostUserDevice::share_only`]). The split is
+/// made with two NUMA nodes: QEMU places node 0's memory from `ram_start` and node 1's
+/// right after it, so the pool must be the last `pool.size` bytes of RAM (where
+/// `aperture dt-pool` puts it). A guest kernel without NUMA sees two memory ranges.
+///
+/// # Errors
+/// [`HostError::PoolNotAtTop`] unless `pool` ends exactly at the end of RAM and
+/// starts above `ram_start`.
+pub fn pool_memory_args(
+    layout: &Layout,
+    ram_start: Gpa,
+    pool: PoolWindow,
+) -> Result<Vec<String>, HostError> {
+    let ram = layout.ram_size;
+    let top = ram_start.0.checked_add(ram);
+    let low = pool.base.0.checked_sub(ram_start.0);
+    match (top, low) {
+        (Some(top), Some(low)) if low > 0 && pool.base.0.checked_add(pool.size) == Some(top) => {
+            Ok(vec![
+                "-m".to_string(),
+                format!("{ram}B"),
+                "-object".to_string(),
+                format!("memory-backend-memfd,id=aperture-ram,size={low}B,share=on"),
+                "-object".to_string(),
+                format!(
+                    "memory-backend-memfd,id=aperture-pool,size={}B,share=on",
+                    pool.size
+                ),
+                "-numa".to_string(),
+                "node,nodeid=0,memdev=aperture-ram".to_string(),
+                "-numa".to_string(),
+                "node,nodeid=1,memdev=aperture-pool".to_string(),
+            ])
+        }
+        _ => Err(HostError::PoolNotAtTop {
+            base: pool.base.0,
+            size: pool.size,
+            ram_start: ram_start.0,
+            ram,
+        }),
+    }
+}
+
 /// The layout of `mem_mib` MiB of RAM with no reserved memory: q35's own split.
 ///
 /// # Errors
@@ -415,7 +477,9 @@ impl DeviceHost {
 
     /// Pool mode (issue 17): as [`Self::new`] without a virtio-iommu, every endpoint
     /// built with [`EndpointFactory::build_pool`]: it offers `VIRTIO_F_ACCESS_PLATFORM`
-    /// and reaches only `pool` of guest memory. The guest learns of the pool from its
+    /// and reaches only `pool` of guest memory. Guest RAM (starting at `ram_start`,
+    /// `layout.ram_size` bytes) is two memory files split at the pool
+    /// ([`pool_memory_args`]). The guest learns of the pool from its
     /// device tree, which the caller provides (and may add to `qemu-args` with
     /// [`Self::add_qemu_args`]).
     ///
@@ -425,11 +489,21 @@ impl DeviceHost {
     pub fn new_pool(
         dir: &Path,
         layout: &Layout,
+        ram_start: Gpa,
         endpoints: Vec<Box<dyn EndpointFactory>>,
         poll_max: Duration,
         pool: PoolWindow,
     ) -> Result<Self, HostError> {
-        Self::build(dir, IommuMode::Off, layout, endpoints, poll_max, Some(pool))
+        // Checked before any socket exists.
+        pool_memory_args(layout, ram_start, pool)?;
+        Self::build(
+            dir,
+            IommuMode::Off,
+            layout,
+            endpoints,
+            poll_max,
+            Some((pool, ram_start)),
+        )
     }
 
     fn build(
@@ -438,7 +512,7 @@ impl DeviceHost {
         layout: &Layout,
         endpoints: Vec<Box<dyn EndpointFactory>>,
         poll_max: Duration,
-        pool: Option<PoolWindow>,
+        pool: Option<(PoolWindow, Gpa)>,
     ) -> Result<Self, HostError> {
         if endpoints.len() > MAX_ENDPOINTS {
             return Err(HostError::TooManyDevices(endpoints.len()));
@@ -528,7 +602,7 @@ impl DeviceHost {
         for ((slot, factory), ep) in specs.into_iter().zip(iommu_handles) {
             let name = factory.name();
             let built = match pool {
-                Some(p) => factory.build_pool(p),
+                Some((p, _)) => factory.build_pool(p),
                 None => factory.build(ep),
             };
             let f = built.map_err(|source| HostError::Device {
@@ -551,16 +625,24 @@ impl DeviceHost {
             iommu: handle,
             poller,
         };
-        host.write_files(mode, layout)?;
+        host.write_files(mode, layout, pool)?;
         Ok(host)
     }
 
-    fn write_files(&mut self, mode: IommuMode, layout: &Layout) -> Result<(), HostError> {
+    fn write_files(
+        &mut self,
+        mode: IommuMode,
+        layout: &Layout,
+        pool: Option<(PoolWindow, Gpa)>,
+    ) -> Result<(), HostError> {
         let dir_err = |source| HostError::Dir {
             path: self.dir.clone(),
             source,
         };
-        let mut args = memory_args(layout);
+        let mut args = match pool {
+            Some((p, ram_start)) => pool_memory_args(layout, ram_start, p)?,
+            None => memory_args(layout),
+        };
         if mode != IommuMode::Off {
             let iommu = slot_bdf(IOMMU_SLOT);
             let ranges: Vec<EndpointRange> = self
@@ -706,4 +788,53 @@ fn bind(
         server,
         backend,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+
+    fn window(base: u64, size: u64) -> PoolWindow {
+        PoolWindow {
+            base: Gpa(base),
+            size,
+        }
+    }
+
+    #[test]
+    fn pool_mode_splits_ram_at_the_pool_into_two_files() {
+        let layout = plain_layout(512).unwrap();
+        let args = pool_memory_args(&layout, Gpa(GIB), window(GIB + 496 * MIB, 16 * MIB)).unwrap();
+        let text = args.join(" ");
+        assert!(text.starts_with(&format!("-m {}B ", 512 * MIB)), "{text}");
+        assert!(text.contains(&format!("id=aperture-ram,size={}B,share=on", 496 * MIB)));
+        assert!(text.contains(&format!("id=aperture-pool,size={}B,share=on", 16 * MIB)));
+        assert!(text.contains("-numa node,nodeid=0,memdev=aperture-ram"));
+        assert!(text.contains("-numa node,nodeid=1,memdev=aperture-pool"));
+        // One backend for all of RAM would hand the pool over in RAM's file.
+        assert!(!text.contains("memory-backend=aperture-ram"));
+    }
+
+    #[test]
+    fn pool_mode_needs_the_pool_at_the_top_of_ram() {
+        let layout = plain_layout(512).unwrap();
+        for w in [
+            window(GIB + 400 * MIB, 16 * MIB), // below the top
+            window(GIB + 504 * MIB, 16 * MIB), // past the end
+            window(GIB, 512 * MIB),            // all of RAM: no node 0 left
+            window(0, 16 * MIB),               // below RAM
+        ] {
+            assert!(
+                matches!(
+                    pool_memory_args(&layout, Gpa(GIB), w),
+                    Err(HostError::PoolNotAtTop { .. })
+                ),
+                "{w:?}"
+            );
+        }
+    }
 }

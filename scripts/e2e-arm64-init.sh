@@ -15,6 +15,10 @@
 #   aperture.fault_sector=S before the block phase, read sector S alone (O_DIRECT) and
 #                           print fault-read (for `aperture serve --test-fault-sector S`,
 #                           which aims that read at guest RAM outside the pool: "fail")
+#   aperture.secret=WORD    before the devices are used, fill 1 MiB of a tmpfs file (guest
+#                           RAM outside the pool, which no device is given) with WORD
+#   aperture.hold=SECS      after the workload, print "hold SECS" and sleep that long, so
+#                           the host can inspect the back-ends while the devices are live
 #
 # Output, one line each (host side: grep '^APERTURE-E2E '):
 #   APERTURE-E2E start <uname -r>
@@ -27,9 +31,11 @@
 #                 phases; hiwater was reset to 0 in between); name: "default" for the
 #                 global swiotlb, else the pool's debugfs directory (its node name)
 #   APERTURE-E2E fault-read <ok MD5|fail ERROR|skipped WHY>   (only with aperture.fault_sector)
+#   APERTURE-E2E secret-written <bytes>   (only with aperture.secret)
 #   APERTURE-E2E blk-read-md5 / blk-write-md5 / blk-readback-md5 <md5>, or blk <absent|fail R>
 #   APERTURE-E2E blk-seconds <s>
 #   APERTURE-E2E rng <ok|fail> <bytes> | rng absent
+#   APERTURE-E2E hold <seconds>           (only with aperture.hold)
 #   APERTURE-DMESG <line>     dmesg lines about reserved memory, swiotlb, virtio, DMA
 #   APERTURE-E2E done
 # No `set -e`: an early exit of init panics the kernel.
@@ -49,7 +55,7 @@ dump_dmesg() {
     dmesg | grep -i -E 'reserved mem|restricted|swiotlb|virtio|dma|I/O error|buffer is full' | sed 's/^/APERTURE-DMESG /'
 }
 
-MIB=32 PATTERN=APERTURE SETTLE=20 WATCHDOG=600 FAULT_SECTOR=
+MIB=32 PATTERN=APERTURE SETTLE=20 WATCHDOG=600 FAULT_SECTOR='' SECRET='' HOLD=0
 for w in $(cat /proc/cmdline); do
     case "$w" in
         aperture.mib=*) MIB=${w#aperture.mib=} ;;
@@ -57,9 +63,12 @@ for w in $(cat /proc/cmdline); do
         aperture.settle=*) SETTLE=${w#aperture.settle=} ;;
         aperture.watchdog=*) WATCHDOG=${w#aperture.watchdog=} ;;
         aperture.fault_sector=*) FAULT_SECTOR=${w#aperture.fault_sector=} ;;
+        aperture.secret=*) SECRET=${w#aperture.secret=} ;;
+        aperture.hold=*) HOLD=${w#aperture.hold=} ;;
     esac
 done
 is_uint "$SETTLE" || SETTLE=20
+is_uint "$HOLD" || HOLD=0
 is_uint "$WATCHDOG" && [ "$WATCHDOG" -gt 0 ] || WATCHDOG=600
 [ -n "$PATTERN" ] || PATTERN=APERTURE
 
@@ -130,6 +139,13 @@ swiotlb_report probe
 # From here on, hiwater is the peak of the I/O phases (plus what stays allocated: vrings).
 for d in $(swiotlb_dirs); do echo 0 >"$d/io_tlb_used_hiwater"; done
 
+# --- a secret in guest RAM no device is given (outside the pool) ----------------------------------
+if [ -n "$SECRET" ]; then
+    mkdir -p /secret && mount -t tmpfs -o size=2m tmpfs /secret
+    yes "$SECRET" | head -c 1048576 >/secret/s
+    e2e secret-written "$(wc -c </secret/s)"
+fi
+
 # --- one-sector read (the refused-address test), before the block phase --------------------------
 fault_read() {
     is_uint "$FAULT_SECTOR" || { e2e fault-read skipped "bad-sector=$FAULT_SECTOR"; return; }
@@ -198,6 +214,10 @@ else
 fi
 
 swiotlb_report io
+if [ "$HOLD" -gt 0 ]; then
+    e2e hold "$HOLD"
+    sleep "$HOLD"
+fi
 dump_dmesg
 sync
 e2e "done"

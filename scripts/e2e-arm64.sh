@@ -38,6 +38,16 @@
 #                             that one read at guest RAM outside the pool, which its
 #                             memory refuses; the guest's read fails (EIO), the rest of the
 #                             I/O works and serve exits cleanly
+#      serve-pool-backend     as serve-pool, the disk run out of process by `aperture
+#                             backend blk` over vhost-user (--disk vhost-user=SOCK); guest
+#                             RAM is two memfds split at the pool (two NUMA nodes), and
+#                             the back-end is given the pool's alone: during the guest's
+#                             hold its /proc/PID/maps and fd hold the pool's memfd and not
+#                             RAM's, and a secret the guest keeps in RAM outside the pool
+#                             is nowhere in its memory
+#      serve-backend-no-pool  control: the same without --pool; the back-end maps guest
+#                             RAM's memfd and the secret is in its memory (the two checks
+#                             above can fail)
 # Prints "PASS name (...)" or "FAIL name: reason (logs: DIR)" per scenario, then
 # "N passed, M failed". Exit status 0 only if M == 0. Not part of test.sh (yet).
 #
@@ -54,7 +64,7 @@ set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/e2e-lib.sh"
 
 SCRIPTS="$APERTURE_SCRIPTS_DIR"
-ALL=(qemu-pool qemu-pool-no-platform qemu-no-pool serve-pool serve-pool-fault)
+ALL=(qemu-pool qemu-pool-no-platform qemu-no-pool serve-pool serve-pool-fault serve-pool-backend serve-backend-no-pool)
 MIB="${E2E_MIB:-32}"
 POOL_SIZE_ARG="${E2E_POOL_SIZE:-16M}"
 BOOT_TIMEOUT="${E2E_BOOT_TIMEOUT:-240}"
@@ -67,6 +77,9 @@ BLK_PCI=0000:00:02.0 RNG_PCI=0000:00:03.0
 # The functions `aperture serve` lays out (0x10 is the virtio-iommu's slot, unused here).
 SERVE_BLK_PCI=0000:00:11.0 SERVE_RNG_PCI=0000:00:12.0
 SERVE_EXIT_LIMIT=10
+# The back-end scenarios: the guest holds this long after its workload while the host
+# inspects the back-end.
+HOLD=8
 # swiotlb=N,force: the global swiotlb, 16 MiB of 2 KiB slabs, bounces every DMA that
 # does not go through the pool. Without N, arm64 sizes it for kmalloc bouncing only
 # (1 MiB per GiB of RAM: 512 KiB here) when RAM needs no bouncing.
@@ -128,10 +141,61 @@ has() { [[ -n "$(m "$@")" ]] || grep -qx "APERTURE-E2E $*" "$MARKERS"; }
 # field NAME LINE: the value of NAME=VALUE in LINE.
 field() { sed -n "s/.*\\b$1=\\([^ ]*\\).*/\\1/p" <<<"$2"; }
 
+# memfd_maps PID: "INODE BYTES" for each memfd mapping of PID (BYTES: its length).
+memfd_maps() {
+    local range ino path
+    while read -r range _ _ _ ino path; do
+        [[ "$path" == /memfd:* ]] || continue
+        echo "$ino $(($((16#${range#*-})) - $((16#${range%-*}))))"
+    done <"/proc/$1/maps"
+}
+# memfd_held PID: inodes of the memfds PID maps or holds open.
+memfd_held() {
+    local f
+    memfd_maps "$1" | cut -d' ' -f1
+    for f in /proc/"$1"/fd/*; do
+        [[ "$(readlink "$f" 2>/dev/null)" == /memfd:* ]] && stat -L -c %i "$f" 2>/dev/null
+    done
+}
+# secret_regions PID WORD: how many of PID's readable mappings hold WORD (/proc/PID/mem).
+secret_regions() {
+    local pid="$1" word="$2" range perms rest a b n=0
+    while read -r range perms rest; do
+        [[ "$perms" == r* ]] || continue
+        a=$((16#${range%-*})) b=$((16#${range#*-}))
+        { dd if="/proc/$pid/mem" bs=1M iflag=skip_bytes,count_bytes skip="$a" count=$((b - a)) 2>/dev/null || true; } \
+            | grep -q -a -F -- "$word" && n=$((n + 1))
+    done <"/proc/$pid/maps"
+    echo "$n"
+}
+# inspect_backend TIMEOUT_PID BACKEND_PID: during the guest's hold, sets RAM_INO and
+# POOL_INO (QEMU's memfds of guest RAM: the piece of 64 MiB or more, and the piece of
+# exactly the pool's size), HELD (memfd inodes the back-end maps or holds) and
+# SECRET_HITS (its mappings holding the secret).
+inspect_backend() {
+    local parent="$1" bpid="$2" qpid="" i p
+    RAM_INO="" POOL_INO="" HELD="" SECRET_HITS=""
+    for ((i = 0; i < BOOT_TIMEOUT * 5; i++)); do
+        grep -q 'APERTURE-E2E hold' "$CONSOLE_RAW" 2>/dev/null && break
+        kill -0 "$parent" 2>/dev/null || { bad "the guest ended before its hold"; return; }
+        sleep 0.2
+    done
+    for p in /proc/[0-9]*; do
+        [[ "$(awk '$1 == "PPid:" { print $2 }' "$p/status" 2>/dev/null)" == "$parent" ]] && { qpid=${p#/proc/}; break; }
+    done
+    [[ -n "$qpid" ]] || { bad "cannot find QEMU's pid (child of $parent)"; return; }
+    RAM_INO=$(memfd_maps "$qpid" | awk '$2 >= 64 * 1048576 { print $1 }' | sort -u | paste -sd' ' -)
+    POOL_INO=$(memfd_maps "$qpid" | awk -v s="$((POOL_SIZE))" '$2 == s { print $1 }' | sort -u | paste -sd' ' -)
+    HELD=$(memfd_held "$bpid" | sort -u | paste -sd' ' -)
+    SECRET_HITS=$(secret_regions "$bpid" "$SECRET")
+    kill -0 "$qpid" 2>/dev/null || bad "the inspection outlasted the guest's hold of ${HOLD}s"
+}
+
 run_scenario() {   # run_scenario NAME
     local name="$1" dir="$RUN/$1" dtb platform img qrc t0 secs host_md5 want_w line probe io counters
     local blk_pci="$BLK_PCI" rng_pci="$RNG_PCI" serve=0 fault=0 tail_sector tail_md5 dev_args i
-    local extra=() serve_pid="" serve_rc="" serve_args=()
+    local extra=() serve_pid="" serve_rc="" serve_args=() backend=0 pool=1 backend_pid="" qemu_pid
+    local sock="" ino
     mkdir -p "$dir"
     REASONS=()
     CONSOLE="$dir/console.log" MARKERS="$dir/markers"
@@ -141,7 +205,11 @@ run_scenario() {   # run_scenario NAME
         qemu-no-pool) dtb="$RUN/virt-plain.dtb" platform=on ;;
         serve-pool) serve=1 ;;
         serve-pool-fault) serve=1 fault=1 ;;
+        serve-pool-backend) serve=1 backend=1 ;;
+        serve-backend-no-pool) serve=1 backend=1 pool=0 ;;
     esac
+    CONSOLE_RAW="$dir/console.raw"
+    SECRET="SECRET-$(head -c 16 /dev/urandom | md5_of)"
     # The image: [0, N) host data, [N, 2N) zeros, [2N, 2N+1) MiB `yes TAIL-name`, whose
     # sector tail_sector is the one-sector read of the fault scenario.
     img="$dir/disk.img"
@@ -158,8 +226,21 @@ run_scenario() {   # run_scenario NAME
     local append="console=ttyAMA0 panic=-1 loglevel=4 swiotlb=$GLOBAL_SLABS,force aperture.mib=$MIB aperture.pattern=ARM64-$name aperture.watchdog=$WATCHDOG"
     if ((serve)); then
         blk_pci=$SERVE_BLK_PCI rng_pci=$SERVE_RNG_PCI
-        serve_args=(serve --dir "$dir/vm" --disk "$img" --rng --arch arm64 --iommu off
-                    --pool "$POOL_SIZE_ARG" --dtb "$RUN/virt.dtb" --mem "$MEM_MIB")
+        serve_args=(serve --dir "$dir/vm" --rng --arch arm64 --iommu off --mem "$MEM_MIB")
+        ((pool)) && serve_args+=(--pool "$POOL_SIZE_ARG" --dtb "$RUN/virt.dtb")
+        if ((backend)); then
+            sock="$dir/blk.sock"
+            "$BIN" backend blk --socket "$sock" --disk "$img" --stats "$dir/backend.json" --once \
+                >"$dir/backend.log" 2>&1 &
+            backend_pid=$!
+            PIDS+=("$backend_pid")
+            for ((i = 0; i < 200; i++)); do [[ -S "$sock" ]] && break; sleep 0.05; done
+            [[ -S "$sock" ]] || { KEEP_RUN=1; fail "$name: aperture backend blk did not listen: $(tail -n 2 "$dir/backend.log" | tr '\n' ' ')(logs: $dir)"; return; }
+            serve_args+=(--disk "vhost-user=$sock")
+            append+=" aperture.secret=$SECRET aperture.hold=$HOLD"
+        else
+            serve_args+=(--disk "$img")
+        fi
         if ((fault)); then
             serve_args+=(--test-fault-sector "$tail_sector")
             append+=" aperture.fault_sector=$tail_sector"
@@ -190,8 +271,13 @@ run_scenario() {   # run_scenario NAME
     t0=$(now)
     timeout -k 5 "$BOOT_TIMEOUT" "$QEMU" -nodefaults -no-user-config -display none -serial stdio -no-reboot \
         "${MACHINE[@]}" -accel tcg -kernel "$KERNEL" -initrd "$INITRD" -append "$append" "${dev_args[@]}" \
-        </dev/null >"$dir/console.raw" 2>"$dir/qemu.err"
+        </dev/null >"$dir/console.raw" 2>"$dir/qemu.err" &
+    qemu_pid=$!
+    PIDS+=("$qemu_pid")
+    ((backend)) && inspect_backend "$qemu_pid" "$backend_pid"
+    wait "$qemu_pid"
     qrc=$?
+    forget_pid "$qemu_pid"
     secs=$(since "$t0")
     tr -d '\r' <"$dir/console.raw" >"$CONSOLE"
     grep -o 'APERTURE-E2E .*' "$CONSOLE" >"$MARKERS"
@@ -211,7 +297,7 @@ run_scenario() {   # run_scenario NAME
         forget_pid "$serve_pid"
         [[ -z "$(find "$dir/vm" -maxdepth 1 -type s 2>/dev/null)" ]] || bad "sockets left in $dir/vm after serve exited"
         # serve planned the pool itself, from the same blob: it must be dt-pool's.
-        grep -q "restricted DMA pool at $POOL_BASE ($POOL_NODE)" "$dir/serve.log" \
+        ((!pool)) || grep -q "restricted DMA pool at $POOL_BASE ($POOL_NODE)" "$dir/serve.log" \
             || bad "serve's pool is not dt-pool's ($POOL_NODE at $POOL_BASE): $(grep 'pool mode' "$dir/serve.log")"
         grep -qi 'panick' "$dir/serve.log" && bad "aperture serve panicked: $(grep -i -m1 'panick' "$dir/serve.log")"
     fi
@@ -239,8 +325,40 @@ run_scenario() {   # run_scenario NAME
     [[ -n "$io" ]] || bad "no counters of the global swiotlb in debugfs"
     expect "global swiotlb nslabs (swiotlb=$GLOBAL_SLABS,force)" "$(field nslabs "$io")" "$GLOBAL_SLABS"
 
+    if ((backend)); then
+        # The back-end process (--once): it exits after the front-end went away.
+        for ((i = 0; i < SERVE_EXIT_LIMIT * 20; i++)); do kill -0 "$backend_pid" 2>/dev/null || break; sleep 0.05; done
+        if kill -0 "$backend_pid" 2>/dev/null; then
+            kill -KILL "$backend_pid" 2>/dev/null; wait "$backend_pid" 2>/dev/null
+            bad "aperture backend blk still running ${SERVE_EXIT_LIMIT}s after serve exited (killed)"
+        else
+            wait "$backend_pid" || bad "aperture backend blk exited with status $?: $(tail -n 2 "$dir/backend.log" | tr '\n' ' ')"
+        fi
+        forget_pid "$backend_pid"
+        expect "secret-written" "$(m secret-written)" 1048576
+        [[ -n "$RAM_INO" ]] || bad "found no guest RAM memfd (a piece of 64 MiB or more) in QEMU's maps"
+        if ((pool)); then
+            [[ -n "$POOL_INO" ]] || bad "found no memfd of the pool's size ($((POOL_SIZE >> 20)) MiB) in QEMU's maps: RAM is not split at the pool"
+            [[ -n "$POOL_INO" && " $HELD " == *" $POOL_INO "* ]] || bad "the back-end does not hold the pool's memfd (inode ${POOL_INO:-?}; it holds: ${HELD:-none})"
+            for ino in $RAM_INO; do
+                [[ " $HELD " == *" $ino "* ]] && bad "the back-end maps or holds guest RAM's memfd (inode $ino)"
+            done
+            [[ -z "$HELD" || "$HELD" == "$POOL_INO" ]] || bad "the back-end holds memfds other than the pool's: $HELD (pool: $POOL_INO)"
+            [[ "$SECRET_HITS" == 0 ]] || bad "the guest's secret is in ${SECRET_HITS:-?} of the back-end's mappings"
+        else
+            # The control: without the pool the back-end is given guest RAM, secret and all.
+            local any=0
+            for ino in $RAM_INO; do [[ " $HELD " == *" $ino "* ]] && any=1; done
+            ((any)) || bad "control: the back-end should map guest RAM's memfd without the pool (RAM: $RAM_INO; it holds: ${HELD:-none})"
+            [[ "$SECRET_HITS" -gt 0 ]] 2>/dev/null || bad "control: the guest's secret should be in the back-end's memory without the pool; the scan found it in ${SECRET_HITS:-no} mappings"
+        fi
+    fi
+
     case "$name" in
-        qemu-pool | qemu-pool-no-platform | serve-pool | serve-pool-fault)
+        serve-backend-no-pool)
+            grep -q '^APERTURE-E2E pool-assigned' "$MARKERS" && bad "a pool was assigned without --pool"
+            ;;
+        qemu-pool | qemu-pool-no-platform | serve-pool | serve-pool-fault | serve-pool-backend)
             line=$(m pool-created)
             expect "pool created (base MiB)" "$(printf '%#x %s' "${line%% *}" "${line#* }" 2>/dev/null)" "$(printf '%#x %s' "$POOL_BASE" $((POOL_SIZE >> 20)))"
             expect "pool assigned to $blk_pci" "$(m pool-assigned "$blk_pci")" "$POOL_NODE"
@@ -273,6 +391,11 @@ run_scenario() {   # run_scenario NAME
         counters="global io: $(m swiotlb io default | sed 's/nslabs=[0-9]* //')"
         if has swiotlb probe "$POOL_NODE"; then
             counters="pool probe: $(m swiotlb probe "$POOL_NODE" | sed 's/nslabs=[0-9]* //'); pool io: $(m swiotlb io "$POOL_NODE" | sed 's/nslabs=[0-9]* //'); $counters"
+        fi
+        if ((backend && pool)); then
+            counters+="; back-end holds only the pool's memfd (inode $POOL_INO; RAM's: $RAM_INO), secret in 0 of its mappings"
+        elif ((backend)); then
+            counters+="; control: back-end holds guest RAM's memfd ($HELD), secret in $SECRET_HITS of its mappings"
         fi
         pass "$name (boot+I/O ${secs}s, blk ${MIB} MiB each way in $(m blk-seconds)s; $counters)"
         rm -f "$img"

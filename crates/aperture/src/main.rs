@@ -312,7 +312,9 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
         /// tree (DIR/pool.dtb, added to qemu-args with -dtb) for every served function.
         /// Each device offers VIRTIO_F_ACCESS_PLATFORM, so the guest bounces all its DMA
         /// through the pool, and reaches only the pool: any other guest address fails
-        /// the request. In-process disks and the RNG only, so far.
+        /// the request. Guest RAM is then two memfds split at the pool (two NUMA
+        /// nodes), and a vhost-user back-end (--disk vhost-user=SOCK) is given the
+        /// pool's alone.
         #[arg(long, value_name = "SIZE", value_parser = layout::parse_size, requires = "dtb")]
         pool: Option<u64>,
         /// With --pool: the virt machine's device tree as QEMU dumps it, with the -cpu,

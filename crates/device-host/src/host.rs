@@ -135,9 +135,7 @@ pub enum BuildError {
     #[error(transparent)]
     Pool(#[from] bounce_pool::PoolIommuError),
     /// The device cannot be served in pool mode.
-    #[error(
-        "{0} cannot be served in pool mode (only in-process virtio-blk and virtio-rng can, so far)"
-    )]
+    #[error("{0} cannot be served in pool mode")]
     NoPoolMode(String),
     /// A thread could not be started.
     #[error("cannot start its thread: {0}")]
@@ -181,8 +179,9 @@ pub trait EndpointFactory: Send {
     /// and reaches guest memory only inside `pool` ([`serve_pool_endpoint`]).
     ///
     /// # Errors
-    /// [`BuildError::NoPoolMode`] unless the factory supports pool mode; else as
-    /// [`Self::build`].
+    /// [`BuildError::NoPoolMode`] unless the factory supports pool mode (in-process
+    /// virtio-blk and virtio-rng, and vhost-user back-ends without implicit grants
+    /// do); else as [`Self::build`].
     fn build_pool(self: Box<Self>, pool: PoolWindow) -> Result<Function, BuildError> {
         let _ = pool;
         Err(BuildError::NoPoolMode(self.name()))

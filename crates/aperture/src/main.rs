@@ -18,6 +18,7 @@ mod bench;
 #[cfg(feature = "bench")]
 mod bench_guest;
 mod demo;
+mod demo_arm64;
 #[cfg(feature = "bench")]
 mod demo_model;
 mod dt_pool;
@@ -48,6 +49,7 @@ pool, and measures what each way of sharing costs (bench).",
 aperture demo                  boot Linux with a disk and an RNG behind our virtio-iommu\n  \
 aperture demo --iommu off      the same without it: every device reaches all RAM\n  \
 aperture demo --model          the device model driven as Linux drives it (no QEMU)\n  \
+aperture demo --arch arm64 --pool 16M   an arm64 guest whose devices reach only a restricted DMA pool\n  \
 aperture serve --dir /tmp/vm --disk disk.img --rng   serve them to your own QEMU\n  \
 aperture backend blk --socket /tmp/blk.sock --disk disk.img   a disk in its own process\n  \
 aperture serve --dir /tmp/vm --disk vhost-user=/tmp/blk.sock    ...served through it\n  \
@@ -371,6 +373,15 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
         /// Print a JSON summary instead of the human-readable report.
         #[arg(long)]
         json: bool,
+        /// The guest: x86_64 (q35, our virtio-iommu) or arm64 (virt with a device tree;
+        /// needs --pool).
+        #[arg(long, value_enum, default_value_t = ArchArg::X86_64)]
+        arch: ArchArg,
+        /// Pool mode (with --arch arm64): the devices reach only a restricted DMA pool
+        /// of SIZE bytes (K, M, G suffixes; a multiple of 2 MiB) at the top of guest
+        /// RAM, which the guest bounces all their DMA through.
+        #[arg(long, value_name = "SIZE", value_parser = layout::parse_size)]
+        pool: Option<u64>,
     },
     #[cfg(feature = "bench")]
     /// The cost survey: what each way of sharing guest memory with a device costs, per
@@ -497,6 +508,29 @@ fn main() -> ExitCode {
             json,
             ..
         } => run_demo(endpoints, json),
+        Command::Demo {
+            arch,
+            pool,
+            mib,
+            json,
+            ..
+        } if arch == ArchArg::Arm64 || pool.is_some() => {
+            match (arch, pool) {
+                (ArchArg::Arm64, Some(pool_size)) => demo_arm64::run(demo_arm64::Options {
+                    pool_size,
+                    mib,
+                    json,
+                }),
+                (ArchArg::Arm64, None) => {
+                    eprintln!("aperture demo: --arch arm64 runs in pool mode: give --pool SIZE (e.g. 16M)");
+                    ExitCode::from(2)
+                }
+                _ => {
+                    eprintln!("aperture demo: --pool needs a guest that reads a device tree: --arch arm64");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Demo {
             iommu,
             lazy,

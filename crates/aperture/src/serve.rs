@@ -252,7 +252,7 @@ fn check_arch(o: &Options<'_>) -> Result<(), String> {
 /// function (endpoint `i` at [`endpoint_slot`]`(i)`), from the one plan of
 /// [`crate::dt_pool`]; its RAM must be the layout's. Returns the pool, the blob's path
 /// and a guest-RAM address outside the pool ([`PoolPlan`]). Errors are sentences.
-fn plan_pool(
+pub(crate) fn plan_pool(
     dir: &Path,
     pool: &PoolArg,
     layout: &Layout,
@@ -306,14 +306,15 @@ fn plan_pool(
 }
 
 /// What [`plan_pool`] decided.
-struct PoolPlan {
-    window: device_host::host::PoolWindow,
+pub(crate) struct PoolPlan {
+    /// The pool.
+    pub(crate) window: device_host::host::PoolWindow,
     /// Where guest RAM starts (virt: 1 GiB).
-    ram_start: bounce_pool::Gpa,
+    pub(crate) ram_start: bounce_pool::Gpa,
     /// The patched device tree.
-    dtb: std::path::PathBuf,
+    pub(crate) dtb: std::path::PathBuf,
     /// A guest-RAM address outside the pool.
-    outside: u64,
+    pub(crate) outside: u64,
 }
 
 /// A form of implicit grants (`--inflight`).

@@ -578,3 +578,13 @@ fn serve_host_table_bad_input_is_one_line_naming_it_and_exit_2() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn demo_arm64_is_pool_mode_and_pool_needs_arm64() {
+    let o = aperture(&["demo", "--arch", "arm64"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--pool"), "{}", stderr(&o));
+    let o = aperture(&["demo", "--pool", "16M"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--arch arm64"), "{}", stderr(&o));
+}

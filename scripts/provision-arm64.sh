@@ -14,8 +14,9 @@
 #   5. the guest kernel: Debian's kernel source, `make ARCH=arm64 allnoconfig` with
 #      scripts/guest/arm64-pool.config as KCONFIG_ALLCONFIG, every line of which is
 #      checked in the resulting .config, then `make Image`, with progress lines. Built
-#      once per (source version, fragment hash, cross-gcc version); the object tree is
-#      deleted after a successful build unless APERTURE_ARM64_KEEP_BUILD=1;
+#      once per (source version, fragment hash, cross-gcc version); the object tree and
+#      the unpacked source are deleted after a successful build (the source .deb is
+#      kept) unless APERTURE_ARM64_KEEP_BUILD=1;
 #   6. a smoke boot (virt, TCG) of the kernel with a busybox initramfs, once per key;
 #   7. KEY=VALUE lines on stdout, also in $APERTURE_CACHE/arm64/env.
 # Safe to re-run; a second run takes about a second. Needs root (apt-get, debootstrap).
@@ -30,7 +31,8 @@ usage: $0 [--refresh-qemu] [--refresh-kernel] [--refresh]
   --refresh-kernel  rebuild the arm64 guest kernel (re-uses the cached source)
   --refresh         both
 env: APERTURE_CACHE, APERTURE_APT_MIRROR, any variable of scripts/versions.env,
-     APERTURE_ARM64_KEEP_BUILD=1 (keep the kernel object tree), APERTURE_ARM64_JOBS
+     APERTURE_ARM64_KEEP_BUILD=1 (keep the kernel's object tree and unpacked source),
+     APERTURE_ARM64_JOBS
      (make -j; default: number of CPUs)
 EOF
 }
@@ -398,8 +400,10 @@ else
     if [[ "${APERTURE_ARM64_KEEP_BUILD:-0}" == 1 ]]; then
         log "kernel: object tree kept (APERTURE_ARM64_KEEP_BUILD=1): $BUILD ($(du -sm "$BUILD" | cut -f1) MB)"
     else
-        log "kernel: deleting the object tree $BUILD ($(du -sm "$BUILD" | cut -f1) MB; APERTURE_ARM64_KEEP_BUILD=1 keeps it)"
-        rm -rf "$BUILD"
+        # The disk is shared: the object tree and the unpacked source go; the source
+        # .deb stays, so a new fragment re-unpacks it (about 15 s) without the archive.
+        log "kernel: deleting the object tree $BUILD ($(du -sm "$BUILD" | cut -f1) MB) and the unpacked source $SRC_DIR ($(du -sm "$SRC_DIR" | cut -f1) MB; APERTURE_ARM64_KEEP_BUILD=1 keeps both)"
+        rm -rf "$BUILD" "$SRC_DIR"
     fi
 fi
 # Builds of other keys are replaced, not kept.

@@ -19,7 +19,7 @@
 #      kept) unless APERTURE_ARM64_KEEP_BUILD=1;
 #   6. a smoke boot (virt, TCG) of the kernel with a busybox initramfs, once per key;
 #   7. KEY=VALUE lines on stdout, also in $APERTURE_CACHE/arm64/env.
-# Safe to re-run; a second run takes about a second. Needs root (apt-get, debootstrap).
+# Safe to re-run; a second run takes about 2.5 s (from empty: about 4 min on 2 CPUs). Needs root (apt-get, debootstrap).
 # Every failure says what could not be provisioned.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -370,7 +370,7 @@ else
         rm -rf "$BUILD"
         die "could not provision the arm64 guest kernel: these lines of $FRAGMENT do not hold after allnoconfig (a missing dependency or a wrong symbol name): $(paste -sd' ' - <<<"$notheld")"
     fi
-    log "kernel: building Image with make -j$JOBS (about 5-10 min on 2 CPUs; progress every 30 s)"
+    log "kernel: building Image with make -j$JOBS (about 3-6 min on 2 CPUs; progress every 30 s)"
     t_build=$(date +%s)
     kmake -j"$JOBS" Image >>"$KLOG" 2>&1 &
     mpid=$!

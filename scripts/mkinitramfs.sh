@@ -8,12 +8,18 @@
 # drivers, reads a few bytes from /dev/hwrng if present, prints "APERTURE-GUEST-DONE"
 # and powers off (poweroff -f).
 # Needs a provisioned cache (scripts/provision.sh); does not need root.
+# With --arch arm64 it builds the image of the arm64 guest (scripts/provision-arm64.sh):
+# its static busybox, no modules (that kernel has everything built in), and an /init that
+# first installs busybox's applet links (an arm64 busybox cannot list them on this host)
+# and then runs the given or default init as /init.main.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
     cat <<EOF
-usage: $0 OUT.cpio.gz [--init PATH] [--add HOST_PATH GUEST_PATH]...
+usage: $0 OUT.cpio.gz [--arch x86_64|arm64] [--init PATH] [--add HOST_PATH GUEST_PATH]...
+  --arch ARCH                  the guest's architecture (default x86_64; arm64 needs
+                               scripts/provision-arm64.sh)
   --init PATH                  use PATH as /init instead of the default (it can call
                                aperture-load-modules and aperture-pci-info)
   --add HOST_PATH GUEST_PATH   copy an extra file into the image (repeatable)
@@ -21,10 +27,11 @@ env: APERTURE_CACHE (default \$HOME/.cache/aperture)
 EOF
 }
 
-OUT='' INIT='' ADDS=()
+OUT='' INIT='' ADDS=() ARCH=x86_64
 while (($#)); do
     case "$1" in
         --init) (($# >= 2)) || die "--init needs a path"; INIT="$2"; shift 2 ;;
+        --arch) (($# >= 2)) || die "--arch needs x86_64 or arm64"; ARCH="$2"; shift 2 ;;
         --add) (($# >= 3)) || die "--add needs HOST_PATH GUEST_PATH"; ADDS+=("$2" "$3"); shift 3 ;;
         -h|--help) usage; exit 0 ;;
         -*) usage >&2; die "unknown option: $1" ;;
@@ -34,13 +41,25 @@ done
 [[ -n "$OUT" ]] || { usage >&2; die "missing OUT.cpio.gz"; }
 
 CACHE="$APERTURE_CACHE"
-BUSYBOX="$CACHE/tools/busybox"
-MODDIR="$CACHE/guest/modules"
-[[ -x "$BUSYBOX" ]] || die "no busybox at $BUSYBOX; run scripts/provision.sh first"
-[[ -r "$MODDIR/load-order" && -r "$CACHE/guest/kernel-version" ]] || die "no guest modules in $MODDIR; run scripts/provision.sh first"
+case "$ARCH" in
+    x86_64)
+        BUSYBOX="$CACHE/tools/busybox"
+        MODDIR="$CACHE/guest/modules"
+        [[ -x "$BUSYBOX" ]] || die "no busybox at $BUSYBOX; run scripts/provision.sh first"
+        [[ -r "$MODDIR/load-order" && -r "$CACHE/guest/kernel-version" ]] || die "no guest modules in $MODDIR; run scripts/provision.sh first"
+        KREL=$(cat "$CACHE/guest/kernel-version")
+        ;;
+    arm64)
+        BUSYBOX="$CACHE/arm64/tools/busybox"
+        MODDIR=
+        [[ -s "$BUSYBOX" ]] || die "no arm64 busybox at $BUSYBOX; run scripts/provision-arm64.sh first"
+        KREL=$(sed -n 's/^APERTURE_ARM64_KERNEL_RELEASE=//p' "$CACHE/arm64/env" 2>/dev/null)
+        [[ -n "$KREL" ]] || die "no arm64 guest kernel in $CACHE/arm64/env; run scripts/provision-arm64.sh first"
+        ;;
+    *) die "--arch must be x86_64 or arm64, not '$ARCH'" ;;
+esac
 for t in cpio gzip; do command -v "$t" >/dev/null || die "host tool '$t' missing; run scripts/provision.sh first"; done
 [[ -z "$INIT" || -r "$INIT" ]] || die "--init file not readable: $INIT"
-KREL=$(cat "$CACHE/guest/kernel-version")
 
 S=$(mktemp -d "${TMPDIR:-/tmp}/aperture-initramfs.XXXXXX")
 trap 'rm -rf "$S"' EXIT
@@ -48,9 +67,13 @@ mkdir -p "$S"/{bin,dev,proc,sys,tmp,run,etc,root,lib/aperture/modules}
 ln -s bin "$S/sbin"
 mkdir -p "$S/usr"; ln -s ../bin "$S/usr/bin"; ln -s ../bin "$S/usr/sbin"
 cp "$BUSYBOX" "$S/bin/busybox"
-for a in $("$BUSYBOX" --list); do
-    [[ "$a" == busybox || -e "$S/bin/$a" ]] || ln -s busybox "$S/bin/$a"
-done
+if [[ "$ARCH" == x86_64 ]]; then
+    for a in $("$BUSYBOX" --list); do
+        [[ "$a" == busybox || -e "$S/bin/$a" ]] || ln -s busybox "$S/bin/$a"
+    done
+else
+    ln -s busybox "$S/bin/sh"
+fi
 # Console node so /init has stdout from the first instruction (only possible as root;
 # otherwise /init re-opens /dev/console after mounting devtmpfs).
 if [[ "$(id -u)" == 0 ]]; then
@@ -59,14 +82,18 @@ if [[ "$(id -u)" == 0 ]]; then
 fi
 
 n=0
-while IFS= read -r ko; do
-    [[ -n "$ko" ]] || continue
-    [[ -r "$MODDIR/$ko" ]] || die "module $ko listed in $MODDIR/load-order is missing; re-run scripts/provision.sh --refresh-kernel"
-    cp "$MODDIR/$ko" "$S/lib/aperture/modules/"
-    n=$((n + 1))
-done <"$MODDIR/load-order"
-cp "$MODDIR/load-order" "$S/lib/aperture/modules/load-order"
-[[ -r "$MODDIR/builtin" ]] && cp "$MODDIR/builtin" "$S/lib/aperture/modules/builtin"
+if [[ -n "$MODDIR" ]]; then
+    while IFS= read -r ko; do
+        [[ -n "$ko" ]] || continue
+        [[ -r "$MODDIR/$ko" ]] || die "module $ko listed in $MODDIR/load-order is missing; re-run scripts/provision.sh --refresh-kernel"
+        cp "$MODDIR/$ko" "$S/lib/aperture/modules/"
+        n=$((n + 1))
+    done <"$MODDIR/load-order"
+    cp "$MODDIR/load-order" "$S/lib/aperture/modules/load-order"
+    [[ -r "$MODDIR/builtin" ]] && cp "$MODDIR/builtin" "$S/lib/aperture/modules/builtin"
+else
+    : >"$S/lib/aperture/modules/load-order"
+fi
 echo "$KREL" >"$S/etc/aperture-kernel-release"
 
 cat >"$S/bin/aperture-load-modules" <<'EOF'
@@ -128,6 +155,16 @@ echo "APERTURE-GUEST-DONE uptime $(cut -d' ' -f1 /proc/uptime)s"
 poweroff -f
 EOF
 fi
+if [[ "$ARCH" == arm64 ]]; then
+    mv "$S/init" "$S/init.main"
+    cat >"$S/init" <<'EOF'
+#!/bin/busybox sh
+# scripts/mkinitramfs.sh --arch arm64: the applet links first, then the real init.
+/bin/busybox --install -s /bin
+exec /init.main "$@"
+EOF
+    chmod 0755 "$S/init.main"
+fi
 chmod 0755 "$S/init" "$S/bin/aperture-load-modules" "$S/bin/aperture-pci-info"
 
 i=0
@@ -144,4 +181,4 @@ mkdir -p "$(dirname "$OUT")"
     | cpio --null -o -H newc --owner=0:0 --reproducible --quiet ) | gzip -6n >"$OUT.tmp.$$" \
     || { rm -f "$OUT.tmp.$$"; die "could not build initramfs $OUT (cpio/gzip failed)"; }
 mv -f "$OUT.tmp.$$" "$OUT"
-log "initramfs $OUT: kernel $KREL, $n module(s), init=${INIT:-default}, $(du -k "$OUT" | cut -f1) KiB"
+log "initramfs $OUT: $ARCH, kernel $KREL, $n module(s), init=${INIT:-default}, $(du -k "$OUT" | cut -f1) KiB"

@@ -39,7 +39,7 @@ fn say(msg: &str) {
 }
 
 /// md5 of `yes APERTURE | head -c N MiB`, what the guest writes.
-fn pattern_md5(mib: u32) -> String {
+pub(crate) fn pattern_md5(mib: u32) -> String {
     let mut stream = b"APERTURE\n".iter().cycle();
     let mut md5 = Md5::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -53,7 +53,7 @@ fn pattern_md5(mib: u32) -> String {
 }
 
 /// md5 of `len` bytes of a file at `offset`.
-fn file_md5(path: &Path, offset: u64, len: u64) -> Result<String, String> {
+pub(crate) fn file_md5(path: &Path, offset: u64, len: u64) -> Result<String, String> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut md5 = Md5::new();
@@ -70,10 +70,10 @@ fn file_md5(path: &Path, offset: u64, len: u64) -> Result<String, String> {
 }
 
 /// One outcome the demo checks.
-struct Check {
-    what: String,
-    ok: bool,
-    detail: String,
+pub(crate) struct Check {
+    pub(crate) what: String,
+    pub(crate) ok: bool,
+    pub(crate) detail: String,
 }
 
 pub(crate) fn run(opts: Options) -> ExitCode {

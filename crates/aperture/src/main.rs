@@ -19,8 +19,10 @@ mod bench;
 #[cfg(feature = "bench")]
 mod bench_guest;
 mod demo;
+mod demo_arm64;
 #[cfg(feature = "bench")]
 mod demo_model;
+mod dt_pool;
 mod layout;
 #[cfg(feature = "bench")]
 mod report;
@@ -48,6 +50,7 @@ pool, and measures what each way of sharing costs (bench).",
 aperture demo                  boot Linux with a disk and an RNG behind our virtio-iommu\n  \
 aperture demo --iommu off      the same without it: every device reaches all RAM\n  \
 aperture demo --model          the device model driven as Linux drives it (no QEMU)\n  \
+aperture demo --arch arm64 --pool 16M   an arm64 guest whose devices reach only a restricted DMA pool\n  \
 aperture serve --dir /tmp/vm --disk disk.img --rng   serve them to your own QEMU\n  \
 aperture backend blk --socket /tmp/blk.sock --disk disk.img   a disk in its own process\n  \
 aperture serve --dir /tmp/vm --disk vhost-user=/tmp/blk.sock    ...served through it\n  \
@@ -70,6 +73,17 @@ enum IommuArg {
     Off,
     /// virtio-iommu present, boot bypass on: unattached devices reach all RAM.
     Bypass,
+}
+
+/// `--arch` of `serve`: the guest machine the QEMU arguments are for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ArchArg {
+    /// q35 (ACPI; our virtio-iommu announced by a VIOT table).
+    #[value(name = "x86_64")]
+    X86_64,
+    /// arm64 virt booted with a device tree (no ACPI, so no VIOT: --iommu off; pool
+    /// mode with --pool).
+    Arm64,
 }
 
 /// One `--disk PATH[,ro]` or `--disk vhost-user=SOCK`.
@@ -162,6 +176,20 @@ A region several devices share is refused under strict unless every sharer is as
 in the same run (repeated --assign, or one --group); relaxed assigns with a warning.\n\n\
 Exit status: 0 planned, 1 a strict conflict makes the plan impossible, 2 bad input.")]
     Layout(layout::Args),
+    /// Give PCI devices of an arm64 virt guest a restricted DMA pool through the device
+    /// tree: adds a /reserved-memory restricted-dma-pool node (placed at the top of RAM
+    /// unless --pool-base says where) and, under the PCI host bridge, a node per device
+    /// (by devfn on bus 0) with memory-region pointing at it, then compiles it with dtc.
+    /// Prints POOL_NODE, POOL_BASE, POOL_SIZE, POOL_PHANDLE, PCI_BRIDGE and POOL_DEVICES
+    /// as KEY=VALUE lines.
+    #[command(after_help = "Examples:\n  \
+qemu-system-aarch64 -M virt,dumpdtb=virt.dtb -cpu cortex-a57 -smp 1 -m 512M\n  \
+aperture dt-pool --dtb virt.dtb --out pool.dtb --pool-size 16M --device 2\n  \
+qemu-system-aarch64 -M virt -cpu cortex-a57 -smp 1 -m 512M -dtb pool.dtb \\\n      \
+-device virtio-blk-pci,addr=2,iommu_platform=on,disable-legacy=on,drive=d0 ...\n\n\
+The dump must come from the same QEMU with the same -m, -smp and -cpu as the boot.\n\
+Exit status: 0 written, 1 the pool cannot be placed or dtc failed, 2 bad command line.")]
+    DtPool(dt_pool::Args),
     /// Run one of our devices as an out-of-process vhost-user back-end (blk or rng).
     ///
     /// With iommu_platform=on at the front-end (VIRTIO_F_IOMMU_PLATFORM), the back-end
@@ -196,6 +224,8 @@ aperture serve --dir /tmp/vm --disk disk.img --rng --mem 2560 \\\n      \
 aperture serve --dir /tmp/vm --disk disk.img --mem 2560 \\\n      \
 --dmar /sys/firmware/acpi/tables/DMAR --host-device 0000:00:02.0=blk0   (the IGD's RMRRs reserved for blk0)\n  \
 aperture serve --dir /tmp/vm --disk disk.img --ivrs IVRS --host-device c4:00.7=blk0\n  \
+aperture serve --dir /tmp/vm --disk disk.img --rng --arch arm64 --iommu off --pool 16M --dtb virt.dtb\n      \
+(pool mode: an arm64 virt guest whose devices reach only a restricted DMA pool)\n  \
 aperture serve --dir /tmp/vm --disk a.img --disk b.img --dmar DMAR \\\n      \
 --host-device 00:14.0=blk0 --host-device 00:1a.0=blk0 --host-device 00:1d.0=blk1   (USB controllers sharing an RMRR)\n\n\
 Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")]
@@ -285,6 +315,27 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
               default_value_t = (device_host::vhost_user::DEFAULT_ARENA_BYTES >> 20) as u32,
               value_parser = clap::value_parser!(u32).range(1..=1024))]
         inflight_arena_mib: u32,
+        /// The guest machine: x86_64 (q35) or arm64 (virt, device tree).
+        #[arg(long, value_enum, default_value_t = ArchArg::X86_64)]
+        arch: ArchArg,
+        /// Pool mode (arm64, --iommu off, --dtb): a restricted DMA pool of SIZE bytes
+        /// (K, M, G suffixes) at the top of guest RAM, written into the guest's device
+        /// tree (DIR/pool.dtb, added to qemu-args with -dtb) for every served function.
+        /// Each device offers VIRTIO_F_ACCESS_PLATFORM, so the guest bounces all its DMA
+        /// through the pool, and reaches only the pool: any other guest address fails
+        /// the request. Guest RAM is then two memfds split at the pool (two NUMA
+        /// nodes), and a vhost-user back-end (--disk vhost-user=SOCK) is given the
+        /// pool's alone.
+        #[arg(long, value_name = "SIZE", value_parser = layout::parse_size, requires = "dtb")]
+        pool: Option<u64>,
+        /// With --pool: the virt machine's device tree as QEMU dumps it, with the -cpu,
+        /// -smp and -m the guest boots with (-m must be --mem):
+        /// qemu-system-aarch64 -M virt,dumpdtb=FILE -cpu cortex-a57 -smp 1 -m 512M.
+        #[arg(long, value_name = "FILE")]
+        dtb: Option<std::path::PathBuf>,
+        /// The device tree compiler (with --pool).
+        #[arg(long, value_name = "PATH", default_value = "dtc")]
+        dtc: std::path::PathBuf,
     },
     /// Boot an unmodified Linux guest whose disk and RNG sit behind our virtio-iommu,
     /// run a workload in it, and report what each device could reach.
@@ -336,6 +387,15 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
         /// Print a JSON summary instead of the human-readable report.
         #[arg(long)]
         json: bool,
+        /// The guest: x86_64 (q35, our virtio-iommu) or arm64 (virt with a device tree;
+        /// needs --pool).
+        #[arg(long, value_enum, default_value_t = ArchArg::X86_64)]
+        arch: ArchArg,
+        /// Pool mode (with --arch arm64): the devices reach only a restricted DMA pool
+        /// of SIZE bytes (K, M, G suffixes; a multiple of 2 MiB) at the top of guest
+        /// RAM, which the guest bounces all their DMA through.
+        #[arg(long, value_name = "SIZE", value_parser = layout::parse_size)]
+        pool: Option<u64>,
     },
     #[cfg(feature = "bench")]
     /// The cost survey: what each way of sharing guest memory with a device costs, per
@@ -453,6 +513,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Layout(args) => layout::run(args),
+        Command::DtPool(args) => dt_pool::run(args),
         Command::Backend(args) => backend::run(args),
         #[cfg(feature = "bench")]
         Command::Demo {
@@ -470,6 +531,29 @@ fn main() -> ExitCode {
             json,
             ..
         } => run_demo(endpoints, json),
+        Command::Demo {
+            arch,
+            pool,
+            mib,
+            json,
+            ..
+        } if arch == ArchArg::Arm64 || pool.is_some() => {
+            match (arch, pool) {
+                (ArchArg::Arm64, Some(pool_size)) => demo_arm64::run(demo_arm64::Options {
+                    pool_size,
+                    mib,
+                    json,
+                }),
+                (ArchArg::Arm64, None) => {
+                    eprintln!("aperture demo: --arch arm64 runs in pool mode: give --pool SIZE (e.g. 16M)");
+                    ExitCode::from(2)
+                }
+                _ => {
+                    eprintln!("aperture demo: --pool needs a guest that reads a device tree: --arch arm64");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Demo {
             iommu,
             lazy,
@@ -529,6 +613,10 @@ fn main() -> ExitCode {
             inflight,
             inflight_arena_mib,
             inflight_map_kib,
+            arch,
+            pool,
+            dtb,
+            dtc,
         } => serve::run(serve::Options {
             dir: &dir,
             disks: &disk,
@@ -550,6 +638,12 @@ fn main() -> ExitCode {
                 map_threshold: (form == serve::InflightForm::Map)
                     .then_some(u64::from(inflight_map_kib) << 10),
                 ..Default::default()
+            }),
+            arm64: arch == ArchArg::Arm64,
+            pool: pool.map(|size| serve::PoolArg {
+                size,
+                dtb: dtb.unwrap_or_default(),
+                dtc,
             }),
         }),
     }

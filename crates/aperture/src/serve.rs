@@ -202,6 +202,119 @@ pub(crate) struct Options<'a> {
     pub poll: std::time::Duration,
     /// Implicit grants for every vhost-user device (`--inflight copy`).
     pub inflight: Option<InflightConfig>,
+    /// The guest is an arm64 virt machine (`--arch arm64`).
+    pub arm64: bool,
+    /// Pool mode (`--pool SIZE --dtb FILE`).
+    pub pool: Option<PoolArg>,
+}
+
+/// Pool mode's arguments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct PoolArg {
+    /// Pool size in bytes.
+    pub size: u64,
+    /// The machine's dumped device tree.
+    pub dtb: std::path::PathBuf,
+    /// The device tree compiler.
+    pub dtc: std::path::PathBuf,
+}
+
+/// Checks the arm64 and pool-mode arguments; errors are bad input, as a sentence.
+fn check_arch(o: &Options<'_>) -> Result<(), String> {
+    if o.pool.is_some() && !o.arm64 {
+        return Err("--pool needs a guest that reads a device tree: --arch arm64".into());
+    }
+    if !o.arm64 {
+        return Ok(());
+    }
+    if o.iommu != IommuArg::Off {
+        return Err(
+            "--arch arm64: our virtio-iommu is announced to the guest by an ACPI VIOT table, \
+             which a device-tree guest never reads; give --iommu off (and --pool SIZE for \
+             pool mode)"
+                .into(),
+        );
+    }
+    if !o.reserved.is_empty() || !o.host_devices.is_empty() {
+        return Err(
+            "--arch arm64: --reserved and --host-device plan q35's memory layout; \
+                    not supported on arm64 virt"
+                .into(),
+        );
+    }
+    if o.pool.is_some() && o.inflight.is_some() {
+        return Err("--pool and --inflight are two different ways of sharing; pick one".into());
+    }
+    Ok(())
+}
+
+/// Pool mode: writes DIR/pool.dtb with the pool at the top of RAM for every served
+/// function (endpoint `i` at [`endpoint_slot`]`(i)`), from the one plan of
+/// [`crate::dt_pool`]; its RAM must be the layout's. Returns the pool, the blob's path
+/// and a guest-RAM address outside the pool ([`PoolPlan`]). Errors are sentences.
+pub(crate) fn plan_pool(
+    dir: &Path,
+    pool: &PoolArg,
+    layout: &Layout,
+    functions: usize,
+) -> Result<PoolPlan, String> {
+    let devfns: Vec<u8> = (0..functions)
+        .map(|i| {
+            endpoint_slot(i)
+                .map(|s| s << 3)
+                .ok_or_else(|| format!("{functions} devices do not fit on bus 0"))
+        })
+        .collect::<Result<_, _>>()?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let out = dir.join("pool.dtb");
+    let plan =
+        crate::dt_pool::write_pool_dtb(&pool.dtc, &pool.dtb, &out, pool.size, None, &devfns)?;
+    let ram: u64 = plan.ram.iter().map(|r| r.end - r.start).sum();
+    if ram != layout.ram_size {
+        return Err(format!(
+            "--dtb {} describes {} MiB of RAM but --mem is {} MiB: dump it with -m {}M",
+            pool.dtb.display(),
+            ram >> 20,
+            layout.ram_size >> 20,
+            layout.ram_size >> 20
+        ));
+    }
+    let (base, size) = plan.node.reg.ok_or("internal: the pool node has no reg")?;
+    eprintln!(
+        "aperture serve: pool mode: {} MiB restricted DMA pool at {base:#x} ({}), for {}; \
+         each device reaches only it",
+        size >> 20,
+        plan.node.name,
+        devfns
+            .iter()
+            .map(|d| format!("00:{:02x}.{}", d >> 3, d & 7))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let ram_start = plan.ram.first().map_or(0, |r| r.start);
+    Ok(PoolPlan {
+        window: device_host::host::PoolWindow {
+            base: bounce_pool::Gpa(base),
+            size,
+        },
+        ram_start: bounce_pool::Gpa(ram_start),
+        dtb: out,
+        // For --test-fault-sector: guest RAM 2 MiB in (where virt loads the kernel),
+        // outside the pool, which sits at the top of RAM.
+        outside: ram_start + (2 << 20),
+    })
+}
+
+/// What [`plan_pool`] decided.
+pub(crate) struct PoolPlan {
+    /// The pool.
+    pub(crate) window: device_host::host::PoolWindow,
+    /// Where guest RAM starts (virt: 1 GiB).
+    pub(crate) ram_start: bounce_pool::Gpa,
+    /// The patched device tree.
+    pub(crate) dtb: std::path::PathBuf,
+    /// A guest-RAM address outside the pool.
+    pub(crate) outside: u64,
 }
 
 /// A form of implicit grants (`--inflight`).
@@ -358,6 +471,10 @@ pub(crate) fn run(o: Options<'_>) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    if let Err(e) = check_arch(&o) {
+        eprintln!("aperture serve: {e}");
+        return ExitCode::from(2);
+    }
     let mut names: Vec<String> = (0..o.disks.len()).map(|i| format!("blk{i}")).collect();
     if o.rng {
         names.push("rng".into());
@@ -394,6 +511,16 @@ pub(crate) fn run(o: Options<'_>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let pool = match &o.pool {
+        Some(p) => match plan_pool(o.dir, p, &layout, names.len()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                eprintln!("aperture serve: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     let mut endpoints: Vec<Box<dyn EndpointFactory>> = Vec::new();
     let mut handles = Vec::new();
     for (i, d) in o.disks.iter().enumerate() {
@@ -416,7 +543,11 @@ pub(crate) fn run(o: Options<'_>) -> ExitCode {
         match device_host::endpoints::BlockFactory::new(&names[i], &d.path, d.read_only) {
             Ok(f) => {
                 let stray = if i == 0 { o.test_fault_sector } else { None };
-                endpoints.push(Box::new(f.with_test_stray_sector(stray)))
+                // Pool mode aims the test read at guest RAM outside the pool.
+                let addr = pool.as_ref().map(|p| p.outside);
+                endpoints.push(Box::new(
+                    f.with_test_stray_sector(stray).with_test_stray_addr(addr),
+                ))
             }
             Err(e) => {
                 eprintln!("aperture serve: --disk {}: {e}", d.path.display());
@@ -435,14 +566,27 @@ pub(crate) fn run(o: Options<'_>) -> ExitCode {
     } else if o.rng {
         endpoints.push(Box::new(device_host::endpoints::RngFactory::new("rng")));
     }
-    let host = match DeviceHost::new(o.dir, mode, &layout, endpoints, o.poll) {
+    let built = match &pool {
+        Some(p) => DeviceHost::new_pool(o.dir, &layout, p.ram_start, endpoints, o.poll, p.window),
+        None => DeviceHost::new(o.dir, mode, &layout, endpoints, o.poll),
+    };
+    let mut host = match built {
         Ok(h) => h,
         Err(e) => {
             eprintln!("aperture serve: {e}");
             return ExitCode::FAILURE;
         }
     };
-    describe(&layout, &names);
+    if let Some(p) = &pool {
+        if let Err(e) = host.add_qemu_args(&["-dtb".to_string(), p.dtb.display().to_string()]) {
+            eprintln!("aperture serve: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if !o.arm64 {
+        // q35's split; virt's RAM is one range at 1 GiB (the device tree says where).
+        describe(&layout, &names);
+    }
     for (name, socket, slot) in host.functions() {
         eprintln!(
             "aperture serve: {name} at 00:{slot:02x}.0 on {}",

@@ -197,6 +197,22 @@ fn serve_bad_input_is_one_line_naming_it_and_exit_2() {
             ],
             "0x100000",
         ),
+        // Pool mode needs a device-tree guest; an arm64 guest cannot be told of our
+        // virtio-iommu (no ACPI, so no VIOT).
+        (
+            vec![
+                "serve", "--dir", &d, "--rng", "--pool", "16M", "--dtb", "virt.dtb",
+            ],
+            "--arch arm64",
+        ),
+        (
+            vec!["serve", "--dir", &d, "--rng", "--arch", "arm64"],
+            "--iommu off",
+        ),
+        (
+            vec!["serve", "--dir", &d, "--rng", "--pool", "16M"],
+            "--dtb",
+        ),
     ] {
         let o = aperture(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");
@@ -596,4 +612,14 @@ fn serve_host_table_bad_input_is_one_line_naming_it_and_exit_2() {
         assert!(err.contains(needle), "{all:?}: {err} lacks {needle}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn demo_arm64_is_pool_mode_and_pool_needs_arm64() {
+    let o = aperture(&["demo", "--arch", "arm64"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--pool"), "{}", stderr(&o));
+    let o = aperture(&["demo", "--pool", "16M"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--arch arm64"), "{}", stderr(&o));
 }

@@ -5,8 +5,12 @@
 //! any socket exists; the device is built once the host knows whether it sits behind
 //! the IOMMU.
 
-use crate::host::{serve_endpoint, BuildError, EndpointFactory, Function};
-use crate::vhost_user::{serve_vhost_user, DeviceKind, InflightConfig, VhostUserHandle};
+use crate::host::{
+    serve_endpoint, serve_pool_endpoint, BuildError, EndpointFactory, Function, PoolWindow,
+};
+use crate::vhost_user::{
+    serve_vhost_user, serve_vhost_user_pool, DeviceKind, InflightConfig, VhostUserHandle,
+};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use virtio_devices::{Block, BlockConfig, Rng, RngConfig};
@@ -22,6 +26,7 @@ const CLASS_OTHER: u32 = 0xff_00_00;
 pub struct BlockFactory {
     name: String,
     config: BlockConfig,
+    stray_addr: Option<u64>,
 }
 
 impl BlockFactory {
@@ -29,6 +34,13 @@ impl BlockFactory {
     /// `sector` are aimed at an address the guest never mapped.
     pub fn with_test_stray_sector(mut self, sector: Option<u64>) -> Self {
         self.config.test_stray_sector = sector;
+        self
+    }
+
+    /// Test switch: where those reads are aimed (default
+    /// `virtio_devices::block::STRAY_IOVA`; see `Block::set_test_stray_addr`).
+    pub fn with_test_stray_addr(mut self, addr: Option<u64>) -> Self {
+        self.stray_addr = addr;
         self
     }
 
@@ -52,6 +64,7 @@ impl BlockFactory {
         Ok(Self {
             name: name.to_string(),
             config,
+            stray_addr: None,
         })
     }
 }
@@ -66,8 +79,23 @@ impl EndpointFactory for BlockFactory {
             access_platform: iommu.is_some(),
             ..self.config
         };
-        let dev = Block::new(&config)?;
+        let mut dev = Block::new(&config)?;
+        if let Some(a) = self.stray_addr {
+            dev.set_test_stray_addr(a);
+        }
         serve_endpoint(dev, CLASS_STORAGE_OTHER, iommu)
+    }
+
+    fn build_pool(self: Box<Self>, pool: PoolWindow) -> Result<Function, BuildError> {
+        let config = BlockConfig {
+            access_platform: true,
+            ..self.config
+        };
+        let mut dev = Block::new(&config)?;
+        if let Some(a) = self.stray_addr {
+            dev.set_test_stray_addr(a);
+        }
+        serve_pool_endpoint(dev, CLASS_STORAGE_OTHER, pool)
     }
 }
 
@@ -98,6 +126,14 @@ impl EndpointFactory for RngFactory {
         };
         let dev = Rng::new(&config)?;
         serve_endpoint(dev, CLASS_OTHER, iommu)
+    }
+
+    fn build_pool(self: Box<Self>, pool: PoolWindow) -> Result<Function, BuildError> {
+        let config = RngConfig {
+            access_platform: true,
+            ..RngConfig::default()
+        };
+        serve_pool_endpoint(Rng::new(&config)?, CLASS_OTHER, pool)
     }
 }
 
@@ -183,6 +219,21 @@ impl EndpointFactory for VhostUserFactory {
     fn build(self: Box<Self>, iommu: Option<EndpointIommu>) -> Result<Function, BuildError> {
         let (function, handle) =
             serve_vhost_user(&self.socket, self.kind, self.timeout, iommu, self.inflight)?;
+        if let Some(tx) = self.handle {
+            let _ = tx.send(handle);
+        }
+        Ok(function)
+    }
+
+    fn build_pool(self: Box<Self>, pool: PoolWindow) -> Result<Function, BuildError> {
+        if self.inflight.is_some() {
+            return Err(BuildError::NoPoolMode(format!(
+                "{} with implicit grants",
+                self.name
+            )));
+        }
+        let (function, handle) =
+            serve_vhost_user_pool(&self.socket, self.kind, self.timeout, pool)?;
         if let Some(tx) = self.handle {
             let _ = tx.send(handle);
         }

@@ -8,6 +8,7 @@ use crate::vfio::{
     irqs, regions, EventFdSink, MemoryBuilder, MsixVectors, NotifyHook, PciFunction,
 };
 use crate::viot::{build_viot, EndpointRange};
+use bounce_pool::{Gpa, PoolIommu};
 use dma_types::lock;
 use mem_layout::{Bdf, Layout, LayoutConfig, LayoutError, RdmDatabase};
 use std::path::{Path, PathBuf};
@@ -25,6 +26,23 @@ use vm_memory::{GuestMemoryMmap, IommuMemory};
 /// Memory of an endpoint behind the virtio-iommu: guest-physical memory seen through
 /// the endpoint's translation.
 pub type EndpointMemory = IommuMemory<GuestMemoryMmap, EndpointIommu>;
+
+/// Memory of a device in pool mode: guest-physical memory seen through
+/// [`PoolIommu`], which translates the restricted DMA pool's range and refuses every
+/// other address (the request that names one fails; the device does not panic).
+pub type PoolMemory = IommuMemory<GuestMemoryMmap, PoolIommu>;
+
+/// Pool mode (issue 17): the restricted DMA pool every device of the VM is limited
+/// to, where the guest's device tree places it (`aperture dt-pool`). The guest
+/// bounces all of a device's DMA through it, vrings included, once the device offers
+/// `VIRTIO_F_ACCESS_PLATFORM`, which pool-mode devices do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolWindow {
+    /// Guest-physical base of the pool.
+    pub base: Gpa,
+    /// Its size in bytes.
+    pub size: u64,
+}
 
 /// How the virtio-iommu is presented.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +95,22 @@ pub enum HostError {
     /// The VIOT could not be built.
     #[error("VIOT: {0}")]
     Viot(#[from] crate::viot::ViotError),
+    /// Pool mode: the pool is not the last bytes of RAM, so RAM cannot be split into
+    /// two files at it.
+    #[error(
+        "the pool at {base:#x} of {size:#x} bytes does not end RAM ({ram:#x} bytes at \
+         {ram_start:#x}): pool mode puts it in a memory file of its own, the last one"
+    )]
+    PoolNotAtTop {
+        /// The pool's base.
+        base: u64,
+        /// Its size.
+        size: u64,
+        /// Where RAM starts.
+        ram_start: u64,
+        /// RAM size.
+        ram: u64,
+    },
 }
 
 /// Why a device, or a thread serving it, could not be started.
@@ -97,6 +131,12 @@ pub enum BuildError {
     /// The virtio-iommu's configuration.
     #[error(transparent)]
     Iommu(#[from] virtio_iommu::DeviceError),
+    /// The pool window of pool mode.
+    #[error(transparent)]
+    Pool(#[from] bounce_pool::PoolIommuError),
+    /// The device cannot be served in pool mode.
+    #[error("{0} cannot be served in pool mode")]
+    NoPoolMode(String),
     /// A thread could not be started.
     #[error("cannot start its thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -134,6 +174,48 @@ pub trait EndpointFactory: Send {
     /// # Errors
     /// [`BuildError`]: why the device could not be built.
     fn build(self: Box<Self>, iommu: Option<EndpointIommu>) -> Result<Function, BuildError>;
+
+    /// Builds and serves the device in pool mode: it offers `VIRTIO_F_ACCESS_PLATFORM`
+    /// and reaches guest memory only inside `pool` ([`serve_pool_endpoint`]).
+    ///
+    /// # Errors
+    /// [`BuildError::NoPoolMode`] unless the factory supports pool mode (in-process
+    /// virtio-blk and virtio-rng, and vhost-user back-ends without implicit grants
+    /// do); else as [`Self::build`].
+    fn build_pool(self: Box<Self>, pool: PoolWindow) -> Result<Function, BuildError> {
+        let _ = pool;
+        Err(BuildError::NoPoolMode(self.name()))
+    }
+}
+
+/// Serves `device` in pool mode: its memory is [`PoolMemory`] over `pool`, and it
+/// must be driven with `VIRTIO_F_ACCESS_PLATFORM` (without it the guest's virtio
+/// would skip the DMA API, hence the pool).
+///
+/// # Errors
+/// [`BuildError::Pool`] for an empty or overflowing window; [`BuildError::Transport`].
+pub fn serve_pool_endpoint<D>(
+    device: D,
+    class_code: u32,
+    pool: PoolWindow,
+) -> Result<Function, BuildError>
+where
+    D: VirtioDevice<PoolMemory> + Send + 'static,
+{
+    let iommu = PoolIommu::new(pool.base, pool.size)?;
+    let mem = IommuMemory::new(GuestMemoryMmap::default(), iommu, true, ());
+    // The window never changes; each new guest-RAM map from the VMM keeps it.
+    let template = mem.clone();
+    let build: MemoryBuilder<PoolMemory> =
+        Box::new(move |phys| template.with_replaced_backend(phys));
+    function(
+        device,
+        class_code,
+        mem,
+        build,
+        1 << VIRTIO_F_ACCESS_PLATFORM,
+        Box::new(()),
+    )
 }
 
 /// Serves `device` as a PCI function, translated by `iommu` when given.
@@ -272,6 +354,52 @@ pub fn memory_args(layout: &Layout) -> Vec<String> {
     args
 }
 
+/// Pool mode's QEMU RAM arguments: guest RAM as two shared memfds, the pool its own
+/// (issue 17 scope 2), so that the VMM hands the device host the pool as a separate
+/// DMA region with its own file, and a vhost-user back-end can be given that file and
+/// nothing else ([`crate::vhost_user::VhostUserDevice::share_only`]). The split is
+/// made with two NUMA nodes: QEMU places node 0's memory from `ram_start` and node 1's
+/// right after it, so the pool must be the last `pool.size` bytes of RAM (where
+/// `aperture dt-pool` puts it). A guest kernel without NUMA sees two memory ranges.
+///
+/// # Errors
+/// [`HostError::PoolNotAtTop`] unless `pool` ends exactly at the end of RAM and
+/// starts above `ram_start`.
+pub fn pool_memory_args(
+    layout: &Layout,
+    ram_start: Gpa,
+    pool: PoolWindow,
+) -> Result<Vec<String>, HostError> {
+    let ram = layout.ram_size;
+    let top = ram_start.0.checked_add(ram);
+    let low = pool.base.0.checked_sub(ram_start.0);
+    match (top, low) {
+        (Some(top), Some(low)) if low > 0 && pool.base.0.checked_add(pool.size) == Some(top) => {
+            Ok(vec![
+                "-m".to_string(),
+                format!("{ram}B"),
+                "-object".to_string(),
+                format!("memory-backend-memfd,id=aperture-ram,size={low}B,share=on"),
+                "-object".to_string(),
+                format!(
+                    "memory-backend-memfd,id=aperture-pool,size={}B,share=on",
+                    pool.size
+                ),
+                "-numa".to_string(),
+                "node,nodeid=0,memdev=aperture-ram".to_string(),
+                "-numa".to_string(),
+                "node,nodeid=1,memdev=aperture-pool".to_string(),
+            ])
+        }
+        _ => Err(HostError::PoolNotAtTop {
+            base: pool.base.0,
+            size: pool.size,
+            ram_start: ram_start.0,
+            ram,
+        }),
+    }
+}
+
 /// The layout of `mem_mib` MiB of RAM with no reserved memory: q35's own split.
 ///
 /// # Errors
@@ -342,6 +470,48 @@ impl DeviceHost {
         layout: &Layout,
         endpoints: Vec<Box<dyn EndpointFactory>>,
         poll_max: Duration,
+    ) -> Result<Self, HostError> {
+        Self::build(dir, mode, layout, endpoints, poll_max, None)
+    }
+
+    /// Pool mode (issue 17): as [`Self::new`] without a virtio-iommu, every endpoint
+    /// built with [`EndpointFactory::build_pool`]: it offers `VIRTIO_F_ACCESS_PLATFORM`
+    /// and reaches only `pool` of guest memory. Guest RAM (starting at `ram_start`,
+    /// `layout.ram_size` bytes) is two memory files split at the pool
+    /// ([`pool_memory_args`]). The guest learns of the pool from its
+    /// device tree, which the caller provides (and may add to `qemu-args` with
+    /// [`Self::add_qemu_args`]).
+    ///
+    /// # Errors
+    /// As [`Self::new`]; [`BuildError::NoPoolMode`] for a device that cannot be
+    /// served in pool mode.
+    pub fn new_pool(
+        dir: &Path,
+        layout: &Layout,
+        ram_start: Gpa,
+        endpoints: Vec<Box<dyn EndpointFactory>>,
+        poll_max: Duration,
+        pool: PoolWindow,
+    ) -> Result<Self, HostError> {
+        // Checked before any socket exists.
+        pool_memory_args(layout, ram_start, pool)?;
+        Self::build(
+            dir,
+            IommuMode::Off,
+            layout,
+            endpoints,
+            poll_max,
+            Some((pool, ram_start)),
+        )
+    }
+
+    fn build(
+        dir: &Path,
+        mode: IommuMode,
+        layout: &Layout,
+        endpoints: Vec<Box<dyn EndpointFactory>>,
+        poll_max: Duration,
+        pool: Option<(PoolWindow, Gpa)>,
     ) -> Result<Self, HostError> {
         if endpoints.len() > MAX_ENDPOINTS {
             return Err(HostError::TooManyDevices(endpoints.len()));
@@ -430,7 +600,11 @@ impl DeviceHost {
         }
         for ((slot, factory), ep) in specs.into_iter().zip(iommu_handles) {
             let name = factory.name();
-            let f = factory.build(ep).map_err(|source| HostError::Device {
+            let built = match pool {
+                Some((p, _)) => factory.build_pool(p),
+                None => factory.build(ep),
+            };
+            let f = built.map_err(|source| HostError::Device {
                 name: name.clone(),
                 source,
             })?;
@@ -450,16 +624,24 @@ impl DeviceHost {
             iommu: handle,
             poller,
         };
-        host.write_files(mode, layout)?;
+        host.write_files(mode, layout, pool)?;
         Ok(host)
     }
 
-    fn write_files(&mut self, mode: IommuMode, layout: &Layout) -> Result<(), HostError> {
+    fn write_files(
+        &mut self,
+        mode: IommuMode,
+        layout: &Layout,
+        pool: Option<(PoolWindow, Gpa)>,
+    ) -> Result<(), HostError> {
         let dir_err = |source| HostError::Dir {
             path: self.dir.clone(),
             source,
         };
-        let mut args = memory_args(layout);
+        let mut args = match pool {
+            Some((p, ram_start)) => pool_memory_args(layout, ram_start, p)?,
+            None => memory_args(layout),
+        };
         if mode != IommuMode::Off {
             let iommu = slot_bdf(IOMMU_SLOT);
             let ranges: Vec<EndpointRange> = self
@@ -495,6 +677,20 @@ impl DeviceHost {
         std::fs::write(self.dir.join("qemu-args"), text).map_err(dir_err)?;
         self.qemu_args = args;
         Ok(())
+    }
+
+    /// Appends `args` to the QEMU arguments and rewrites `DIR/qemu-args`.
+    ///
+    /// # Errors
+    /// [`HostError::Dir`] if the file cannot be written.
+    pub fn add_qemu_args(&mut self, args: &[String]) -> Result<(), HostError> {
+        self.qemu_args.extend_from_slice(args);
+        let mut text = self.qemu_args.join("\n");
+        text.push('\n');
+        std::fs::write(self.dir.join("qemu-args"), text).map_err(|source| HostError::Dir {
+            path: self.dir.clone(),
+            source,
+        })
     }
 
     /// The served virtio-iommu, unless the mode is `Off`.
@@ -591,4 +787,53 @@ fn bind(
         server,
         backend,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+
+    fn window(base: u64, size: u64) -> PoolWindow {
+        PoolWindow {
+            base: Gpa(base),
+            size,
+        }
+    }
+
+    #[test]
+    fn pool_mode_splits_ram_at_the_pool_into_two_files() {
+        let layout = plain_layout(512).unwrap();
+        let args = pool_memory_args(&layout, Gpa(GIB), window(GIB + 496 * MIB, 16 * MIB)).unwrap();
+        let text = args.join(" ");
+        assert!(text.starts_with(&format!("-m {}B ", 512 * MIB)), "{text}");
+        assert!(text.contains(&format!("id=aperture-ram,size={}B,share=on", 496 * MIB)));
+        assert!(text.contains(&format!("id=aperture-pool,size={}B,share=on", 16 * MIB)));
+        assert!(text.contains("-numa node,nodeid=0,memdev=aperture-ram"));
+        assert!(text.contains("-numa node,nodeid=1,memdev=aperture-pool"));
+        // One backend for all of RAM would hand the pool over in RAM's file.
+        assert!(!text.contains("memory-backend=aperture-ram"));
+    }
+
+    #[test]
+    fn pool_mode_needs_the_pool_at_the_top_of_ram() {
+        let layout = plain_layout(512).unwrap();
+        for w in [
+            window(GIB + 400 * MIB, 16 * MIB), // below the top
+            window(GIB + 504 * MIB, 16 * MIB), // past the end
+            window(GIB, 512 * MIB),            // all of RAM: no node 0 left
+            window(0, 16 * MIB),               // below RAM
+        ] {
+            assert!(
+                matches!(
+                    pool_memory_args(&layout, Gpa(GIB), w),
+                    Err(HostError::PoolNotAtTop { .. })
+                ),
+                "{w:?}"
+            );
+        }
+    }
 }

@@ -321,12 +321,13 @@ impl VhostUserDevice {
     ///
     /// The back-end is driven without the IOTLB: the guest gives the device
     /// guest-physical addresses inside the pool, and an address outside it is simply
-    /// not in the back-end's memory. A guest's `VIRTIO_F_ACCESS_PLATFORM` (which tells
-    /// Linux to use its DMA API, and so the pool) is not passed on.
+    /// not in the back-end's memory. The guest is offered `VIRTIO_F_ACCESS_PLATFORM`
+    /// (which tells Linux to use its DMA API, and so the pool); the back-end is not.
     ///
-    /// Not offered by `aperture serve`: an x86 Linux guest learns of a restricted pool
-    /// only from a device tree (`restricted-dma-pool`), which it does not have; the
-    /// mode is exercised by a fake guest driver (`crates/aperture/tests/pool_backend.rs`).
+    /// `aperture serve --arch arm64 --pool` uses it for an arm64 guest, which learns
+    /// of the pool from its device tree; an x86 guest has no device tree, and there
+    /// the mode is exercised by a fake guest driver
+    /// (`crates/aperture/tests/pool_backend.rs`).
     ///
     /// # Errors
     /// [`VhostUserError::PoolMode`] if `start` or `size` is not a non-zero multiple of
@@ -347,7 +348,7 @@ impl VhostUserDevice {
             .0
             .checked_add(size - 1)
             .ok_or_else(|| bad("it passes the top of the address space"))?;
-        if has(self.offered, VIRTIO_F_ACCESS_PLATFORM) {
+        if has(self.offered, VIRTIO_F_ACCESS_PLATFORM) && self.share.is_none() {
             return Err(bad(
                 "the device is behind the virtio-iommu; pool mode and the IOTLB exclude each other",
             ));
@@ -356,6 +357,9 @@ impl VhostUserDevice {
             first: start.0,
             last,
         });
+        // The guest must bounce through the pool: only its DMA API does, and virtio
+        // uses that only with ACCESS_PLATFORM. `start` keeps it from the back-end.
+        self.offered |= 1 << VIRTIO_F_ACCESS_PLATFORM;
         Ok(())
     }
 
@@ -826,6 +830,42 @@ pub fn serve_vhost_user(
             Ok((function(&handle, t, vectors, build), handle))
         }
     }
+}
+
+/// Pool mode ([`VhostUserDevice::share_only`]): connects to the back-end at `socket`
+/// and serves the device so that the back-end is given only `pool` of guest memory,
+/// which must be its own memory file (the VMM's RAM split at the pool, as
+/// [`crate::host::pool_memory_args`] asks QEMU for). The guest is offered and must
+/// accept `VIRTIO_F_ACCESS_PLATFORM`.
+///
+/// # Errors
+/// [`BuildError::VhostUser`] if the back-end cannot be reached or pool mode set up;
+/// [`BuildError::Transport`].
+pub fn serve_vhost_user_pool(
+    socket: &Path,
+    kind: DeviceKind,
+    timeout: Duration,
+    pool: crate::host::PoolWindow,
+) -> Result<(Function, VhostUserHandle), BuildError> {
+    let n = QUEUE_SIZES.len() as u16 + 1;
+    let vectors = MsixVectors::new(n);
+    let irq: Arc<dyn InterruptSink> = Arc::new(EventFdSink(Arc::clone(&vectors)));
+    let mut dev = VhostUserDevice::connect(socket, kind, timeout, Arc::clone(&irq))?;
+    dev.share_only(GuestAddress(pool.base.0), pool.size)?;
+    let handle = dev.handle();
+    let sink = Box::new(EventFdSink(Arc::clone(&vectors)));
+    // The transport itself touches no guest buffer (the back-end runs the rings), so it
+    // keeps the plain guest-physical map; what the back-end gets is the pool's file.
+    let build: MemoryBuilder<GuestMemoryMmap> = Box::new(|phys| phys);
+    let t = VirtioPciTransport::new(
+        dev,
+        kind.class_code(),
+        GuestMemoryMmap::default(),
+        sink,
+        1 << VIRTIO_F_ACCESS_PLATFORM,
+    )?;
+    let t = Arc::new(Mutex::new(t));
+    Ok((function(&handle, t, vectors, build), handle))
 }
 
 pub(super) fn on_broken<M: PhysicalMemory + Send + 'static>(

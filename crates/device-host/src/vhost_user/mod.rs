@@ -71,7 +71,7 @@ mod recovery;
 #[cfg(test)]
 mod tests;
 
-pub use device::{serve_vhost_user, VhostUserDevice};
+pub use device::{serve_vhost_user, serve_vhost_user_pool, VhostUserDevice};
 pub use inflight::{InflightConfig, DEFAULT_ARENA_BYTES, DEFAULT_DEADLINE, DEFAULT_MAP_THRESHOLD};
 pub use memory::PhysicalMemory;
 /// The wire format ("Message Specification" of vhost-user.rst), as the back-end

@@ -153,6 +153,8 @@ pub struct Block {
     acked: u64,
     counters: BlockCounters,
     test_stray_sector: Option<u64>,
+    /// Where a read of `test_stray_sector` is aimed ([`STRAY_IOVA`] unless set).
+    test_stray_addr: u64,
     /// What `seg_max` advertises (at most [`request::SEG_MAX`]).
     seg_max: u32,
 }
@@ -170,6 +172,13 @@ impl std::fmt::Debug for Block {
 }
 
 impl Block {
+    /// Test switch, with [`BlockConfig::test_stray_sector`]: aim that sector's reads
+    /// at `addr` instead of [`STRAY_IOVA`] (pool mode aims at guest RAM outside the
+    /// pool, which the device's memory must refuse).
+    pub fn set_test_stray_addr(&mut self, addr: u64) {
+        self.test_stray_addr = addr;
+    }
+
     /// Opens the image (`O_RDWR`, or `O_RDONLY` when read-only) and builds the device.
     /// Its GET_ID answer is the image's file name, cut to 20 bytes, zero-padded.
     ///
@@ -218,6 +227,7 @@ impl Block {
             acked: 0,
             counters: BlockCounters::default(),
             test_stray_sector: config.test_stray_sector,
+            test_stray_addr: STRAY_IOVA,
             seg_max: request::SEG_MAX,
         })
     }
@@ -365,7 +375,7 @@ impl Block {
         match request {
             Request::Read { offset, len } => {
                 let stray = [Segment {
-                    addr: vm_memory::GuestAddress(STRAY_IOVA),
+                    addr: vm_memory::GuestAddress(self.test_stray_addr),
                     len,
                 }];
                 let aimed_astray = self.test_stray_sector.is_some_and(|s| {

@@ -7,8 +7,9 @@
 # (scripts/provision.sh: QEMU and the guest kernel, into $APERTURE_CACHE, by default
 # ~/.cache/aperture) and its own tests (scripts/e2e-provision.sh), then the end-to-end
 # suites: scripts/e2e.sh (a real guest against `aperture serve`), scripts/e2e-vhost.sh and
-# scripts/e2e-frontend.sh (vhost-user back-ends out of process), and last the README's
-# demo as a newcomer runs it. Every step's time is listed at the end.
+# scripts/e2e-frontend.sh (vhost-user back-ends out of process, implicit grants),
+# scripts/e2e-arm64.sh (the restricted DMA pool with an arm64 guest; its first run
+# builds the guest kernel, 3-6 min), and last the README's demo as a newcomer runs it. Every step's time is listed at the end.
 # CI runs exactly this script (.ci/run), with APERTURE_CACHE pointed at a new empty
 # directory so that it provisions as a fresh machine does.
 set -euo pipefail
@@ -113,6 +114,11 @@ step "scripts/e2e.sh" scripts/e2e.sh
 # device host as the front-end of ours and of a third-party back-end from the registry.
 step "scripts/e2e-vhost.sh" scripts/e2e-vhost.sh
 step "scripts/e2e-frontend.sh" scripts/e2e-frontend.sh
+
+# The restricted DMA pool with a real guest: arm64 under QEMU's virt machine, its kernel
+# built once from Debian's linux-source with the pool (scripts/provision-arm64.sh,
+# cached), QEMU's own devices and then ours in pool mode, in process and out of process.
+step "scripts/e2e-arm64.sh" scripts/e2e-arm64.sh
 
 # The README's first command, exactly as a newcomer types it.
 step "cargo run --release -p aperture -- demo" cargo run --release -p aperture -- demo

@@ -95,3 +95,40 @@ take_cache_lock() {
 
 # "11.1.3" >= "10.1" ?
 version_ge() { [[ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" == "$2" ]]; }
+
+# build_dirs WHAT: temporary build directories under $CACHE for a provisioning script.
+# Sets the EXIT trap that removes every directory `new_tmp` made (after unmounting
+# anything inside; with APERTURE_KEEP_FAILED a failed run keeps them) and says "WHAT
+# FAILED" on a failure, and removes the leftovers of interrupted runs (build dirs are
+# only ever renamed into place when complete).
+build_dirs() {
+    _ap_build_what="$1"
+    TMPDIRS=()
+    trap _ap_build_cleanup EXIT
+    trap 'exit 130' INT TERM
+    local stale
+    shopt -s nullglob
+    for stale in "$CACHE"/.build-* "$CACHE"/.old-*; do
+        log "removing leftover of an interrupted run: $stale"
+        safe_rm_tree "$stale"
+    done
+    shopt -u nullglob
+}
+_ap_build_cleanup() {
+    local rc=$? d m
+    for d in "${TMPDIRS[@]}"; do
+        if ((rc != 0)) && [[ -n "${APERTURE_KEEP_FAILED:-}" ]]; then
+            for m in $(mounts_under "$d"); do umount "$m" 2>/dev/null || umount -l "$m" || true; done
+            printf '[%s] kept for debugging (APERTURE_KEEP_FAILED): %s\n' "$_ap_prog" "$d" >&2
+            continue
+        fi
+        safe_rm_tree "$d" || rc=1
+    done
+    if ((rc != 0)); then
+        printf '[%s] ERROR: %s FAILED (exit %d); logs in %s/logs\n' "$_ap_prog" "$_ap_build_what" "$rc" "$CACHE" >&2
+    fi
+    exit "$rc"
+}
+# new_tmp VAR PREFIX: VAR=fresh temp dir under the cache (same filesystem, so mv is a
+# rename), removed on exit (build_dirs).
+new_tmp() { local -n _v=$1; _v=$(mktemp -d "$CACHE/$2.XXXXXX"); TMPDIRS+=("$_v"); }

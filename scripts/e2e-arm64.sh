@@ -141,49 +141,15 @@ has() { [[ -n "$(m "$@")" ]] || grep -qx "APERTURE-E2E $*" "$MARKERS"; }
 # field NAME LINE: the value of NAME=VALUE in LINE.
 field() { sed -n "s/.*\\b$1=\\([^ ]*\\).*/\\1/p" <<<"$2"; }
 
-# memfd_maps PID: "INODE BYTES" for each memfd mapping of PID (BYTES: its length).
-memfd_maps() {
-    local range ino path
-    while read -r range _ _ _ ino path; do
-        [[ "$path" == /memfd:* ]] || continue
-        echo "$ino $(($((16#${range#*-})) - $((16#${range%-*}))))"
-    done <"/proc/$1/maps"
-}
-# memfd_held PID: inodes of the memfds PID maps or holds open.
-memfd_held() {
-    local f
-    memfd_maps "$1" | cut -d' ' -f1
-    for f in /proc/"$1"/fd/*; do
-        [[ "$(readlink "$f" 2>/dev/null)" == /memfd:* ]] && stat -L -c %i "$f" 2>/dev/null
-    done
-}
-# secret_regions PID WORD: how many of PID's readable mappings hold WORD (/proc/PID/mem).
-secret_regions() {
-    local pid="$1" word="$2" range perms rest a b n=0
-    while read -r range perms rest; do
-        [[ "$perms" == r* ]] || continue
-        a=$((16#${range%-*})) b=$((16#${range#*-}))
-        { dd if="/proc/$pid/mem" bs=1M iflag=skip_bytes,count_bytes skip="$a" count=$((b - a)) 2>/dev/null || true; } \
-            | grep -q -a -F -- "$word" && n=$((n + 1))
-    done <"/proc/$pid/maps"
-    echo "$n"
-}
 # inspect_backend TIMEOUT_PID BACKEND_PID: during the guest's hold, sets RAM_INO and
 # POOL_INO (QEMU's memfds of guest RAM: the piece of 64 MiB or more, and the piece of
 # exactly the pool's size), HELD (memfd inodes the back-end maps or holds) and
 # SECRET_HITS (its mappings holding the secret).
 inspect_backend() {
-    local parent="$1" bpid="$2" qpid="" i p
+    local parent="$1" bpid="$2" qpid
     RAM_INO="" POOL_INO="" HELD="" SECRET_HITS=""
-    for ((i = 0; i < BOOT_TIMEOUT * 5; i++)); do
-        grep -q 'APERTURE-E2E hold' "$CONSOLE_RAW" 2>/dev/null && break
-        kill -0 "$parent" 2>/dev/null || { bad "the guest ended before its hold"; return; }
-        sleep 0.2
-    done
-    for p in /proc/[0-9]*; do
-        [[ "$(awk '$1 == "PPid:" { print $2 }' "$p/status" 2>/dev/null)" == "$parent" ]] && { qpid=${p#/proc/}; break; }
-    done
-    [[ -n "$qpid" ]] || { bad "cannot find QEMU's pid (child of $parent)"; return; }
+    qemu_at_hold "$parent" || return
+    qpid=$QEMU_PID
     RAM_INO=$(memfd_maps "$qpid" | awk '$2 >= 64 * 1048576 { print $1 }' | sort -u | paste -sd' ' -)
     POOL_INO=$(memfd_maps "$qpid" | awk -v s="$((POOL_SIZE))" '$2 == s { print $1 }' | sort -u | paste -sd' ' -)
     HELD=$(memfd_held "$bpid" | sort -u | paste -sd' ' -)

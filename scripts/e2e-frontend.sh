@@ -102,57 +102,22 @@ wait_exit() {   # wait_exit PID SECONDS: sets EXIT_RC to its status, or "hung" (
 m() { awk -v k="$1" '$2 == k { sub(/^APERTURE-E2E [^ ]+ ?/, ""); print; exit }' "$MARKERS"; }
 has() { awk -v k="$1" '$2 == k { f = 1 } END { exit !f }' "$MARKERS"; }
 
-# mapped_memfds PID [MIN_BYTES]: inodes of the memfds PID maps, in pieces of at least
-# MIN_BYTES (default 0).
-mapped_memfds() {
-    local pid="$1" min="${2:-0}" range perms off dev ino path
-    while read -r range perms off dev ino path; do
-        [[ "$path" == /memfd:* ]] || continue
-        (( $((16#${range#*-})) - $((16#${range%-*})) >= min )) && echo "$ino"
-    done <"/proc/$pid/maps"
-}
-# open_memfds PID: inodes of the memfds PID holds open.
-open_memfds() {
-    local f
-    for f in /proc/"$1"/fd/*; do
-        [[ "$(readlink "$f" 2>/dev/null)" == /memfd:* ]] && stat -L -c %i "$f" 2>/dev/null
-    done
-}
-# secret_regions PID WORD: how many of PID's readable mappings hold WORD (/proc/PID/mem).
-secret_regions() {
-    local pid="$1" word="$2" range perms rest a b n=0
-    while read -r range perms rest; do
-        [[ "$perms" == r* ]] || continue
-        a=$((16#${range%-*})) b=$((16#${range#*-}))
-        # grep -q stops reading at the first hit; dd's SIGPIPE must not count (pipefail).
-        { dd if="/proc/$pid/mem" bs=1M iflag=skip_bytes,count_bytes skip="$a" count=$((b - a)) 2>/dev/null || true; } \
-            | grep -q -a -F -- "$word" && n=$((n + 1))
-    done <"/proc/$pid/maps"
-    echo "$n"
-}
 # inspect QEMU_PARENT_PID NAME=PID...: waits for the guest's hold, then for each back-end
 # sets MAPPED_<NAME> and OPEN_<NAME> (guest RAM memfd inodes it maps / holds open,
 # space-separated), HELD_<NAME> (either) and SECRET_<NAME> (mappings holding the guest's
 # secret). Guest RAM is every memfd QEMU maps in a piece of 64 MiB or more.
 inspect() {
-    local parent="$1" qpid="" ram nb name pid i
+    local parent="$1" qpid ram nb name pid
     shift
-    for ((i = 0; i < BOOT_TIMEOUT * 5; i++)); do
-        grep -q 'APERTURE-E2E hold' "$CONSOLE_RAW" 2>/dev/null && break
-        kill -0 "$parent" 2>/dev/null || { bad "the guest ended before its hold"; return; }
-        sleep 0.2
-    done
-    for i in /proc/[0-9]*; do
-        [[ "$(awk '$1 == "PPid:" { print $2 }' "$i/status" 2>/dev/null)" == "$parent" ]] && { qpid=${i#/proc/}; break; }
-    done
-    [[ -n "$qpid" ]] || { bad "cannot find QEMU's pid (child of $parent)"; return; }
+    qemu_at_hold "$parent" || return
+    qpid=$QEMU_PID
     ram=$(mapped_memfds "$qpid" $((64 << 20)) | sort -u)
     [[ -n "$ram" ]] || { bad "found no guest RAM memfd in QEMU's /proc/$qpid/maps"; return; }
     for nb in "$@"; do
         name="${nb%%=*}" pid="${nb#*=}"
         printf -v "MAPPED_$name" '%s' "$(comm -12 <(echo "$ram") <(mapped_memfds "$pid" | sort -u) | tr '\n' ' ')"
         printf -v "OPEN_$name" '%s' "$(comm -12 <(echo "$ram") <(open_memfds "$pid" | sort -u) | tr '\n' ' ')"
-        printf -v "HELD_$name" '%s' "$(comm -12 <(echo "$ram") <({ mapped_memfds "$pid"; open_memfds "$pid"; } | sort -u) | tr '\n' ' ')"
+        printf -v "HELD_$name" '%s' "$(comm -12 <(echo "$ram") <(memfd_held "$pid" | sort -u) | tr '\n' ' ')"
         printf -v "SECRET_$name" '%s' "$(secret_regions "$pid" "$SECRET")"
     done
     kill -0 "$qpid" 2>/dev/null || bad "the inspection outlasted the guest's hold of $HOLD s"

@@ -128,3 +128,64 @@ yes_bytes() { yes "$1" | head -c "$2"; return "${PIPESTATUS[1]}"; }
 md5_range() { dd if="$1" bs=1M skip="$2" count="$3" status=none | md5_of; }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# --- what a back-end process holds of guest memory --------------------------------------------
+# memfd_maps PID: "INODE BYTES" for each memfd mapping of PID (BYTES: its length).
+memfd_maps() {
+    local range ino path
+    while read -r range _ _ _ ino path; do
+        [[ "$path" == /memfd:* ]] || continue
+        echo "$ino $(($((16#${range#*-})) - $((16#${range%-*}))))"
+    done <"/proc/$1/maps"
+}
+# mapped_memfds PID [MIN_BYTES]: inodes of the memfds PID maps in pieces of at least
+# MIN_BYTES (default 0).
+mapped_memfds() {
+    memfd_maps "$1" | awk -v m="${2:-0}" '$2 >= m { print $1 }'
+}
+# open_memfds PID: inodes of the memfds PID holds open.
+open_memfds() {
+    local f
+    for f in /proc/"$1"/fd/*; do
+        [[ "$(readlink "$f" 2>/dev/null)" == /memfd:* ]] && stat -L -c %i "$f" 2>/dev/null
+    done
+}
+# memfd_held PID: inodes of the memfds PID maps or holds open.
+memfd_held() {
+    mapped_memfds "$1"
+    open_memfds "$1"
+}
+# secret_regions PID WORD: how many of PID's readable mappings hold WORD (read through
+# /proc/PID/mem, which needs root or ptrace rights over PID).
+secret_regions() {
+    local pid="$1" word="$2" range perms rest a b n=0
+    while read -r range perms rest; do
+        [[ "$perms" == r* ]] || continue
+        a=$((16#${range%-*})) b=$((16#${range#*-}))
+        # grep -q stops reading at the first hit; dd's SIGPIPE must not count (pipefail).
+        { dd if="/proc/$pid/mem" bs=1M iflag=skip_bytes,count_bytes skip="$a" count=$((b - a)) 2>/dev/null || true; } \
+            | grep -q -a -F -- "$word" && n=$((n + 1))
+    done <"/proc/$pid/maps"
+    echo "$n"
+}
+# qemu_at_hold PARENT_PID: waits (up to BOOT_TIMEOUT) until the console CONSOLE_RAW
+# shows the guest's "APERTURE-E2E hold", then sets QEMU_PID to QEMU's pid (the child of
+# PARENT_PID, the `timeout` that runs it). Returns 1, the reason recorded with `bad`, if
+# the guest ended first or QEMU cannot be found.
+qemu_at_hold() {
+    local parent="$1" i p
+    QEMU_PID=""
+    for ((i = 0; i < BOOT_TIMEOUT * 5; i++)); do
+        grep -q 'APERTURE-E2E hold' "$CONSOLE_RAW" 2>/dev/null && break
+        kill -0 "$parent" 2>/dev/null || { bad "the guest ended before its hold"; return 1; }
+        sleep 0.2
+    done
+    for p in /proc/[0-9]*; do
+        if [[ "$(awk '$1 == "PPid:" { print $2 }' "$p/status" 2>/dev/null)" == "$parent" ]]; then
+            QEMU_PID=${p#/proc/}
+            return 0
+        fi
+    done
+    bad "cannot find QEMU's pid (child of $parent)"
+    return 1
+}

@@ -72,32 +72,7 @@ HOST_SUITE=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 [[ -n "$HOST_SUITE" ]] || die "cannot tell the host's Debian suite (no VERSION_CODENAME in /etc/os-release)"
 log "Debian mirror (from this machine's apt sources): $MIRROR; host suite $HOST_SUITE"
 
-TMPDIRS=()
-cleanup() {
-    local rc=$? d
-    for d in "${TMPDIRS[@]}"; do
-        if ((rc != 0)) && [[ -n "${APERTURE_KEEP_FAILED:-}" ]]; then
-            for m in $(mounts_under "$d"); do umount "$m" 2>/dev/null || umount -l "$m" || true; done
-            printf '[%s] kept for debugging (APERTURE_KEEP_FAILED): %s\n' "$_ap_prog" "$d" >&2
-            continue
-        fi
-        safe_rm_tree "$d" || rc=1
-    done
-    if ((rc != 0)); then
-        printf '[%s] ERROR: arm64 provisioning FAILED (exit %d); logs in %s/logs\n' "$_ap_prog" "$rc" "$CACHE" >&2
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-new_tmp() { local -n _v=$1; _v=$(mktemp -d "$CACHE/$2.XXXXXX"); TMPDIRS+=("$_v"); }
-
-shopt -s nullglob
-for stale in "$CACHE"/.build-* "$CACHE"/.old-*; do
-    log "removing leftover of an interrupted run: $stale"
-    safe_rm_tree "$stale"
-done
-shopt -u nullglob
+build_dirs "arm64 provisioning"
 
 # ---------------------------------------------------------------------------------------
 # 1. Host packages

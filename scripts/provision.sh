@@ -55,35 +55,7 @@ log "cache: $CACHE"
 MIRROR="$(apt_mirror)" || die "could not determine a Debian mirror from /etc/apt/sources.list{,.d/*.sources,.d/*.list}; set APERTURE_APT_MIRROR"
 log "Debian mirror (from this machine's apt sources): $MIRROR"
 
-# Temporary build directories; removed on exit (after unmounting anything inside them).
-TMPDIRS=()
-cleanup() {
-    local rc=$? d
-    for d in "${TMPDIRS[@]}"; do
-        if ((rc != 0)) && [[ -n "${APERTURE_KEEP_FAILED:-}" ]]; then
-            for m in $(mounts_under "$d"); do umount "$m" 2>/dev/null || umount -l "$m" || true; done
-            printf '[%s] kept for debugging (APERTURE_KEEP_FAILED): %s\n' "$_ap_prog" "$d" >&2
-            continue
-        fi
-        safe_rm_tree "$d" || rc=1
-    done
-    if ((rc != 0)); then
-        printf '[%s] ERROR: provisioning FAILED (exit %d); logs in %s/logs\n' "$_ap_prog" "$rc" "$CACHE" >&2
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-# new_tmp VAR PREFIX: VAR=fresh temp dir under the cache (same filesystem, so mv is a rename).
-new_tmp() { local -n _v=$1; _v=$(mktemp -d "$CACHE/$2.XXXXXX"); TMPDIRS+=("$_v"); }
-
-# Remove leftovers of interrupted runs (build dirs are only ever renamed into place when complete).
-shopt -s nullglob
-for stale in "$CACHE"/.build-* "$CACHE"/.old-*; do
-    log "removing leftover of an interrupted run: $stale"
-    safe_rm_tree "$stale"
-done
-shopt -u nullglob
+build_dirs "provisioning"
 
 # ---------------------------------------------------------------------------------------
 # 1. Host packages

@@ -471,6 +471,15 @@ pub(crate) fn run(o: Options<'_>) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    if o.inflight.is_some_and(|c| c.map_threshold.is_some())
+        && mode != device_host::host::IommuMode::Off
+    {
+        eprintln!(
+            "aperture serve: --inflight map opens windows onto guest-physical memory and needs \
+             --iommu off (behind the virtio-iommu use --inflight copy)"
+        );
+        return ExitCode::from(2);
+    }
     if let Err(e) = check_arch(&o) {
         eprintln!("aperture serve: {e}");
         return ExitCode::from(2);

@@ -150,6 +150,18 @@ fn serve_bad_input_is_one_line_naming_it_and_exit_2() {
             "'all' is not a form",
         ),
         (
+            vec![
+                "serve",
+                "--dir",
+                &d,
+                "--disk",
+                "vhost-user=/nonexistent.sock",
+                "--inflight",
+                "map",
+            ],
+            "needs --iommu off",
+        ),
+        (
             vec!["serve", "--dir", &d, "--rng", "--inflight-arena-mib", "4"],
             "--inflight",
         ),

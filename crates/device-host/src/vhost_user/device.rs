@@ -2,7 +2,6 @@
 //! kicks, reset, reconnection), the thread that turns call eventfds into interrupts,
 //! and the factory that serves one behind a vfio-user function.
 
-use super::inflight::InflightConfig;
 use super::iotlb::{iotlb_loop, spawn_backend_req, IotlbJob, IotlbState, Region, Subscriber};
 use super::link::{has, read_config, Link, Reply};
 use super::memory::{mem_table, PhysicalMemory, SharedRange};
@@ -10,8 +9,6 @@ use super::{
     bump, wire, AtomicCounters, DeviceKind, Shared, VhostUserError, VhostUserHandle, QUEUE_SIZES,
     TRANSPORT_BITS,
 };
-use crate::host::{BuildError, EndpointMemory, Function};
-use crate::vfio::{EventFdSink, MemoryBuilder, MsixVectors, NotifyHook, PciFunction};
 use dma_types::lock;
 use std::fs::File;
 use std::io::ErrorKind;
@@ -25,7 +22,7 @@ use virtio_contract::{
     VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR,
 };
 use virtio_iommu::EndpointIommu;
-use virtio_pci::{device_status, InterruptSink, VirtioPciTransport};
+use virtio_pci::InterruptSink;
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -775,157 +772,5 @@ impl<M: PhysicalMemory> VirtioDevice<M> for VhostUserDevice {
     fn activate(&mut self, queues: &[ActiveQueue<'_>], mem: &M) -> Result<(), DeviceError> {
         self.start(queues, mem.physical())
             .map_err(|e| DeviceError::backend("vhost-user", e))
-    }
-}
-
-/// Serves a vhost-user device as a PCI function, translated by `iommu` when given,
-/// with implicit grants when `inflight` is given ([`VhostUserDevice::inflight_copy`]);
-/// returns the server backend, its vector count and a handle on the device.
-///
-/// # Errors
-/// [`BuildError::VhostUser`]: the back-end cannot be reached or cannot drive the
-/// device; [`BuildError::Transport`].
-pub fn serve_vhost_user(
-    socket: &Path,
-    kind: DeviceKind,
-    timeout: Duration,
-    iommu: Option<EndpointIommu>,
-    inflight: Option<InflightConfig>,
-) -> Result<(Function, VhostUserHandle), BuildError> {
-    let n = QUEUE_SIZES.len() as u16 + 1;
-    let vectors = MsixVectors::new(n);
-    let irq: Arc<dyn InterruptSink> = Arc::new(EventFdSink(Arc::clone(&vectors)));
-    let mut dev = VhostUserDevice::connect(socket, kind, timeout, Arc::clone(&irq))?;
-    if let Some(cfg) = inflight {
-        dev.inflight_copy(cfg)?;
-    }
-    let handle = dev.handle();
-    let sink = Box::new(EventFdSink(Arc::clone(&vectors)));
-    match iommu {
-        Some(ep) => {
-            dev.attach_iommu(ep.clone())?;
-            let mem = vm_memory::IommuMemory::new(GuestMemoryMmap::default(), ep.clone(), true, ());
-            let build: MemoryBuilder<EndpointMemory> =
-                Box::new(move |phys| vm_memory::IommuMemory::new(phys, ep.clone(), true, ()));
-            let t = VirtioPciTransport::new(
-                dev,
-                kind.class_code(),
-                mem,
-                sink,
-                1 << VIRTIO_F_ACCESS_PLATFORM,
-            )?;
-            let t = Arc::new(Mutex::new(t));
-            Ok((function(&handle, t, vectors, build), handle))
-        }
-        None => {
-            let build: MemoryBuilder<GuestMemoryMmap> = Box::new(|phys| phys);
-            let t = VirtioPciTransport::new(
-                dev,
-                kind.class_code(),
-                GuestMemoryMmap::default(),
-                sink,
-                0,
-            )?;
-            let t = Arc::new(Mutex::new(t));
-            Ok((function(&handle, t, vectors, build), handle))
-        }
-    }
-}
-
-/// Pool mode ([`VhostUserDevice::share_only`]): connects to the back-end at `socket`
-/// and serves the device so that the back-end is given only `pool` of guest memory,
-/// which must be its own memory file (the VMM's RAM split at the pool, as
-/// [`crate::host::pool_memory_args`] asks QEMU for). The guest is offered and must
-/// accept `VIRTIO_F_ACCESS_PLATFORM`.
-///
-/// # Errors
-/// [`BuildError::VhostUser`] if the back-end cannot be reached or pool mode set up;
-/// [`BuildError::Transport`].
-pub fn serve_vhost_user_pool(
-    socket: &Path,
-    kind: DeviceKind,
-    timeout: Duration,
-    pool: crate::host::PoolWindow,
-) -> Result<(Function, VhostUserHandle), BuildError> {
-    let n = QUEUE_SIZES.len() as u16 + 1;
-    let vectors = MsixVectors::new(n);
-    let irq: Arc<dyn InterruptSink> = Arc::new(EventFdSink(Arc::clone(&vectors)));
-    let mut dev = VhostUserDevice::connect(socket, kind, timeout, Arc::clone(&irq))?;
-    dev.share_only(GuestAddress(pool.base.0), pool.size)?;
-    let handle = dev.handle();
-    let sink = Box::new(EventFdSink(Arc::clone(&vectors)));
-    // The transport itself touches no guest buffer (the back-end runs the rings), so it
-    // keeps the plain guest-physical map; what the back-end gets is the pool's file.
-    let build: MemoryBuilder<GuestMemoryMmap> = Box::new(|phys| phys);
-    let t = VirtioPciTransport::new(
-        dev,
-        kind.class_code(),
-        GuestMemoryMmap::default(),
-        sink,
-        1 << VIRTIO_F_ACCESS_PLATFORM,
-    )?;
-    let t = Arc::new(Mutex::new(t));
-    Ok((function(&handle, t, vectors, build), handle))
-}
-
-pub(super) fn on_broken<M: PhysicalMemory + Send + 'static>(
-    handle: &VhostUserHandle,
-    t: &Arc<Mutex<VirtioPciTransport<VhostUserDevice, M>>>,
-) {
-    let weak = Arc::downgrade(t);
-    handle.set_on_broken(Box::new(move || {
-        if let Some(t) = weak.upgrade() {
-            let mut t = lock(&t);
-            t.set_needs_reset();
-            let t = &*t;
-            t.device().fail_pending(t.memory());
-        }
-    }));
-}
-
-/// Implicit grants: the back-end's calls go to the transport, which completes to the
-/// guest ([`super::inflight`]).
-pub(super) fn on_call<M: PhysicalMemory + Send + 'static>(
-    handle: &VhostUserHandle,
-    t: &Arc<Mutex<VirtioPciTransport<VhostUserDevice, M>>>,
-) {
-    if lock(&handle.0.inflight).is_none() {
-        return;
-    }
-    let weak = Arc::downgrade(t);
-    handle.set_on_call(Box::new(move |index| {
-        if let Some(t) = weak.upgrade() {
-            lock(&t).notify(index);
-        }
-    }));
-}
-
-pub(super) fn function<M: PhysicalMemory + Send + 'static>(
-    handle: &VhostUserHandle,
-    t: Arc<Mutex<VirtioPciTransport<VhostUserDevice, M>>>,
-    vectors: Arc<MsixVectors>,
-    build: MemoryBuilder<M>,
-) -> Function {
-    on_broken(handle, &t);
-    on_call(handle, &t);
-    // A queue notification while the connection is broken fails what the driver
-    // queued ([`VhostUserDevice::fail_pending`]): the transport ignores notifications
-    // once the device needs a reset, and a driver that ignores DEVICE_NEEDS_RESET would
-    // otherwise wait on those requests forever.
-    let shared = Arc::clone(&handle.0);
-    let inner = Box::new(PciFunction::new(Arc::clone(&t), vectors, build));
-    let vector_count = lock(&t).msix_vectors();
-    let transport = Arc::clone(&t);
-    Function {
-        backend: Box::new(NotifyHook::new(inner, move || {
-            if shared.broken.load(Ordering::Acquire) {
-                let t = lock(&t);
-                if t.status() & device_status::DRIVER_OK != 0 {
-                    t.device().fail_pending(t.memory());
-                }
-            }
-        })),
-        vectors: vector_count,
-        transport,
     }
 }

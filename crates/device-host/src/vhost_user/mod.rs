@@ -35,8 +35,10 @@
 //! The IOTLB tells a *cooperating* back-end what it may touch; it does not confine a
 //! hostile one: `SET_MEM_TABLE` hands over the descriptors of all guest RAM, as every
 //! vhost-user front-end does. Confinement needs the back-end to receive only shared
-//! memory: in pool mode ([`VhostUserDevice::share_only`]) it receives the restricted
-//! DMA pool's own memory file and nothing else.
+//! memory: with implicit grants, copy form ([`VhostUserDevice::inflight_copy`]), it
+//! receives shadow rings and bounce buffers the device host made and nothing of the
+//! guest's; in pool mode ([`VhostUserDevice::share_only`]) the restricted DMA pool's
+//! own memory file and nothing else.
 //!
 //! # Threads and locks
 //! The function's server thread drives the device (activation, kicks, reset). The
@@ -57,10 +59,11 @@
 //! # Modules
 //! This file holds the public face (errors, device kinds, counters, the handle) and the
 //! state the threads share; `link` the main socket and the session start; `iotlb` the
-//! shadow, the subscriber, the IOTLB thread and the back-end's misses; `memory` the
-//! memory table; `device` the `VirtioDevice` glue and the call thread; `recovery` what
-//! the front-end completes when the back-end is gone. The wire types are the back-end
-//! library's own ([`wire`]).
+//! IOTLB shadow, the subscriber, the IOTLB thread and the back-end's misses; `memory`
+//! the memory table; `device` the `VirtioDevice` glue and the call thread; `inflight`
+//! implicit grants (shadow rings, bounce arenas, the map form's windows); `serve` the
+//! vfio-user function around a device; `recovery` what the front-end completes when the
+//! back-end is gone. The wire types are the back-end library's own ([`wire`]).
 
 mod device;
 mod inflight;
@@ -68,12 +71,14 @@ mod iotlb;
 mod link;
 mod memory;
 mod recovery;
+mod serve;
 #[cfg(test)]
 mod tests;
 
-pub use device::{serve_vhost_user, serve_vhost_user_pool, VhostUserDevice};
+pub use device::VhostUserDevice;
 pub use inflight::{InflightConfig, DEFAULT_ARENA_BYTES, DEFAULT_DEADLINE, DEFAULT_MAP_THRESHOLD};
 pub use memory::PhysicalMemory;
+pub use serve::{serve_vhost_user, serve_vhost_user_pool};
 /// The wire format ("Message Specification" of vhost-user.rst), as the back-end
 /// library decodes it.
 pub use vhost_iotlb::wire;

@@ -76,6 +76,52 @@ pub(crate) struct Check {
     pub(crate) detail: String,
 }
 
+/// The checks every demo makes of its guest's I/O: the disk's data both ways (host
+/// data read, pattern written, on the host's disk and read back), the RNG, and that
+/// each device host function ended cleanly.
+///
+/// # Errors
+/// The host's disk image cannot be read back.
+pub(crate) fn io_checks<E: std::fmt::Debug>(
+    first: &dyn Fn(&str) -> String,
+    host_md5: &str,
+    mib: u32,
+    disk: &Path,
+    results: &[(String, Result<(), E>)],
+    check: &mut dyn FnMut(&str, bool, String),
+) -> Result<(), String> {
+    check(
+        "disk read in the guest matches the host's data",
+        first("blk-read-md5") == host_md5,
+        first("blk-read-md5"),
+    );
+    let pat = pattern_md5(mib);
+    check(
+        "guest's write matches its pattern",
+        first("blk-write-md5") == pat,
+        first("blk-write-md5"),
+    );
+    let on_disk = file_md5(disk, u64::from(mib) << 20, u64::from(mib) << 20)?;
+    check(
+        "what the guest wrote is on the host's disk",
+        on_disk == pat && first("blk-readback-md5") == pat,
+        on_disk,
+    );
+    check(
+        "RNG read in the guest",
+        first("rng").starts_with("ok"),
+        first("rng"),
+    );
+    for (name, r) in results {
+        check(
+            &format!("device host: {name} ended cleanly"),
+            r.is_ok(),
+            format!("{r:?}"),
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn run(opts: Options) -> ExitCode {
     match run_inner(opts) {
         Ok(true) => ExitCode::SUCCESS,
@@ -236,35 +282,7 @@ fn run_inner(opts: Options) -> Result<bool, String> {
             format!("{groups} in groups"),
         );
     }
-    check(
-        "disk read in the guest matches the host's data",
-        first("blk-read-md5") == host_md5,
-        first("blk-read-md5"),
-    );
-    let pat = pattern_md5(opts.mib);
-    check(
-        "guest's write matches its pattern",
-        first("blk-write-md5") == pat,
-        first("blk-write-md5"),
-    );
-    let on_disk = file_md5(&disk, u64::from(opts.mib) << 20, u64::from(opts.mib) << 20)?;
-    check(
-        "what the guest wrote is on the host's disk",
-        on_disk == pat && first("blk-readback-md5") == pat,
-        on_disk,
-    );
-    check(
-        "RNG read in the guest",
-        first("rng").starts_with("ok"),
-        first("rng"),
-    );
-    for (name, r) in &results {
-        check(
-            &format!("device host: {name} ended cleanly"),
-            r.is_ok(),
-            format!("{r:?}"),
-        );
-    }
+    io_checks(&first, &host_md5, opts.mib, &disk, &results, &mut check)?;
     // Implicit grants: each back-end held only shadow memory and saw requests.
     let mut shadows = Vec::new();
     for (b, (name, h)) in backends.into_iter().zip(&handles) {

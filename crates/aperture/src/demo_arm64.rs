@@ -9,7 +9,7 @@
 //! data both ways), and prints the same report as the x86 demo with each device's
 //! exposure: the pool's size.
 
-use crate::demo::{file_md5, pattern_md5, Check};
+use crate::demo::Check;
 use crate::vm::{self, RAM_MIB};
 use device_host::endpoints::{BlockFactory, RngFactory};
 use device_host::host::{DeviceHost, EndpointFactory};
@@ -264,35 +264,7 @@ fn run_inner(opts: Options) -> Result<bool, String> {
         get(&global, "hiwater") == Some(0) && get(&global, "nslabs") == Some(GLOBAL_SLABS.into()),
         format!("{global:?}"),
     );
-    check(
-        "disk read in the guest matches the host's data",
-        first("blk-read-md5") == host_md5,
-        first("blk-read-md5"),
-    );
-    let pat = pattern_md5(opts.mib);
-    check(
-        "guest's write matches its pattern",
-        first("blk-write-md5") == pat,
-        first("blk-write-md5"),
-    );
-    let on_disk = file_md5(&disk, u64::from(opts.mib) << 20, u64::from(opts.mib) << 20)?;
-    check(
-        "what the guest wrote is on the host's disk",
-        on_disk == pat && first("blk-readback-md5") == pat,
-        on_disk,
-    );
-    check(
-        "RNG read in the guest",
-        first("rng").starts_with("ok"),
-        first("rng"),
-    );
-    for (name, r) in &results {
-        check(
-            &format!("device host: {name} ended cleanly"),
-            r.is_ok(),
-            format!("{r:?}"),
-        );
-    }
+    crate::demo::io_checks(&first, &host_md5, opts.mib, &disk, &results, &mut check)?;
 
     let secs: f64 = first("blk-seconds").parse().unwrap_or(0.0);
     let moved = 3.0 * f64::from(opts.mib);

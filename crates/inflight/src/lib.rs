@@ -27,8 +27,16 @@
 //!   it is never dropped; one larger than the whole shadow fails with the device's
 //!   error status.
 //!
-//! Not built yet: the map form, the wiring into the vhost-user front-end and the CLI,
-//! deadlines for a back-end that never returns, EVENT_IDX on the shadow ring.
+//!
+//! The map form: a carrier's [`Windows`] may show a buffer in place instead
+//! ([`CopyShadow::pull_with`], [`CopyShadow::complete_with`]): its window is open
+//! before the back-end can see the request and closed before the guest sees it used.
+//! With the back-end's EVENT_IDX ([`CopyShadow::set_event_idx`]) the shadow follows
+//! `avail_event` for its kicks and keeps `used_event` at its last completion.
+//!
+//! The device host's vhost-user front-end carries it (`device_host::vhost_user`,
+//! `aperture serve --inflight copy|map`), with the deadline for a back-end that never
+//! returns; the cost survey models it (`survey::implicit`).
 
 #![deny(missing_docs)]
 

@@ -132,3 +132,22 @@ _ap_build_cleanup() {
 # new_tmp VAR PREFIX: VAR=fresh temp dir under the cache (same filesystem, so mv is a
 # rename), removed on exit (build_dirs).
 new_tmp() { local -n _v=$1; _v=$(mktemp -d "$CACHE/$2.XXXXXX"); TMPDIRS+=("$_v"); }
+
+# provision_args ARGS...: the provisioning scripts' shared options. Sets REFRESH_QEMU and
+# REFRESH_KERNEL (--refresh-qemu, --refresh-kernel, --refresh); -h prints the caller's
+# `usage`; anything else is refused. Then checks the host: x86_64, root.
+provision_args() {
+    REFRESH_QEMU=0 REFRESH_KERNEL=0
+    while (($#)); do
+        case "$1" in
+            --refresh-qemu) REFRESH_QEMU=1 ;;
+            --refresh-kernel) REFRESH_KERNEL=1 ;;
+            --refresh) REFRESH_QEMU=1 REFRESH_KERNEL=1 ;;
+            -h|--help) usage; exit 0 ;;
+            *) usage >&2; die "unknown argument: $1" ;;
+        esac
+        shift
+    done
+    [[ "$(uname -m)" == x86_64 ]] || die "this provisioning supports x86_64 hosts only (got $(uname -m))"
+    [[ "$(id -u)" == 0 ]] || die "must run as root (apt-get install, debootstrap and chroot need it)"
+}

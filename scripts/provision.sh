@@ -32,20 +32,7 @@ env: APERTURE_CACHE (default \$HOME/.cache/aperture), APERTURE_APT_MIRROR (defau
 EOF
 }
 
-REFRESH_QEMU=0 REFRESH_KERNEL=0
-while (($#)); do
-    case "$1" in
-        --refresh-qemu) REFRESH_QEMU=1 ;;
-        --refresh-kernel) REFRESH_KERNEL=1 ;;
-        --refresh) REFRESH_QEMU=1 REFRESH_KERNEL=1 ;;
-        -h|--help) usage; exit 0 ;;
-        *) usage >&2; die "unknown argument: $1" ;;
-    esac
-    shift
-done
-
-[[ "$(uname -m)" == x86_64 ]] || die "this provisioning supports x86_64 hosts only (got $(uname -m))"
-[[ "$(id -u)" == 0 ]] || die "must run as root (apt-get install, debootstrap and chroot need it)"
+provision_args "$@"
 
 CACHE="$APERTURE_CACHE"
 take_cache_lock

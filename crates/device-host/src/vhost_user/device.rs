@@ -387,14 +387,7 @@ impl VhostUserDevice {
         if let Some(share) = self.share {
             share.check_rings(queues)?;
         }
-        let regions: Vec<Region> = table
-            .iter()
-            .map(|r| Region {
-                gpa: r.guest_phys_addr,
-                size: r.memory_size,
-                uaddr: r.userspace_addr,
-            })
-            .collect();
+        let regions: Vec<Region> = table.iter().map(Region::from).collect();
         // Ring addresses: IOVAs behind the IOMMU, else front-end addresses (vhost-user
         // "Memory access"); each ring must lie in one region.
         let mut addrs = Vec::new();

@@ -263,14 +263,7 @@ impl Inflight {
         let (mut table, mut files) = match &mut self.map {
             Some(map) => {
                 let (t, f) = super::memory::mem_table(mem, None)?;
-                map.regions = t
-                    .iter()
-                    .map(|r| Region {
-                        gpa: r.guest_phys_addr,
-                        size: r.memory_size,
-                        uaddr: r.userspace_addr,
-                    })
-                    .collect();
+                map.regions = t.iter().map(Region::from).collect();
                 (t, f)
             }
             None => (Vec::new(), Vec::new()),

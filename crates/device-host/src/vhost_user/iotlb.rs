@@ -24,6 +24,17 @@ pub(super) struct Region {
     pub(super) uaddr: u64,
 }
 
+impl From<&wire::MemoryRegion> for Region {
+    /// A memory-table entry as the front-end keeps it.
+    fn from(r: &wire::MemoryRegion) -> Self {
+        Self {
+            gpa: r.guest_phys_addr,
+            size: r.memory_size,
+            uaddr: r.userspace_addr,
+        }
+    }
+}
+
 impl Region {
     pub(super) fn last(&self) -> u64 {
         self.gpa + (self.size - 1)

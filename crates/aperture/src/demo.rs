@@ -122,6 +122,26 @@ pub(crate) fn io_checks<E: std::fmt::Debug>(
     Ok(())
 }
 
+/// The end of a demo's report: each check, then the verdict and where the console is.
+pub(crate) fn print_checks(checks: &[Check], console: &Path) {
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    println!("  checks:");
+    for c in checks {
+        println!(
+            "    [{}] {} ({})",
+            if c.ok { " ok " } else { "FAIL" },
+            c.what,
+            c.detail
+        );
+    }
+    println!(
+        "result: {} ({} checks passed, {failed} failed); console log {}",
+        if failed == 0 { "PASS" } else { "FAIL" },
+        checks.len() - failed,
+        console.display()
+    );
+}
+
 pub(crate) fn run(opts: Options) -> ExitCode {
     match run_inner(opts) {
         Ok(true) => ExitCode::SUCCESS,
@@ -422,21 +442,7 @@ fn run_inner(opts: Options) -> Result<bool, String> {
         for (n, b, s) in &exposure {
             println!("    {n:<10} {:>12} bytes  {s:6.2}% of guest RAM", b);
         }
-        println!("  checks:");
-        for c in &checks {
-            println!(
-                "    [{}] {} ({})",
-                if c.ok { " ok " } else { "FAIL" },
-                c.what,
-                c.detail
-            );
-        }
-        println!(
-            "result: {} ({} checks passed, {failed} failed); console log {}",
-            if failed == 0 { "PASS" } else { "FAIL" },
-            checks.len() - failed,
-            console_path.display()
-        );
+        print_checks(&checks, &console_path);
     }
     if failed == 0 {
         let _ = std::fs::remove_dir_all(&work);

@@ -150,32 +150,12 @@ fn run_inner(opts: Options) -> Result<bool, String> {
         "console=ttyAMA0 panic=-1 loglevel=4 swiotlb={GLOBAL_SLABS},force aperture.mib={}",
         opts.mib
     );
-    let mut args: Vec<String> = [
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-machine",
-        "virt",
-        "-cpu",
-        CPU,
-        "-accel",
-        "tcg",
-        "-smp",
-        "1",
-        "-kernel",
+    let mut args = vm::machine_args(
+        &["-machine", "virt", "-cpu", CPU],
         &kernel,
-        "-initrd",
-        &initrd.to_string_lossy(),
-        "-append",
+        &initrd,
         &append,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    );
     args.extend(host.qemu_args().iter().cloned());
     let served = std::thread::spawn(move || host.run(Duration::from_secs(3)));
 
@@ -336,21 +316,7 @@ fn run_inner(opts: Options) -> Result<bool, String> {
                 plan.window.size
             );
         }
-        println!("  checks:");
-        for c in &checks {
-            println!(
-                "    [{}] {} ({})",
-                if c.ok { " ok " } else { "FAIL" },
-                c.what,
-                c.detail
-            );
-        }
-        println!(
-            "result: {} ({} checks passed, {failed} failed); console log {}",
-            if failed == 0 { "PASS" } else { "FAIL" },
-            checks.len() - failed,
-            console_path.display()
-        );
+        crate::demo::print_checks(&checks, &console_path);
     }
     if failed == 0 {
         let _ = std::fs::remove_dir_all(&work);

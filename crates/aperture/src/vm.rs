@@ -228,6 +228,16 @@ pub(crate) fn hex(b: &[u8]) -> String {
 /// stdio, q35 under TCG with one vCPU, the kernel, `initrd` and `append`. Memory and
 /// devices come after.
 pub(crate) fn base_args(kernel: &str, initrd: &Path, append: &str) -> Vec<String> {
+    machine_args(&["-machine", "q35"], kernel, initrd, append)
+}
+
+/// [`base_args`] for another machine: `machine` names it (and its CPU, if it needs one).
+pub(crate) fn machine_args(
+    machine: &[&str],
+    kernel: &str,
+    initrd: &Path,
+    append: &str,
+) -> Vec<String> {
     let mut args: Vec<String> = [
         "-nodefaults",
         "-no-user-config",
@@ -236,16 +246,10 @@ pub(crate) fn base_args(kernel: &str, initrd: &Path, append: &str) -> Vec<String
         "-serial",
         "stdio",
         "-no-reboot",
-        "-machine",
-        "q35",
-        "-accel",
-        "tcg",
-        "-smp",
-        "1",
-        "-kernel",
-        kernel,
     ]
     .iter()
+    .chain(machine)
+    .chain(&["-accel", "tcg", "-smp", "1", "-kernel", kernel])
     .map(|s| s.to_string())
     .collect();
     args.extend([

@@ -18,6 +18,7 @@ use crate::wire::{
 use dma_types::{lock, read, write};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 use virtio_queue::QueueT;
 use vm_memory::iommu::Iotlb;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
@@ -98,6 +99,9 @@ pub struct Counters {
     /// Requests that completed only after a subscriber settled (an out-of-process
     /// back-end acknowledged an invalidation), while later requests went on.
     pub deferred: u64,
+    /// Time those requests spent parked, from their status being written to their
+    /// completion, summed (ns).
+    pub parked_ns: u64,
 }
 
 impl Counters {
@@ -178,8 +182,9 @@ pub struct VirtioIommu {
     told: Vec<Told>,
     /// Requests whose subscribers have not settled: head, used length, settlement.
     /// At most one per descriptor the driver made available, so bounded by the queue.
-    parked: Vec<(u16, u32, Settle)>,
+    parked: Vec<(u16, u32, Settle, Instant)>,
     deferred: AtomicU64,
+    parked_ns: AtomicU64,
 }
 
 impl std::fmt::Debug for VirtioIommu {
@@ -229,6 +234,7 @@ impl VirtioIommu {
             told: Vec::new(),
             parked: Vec::new(),
             deferred: AtomicU64::new(0),
+            parked_ns: AtomicU64::new(0),
         })
     }
 
@@ -410,6 +416,7 @@ impl VirtioIommu {
             faults_delivered: self.faults_delivered.load(Ordering::Relaxed),
             faults_dropped: self.shared.faults_dropped.load(Ordering::Relaxed),
             deferred: self.deferred.load(Ordering::Relaxed),
+            parked_ns: self.parked_ns.load(Ordering::Relaxed),
         }
     }
 
@@ -443,7 +450,9 @@ impl VirtioIommu {
         let mut i = 0;
         while i < self.parked.len() {
             if self.parked[i].2.settled() {
-                let (head, len, _) = self.parked.swap_remove(i);
+                let (head, len, _, since) = self.parked.swap_remove(i);
+                let waited = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                self.parked_ns.fetch_add(waited, Ordering::Relaxed);
                 queue.add_used(mem, head, len)?;
                 used = true;
             } else {
@@ -458,7 +467,7 @@ impl VirtioIommu {
                 Shared::tell(&mut self.told, &settle);
                 if !settle.release() {
                     self.deferred.fetch_add(1, Ordering::Relaxed);
-                    self.parked.push((head, len, settle));
+                    self.parked.push((head, len, settle, Instant::now()));
                     continue;
                 }
             }

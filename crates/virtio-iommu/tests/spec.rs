@@ -1474,6 +1474,7 @@ fn an_unmap_a_subscriber_holds_completes_after_it_while_other_endpoints_go_on() 
     dev.process_requestq(&mut g.requestq, &g.mem).unwrap();
     assert_eq!(g.reap(), 0, "a held request stays parked");
 
+    std::thread::sleep(std::time::Duration::from_millis(2));
     slow.0.lock().unwrap().clear();
     assert_eq!(
         *woken.lock().unwrap(),
@@ -1487,6 +1488,10 @@ fn an_unmap_a_subscriber_holds_completes_after_it_while_other_endpoints_go_on() 
         vec![Some(Status::Ok), Some(Status::Ok)]
     );
     assert_eq!(dev.counters().deferred, 1);
+    assert!(
+        dev.counters().parked_ns >= 2_000_000,
+        "the time parked counts the wait for the hold"
+    );
 }
 
 #[test]

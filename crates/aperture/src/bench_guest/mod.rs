@@ -221,6 +221,10 @@ struct HostCounts {
     maps: u64,
     /// UNMAP requests our virtio-iommu answered.
     unmaps: u64,
+    /// Requests our virtio-iommu parked until a back-end acknowledged, and the time
+    /// they spent parked, summed (ns).
+    parked: u64,
+    parked_ns: u64,
     /// The vhost-user front-end's IOTLB traffic (out-of-process configurations only).
     iotlb: Option<IotlbCounts>,
 }
@@ -250,6 +254,8 @@ impl HostCounts {
             iommu_polled: self.iommu_polled.saturating_sub(before.iommu_polled),
             maps: self.maps.saturating_sub(before.maps),
             unmaps: self.unmaps.saturating_sub(before.unmaps),
+            parked: self.parked.saturating_sub(before.parked),
+            parked_ns: self.parked_ns.saturating_sub(before.parked_ns),
             iotlb: self.iotlb.map(|a| {
                 let b = before.iotlb.unwrap_or_default();
                 IotlbCounts {
@@ -264,12 +270,12 @@ impl HostCounts {
     }
 }
 
-/// The mean round trip of an invalidate and its ack, in µs, for the table.
-fn ack_us(c: IotlbCounts) -> String {
-    if c.invalidates == 0 {
+/// A mean in µs of `ns` over `n` events, for the tables.
+fn mean_us(ns: u64, n: u64) -> String {
+    if n == 0 {
         "-".into()
     } else {
-        format!("{:.1}", c.invalidate_ns as f64 / c.invalidates as f64 / 1e3)
+        format!("{:.1}", ns as f64 / n as f64 / 1e3)
     }
 }
 
@@ -284,10 +290,15 @@ struct Sampler {
 
 impl Sampler {
     fn sample(&self) -> HostCounts {
-        let (maps, unmaps) = self.iommu.as_ref().map_or((0, 0), |h| {
+        let (maps, unmaps, parked, parked_ns) = self.iommu.as_ref().map_or((0, 0, 0, 0), |h| {
             let c = h.counters();
             let sum = |t: RequestType| c.requests[t as usize].iter().sum::<u64>();
-            (sum(RequestType::Map), sum(RequestType::Unmap))
+            (
+                sum(RequestType::Map),
+                sum(RequestType::Unmap),
+                c.deferred,
+                c.parked_ns,
+            )
         });
         let iommu = self
             .iommu
@@ -308,6 +319,8 @@ impl Sampler {
             iommu_polled: iommu.polled,
             maps,
             unmaps,
+            parked,
+            parked_ns,
             iotlb: self.vhost.as_ref().map(|h| {
                 let c = h.counters();
                 IotlbCounts {

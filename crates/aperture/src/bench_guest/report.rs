@@ -1,7 +1,7 @@
 //! What a run measured, summed up: the machine's other load, medians and spreads, the
 //! tables printed and the JSON written.
 
-use super::{ack_us, Config, Options, Run, Workload, RANDREAD, SEQREAD, WARMUP_S};
+use super::{mean_us, Config, Options, Run, Workload, RANDREAD, SEQREAD, WARMUP_S};
 use crate::vm::{self, RAM_MIB};
 use std::time::Duration;
 
@@ -390,11 +390,11 @@ which serves our devices; QEMU: QEMU and, out of process, the back-end):"
         let _ = writeln!(t);
         let _ = writeln!(
             t,
-            "vhost-user IOTLB messages over each timed workload, counted by our front-end (run 1; /req: per read request):"
+            "vhost-user IOTLB messages over each timed workload, counted by our front-end (run 1; /req: per read request; us parked: how long an UNMAP waited for its ack, queueing included):"
         );
         let _ = writeln!(
             t,
-            "{:<22} {:<11} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>10} {:>12} {:>9} {:>12}",
+            "{:<22} {:<11} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>10} {:>12} {:>9} {:>12} {:>10}",
             "configuration",
             "workload",
             "requests",
@@ -406,18 +406,18 @@ which serves our devices; QEMU: QEMU and, out of process, the back-end):"
             "pushed/req",
             "invalidates",
             "inval/req",
-            "us/inval ack"
+            "us/inval ack",
+            "us parked"
         );
         for r in &vhost {
             for (name, w) in [(RANDREAD, &r.randread), (SEQREAD, &r.seqread)] {
                 let Some(w) = w else { continue };
-                let Some(c) = w.host.and_then(|h| h.iotlb) else {
-                    continue;
-                };
+                let Some(h) = w.host else { continue };
+                let Some(c) = h.iotlb else { continue };
                 let per = |n: u64| per_request(n, w.requests);
                 let _ = writeln!(
                     t,
-                    "{:<22} {:<11} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>10} {:>12} {:>9} {:>12}",
+                    "{:<22} {:<11} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>10} {:>12} {:>9} {:>12} {:>10}",
                     r.config.name(),
                     name,
                     w.requests,
@@ -429,7 +429,8 @@ which serves our devices; QEMU: QEMU and, out of process, the back-end):"
                     per(c.pushed),
                     c.invalidates,
                     per(c.invalidates),
-                    ack_us(c)
+                    mean_us(c.invalidate_ns, c.invalidates),
+                    mean_us(h.parked_ns, h.parked)
                 );
             }
         }
@@ -526,6 +527,9 @@ pub(super) fn workload_json(
                         "invalidates_per_request": per(c.invalidates),
                         "invalidate_ack_us": (c.invalidates > 0)
                             .then(|| c.invalidate_ns as f64 / c.invalidates as f64 / 1e3),
+                        "parked_requests": h.parked,
+                        "parked_us": (h.parked > 0)
+                            .then(|| h.parked_ns as f64 / h.parked as f64 / 1e3),
                     });
                 }
             }

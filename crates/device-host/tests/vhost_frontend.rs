@@ -359,6 +359,11 @@ fn a_map_is_pushed_and_a_miss_still_gets_the_window_or_a_refusal_and_a_fault() {
     );
     let mut rig = IommuRig::new(&be, Duration::from_secs(1));
     rig.map(0x10000, 0x1ffff, 0x40000, 1); // read-only
+    assert_eq!(
+        rig.dev.handle().counters().pushed,
+        1,
+        "with nothing queued, the thread that applied the MAP sent its UPDATE"
+    );
     let window = wire::IotlbMsg {
         iova: 0x10000,
         size: 0x10000,
@@ -535,6 +540,74 @@ fn a_backend_slow_to_ack_delays_only_its_own_unmap_never_another_endpoint() {
         vec![Some(Status::Ok); 4]
     );
     assert_eq!(rig.iommu.counters().deferred, 1);
+}
+
+#[test]
+fn unmaps_queued_behind_an_ack_are_sent_back_to_back_and_each_completes_after_its_own() {
+    let delay = Duration::from_millis(100);
+    let be = FakeBackend::start(
+        "pipelined",
+        F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
+        P_ALL,
+        AckMode::After(delay),
+        None,
+    );
+    let mut rig = IommuRig::new(&be, Duration::from_secs(3));
+    let windows = [0x10000, 0x20000, 0x30000, 0x40000];
+    for (i, &w) in windows.iter().enumerate() {
+        rig.map(w, w + 0xfff, 0x40000 + (i as u64) * 0x1000, 3);
+    }
+    be.wait_iotlb(windows.len());
+    let (tx, woken) = mpsc::channel();
+    rig.iommu.set_requestq_notifier(Arc::new(move || {
+        let _ = tx.send(());
+    }));
+    let reqs: Vec<Request> = windows
+        .iter()
+        .map(|&w| Request::Unmap {
+            domain: DomainId(1),
+            virt_start: Iova(w),
+            virt_end: Iova(w + 0xfff),
+            reserved_nonzero: false,
+        })
+        .collect();
+    let batch = rig.guest.prepare(&reqs);
+    rig.guest.post(&batch);
+    rig.iommu
+        .process_requestq(&mut rig.guest.requestq, &rig.guest.mem)
+        .unwrap();
+    assert_eq!(rig.guest.reap(), 0, "every UNMAP waits for its ack");
+    let mut done = 0;
+    while done < reqs.len() {
+        woken
+            .recv_timeout(Duration::from_secs(5))
+            .expect("an ack wakes the request queue");
+        rig.iommu
+            .process_requestq(&mut rig.guest.requestq, &rig.guest.mem)
+            .unwrap();
+        done += rig.guest.reap();
+    }
+    assert_eq!(
+        rig.guest.batch_statuses(&batch, &reqs),
+        vec![Some(Status::Ok); 4]
+    );
+    // Those queued while the first ack was awaited went together: when the back-end
+    // acked one of them, the INVALIDATEs after it were already on the socket, not
+    // waiting for that ack. (How many went with the first depends on when the IOTLB
+    // thread woke.)
+    let msg = size_of::<wire::Header>() + size_of::<wire::IotlbMsg>();
+    let queued = be.seen.lock().unwrap().queued_at_ack.clone();
+    assert_eq!(queued.len(), 4);
+    assert!(
+        queued.iter().all(|q| q % msg == 0) && queued[3] == 0,
+        "only whole INVALIDATEs wait: {queued:?}"
+    );
+    assert!(
+        queued.iter().any(|&q| q >= msg),
+        "each INVALIDATE waited for the previous ack: {queued:?}"
+    );
+    let c = rig.dev.handle().counters();
+    assert_eq!((c.invalidates, c.invalidate_failures), (4, 0));
 }
 
 #[test]

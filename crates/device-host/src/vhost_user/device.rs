@@ -2,7 +2,7 @@
 //! kicks, reset, reconnection), the thread that turns call eventfds into interrupts,
 //! and the factory that serves one behind a vfio-user function.
 
-use super::iotlb::{iotlb_loop, spawn_backend_req, IotlbJob, IotlbState, Region, Subscriber};
+use super::iotlb::{iotlb_loop, spawn_backend_req, IotlbState, Region, Subscriber};
 use super::link::{has, read_config, Link, Reply};
 use super::memory::{mem_table, PhysicalMemory, SharedRange};
 use super::{
@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::Duration;
 use virtio_contract::{
@@ -202,6 +202,7 @@ impl VhostUserDevice {
             inflight: Mutex::new(None),
             on_call: Mutex::new(None),
             jobs,
+            queued: AtomicUsize::new(0),
         });
         std::thread::Builder::new()
             .name("aperture-vhost-iotlb".into())
@@ -455,7 +456,7 @@ impl VhostUserDevice {
                 .collect();
             for (start, end, perms) in maps {
                 for w in st.push_windows(start, end, perms) {
-                    s.queue(IotlbJob::Push(w));
+                    s.push(w);
                 }
             }
         }

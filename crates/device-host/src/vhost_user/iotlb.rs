@@ -2,7 +2,7 @@
 //! what the back-end holds, the subscriber that keeps it current, the IOTLB thread that
 //! pushes UPDATEs and sends INVALIDATEs, and the back-end request channel's misses.
 
-use super::link::{send_msg, Link, Reply};
+use super::link::{send_msg, try_send_msg, Expect, Link, Reply};
 use super::{bump, wire, Shared, VhostUserError, MAX_WINDOWS};
 use dma_types::lock;
 use std::collections::BTreeMap;
@@ -279,9 +279,44 @@ impl Shared {
     /// Queues IOTLB messages for the IOTLB thread. Should it be gone (the device is
     /// being dropped), an invalidation's `done` runs at once, dropped with the job.
     pub(super) fn queue(&self, job: IotlbJob) {
-        if let Err(mpsc::SendError(IotlbJob::Invalidate { done, .. })) = self.jobs.send(job) {
-            done();
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            if let IotlbJob::Invalidate { done, .. } = job {
+                done();
+            }
         }
+    }
+
+    /// Pushes the UPDATE for `w` from the caller's thread when that cannot wait and
+    /// keeps the order the queue gives: nothing is queued ahead of it, nobody holds
+    /// the link or the main socket, and the kernel takes the whole message at once.
+    /// Otherwise queues it for the IOTLB thread. Called under the shadow's lock, as
+    /// `queue`; it only tries locks, so a back-end slow to ack (the IOTLB thread holds
+    /// the main socket meanwhile) never holds up the virtio-iommu here.
+    ///
+    /// Every push through the queue woke the IOTLB thread: one more thread to run per
+    /// guest MAP, beside the vCPU and the poller, on machines with two CPUs.
+    pub(super) fn push(&self, w: Window) {
+        if self.try_push(&w) {
+            bump(&self.counters.pushed);
+        } else {
+            self.queue(IotlbJob::Push(w));
+        }
+    }
+
+    fn try_push(&self, w: &Window) -> bool {
+        if self.queued.load(Ordering::Acquire) != 0 || self.broken.load(Ordering::Acquire) {
+            return false;
+        }
+        let Ok(link) = self.link.try_lock() else {
+            return false;
+        };
+        let Some(Ok(sock)) = link.as_ref().map(|l| l.main.try_lock()) else {
+            return false;
+        };
+        let msg = w.update();
+        try_send_msg(&sock, req::IOTLB_MSG, wire::flags::VERSION, msg.as_bytes()).unwrap_or(false)
     }
 
     /// Invalidates `[lo, hi]` through the IOTLB thread and waits until the back-end
@@ -301,32 +336,71 @@ impl Shared {
     /// Sends INVALIDATE for `[start, end]` and waits for the ack, up to the deadline;
     /// a back-end that does not ack breaks the connection (the device needs reset).
     pub(super) fn invalidate(&self, start: u64, end: u64) {
-        let size = (end - start).saturating_add(1);
-        let msg = wire::IotlbMsg {
-            iova: start,
-            size,
-            kind: wire::iotlb::INVALIDATE,
-            ..wire::IotlbMsg::default()
-        };
-        let sent = Instant::now();
-        let r =
-            self.with_link(|link| link.request(req::IOTLB_MSG, msg.as_bytes(), &[], Reply::Ack));
-        match r {
-            Ok(_) => {
-                bump(&self.counters.invalidates);
-                let waited = u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                self.counters
-                    .invalidate_ns
-                    .fetch_add(waited, Ordering::Relaxed);
+        self.send_jobs(vec![IotlbJob::Invalidate {
+            lo: start,
+            hi: end,
+            done: Box::new(|| ()),
+        }]);
+    }
+
+    /// Sends `jobs` in order, back to back under the main socket's lock, then reads
+    /// the acks of their INVALIDATEs in order by one deadline, and runs their `done`s.
+    /// A run of UNMAPs (a lazy guest flushes a hundred at once) then costs about one
+    /// round trip, not one each. Any failure breaks the connection: acks left unread
+    /// would put the socket out of step, and a refusal leaves the back-end holding what
+    /// the guest took away.
+    fn send_jobs(&self, jobs: Vec<IotlbJob>) {
+        let mut msgs = Vec::with_capacity(jobs.len());
+        let mut dones = Vec::new();
+        for job in jobs {
+            match job {
+                IotlbJob::Push(w) => msgs.push((w.update(), Reply::Posted)),
+                IotlbJob::Invalidate { lo, hi, done } => {
+                    let msg = wire::IotlbMsg {
+                        iova: lo,
+                        size: (hi - lo).saturating_add(1),
+                        kind: wire::iotlb::INVALIDATE,
+                        ..wire::IotlbMsg::default()
+                    };
+                    msgs.push((msg, Reply::Ack));
+                    dones.push(done);
+                }
             }
-            Err(VhostUserError::Broken) => {}
+        }
+        let (mut pushed, mut acked, mut waited) = (0, 0, 0u64);
+        let r = self.with_link(|link| {
+            let mut sock = lock(&link.main);
+            let mut sent = Vec::with_capacity(dones.len());
+            for (msg, reply) in &msgs {
+                match link.send_locked(&sock, req::IOTLB_MSG, msg.as_bytes(), &[], *reply)? {
+                    Some(_) => sent.push(Instant::now()),
+                    None => pushed += 1,
+                }
+            }
+            let deadline = Instant::now() + link.timeout;
+            for at in sent {
+                link.read_reply(&mut sock, req::IOTLB_MSG, Expect::Ack, deadline)?;
+                acked += 1;
+                waited += u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            }
+            Ok(())
+        });
+        let c = &self.counters;
+        c.pushed.fetch_add(pushed, Ordering::Relaxed);
+        c.invalidates.fetch_add(acked, Ordering::Relaxed);
+        c.invalidate_ns.fetch_add(waited, Ordering::Relaxed);
+        match r {
+            Ok(()) | Err(VhostUserError::Broken) => {}
             Err(e) => {
-                bump(&self.counters.invalidate_failures);
-                // A refusal leaves the back-end holding what the guest took away.
+                let failed = dones.len() as u64 - acked;
+                c.invalidate_failures.fetch_add(failed, Ordering::Relaxed);
                 if !e.breaks_connection() {
                     self.break_link();
                 }
             }
+        }
+        for done in dones {
+            done();
         }
     }
 }
@@ -359,7 +433,7 @@ impl MappingSubscriber for Subscriber {
                     },
                 );
                 for w in st.push_windows(start.0, end.0, perms) {
-                    s.queue(IotlbJob::Push(w));
+                    s.push(w);
                 }
                 None
             }
@@ -396,28 +470,22 @@ impl MappingSubscriber for Subscriber {
     }
 }
 
+/// Most jobs the IOTLB thread sends before it reads their acks.
+const MAX_BATCH: usize = 64;
+
 /// The IOTLB thread: sends what [`Subscriber`] queued, in order, so that a back-end
 /// slow to acknowledge delays only its own invalidations, never the virtio-iommu.
+/// What was queued meanwhile goes in one pass ([`Shared::send_jobs`]).
 pub(super) fn iotlb_loop(shared: Weak<Shared>, jobs: mpsc::Receiver<IotlbJob>) {
-    while let Ok(job) = jobs.recv() {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        batch.extend(jobs.try_iter().take(MAX_BATCH - 1));
+        let n = batch.len();
         let Some(s) = shared.upgrade() else {
             break;
         };
-        match job {
-            IotlbJob::Push(w) => {
-                let msg = w.update();
-                let sent = s.with_link(|link| {
-                    link.request(req::IOTLB_MSG, msg.as_bytes(), &[], Reply::Posted)
-                });
-                if sent.is_ok() {
-                    bump(&s.counters.pushed);
-                }
-            }
-            IotlbJob::Invalidate { lo, hi, done } => {
-                s.invalidate(lo, hi);
-                done();
-            }
-        }
+        s.send_jobs(batch);
+        s.queued.fetch_sub(n, Ordering::AcqRel);
     }
 }
 

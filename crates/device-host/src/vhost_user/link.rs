@@ -40,6 +40,15 @@ pub(super) enum Reply {
     Payload(usize),
 }
 
+/// The reply a request sent waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Expect {
+    /// A reply-ack: a u64 status, 0 for success.
+    Ack,
+    /// A payload of exactly this many bytes.
+    Payload(usize),
+}
+
 pub(super) fn has(bits: u64, bit: u32) -> bool {
     bits & (1 << bit) != 0
 }
@@ -86,7 +95,19 @@ pub(super) fn send_msg(
     payload: &[u8],
     fds: &[RawFd],
 ) -> Result<(), VhostUserError> {
-    let io = |source| VhostUserError::Io { request, source };
+    let msg = frame(request, flags, payload)?;
+    let sent = sock
+        .send_with_fds(&[msg.as_slice()], fds)
+        .map_err(|e| VhostUserError::Io {
+            request,
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+    // A stream socket may take a message in parts; the descriptors went with the first.
+    write_rest(sock, request, &msg, sent)
+}
+
+/// One message: its header, then `payload`.
+fn frame(request: u32, flags: u32, payload: &[u8]) -> Result<Vec<u8>, VhostUserError> {
     let size = u32::try_from(payload.len()).map_err(|_| {
         VhostUserError::Guest(format!(
             "request {request} payload of {} bytes is too large",
@@ -101,20 +122,57 @@ pub(super) fn send_msg(
     let mut msg = Vec::with_capacity(size_of::<Header>() + payload.len());
     msg.extend_from_slice(hdr.as_bytes());
     msg.extend_from_slice(payload);
-    let sent = sock
-        .send_with_fds(&[msg.as_slice()], fds)
-        .map_err(|e| io(std::io::Error::from_raw_os_error(e.errno())))?;
-    // A stream socket may take a message in parts; the descriptors went with the first.
+    Ok(msg)
+}
+
+/// Writes what is left of `msg` after its first `sent` bytes, waiting as needed.
+fn write_rest(
+    mut sock: &UnixStream,
+    request: u32,
+    msg: &[u8],
+    sent: usize,
+) -> Result<(), VhostUserError> {
+    let io = |source| VhostUserError::Io { request, source };
     let mut rest = msg.get(sent..).unwrap_or_default();
-    let mut w = sock;
     while !rest.is_empty() {
-        let n = w.write(rest).map_err(io)?;
+        let n = sock.write(rest).map_err(io)?;
         if n == 0 {
             return Err(io(ErrorKind::WriteZero.into()));
         }
         rest = &rest[n..];
     }
     Ok(())
+}
+
+/// Sends one message without descriptors unless that would wait: `Ok(false)` when the
+/// socket's buffer is full and nothing was sent. The kernel takes a message this small
+/// whole or not at all on a stream socket; should it take a part, the rest is written
+/// waiting, so that the stream stays framed.
+pub(super) fn try_send_msg(
+    sock: &UnixStream,
+    request: u32,
+    flags: u32,
+    payload: &[u8],
+) -> Result<bool, VhostUserError> {
+    let msg = frame(request, flags, payload)?;
+    // SAFETY: `msg` is a live buffer of `msg.len()` bytes for the call; the kernel only
+    // reads it.
+    let n = unsafe {
+        libc::send(
+            sock.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    let Ok(sent) = usize::try_from(n) else {
+        let e = std::io::Error::last_os_error();
+        return match e.kind() {
+            ErrorKind::WouldBlock => Ok(false),
+            _ => Err(VhostUserError::Io { request, source: e }),
+        };
+    };
+    write_rest(sock, request, &msg, sent).map(|()| true)
 }
 
 impl Link {
@@ -138,6 +196,25 @@ impl Link {
         fds: &[RawFd],
         reply: Reply,
     ) -> Result<Vec<u8>, VhostUserError> {
+        match self.send_locked(sock, request, payload, fds, reply)? {
+            Some(expect) => {
+                let deadline = Instant::now() + self.timeout;
+                self.read_reply(sock, request, expect, deadline)
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Sends `request` and returns what its reply must be, without reading it: `None`
+    /// when none comes.
+    pub(super) fn send_locked(
+        &self,
+        sock: &UnixStream,
+        request: u32,
+        payload: &[u8],
+        fds: &[RawFd],
+        reply: Reply,
+    ) -> Result<Option<Expect>, VhostUserError> {
         let ack_on = self.protocol & wire::protocol::REPLY_ACK != 0;
         let want_ack = match reply {
             Reply::None => ack_on,
@@ -153,12 +230,22 @@ impl Link {
         };
         let flags = wire::flags::VERSION | if want_ack { wire::flags::NEED_REPLY } else { 0 };
         send_msg(sock, request, flags, payload, fds)?;
-        let expect = match reply {
-            _ if want_ack => 8,
-            Reply::Payload(n) => n,
-            _ => return Ok(Vec::new()),
-        };
-        let deadline = Instant::now() + self.timeout;
+        Ok(match reply {
+            _ if want_ack => Some(Expect::Ack),
+            Reply::Payload(n) => Some(Expect::Payload(n)),
+            _ => None,
+        })
+    }
+
+    /// Reads the reply to `request`, which must be what `expect` says, by `deadline`;
+    /// a reply-ack with a non-zero status is the back-end's refusal.
+    pub(super) fn read_reply(
+        &self,
+        sock: &mut UnixStream,
+        request: u32,
+        expect: Expect,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, VhostUserError> {
         let mut h = Header::default();
         read_by(sock, h.as_mut_bytes(), deadline, request, self.timeout)?;
         let bad = |why: String| VhostUserError::BadReply { request, why };
@@ -178,13 +265,14 @@ impl Link {
                 h.flags
             )));
         }
-        if body.len() != expect {
-            return Err(bad(format!(
-                "{} payload bytes, {expect} expected",
-                body.len()
-            )));
+        let len = match expect {
+            Expect::Ack => 8,
+            Expect::Payload(n) => n,
+        };
+        if body.len() != len {
+            return Err(bad(format!("{} payload bytes, {len} expected", body.len())));
         }
-        if want_ack {
+        if expect == Expect::Ack {
             let status = u64::read_from_bytes(&body).unwrap_or(u64::MAX);
             if status != 0 {
                 return Err(VhostUserError::Refused { request, status });

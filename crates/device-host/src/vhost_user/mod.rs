@@ -89,7 +89,7 @@ use link::Link;
 
 use dma_types::lock;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 use virtio_contract::VIRTIO_F_VERSION_1;
@@ -328,8 +328,11 @@ struct Shared {
     /// Implicit grants: hands the back-end's call of a queue to the transport, which
     /// completes to the guest (set once the transport exists).
     on_call: Mutex<Option<OnCall>>,
-    /// To the IOTLB thread, which alone sends pushes and invalidations.
+    /// To the IOTLB thread, which sends invalidations, and pushes that cannot go at
+    /// once ([`Shared::push`]).
     jobs: mpsc::Sender<IotlbJob>,
+    /// Jobs queued and not yet finished by the IOTLB thread.
+    queued: AtomicUsize,
 }
 
 impl Shared {

@@ -93,6 +93,24 @@ pub struct Seen {
     pub files: Vec<(u32, Vec<File>)>,
     pub backend_req: Option<UnixStream>,
     pub main: Option<UnixStream>,
+    /// For each INVALIDATE acknowledged, the bytes the front-end had already sent
+    /// after it (waiting unread on the socket) when the ack went out.
+    pub queued_at_ack: Vec<usize>,
+}
+
+/// Bytes waiting unread on `s`.
+fn waiting(s: &UnixStream) -> usize {
+    let mut buf = [0u8; 4096];
+    // SAFETY: `buf` is a live buffer of its length; MSG_PEEK leaves the bytes queued.
+    let n = unsafe {
+        libc::recv(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).unwrap_or(0)
 }
 
 pub struct FakeBackend {
@@ -278,6 +296,7 @@ pub fn serve(
                         AckMode::Never => continue,
                     }
                     acked.store(true, Ordering::SeqCst);
+                    seen.lock().unwrap().queued_at_ack.push(waiting(conn));
                 }
                 let status: u64 = u64::from(refuse == Some(m.request));
                 send_reply(conn, m.request, status.as_bytes());

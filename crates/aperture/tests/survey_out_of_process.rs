@@ -6,11 +6,13 @@
 //! against the image, rng bytes not all zero).
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
+use std::path::PathBuf;
 use std::time::Duration;
 use survey::modes::{POOL_SIZE, RAM_SIZE};
 use survey::remote::{not_measured, run_one_remote, BackendCommand};
 use survey::run::{prepare_disk, Pattern, SLICES};
 use survey::{Budget, Mode};
+use test_kit::TempDir;
 
 const TINY: Budget = Budget {
     per_cell: Duration::ZERO,
@@ -22,15 +24,17 @@ fn backend() -> BackendCommand {
     BackendCommand::aperture(env!("CARGO_BIN_EXE_aperture"))
 }
 
-fn disk(tag: &str) -> std::path::PathBuf {
-    let p = std::env::temp_dir().join(format!("aperture-oop-{tag}-{}.img", std::process::id()));
+/// The disk image, in a directory removed when the test ends, whether it passed or not.
+fn disk(tag: &str) -> (TempDir, PathBuf) {
+    let dir = TempDir::new(&format!("aperture-oop-{tag}"));
+    let p = dir.join("disk.img");
     prepare_disk(&p).unwrap();
-    p
+    (dir, p)
 }
 
 #[test]
 fn each_mode_out_of_process_serves_requests_and_the_backend_holds_what_the_mode_allows() {
-    let d = disk("modes");
+    let (_dir, d) = disk("modes");
     let n = 16 * u64::from(SLICES);
     for (mode, pattern) in [
         (Mode::None, Pattern::Blk4kRandom),
@@ -150,12 +154,11 @@ fn each_mode_out_of_process_serves_requests_and_the_backend_holds_what_the_mode_
             _ => unreachable!(),
         }
     }
-    let _ = std::fs::remove_file(&d);
 }
 
 #[test]
 fn auto_out_of_process_keeps_the_pool_window_and_maps_only_what_it_does_not_bounce() {
-    let d = disk("auto");
+    let (_dir, d) = disk("auto");
     let n = 16 * u64::from(SLICES);
     let pattern = Pattern::Blk64k;
     // blk 64 KiB: a 16-byte header, eight 8 KiB pieces, a status byte.
@@ -187,12 +190,11 @@ fn auto_out_of_process_keeps_the_pool_window_and_maps_only_what_it_does_not_boun
             b.peak_mapped_bytes
         );
     }
-    let _ = std::fs::remove_file(&d);
 }
 
 #[test]
 fn cells_without_an_out_of_process_backend_are_refused_not_faked() {
-    let d = disk("gaps");
+    let (_dir, d) = disk("gaps");
     for (mode, pattern) in [
         (Mode::GrantCopy, Pattern::Net64),
         (Mode::GrantMap, Pattern::Rng64),
@@ -203,12 +205,11 @@ fn cells_without_an_out_of_process_backend_are_refused_not_faked() {
             .to_string();
         assert!(e.contains("not measured") && e.contains(why), "{e}");
     }
-    let _ = std::fs::remove_file(&d);
 }
 
 #[test]
 fn a_backend_that_cannot_start_is_a_clear_error() {
-    let d = disk("nostart");
+    let (_dir, d) = disk("nostart");
     let missing = BackendCommand::aperture("/nonexistent/aperture");
     let e = run_one_remote(Mode::None, Pattern::Rng64, &d, TINY, 0, &missing)
         .unwrap_err()
@@ -226,5 +227,4 @@ fn a_backend_that_cannot_start_is_a_clear_error() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("exited"), "{e}");
-    let _ = std::fs::remove_file(&d);
 }

@@ -253,6 +253,18 @@ struct IommuRig {
     vectors: mpsc::Receiver<u16>,
 }
 
+/// A back-end behind the IOMMU (ACCESS_PLATFORM, every protocol feature) that acks
+/// INVALIDATEs as `ack` says.
+fn iotlb_backend(tag: &str, ack: AckMode) -> FakeBackend {
+    FakeBackend::start(
+        tag,
+        F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
+        P_ALL,
+        ack,
+        None,
+    )
+}
+
 impl IommuRig {
     fn new(be: &FakeBackend, timeout: Duration) -> Self {
         Self::with_kind(be, timeout, DeviceKind::Rng)
@@ -350,13 +362,7 @@ impl IommuRig {
 
 #[test]
 fn a_map_is_pushed_and_a_miss_still_gets_the_window_or_a_refusal_and_a_fault() {
-    let be = FakeBackend::start(
-        "miss",
-        F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
-        P_ALL,
-        AckMode::Now,
-        None,
-    );
+    let be = iotlb_backend("miss", AckMode::Now);
     let mut rig = IommuRig::new(&be, Duration::from_secs(1));
     rig.map(0x10000, 0x1ffff, 0x40000, 1); // read-only
     assert_eq!(
@@ -412,13 +418,7 @@ fn a_map_is_pushed_and_a_miss_still_gets_the_window_or_a_refusal_and_a_fault() {
 #[test]
 fn strict_unmap_completes_only_after_the_backend_acknowledged_the_invalidate() {
     let delay = Duration::from_millis(200);
-    let be = FakeBackend::start(
-        "strict",
-        F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
-        P_ALL,
-        AckMode::After(delay),
-        None,
-    );
+    let be = iotlb_backend("strict", AckMode::After(delay));
     let mut rig = IommuRig::new(&be, Duration::from_secs(2));
     rig.map(0x10000, 0x1ffff, 0x40000, 3);
     be.wait_iotlb(1);
@@ -446,13 +446,7 @@ fn strict_unmap_completes_only_after_the_backend_acknowledged_the_invalidate() {
 #[test]
 fn a_backend_slow_to_ack_delays_only_its_own_unmap_never_another_endpoint() {
     let delay = Duration::from_millis(500);
-    let be = FakeBackend::start(
-        "slow",
-        F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
-        P_ALL,
-        AckMode::After(delay),
-        None,
-    );
+    let be = iotlb_backend("slow", AckMode::After(delay));
     let mut rig = IommuRig::new(&be, Duration::from_secs(3));
     let (tx, woken) = mpsc::channel();
     rig.iommu.set_requestq_notifier(Arc::new(move || {
@@ -545,13 +539,7 @@ fn a_backend_slow_to_ack_delays_only_its_own_unmap_never_another_endpoint() {
 #[test]
 fn unmaps_queued_behind_an_ack_are_sent_back_to_back_and_each_completes_after_its_own() {
     let delay = Duration::from_millis(100);
-    let be = FakeBackend::start(
-        "pipelined",
-        F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
-        P_ALL,
-        AckMode::After(delay),
-        None,
-    );
+    let be = iotlb_backend("pipelined", AckMode::After(delay));
     let mut rig = IommuRig::new(&be, Duration::from_secs(3));
     let windows = [0x10000, 0x20000, 0x30000, 0x40000];
     for (i, &w) in windows.iter().enumerate() {
@@ -612,13 +600,7 @@ fn unmaps_queued_behind_an_ack_are_sent_back_to_back_and_each_completes_after_it
 
 #[test]
 fn a_backend_that_never_acks_hits_the_deadline_and_the_device_needs_reset() {
-    let be = FakeBackend::start(
-        "never",
-        F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
-        P_ALL,
-        AckMode::Never,
-        None,
-    );
+    let be = iotlb_backend("never", AckMode::Never);
     let timeout = Duration::from_millis(300);
     let mut rig = IommuRig::new(&be, timeout);
     let (tx, rx) = mpsc::channel();
@@ -650,13 +632,7 @@ fn a_backend_that_never_acks_hits_the_deadline_and_the_device_needs_reset() {
 
 #[test]
 fn a_backend_that_dies_marks_the_device_broken_and_a_reset_reconnects() {
-    let be = FakeBackend::start(
-        "dies",
-        F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
-        P_ALL,
-        AckMode::Now,
-        None,
-    );
+    let be = iotlb_backend("dies", AckMode::Now);
     let mut rig = IommuRig::new(&be, Duration::from_secs(1));
     let (tx, rx) = mpsc::channel();
     rig.dev.handle().set_on_broken(Box::new(move || {

@@ -225,7 +225,8 @@ struct Region {
     size: u64,
     uaddr: u64,
     offset: u64,
-    file: File,
+    /// Shared, so an UPDATE maps it outside the table's lock without a `dup`.
+    file: Arc<File>,
 }
 
 /// A mapped window: addresses `[start, start + len)` (IOVAs or guest physical).
@@ -547,7 +548,7 @@ impl AddressSpace {
                 size: r.memory_size,
                 uaddr: r.userspace_addr,
                 offset: r.mmap_offset,
-                file,
+                file: Arc::new(file),
             });
         }
         for (a, ra) in regions.iter().enumerate() {
@@ -623,14 +624,7 @@ impl AddressSpace {
                 .iter()
                 .find(|r| uaddr >= r.uaddr && last_u - r.uaddr < r.size)
                 .ok_or(SpaceError::OutsideRegions { uaddr, size })?;
-            let file = r.file.try_clone().map_err(|e| {
-                SpaceError::Mmap(MmapError::Map {
-                    offset: r.offset,
-                    len: size,
-                    source: e,
-                })
-            })?;
-            (file, r.offset + (uaddr - r.uaddr))
+            (Arc::clone(&r.file), r.offset + (uaddr - r.uaddr))
         };
         let map = Mapping::new(&file, offset, size, perm.has_write())?;
         drop(file);

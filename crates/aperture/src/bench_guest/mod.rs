@@ -270,13 +270,14 @@ impl HostCounts {
     }
 }
 
-/// A mean in µs of `ns` over `n` events, for the tables.
-fn mean_us(ns: u64, n: u64) -> String {
-    if n == 0 {
-        "-".into()
-    } else {
-        format!("{:.1}", ns as f64 / n as f64 / 1e3)
-    }
+/// The mean in µs of `ns` over `n` events; `None` without events.
+fn mean_us(ns: u64, n: u64) -> Option<f64> {
+    (n > 0).then(|| ns as f64 / n as f64 / 1e3)
+}
+
+/// [`mean_us`] for the tables.
+fn mean_us_cell(ns: u64, n: u64) -> String {
+    mean_us(ns, n).map_or_else(|| "-".into(), |us| format!("{us:.1}"))
 }
 
 /// Reads our device host's counters while the guest runs.

@@ -1,7 +1,7 @@
 //! What a run measured, summed up: the machine's other load, medians and spreads, the
 //! tables printed and the JSON written.
 
-use super::{mean_us, Config, Options, Run, Workload, RANDREAD, SEQREAD, WARMUP_S};
+use super::{mean_us, mean_us_cell, Config, Options, Run, Workload, RANDREAD, SEQREAD, WARMUP_S};
 use crate::vm::{self, RAM_MIB};
 use std::time::Duration;
 
@@ -429,8 +429,8 @@ which serves our devices; QEMU: QEMU and, out of process, the back-end):"
                     per(c.pushed),
                     c.invalidates,
                     per(c.invalidates),
-                    mean_us(c.invalidate_ns, c.invalidates),
-                    mean_us(h.parked_ns, h.parked)
+                    mean_us_cell(c.invalidate_ns, c.invalidates),
+                    mean_us_cell(h.parked_ns, h.parked)
                 );
             }
         }
@@ -525,11 +525,9 @@ pub(super) fn workload_json(
                         "updates_per_request": per(c.updates),
                         "pushed_per_request": per(c.pushed),
                         "invalidates_per_request": per(c.invalidates),
-                        "invalidate_ack_us": (c.invalidates > 0)
-                            .then(|| c.invalidate_ns as f64 / c.invalidates as f64 / 1e3),
+                        "invalidate_ack_us": mean_us(c.invalidate_ns, c.invalidates),
                         "parked_requests": h.parked,
-                        "parked_us": (h.parked > 0)
-                            .then(|| h.parked_ns as f64 / h.parked as f64 / 1e3),
+                        "parked_us": mean_us(h.parked_ns, h.parked),
                     });
                 }
             }

@@ -180,7 +180,8 @@ pub struct VirtioIommu {
     acked_features: u64,
     /// Changes made by the request in hand, to be told to subscribers.
     told: Vec<Told>,
-    /// Requests whose subscribers have not settled: head, used length, settlement.
+    /// Requests whose subscribers have not settled: head, used length, settlement,
+    /// and when it was parked.
     /// At most one per descriptor the driver made available, so bounded by the queue.
     parked: Vec<(u16, u32, Settle, Instant)>,
     deferred: AtomicU64,

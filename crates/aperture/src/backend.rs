@@ -57,6 +57,8 @@ struct Common {
     #[arg(long, value_name = "MAX", default_value_t = crate::DEFAULT_BACKEND_POLL_US,
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     poll_us: u32,
+    #[command(flatten)]
+    poll_budget: crate::poll_budget::BudgetArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -187,6 +189,16 @@ where
     D: virtio_contract::VirtioDevice<vhost_iotlb::GuestView> + Send,
 {
     let prog = format!("aperture backend {name}");
+    let poll = match common
+        .poll_budget
+        .config(&prog, crate::poll_max(common.poll_us))
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{prog}: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let listener = match bind(&common.socket) {
         Ok(l) => l,
         Err(e) => {
@@ -200,7 +212,7 @@ where
             ..Limits::default()
         },
         require_iommu: common.require_iommu,
-        poll_max: crate::poll_max(common.poll_us),
+        poll,
     };
     eprintln!("{prog}: listening on {}", common.socket.display());
     let status = loop {
@@ -218,7 +230,7 @@ where
                 break ExitCode::FAILURE;
             }
         };
-        let report = Session::new(device, config).and_then(|s| s.run(sock));
+        let report = Session::new(device, config.clone()).and_then(|s| s.run(sock));
         let ok = match report {
             Ok(r) => {
                 let stats = stats_json(name, &r, counters(&r.device));
@@ -269,7 +281,8 @@ fn summary<D>(r: &Report<D>) -> String {
     let e = &r.exposure;
     format!(
         "mode {}, peak exposure {} KiB of {} MiB guest RAM ({:.3}%), peak windows {}, \
-updates {}, invalidates {}, misses {} ({} failed), access failures {}, ring passes found by polling {}",
+updates {}, invalidates {}, misses {} ({} failed), access failures {}, ring passes found by polling {}, \
+poll windows without a turn of the poll budget {}",
         mode_name(r.mode),
         e.peak_mapped_bytes >> 10,
         e.guest_ram_bytes >> 20,
@@ -280,7 +293,8 @@ updates {}, invalidates {}, misses {} ({} failed), access failures {}, ring pass
         e.misses,
         e.miss_failures,
         e.access_fails,
-        r.polled
+        r.polled,
+        r.poll_refused
     )
 }
 
@@ -303,6 +317,7 @@ fn stats_json<D>(name: &str, r: &Report<D>, device: serde_json::Value) -> serde_
         "miss_failures": e.miss_failures,
         "access_fails": e.access_fails,
         "polled": r.polled,
+        "poll_refused": r.poll_refused,
         "requests": device,
     })
 }

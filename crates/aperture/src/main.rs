@@ -24,6 +24,7 @@ mod demo_arm64;
 mod demo_model;
 mod dt_pool;
 mod layout;
+mod poll_budget;
 #[cfg(feature = "bench")]
 mod report;
 mod serve;
@@ -287,6 +288,8 @@ Exit status: 0 after QEMU disconnected, 1 a device failed, 2 bad command line.")
         #[arg(long, value_name = "MAX", default_value_t = DEFAULT_POLL_US,
               value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
         poll_us: u32,
+        #[command(flatten)]
+        poll_budget: poll_budget::BudgetArgs,
         /// Implicit grants for every vhost-user device (issue 16): the device host reads
         /// the guest's rings and gives the back-end only what is in flight. "copy": the
         /// back-end's memory table holds shadow rings and bounce buffers the device host
@@ -488,6 +491,10 @@ Exit status: 0 done, 1 a cell or a boot failed, 2 bad command line.")]
         #[arg(long, value_name = "MAX", default_value_t = DEFAULT_BACKEND_POLL_US,
               requires = "guest", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
         backend_poll_us: u32,
+        /// With --guest: the poll budget our device host and back-ends share, as
+        /// `serve`'s.
+        #[command(flatten)]
+        poll_budget: poll_budget::BudgetArgs,
     },
 }
 
@@ -582,6 +589,7 @@ fn main() -> ExitCode {
             out,
             poll_us,
             backend_poll_us,
+            poll_budget,
         } => bench::run(bench::Options {
             quick,
             json,
@@ -595,6 +603,7 @@ fn main() -> ExitCode {
                 out,
                 poll: poll_max(poll_us),
                 backend_poll: poll_max(backend_poll_us),
+                poll_budget,
             }),
         }),
         Command::Serve {
@@ -610,6 +619,7 @@ fn main() -> ExitCode {
             host_device,
             test_fault_sector,
             poll_us,
+            poll_budget,
             inflight,
             inflight_arena_mib,
             inflight_map_kib,
@@ -633,6 +643,7 @@ fn main() -> ExitCode {
             test_fault_sector,
             rng_vhost_user: rng.as_ref().and_then(|r| r.0.as_deref()),
             poll: poll_max(poll_us),
+            poll_budget,
             inflight: inflight.map(|form| device_host::vhost_user::InflightConfig {
                 arena_bytes: u64::from(inflight_arena_mib) << 20,
                 map_threshold: (form == serve::InflightForm::Map)

@@ -200,6 +200,8 @@ pub(crate) struct Options<'a> {
     pub rng_vhost_user: Option<&'a Path>,
     /// The poll window's maximum (`--poll-us`).
     pub poll: std::time::Duration,
+    /// The poll budget it shares (`--poll-cpus`, `--poll-budget`).
+    pub poll_budget: crate::poll_budget::BudgetArgs,
     /// Implicit grants for every vhost-user device (`--inflight copy`).
     pub inflight: Option<InflightConfig>,
     /// The guest is an arm64 virt machine (`--arch arm64`).
@@ -575,9 +577,16 @@ pub(crate) fn run(o: Options<'_>) -> ExitCode {
     } else if o.rng {
         endpoints.push(Box::new(device_host::endpoints::RngFactory::new("rng")));
     }
+    let poll = match o.poll_budget.config("aperture serve", o.poll) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("aperture serve: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let built = match &pool {
-        Some(p) => DeviceHost::new_pool(o.dir, &layout, p.ram_start, endpoints, o.poll, p.window),
-        None => DeviceHost::new(o.dir, mode, &layout, endpoints, o.poll),
+        Some(p) => DeviceHost::new_pool(o.dir, &layout, p.ram_start, endpoints, poll, p.window),
+        None => DeviceHost::new(o.dir, mode, &layout, endpoints, poll),
     };
     let mut host = match built {
         Ok(h) => h,

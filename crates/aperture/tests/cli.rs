@@ -131,10 +131,36 @@ fn unknown_subcommand_and_flag_are_usage_errors() {
 fn serve_bad_input_is_one_line_naming_it_and_exit_2() {
     let dir = std::env::temp_dir().join(format!("aperture-cli-serve-{}", std::process::id()));
     let d = dir.to_string_lossy().to_string();
+    // A file that is not a poll budget, which must be left as it is.
+    let text = format!("{d}-not-a-budget");
+    std::fs::write(&text, "some text").unwrap();
     for (args, needle) in [
         (
             vec!["serve", "--dir", &d, "--disk", "/nonexistent/disk.img"],
             "/nonexistent/disk.img",
+        ),
+        (
+            vec!["serve", "--dir", &d, "--rng", "--poll-budget", &text],
+            "not a poll budget",
+        ),
+        (
+            vec![
+                "serve",
+                "--dir",
+                &d,
+                "--rng",
+                "--poll-budget",
+                "/nonexistent/b",
+            ],
+            "--poll-budget: poll budget /nonexistent/b",
+        ),
+        (
+            vec!["serve", "--dir", &d, "--rng", "--poll-cpus", "0"],
+            "--poll-cpus",
+        ),
+        (
+            vec!["backend", "rng", "--socket", &d, "--poll-budget", &text],
+            "not a poll budget",
         ),
         (vec!["serve", "--dir", &d], "nothing to serve"),
         (
@@ -232,7 +258,10 @@ fn serve_bad_input_is_one_line_naming_it_and_exit_2() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
     assert!(!dir.join("qemu-args").exists(), "nothing half-written");
+    assert!(!dir.exists(), "the back-end bound no socket");
+    assert_eq!(std::fs::read_to_string(&text).unwrap(), "some text");
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&text);
 }
 
 #[test]

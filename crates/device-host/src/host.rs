@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vfio_user::{Server, ServerBackend};
-use virtio_contract::{VirtioDevice, VIRTIO_F_ACCESS_PLATFORM};
+use virtio_contract::{PollConfig, VirtioDevice, VIRTIO_F_ACCESS_PLATFORM};
 use virtio_iommu::{
     EndpointConfig, EndpointIommu, IommuConfig, Iova, ReservedRegion, ResvKind, VirtioIommu,
 };
@@ -460,7 +460,8 @@ impl DeviceHost {
     /// answers list (endpoint `i` is [`slot_bdf`]`(`[`endpoint_slot`]`(i))` in it).
     ///
     /// One [`Poller`] serves every in-process queue, with a window of at most
-    /// `poll_max` (`Duration::ZERO`: never poll; [`DEFAULT_POLL_MAX`] otherwise).
+    /// `poll.max` (`Duration::ZERO`: never poll; [`DEFAULT_POLL_MAX`] otherwise), within
+    /// `poll.budget` (a bare `Duration` gives an unlimited budget).
     ///
     /// # Errors
     /// [`HostError`] naming what could not be prepared; sockets bound so far are removed.
@@ -469,9 +470,9 @@ impl DeviceHost {
         mode: IommuMode,
         layout: &Layout,
         endpoints: Vec<Box<dyn EndpointFactory>>,
-        poll_max: Duration,
+        poll: impl Into<PollConfig>,
     ) -> Result<Self, HostError> {
-        Self::build(dir, mode, layout, endpoints, poll_max, None)
+        Self::build(dir, mode, layout, endpoints, poll.into(), None)
     }
 
     /// Pool mode (issue 17): as [`Self::new`] without a virtio-iommu, every endpoint
@@ -490,7 +491,7 @@ impl DeviceHost {
         layout: &Layout,
         ram_start: Gpa,
         endpoints: Vec<Box<dyn EndpointFactory>>,
-        poll_max: Duration,
+        poll: impl Into<PollConfig>,
         pool: PoolWindow,
     ) -> Result<Self, HostError> {
         // Checked before any socket exists.
@@ -500,7 +501,7 @@ impl DeviceHost {
             IommuMode::Off,
             layout,
             endpoints,
-            poll_max,
+            poll.into(),
             Some((pool, ram_start)),
         )
     }
@@ -510,7 +511,7 @@ impl DeviceHost {
         mode: IommuMode,
         layout: &Layout,
         endpoints: Vec<Box<dyn EndpointFactory>>,
-        poll_max: Duration,
+        poll: PollConfig,
         pool: Option<(PoolWindow, Gpa)>,
     ) -> Result<Self, HostError> {
         if endpoints.len() > MAX_ENDPOINTS {
@@ -521,7 +522,7 @@ impl DeviceHost {
             source,
         };
         std::fs::create_dir_all(dir).map_err(dir_err)?;
-        let poller = Poller::start(poll_max).map_err(|e| HostError::Device {
+        let poller = Poller::start(poll).map_err(|e| HostError::Device {
             name: "poller".into(),
             source: BuildError::Thread(e),
         })?;

@@ -36,8 +36,8 @@ use dma_types::lock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
-use virtio_contract::{PollWindow, VirtioDevice};
+use std::time::Instant;
+use virtio_contract::{PollConfig, PollWindow, VirtioDevice};
 use virtio_pci::{TransportCounters, VirtioPciTransport};
 use vm_memory::GuestMemory;
 
@@ -81,6 +81,10 @@ pub struct PollCounters {
     pub sleeps: u64,
     /// Time spent polling, in nanoseconds (an upper bound on its CPU time).
     pub polling_ns: u64,
+    /// Times it would have polled but its budget had no turn free (another process's
+    /// poller held it): the notification was served, and the next one waits for its
+    /// wake-up.
+    pub refused: u64,
 }
 
 #[derive(Default)]
@@ -109,7 +113,7 @@ struct Shared {
     stopping: AtomicBool,
     wake: Mutex<Wake>,
     cv: Condvar,
-    max: Duration,
+    config: PollConfig,
     counters: Counters,
 }
 
@@ -129,7 +133,7 @@ impl PollHandle {
     /// (then this costs one atomic load).
     pub fn kick(&self) {
         let s = &self.0;
-        if s.max.is_zero() || s.polling.load(Ordering::Acquire) {
+        if s.config.max.is_zero() || s.polling.load(Ordering::Acquire) {
             return;
         }
         let mut w = lock(&s.wake);
@@ -147,25 +151,27 @@ impl PollHandle {
             busy_passes: c.busy_passes.load(Ordering::Relaxed),
             sleeps: c.sleeps.load(Ordering::Relaxed),
             polling_ns: c.polling_ns.load(Ordering::Relaxed),
+            refused: self.0.config.budget.refused(),
         }
     }
 }
 
 impl Poller {
-    /// A poller whose window grows to at most `max`; `Duration::ZERO` never polls (every
-    /// request then waits for its notification). The thread starts at once and sleeps
-    /// until the first kick.
+    /// A poller whose window grows to at most `config.max`; `Duration::ZERO` never
+    /// polls (every request then waits for its notification). It polls only with a
+    /// turn of `config.budget`. The thread starts at once and sleeps until the first
+    /// kick.
     ///
     /// # Errors
     /// The thread cannot be started.
-    pub fn start(max: Duration) -> std::io::Result<Self> {
+    pub fn start(config: impl Into<PollConfig>) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             queues: Mutex::new(Vec::new()),
             polling: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             wake: Mutex::new(Wake::default()),
             cv: Condvar::new(),
-            max,
+            config: config.into(),
             counters: Counters::default(),
         });
         let s = Arc::clone(&shared);
@@ -208,7 +214,7 @@ fn set_polling(queues: &[Arc<dyn Pollable>], on: bool) -> bool {
 }
 
 fn run(s: &Shared) {
-    let mut window = PollWindow::new(s.max);
+    let mut window = PollWindow::new(s.config.clone());
     loop {
         {
             let mut w = lock(&s.wake);
@@ -234,7 +240,7 @@ fn run(s: &Shared) {
         s.polling.store(true, Ordering::Release);
         // What the devices cannot take (a bogus ring) is not work, and after the window
         // waits for a notification.
-        window.poll(
+        let polled = window.poll(
             || s.stopping.load(Ordering::Acquire),
             || {
                 let took = queues.iter().fold(false, |w, q| q.poll() | w);
@@ -246,6 +252,9 @@ fn run(s: &Shared) {
             |on| set_polling(&queues, on),
         );
         s.polling.store(false, Ordering::Release);
+        if !polled {
+            continue;
+        }
         s.counters.sleeps.fetch_add(1, Ordering::Relaxed);
         let spent = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         s.counters.polling_ns.fetch_add(spent, Ordering::Relaxed);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use test_kit::pci::{self, Irqs, QueueSetup};
 use test_kit::proc::thread_ticks;
 use test_kit::{w, RingLayout, SplitRing};
-use virtio_contract::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use virtio_contract::{PollBudget, PollConfig, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use virtio_devices::{Rng, RngConfig};
 use virtio_pci::VirtioPciTransport;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -188,6 +188,110 @@ fn an_idle_device_host_uses_no_cpu_after_its_poll_window() {
     );
     // ...then nothing: after its window it must sleep, not spin.
     assert_poller_sleeps(&poller.handle(), Duration::from_secs(1));
+}
+
+#[test]
+fn no_lost_wakeup_when_two_pollers_sharing_one_turn_hand_it_over_as_drivers_race_them() {
+    let _one = one_at_a_time();
+    for features in [0, 1 << VIRTIO_RING_F_EVENT_IDX] {
+        // Two device hosts (or a device host and a back-end) polling within one turn:
+        // each hands it over after a pass while the other waits, and a window may end
+        // while its poller waits, with notifications off.
+        let budget = PollBudget::local(1).unwrap();
+        let (sides, rings): (Vec<_>, Vec<_>) = (0..2)
+            .map(|_| {
+                let (t, ring) = live(features);
+                let poller = Poller::start(PollConfig {
+                    max: Duration::from_micros(20),
+                    budget: budget.clone(),
+                })
+                .unwrap();
+                poller.add(&(Arc::clone(&t) as Arc<dyn Pollable>));
+                ((t, poller), ring)
+            })
+            .unzip();
+        let notified: Vec<u32> = std::thread::scope(|s| {
+            let drivers: Vec<_> = sides
+                .iter()
+                .zip(rings)
+                .enumerate()
+                .map(|(side, ((t, poller), mut ring))| {
+                    let handle = poller.handle();
+                    s.spawn(move || {
+                        let kick = move || handle.kick();
+                        let mut notified = 0u32;
+                        for i in 0..1500u16 {
+                            notified += u32::from(submit(&mut ring, t, &kick));
+                            assert!(
+                                served(&ring, i.wrapping_add(1)),
+                                "features {features:#x}, side {side}: request {i} was never \
+                                 served (published without a notification while its poller \
+                                 waited for the turn or went to sleep)"
+                            );
+                            // Gaps from 0 to 60 µs: inside the window, across it, past it.
+                            spin(Duration::from_micros(u64::from(i % 61)));
+                        }
+                        notified
+                    })
+                })
+                .collect();
+            drivers.into_iter().map(|d| d.join().unwrap()).collect()
+        });
+        for ((t, poller), notified) in sides.iter().zip(notified) {
+            let c = t.lock().unwrap().counters();
+            let p = poller.handle().counters();
+            assert!(c.polled > 0 && notified > 0, "{features:#x}: {c:?}, {p:?}");
+            assert_eq!(c.notifications, u64::from(notified), "{features:#x}");
+        }
+    }
+}
+
+#[test]
+fn a_poller_without_a_turn_of_its_budget_serves_by_notification_and_never_polls() {
+    let _one = one_at_a_time();
+    let (t, mut ring) = live(1 << VIRTIO_RING_F_EVENT_IDX);
+    let budget = PollBudget::local(1).unwrap();
+    // Another poller (of this process or any other sharing the file) polls.
+    let held = budget.try_take().unwrap();
+    let poller = Poller::start(PollConfig {
+        max: Duration::from_micros(200),
+        budget: budget.clone(),
+    })
+    .unwrap();
+    poller.add(&(Arc::clone(&t) as Arc<dyn Pollable>));
+    let handle = poller.handle();
+    let kick = move || handle.kick();
+    let mut i = 0u16;
+    let mut run = |n: u16, ring: &mut SplitRing<Mem>| {
+        let mut notified = 0;
+        for _ in 0..n {
+            notified += u16::from(submit(ring, &t, &kick));
+            i = i.wrapping_add(1);
+            assert!(served(ring, i), "request {i} was never served");
+            spin(Duration::from_micros(5));
+        }
+        notified
+    };
+    // Requests 5 µs apart, well inside the window: each still needs its doorbell.
+    assert_eq!(run(200, &mut ring), 200, "every request notified");
+    let p = poller.handle().counters();
+    assert_eq!(p.busy_passes, 0, "{p:?}");
+    assert!(p.refused > 0, "{p:?}");
+    assert_eq!(t.lock().unwrap().counters().polled, 0);
+    // Once the turn is free the poller takes it, and requests come without doorbells.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while poller.handle().counters().busy_passes == 0 && Instant::now() < deadline {
+        run(10, &mut ring);
+    }
+    assert!(poller.handle().counters().busy_passes > 0, "it polled");
+    assert!(
+        run(200, &mut ring) < 200,
+        "some requests came without a doorbell"
+    );
+    // Between windows the turn is free again.
+    assert_poller_sleeps(&poller.handle(), Duration::from_millis(100));
+    assert!(budget.try_take().is_some(), "the turn was given back");
 }
 
 /// Register and configuration accesses, random but repeatable (xorshift64).

@@ -21,7 +21,7 @@
 //! keeps it busy, the worker instead serves the rings with the driver's notifications
 //! off (`VRING_USED_F_NO_NOTIFY`, or with EVENT_IDX `avail_event` left behind) and
 //! watches their avail indexes, for a window that adapts as the device host's poller
-//! does ([`virtio_contract::PollWindow`], up to [`SessionConfig::poll_max`]). When
+//! does ([`virtio_contract::PollWindow`], up to [`SessionConfig::poll`]). When
 //! the window passes with nothing new it turns notifications back on, which re-checks
 //! the rings after a fence, serves what was published meanwhile, and sleeps. It takes
 //! the device lock per pass, never across the window.
@@ -39,8 +39,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use virtio_contract::{PollWindow, VirtioDevice};
+use virtio_contract::{PollConfig, PollWindow, VirtioDevice};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use zerocopy::IntoBytes;
@@ -52,7 +51,7 @@ pub const PROTOCOL_FEATURES: u64 =
     protocol::MQ | protocol::REPLY_ACK | protocol::BACKEND_REQ | protocol::CONFIG;
 
 /// How a [`Session`] behaves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct SessionConfig {
     /// What the front-end may make the address space hold.
     pub limits: Limits,
@@ -60,8 +59,8 @@ pub struct SessionConfig {
     /// never maps all of guest RAM.
     pub require_iommu: bool,
     /// The longest the worker polls the rings after work before it sleeps until a
-    /// kick (see the module docs); zero never polls.
-    pub poll_max: Duration,
+    /// kick (see the module docs; zero never polls), and the budget it polls within.
+    pub poll: PollConfig,
 }
 
 /// Why a request was refused. Nothing changed.
@@ -177,8 +176,9 @@ struct Shared<D> {
     errs: Vec<Mutex<Option<Arc<File>>>>,
     wake: EventFd,
     stop: AtomicBool,
-    poll_max: Duration,
+    poll: PollConfig,
     polled: AtomicU64,
+    poll_refused: AtomicU64,
 }
 
 fn signal(fd: &Mutex<Option<Arc<File>>>) {
@@ -207,6 +207,9 @@ pub struct Report<D> {
     pub mode: Mode,
     /// Passes over a ring that found buffers by polling, without a kick.
     pub polled: u64,
+    /// Times the worker would have polled but no turn of its poll budget came before
+    /// its window ended (other pollers held them all).
+    pub poll_refused: u64,
 }
 
 /// A vhost-user back-end session for one device.
@@ -264,8 +267,9 @@ impl<D: VirtioDevice<GuestView> + Send> Session<D> {
                 errs: (0..n).map(|_| Mutex::new(None)).collect(),
                 wake: EventFd::new(EFD_NONBLOCK)?,
                 stop: AtomicBool::new(false),
-                poll_max: config.poll_max,
+                poll: config.poll.clone(),
                 polled: AtomicU64::new(0),
+                poll_refused: AtomicU64::new(0),
             }),
             config,
             device_features,
@@ -312,9 +316,11 @@ impl<D: VirtioDevice<GuestView> + Send> Session<D> {
         let shared = Arc::try_unwrap(shared)
             .map_err(|_| io::Error::other("session state still shared after the worker ended"))?;
         let polled = shared.polled.load(Ordering::Relaxed);
+        let poll_refused = shared.poll_refused.load(Ordering::Relaxed);
         let dev = shared.dev.into_inner().unwrap_or_else(|e| e.into_inner());
         result.map(|()| Report {
             polled,
+            poll_refused,
             device: dev.device,
             exposure,
             mode,
@@ -650,7 +656,7 @@ impl<D: VirtioDevice<GuestView> + Send> Session<D> {
 /// The device worker: waits for kicks (and wake-ups from the main thread), then
 /// processes each ring that is started, enabled and was kicked.
 fn worker<D: VirtioDevice<GuestView>>(sh: &Shared<D>) {
-    let mut window = PollWindow::new(sh.poll_max);
+    let mut window = PollWindow::new(sh.poll.clone());
     loop {
         if sh.stop.load(Ordering::Acquire) {
             return;
@@ -707,12 +713,14 @@ fn worker<D: VirtioDevice<GuestView>>(sh: &Shared<D>) {
             }
         }
         // Kicks off while work keeps coming within the window.
-        if window.woken() {
-            window.poll(
+        if window.woken()
+            && !window.poll(
                 || sh.stop.load(Ordering::Acquire),
                 || poll_rings(sh),
                 |polling| set_notifications(sh, !polling),
-            );
+            )
+        {
+            sh.poll_refused.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

@@ -11,7 +11,8 @@
 //!   queue, the same for every carrier: event-index bookkeeping and interrupt
 //!   suppression (virtio v1.3 §2.7.7, §2.7.10).
 //! - [`PollWindow`] and [`adjust_poll_window`]: the adaptive window, and the loop, of a
-//!   thread that polls queues.
+//!   thread that polls queues; [`PollBudget`]: how many such threads may poll at once,
+//!   across processes.
 //!
 //! # The batch
 //! A device reaches guest memory only inside [`VirtioDevice::process_queue`]: one call is
@@ -60,9 +61,11 @@
 
 #![deny(missing_docs)]
 
+mod budget;
 mod poll;
 
-pub use poll::{adjust_poll_window, PollWindow, POLL_WINDOW_START};
+pub use budget::{BudgetError, PollBudget, PollTurn, MAX_POLL_CPUS};
+pub use poll::{adjust_poll_window, PollConfig, PollWindow, POLL_WINDOW_START};
 
 use std::sync::atomic::Ordering;
 use virtio_queue::{Queue, QueueT};

@@ -198,6 +198,8 @@ pub(crate) struct Options {
     pub(crate) poll: Duration,
     /// The out-of-process back-end's.
     pub(crate) backend_poll: Duration,
+    /// The poll budget they share.
+    pub(crate) poll_budget: crate::poll_budget::BudgetArgs,
 }
 
 fn say(msg: &str) {
@@ -634,10 +636,12 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
     if config.ours() {
         let blk: Box<dyn EndpointFactory> = if config.vhost() {
             let poll = opts.backend_poll.as_micros().to_string();
+            let budget = opts.poll_budget.to_args();
             let args = ["blk", "--read-only", "--poll-us", &poll, "--disk"]
                 .map(OsStr::new)
                 .into_iter()
                 .chain([p.disk.as_os_str()])
+                .chain(budget.iter().map(OsStr::new))
                 .collect::<Vec<_>>();
             let b = BackendProcess::spawn(&dir, "blk", &args)?;
             let (tx, rx) = std::sync::mpsc::channel();
@@ -676,7 +680,7 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
             mode,
             &vm::ram_layout()?,
             endpoints,
-            opts.poll,
+            opts.poll_budget.config("aperture bench", opts.poll)?,
         )
         .map_err(|e| e.to_string())?;
         sampler = Some(Sampler {

@@ -59,7 +59,7 @@ impl<D: VirtioDevice<GuestView> + Send + 'static> Frontend<D> {
             SessionConfig {
                 limits,
                 require_iommu,
-                poll_max,
+                poll: poll_max.into(),
             },
         )
         .unwrap();

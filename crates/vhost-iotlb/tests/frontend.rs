@@ -49,7 +49,7 @@ impl Frontend<Block> {
     fn start_polling(
         disk: &std::path::Path,
         require_iommu: bool,
-        poll_max: Duration,
+        poll: impl Into<virtio_contract::PollConfig>,
     ) -> (Self, std::sync::Arc<AddressSpace>) {
         let dev = Block::new(&BlockConfig {
             path: disk.to_path_buf(),
@@ -63,7 +63,7 @@ impl Frontend<Block> {
             miss_timeout: Duration::from_secs(5),
             max_misses_per_access: 64,
         };
-        Self::start_device(dev, limits, require_iommu, poll_max)
+        Self::start_device(dev, limits, require_iommu, poll)
     }
 }
 
@@ -519,6 +519,45 @@ fn a_polling_worker_serves_unkicked_buffers_loses_no_wakeup_and_sleeps_when_idle
         "{} polled, {kicked} of {n} kicked",
         r.polled
     );
+}
+
+#[test]
+fn a_worker_without_a_turn_of_its_poll_budget_serves_every_kick_and_never_polls() {
+    let img = disk("poll-budget", 16);
+    let budget = virtio_contract::PollBudget::local(1).unwrap();
+    // The only turn is another poller's (the device host's, say) throughout.
+    let _held = budget.try_take().unwrap();
+    let config = virtio_contract::PollConfig {
+        max: Duration::from_millis(1),
+        budget,
+    };
+    let (fe, _space) = Frontend::start_polling(img.path(), false, config);
+    let ram = memfd("vhost-iotlb-it-poll-budget", RAM);
+    let mut ring = ring(&ram);
+    let _chan = negotiate(&fe, &ram, false);
+    let (kick, _call) = setup_ring(&fe, |gpa| gpa + UBASE);
+    // Requests 10 µs apart, well inside a 1 ms window: each still needs its kick.
+    let n = 200u16;
+    for i in 0..n {
+        assert!(
+            post_request(&mut ring, |gpa| gpa, 0, DATA),
+            "request {i}: the worker turned kicks off without a turn"
+        );
+        kick.write(1).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while ring.used_idx() != i.wrapping_add(1) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "request {i} was never served"
+            );
+            std::hint::spin_loop();
+        }
+        std::thread::sleep(Duration::from_micros(10));
+    }
+    let r = fe.finish();
+    assert_eq!(r.device.counters().ok, u64::from(n));
+    assert_eq!(r.polled, 0);
+    assert!(r.poll_refused > 0, "{} windows refused", r.poll_refused);
 }
 
 /// Whether this process maps anything named `name`.

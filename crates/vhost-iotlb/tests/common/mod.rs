@@ -51,7 +51,7 @@ impl<D: VirtioDevice<GuestView> + Send + 'static> Frontend<D> {
         dev: D,
         limits: Limits,
         require_iommu: bool,
-        poll_max: Duration,
+        poll: impl Into<virtio_contract::PollConfig>,
     ) -> (Self, Arc<AddressSpace>) {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let session = Session::new(
@@ -59,7 +59,7 @@ impl<D: VirtioDevice<GuestView> + Send + 'static> Frontend<D> {
             SessionConfig {
                 limits,
                 require_iommu,
-                poll: poll_max.into(),
+                poll: poll.into(),
             },
         )
         .unwrap();

@@ -469,6 +469,18 @@ fn without_iommu_platform_the_regions_are_mapped_and_ring_addresses_are_user_add
     );
 }
 
+/// Waits until the used index reaches `idx`; false after 2 s (a request never served).
+fn served(ring: &SplitRing<FileRam>, idx: u16) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while ring.used_idx() != idx {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::hint::spin_loop();
+    }
+    true
+}
+
 #[test]
 fn a_polling_worker_serves_unkicked_buffers_loses_no_wakeup_and_sleeps_when_idle() {
     use test_kit::ring::NO_NOTIFY;
@@ -486,14 +498,10 @@ fn a_polling_worker_serves_unkicked_buffers_loses_no_wakeup_and_sleeps_when_idle
             kick.write(1).unwrap();
             kicked += 1;
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while ring.used_idx() != i.wrapping_add(1) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "request {i} was never served (published unkicked while the worker went to sleep)"
-            );
-            std::hint::spin_loop();
-        }
+        assert!(
+            served(&ring, i.wrapping_add(1)),
+            "request {i} was never served (published unkicked while the worker went to sleep)"
+        );
         let gap = std::time::Instant::now() + Duration::from_micros(u64::from(i % 121));
         while std::time::Instant::now() < gap {
             std::hint::spin_loop();
@@ -544,14 +552,10 @@ fn a_worker_without_a_turn_of_its_poll_budget_serves_every_kick_and_never_polls(
             "request {i}: the worker turned kicks off without a turn"
         );
         kick.write(1).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while ring.used_idx() != i.wrapping_add(1) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "request {i} was never served"
-            );
-            std::hint::spin_loop();
-        }
+        assert!(
+            served(&ring, i.wrapping_add(1)),
+            "request {i} was never served"
+        );
         std::thread::sleep(Duration::from_micros(10));
     }
     let r = fe.finish();

@@ -22,7 +22,9 @@
 //!
 //! One thread serves every registered queue, because on these machines the TCG vCPU
 //! needs one of the two CPUs: a poller per queue would take the other from QEMU's
-//! main loop, which delivers our interrupts. The loop yields the CPU between passes.
+//! main loop, which delivers our interrupts. The loop yields the CPU between passes,
+//! and runs a pass only with a turn of the poll budget it shares with the back-ends'
+//! workers ([`virtio_contract::PollBudget`]).
 //! Correctness never depends on the poller: a notification is always served by the
 //! thread that receives it, and the transport's lock serialises the two consumers.
 //!
@@ -81,9 +83,9 @@ pub struct PollCounters {
     pub sleeps: u64,
     /// Time spent polling, in nanoseconds (an upper bound on its CPU time).
     pub polling_ns: u64,
-    /// Times it would have polled but its budget had no turn free (another process's
-    /// poller held it): the notification was served, and the next one waits for its
-    /// wake-up.
+    /// Times its window ended while it waited for a first turn of its budget (other
+    /// pollers, of any process, held every turn): the notification that woke it was
+    /// served, and the next one pays its wake-up.
     pub refused: u64,
 }
 

@@ -446,8 +446,9 @@ impl PollBudget {
         None
     }
 
-    /// A turn to poll, waiting for one (asleep) until `deadline` if every slot is
-    /// taken; `None` if none came by then.
+    /// A turn to poll, waiting for one until `deadline` if every slot is taken:
+    /// yielding to a holder that runs on this CPU, asleep otherwise (see the module
+    /// documentation); `None` if none came by then.
     pub fn take_by(&self, deadline: Instant) -> Option<PollTurn> {
         let Some(inner) = &self.0 else {
             return Some(PollTurn(None));

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 /// The most slots a budget has (CPUs that may poll at once).
 pub const MAX_POLL_CPUS: usize = 64;
 
-/// "APB1": marks a file as a poll budget of this layout.
+/// "APB3": marks a file as a poll budget of this layout (bumped when it changes).
 const MAGIC: u32 = u32::from_le_bytes(*b"APB3");
 
 /// The most pollers that can say at once that they wait for a turn (more still wait,
@@ -119,6 +119,15 @@ unsafe impl Send for Inner {}
 unsafe impl Sync for Inner {}
 
 impl Inner {
+    fn new(table: NonNull<Table>, cpus: usize) -> Self {
+        Self {
+            table,
+            cpus,
+            refused: AtomicU64::new(0),
+            slept: AtomicU64::new(0),
+        }
+    }
+
     fn table(&self) -> &Table {
         // SAFETY: `table` points at `MAP_LEN` mapped bytes (checked by mmap's result),
         // page-aligned, which hold a `Table` (assert above): atomics of any bit pattern
@@ -160,7 +169,8 @@ struct Held {
 
 impl PollTurn {
     /// Whether another poller (of any process sharing the budget) waits for a turn:
-    /// the holder should then give this one back after its pass.
+    /// the holder should then give this one back after its pass. Called once per
+    /// pass, it also records the CPU the holder runs on, which waiters look at.
     pub fn wanted(&self) -> bool {
         self.0.as_ref().is_some_and(|h| {
             let t = h.inner.table();
@@ -209,10 +219,10 @@ fn this_cpu() -> u32 {
 }
 
 impl Table {
-    /// Whether a holder of one of `slots` last ran a pass on `cpu`.
-    fn holder_on(&self, slots: &[AtomicU32], cpu: u32) -> bool {
+    /// Whether a holder of one of the first `cpus` slots last ran a pass on `cpu`.
+    fn holder_on(&self, cpus: usize, cpu: u32) -> bool {
         cpu != u32::MAX
-            && slots
+            && self.slots[..cpus]
                 .iter()
                 .zip(&self.slot_cpus)
                 .any(|(s, c)| s.load(Ordering::Acquire) != 0 && c.load(Ordering::Acquire) == cpu)
@@ -331,12 +341,7 @@ impl PollBudget {
             path: PathBuf::from("(anonymous)"),
             source,
         })?;
-        Ok(Self(Some(Arc::new(Inner {
-            table,
-            cpus,
-            refused: AtomicU64::new(0),
-            slept: AtomicU64::new(0),
-        }))))
+        Ok(Self(Some(Arc::new(Inner::new(table, cpus)))))
     }
 
     /// A budget of `cpus` shared with every process that opens `path` (created, mode
@@ -385,12 +390,7 @@ impl PollBudget {
             file.set_len(MAP_LEN as u64).map_err(io_err)?;
         }
         let table = map(std::os::fd::AsRawFd::as_raw_fd(&file), true).map_err(io_err)?;
-        let inner = Inner {
-            table,
-            cpus,
-            refused: AtomicU64::new(0),
-            slept: AtomicU64::new(0),
-        };
+        let inner = Inner::new(table, cpus);
         match inner
             .table()
             .magic
@@ -453,14 +453,9 @@ impl PollBudget {
         let Some(inner) = &self.0 else {
             return Some(PollTurn(None));
         };
-        if let Some(turn) = self.try_take() {
-            return Some(turn);
-        }
         let t = inner.table();
-        let now = Instant::now();
-        let wait = (now < deadline)
-            .then(|| t.announce(mono_ns().saturating_add(nanos(deadline - now))))
-            .flatten();
+        // This poller's entry among the waiters, taken when it first has to wait.
+        let mut wait = None;
         let got = loop {
             // Read before trying, so that a turn given back after the try wakes us.
             let seen = t.released.load(Ordering::Acquire);
@@ -472,7 +467,10 @@ impl PollBudget {
                 inner.refused.fetch_add(1, Ordering::Relaxed);
                 break None;
             }
-            if t.holder_on(&t.slots[..inner.cpus], this_cpu()) {
+            if wait.is_none() {
+                wait = t.announce(mono_ns().saturating_add(nanos(deadline - now)));
+            }
+            if t.holder_on(inner.cpus, this_cpu()) {
                 // A holder runs on this CPU: waiting here by yielding to it takes no
                 // CPU the two do not already share, and costs no wake-up.
                 std::thread::yield_now();

@@ -84,8 +84,8 @@ impl PollWindow {
     ///
     /// It runs a pass only with a turn of its budget ([`PollConfig::budget`]), and
     /// hands the turn over after a pass when another poller waits for one, then waits
-    /// for one again ([`PollBudget::take_by`]). If the window ends while it waits for its first turn it
-    /// returns `false`, leaving notifications on; otherwise `true`.
+    /// for one again ([`PollBudget::take_by`]). If the window ends while it waits for
+    /// its first turn it returns `false`, leaving notifications on; otherwise `true`.
     pub fn poll(
         &mut self,
         stopping: impl Fn() -> bool,

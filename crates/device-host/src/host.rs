@@ -581,7 +581,7 @@ impl DeviceHost {
                 let weak = Arc::downgrade(&t);
                 Arc::new(move || {
                     if let Some(t) = weak.upgrade() {
-                        lock(&t).notify(queue);
+                        lock(&t).serve(queue);
                     }
                 })
             };

@@ -312,6 +312,13 @@ impl<D: VirtioDevice<M>, M: GuestMemory> VirtioPciTransport<D, M> {
         self.run_queue(index);
     }
 
+    /// Processes queue `index` as a notification would, for the device's own reason (a
+    /// request it held back can complete, a back-end finished a buffer): not counted
+    /// in [`TransportCounters::notifications`], which are the driver's doorbells.
+    pub fn serve(&mut self, index: usize) {
+        self.run_queue(index);
+    }
+
     fn running(&self) -> bool {
         self.status & DRIVER_OK != 0 && self.status & DEVICE_NEEDS_RESET == 0
     }

@@ -22,7 +22,7 @@
 use crate::vm;
 use device_host::endpoints::{BlockFactory, VhostUserFactory};
 use device_host::host::{DeviceHost, EndpointFactory, Function, IommuHandle, IommuMode};
-use device_host::poll::Pollable;
+use device_host::poll::{PollHandle, Pollable};
 use device_host::vhost_user::{
     DeviceKind, InflightConfig, VhostUserHandle, DEFAULT_MAP_THRESHOLD, DEFAULT_TIMEOUT,
 };
@@ -229,6 +229,11 @@ struct HostCounts {
     parked_ns: u64,
     /// The vhost-user front-end's IOTLB traffic (out-of-process configurations only).
     iotlb: Option<IotlbCounts>,
+    /// Times our poller went to sleep (its window passed with nothing new); each
+    /// next request of the guest then notifies.
+    poller_sleeps: u64,
+    /// Times its window ended before it got a turn of the poll budget.
+    poller_refused: u64,
 }
 
 /// IOTLB messages between our front-end and the back-end process.
@@ -258,6 +263,8 @@ impl HostCounts {
             unmaps: self.unmaps.saturating_sub(before.unmaps),
             parked: self.parked.saturating_sub(before.parked),
             parked_ns: self.parked_ns.saturating_sub(before.parked_ns),
+            poller_sleeps: self.poller_sleeps.saturating_sub(before.poller_sleeps),
+            poller_refused: self.poller_refused.saturating_sub(before.poller_refused),
             iotlb: self.iotlb.map(|a| {
                 let b = before.iotlb.unwrap_or_default();
                 IotlbCounts {
@@ -289,6 +296,7 @@ struct Sampler {
     iommu: Option<IommuHandle>,
     /// The vhost-user device's handle (out-of-process configurations).
     vhost: Option<VhostUserHandle>,
+    poller: PollHandle,
 }
 
 impl Sampler {
@@ -314,7 +322,10 @@ impl Sampler {
             .and_then(Weak::upgrade)
             .map(|t| t.counters())
             .unwrap_or_default();
+        let poller = self.poller.counters();
         HostCounts {
+            poller_sleeps: poller.sleeps,
+            poller_refused: poller.refused,
             kicks: blk.notifications,
             blk_polled: blk.polled,
             blk_irqs: blk.interrupts,
@@ -688,6 +699,7 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
             iommu: host.iommu(),
             // The device was built (and its handle sent) by DeviceHost::new.
             vhost: vhost.and_then(|rx| rx.try_recv().ok()),
+            poller: host.poller(),
         });
         args.extend(host.qemu_args().iter().cloned());
         served = Some(std::thread::spawn(move || host.run(Duration::from_secs(3))));

@@ -296,7 +296,7 @@ this machine has {}. Anything but ~0 skews TCG figures.)",
         );
         let _ = writeln!(
             t,
-            "{:<22} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
+            "{:<22} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>13} {:>13}",
             "configuration",
             "workload",
             "requests",
@@ -306,12 +306,14 @@ this machine has {}. Anything but ~0 skews TCG figures.)",
             "MAPs",
             "UNMAPs",
             "IOMMU sync",
-            "of which"
+            "of which",
+            "poller slept",
+            "poller no turn"
         );
         let _ = writeln!(
             t,
-            "{:<22} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
-            "", "", "", "/req", "/req", "/req", "/req", "/req", "/req", "kicked"
+            "{:<22} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>13} {:>13}",
+            "", "", "", "/req", "/req", "/req", "/req", "/req", "/req", "kicked", "/req", "/req"
         );
         for r in ours
             .iter()
@@ -329,7 +331,7 @@ this machine has {}. Anything but ~0 skews TCG figures.)",
                 };
                 let _ = writeln!(
                     t,
-                    "{:<22} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
+                    "{:<22} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>13} {:>13}",
                     r.config.name(),
                     name,
                     w.requests,
@@ -339,7 +341,9 @@ this machine has {}. Anything but ~0 skews TCG figures.)",
                     per(h.maps),
                     per(h.unmaps),
                     per(syncs),
-                    kicked
+                    kicked,
+                    per(h.poller_sleeps),
+                    per(h.poller_refused)
                 );
             }
         }
@@ -448,7 +452,8 @@ which serves our devices; QEMU: QEMU and, out of process, the back-end):"
                 .sum();
             let _ = writeln!(
                 t,
-                "{:<22} misses {} ({} failed), updates {}, invalidates {}, evictions {}, ring passes found by polling {}; \
+                "{:<22} misses {} ({} failed), updates {}, invalidates {}, evictions {}, ring passes found by polling {}, \
+poll windows without a turn of the poll budget {}; \
 per timed request: {} misses, {} updates, {} invalidates; peak exposure {} KiB ({:.3}% of guest RAM), peak windows {}",
                 r.config.name(),
                 n("misses"),
@@ -457,6 +462,7 @@ per timed request: {} misses, {} updates, {} invalidates; peak exposure {} KiB (
                 n("invalidates"),
                 n("evictions"),
                 n("polled"),
+                n("poll_refused"),
                 per_request(n("misses"), requests),
                 per_request(n("updates"), requests),
                 per_request(n("invalidates"), requests),
@@ -512,6 +518,8 @@ pub(super) fn workload_json(
                     "iommu_syncs": h.iommu_kicks + h.iommu_polled,
                     "iommu_map_requests": h.maps,
                     "iommu_unmap_requests": h.unmaps,
+                    "poller_sleeps": h.poller_sleeps,
+                    "poller_windows_without_a_turn": h.poller_refused,
                 });
                 if let Some(c) = h.iotlb {
                     let per = |n: u64| (w.requests > 0).then(|| n as f64 / w.requests as f64);

@@ -143,7 +143,7 @@ pub(super) fn on_call<M: PhysicalMemory + Send + 'static>(
     let weak = Arc::downgrade(t);
     handle.set_on_call(Box::new(move |index| {
         if let Some(t) = weak.upgrade() {
-            lock(&t).notify(index);
+            lock(&t).serve(index);
         }
     }));
 }

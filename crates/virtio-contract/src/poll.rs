@@ -104,8 +104,13 @@ impl PollWindow {
             }
             let now = Instant::now();
             if turn.is_some() && poll() {
+                // The gap is the idle time before this pass, from the end of the last
+                // work to the start of the pass that found more (as QEMU counts the
+                // time it polled before an event), not the time the work took: a pass
+                // that served a 1 MiB read for longer than the maximum must not end
+                // the window while the guest keeps it busy.
                 self.window = adjust_poll_window(self.window, now - self.last_work, self.max);
-                self.last_work = now;
+                self.last_work = Instant::now();
             } else if now - self.last_work >= self.window {
                 // Also when the window passed while this poller waited for a turn: the
                 // look below serves what came meanwhile, and only sleeping after a look
@@ -169,6 +174,40 @@ mod tests {
         w.window = window;
         w.last_work = Instant::now();
         w
+    }
+
+    #[test]
+    fn work_that_takes_longer_than_the_maximum_does_not_end_the_window() {
+        let budget = PollBudget::unlimited();
+        let mut w = open_window(Duration::from_millis(1), &budget);
+        w.max = Duration::from_millis(2);
+        let mut pass = 0;
+        assert!(w.poll(
+            || false,
+            || {
+                pass += 1;
+                match pass {
+                    // Serving a long request.
+                    1 => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        true
+                    }
+                    // More work, published while it served.
+                    2 => true,
+                    _ => false,
+                }
+            },
+            |_| false,
+        ));
+        assert_eq!(
+            w.window,
+            Duration::from_millis(1),
+            "the window stayed: no idle gap exceeded the maximum"
+        );
+        assert!(
+            pass > 3,
+            "it went on polling after the long pass ({pass} passes)"
+        );
     }
 
     #[test]

@@ -389,6 +389,9 @@ scenario() {
         expect "IOMMU group type of the blk" "$(awk -v g="$g" '$2 == "iommu-group-type" && $3 == g { print $4; exit }' "$MARKERS")" "$want_type"
         info=$(grep -m1 'front-end disconnected' "$sd/backend.log" | sed 's/.*front-end disconnected: //')
         [[ "$info" == *"mode iotlb"* ]] || bad "the back-end did not run in IOTLB mode: '${info:-no summary line}'"
+        # Our front-end pushes the guest's mappings through our back-end's push ring.
+        [[ "$info" =~ \(([1-9][0-9]*)\ from\ the\ push\ ring,\ 0\ refused ]] \
+            || bad "the back-end read no update from the push ring, or refused some: '${info:-no summary line}'"
         info="; back-end: $info"
     fi
     if ((${#REASONS[@]} == 0)); then

@@ -281,14 +281,16 @@ fn summary<D>(r: &Report<D>) -> String {
     let e = &r.exposure;
     format!(
         "mode {}, peak exposure {} KiB of {} MiB guest RAM ({:.3}%), peak windows {}, \
-updates {}, invalidates {}, misses {} ({} failed), access failures {}, ring passes found by polling {}, \
-poll windows without a turn of the poll budget {}",
+updates {} ({} from the push ring, {} refused there), invalidates {}, misses {} ({} failed), \
+access failures {}, ring passes found by polling {}, poll windows without a turn of the poll budget {}",
         mode_name(r.mode),
         e.peak_mapped_bytes >> 10,
         e.guest_ram_bytes >> 20,
         100.0 * share(e.peak_mapped_bytes, e.guest_ram_bytes),
         e.peak_windows,
         e.updates,
+        e.ring_updates,
+        e.ring_refused,
         e.invalidates,
         e.misses,
         e.miss_failures,
@@ -310,6 +312,8 @@ fn stats_json<D>(name: &str, r: &Report<D>, device: serde_json::Value) -> serde_
         "windows": e.windows,
         "peak_windows": e.peak_windows,
         "updates": e.updates,
+        "ring_updates": e.ring_updates,
+        "ring_refused": e.ring_refused,
         "invalidates": e.invalidates,
         "evictions": e.evictions,
         "revoked_in_use": e.revoked_in_use,

@@ -19,6 +19,7 @@
 //! - [`space`]: the windows, the `vm_memory::GuestMemory` devices use ([`space::GuestView`]),
 //!   misses, exposure accounting;
 //! - [`channel`]: message I/O and the back-end request channel;
+//! - [`push_ring`]: Aperture's private extension, updates pushed through shared memory;
 //! - [`session`]: one connection — the main-socket loop and the device worker running
 //!   any `virtio_contract::VirtioDevice` (the same devices as in-process).
 //!
@@ -32,6 +33,7 @@
 
 pub mod channel;
 pub mod mmap;
+pub mod push_ring;
 pub mod session;
 pub mod space;
 pub mod wire;

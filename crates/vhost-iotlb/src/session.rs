@@ -27,6 +27,7 @@
 //! the device lock per pass, never across the window.
 
 use crate::channel::{recv_message, send_reply, MissChannel};
+use crate::push_ring::{Consumer, RingError};
 use crate::space::{AddressSpace, Exposure, GuestView, Limits, Mode, SpaceError};
 use crate::wire::{
     decode, protocol, req, ConfigHeader, Request, VringAddr, VringState, WireError,
@@ -45,10 +46,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use zerocopy::IntoBytes;
 
 /// Protocol features offered: multiqueue introspection, reply-ack, the back-end request
-/// channel and device configuration. The vhost-user spec's "IOMMU support" needs
+/// channel, device configuration and our push ring ([`crate::push_ring`]). The vhost-user spec's "IOMMU support" needs
 /// `REPLY_ACK` and `BACKEND_REQ` (QEMU refuses `iommu_platform=on` without them).
-pub const PROTOCOL_FEATURES: u64 =
-    protocol::MQ | protocol::REPLY_ACK | protocol::BACKEND_REQ | protocol::CONFIG;
+pub const PROTOCOL_FEATURES: u64 = protocol::MQ
+    | protocol::REPLY_ACK
+    | protocol::BACKEND_REQ
+    | protocol::CONFIG
+    | protocol::APERTURE_PUSH_RING;
 
 /// How a [`Session`] behaves.
 #[derive(Clone, Debug, Default)]
@@ -148,6 +152,9 @@ pub enum SessionError {
     /// An eventfd could not be used.
     #[error("cannot use the eventfd: {0}")]
     EventFd(io::Error),
+    /// The push ring handed over cannot be used.
+    #[error(transparent)]
+    PushRing(#[from] RingError),
 }
 
 struct Ring {
@@ -542,16 +549,27 @@ impl<D: VirtioDevice<GuestView> + Send> Session<D> {
                 space.set_cancel_misses(false);
                 Ok(Outcome::Done)
             }
+            Request::SetPushRing(capacity, file) => {
+                if self.acked_protocol & protocol::APERTURE_PUSH_RING == 0 {
+                    return Err(SessionError::NotNegotiated("APERTURE_PUSH_RING"));
+                }
+                let ring = Consumer::open(&file, capacity)?;
+                self.shared.space.set_push_ring(Some(ring));
+                Ok(Outcome::Done)
+            }
+            // Pushes made before the message come first (see `push_ring`).
             Request::IotlbUpdate {
                 iova,
                 size,
                 uaddr,
                 perm,
             } => {
+                self.shared.space.apply_pushes();
                 self.shared.space.update(iova, size, uaddr, perm)?;
                 Ok(Outcome::Done)
             }
             Request::IotlbInvalidate { iova, size } => {
+                self.shared.space.apply_pushes();
                 self.shared.space.invalidate(iova, size)?;
                 Ok(Outcome::Done)
             }
@@ -745,7 +763,12 @@ fn set_notifications<D>(sh: &Shared<D>, on: bool) -> bool {
 
 /// Serves every runnable ring whose driver published buffers the device has not
 /// taken; returns whether any were taken. A ring that cannot be read is not work.
+///
+/// First it maps what the front-end pushed since the last pass, while the guest is
+/// still mapping the rest of its request: left to the request's first miss, those
+/// mappings would be made on the request's path.
 fn poll_rings<D: VirtioDevice<GuestView>>(sh: &Shared<D>) -> bool {
+    sh.space.apply_pushes();
     let view = sh.space.view();
     let published: Vec<(usize, u16)> = lock(&sh.dev)
         .rings

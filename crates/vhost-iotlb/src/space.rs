@@ -26,6 +26,7 @@
 
 use crate::channel::{MissChannel, MissError};
 use crate::mmap::{Mapping, MmapError};
+use crate::push_ring::Consumer;
 use crate::wire::{iotlb, MemoryRegion};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -86,8 +87,12 @@ pub struct Exposure {
     pub peak_windows: u64,
     /// Guest RAM the memory table describes (the denominator of the exposure share).
     pub guest_ram_bytes: u64,
-    /// IOTLB updates applied.
+    /// IOTLB updates applied (from messages and from the push ring).
     pub updates: u64,
+    /// Of those, the ones read from the push ring ([`crate::push_ring`]).
+    pub ring_updates: u64,
+    /// Push ring entries refused (invalid, or outside the memory table).
+    pub ring_refused: u64,
     /// IOTLB invalidates applied.
     pub invalidates: u64,
     /// Windows dropped to stay within [`Limits::max_windows`].
@@ -294,6 +299,10 @@ pub struct AddressSpace {
     ended: Mutex<u64>,
     batch_ended: Condvar,
     channel: Mutex<Option<MissChannel>>,
+    /// The front-end's push ring, if it gave one. Read by whichever thread needs it
+    /// (a miss, an IOTLB message), one at a time: the pushes it reads are applied under
+    /// this lock, so a thread that then finds the ring empty knows they are in place.
+    pushes: Mutex<Option<Consumer>>,
     cancel: AtomicBool,
     limits: Limits,
     misses: AtomicU64,
@@ -463,6 +472,7 @@ impl AddressSpace {
             ended: Mutex::new(0),
             batch_ended: Condvar::new(),
             channel: Mutex::new(None),
+            pushes: Mutex::new(None),
             cancel: AtomicBool::new(false),
             limits,
             misses: AtomicU64::new(0),
@@ -492,6 +502,9 @@ impl AddressSpace {
     /// [`SpaceError::Mmap`] if a region cannot be mapped; the space is then left in
     /// [`Mode::Unset`] with nothing mapped.
     pub fn set_mode(&self, mode: Mode) -> Result<(), SpaceError> {
+        if self.mode() != mode {
+            self.discard_pushes();
+        }
         let mut t = self.write();
         if t.mode == mode {
             return Ok(());
@@ -562,6 +575,7 @@ impl AddressSpace {
                 }
             }
         }
+        self.discard_pushes();
         let mut t = self.write();
         let old = std::mem::replace(&mut t.regions, regions);
         t.clear_windows();
@@ -728,6 +742,45 @@ impl AddressSpace {
         self.cancel.store(cancel, Ordering::Release);
     }
 
+    /// Installs (or removes) the front-end's push ring.
+    pub fn set_push_ring(&self, ring: Option<Consumer>) {
+        *self.pushes.lock().unwrap_or_else(|e| e.into_inner()) = ring;
+    }
+
+    /// Applies, oldest first, the updates the front-end pushed through the ring since
+    /// the last call; returns how many took. Called before anything that must see
+    /// every push made before it: a miss, and any IOTLB message (an INVALIDATE must
+    /// not be overtaken by the push of what it removes). A push that is refused is
+    /// counted and skipped: the ring is a cache filler, the miss stays the fallback.
+    pub fn apply_pushes(&self) -> usize {
+        let mut ring = self.pushes.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(pushes) = ring.as_mut().and_then(Consumer::take) else {
+            return 0;
+        };
+        let total = pushes.len();
+        let applied = pushes
+            .into_iter()
+            .filter(|p| {
+                matches!(p.perm, iotlb::PERM_RO | iotlb::PERM_WO | iotlb::PERM_RW)
+                    && self.update(p.iova, p.size, p.uaddr, p.perm).is_ok()
+            })
+            .count();
+        if total > 0 {
+            let mut t = self.write();
+            t.stats.ring_updates += applied as u64;
+            t.stats.ring_refused += (total - applied) as u64;
+        }
+        applied
+    }
+
+    /// Drops what the ring holds unread: pushes made for a memory table or a mode
+    /// that is being replaced.
+    fn discard_pushes(&self) {
+        if let Some(r) = self.pushes.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            r.discard();
+        }
+    }
+
     /// Exposure and IOTLB counters now.
     pub fn exposure(&self) -> Exposure {
         let mut e = self.read().stats;
@@ -748,6 +801,15 @@ impl AddressSpace {
 
     /// Raises a miss for `addr` with `access` and waits for the answer.
     fn miss(&self, addr: u64, len: u64, access: Permissions) -> Result<(), Fault> {
+        // The front-end may have pushed it already.
+        if self.apply_pushes() > 0
+            && self
+                .read()
+                .find(addr)
+                .is_some_and(|w| w.perm.allow(access))
+        {
+            return Ok(());
+        }
         let mut guard = self.channel.lock().unwrap_or_else(|e| e.into_inner());
         let Some(ch) = guard.as_mut() else {
             return Err(Fault::Unmapped { addr });

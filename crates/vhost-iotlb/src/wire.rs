@@ -79,6 +79,11 @@ pub mod req {
     pub const GET_CONFIG: u32 = 24;
     /// `VHOST_USER_SET_CONFIG`.
     pub const SET_CONFIG: u32 = 25;
+    /// Aperture's own: the push ring ([`crate::push_ring`]); payload the capacity
+    /// (`u64`), one file descriptor. Only after
+    /// [`protocol::APERTURE_PUSH_RING`](super::protocol::APERTURE_PUSH_RING) was acked.
+    /// Far above the spec's codes, so that it never collides with one.
+    pub const APERTURE_SET_PUSH_RING: u32 = 0x4150_0001;
 }
 
 /// Back-end request codes, sent on the back-end request channel.
@@ -97,6 +102,10 @@ pub mod protocol {
     pub const BACKEND_REQ: u64 = 1 << 5;
     /// `VHOST_USER_PROTOCOL_F_CONFIG`.
     pub const CONFIG: u64 = 1 << 9;
+    /// Aperture's own: IOTLB pushes through a shared ring ([`crate::push_ring`]).
+    /// The spec assigns bits from 0 upwards; a front-end acks only bits it knows
+    /// (QEMU masks the back-end's offer with its own), so only ours acks this one.
+    pub const APERTURE_PUSH_RING: u64 = 1 << 63;
 }
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`: the reused virtio feature bit 30 that says the
@@ -340,6 +349,8 @@ pub enum Request {
     SetVringEnable(VringState),
     /// `SET_BACKEND_REQ_FD`.
     SetBackendReqFd(UnixStream),
+    /// [`req::APERTURE_SET_PUSH_RING`]: the ring's capacity and its memfd.
+    SetPushRing(u64, File),
     /// `IOTLB_MSG` of type update.
     IotlbUpdate {
         /// First IOVA.
@@ -566,6 +577,16 @@ pub fn decode(header: &Header, payload: &[u8], mut fds: Vec<File>) -> Result<Req
                 got: 0,
             })?;
             Request::SetBackendReqFd(UnixStream::from(std::os::fd::OwnedFd::from(fd)))
+        }
+        req::APERTURE_SET_PUSH_RING => {
+            fd_count(r, &fds, 1)?;
+            let capacity: u64 = exact(r, payload)?;
+            let fd = fds.pop().ok_or(WireError::FdCount {
+                request: r,
+                expected: 1,
+                got: 0,
+            })?;
+            Request::SetPushRing(capacity, fd)
         }
         req::IOTLB_MSG => {
             payload_fdless(&fds)?;

@@ -23,6 +23,7 @@ use vhost_iotlb::wire::{
     flags, iotlb, protocol, req, ConfigHeader, Header, IotlbMsg, MemoryRegion, VringAddr,
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_IOMMU_PLATFORM,
 };
+use vhost_iotlb::push_ring::{ring_bytes, Producer, Push};
 use vhost_iotlb::{AddressSpace, Limits, Mode, PROTOCOL_FEATURES};
 use virtio_devices::{Block, BlockConfig};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
@@ -637,4 +638,100 @@ fn after_an_invalidate_the_window_is_gone_from_proc_maps_and_access_fails_cleanl
             .all(|l| !l.contains("vhost-iotlb-it-maps")),
         "unmapped once the batch let go"
     );
+}
+
+/// Waits (bounded) for the call eventfd of a completed request.
+fn wait_call(call: &EventFd) {
+    for _ in 0..1000 {
+        if call.read().is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("the request did not complete");
+}
+
+#[test]
+fn pushes_through_the_ring_serve_a_request_without_a_miss_and_never_outlive_a_later_invalidate()
+{
+    let img = disk("ring", 16);
+    let (fe, space) = Frontend::start(img.path(), true);
+    let ram = memfd("vhost-iotlb-it-ring", RAM);
+    let mut ring = ring(&ram);
+    let chan = negotiate(&fe, &ram, true);
+    let bus = |gpa| gpa + IOVA_OFF;
+
+    // A ring the back-end cannot use safely is refused, and changes nothing.
+    let unsealed = memfd("vhost-iotlb-it-ring-unsealed", ring_bytes(16));
+    let set_ring = |cap: u64, f: &File| {
+        fe.ack(
+            req::APERTURE_SET_PUSH_RING,
+            &cap.to_ne_bytes(),
+            &[f.as_raw_fd()],
+        )
+    };
+    assert_ne!(set_ring(16, &unsealed), 0, "not sealed against shrinking");
+    let (pushes, file) = Producer::create(16).unwrap();
+    assert_ne!(set_ring(12, &file), 0, "capacity not a power of two");
+    assert_ne!(set_ring(32, &file), 0, "file smaller than the ring");
+    assert_eq!(set_ring(16, &file), 0);
+
+    // The guest maps its ring, the request's three buffers and a page the device never
+    // touches; the front-end pushes each through the ring: no message at all.
+    let push = |gpa: u64| {
+        assert!(pushes.push(&Push {
+            iova: bus(gpa),
+            size: 4096,
+            uaddr: UBASE + gpa,
+            perm: iotlb::PERM_RW,
+        }));
+    };
+    for gpa in [RING.desc, HDR, DATA, STATUS, SECRET] {
+        push(gpa);
+    }
+    // An entry no update could be: skipped and counted, the rest still apply.
+    assert!(pushes.push(&Push {
+        iova: bus(0x30000),
+        size: 4096,
+        uaddr: UBASE + 0x30000,
+        perm: 0,
+    }));
+    let (kick, call) = setup_ring(&fe, bus);
+    post_request(&mut ring, bus, 0, DATA);
+    kick.write(1).unwrap();
+    assert_eq!(
+        serve_misses(&fe, &chan, &call, |_| false),
+        (0, 0),
+        "no miss and no access failure: every window came from the ring"
+    );
+    let mut status = [0xffu8];
+    ram.read_exact_at(&mut status, STATUS).unwrap();
+    assert_eq!(status[0], 0, "VIRTIO_BLK_S_OK");
+    let mut got = vec![0u8; 4096];
+    ram.read_exact_at(&mut got, DATA).unwrap();
+    let want: Vec<u8> = (0..4096u64).map(|i| (i % 251) as u8).collect();
+    assert_eq!(got, want);
+    let e = space.exposure();
+    assert_eq!((e.misses, e.ring_updates, e.ring_refused), (0, 5, 1));
+
+    // Strict: an INVALIDATE sent after a push removes that window before its ack, even
+    // when the back-end had not read the push yet.
+    push(0x40000);
+    let inv = iotlb_msg(iotlb::INVALIDATE, bus(0x40000), 4096, 0, 0);
+    assert_eq!(fe.ack(req::IOTLB_MSG, &inv, &[]), 0);
+    let e = space.exposure();
+    assert_eq!(e.ring_updates, 6, "the push was applied first");
+    let held = |gpa: u64| {
+        space
+            .windows()
+            .iter()
+            .any(|&(start, len, _, _)| (start..start + len).contains(&bus(gpa)))
+    };
+    assert!(!held(0x40000), "then invalidated");
+    assert!(held(SECRET), "other pushed windows stay");
+    let inv = iotlb_msg(iotlb::INVALIDATE, 0, u64::MAX, 0, 0);
+    assert_eq!(fe.ack(req::IOTLB_MSG, &inv, &[]), 0);
+    assert_eq!(space.exposure().mapped_bytes, 0);
+    let r = fe.finish();
+    assert_eq!(r.device.counters().ok, 1);
 }

@@ -11,6 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Weak};
 use std::time::Instant;
+use vhost_iotlb::push_ring::Push;
 use virtio_iommu::{EndpointId, MappingEvent, MappingSubscriber, Settle};
 use vm_memory::{GuestAddress, Iommu, Permissions};
 use wire::{req, Header};
@@ -59,6 +60,15 @@ pub(super) struct Window {
 }
 
 impl Window {
+    pub(super) fn push(&self) -> Push {
+        Push {
+            iova: self.iova,
+            size: self.size,
+            uaddr: self.uaddr,
+            perm: self.perm,
+        }
+    }
+
     pub(super) fn update(&self) -> wire::IotlbMsg {
         wire::IotlbMsg {
             iova: self.iova,
@@ -296,27 +306,37 @@ impl Shared {
     /// the main socket meanwhile) never holds up the virtio-iommu here.
     ///
     /// Every push through the queue woke the IOTLB thread: one more thread to run per
-    /// guest MAP, beside the vCPU and the poller, on machines with two CPUs.
+    /// guest MAP, beside the vCPU and the poller, on machines with two CPUs. A back-end
+    /// that gave a push ring (ours) is not even sent a message: the push is written to
+    /// the ring, which it reads when it needs the window, or before the next IOTLB
+    /// message (so the INVALIDATEs queued after this still come after it).
     pub(super) fn push(&self, w: Window) {
-        if self.try_push(&w) {
-            bump(&self.counters.pushed);
-        } else {
-            self.queue(IotlbJob::Push(w));
+        match self.try_push(&w) {
+            Some(ring) => {
+                bump(&self.counters.pushed);
+                if ring {
+                    bump(&self.counters.ring_pushed);
+                }
+            }
+            None => self.queue(IotlbJob::Push(w)),
         }
     }
 
-    fn try_push(&self, w: &Window) -> bool {
+    /// `Some(through the ring)` if pushed from here, `None` if it must be queued.
+    fn try_push(&self, w: &Window) -> Option<bool> {
         if self.queued.load(Ordering::Acquire) != 0 || self.broken.load(Ordering::Acquire) {
-            return false;
+            return None;
         }
-        let Ok(link) = self.link.try_lock() else {
-            return false;
-        };
-        let Some(Ok(sock)) = link.as_ref().map(|l| l.main.try_lock()) else {
-            return false;
-        };
+        let link = self.link.try_lock().ok()?;
+        let link = link.as_ref()?;
+        if link.push_ring.as_ref().is_some_and(|r| r.push(&w.push())) {
+            return Some(true);
+        }
+        let sock = link.main.try_lock().ok()?;
         let msg = w.update();
-        try_send_msg(&sock, req::IOTLB_MSG, wire::flags::VERSION, msg.as_bytes()).unwrap_or(false)
+        try_send_msg(&sock, req::IOTLB_MSG, wire::flags::VERSION, msg.as_bytes())
+            .unwrap_or(false)
+            .then_some(false)
     }
 
     /// Invalidates `[lo, hi]` through the IOTLB thread and waits until the back-end

@@ -9,6 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use vhost_iotlb::push_ring::Producer;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use wire::{req, Header};
 use zerocopy::{FromBytes, IntoBytes};
@@ -24,7 +25,13 @@ pub(super) struct Link {
     pub(super) timeout: Duration,
     /// A clone of our end of the back-end request channel, to shut it down.
     pub(super) backend_req: Option<UnixStream>,
+    /// The back-end's push ring, when it offered one (our own back-ends do).
+    pub(super) push_ring: Option<Producer>,
 }
+
+/// Entries of a push ring: a 1 MiB read is ~260 pushes, and the back-end reads the
+/// ring before it serves the request they are for.
+const PUSH_RING_CAPACITY: u64 = 4096;
 
 /// What a request waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -303,14 +310,25 @@ impl Link {
             features: 0,
             timeout,
             backend_req: None,
+            push_ring: None,
         };
         link.request(req::SET_OWNER, &[], &[], Reply::None)?;
         link.features = link.get_u64(req::GET_FEATURES)?;
         let mut ours = None;
         if link.features & wire::VHOST_USER_F_PROTOCOL_FEATURES != 0 {
             let theirs = link.get_u64(req::GET_PROTOCOL_FEATURES)?;
-            let wanted =
+            // A ring we could not make is not asked for: pushes then go as messages.
+            let ring = (theirs & wire::protocol::APERTURE_PUSH_RING != 0)
+                .then(|| Producer::create(PUSH_RING_CAPACITY))
+                .and_then(|r| {
+                    r.map_err(|e| eprintln!("vhost-user: no push ring, pushes go as messages: {e}"))
+                        .ok()
+                });
+            let mut wanted =
                 wire::protocol::REPLY_ACK | wire::protocol::BACKEND_REQ | wire::protocol::CONFIG;
+            if ring.is_some() {
+                wanted |= wire::protocol::APERTURE_PUSH_RING;
+            }
             let protocol = theirs & wanted;
             link.request(
                 req::SET_PROTOCOL_FEATURES,
@@ -332,6 +350,15 @@ impl Link {
                 )?;
                 link.backend_req = mine.try_clone().ok();
                 ours = Some(mine);
+            }
+            if let Some((ring, file)) = ring {
+                link.request(
+                    req::APERTURE_SET_PUSH_RING,
+                    ring.capacity().as_bytes(),
+                    &[file.as_raw_fd()],
+                    Reply::None,
+                )?;
+                link.push_ring = Some(ring);
             }
         }
         Ok((link, ours))

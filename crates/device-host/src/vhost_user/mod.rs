@@ -259,6 +259,9 @@ pub struct VhostUserCounters {
     pub updates: u64,
     /// IOTLB updates pushed when the guest mapped memory, before any miss.
     pub pushed: u64,
+    /// Of those, the ones written to the back-end's push ring instead of sent as
+    /// messages (`vhost_iotlb::push_ring`).
+    pub ring_pushed: u64,
     /// Misses refused (the guest did not map the IOVA with that access).
     pub refused: u64,
     /// Access failures the back-end reported.
@@ -289,6 +292,7 @@ struct AtomicCounters {
     misses: AtomicU64,
     updates: AtomicU64,
     pushed: AtomicU64,
+    ring_pushed: AtomicU64,
     refused: AtomicU64,
     access_fails: AtomicU64,
     invalidates: AtomicU64,
@@ -388,6 +392,7 @@ impl VhostUserHandle {
             misses: l(&c.misses),
             updates: l(&c.updates),
             pushed: l(&c.pushed),
+            ring_pushed: l(&c.ring_pushed),
             refused: l(&c.refused),
             access_fails: l(&c.access_fails),
             invalidates: l(&c.invalidates),

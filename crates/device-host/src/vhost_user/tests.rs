@@ -127,6 +127,7 @@ fn link_answering(reply: Vec<u8>, protocol: u64) -> Link {
         features: 0,
         timeout: Duration::from_millis(200),
         backend_req: None,
+        push_ring: None,
     }
 }
 
@@ -207,6 +208,7 @@ fn no_answer_is_a_timeout_and_a_closed_socket_an_io_error() {
         features: 0,
         timeout: Duration::from_millis(200),
         backend_req: None,
+        push_ring: None,
     };
     assert!(matches!(
         l.get_u64(req::GET_FEATURES),

@@ -1,0 +1,340 @@
+//! The push ring: IOTLB updates a front-end pushes without a message.
+//!
+//! A front-end that pushes an UPDATE for every mapping the guest makes sends one
+//! message per guest MAP, and each one wakes the back-end thread that reads the main
+//! socket: on a 2-CPU machine, one more thread to run beside the vCPU and the
+//! front-end's poller for every 4 KiB the guest maps. Aperture's two ends share a ring
+//! instead, a private extension of vhost-user (both sides offer it, a front-end that
+//! does not know it never acks it):
+//!
+//! - protocol feature [`protocol::APERTURE_PUSH_RING`](crate::wire::protocol::APERTURE_PUSH_RING)
+//!   (bit 63), then request [`req::APERTURE_SET_PUSH_RING`](crate::wire::req::APERTURE_SET_PUSH_RING)
+//!   with the ring's capacity (`u64`) and one file descriptor: a sealed memfd of
+//!   [`ring_bytes`] bytes;
+//! - the front-end writes entries and then `head` (release); the back-end reads them
+//!   and then writes `tail` (release). Nobody waits and nobody is woken: the back-end
+//!   reads the ring when it needs a translation it does not hold, and before it applies
+//!   any IOTLB message from the socket, so that an INVALIDATE (always a message: it
+//!   needs its acknowledgement) never overtakes a push made before it.
+//!
+//! Layout: `head` (u64) at 0, `tail` (u64) at 64, entries from 128, each four u64
+//! words: IOVA, size, front-end user address, `iotlb` permission. Every word is read
+//! and written as an atomic, so the other side writing at any moment is never undefined
+//! behaviour here, only a wrong value, which each side checks: the back-end validates
+//! an entry as it would the message (and the address space validates it again), the
+//! front-end treats a `tail` that is not between `head - capacity` and `head` as a full
+//! ring and falls back to messages.
+
+use crate::mmap::{Mapping, MmapError};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const HEAD: usize = 0;
+const TAIL: usize = 64;
+const ENTRIES: usize = 128;
+const ENTRY_WORDS: usize = 4;
+
+/// Largest capacity a back-end accepts (entries): 2 MiB of ring.
+pub const MAX_CAPACITY: u64 = 1 << 16;
+
+/// Bytes of a ring of `capacity` entries.
+pub fn ring_bytes(capacity: u64) -> u64 {
+    ENTRIES as u64 + capacity * (ENTRY_WORDS as u64 * 8)
+}
+
+/// One pushed window: `[iova, iova + size)` at front-end address `uaddr`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Push {
+    /// First IOVA.
+    pub iova: u64,
+    /// Bytes.
+    pub size: u64,
+    /// The front-end's user address of `iova`.
+    pub uaddr: u64,
+    /// [`iotlb`](crate::wire::iotlb) permission.
+    pub perm: u8,
+}
+
+/// Why a ring handed over cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    /// The capacity is 0, not a power of two, or above [`MAX_CAPACITY`].
+    #[error("push ring capacity {0} is not a power of two in 1..={MAX_CAPACITY}")]
+    Capacity(u64),
+    /// The file is smaller than the ring.
+    #[error("push ring file has {got} bytes, a ring of {capacity} entries needs {needed}")]
+    Size {
+        /// Entries.
+        capacity: u64,
+        /// Bytes needed.
+        needed: u64,
+        /// File size.
+        got: u64,
+    },
+    /// The file can shrink under the mapping (an access would then raise SIGBUS).
+    #[error("push ring file is not sealed against shrinking (F_SEAL_SHRINK)")]
+    NotSealed,
+    /// A system call failed.
+    #[error("push ring: {0}")]
+    Io(#[from] io::Error),
+    /// The mapping failed.
+    #[error("push ring: {0}")]
+    Map(#[from] MmapError),
+}
+
+/// The mapped ring, as either side sees it.
+#[derive(Debug)]
+struct Shm {
+    map: Mapping,
+    capacity: u64,
+}
+
+impl Shm {
+    fn word(&self, byte_offset: usize) -> &AtomicU64 {
+        debug_assert!(byte_offset % 8 == 0 && (byte_offset as u64) < ring_bytes(self.capacity));
+        // SAFETY: the mapping is `ring_bytes(capacity)` long at least (checked by both
+        // constructors), page-aligned, and lives as long as `self`; every caller passes an
+        // offset below that bound that is a multiple of 8, so the pointer is in bounds
+        // and aligned for an AtomicU64. The memory is shared with another process, which
+        // is exactly what atomics allow: no Rust reference to it exists other than these.
+        unsafe { &*self.map.ptr().add(byte_offset).cast::<AtomicU64>() }
+    }
+
+    fn entry(&self, index: u64, word: usize) -> &AtomicU64 {
+        let slot = (index & (self.capacity - 1)) as usize;
+        self.word(ENTRIES + (slot * ENTRY_WORDS + word) * 8)
+    }
+}
+
+/// The front-end's end: writes pushes.
+#[derive(Debug)]
+pub struct Producer {
+    shm: Shm,
+    /// Our own count of entries written; the shared `head` only mirrors it.
+    head: AtomicU64,
+}
+
+impl Producer {
+    /// A new ring of `capacity` entries in a sealed memfd; returns the file to send.
+    ///
+    /// # Errors
+    /// [`RingError::Capacity`], or the memfd or its mapping failed.
+    pub fn create(capacity: u64) -> Result<(Self, File), RingError> {
+        if capacity == 0 || !capacity.is_power_of_two() || capacity > MAX_CAPACITY {
+            return Err(RingError::Capacity(capacity));
+        }
+        let bytes = ring_bytes(capacity);
+        // SAFETY: the name is a NUL-terminated literal; the call creates a new fd.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"aperture-iotlb-push".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(bytes)?;
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on an fd we own, with an integer argument.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        let map = Mapping::new(&file, 0, bytes, true)?;
+        Ok((
+            Self {
+                shm: Shm { map, capacity },
+                head: AtomicU64::new(0),
+            },
+            file,
+        ))
+    }
+
+    /// Entries the ring holds.
+    pub fn capacity(&self) -> u64 {
+        self.shm.capacity
+    }
+
+    /// Writes `p`; `false` when the ring is full (or the back-end's `tail` makes no
+    /// sense), and nothing was written. Callers serialise pushes.
+    pub fn push(&self, p: &Push) -> bool {
+        let head = self.head.load(Ordering::Relaxed);
+        let tail = self.shm.word(TAIL).load(Ordering::Acquire);
+        let used = head.wrapping_sub(tail);
+        if used >= self.shm.capacity {
+            return false;
+        }
+        let words = [p.iova, p.size, p.uaddr, u64::from(p.perm)];
+        for (i, w) in words.into_iter().enumerate() {
+            self.shm.entry(head, i).store(w, Ordering::Relaxed);
+        }
+        let next = head.wrapping_add(1);
+        self.head.store(next, Ordering::Relaxed);
+        self.shm.word(HEAD).store(next, Ordering::Release);
+        true
+    }
+}
+
+/// The back-end's end: reads pushes.
+#[derive(Debug)]
+pub struct Consumer {
+    shm: Shm,
+    tail: u64,
+    /// The front-end moved `head` somewhere impossible: the ring is no longer read.
+    broken: bool,
+}
+
+impl Consumer {
+    /// Maps the ring the front-end sent.
+    ///
+    /// # Errors
+    /// A bad capacity, a file too small or not sealed against shrinking, or a failed
+    /// mapping.
+    pub fn open(file: &File, capacity: u64) -> Result<Self, RingError> {
+        if capacity == 0 || !capacity.is_power_of_two() || capacity > MAX_CAPACITY {
+            return Err(RingError::Capacity(capacity));
+        }
+        let needed = ring_bytes(capacity);
+        let got = file.metadata()?.len();
+        if got < needed {
+            return Err(RingError::Size {
+                capacity,
+                needed,
+                got,
+            });
+        }
+        // SAFETY: fcntl on a valid fd, no argument.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(RingError::NotSealed);
+        }
+        let map = Mapping::new(file, 0, needed, true)?;
+        let shm = Shm { map, capacity };
+        let tail = shm.word(TAIL).load(Ordering::Acquire);
+        Ok(Self {
+            shm,
+            tail,
+            broken: false,
+        })
+    }
+
+    /// Takes what was pushed since the last call, oldest first, at most a capacity's
+    /// worth. Returns `None` once the front-end has moved `head` out of bounds: the
+    /// ring is then read no more (its pushes become misses).
+    pub fn take(&mut self) -> Option<Vec<Push>> {
+        if self.broken {
+            return None;
+        }
+        let head = self.shm.word(HEAD).load(Ordering::Acquire);
+        let n = head.wrapping_sub(self.tail);
+        if n > self.shm.capacity {
+            self.broken = true;
+            return None;
+        }
+        let mut out = Vec::with_capacity(n as usize);
+        for k in 0..n {
+            let at = self.tail.wrapping_add(k);
+            let w = |i| self.shm.entry(at, i).load(Ordering::Relaxed);
+            out.push(Push {
+                iova: w(0),
+                size: w(1),
+                uaddr: w(2),
+                // Out of range becomes 0, which no update accepts.
+                perm: u8::try_from(w(3)).unwrap_or(0),
+            });
+        }
+        if n > 0 {
+            self.tail = head;
+            self.shm.word(TAIL).store(head, Ordering::Release);
+        }
+        Some(out)
+    }
+
+    /// Drops whatever was pushed so far, unread.
+    pub fn discard(&mut self) {
+        let _ = self.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
+
+    use super::*;
+
+    fn p(i: u64) -> Push {
+        Push {
+            iova: i << 12,
+            size: 0x1000,
+            uaddr: 0x7f00_0000_0000 + (i << 12),
+            perm: 3,
+        }
+    }
+
+    #[test]
+    fn pushes_arrive_in_order_and_a_full_ring_refuses_without_writing() {
+        let (prod, file) = Producer::create(4).unwrap();
+        let mut cons = Consumer::open(&file, 4).unwrap();
+        assert_eq!(cons.take().unwrap(), []);
+        for i in 0..4 {
+            assert!(prod.push(&p(i)));
+        }
+        assert!(!prod.push(&p(9)), "a fifth push does not fit");
+        assert_eq!(cons.take().unwrap(), (0..4).map(p).collect::<Vec<_>>());
+        // Read entries free their slots; the ring wraps.
+        for i in 4..7 {
+            assert!(prod.push(&p(i)));
+        }
+        assert_eq!(cons.take().unwrap(), (4..7).map(p).collect::<Vec<_>>());
+        assert_eq!(cons.take().unwrap(), []);
+    }
+
+    #[test]
+    fn a_back_end_writing_a_nonsense_tail_only_makes_the_ring_full() {
+        let (prod, file) = Producer::create(4).unwrap();
+        let cons = Consumer::open(&file, 4).unwrap();
+        // The back-end claims to have read entries never written.
+        cons.shm.word(TAIL).store(1000, Ordering::Release);
+        assert!(!prod.push(&p(0)));
+        cons.shm.word(TAIL).store(0, Ordering::Release);
+        assert!(prod.push(&p(0)));
+    }
+
+    #[test]
+    fn a_front_end_moving_head_out_of_bounds_stops_the_ring_being_read() {
+        let (prod, file) = Producer::create(4).unwrap();
+        let mut cons = Consumer::open(&file, 4).unwrap();
+        prod.shm.word(HEAD).store(5, Ordering::Release);
+        assert_eq!(cons.take(), None);
+        prod.shm.word(HEAD).store(0, Ordering::Release);
+        assert_eq!(cons.take(), None, "once broken, never read again");
+    }
+
+    #[test]
+    fn a_ring_that_is_too_small_unsealed_or_of_bad_capacity_is_refused() {
+        let (_prod, file) = Producer::create(4).unwrap();
+        assert!(matches!(
+            Consumer::open(&file, 8),
+            Err(RingError::Size { .. })
+        ));
+        for bad in [0, 3, MAX_CAPACITY * 2] {
+            assert!(matches!(
+                Consumer::open(&file, bad),
+                Err(RingError::Capacity(_))
+            ));
+            assert!(matches!(
+                Producer::create(bad),
+                Err(RingError::Capacity(_))
+            ));
+        }
+        let unsealed = test_kit::mem::memfd("push-ring-unsealed", ring_bytes(4));
+        assert!(matches!(
+            Consumer::open(&unsealed, 4),
+            Err(RingError::NotSealed)
+        ));
+    }
+}

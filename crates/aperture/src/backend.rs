@@ -281,7 +281,7 @@ fn summary<D>(r: &Report<D>) -> String {
     let e = &r.exposure;
     format!(
         "mode {}, peak exposure {} KiB of {} MiB guest RAM ({:.3}%), peak windows {}, \
-updates {} ({} from the push ring, {} refused there), invalidates {}, misses {} ({} failed), \
+updates {} ({} from the push ring, {} refused there), invalidates {} ({} from the ring), misses {} ({} failed), \
 access failures {}, ring passes found by polling {}, poll windows without a turn of the poll budget {}",
         mode_name(r.mode),
         e.peak_mapped_bytes >> 10,
@@ -292,6 +292,7 @@ access failures {}, ring passes found by polling {}, poll windows without a turn
         e.ring_updates,
         e.ring_refused,
         e.invalidates,
+        e.ring_invalidates,
         e.misses,
         e.miss_failures,
         e.access_fails,
@@ -314,6 +315,7 @@ fn stats_json<D>(name: &str, r: &Report<D>, device: serde_json::Value) -> serde_
         "updates": e.updates,
         "ring_updates": e.ring_updates,
         "ring_refused": e.ring_refused,
+        "ring_invalidates": e.ring_invalidates,
         "invalidates": e.invalidates,
         "evictions": e.evictions,
         "revoked_in_use": e.revoked_in_use,

@@ -839,3 +839,106 @@ fn without_reply_ack_activation_waits_for_a_reply_before_the_first_kick() {
     let kick = be.file(req::SET_VRING_KICK);
     assert_eq!(read_eventfd(&kick), Some(1), "then the activation's kick");
 }
+
+/// The test's side of the push ring our front-end handed a back-end that offered it.
+fn ring_of(be: &FakeBackend) -> vhost_iotlb::push_ring::Consumer {
+    let log = be.seen.lock().unwrap().log.clone();
+    let (_, body) = log
+        .iter()
+        .find(|m| m.0 == req::APERTURE_SET_PUSH_RING)
+        .expect("the front-end handed over a push ring");
+    let capacity = u64::read_from_bytes(body).unwrap();
+    vhost_iotlb::push_ring::Consumer::open(&be.file(req::APERTURE_SET_PUSH_RING), capacity).unwrap()
+}
+
+#[test]
+fn a_ring_invalidation_completes_the_unmap_only_once_acknowledged_in_the_ring_or_cut_off() {
+    let deadline = Duration::from_millis(400);
+    let be = FakeBackend::start(
+        "ring-inv",
+        F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
+        P_ALL | wire::protocol::APERTURE_PUSH_RING,
+        AckMode::Now,
+        None,
+    );
+    let mut rig = IommuRig::new(&be, deadline);
+    let mut ring = ring_of(&be);
+    let h = rig.dev.handle();
+    for (i, w) in [0x10000u64, 0x20000, 0x30000, 0x40000]
+        .into_iter()
+        .enumerate()
+    {
+        rig.map(w, w + 0xfff, 0x40000 + i as u64 * 0x1000, 3);
+    }
+    assert_eq!(h.counters().ring_pushed, 4, "pushed through the ring");
+    assert_eq!(ring.take().unwrap().len(), 4);
+    assert!(be.iotlb().is_empty(), "and not as messages");
+
+    // Our poller's part, on its own thread, as long as the test runs.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (watching, watched) = mpsc::channel();
+    let poller = std::thread::spawn({
+        let (h, stop) = (h.clone(), Arc::clone(&stop));
+        move || {
+            assert!(!h.set_watched(true));
+            watching.send(()).unwrap();
+            while !stop.load(Ordering::SeqCst) {
+                h.poll_ring_acks();
+                std::thread::yield_now();
+            }
+            assert!(!h.set_watched(false), "nothing left outstanding");
+        }
+    });
+    watched.recv().unwrap();
+
+    // The back-end polls: the UNMAP waits for its acknowledgement in the ring, and no
+    // message is sent.
+    ring.set_polling(true);
+    let ack_after = Duration::from_millis(150);
+    let worker = std::thread::spawn(move || {
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (invs, upto) = ring.take_invalidations();
+            if !invs.is_empty() {
+                assert_eq!(invs, [(0x10000, 0x1000)]);
+                std::thread::sleep(ack_after);
+                ring.finish_invalidations(upto);
+                return ring;
+            }
+            assert!(Instant::now() < until, "no invalidation in the ring");
+            std::thread::yield_now();
+        }
+    });
+    let t = Instant::now();
+    assert_eq!(rig.unmap(0x10000, 0x10fff), Status::Ok);
+    assert!(
+        t.elapsed() >= ack_after,
+        "S_OK before the ring's acknowledgement"
+    );
+    let ring = worker.join().unwrap();
+    assert!(be.iotlb().is_empty(), "no INVALIDATE message");
+    assert_eq!(h.counters().ring_invalidates, 1);
+
+    // The back-end stops polling: the invalidation goes as a message (acked at once).
+    ring.set_polling(false);
+    assert_eq!(rig.unmap(0x20000, 0x20fff), Status::Ok);
+    let sent = be.iotlb();
+    assert_eq!(
+        sent.iter()
+            .map(|m| (m.kind, m.iova, m.size))
+            .collect::<Vec<_>>(),
+        [(wire::iotlb::INVALIDATE, 0x20000, 0x1000)]
+    );
+    assert_eq!(h.counters().ring_invalidates, 1);
+
+    // Polling again, but it never acknowledges: the UNMAP completes at the deadline,
+    // the connection is cut (the device needs reset), and it counts as a failure.
+    ring.set_polling(true);
+    let t = Instant::now();
+    assert_eq!(rig.unmap(0x30000, 0x30fff), Status::Ok);
+    assert!(t.elapsed() >= deadline);
+    let c = h.counters();
+    assert_eq!((c.ring_invalidates, c.invalidate_failures), (1, 1));
+    stop.store(true, Ordering::SeqCst);
+    poller.join().unwrap();
+}

@@ -17,8 +17,19 @@
 //!   any IOTLB message from the socket, so that an INVALIDATE (always a message: it
 //!   needs its acknowledgement) never overtakes a push made before it.
 //!
-//! Layout: `head` (u64) at 0, `tail` (u64) at 64, entries from 128, each four u64
-//! words: IOVA, size, front-end user address, `iotlb` permission. Every word is read
+//! Invalidations can go the same way, to a back-end whose worker is polling: the
+//! front-end writes them to a second ring, the worker applies them on its next pass
+//! (outside any batch, so nothing waits) and acknowledges by moving that ring's tail,
+//! which the front-end's poller watches. Each side says when it polls, so that
+//! neither waits for a look the other will not take: the worker clears its flag, then
+//! fences and looks once more ([`Consumer::set_polling`]); the front-end writes, fences
+//! and sends the INVALIDATE as a message too if the worker no longer polls
+//! ([`Producer::peer_polling`]).
+//!
+//! Layout: `head` (u64) at 0, `tail` at 64, the invalidations' `head` at 128 and
+//! `tail` at 192, the worker's polling flag at 256; push entries from 320, each four
+//! u64 words: IOVA, size, front-end user address, `iotlb` permission; then
+//! [`INV_CAPACITY`] invalidations of two words: IOVA, size. Every word is read
 //! and written as an atomic, so the other side writing at any moment is never undefined
 //! behaviour here, only a wrong value, which each side checks: the back-end validates
 //! an entry as it would the message (and the address space validates it again), the
@@ -33,15 +44,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 const HEAD: usize = 0;
 const TAIL: usize = 64;
-const ENTRIES: usize = 128;
+const INV_HEAD: usize = 128;
+const INV_TAIL: usize = 192;
+const POLLING: usize = 256;
+const ENTRIES: usize = 320;
 const ENTRY_WORDS: usize = 4;
+const INV_WORDS: usize = 2;
+
+/// Invalidations the ring holds at once.
+pub const INV_CAPACITY: u64 = 256;
 
 /// Largest capacity a back-end accepts (entries): 2 MiB of ring.
 pub const MAX_CAPACITY: u64 = 1 << 16;
 
-/// Bytes of a ring of `capacity` entries.
+/// Bytes of a ring of `capacity` entries (and [`INV_CAPACITY`] invalidations).
 pub fn ring_bytes(capacity: u64) -> u64 {
-    ENTRIES as u64 + capacity * (ENTRY_WORDS as u64 * 8)
+    ENTRIES as u64 + capacity * (ENTRY_WORDS as u64 * 8) + INV_CAPACITY * (INV_WORDS as u64 * 8)
 }
 
 /// One pushed window: `[iova, iova + size)` at front-end address `uaddr`.
@@ -93,7 +111,9 @@ struct Shm {
 
 impl Shm {
     fn word(&self, byte_offset: usize) -> &AtomicU64 {
-        debug_assert!(byte_offset % 8 == 0 && (byte_offset as u64) < ring_bytes(self.capacity));
+        debug_assert!(
+            byte_offset.is_multiple_of(8) && (byte_offset as u64) < ring_bytes(self.capacity)
+        );
         // SAFETY: the mapping is `ring_bytes(capacity)` long at least (checked by both
         // constructors), page-aligned, and lives as long as `self`; every caller passes an
         // offset below that bound that is a multiple of 8, so the pointer is in bounds
@@ -105,6 +125,12 @@ impl Shm {
     fn entry(&self, index: u64, word: usize) -> &AtomicU64 {
         let slot = (index & (self.capacity - 1)) as usize;
         self.word(ENTRIES + (slot * ENTRY_WORDS + word) * 8)
+    }
+
+    fn inv_entry(&self, index: u64, word: usize) -> &AtomicU64 {
+        let slot = (index & (INV_CAPACITY - 1)) as usize;
+        let base = ENTRIES + self.capacity as usize * ENTRY_WORDS * 8;
+        self.word(base + (slot * INV_WORDS + word) * 8)
     }
 }
 
@@ -176,6 +202,45 @@ impl Producer {
         self.head.store(next, Ordering::Relaxed);
         self.shm.word(HEAD).store(next, Ordering::Release);
         true
+    }
+
+    /// Writes an invalidation of `[iova, iova + size)`; returns its sequence number
+    /// (done once [`Self::invalidated`] reaches it), or `None` when the invalidation
+    /// ring is full. Callers serialise invalidations, and follow the protocol in
+    /// [`Self::peer_polling`].
+    pub fn invalidate(&self, iova: u64, size: u64) -> Option<u64> {
+        let head = self.shm.word(INV_HEAD).load(Ordering::Relaxed);
+        let tail = self.shm.word(INV_TAIL).load(Ordering::Acquire);
+        if head.wrapping_sub(tail) >= INV_CAPACITY {
+            return None;
+        }
+        self.shm.inv_entry(head, 0).store(iova, Ordering::Relaxed);
+        self.shm.inv_entry(head, 1).store(size, Ordering::Relaxed);
+        let next = head.wrapping_add(1);
+        self.shm.word(INV_HEAD).store(next, Ordering::Release);
+        Some(next)
+    }
+
+    /// How many invalidations the back-end says it applied (a sequence number). Only
+    /// `head` bounds it: a back-end can claim more than it did, as it can ack an
+    /// INVALIDATE message it ignored (it holds the memory table's descriptors anyway).
+    pub fn invalidated(&self) -> u64 {
+        let head = self.shm.word(INV_HEAD).load(Ordering::Relaxed);
+        let done = self.shm.word(INV_TAIL).load(Ordering::Acquire);
+        if head.wrapping_sub(done) > INV_CAPACITY {
+            head
+        } else {
+            done
+        }
+    }
+
+    /// Whether the back-end's worker is polling, after a full fence. An invalidation
+    /// written before this returned `true` will be applied by that worker, in a pass or
+    /// in the look it takes after it stops polling ([`Consumer::set_polling`]); after
+    /// `false` nothing says it will: send it as a message too.
+    pub fn peer_polling(&self) -> bool {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.shm.word(POLLING).load(Ordering::Relaxed) != 0
     }
 }
 
@@ -258,6 +323,45 @@ impl Consumer {
     pub fn discard(&mut self) {
         let _ = self.take();
     }
+
+    /// Says whether the worker polls. Turning it off fences: the caller must then look
+    /// at the invalidations once more ([`Self::take_invalidations`]), since the
+    /// front-end may have written one after its last look and seen it still polling.
+    pub fn set_polling(&self, on: bool) {
+        self.shm
+            .word(POLLING)
+            .store(u64::from(on), Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// The invalidations written since the last call, oldest first, and the sequence
+    /// number to pass to [`Self::finish_invalidations`] once they are applied. Empty if
+    /// the front-end moved its index out of bounds (its invalidations are then never
+    /// acknowledged here, and its deadline cuts the connection).
+    pub fn take_invalidations(&self) -> (Vec<(u64, u64)>, u64) {
+        let tail = self.shm.word(INV_TAIL).load(Ordering::Relaxed);
+        let head = self.shm.word(INV_HEAD).load(Ordering::Acquire);
+        let n = head.wrapping_sub(tail);
+        if n > INV_CAPACITY {
+            return (Vec::new(), tail);
+        }
+        let out = (0..n)
+            .map(|k| {
+                let at = tail.wrapping_add(k);
+                (
+                    self.shm.inv_entry(at, 0).load(Ordering::Relaxed),
+                    self.shm.inv_entry(at, 1).load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        (out, head)
+    }
+
+    /// Acknowledges the invalidations up to `upto` (from [`Self::take_invalidations`]):
+    /// call only once they are applied.
+    pub fn finish_invalidations(&self, upto: u64) {
+        self.shm.word(INV_TAIL).store(upto, Ordering::Release);
+    }
 }
 
 #[cfg(test)]
@@ -315,6 +419,36 @@ mod tests {
     }
 
     #[test]
+    fn invalidations_are_acknowledged_only_when_finished_and_a_full_ring_refuses() {
+        let (prod, file) = Producer::create(4).unwrap();
+        let cons = Consumer::open(&file, 4).unwrap();
+        assert!(!prod.peer_polling());
+        cons.set_polling(true);
+        assert!(prod.peer_polling());
+        let seq = prod.invalidate(0x1000, 0x2000).unwrap();
+        let (invs, upto) = cons.take_invalidations();
+        assert_eq!((invs, upto), (vec![(0x1000, 0x2000)], seq));
+        assert!(prod.invalidated() < seq, "taken is not applied");
+        cons.finish_invalidations(upto);
+        assert_eq!(prod.invalidated(), seq);
+        for _ in 0..INV_CAPACITY {
+            assert!(prod.invalidate(0, 1).is_some());
+        }
+        assert_eq!(prod.invalidate(0, 1), None, "full until finished");
+        let (invs, upto) = cons.take_invalidations();
+        assert_eq!(invs.len() as u64, INV_CAPACITY);
+        cons.finish_invalidations(upto);
+        assert!(prod.invalidate(0, 1).is_some());
+        // A back-end claiming more than was written is held to what was written.
+        cons.shm
+            .word(INV_TAIL)
+            .store(u64::MAX / 2, Ordering::Release);
+        assert_eq!(prod.invalidated(), upto + 1);
+        cons.set_polling(false);
+        assert!(!prod.peer_polling());
+    }
+
+    #[test]
     fn a_ring_that_is_too_small_unsealed_or_of_bad_capacity_is_refused() {
         let (_prod, file) = Producer::create(4).unwrap();
         assert!(matches!(
@@ -326,10 +460,7 @@ mod tests {
                 Consumer::open(&file, bad),
                 Err(RingError::Capacity(_))
             ));
-            assert!(matches!(
-                Producer::create(bad),
-                Err(RingError::Capacity(_))
-            ));
+            assert!(matches!(Producer::create(bad), Err(RingError::Capacity(_))));
         }
         let unsealed = test_kit::mem::memfd("push-ring-unsealed", ring_bytes(4));
         assert!(matches!(

@@ -24,7 +24,9 @@
 //! does ([`virtio_contract::PollWindow`], up to [`SessionConfig::poll`]). When
 //! the window passes with nothing new it turns notifications back on, which re-checks
 //! the rings after a fence, serves what was published meanwhile, and sleeps. It takes
-//! the device lock per pass, never across the window.
+//! the device lock per pass, never across the window. At the start of every pass, and
+//! once more after it stops polling, it applies what the front-end wrote to the push
+//! ring ([`crate::push_ring`]): updates, and invalidations, which only it applies.
 
 use crate::channel::{recv_message, send_reply, MissChannel};
 use crate::push_ring::{Consumer, RingError};
@@ -735,7 +737,10 @@ fn worker<D: VirtioDevice<GuestView>>(sh: &Shared<D>) {
             && !window.poll(
                 || sh.stop.load(Ordering::Acquire),
                 || poll_rings(sh),
-                |polling| set_notifications(sh, !polling),
+                |polling| {
+                    sh.space.set_ring_polling(polling);
+                    set_notifications(sh, !polling)
+                },
             )
         {
             sh.poll_refused.fetch_add(1, Ordering::Relaxed);
@@ -762,13 +767,18 @@ fn set_notifications<D>(sh: &Shared<D>, on: bool) -> bool {
 }
 
 /// Serves every runnable ring whose driver published buffers the device has not
-/// taken; returns whether any were taken. A ring that cannot be read is not work.
+/// taken; returns whether any were taken, or any invalidation came through the
+/// front-end's ring. A ring that cannot be read is not work.
 ///
 /// First it maps what the front-end pushed since the last pass, while the guest is
-/// still mapping the rest of its request: left to the request's first miss, those
-/// mappings would be made on the request's path.
+/// still mapping the rest of its request (left to the request's first miss, those
+/// mappings would be made on the request's path), and applies the invalidations it
+/// wrote, which the guest's UNMAPs wait for. Those are work: a guest unmapping its
+/// last request keeps the worker polling, so that its invalidations keep going
+/// through the ring and its next request is found without a kick. Pushes are not:
+/// while the guest maps, the front-end's poller serves it and needs the turns.
 fn poll_rings<D: VirtioDevice<GuestView>>(sh: &Shared<D>) -> bool {
-    sh.space.apply_pushes();
+    let ring_work = sh.space.apply_ring() > 0;
     let view = sh.space.view();
     let published: Vec<(usize, u16)> = lock(&sh.dev)
         .rings
@@ -782,7 +792,7 @@ fn poll_rings<D: VirtioDevice<GuestView>>(sh: &Shared<D>) -> bool {
         })
         .collect();
     drop(view);
-    let mut took = false;
+    let mut took = ring_work;
     for (i, before) in published {
         process(sh, i, true);
         if lock(&sh.dev).rings[i].queue.next_avail() != before {

@@ -93,6 +93,8 @@ pub struct Exposure {
     pub ring_updates: u64,
     /// Push ring entries refused (invalid, or outside the memory table).
     pub ring_refused: u64,
+    /// IOTLB invalidates applied (counted in `invalidates`) that came through the ring.
+    pub ring_invalidates: u64,
     /// IOTLB invalidates applied.
     pub invalidates: u64,
     /// Windows dropped to stay within [`Limits::max_windows`].
@@ -773,10 +775,65 @@ impl AddressSpace {
         applied
     }
 
+    /// Applies the pushes, then the invalidations the front-end wrote to the ring, and
+    /// acknowledges those; returns how many invalidations it applied. Only for the
+    /// device worker between batches: an invalidation of a window the open batch uses
+    /// would wait for that batch to end.
+    pub fn apply_ring(&self) -> usize {
+        self.apply_pushes();
+        let taken = {
+            let ring = self.pushes.lock().unwrap_or_else(|e| e.into_inner());
+            ring.as_ref().map(Consumer::take_invalidations)
+        };
+        let Some((invs, upto)) = taken else {
+            return 0;
+        };
+        if invs.is_empty() {
+            return 0;
+        }
+        let n = invs.len() as u64;
+        for (iova, size) in invs {
+            // One the space refuses (a bad range) has nothing to remove.
+            let _ = self.invalidate(iova, size);
+        }
+        self.write().stats.ring_invalidates += n;
+        if let Some(r) = self
+            .pushes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            r.finish_invalidations(upto);
+        }
+        n as usize
+    }
+
+    /// The device worker starts (`true`) or stops polling. Stopping, it then applies
+    /// what the ring holds: an invalidation the front-end wrote while it still saw the
+    /// worker polling is waiting for this look ([`crate::push_ring`]). Only between
+    /// batches, as [`Self::apply_ring`].
+    pub fn set_ring_polling(&self, on: bool) {
+        let has_ring = {
+            let ring = self.pushes.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(r) = ring.as_ref() {
+                r.set_polling(on);
+            }
+            ring.is_some()
+        };
+        if has_ring && !on {
+            self.apply_ring();
+        }
+    }
+
     /// Drops what the ring holds unread: pushes made for a memory table or a mode
     /// that is being replaced.
     fn discard_pushes(&self) {
-        if let Some(r) = self.pushes.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        if let Some(r) = self
+            .pushes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
             r.discard();
         }
     }
@@ -802,12 +859,7 @@ impl AddressSpace {
     /// Raises a miss for `addr` with `access` and waits for the answer.
     fn miss(&self, addr: u64, len: u64, access: Permissions) -> Result<(), Fault> {
         // The front-end may have pushed it already.
-        if self.apply_pushes() > 0
-            && self
-                .read()
-                .find(addr)
-                .is_some_and(|w| w.perm.allow(access))
-        {
+        if self.apply_pushes() > 0 && self.read().find(addr).is_some_and(|w| w.perm.allow(access)) {
             return Ok(());
         }
         let mut guard = self.channel.lock().unwrap_or_else(|e| e.into_inner());

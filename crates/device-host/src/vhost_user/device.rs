@@ -10,6 +10,7 @@ use super::{
     TRANSPORT_BITS,
 };
 use dma_types::lock;
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, RawFd};
@@ -203,6 +204,10 @@ impl VhostUserDevice {
             on_call: Mutex::new(None),
             jobs,
             queued: AtomicUsize::new(0),
+            ring_invs: Mutex::new(VecDeque::new()),
+            ring_pending: AtomicUsize::new(0),
+            watched: AtomicBool::new(false),
+            unconfirmed: AtomicBool::new(false),
         });
         std::thread::Builder::new()
             .name("aperture-vhost-iotlb".into())

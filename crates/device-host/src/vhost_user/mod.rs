@@ -46,7 +46,10 @@
 //! tables; the subscriber updates the shadow and queues IOTLB messages, and never
 //! waits for the back-end. One thread per device (the IOTLB thread) sends those
 //! messages in order, waits for each INVALIDATE's ack, then drops the virtio-iommu
-//! [`Hold`](virtio_iommu::Hold) that keeps the guest's UNMAP from completing. One thread
+//! [`Hold`](virtio_iommu::Hold) that keeps the guest's UNMAP from completing. To our
+//! own back-end, pushes and (while both sides poll) invalidations go through a shared
+//! ring instead (`vhost_iotlb::push_ring`); the device host's poller then drops the
+//! hold when the back-end's worker acknowledges in the ring. One thread
 //! per connection reads the back-end request channel (so a MISS sent while the
 //! front-end waits for an ack on the main socket is still answered), and one thread per
 //! device turns call eventfds into interrupts and marks the device as needing reset
@@ -88,6 +91,7 @@ use iotlb::{IotlbJob, IotlbState};
 use link::Link;
 
 use dma_types::lock;
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -262,6 +266,9 @@ pub struct VhostUserCounters {
     /// Of those, the ones written to the back-end's push ring instead of sent as
     /// messages (`vhost_iotlb::push_ring`).
     pub ring_pushed: u64,
+    /// Invalidations written to the ring and acknowledged there, not as messages (also
+    /// counted in `invalidates`).
+    pub ring_invalidates: u64,
     /// Misses refused (the guest did not map the IOVA with that access).
     pub refused: u64,
     /// Access failures the back-end reported.
@@ -293,6 +300,7 @@ struct AtomicCounters {
     updates: AtomicU64,
     pushed: AtomicU64,
     ring_pushed: AtomicU64,
+    ring_invalidates: AtomicU64,
     refused: AtomicU64,
     access_fails: AtomicU64,
     invalidates: AtomicU64,
@@ -337,6 +345,29 @@ struct Shared {
     jobs: mpsc::Sender<IotlbJob>,
     /// Jobs queued and not yet finished by the IOTLB thread.
     queued: AtomicUsize,
+    /// Invalidations written to the back-end's ring, oldest first, waiting for its
+    /// acknowledgement there ([`Shared::poll_ring_acks`]).
+    ring_invs: Mutex<VecDeque<RingInv>>,
+    /// How many `ring_invs` holds: read on every pass of the poller without the lock.
+    ring_pending: AtomicUsize,
+    /// Set while the device host's poller polls this device: it then watches the
+    /// ring's acknowledgements, and keeps polling while any is outstanding.
+    watched: AtomicBool,
+    /// An UPDATE went as a message and no acknowledged INVALIDATE followed it, so the
+    /// back-end may not have applied it yet. Written under the main socket's lock.
+    unconfirmed: AtomicBool,
+}
+
+/// An invalidation sent through the back-end's ring.
+struct RingInv {
+    /// Done when the ring's acknowledged count reaches it.
+    seq: u64,
+    /// The connection whose ring it went to: another one (or none) means it was cut
+    /// off, and no longer reaches the window either.
+    link: std::sync::Weak<Link>,
+    sent: std::time::Instant,
+    /// Completes the guest's UNMAP.
+    done: Box<dyn FnOnce() + Send>,
 }
 
 impl Shared {
@@ -393,6 +424,7 @@ impl VhostUserHandle {
             updates: l(&c.updates),
             pushed: l(&c.pushed),
             ring_pushed: l(&c.ring_pushed),
+            ring_invalidates: l(&c.ring_invalidates),
             refused: l(&c.refused),
             access_fails: l(&c.access_fails),
             invalidates: l(&c.invalidates),
@@ -404,6 +436,23 @@ impl VhostUserHandle {
             shadow,
             deadline_cutoffs,
         }
+    }
+
+    /// The device host's poller starts (`true`) or stops watching this device, whose
+    /// UNMAPs may then wait for acknowledgements in the back-end's ring
+    /// ([`vhost_iotlb::push_ring`]). Stopping, it looks at them once more and returns
+    /// whether any was outstanding: the poller must then poll on.
+    pub fn set_watched(&self, on: bool) -> bool {
+        // Cleared before that last look, as the back-end's worker does its flag.
+        self.0.watched.store(on, Ordering::SeqCst);
+        !on && self.0.poll_ring_acks()
+    }
+
+    /// One pass of the poller: completes the UNMAPs whose invalidations the back-end
+    /// acknowledged in its ring (or that passed the deadline, which cuts the
+    /// connection); returns whether any was outstanding.
+    pub fn poll_ring_acks(&self) -> bool {
+        self.0.poll_ring_acks()
     }
 
     /// Implicit grants: sets what runs when the back-end calls queue `index` (the

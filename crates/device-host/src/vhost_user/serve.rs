@@ -8,6 +8,7 @@ use super::inflight::InflightConfig;
 use super::memory::PhysicalMemory;
 use super::{DeviceKind, VhostUserHandle, QUEUE_SIZES};
 use crate::host::{BuildError, EndpointMemory, Function};
+use crate::poll::Pollable;
 use crate::vfio::{EventFdSink, MemoryBuilder, MsixVectors, NotifyHook, PciFunction};
 use dma_types::lock;
 use std::path::Path;
@@ -16,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use virtio_contract::VIRTIO_F_ACCESS_PLATFORM;
 use virtio_iommu::EndpointIommu;
-use virtio_pci::{device_status, InterruptSink, VirtioPciTransport};
+use virtio_pci::{device_status, InterruptSink, TransportCounters, VirtioPciTransport};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// Serves a vhost-user device as a PCI function, translated by `iommu` when given,
@@ -163,9 +164,15 @@ pub(super) fn function<M: PhysicalMemory + Send + 'static>(
     let shared = Arc::clone(&handle.0);
     let inner = Box::new(PciFunction::new(Arc::clone(&t), vectors, build));
     let vector_count = lock(&t).msix_vectors();
-    let transport = Arc::clone(&t);
+    let transport: Arc<dyn Pollable> = Arc::new(Watched {
+        handle: handle.clone(),
+        transport: Arc::clone(&t),
+    });
+    // The poller holds it weakly: the server's hook keeps it for the function's life.
+    let keep = Arc::clone(&transport);
     Function {
         backend: Box::new(NotifyHook::new(inner, move || {
+            let _ = &keep;
             if shared.broken.load(Ordering::Acquire) {
                 let t = lock(&t);
                 if t.status() & device_status::DRIVER_OK != 0 {
@@ -175,5 +182,30 @@ pub(super) fn function<M: PhysicalMemory + Send + 'static>(
         })),
         vectors: vector_count,
         transport,
+    }
+}
+
+/// What the poller serves for a vhost-user function: its transport (which polls no
+/// ring: the back-end runs them) and the invalidations waiting in the back-end's ring
+/// ([`super::Shared::ring_invalidate`]). While the poller polls, the device is
+/// `watched`; while an invalidation is outstanding the poller does not stop.
+struct Watched<M: PhysicalMemory> {
+    handle: VhostUserHandle,
+    transport: Arc<Mutex<VirtioPciTransport<VhostUserDevice, M>>>,
+}
+
+impl<M: PhysicalMemory + Send + 'static> Pollable for Watched<M> {
+    fn poll(&self) -> bool {
+        let acks = self.handle.poll_ring_acks();
+        self.transport.poll() | acks
+    }
+
+    fn set_polling(&self, on: bool) -> bool {
+        let pending = self.handle.set_watched(on);
+        self.transport.set_polling(on) | pending
+    }
+
+    fn counters(&self) -> TransportCounters {
+        self.transport.counters()
     }
 }

@@ -48,8 +48,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use zerocopy::IntoBytes;
 
 /// Protocol features offered: multiqueue introspection, reply-ack, the back-end request
-/// channel, device configuration and our push ring ([`crate::push_ring`]). The vhost-user spec's "IOMMU support" needs
-/// `REPLY_ACK` and `BACKEND_REQ` (QEMU refuses `iommu_platform=on` without them).
+/// channel, device configuration and our push ring ([`crate::push_ring`]). The
+/// vhost-user spec's "IOMMU support" needs `REPLY_ACK` and `BACKEND_REQ` (QEMU refuses
+/// `iommu_platform=on` without them).
 pub const PROTOCOL_FEATURES: u64 = protocol::MQ
     | protocol::REPLY_ACK
     | protocol::BACKEND_REQ

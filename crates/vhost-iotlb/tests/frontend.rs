@@ -640,6 +640,33 @@ fn after_an_invalidate_the_window_is_gone_from_proc_maps_and_access_fails_cleanl
     );
 }
 
+/// Offers the back-end the push ring in `f` of `capacity` entries; its reply-ack.
+fn set_push_ring<D>(fe: &Frontend<D>, capacity: u64, f: &File) -> u64 {
+    fe.ack(
+        req::APERTURE_SET_PUSH_RING,
+        &capacity.to_ne_bytes(),
+        &[f.as_raw_fd()],
+    )
+}
+
+/// Pushes the guest page at `gpa` (IOVA `gpa + IOVA_OFF`), read-write.
+fn push_page(pushes: &Producer, gpa: u64) {
+    assert!(pushes.push(&Push {
+        iova: gpa + IOVA_OFF,
+        size: 4096,
+        uaddr: UBASE + gpa,
+        perm: iotlb::PERM_RW,
+    }));
+}
+
+/// Whether the back-end holds a window over the guest page at `gpa`.
+fn holds(space: &AddressSpace, gpa: u64) -> bool {
+    space
+        .windows()
+        .iter()
+        .any(|&(start, len, _, _)| (start..start + len).contains(&(gpa + IOVA_OFF)))
+}
+
 #[test]
 fn pushes_through_the_ring_serve_a_request_without_a_miss_and_never_outlive_a_later_invalidate() {
     let img = disk("ring", 16);
@@ -651,31 +678,28 @@ fn pushes_through_the_ring_serve_a_request_without_a_miss_and_never_outlive_a_la
 
     // A ring the back-end cannot use safely is refused, and changes nothing.
     let unsealed = memfd("vhost-iotlb-it-ring-unsealed", ring_bytes(16));
-    let set_ring = |cap: u64, f: &File| {
-        fe.ack(
-            req::APERTURE_SET_PUSH_RING,
-            &cap.to_ne_bytes(),
-            &[f.as_raw_fd()],
-        )
-    };
-    assert_ne!(set_ring(16, &unsealed), 0, "not sealed against shrinking");
+    assert_ne!(
+        set_push_ring(&fe, 16, &unsealed),
+        0,
+        "not sealed against shrinking"
+    );
     let (pushes, file) = Producer::create(16).unwrap();
-    assert_ne!(set_ring(12, &file), 0, "capacity not a power of two");
-    assert_ne!(set_ring(32, &file), 0, "file smaller than the ring");
-    assert_eq!(set_ring(16, &file), 0);
+    assert_ne!(
+        set_push_ring(&fe, 12, &file),
+        0,
+        "capacity not a power of two"
+    );
+    assert_ne!(
+        set_push_ring(&fe, 32, &file),
+        0,
+        "file smaller than the ring"
+    );
+    assert_eq!(set_push_ring(&fe, 16, &file), 0);
 
     // The guest maps its ring, the request's three buffers and a page the device never
     // touches; the front-end pushes each through the ring: no message at all.
-    let push = |gpa: u64| {
-        assert!(pushes.push(&Push {
-            iova: bus(gpa),
-            size: 4096,
-            uaddr: UBASE + gpa,
-            perm: iotlb::PERM_RW,
-        }));
-    };
     for gpa in [RING.desc, HDR, DATA, STATUS, SECRET] {
-        push(gpa);
+        push_page(&pushes, gpa);
     }
     // An entry no update could be: skipped and counted, the rest still apply.
     assert!(pushes.push(&Push {
@@ -704,19 +728,13 @@ fn pushes_through_the_ring_serve_a_request_without_a_miss_and_never_outlive_a_la
 
     // Strict: an INVALIDATE sent after a push removes that window before its ack, even
     // when the back-end had not read the push yet.
-    push(0x40000);
+    push_page(&pushes, 0x40000);
     let inv = iotlb_msg(iotlb::INVALIDATE, bus(0x40000), 4096, 0, 0);
     assert_eq!(fe.ack(req::IOTLB_MSG, &inv, &[]), 0);
     let e = space.exposure();
     assert_eq!(e.ring_updates, 6, "the push was applied first");
-    let held = |gpa: u64| {
-        space
-            .windows()
-            .iter()
-            .any(|&(start, len, _, _)| (start..start + len).contains(&bus(gpa)))
-    };
-    assert!(!held(0x40000), "then invalidated");
-    assert!(held(SECRET), "other pushed windows stay");
+    assert!(!holds(&space, 0x40000), "then invalidated");
+    assert!(holds(&space, SECRET), "other pushed windows stay");
     let inv = iotlb_msg(iotlb::INVALIDATE, 0, u64::MAX, 0, 0);
     assert_eq!(fe.ack(req::IOTLB_MSG, &inv, &[]), 0);
     assert_eq!(space.exposure().mapped_bytes, 0);
@@ -733,32 +751,11 @@ fn an_invalidation_written_while_the_worker_polls_is_applied_and_acknowledged_in
     let _chan = negotiate(&fe, &ram, true);
     let bus = |gpa| gpa + IOVA_OFF;
     let (pushes, file) = Producer::create(64).unwrap();
-    assert_eq!(
-        fe.ack(
-            req::APERTURE_SET_PUSH_RING,
-            &64u64.to_ne_bytes(),
-            &[file.as_raw_fd()]
-        ),
-        0
-    );
-    let push = |gpa: u64| {
-        assert!(pushes.push(&Push {
-            iova: bus(gpa),
-            size: 4096,
-            uaddr: UBASE + gpa,
-            perm: iotlb::PERM_RW,
-        }));
-    };
+    assert_eq!(set_push_ring(&fe, 64, &file), 0);
     for gpa in [RING.desc, HDR, DATA, STATUS] {
-        push(gpa);
+        push_page(&pushes, gpa);
     }
     let (kick, _call) = setup_ring(&fe, bus);
-    let held = |gpa: u64| {
-        space
-            .windows()
-            .iter()
-            .any(|&(start, len, _, _)| (start..start + len).contains(&bus(gpa)))
-    };
     // A guest that maps and unmaps a page between reads, as a strict one does. The
     // front-end's rule: written while the worker polls (checked after the write), the
     // invalidation needs no message; otherwise it sends one too.
@@ -771,7 +768,7 @@ fn an_invalidation_written_while_the_worker_polls_is_applied_and_acknowledged_in
         }
         i = i.wrapping_add(1);
         assert!(served(&ring, i), "request {i} was never served");
-        push(SECRET);
+        push_page(&pushes, SECRET);
         let seq = pushes.invalidate(bus(SECRET), 4096).unwrap();
         if pushes.peer_polling() {
             let until = std::time::Instant::now() + Duration::from_secs(5);
@@ -788,7 +785,10 @@ fn an_invalidation_written_while_the_worker_polls_is_applied_and_acknowledged_in
             assert_eq!(fe.ack(req::IOTLB_MSG, &inv, &[]), 0);
             by_message += 1;
         }
-        assert!(!held(SECRET), "the window outlived its acknowledgement");
+        assert!(
+            !holds(&space, SECRET),
+            "the window outlived its acknowledgement"
+        );
         let gap = std::time::Instant::now() + Duration::from_micros(u64::from(i % 60));
         while std::time::Instant::now() < gap {
             std::hint::spin_loop();

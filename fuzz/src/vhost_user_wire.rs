@@ -59,7 +59,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 /// Every request code `decode` implements (the first [`SUPPORTED`]), then codes it must
 /// refuse.
-const CODES: [u32; 27] = [
+const CODES: [u32; 28] = [
     req::GET_FEATURES,
     req::SET_FEATURES,
     req::SET_OWNER,
@@ -80,6 +80,7 @@ const CODES: [u32; 27] = [
     req::IOTLB_MSG,
     req::GET_CONFIG,
     req::SET_CONFIG,
+    req::APERTURE_SET_PUSH_RING,
     0,
     6,
     7,
@@ -88,7 +89,7 @@ const CODES: [u32; 27] = [
     26,
     41,
 ];
-const SUPPORTED: usize = 20;
+const SUPPORTED: usize = 21;
 /// Messages per input.
 const MAX_MSGS: usize = 24;
 /// Bytes a stream input may put on the socket (well under its buffer, so the writer
@@ -143,7 +144,8 @@ fn canonical_len(code: u32, n: usize) -> usize {
         | req::SET_PROTOCOL_FEATURES
         | req::SET_VRING_KICK
         | req::SET_VRING_CALL
-        | req::SET_VRING_ERR => 8,
+        | req::SET_VRING_ERR
+        | req::APERTURE_SET_PUSH_RING => 8,
         req::SET_VRING_NUM | req::SET_VRING_BASE | req::GET_VRING_BASE | req::SET_VRING_ENABLE => {
             size_of::<VringState>()
         }
@@ -175,7 +177,7 @@ fn right_fds(code: u32, payload: &[u8]) -> usize {
                 _ => 1,
             }
         }
-        req::SET_BACKEND_REQ_FD => 1,
+        req::SET_BACKEND_REQ_FD | req::APERTURE_SET_PUSH_RING => 1,
         _ => 0,
     }
 }
@@ -474,6 +476,7 @@ fn check_accepted(code: u32, payload: &[u8], nfds: usize, r: &Request) {
         Request::SetVringErr(..) => req::SET_VRING_ERR,
         Request::SetMemTable(_) => req::SET_MEM_TABLE,
         Request::SetBackendReqFd(_) => req::SET_BACKEND_REQ_FD,
+        Request::SetPushRing(..) => req::APERTURE_SET_PUSH_RING,
         Request::IotlbUpdate { .. } | Request::IotlbInvalidate { .. } => req::IOTLB_MSG,
         Request::GetConfig(_) => req::GET_CONFIG,
         Request::SetConfig(..) => req::SET_CONFIG,
@@ -524,6 +527,10 @@ fn check_accepted(code: u32, payload: &[u8], nfds: usize, r: &Request) {
             }
         }
         Request::SetBackendReqFd(_) => assert!(len == 0 && nfds == 1),
+        Request::SetPushRing(capacity, _) => {
+            assert!(len == 8 && nfds == 1);
+            assert_eq!(*capacity, word(payload));
+        }
         Request::IotlbUpdate {
             iova,
             size,
@@ -572,6 +579,7 @@ fn norm(r: &Request) -> String {
             format!("mem table {regions:?}")
         }
         Request::SetBackendReqFd(_) => "backend req fd".to_string(),
+        Request::SetPushRing(capacity, _) => format!("push ring {capacity}"),
         other => format!("{other:?}"),
     }
 }
@@ -631,6 +639,12 @@ fn encode(r: &Request) -> (u32, Vec<u8>, usize, bool) {
             (req::SET_MEM_TABLE, p, v.len(), false)
         }
         Request::SetBackendReqFd(_) => (req::SET_BACKEND_REQ_FD, vec![], 1, true),
+        Request::SetPushRing(capacity, _) => (
+            req::APERTURE_SET_PUSH_RING,
+            capacity.to_ne_bytes().to_vec(),
+            1,
+            true,
+        ),
         Request::IotlbUpdate {
             iova,
             size,

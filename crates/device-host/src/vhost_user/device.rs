@@ -445,6 +445,9 @@ impl VhostUserDevice {
         let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
         s.with_link(|l| l.request(req::SET_MEM_TABLE, &payload, &fds, Reply::None))?;
         self.sent_files = files;
+        if self.iotlb_on() {
+            s.with_link(Link::give_push_ring)?;
+        }
         // The map form: the shadows at IOVAs equal to their addresses, for the session.
         for u in &shadow_updates {
             s.with_link(|l| l.request(req::IOTLB_MSG, u.as_bytes(), &[], Reply::Ack))?;

@@ -331,7 +331,7 @@ impl Shared {
         }
         let link = self.link.try_lock().ok()?;
         let link = link.as_ref()?;
-        if link.push_ring.as_ref().is_some_and(|r| r.push(&w.push())) {
+        if link.push_ring.get().is_some_and(|r| r.push(&w.push())) {
             return Some(true);
         }
         let sock = link.main.try_lock().ok()?;
@@ -382,7 +382,7 @@ impl Shared {
         let Some(link) = guard.as_ref() else {
             return Err(done);
         };
-        let Some(ring) = link.push_ring.as_ref().filter(|r| r.peer_polling()) else {
+        let Some(ring) = link.push_ring.get().filter(|r| r.peer_polling()) else {
             return Err(done);
         };
         let size = (hi - lo).saturating_add(1);
@@ -431,7 +431,7 @@ impl Shared {
         let link = lock(&self.link).clone();
         let acked = link
             .as_ref()
-            .and_then(|l| l.push_ring.as_ref())
+            .and_then(|l| l.push_ring.get())
             .map_or(0, |r| r.invalidated());
         let broken = self.broken.load(Ordering::Acquire);
         let now = Instant::now();

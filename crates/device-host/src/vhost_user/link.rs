@@ -7,7 +7,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use vhost_iotlb::push_ring::Producer;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -25,8 +25,10 @@ pub(super) struct Link {
     pub(super) timeout: Duration,
     /// A clone of our end of the back-end request channel, to shut it down.
     pub(super) backend_req: Option<UnixStream>,
-    /// The back-end's push ring, when it offered one (our own back-ends do).
-    pub(super) push_ring: Option<Producer>,
+    /// The back-end's push ring, handed over when the device first runs behind the
+    /// IOMMU on this connection, if the back-end offered it (our own do). In the other
+    /// modes it would be one more memory file the back-end holds, for nothing.
+    pub(super) push_ring: OnceLock<Producer>,
 }
 
 /// Entries of a push ring: a 1 MiB read is ~260 pushes, and the back-end reads the
@@ -310,25 +312,17 @@ impl Link {
             features: 0,
             timeout,
             backend_req: None,
-            push_ring: None,
+            push_ring: OnceLock::new(),
         };
         link.request(req::SET_OWNER, &[], &[], Reply::None)?;
         link.features = link.get_u64(req::GET_FEATURES)?;
         let mut ours = None;
         if link.features & wire::VHOST_USER_F_PROTOCOL_FEATURES != 0 {
             let theirs = link.get_u64(req::GET_PROTOCOL_FEATURES)?;
-            // A ring we could not make is not asked for: pushes then go as messages.
-            let ring = (theirs & wire::protocol::APERTURE_PUSH_RING != 0)
-                .then(|| Producer::create(PUSH_RING_CAPACITY))
-                .and_then(|r| {
-                    r.map_err(|e| eprintln!("vhost-user: no push ring, pushes go as messages: {e}"))
-                        .ok()
-                });
-            let mut wanted =
-                wire::protocol::REPLY_ACK | wire::protocol::BACKEND_REQ | wire::protocol::CONFIG;
-            if ring.is_some() {
-                wanted |= wire::protocol::APERTURE_PUSH_RING;
-            }
+            let wanted = wire::protocol::REPLY_ACK
+                | wire::protocol::BACKEND_REQ
+                | wire::protocol::CONFIG
+                | wire::protocol::APERTURE_PUSH_RING;
             let protocol = theirs & wanted;
             link.request(
                 req::SET_PROTOCOL_FEATURES,
@@ -351,17 +345,33 @@ impl Link {
                 link.backend_req = mine.try_clone().ok();
                 ours = Some(mine);
             }
-            if let Some((ring, file)) = ring {
-                link.request(
-                    req::APERTURE_SET_PUSH_RING,
-                    ring.capacity().as_bytes(),
-                    &[file.as_raw_fd()],
-                    Reply::None,
-                )?;
-                link.push_ring = Some(ring);
-            }
         }
         Ok((link, ours))
+    }
+
+    /// Hands the back-end its push ring, once per connection, if it offered one. A
+    /// ring that cannot be made is not sent: pushes then go as messages.
+    pub(super) fn give_push_ring(&self) -> Result<(), VhostUserError> {
+        if self.protocol & wire::protocol::APERTURE_PUSH_RING == 0 || self.push_ring.get().is_some()
+        {
+            return Ok(());
+        }
+        let (ring, file) = match Producer::create(PUSH_RING_CAPACITY) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("vhost-user: no push ring, pushes go as messages: {e}");
+                return Ok(());
+            }
+        };
+        self.request(
+            req::APERTURE_SET_PUSH_RING,
+            ring.capacity().as_bytes(),
+            &[file.as_raw_fd()],
+            Reply::None,
+        )?;
+        // Only the device's server thread activates it: nobody set it meanwhile.
+        let _ = self.push_ring.set(ring);
+        Ok(())
     }
 
     pub(super) fn shutdown(&self) {

@@ -127,7 +127,7 @@ fn link_answering(reply: Vec<u8>, protocol: u64) -> Link {
         features: 0,
         timeout: Duration::from_millis(200),
         backend_req: None,
-        push_ring: None,
+        push_ring: std::sync::OnceLock::new(),
     }
 }
 
@@ -208,7 +208,7 @@ fn no_answer_is_a_timeout_and_a_closed_socket_an_io_error() {
         features: 0,
         timeout: Duration::from_millis(200),
         backend_req: None,
-        push_ring: None,
+        push_ring: std::sync::OnceLock::new(),
     };
     assert!(matches!(
         l.get_u64(req::GET_FEATURES),

@@ -57,6 +57,15 @@ pub const INV_CAPACITY: u64 = 256;
 /// Largest capacity a back-end accepts (entries): 2 MiB of ring.
 pub const MAX_CAPACITY: u64 = 1 << 16;
 
+/// [`RingError::Capacity`] unless `capacity` is a power of two up to [`MAX_CAPACITY`].
+fn check_capacity(capacity: u64) -> Result<(), RingError> {
+    if capacity.is_power_of_two() && capacity <= MAX_CAPACITY {
+        Ok(())
+    } else {
+        Err(RingError::Capacity(capacity))
+    }
+}
+
 /// Bytes of a ring of `capacity` entries (and [`INV_CAPACITY`] invalidations).
 pub fn ring_bytes(capacity: u64) -> u64 {
     ENTRIES as u64 + capacity * (ENTRY_WORDS as u64 * 8) + INV_CAPACITY * (INV_WORDS as u64 * 8)
@@ -148,9 +157,7 @@ impl Producer {
     /// # Errors
     /// [`RingError::Capacity`], or the memfd or its mapping failed.
     pub fn create(capacity: u64) -> Result<(Self, File), RingError> {
-        if capacity == 0 || !capacity.is_power_of_two() || capacity > MAX_CAPACITY {
-            return Err(RingError::Capacity(capacity));
-        }
+        check_capacity(capacity)?;
         let bytes = ring_bytes(capacity);
         // SAFETY: the name is a NUL-terminated literal; the call creates a new fd.
         let fd = unsafe {
@@ -260,9 +267,7 @@ impl Consumer {
     /// A bad capacity, a file too small or not sealed against shrinking, or a failed
     /// mapping.
     pub fn open(file: &File, capacity: u64) -> Result<Self, RingError> {
-        if capacity == 0 || !capacity.is_power_of_two() || capacity > MAX_CAPACITY {
-            return Err(RingError::Capacity(capacity));
-        }
+        check_capacity(capacity)?;
         let needed = ring_bytes(capacity);
         let got = file.metadata()?.len();
         if got < needed {

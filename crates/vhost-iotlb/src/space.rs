@@ -763,7 +763,7 @@ impl AddressSpace {
         let applied = pushes
             .into_iter()
             .filter(|p| {
-                matches!(p.perm, iotlb::PERM_RO | iotlb::PERM_WO | iotlb::PERM_RW)
+                iotlb::is_update_perm(p.perm)
                     && self.update(p.iova, p.size, p.uaddr, p.perm).is_ok()
             })
             .count();

@@ -137,6 +137,11 @@ pub mod iotlb {
     pub const PERM_WO: u8 = 2;
     /// Read and write access.
     pub const PERM_RW: u8 = 3;
+
+    /// Whether an UPDATE may carry `perm`: some access, and nothing but access bits.
+    pub fn is_update_perm(perm: u8) -> bool {
+        matches!(perm, PERM_RO | PERM_WO | PERM_RW)
+    }
 }
 
 /// The message header.
@@ -593,7 +598,7 @@ pub fn decode(header: &Header, payload: &[u8], mut fds: Vec<File>) -> Result<Req
             let m: IotlbMsg = exact(r, payload)?;
             match m.kind {
                 iotlb::UPDATE => {
-                    if !matches!(m.perm, iotlb::PERM_RO | iotlb::PERM_WO | iotlb::PERM_RW) {
+                    if !iotlb::is_update_perm(m.perm) {
                         return Err(WireError::IotlbPerm(m.perm));
                     }
                     Request::IotlbUpdate {

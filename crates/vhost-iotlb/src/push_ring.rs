@@ -149,6 +149,8 @@ pub struct Producer {
     shm: Shm,
     /// Our own count of entries written; the shared `head` only mirrors it.
     head: AtomicU64,
+    /// The same for invalidations: the page is the back-end's to write as well.
+    inv_head: AtomicU64,
 }
 
 impl Producer {
@@ -182,6 +184,7 @@ impl Producer {
             Self {
                 shm: Shm { map, capacity },
                 head: AtomicU64::new(0),
+                inv_head: AtomicU64::new(0),
             },
             file,
         ))
@@ -216,7 +219,7 @@ impl Producer {
     /// ring is full. Callers serialise invalidations, and follow the protocol in
     /// [`Self::peer_polling`].
     pub fn invalidate(&self, iova: u64, size: u64) -> Option<u64> {
-        let head = self.shm.word(INV_HEAD).load(Ordering::Relaxed);
+        let head = self.inv_head.load(Ordering::Relaxed);
         let tail = self.shm.word(INV_TAIL).load(Ordering::Acquire);
         if head.wrapping_sub(tail) >= INV_CAPACITY {
             return None;
@@ -224,6 +227,7 @@ impl Producer {
         self.shm.inv_entry(head, 0).store(iova, Ordering::Relaxed);
         self.shm.inv_entry(head, 1).store(size, Ordering::Relaxed);
         let next = head.wrapping_add(1);
+        self.inv_head.store(next, Ordering::Relaxed);
         self.shm.word(INV_HEAD).store(next, Ordering::Release);
         Some(next)
     }
@@ -232,7 +236,7 @@ impl Producer {
     /// `head` bounds it: a back-end can claim more than it did, as it can ack an
     /// INVALIDATE message it ignored (it holds the memory table's descriptors anyway).
     pub fn invalidated(&self) -> u64 {
-        let head = self.shm.word(INV_HEAD).load(Ordering::Relaxed);
+        let head = self.inv_head.load(Ordering::Relaxed);
         let done = self.shm.word(INV_TAIL).load(Ordering::Acquire);
         if head.wrapping_sub(done) > INV_CAPACITY {
             head
@@ -451,6 +455,10 @@ mod tests {
         assert_eq!(prod.invalidated(), upto + 1);
         cons.set_polling(false);
         assert!(!prod.peer_polling());
+        // Nor can it rewind the front-end's count by writing the shared head.
+        cons.finish_invalidations(upto + 1);
+        cons.shm.word(INV_HEAD).store(0, Ordering::Release);
+        assert_eq!(prod.invalidate(0, 1), Some(upto + 2));
     }
 
     #[test]

@@ -82,17 +82,17 @@ impl Window {
     }
 }
 
+/// What completes a guest's UNMAP once the back-end no longer holds the range: run
+/// after its acknowledgement, or dropped (which completes it too) when cut off.
+pub(super) type Done = Box<dyn FnOnce() + Send>;
+
 /// IOTLB messages for the device's IOTLB thread, sent in the order they were queued.
 pub(super) enum IotlbJob {
     /// An UPDATE the back-end did not ask for: the guest just mapped this.
     Push(Window),
     /// An INVALIDATE of `[lo, hi]`, acknowledged; `done` runs after the ack or the
     /// deadline, holding no lock.
-    Invalidate {
-        lo: u64,
-        hi: u64,
-        done: Box<dyn FnOnce() + Send>,
-    },
+    Invalidate { lo: u64, hi: u64, done: Done },
 }
 
 /// The front-end's copy of the endpoint's translation and of what the back-end holds.
@@ -358,12 +358,7 @@ impl Shared {
     /// Every INVALIDATE message woke our IOTLB thread, the back-end's socket thread,
     /// then our IOTLB thread again for the ack: three threads to run per guest UNMAP on
     /// a CPU both pollers keep busy, each one ~14 µs away on average (`perf sched`).
-    pub(super) fn ring_invalidate(
-        &self,
-        lo: u64,
-        hi: u64,
-        done: Box<dyn FnOnce() + Send>,
-    ) -> Result<(), Box<dyn FnOnce() + Send>> {
+    pub(super) fn ring_invalidate(&self, lo: u64, hi: u64, done: Done) -> Result<(), Done> {
         // One at a time: a strict guest waits for each UNMAP anyway, and a lazy one's
         // flush of ~90 is better unmapped by the back-end's socket thread than by its
         // worker, which would hold the poll budget's turn that our poller needs to
@@ -632,7 +627,7 @@ impl MappingSubscriber for Subscriber {
         };
         if let Some((lo, hi)) = drop_range {
             let hold = settle.hold();
-            let done: Box<dyn FnOnce() + Send> = Box::new(move || drop(hold));
+            let done: Done = Box::new(move || drop(hold));
             if let Err(done) = s.ring_invalidate(lo, hi, done) {
                 s.queue(IotlbJob::Invalidate { lo, hi, done });
             }

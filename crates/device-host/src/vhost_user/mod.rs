@@ -367,7 +367,7 @@ struct RingInv {
     link: std::sync::Weak<Link>,
     sent: std::time::Instant,
     /// Completes the guest's UNMAP.
-    done: Box<dyn FnOnce() + Send>,
+    done: iotlb::Done,
 }
 
 impl Shared {

@@ -39,7 +39,7 @@ pub mod space;
 pub mod wire;
 
 pub use session::{Report, Session, SessionConfig, SessionError, PROTOCOL_FEATURES};
-pub use space::{AddressSpace, Exposure, Fault, GuestView, Limits, Mode, SpaceError};
+pub use space::{AddressSpace, Exposure, Fault, GuestView, Limits, MapPolicy, Mode, SpaceError};
 
 /// Whether `VHOST_IOTLB_TRACE` is set in the environment: every message and miss is
 /// then logged on stderr.

@@ -26,10 +26,23 @@
 //! and sends the INVALIDATE as a message too if the worker no longer polls
 //! ([`Producer::peer_polling`]).
 //!
+//! A back-end that maps guest RAM whole ([`MapPolicy::Whole`](crate::space::MapPolicy))
+//! needs neither: it says so in the ring's page, and keeps there the count of its
+//! views of guest memory alive and of the times none was ([`Consumer::set_views`]).
+//! Each view counts itself, fences and applies the ring before it translates
+//! anything; the front-end writes the invalidation, fences and reads the count
+//! ([`Producer::peer_views`]). With no view alive the invalidation is complete at
+//! once: whatever view comes next applies it first. Otherwise it is complete when the
+//! count of quiet times moves on, the views alive then having dropped.
+//!
 //! Layout: `head` (u64) at 0, `tail` at 64, the invalidations' `head` at 128 and
-//! `tail` at 192, the worker's polling flag at 256; push entries from 320, each four
+//! `tail` at 192, the worker's polling flag at 256, the views word at 320 (views alive
+//! in the low 16 bits, times none was above), the whole-mapping flag at 384; push
+//! entries from 448, each four
 //! u64 words: IOVA, size, front-end user address, `iotlb` permission; then
-//! [`INV_CAPACITY`] invalidations of two words: IOVA, size. Every word is read
+//! [`INV_CAPACITY`] invalidations of three words: IOVA, size, and the pushes written
+//! before it, so that the back-end applies each invalidation after exactly the pushes
+//! that came before it, whichever ring it reads first ([`Invalidation::after`]). Every word is read
 //! and written as an atomic, so the other side writing at any moment is never undefined
 //! behaviour here, only a wrong value, which each side checks: the back-end validates
 //! an entry as it would the message (and the address space validates it again), the
@@ -47,9 +60,13 @@ const TAIL: usize = 64;
 const INV_HEAD: usize = 128;
 const INV_TAIL: usize = 192;
 const POLLING: usize = 256;
-const ENTRIES: usize = 320;
+const VIEWS: usize = 320;
+const WHOLE: usize = 384;
+const ENTRIES: usize = 448;
+/// Bits of the views word that count the views alive (saturating).
+const ACTIVE_BITS: u32 = 16;
 const ENTRY_WORDS: usize = 4;
-const INV_WORDS: usize = 2;
+const INV_WORDS: usize = 3;
 
 /// Invalidations the ring holds at once.
 pub const INV_CAPACITY: u64 = 256;
@@ -82,6 +99,18 @@ pub struct Push {
     pub uaddr: u64,
     /// [`iotlb`](crate::wire::iotlb) permission.
     pub perm: u8,
+}
+
+/// One invalidation from the ring: `[iova, iova + size)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Invalidation {
+    /// First IOVA.
+    pub iova: u64,
+    /// Bytes.
+    pub size: u64,
+    /// How many pushes the front-end had written when it wrote this one: apply those
+    /// first and no later one (which may map the same IOVAs again).
+    pub after: u64,
 }
 
 /// Why a ring handed over cannot be used.
@@ -226,6 +255,8 @@ impl Producer {
         }
         self.shm.inv_entry(head, 0).store(iova, Ordering::Relaxed);
         self.shm.inv_entry(head, 1).store(size, Ordering::Relaxed);
+        let pushed = self.head.load(Ordering::Relaxed);
+        self.shm.inv_entry(head, 2).store(pushed, Ordering::Relaxed);
         let next = head.wrapping_add(1);
         self.inv_head.store(next, Ordering::Relaxed);
         self.shm.word(INV_HEAD).store(next, Ordering::Release);
@@ -253,6 +284,34 @@ impl Producer {
         std::sync::atomic::fence(Ordering::SeqCst);
         self.shm.word(POLLING).load(Ordering::Relaxed) != 0
     }
+
+    /// Whether the back-end maps guest RAM whole, so that an invalidation is complete
+    /// once no view it had is left ([`Self::peer_views`]), applied or not.
+    pub fn peer_whole(&self) -> bool {
+        self.shm.word(WHOLE).load(Ordering::Acquire) != 0
+    }
+
+    /// After a full fence: the views of guest memory the back-end has alive, and how
+    /// often it had none (wrapping). An invalidation written before this is complete
+    /// if there were none, or once the second number differs from what this said.
+    pub fn peer_views(&self) -> Views {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let w = self.shm.word(VIEWS).load(Ordering::Relaxed);
+        Views {
+            active: w & ((1 << ACTIVE_BITS) - 1),
+            quiet: w >> ACTIVE_BITS,
+        }
+    }
+}
+
+/// The back-end's views of guest memory, as its ring page says
+/// ([`Producer::peer_views`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Views {
+    /// Alive now (saturating at 2^16 - 1).
+    pub active: u64,
+    /// Times none was alive, modulo 2^48.
+    pub quiet: u64,
 }
 
 /// The back-end's end: reads pushes.
@@ -300,6 +359,22 @@ impl Consumer {
     /// worth. Returns `None` once the front-end has moved `head` out of bounds: the
     /// ring is then read no more (its pushes become misses).
     pub fn take(&mut self) -> Option<Vec<Push>> {
+        self.take_before(self.tail.wrapping_add(self.shm.capacity))
+    }
+
+    /// Entries the ring holds.
+    pub fn capacity(&self) -> u64 {
+        self.shm.capacity
+    }
+
+    /// Pushes taken so far: the number [`Invalidation::after`] counts in.
+    pub fn taken(&self) -> u64 {
+        self.tail
+    }
+
+    /// As [`Self::take`], but only pushes the front-end wrote before its `limit`-th
+    /// (none if `limit` is behind what was taken already).
+    pub fn take_before(&mut self, limit: u64) -> Option<Vec<Push>> {
         if self.broken {
             return None;
         }
@@ -309,6 +384,13 @@ impl Consumer {
             self.broken = true;
             return None;
         }
+        let until = limit.wrapping_sub(self.tail);
+        let n = if until > self.shm.capacity {
+            0
+        } else {
+            n.min(until)
+        };
+        let head = self.tail.wrapping_add(n);
         let mut out = Vec::with_capacity(n as usize);
         for k in 0..n {
             let at = self.tail.wrapping_add(k);
@@ -347,7 +429,7 @@ impl Consumer {
     /// number to pass to [`Self::finish_invalidations`] once they are applied. Empty if
     /// the front-end moved its index out of bounds (its invalidations are then never
     /// acknowledged here, and its deadline cuts the connection).
-    pub fn take_invalidations(&self) -> (Vec<(u64, u64)>, u64) {
+    pub fn take_invalidations(&self) -> (Vec<Invalidation>, u64) {
         let tail = self.shm.word(INV_TAIL).load(Ordering::Relaxed);
         let head = self.shm.word(INV_HEAD).load(Ordering::Acquire);
         let n = head.wrapping_sub(tail);
@@ -357,19 +439,45 @@ impl Consumer {
         let out = (0..n)
             .map(|k| {
                 let at = tail.wrapping_add(k);
-                (
-                    self.shm.inv_entry(at, 0).load(Ordering::Relaxed),
-                    self.shm.inv_entry(at, 1).load(Ordering::Relaxed),
-                )
+                let w = |i| self.shm.inv_entry(at, i).load(Ordering::Relaxed);
+                Invalidation {
+                    iova: w(0),
+                    size: w(1),
+                    after: w(2),
+                }
             })
             .collect();
         (out, head)
+    }
+
+    /// The [`Invalidation::after`] of the oldest invalidation not acknowledged yet:
+    /// pushes from there on must wait for it.
+    pub fn pending_after(&self) -> Option<u64> {
+        let tail = self.shm.word(INV_TAIL).load(Ordering::Relaxed);
+        let head = self.shm.word(INV_HEAD).load(Ordering::Acquire);
+        let n = head.wrapping_sub(tail);
+        (n > 0 && n <= INV_CAPACITY).then(|| self.shm.inv_entry(tail, 2).load(Ordering::Relaxed))
     }
 
     /// Acknowledges the invalidations up to `upto` (from [`Self::take_invalidations`]):
     /// call only once they are applied.
     pub fn finish_invalidations(&self, upto: u64) {
         self.shm.word(INV_TAIL).store(upto, Ordering::Release);
+    }
+
+    /// Says whether guest RAM is mapped whole here.
+    pub fn set_whole(&self, whole: bool) {
+        self.shm
+            .word(WHOLE)
+            .store(u64::from(whole), Ordering::Release);
+    }
+
+    /// Publishes the views alive and the times none was; the caller serialises calls
+    /// and fences before it next reads the ring.
+    pub fn set_views(&self, active: u64, quiet: u64) {
+        let active = active.min((1 << ACTIVE_BITS) - 1);
+        let w = (quiet << ACTIVE_BITS) | active;
+        self.shm.word(VIEWS).store(w, Ordering::SeqCst);
     }
 }
 
@@ -436,7 +544,12 @@ mod tests {
         assert!(prod.peer_polling());
         let seq = prod.invalidate(0x1000, 0x2000).unwrap();
         let (invs, upto) = cons.take_invalidations();
-        assert_eq!((invs, upto), (vec![(0x1000, 0x2000)], seq));
+        let inv = Invalidation {
+            iova: 0x1000,
+            size: 0x2000,
+            after: 0,
+        };
+        assert_eq!((invs, upto), (vec![inv], seq));
         assert!(prod.invalidated() < seq, "taken is not applied");
         cons.finish_invalidations(upto);
         assert_eq!(prod.invalidated(), seq);

@@ -30,7 +30,7 @@
 
 use crate::channel::{recv_message, send_reply, MissChannel};
 use crate::push_ring::{Consumer, RingError};
-use crate::space::{AddressSpace, Exposure, GuestView, Limits, Mode, SpaceError};
+use crate::space::{AddressSpace, Exposure, GuestView, Limits, MapPolicy, Mode, SpaceError};
 use crate::wire::{
     decode, protocol, req, ConfigHeader, Request, VringAddr, VringState, WireError,
     VHOST_USER_F_PROTOCOL_FEATURES, VHOST_VRING_F_LOG, VIRTIO_F_IOMMU_PLATFORM,
@@ -62,6 +62,8 @@ pub const PROTOCOL_FEATURES: u64 = protocol::MQ
 pub struct SessionConfig {
     /// What the front-end may make the address space hold.
     pub limits: Limits,
+    /// How IOTLB windows reach guest memory.
+    pub map: MapPolicy,
     /// Refuse `SET_FEATURES` without `VIRTIO_F_IOMMU_PLATFORM`: this back-end then
     /// never maps all of guest RAM.
     pub require_iommu: bool,
@@ -272,7 +274,7 @@ impl<D: VirtioDevice<GuestView> + Send> Session<D> {
         Ok(Self {
             shared: Arc::new(Shared {
                 dev: Mutex::new(DevState { device, rings }),
-                space: AddressSpace::new(config.limits),
+                space: AddressSpace::with_policy(config.limits, config.map),
                 calls: (0..n).map(|_| Mutex::new(None)).collect(),
                 errs: (0..n).map(|_| Mutex::new(None)).collect(),
                 wake: EventFd::new(EFD_NONBLOCK)?,

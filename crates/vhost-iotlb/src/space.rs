@@ -28,6 +28,7 @@ use crate::channel::{MissChannel, MissError};
 use crate::mmap::{Mapping, MmapError};
 use crate::push_ring::Consumer;
 use crate::wire::{iotlb, MemoryRegion};
+use dma_types::lock;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::ops::Bound;
@@ -72,6 +73,26 @@ pub enum Mode {
     Plain,
     /// `VIRTIO_F_IOMMU_PLATFORM`: IOVAs, only the windows of IOTLB updates.
     Iotlb,
+}
+
+/// How IOTLB windows reach guest memory in [`Mode::Iotlb`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MapPolicy {
+    /// Each window is its own `mmap` of exactly its pages, unmapped when invalidated:
+    /// this process never holds a page of guest RAM the guest did not map for the
+    /// device. Every UPDATE costs an `mmap` and every INVALIDATE an `munmap`, whose
+    /// TLB shootdown reaches every CPU the back-end's threads run on.
+    #[default]
+    Windows,
+    /// Each region is mapped whole once and a window is only an entry of the table,
+    /// checked on every access, as the device host checks its own accesses in process
+    /// (and as rust-vmm's `IommuMemory` does). An invalidation removes the entry; it is
+    /// complete once no [`GuestView`] that could have translated through it is left,
+    /// which, between batches, is at once: a front-end with our push ring completes
+    /// the guest's UNMAP without waiting for this process at all
+    /// ([`crate::push_ring`]). A stray pointer in the back-end can then reach all of
+    /// guest RAM, as one in the device host can.
+    Whole,
 }
 
 /// Guest memory exposure of the back-end, and the IOTLB traffic behind it.
@@ -177,6 +198,13 @@ pub enum SpaceError {
     /// Mapping the window failed.
     #[error(transparent)]
     Mmap(#[from] MmapError),
+    /// An invalidation's entries were removed, but a view that may use what it
+    /// translated before was still alive when the wait ended ([`MapPolicy::Whole`]).
+    #[error("a device batch outlived the invalidation's wait of {waited:?}")]
+    Busy {
+        /// How long it waited.
+        waited: Duration,
+    },
 }
 
 /// Why an access could not be translated. The device sees it as a guest memory error.
@@ -225,7 +253,8 @@ enum Lookup {
     Miss,
 }
 
-/// One memory-table region: kept as its file, never mapped in [`Mode::Iotlb`].
+/// One memory-table region: kept as its file, never mapped in [`Mode::Iotlb`] unless
+/// the policy is [`MapPolicy::Whole`].
 #[derive(Debug)]
 struct Region {
     gpa: u64,
@@ -234,6 +263,40 @@ struct Region {
     offset: u64,
     /// Shared, so an UPDATE maps it outside the table's lock without a `dup`.
     file: Arc<File>,
+    /// The whole region, mapped once ([`MapPolicy::Whole`] in [`Mode::Iotlb`]).
+    whole: Option<Arc<Mapping>>,
+}
+
+/// What a window's addresses point into.
+#[derive(Debug)]
+enum Backing {
+    /// Its own mapping of exactly its pages ([`MapPolicy::Windows`]).
+    Own(Mapping),
+    /// `offset` bytes into its region's whole mapping ([`MapPolicy::Whole`]), kept
+    /// alive by this window (so by any view pinning it) even if the region goes.
+    Within { whole: Arc<Mapping>, offset: u64 },
+}
+
+impl Backing {
+    fn ptr(&self) -> *mut u8 {
+        match self {
+            Self::Own(m) => m.ptr(),
+            // `update` checked `offset + len` against the region the mapping covers.
+            Self::Within { whole, offset } => whole.ptr().wrapping_add(*offset as usize),
+        }
+    }
+
+    /// Guest bytes mapped for this window alone.
+    fn own_len(&self) -> u64 {
+        match self {
+            Self::Own(m) => m.mapped_len(),
+            Self::Within { .. } => 0,
+        }
+    }
+
+    fn is_revoked(&self) -> bool {
+        matches!(self, Self::Own(m) if m.is_revoked())
+    }
 }
 
 /// A mapped window: addresses `[start, start + len)` (IOVAs or guest physical).
@@ -244,7 +307,7 @@ pub struct Window {
     /// The front-end address the UPDATE named.
     uaddr: u64,
     perm: Permissions,
-    map: Mapping,
+    map: Backing,
     seq: u64,
     /// The last batch that translated through it (0: none).
     batch: AtomicU64,
@@ -263,13 +326,18 @@ impl Window {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    /// Host address of the whole-page mapping behind it.
+    /// Host address of its own whole-page mapping, or of its first byte within its
+    /// region's ([`MapPolicy::Whole`]).
     pub fn host_base(&self) -> usize {
-        self.map.base()
+        match &self.map {
+            Backing::Own(m) => m.base(),
+            Backing::Within { .. } => self.map.ptr() as usize,
+        }
     }
-    /// Bytes of the whole-page mapping behind it.
+    /// Guest bytes mapped for this window alone (whole pages; 0 for a window into a
+    /// region mapped whole).
     pub fn mapped_len(&self) -> u64 {
-        self.map.mapped_len()
+        self.map.own_len()
     }
 }
 
@@ -307,6 +375,10 @@ pub struct AddressSpace {
     pushes: Mutex<Option<Consumer>>,
     cancel: AtomicBool,
     limits: Limits,
+    policy: MapPolicy,
+    /// [`MapPolicy::Whole`]: the views alive, and how often none was; its signal.
+    views: Mutex<Views>,
+    quiet: Condvar,
     misses: AtomicU64,
     miss_failures: AtomicU64,
     access_fails: AtomicU64,
@@ -328,6 +400,16 @@ fn wire_perm(p: Permissions) -> u8 {
         Permissions::Write => iotlb::PERM_WO,
         Permissions::ReadWrite => iotlb::PERM_RW,
     }
+}
+
+/// The [`GuestView`]s alive ([`MapPolicy::Whole`]): an entry removed from the table is
+/// out of reach once every view alive at its removal has dropped, i.e. once `active`
+/// was 0 or `quiet` moved on.
+#[derive(Debug, Default)]
+struct Views {
+    active: u64,
+    /// Times `active` fell to 0.
+    quiet: u64,
 }
 
 /// Inclusive last address of `[start, start + len)`, `None` if empty or overflowing.
@@ -365,15 +447,22 @@ impl Table {
     }
 
     /// Drops a window taken out of the table: unmapped now if nobody uses it,
-    /// revoked in place otherwise. Either way its guest pages leave this process now.
+    /// revoked in place otherwise. Either way its guest pages leave this process now
+    /// (with [`MapPolicy::Whole`] only the entry goes: see [`AddressSpace::invalidate`]).
     fn retire(&mut self, w: Arc<Window>) {
-        self.stats.mapped_bytes -= w.map.mapped_len();
+        self.stats.mapped_bytes -= w.map.own_len();
         self.stats.windows -= 1;
+        if matches!(w.map, Backing::Within { .. }) {
+            return;
+        }
         match Arc::try_unwrap(w) {
             Ok(w) => drop(w),
             Err(shared) => {
                 self.stats.revoked_in_use += 1;
-                if let Err(e) = shared.map.revoke() {
+                let Backing::Own(map) = &shared.map else {
+                    return;
+                };
+                if let Err(e) = map.revoke() {
                     // The guest pages stay until the pinning batch ends; say so loudly.
                     eprintln!("vhost-iotlb: {e}; the window is unmapped when its batch ends");
                 }
@@ -408,10 +497,10 @@ impl Table {
         }
     }
 
-    fn insert(&mut self, start: u64, len: u64, uaddr: u64, perm: Permissions, map: Mapping) {
+    fn insert(&mut self, start: u64, len: u64, uaddr: u64, perm: Permissions, map: Backing) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.stats.mapped_bytes += map.mapped_len();
+        self.stats.mapped_bytes += map.own_len();
         self.stats.peak_mapped_bytes = self.stats.peak_mapped_bytes.max(self.stats.mapped_bytes);
         self.stats.windows += 1;
         self.stats.peak_windows = self.stats.peak_windows.max(self.stats.windows);
@@ -450,15 +539,47 @@ impl Table {
             ));
         }
         for (gpa, size, uaddr, map) in maps {
-            self.insert(gpa, size, uaddr, Permissions::ReadWrite, map);
+            self.insert(gpa, size, uaddr, Permissions::ReadWrite, Backing::Own(map));
         }
         Ok(())
+    }
+
+    /// Maps every region whole once ([`MapPolicy::Whole`] in [`Mode::Iotlb`]); all or
+    /// nothing.
+    fn map_whole(&mut self) -> Result<(), MmapError> {
+        let mut maps = Vec::with_capacity(self.regions.len());
+        for r in self.regions.iter().filter(|r| r.whole.is_none()) {
+            maps.push(Arc::new(Mapping::new(&r.file, r.offset, r.size, true)?));
+        }
+        let mut maps = maps.into_iter();
+        for r in self.regions.iter_mut().filter(|r| r.whole.is_none()) {
+            let m = maps.next();
+            self.stats.mapped_bytes += m.as_ref().map_or(0, |m| m.mapped_len());
+            r.whole = m;
+        }
+        self.stats.peak_mapped_bytes = self.stats.peak_mapped_bytes.max(self.stats.mapped_bytes);
+        Ok(())
+    }
+
+    /// Drops the regions' whole mappings (a window still pinned keeps its own alive).
+    fn unmap_whole(&mut self) {
+        for r in &mut self.regions {
+            if let Some(m) = r.whole.take() {
+                self.stats.mapped_bytes -= m.mapped_len();
+            }
+        }
     }
 }
 
 impl AddressSpace {
-    /// An empty address space in [`Mode::Unset`].
+    /// An empty address space in [`Mode::Unset`], windows mapped one by one.
     pub fn new(limits: Limits) -> Arc<Self> {
+        Self::with_policy(limits, MapPolicy::Windows)
+    }
+
+    /// An empty address space in [`Mode::Unset`] that maps IOTLB windows as `policy`
+    /// says.
+    pub fn with_policy(limits: Limits, policy: MapPolicy) -> Arc<Self> {
         Arc::new(Self {
             table: RwLock::new(Table {
                 mode: Mode::Unset,
@@ -477,6 +598,9 @@ impl AddressSpace {
             pushes: Mutex::new(None),
             cancel: AtomicBool::new(false),
             limits,
+            policy,
+            views: Mutex::new(Views::default()),
+            quiet: Condvar::new(),
             misses: AtomicU64::new(0),
             miss_failures: AtomicU64::new(0),
             access_fails: AtomicU64::new(0),
@@ -512,15 +636,25 @@ impl AddressSpace {
             return Ok(());
         }
         t.clear_windows();
+        t.unmap_whole();
         t.mode = mode;
-        if mode == Mode::Plain {
-            if let Err(e) = t.map_regions() {
-                t.clear_windows();
-                t.mode = Mode::Unset;
-                return Err(e.into());
-            }
+        if let Err(e) = self.map_for_mode(&mut t) {
+            t.clear_windows();
+            t.unmap_whole();
+            t.mode = Mode::Unset;
+            return Err(e.into());
         }
         Ok(())
+    }
+
+    /// Maps what the mode and policy map of the regions: all of them whole in
+    /// [`Mode::Plain`] (as windows) or with [`MapPolicy::Whole`].
+    fn map_for_mode(&self, t: &mut Table) -> Result<(), MmapError> {
+        match t.mode {
+            Mode::Plain => t.map_regions(),
+            Mode::Iotlb if self.policy == MapPolicy::Whole => t.map_whole(),
+            _ => Ok(()),
+        }
     }
 
     /// Replaces the memory table (`SET_MEM_TABLE`). Each region is checked: not empty, no
@@ -564,6 +698,7 @@ impl AddressSpace {
                 uaddr: r.userspace_addr,
                 offset: r.mmap_offset,
                 file: Arc::new(file),
+                whole: None,
             });
         }
         for (a, ra) in regions.iter().enumerate() {
@@ -579,17 +714,17 @@ impl AddressSpace {
         }
         self.discard_pushes();
         let mut t = self.write();
-        let old = std::mem::replace(&mut t.regions, regions);
         t.clear_windows();
+        t.unmap_whole();
+        let old = std::mem::replace(&mut t.regions, regions);
         t.stats.guest_ram_bytes = t.regions.iter().map(|r| r.size).sum();
-        if t.mode == Mode::Plain {
-            if let Err(e) = t.map_regions() {
-                t.clear_windows();
-                t.regions = old;
-                t.stats.guest_ram_bytes = t.regions.iter().map(|r| r.size).sum();
-                let _ = t.map_regions();
-                return Err(e.into());
-            }
+        if let Err(e) = self.map_for_mode(&mut t) {
+            t.clear_windows();
+            t.unmap_whole();
+            t.regions = old;
+            t.stats.guest_ram_bytes = t.regions.iter().map(|r| r.size).sum();
+            let _ = self.map_for_mode(&mut t);
+            return Err(e.into());
         }
         Ok(())
     }
@@ -620,7 +755,7 @@ impl AddressSpace {
         let last_u = last(uaddr, size).ok_or(SpaceError::OutsideRegions { uaddr, size })?;
         let perm = perm_of(perm);
         // Map outside the lock: lookups go on meanwhile.
-        let (file, offset) = {
+        let (file, offset, whole) = {
             let t = self.read();
             if t.mode != Mode::Iotlb {
                 return Err(SpaceError::NotIotlb);
@@ -640,9 +775,15 @@ impl AddressSpace {
                 .iter()
                 .find(|r| uaddr >= r.uaddr && last_u - r.uaddr < r.size)
                 .ok_or(SpaceError::OutsideRegions { uaddr, size })?;
-            (Arc::clone(&r.file), r.offset + (uaddr - r.uaddr))
+            let within = r.whole.as_ref().map(|m| (Arc::clone(m), uaddr - r.uaddr));
+            (Arc::clone(&r.file), r.offset + (uaddr - r.uaddr), within)
         };
-        let map = Mapping::new(&file, offset, size, perm.has_write())?;
+        let map = match whole {
+            // `[uaddr - r.uaddr, + size)` lies in the region (checked above), which
+            // the mapping covers whole.
+            Some((whole, offset)) => Backing::Within { whole, offset },
+            None => Backing::Own(Mapping::new(&file, offset, size, perm.has_write())?),
+        };
         drop(file);
         let mut t = self.write();
         if t.mode != Mode::Iotlb {
@@ -679,9 +820,22 @@ impl AddressSpace {
     /// at once meanwhile (the front-end answers none before this is acknowledged), for
     /// at most [`Limits::miss_timeout`], after which the window is revoked in place.
     ///
+    /// With [`MapPolicy::Whole`] the entries go at once; if a [`GuestView`] still pins
+    /// one (it translated through it and may be using it), this then waits until
+    /// every view alive now has dropped (misses failing at once meanwhile, as above),
+    /// for at most [`Limits::miss_timeout`].
+    ///
     /// # Errors
     /// [`SpaceError::NotIotlb`] or [`SpaceError::IotlbRange`]; nothing changed.
+    /// [`SpaceError::Busy`] when a view outlived the wait ([`MapPolicy::Whole`]): the
+    /// entries are gone, but what a view translated before may still be in use.
     pub fn invalidate(&self, iova: u64, size: u64) -> Result<(), SpaceError> {
+        if self.policy == MapPolicy::Whole {
+            if self.remove(iova, size)? {
+                return self.wait_quiet();
+            }
+            return Ok(());
+        }
         let last_iova = last(iova, size).ok_or(SpaceError::IotlbRange { iova, size })?;
         let waiting_for = {
             let mut t = self.write();
@@ -733,6 +887,98 @@ impl AddressSpace {
         Ok(())
     }
 
+    /// Removes every entry overlapping `[iova, iova + size)` from the table
+    /// ([`MapPolicy::Whole`]: nothing is unmapped, and nothing waits); returns whether
+    /// a view pins one of them.
+    fn remove(&self, iova: u64, size: u64) -> Result<bool, SpaceError> {
+        let last_iova = last(iova, size).ok_or(SpaceError::IotlbRange { iova, size })?;
+        let mut t = self.write();
+        if t.mode != Mode::Iotlb {
+            return Err(SpaceError::NotIotlb);
+        }
+        t.stats.invalidates += 1;
+        let mut pinned = false;
+        for w in t.take_overlapping(iova, last_iova) {
+            // `w` is the table's reference; any other is a view's pin.
+            pinned |= Arc::strong_count(&w) > 1;
+            t.retire(w);
+        }
+        Ok(pinned)
+    }
+
+    /// Waits until every view alive now has dropped, for at most
+    /// [`Limits::miss_timeout`], misses failing at once meanwhile (the batch may be
+    /// waiting for one the front-end will not answer before this returns).
+    fn wait_quiet(&self) -> Result<(), SpaceError> {
+        let mut v = lock(&self.views);
+        if v.active == 0 {
+            return Ok(());
+        }
+        let since = v.quiet;
+        self.set_cancel_misses(true);
+        let deadline = Instant::now() + self.limits.miss_timeout;
+        while v.active != 0 && v.quiet == since {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            v = self
+                .quiet
+                .wait_timeout(v, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let busy = v.active != 0 && v.quiet == since;
+        drop(v);
+        self.set_cancel_misses(false);
+        if busy {
+            return Err(SpaceError::Busy {
+                waited: self.limits.miss_timeout,
+            });
+        }
+        Ok(())
+    }
+
+    /// A view begins ([`MapPolicy::Whole`]): counted, so that no invalidation is
+    /// complete while it may use what it translated, then the ring is applied, so that
+    /// it translates nothing an invalidation the front-end wrote before already
+    /// removed (the front-end writes, fences and reads the count; this counts, fences
+    /// and reads the ring: one of the two sees the other).
+    fn enter(&self) {
+        if self.policy != MapPolicy::Whole {
+            return;
+        }
+        {
+            let mut v = lock(&self.views);
+            v.active += 1;
+            self.publish_views(&v);
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.apply_ring();
+    }
+
+    /// A view ends ([`MapPolicy::Whole`]).
+    fn exit(&self) {
+        if self.policy != MapPolicy::Whole {
+            return;
+        }
+        let mut v = lock(&self.views);
+        v.active = v.active.saturating_sub(1);
+        if v.active == 0 {
+            v.quiet = v.quiet.wrapping_add(1);
+            self.quiet.notify_all();
+        }
+        self.publish_views(&v);
+    }
+
+    /// Copies the view count into the ring for the front-end; under the views lock,
+    /// so copies are written in order.
+    fn publish_views(&self, v: &Views) {
+        if let Some(r) = lock(&self.pushes).as_ref() {
+            r.set_views(v.active, v.quiet);
+        }
+    }
+
     /// Installs (or removes) the back-end request channel misses go to.
     pub fn set_channel(&self, channel: Option<MissChannel>) {
         *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = channel;
@@ -744,9 +990,15 @@ impl AddressSpace {
         self.cancel.store(cancel, Ordering::Release);
     }
 
-    /// Installs (or removes) the front-end's push ring.
+    /// Installs (or removes) the front-end's push ring, telling it the policy and the
+    /// views alive.
     pub fn set_push_ring(&self, ring: Option<Consumer>) {
-        *self.pushes.lock().unwrap_or_else(|e| e.into_inner()) = ring;
+        let v = lock(&self.views);
+        if let Some(r) = &ring {
+            r.set_whole(self.policy == MapPolicy::Whole);
+            r.set_views(v.active, v.quiet);
+        }
+        *lock(&self.pushes) = ring;
     }
 
     /// Applies, oldest first, the updates the front-end pushed through the ring since
@@ -754,58 +1006,75 @@ impl AddressSpace {
     /// every push made before it: a miss, and any IOTLB message (an INVALIDATE must
     /// not be overtaken by the push of what it removes). A push that is refused is
     /// counted and skipped: the ring is a cache filler, the miss stays the fallback.
+    ///
+    /// Pushes written after an invalidation still in the ring wait for it (they may
+    /// map its IOVAs again), so with [`MapPolicy::Windows`] this stops there; with
+    /// [`MapPolicy::Whole`], where removing an entry never waits, it applies the
+    /// invalidations as well ([`Self::apply_ring`]).
     pub fn apply_pushes(&self) -> usize {
-        let mut ring = self.pushes.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(pushes) = ring.as_mut().and_then(Consumer::take) else {
-            return 0;
-        };
-        let total = pushes.len();
-        let applied = pushes
-            .into_iter()
-            .filter(|p| {
-                iotlb::is_update_perm(p.perm)
-                    && self.update(p.iova, p.size, p.uaddr, p.perm).is_ok()
-            })
-            .count();
-        if total > 0 {
-            let mut t = self.write();
-            t.stats.ring_updates += applied as u64;
-            t.stats.ring_refused += (total - applied) as u64;
-        }
-        applied
+        self.apply(self.policy == MapPolicy::Whole).0
     }
 
-    /// Applies the pushes, then the invalidations the front-end wrote to the ring, and
-    /// acknowledges those; returns how many invalidations it applied. Only for the
-    /// device worker between batches: an invalidation of a window the open batch uses
-    /// would wait for that batch to end.
+    /// Applies the ring: each invalidation the front-end wrote after exactly the
+    /// pushes it wrote before it, then the rest of the pushes, and acknowledges the
+    /// invalidations; returns how many it applied. With [`MapPolicy::Windows`] only for
+    /// the device worker between batches: an invalidation of a window the open batch
+    /// uses would wait for that batch to end.
     pub fn apply_ring(&self) -> usize {
-        self.apply_pushes();
-        let taken = {
-            let ring = self.pushes.lock().unwrap_or_else(|e| e.into_inner());
-            ring.as_ref().map(Consumer::take_invalidations)
+        self.apply(true).1
+    }
+
+    /// Applies pushes and, if `invalidations`, invalidations from the ring, in the
+    /// order the front-end wrote them; returns (pushes applied, invalidations applied).
+    /// Under the ring's lock throughout, so that a thread that finds it empty knows
+    /// all it held is in place.
+    fn apply(&self, invalidations: bool) -> (usize, usize) {
+        let mut ring = lock(&self.pushes);
+        let Some(c) = ring.as_mut() else {
+            return (0, 0);
         };
-        let Some((invs, upto)) = taken else {
-            return 0;
+        // The invalidations first: every push they come after is in the ring by then.
+        let (invs, upto) = if invalidations {
+            c.take_invalidations()
+        } else {
+            (Vec::new(), 0)
         };
-        if invs.is_empty() {
-            return 0;
+        let (mut applied, mut refused) = (0u64, 0u64);
+        let mut push_until = |c: &mut Consumer, limit: u64| {
+            for p in c.take_before(limit).unwrap_or_default() {
+                let ok = iotlb::is_update_perm(p.perm)
+                    && self.update(p.iova, p.size, p.uaddr, p.perm).is_ok();
+                if ok {
+                    applied += 1;
+                } else {
+                    refused += 1;
+                }
+            }
+        };
+        for inv in &invs {
+            push_until(c, inv.after);
+            // One the space refuses (a bad range) has nothing to remove. With the
+            // whole of guest RAM mapped, the front-end itself sees when no view is left.
+            let _ = match self.policy {
+                MapPolicy::Whole => self.remove(inv.iova, inv.size).map(drop),
+                MapPolicy::Windows => self.invalidate(inv.iova, inv.size),
+            };
         }
-        let n = invs.len() as u64;
-        for (iova, size) in invs {
-            // One the space refuses (a bad range) has nothing to remove.
-            let _ = self.invalidate(iova, size);
+        let rest = match c.pending_after() {
+            Some(after) if !invalidations => after,
+            _ => c.taken().wrapping_add(c.capacity()),
+        };
+        push_until(c, rest);
+        if !invs.is_empty() {
+            c.finish_invalidations(upto);
         }
-        self.write().stats.ring_invalidates += n;
-        if let Some(r) = self
-            .pushes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            r.finish_invalidations(upto);
+        if applied + refused > 0 || !invs.is_empty() {
+            let mut t = self.write();
+            t.stats.ring_updates += applied;
+            t.stats.ring_refused += refused;
+            t.stats.ring_invalidates += invs.len() as u64;
         }
-        n as usize
+        (applied as usize, invs.len())
     }
 
     /// The device worker starts (`true`) or stops polling. Stopping, it then applies

@@ -24,7 +24,7 @@ use vhost_iotlb::wire::{
     flags, iotlb, protocol, req, ConfigHeader, Header, IotlbMsg, MemoryRegion, VringAddr,
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_IOMMU_PLATFORM,
 };
-use vhost_iotlb::{AddressSpace, Limits, Mode, PROTOCOL_FEATURES};
+use vhost_iotlb::{AddressSpace, Limits, MapPolicy, Mode, PROTOCOL_FEATURES};
 use virtio_devices::{Block, BlockConfig};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 use vmm_sys_util::eventfd::EventFd;
@@ -52,6 +52,15 @@ impl Frontend<Block> {
         require_iommu: bool,
         poll: impl Into<virtio_contract::PollConfig>,
     ) -> (Self, std::sync::Arc<AddressSpace>) {
+        Self::start_as(disk, require_iommu, poll, MapPolicy::Windows)
+    }
+
+    fn start_as(
+        disk: &std::path::Path,
+        require_iommu: bool,
+        poll: impl Into<virtio_contract::PollConfig>,
+        map: MapPolicy,
+    ) -> (Self, std::sync::Arc<AddressSpace>) {
         let dev = Block::new(&BlockConfig {
             path: disk.to_path_buf(),
             read_only: false,
@@ -64,7 +73,7 @@ impl Frontend<Block> {
             miss_timeout: Duration::from_secs(5),
             max_misses_per_access: 64,
         };
-        Self::start_device(dev, limits, require_iommu, poll)
+        Self::start_mapping(dev, limits, require_iommu, poll, map)
     }
 }
 
@@ -801,4 +810,67 @@ fn an_invalidation_written_while_the_worker_polls_is_applied_and_acknowledged_in
     assert!(space.exposure().ring_invalidates >= u64::from(by_ring));
     let r = fe.finish();
     assert_eq!(r.device.counters().ok, u64::from(i));
+}
+
+#[test]
+fn a_whole_mapping_back_end_translates_nothing_an_invalidation_complete_by_its_views_removed() {
+    let img = disk("ring-whole", 16);
+    let (fe, space) = Frontend::start_as(
+        img.path(),
+        true,
+        Duration::from_micros(200),
+        MapPolicy::Whole,
+    );
+    let ram = memfd("vhost-iotlb-it-ring-whole", RAM);
+    let mut ring = ring(&ram);
+    let _chan = negotiate(&fe, &ram, true);
+    let bus = |gpa| gpa + IOVA_OFF;
+    let (pushes, file) = Producer::create(64).unwrap();
+    assert_eq!(set_push_ring(&fe, 64, &file), 0);
+    assert!(pushes.peer_whole());
+    assert_eq!(space.exposure().mapped_bytes, RAM, "guest RAM mapped whole");
+    for gpa in [RING.desc, HDR, DATA, STATUS] {
+        push_page(&pushes, gpa);
+    }
+    let (kick, _call) = setup_ring(&fe, bus);
+    // A strict guest mapping and unmapping a page between reads, the front-end
+    // completing each UNMAP by the back-end's views alone: at once when none is
+    // alive, else when those alive have dropped. Either way no view made after that
+    // translates the page: it applies the invalidation first.
+    let (mut at_once, mut waited) = (0u32, 0u32);
+    for i in 1..=200u16 {
+        if post_request(&mut ring, bus, 0, DATA) {
+            kick.write(1).unwrap();
+        }
+        assert!(served(&ring, i), "request {i} was never served");
+        push_page(&pushes, SECRET);
+        pushes.invalidate(bus(SECRET), 4096).unwrap();
+        let views = pushes.peer_views();
+        if views.active == 0 {
+            at_once += 1;
+        } else {
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let now = pushes.peer_views();
+                if now.active == 0 || now.quiet != views.quiet {
+                    break;
+                }
+                assert!(std::time::Instant::now() < until, "the views never dropped");
+                std::thread::yield_now();
+            }
+            waited += 1;
+        }
+        drop(space.view());
+        assert!(
+            !holds(&space, SECRET),
+            "a view made after the UNMAP completed could translate the page"
+        );
+    }
+    assert!(
+        at_once > 0,
+        "{at_once} complete at once, {waited} after the views"
+    );
+    assert_eq!(space.exposure().misses, 0);
+    let r = fe.finish();
+    assert_eq!(r.device.counters().ok, 200);
 }

@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used)] // a test that cannot proceed fails by panicking
 
 use super::*;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 const RAM: u64 = 1 << 20;
 const UBASE: u64 = 0x7f00_0000_0000;
@@ -12,11 +12,16 @@ fn ram() -> File {
 }
 
 fn space(mode: Mode) -> Arc<AddressSpace> {
-    let s = AddressSpace::new(Limits {
+    space_with(mode, MapPolicy::Windows)
+}
+
+fn space_with(mode: Mode, policy: MapPolicy) -> Arc<AddressSpace> {
+    let limits = Limits {
         max_windows: 4,
         miss_timeout: Duration::from_millis(200),
         max_misses_per_access: 16,
-    });
+    };
+    let s = AddressSpace::with_policy(limits, policy);
     let region = MemoryRegion {
         guest_phys_addr: 0,
         memory_size: RAM,
@@ -211,5 +216,143 @@ fn bad_memory_tables_are_refused_and_keep_the_old_one() {
         assert!(s.set_regions(table).is_err());
         assert_eq!(s.exposure().mapped_bytes, RAM);
         assert_eq!(s.uaddr_to_gpa(UBASE), Some(0));
+    }
+}
+
+#[test]
+fn whole_policy_maps_the_regions_once_and_checks_every_access_against_the_windows() {
+    let s = space_with(Mode::Iotlb, MapPolicy::Whole);
+    assert_eq!(s.exposure().mapped_bytes, RAM, "guest RAM is mapped whole");
+    let v = s.view();
+    assert!(
+        v.read_obj::<u32>(GuestAddress(0x1000)).is_err(),
+        "no window yet"
+    );
+    s.update(0x10_0000_0000, 4096, UBASE + 0x3000, iotlb::PERM_RO)
+        .unwrap();
+    assert_eq!(s.exposure().mapped_bytes, RAM, "a window maps nothing more");
+    assert_eq!(s.exposure().windows, 1);
+    assert!(
+        v.write_obj(1u32, GuestAddress(0x10_0000_0010)).is_err(),
+        "the window's permission holds though the mapping is writable"
+    );
+    s.update(0x20_0000_0000, 4096, UBASE + 0x3000, iotlb::PERM_RW)
+        .unwrap();
+    v.write_obj(0xdead_beef_u32, GuestAddress(0x20_0000_0010))
+        .unwrap();
+    assert_eq!(
+        v.read_obj::<u32>(GuestAddress(0x10_0000_0010)).unwrap(),
+        0xdead_beef,
+        "both windows reach the same guest page"
+    );
+    assert!(v.read_obj::<u32>(GuestAddress(0x20_0000_1000)).is_err());
+    drop(v);
+    s.invalidate(0x10_0000_0000, 4096).unwrap();
+    assert!(s
+        .view()
+        .read_obj::<u32>(GuestAddress(0x10_0000_0010))
+        .is_err());
+    // Leaving IOTLB mode unmaps the whole of it.
+    s.set_mode(Mode::Unset).unwrap();
+    assert_eq!(s.exposure().mapped_bytes, 0);
+}
+
+#[test]
+fn whole_policy_invalidation_completes_only_once_the_views_alive_have_dropped() {
+    let s = space_with(Mode::Iotlb, MapPolicy::Whole);
+    s.update(0x1000, 4096, UBASE, iotlb::PERM_RW).unwrap();
+    let view = s.view();
+    let slice = view
+        .get_slices(GuestAddress(0x1000), 8, Permissions::Read)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s2 = Arc::clone(&s);
+    let t = std::thread::spawn(move || {
+        let r = s2.invalidate(0x1000, 4096);
+        tx.send(()).unwrap();
+        r
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(100)).is_err(),
+        "not complete while a view that translated the window is alive"
+    );
+    assert!(
+        s.view().read_obj::<u64>(GuestAddress(0x1000)).is_err(),
+        "yet a new view no longer reaches it"
+    );
+    // The old slice still reads valid memory (the region stays mapped).
+    let _ = slice.load::<u64>(0, Ordering::Relaxed);
+    drop(view);
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    t.join().unwrap().unwrap();
+    // With no view alive, an invalidation does not wait at all.
+    s.update(0x1000, 4096, UBASE, iotlb::PERM_RW).unwrap();
+    s.invalidate(0x1000, 4096).unwrap();
+}
+
+#[test]
+fn whole_policy_invalidation_fails_busy_when_a_view_outlives_its_wait() {
+    let s = space_with(Mode::Iotlb, MapPolicy::Whole);
+    s.update(0x1000, 4096, UBASE, iotlb::PERM_RW).unwrap();
+    // A view that has not translated through the window does not hold it up.
+    let idle = s.view();
+    s.invalidate(0x1000, 4096).unwrap();
+    drop(idle);
+    s.update(0x1000, 4096, UBASE, iotlb::PERM_RW).unwrap();
+    let view = s.view();
+    let _ = view
+        .get_slices(GuestAddress(0x1000), 8, Permissions::Read)
+        .unwrap();
+    let started = Instant::now();
+    assert!(matches!(
+        s.invalidate(0x1000, 4096),
+        Err(SpaceError::Busy { .. })
+    ));
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "waited the limit"
+    );
+    assert!(
+        view.read_obj::<u64>(GuestAddress(0x1000)).is_err(),
+        "the entry is gone"
+    );
+}
+
+#[test]
+fn pushes_after_an_invalidation_in_the_ring_are_applied_after_it() {
+    use crate::push_ring::{Consumer, Producer, Push};
+    for policy in [MapPolicy::Windows, MapPolicy::Whole] {
+        let s = space_with(Mode::Iotlb, policy);
+        let (prod, file) = Producer::create(16).unwrap();
+        s.set_push_ring(Some(Consumer::open(&file, 16).unwrap()));
+        let push = |uaddr| {
+            assert!(prod.push(&Push {
+                iova: 0x1000,
+                size: 4096,
+                uaddr,
+                perm: iotlb::PERM_RW,
+            }));
+        };
+        // The guest maps an IOVA, unmaps it, and maps it again elsewhere, all before
+        // the back-end looks at the ring.
+        push(UBASE);
+        prod.invalidate(0x1000, 4096).unwrap();
+        push(UBASE + 0x5000);
+        if policy == MapPolicy::Windows {
+            // Pushes alone stop at the invalidation they must not overtake.
+            assert_eq!(s.apply_pushes(), 1);
+            assert_eq!(s.windows().len(), 1);
+        }
+        assert_eq!(s.apply_ring(), 1);
+        assert_eq!(s.windows().len(), 1, "{policy:?}");
+        assert_eq!(
+            s.read().find(0x1000).map(|w| w.uaddr),
+            Some(UBASE + 0x5000),
+            "{policy:?}: the second mapping stands, the first is gone"
+        );
+        assert_eq!(s.exposure().ring_invalidates, 1);
     }
 }

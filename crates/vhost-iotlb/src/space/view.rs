@@ -46,6 +46,7 @@ pub struct GuestView {
 
 impl GuestView {
     pub(super) fn new(space: Arc<AddressSpace>) -> Self {
+        space.enter();
         Self {
             space,
             pins: RefCell::new(Vec::new()),
@@ -65,6 +66,12 @@ impl GuestView {
             },
             reason: f.to_string(),
         })
+    }
+}
+
+impl Drop for GuestView {
+    fn drop(&mut self) {
+        self.space.exit();
     }
 }
 

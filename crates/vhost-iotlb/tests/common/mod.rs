@@ -16,7 +16,7 @@ use vhost_iotlb::wire::{
     flags, req, Header, IotlbMsg, MemoryHeader, MemoryRegion, VringAddr, VringState,
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_IOMMU_PLATFORM,
 };
-use vhost_iotlb::{AddressSpace, GuestView, Limits, Report, Session, SessionConfig};
+use vhost_iotlb::{AddressSpace, GuestView, Limits, MapPolicy, Report, Session, SessionConfig};
 use virtio_contract::VirtioDevice;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -53,6 +53,17 @@ impl<D: VirtioDevice<GuestView> + Send + 'static> Frontend<D> {
         require_iommu: bool,
         poll: impl Into<virtio_contract::PollConfig>,
     ) -> (Self, Arc<AddressSpace>) {
+        Self::start_mapping(dev, limits, require_iommu, poll, MapPolicy::Windows)
+    }
+
+    /// As [`Self::start_device`], IOTLB windows mapped as `map` says.
+    pub fn start_mapping(
+        dev: D,
+        limits: Limits,
+        require_iommu: bool,
+        poll: impl Into<virtio_contract::PollConfig>,
+        map: MapPolicy,
+    ) -> (Self, Arc<AddressSpace>) {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let session = Session::new(
             dev,
@@ -60,6 +71,7 @@ impl<D: VirtioDevice<GuestView> + Send + 'static> Frontend<D> {
                 limits,
                 require_iommu,
                 poll: poll.into(),
+                map,
             },
         )
         .unwrap();

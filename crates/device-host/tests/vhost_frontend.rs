@@ -900,7 +900,10 @@ fn a_ring_invalidation_completes_the_unmap_only_once_acknowledged_in_the_ring_or
         loop {
             let (invs, upto) = ring.take_invalidations();
             if !invs.is_empty() {
-                assert_eq!(invs, [(0x10000, 0x1000)]);
+                assert_eq!(
+                    (invs.len(), invs[0].iova, invs[0].size),
+                    (1, 0x10000, 0x1000)
+                );
                 std::thread::sleep(ack_after);
                 ring.finish_invalidations(upto);
                 return ring;
@@ -939,6 +942,102 @@ fn a_ring_invalidation_completes_the_unmap_only_once_acknowledged_in_the_ring_or
     assert!(t.elapsed() >= deadline);
     let c = h.counters();
     assert_eq!((c.ring_invalidates, c.invalidate_failures), (1, 1));
+    stop.store(true, Ordering::SeqCst);
+    poller.join().unwrap();
+}
+
+#[test]
+fn an_unmap_for_a_whole_mapping_back_end_completes_at_once_between_its_views_or_when_they_drop() {
+    let deadline = Duration::from_millis(400);
+    let be = FakeBackend::start(
+        "ring-whole",
+        F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
+        P_ALL | wire::protocol::APERTURE_PUSH_RING,
+        AckMode::Now,
+        None,
+    );
+    let mut rig = IommuRig::new(&be, deadline);
+    let mut ring = ring_of(&be);
+    ring.set_whole(true);
+    ring.set_views(0, 0);
+    let h = rig.dev.handle();
+    for (i, w) in [0x10000u64, 0x20000, 0x30000, 0x40000]
+        .into_iter()
+        .enumerate()
+    {
+        rig.map(w, w + 0xfff, 0x40000 + i as u64 * 0x1000, 3);
+    }
+    assert_eq!(ring.take().unwrap().len(), 4);
+
+    // No view alive: complete at once, though nobody polls and nothing answers.
+    assert_eq!(rig.unmap(0x10000, 0x10fff), Status::Ok);
+    assert!(be.iotlb().is_empty(), "no INVALIDATE message");
+    let (invs, upto) = ring.take_invalidations();
+    assert_eq!(
+        (invs.len(), invs[0].iova, invs[0].size),
+        (1, 0x10000, 0x1000),
+        "the next view applies it"
+    );
+    ring.finish_invalidations(upto);
+    let c = h.counters();
+    assert_eq!((c.ring_invalidates, c.quiet_invalidates), (1, 1));
+
+    // A view alive and nobody watching for it to drop: a message as well.
+    ring.set_views(1, 0);
+    assert_eq!(rig.unmap(0x20000, 0x20fff), Status::Ok);
+    let sent = be.iotlb();
+    assert_eq!(
+        sent.iter()
+            .map(|m| (m.kind, m.iova, m.size))
+            .collect::<Vec<_>>(),
+        [(wire::iotlb::INVALIDATE, 0x20000, 0x1000)]
+    );
+
+    // Our poller watching: the UNMAP waits for the views alive to drop, no message.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (watching, watched) = mpsc::channel();
+    let poller = std::thread::spawn({
+        let (h, stop) = (h.clone(), Arc::clone(&stop));
+        move || {
+            assert!(!h.set_watched(true));
+            watching.send(()).unwrap();
+            while !stop.load(Ordering::SeqCst) {
+                h.poll_ring_acks();
+                std::thread::yield_now();
+            }
+            assert!(!h.set_watched(false), "nothing left outstanding");
+        }
+    });
+    watched.recv().unwrap();
+    let drop_after = Duration::from_millis(150);
+    let views = std::thread::spawn(move || {
+        std::thread::sleep(drop_after);
+        // Another view began as the last one ended: still one alive, but not those
+        // that were alive when the invalidation was written.
+        ring.set_views(1, 1);
+        ring
+    });
+    let t = Instant::now();
+    assert_eq!(rig.unmap(0x30000, 0x30fff), Status::Ok);
+    assert!(t.elapsed() >= drop_after, "S_OK while a view was alive");
+    let ring = views.join().unwrap();
+    assert_eq!(be.iotlb().len(), 1, "no INVALIDATE message");
+
+    // Views that never drop: the UNMAP completes at the deadline and the back-end is
+    // cut off, as one that never acknowledges.
+    let t = Instant::now();
+    assert_eq!(rig.unmap(0x40000, 0x40fff), Status::Ok);
+    assert!(t.elapsed() >= deadline);
+    let c = h.counters();
+    assert_eq!(
+        (
+            c.ring_invalidates,
+            c.quiet_invalidates,
+            c.invalidate_failures
+        ),
+        (2, 1, 1)
+    );
+    drop(ring);
     stop.store(true, Ordering::SeqCst);
     poller.join().unwrap();
 }

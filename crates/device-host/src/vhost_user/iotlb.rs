@@ -358,14 +358,14 @@ impl Shared {
     /// Every INVALIDATE message woke our IOTLB thread, the back-end's socket thread,
     /// then our IOTLB thread again for the ack: three threads to run per guest UNMAP on
     /// a CPU both pollers keep busy, each one ~14 µs away on average (`perf sched`).
+    ///
+    /// A back-end that maps guest RAM whole (ours with `--iotlb-map whole`) needs
+    /// neither to poll nor to answer: with none of its views of guest memory alive after
+    /// the write, the invalidation is complete at once, since the next view applies it
+    /// before translating anything; otherwise once the views alive then have dropped,
+    /// which our poller watches for ([`crate::push_ring`] in `vhost-iotlb`).
     pub(super) fn ring_invalidate(&self, lo: u64, hi: u64, done: Done) -> Result<(), Done> {
-        // One at a time: a strict guest waits for each UNMAP anyway, and a lazy one's
-        // flush of ~90 is better unmapped by the back-end's socket thread than by its
-        // worker, which would hold the poll budget's turn that our poller needs to
-        // serve the guest's next MAPs meanwhile.
-        if !self.watched.load(Ordering::SeqCst)
-            || self.ring_pending.load(Ordering::SeqCst) != 0
-            || self.queued.load(Ordering::Acquire) != 0
+        if self.queued.load(Ordering::Acquire) != 0
             || self.unconfirmed.load(Ordering::Acquire)
             || self.broken.load(Ordering::Acquire)
         {
@@ -377,17 +377,49 @@ impl Shared {
         let Some(link) = guard.as_ref() else {
             return Err(done);
         };
-        let Some(ring) = link.push_ring.get().filter(|r| r.peer_polling()) else {
+        let Some(ring) = link.push_ring.get() else {
             return Err(done);
         };
+        let whole = ring.peer_whole();
+        // One at a time unless it is whole: a strict guest waits for each UNMAP anyway,
+        // and a lazy one's flush of ~90 is better unmapped by the back-end's socket
+        // thread than by its worker, which would hold the poll budget's turn that our
+        // poller needs to serve the guest's next MAPs meanwhile.
+        if !whole
+            && (!self.watched.load(Ordering::SeqCst)
+                || self.ring_pending.load(Ordering::SeqCst) != 0
+                || !ring.peer_polling())
+        {
+            return Err(done);
+        }
         let size = (hi - lo).saturating_add(1);
         let Some(seq) = ring.invalidate(lo, size) else {
             return Err(done);
+        };
+        let quiet = if whole {
+            let views = ring.peer_views();
+            if views.active == 0 {
+                let c = &self.counters;
+                bump(&c.ring_invalidates);
+                bump(&c.quiet_invalidates);
+                bump(&c.invalidates);
+                drop(guard);
+                done();
+                return Ok(());
+            }
+            if !self.watched.load(Ordering::SeqCst) {
+                // Nobody would watch its views drop: a message as well.
+                return Err(done);
+            }
+            Some(views.quiet)
+        } else {
+            None
         };
         {
             let mut q = lock(&self.ring_invs);
             q.push_back(RingInv {
                 seq,
+                quiet,
                 link: Arc::downgrade(link),
                 sent: Instant::now(),
                 done,
@@ -396,7 +428,7 @@ impl Shared {
         }
         // Both flags again, after the write and the registration (each side fences
         // between its flag and its last look): one of us sees the other.
-        if ring.peer_polling() && self.watched.load(Ordering::SeqCst) {
+        if (whole || ring.peer_polling()) && self.watched.load(Ordering::SeqCst) {
             return Ok(());
         }
         drop(guard);
@@ -424,10 +456,11 @@ impl Shared {
             return false;
         }
         let link = lock(&self.link).clone();
-        let acked = link
-            .as_ref()
-            .and_then(|l| l.push_ring.get())
-            .map_or(0, |r| r.invalidated());
+        let ring = link.as_ref().and_then(|l| l.push_ring.get());
+        let acked = ring.map_or(0, |r| r.invalidated());
+        // Read once, and only for a back-end that maps guest RAM whole.
+        let views = || ring.filter(|r| r.peer_whole()).map(|r| r.peer_views());
+        let mut seen = None;
         let broken = self.broken.load(Ordering::Acquire);
         let now = Instant::now();
         let mut ready = Vec::new();
@@ -440,7 +473,11 @@ impl Shared {
                     && link
                         .as_ref()
                         .is_some_and(|l| r.link.upgrade().is_some_and(|rl| Arc::ptr_eq(&rl, l)));
-                if current && r.seq <= acked {
+                let quiet = r.quiet.is_some_and(|q| {
+                    let v = *seen.get_or_insert_with(views);
+                    v.is_some_and(|v| v.active == 0 || v.quiet != q)
+                });
+                if current && (r.seq <= acked || quiet) {
                     acks += 1;
                     waited += u64::try_from(r.sent.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 } else if current && now.duration_since(r.sent) <= self.timeout {

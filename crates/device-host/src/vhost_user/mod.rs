@@ -269,6 +269,9 @@ pub struct VhostUserCounters {
     /// Invalidations written to the ring and acknowledged there, not as messages (also
     /// counted in `invalidates`).
     pub ring_invalidates: u64,
+    /// Of those, the ones complete as soon as written: the back-end maps guest RAM
+    /// whole and had no view of it alive, so nothing waited.
+    pub quiet_invalidates: u64,
     /// Misses refused (the guest did not map the IOVA with that access).
     pub refused: u64,
     /// Access failures the back-end reported.
@@ -301,6 +304,7 @@ struct AtomicCounters {
     pushed: AtomicU64,
     ring_pushed: AtomicU64,
     ring_invalidates: AtomicU64,
+    quiet_invalidates: AtomicU64,
     refused: AtomicU64,
     access_fails: AtomicU64,
     invalidates: AtomicU64,
@@ -362,6 +366,9 @@ struct Shared {
 struct RingInv {
     /// Done when the ring's acknowledged count reaches it.
     seq: u64,
+    /// Or, to a back-end that maps guest RAM whole, when it has no view of guest
+    /// memory alive or the count of times it had none is no longer this.
+    quiet: Option<u64>,
     /// The connection whose ring it went to: another one (or none) means it was cut
     /// off, and no longer reaches the window either.
     link: std::sync::Weak<Link>,
@@ -425,6 +432,7 @@ impl VhostUserHandle {
             pushed: l(&c.pushed),
             ring_pushed: l(&c.ring_pushed),
             ring_invalidates: l(&c.ring_invalidates),
+            quiet_invalidates: l(&c.quiet_invalidates),
             refused: l(&c.refused),
             access_fails: l(&c.access_fails),
             invalidates: l(&c.invalidates),

@@ -34,6 +34,9 @@
 #   ours-blk-lazy     guest iommu.strict=1 / Linux's default lazy mode: the guest reads host
 #                     data and writes a pattern with checksums through the back-end, and the
 #                     host image holds what the guest wrote.
+#   ours-blk-whole    as ours-blk-strict with `backend --iotlb-map whole`: guest RAM mapped
+#                     whole in the back-end, the guest's UNMAPs completed by its views
+#                     (invalidations applied from the ring, none refused, no miss failed).
 #   ours-blk-killed   `aperture backend blk` behind the virtio-iommu is SIGKILLed while the
 #                     guest reads the disk (scripts/e2e-kill-init.sh): the guest's read must
 #                     fail with EIO within KILL_BOUND seconds of the kill (the device host
@@ -51,7 +54,7 @@ set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/e2e-lib.sh"
 
 SCRIPTS="$APERTURE_SCRIPTS_DIR"
-ALL=(third-party-rng inflight-copy inflight-copy-iommu inflight-copy-qsd inflight-map ours-blk-strict ours-blk-lazy ours-blk-killed)
+ALL=(third-party-rng inflight-copy inflight-copy-iommu inflight-copy-qsd inflight-map ours-blk-strict ours-blk-lazy ours-blk-whole ours-blk-killed)
 # Seconds the guest holds after its workload while the back-ends are inspected.
 HOLD=20
 # Most seconds from the back-end's SIGKILL to the guest's failed read (TCG is slow; the
@@ -278,12 +281,14 @@ scenario() {
             inspected=("blk=$backend_pid" "rng=$rng_pid")
             ;;
         ours-blk-*)
-            "$BIN" backend blk --socket "$sd/blk.sock" --disk "$img" >"$sd/backend.log" 2>&1 &
+            local map=windows
+            [[ "$name" == *whole ]] && map=whole
+            "$BIN" backend blk --socket "$sd/blk.sock" --disk "$img" --iotlb-map "$map" >"$sd/backend.log" 2>&1 &
             backend_pid=$!
             socks+=("$sd/blk.sock=$backend_pid")
             iommu=on
             append=""
-            [[ "$name" == *strict ]] && append="iommu.strict=1"
+            [[ "$name" == *lazy ]] || append="iommu.strict=1"
             disk_arg=("vhost-user=$sd/blk.sock") rng_arg=()
             ;;
     esac
@@ -385,13 +390,20 @@ scenario() {
         # The guest's IOMMU mode, and the back-end's own account of the IOTLB traffic.
         g=$(awk '$2 == "iommu-group" && $3 == "0000:00:11.0" { print $4; exit }' "$MARKERS")
         local want_type=DMA-FQ
-        [[ "$name" == *strict ]] && want_type=DMA
+        [[ "$name" == *lazy ]] || want_type=DMA
         expect "IOMMU group type of the blk" "$(awk -v g="$g" '$2 == "iommu-group-type" && $3 == g { print $4; exit }' "$MARKERS")" "$want_type"
         info=$(grep -m1 'front-end disconnected' "$sd/backend.log" | sed 's/.*front-end disconnected: //')
         [[ "$info" == *"mode iotlb"* ]] || bad "the back-end did not run in IOTLB mode: '${info:-no summary line}'"
         # Our front-end pushes the guest's mappings through our back-end's push ring.
         [[ "$info" =~ \(([1-9][0-9]*)\ from\ the\ push\ ring,\ 0\ refused ]] \
             || bad "the back-end read no update from the push ring, or refused some: '${info:-no summary line}'"
+        if [[ "$name" == *whole ]]; then
+            # Guest RAM mapped whole: the UNMAPs complete by the back-end's views, so
+            # their invalidations reach it through the ring, and no miss fails.
+            [[ "$info" == *"mode iotlb, guest RAM mapped whole"* ]] || bad "the back-end did not map guest RAM whole: '${info:-no summary line}'"
+            [[ "$info" =~ \(([1-9][0-9]*)\ from\ the\ ring\) ]] || bad "no invalidation reached the back-end through the ring: '${info:-no summary line}'"
+            [[ "$info" == *"(0 failed)"* ]] || bad "a miss failed: '${info:-no summary line}'"
+        fi
         info="; back-end: $info"
     fi
     if ((${#REASONS[@]} == 0)); then

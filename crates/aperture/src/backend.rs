@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 #[cfg(feature = "bench")]
 use survey::net::NetTx;
-use vhost_iotlb::{Limits, Mode, Report, Session, SessionConfig};
+use vhost_iotlb::{Limits, MapPolicy, Mode, Report, Session, SessionConfig};
 use virtio_devices::{Block, BlockConfig, Rng, RngConfig};
 
 /// Arguments of `aperture backend`.
@@ -57,8 +57,45 @@ struct Common {
     #[arg(long, value_name = "MAX", default_value_t = crate::DEFAULT_BACKEND_POLL_US,
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     poll_us: u32,
+    /// How IOTLB windows reach guest memory behind an IOMMU. `windows`: each one is its
+    /// own mapping of exactly what the guest mapped, unmapped when invalidated, so
+    /// this process never maps a page the guest did not map for the device.
+    /// `whole`: guest RAM is mapped once and every access is checked against the
+    /// IOTLB, as the device host checks its own in process; an invalidation then
+    /// needs no `munmap`, and from our own device host no answer from this process
+    /// between requests (a stray pointer here can then reach all of guest RAM).
+    #[arg(long, value_name = "HOW", value_enum, default_value_t = IotlbMap::Windows)]
+    iotlb_map: IotlbMap,
     #[command(flatten)]
     poll_budget: crate::poll_budget::BudgetArgs,
+}
+
+/// `--iotlb-map` (see there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum IotlbMap {
+    /// One mapping per IOTLB window.
+    Windows,
+    /// Guest RAM mapped whole, windows checked in software.
+    Whole,
+}
+
+impl IotlbMap {
+    /// The option as written on a command line.
+    pub(crate) fn arg(self) -> &'static str {
+        match self {
+            Self::Windows => "windows",
+            Self::Whole => "whole",
+        }
+    }
+}
+
+impl From<IotlbMap> for MapPolicy {
+    fn from(m: IotlbMap) -> Self {
+        match m {
+            IotlbMap::Windows => Self::Windows,
+            IotlbMap::Whole => Self::Whole,
+        }
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -213,6 +250,7 @@ where
         },
         require_iommu: common.require_iommu,
         poll,
+        map: common.iotlb_map.into(),
     };
     eprintln!("{prog}: listening on {}", common.socket.display());
     let status = loop {
@@ -233,8 +271,9 @@ where
         let report = Session::new(device, config.clone()).and_then(|s| s.run(sock));
         let ok = match report {
             Ok(r) => {
-                let stats = stats_json(name, &r, counters(&r.device));
-                eprintln!("{prog}: front-end disconnected: {}", summary(&r));
+                let map = common.iotlb_map;
+                let stats = stats_json(name, &r, map, counters(&r.device));
+                eprintln!("{prog}: front-end disconnected: {}", summary(&r, map));
                 if let Some(path) = &common.stats {
                     let text = serde_json::to_string_pretty(&stats).unwrap_or_default();
                     if let Err(e) = std::fs::write(path, text + "\n") {
@@ -277,13 +316,23 @@ fn share(part: u64, whole: u64) -> f64 {
     }
 }
 
-fn summary<D>(r: &Report<D>) -> String {
+/// The mode as the summary and the JSON name it; in IOTLB mode with how windows are
+/// mapped.
+fn mode_text(m: Mode, map: IotlbMap) -> &'static str {
+    match (m, map) {
+        (Mode::Iotlb, IotlbMap::Windows) => "iotlb, windows mapped one by one",
+        (Mode::Iotlb, IotlbMap::Whole) => "iotlb, guest RAM mapped whole",
+        (m, _) => mode_name(m),
+    }
+}
+
+fn summary<D>(r: &Report<D>, map: IotlbMap) -> String {
     let e = &r.exposure;
     format!(
         "mode {}, peak exposure {} KiB of {} MiB guest RAM ({:.3}%), peak windows {}, \
 updates {} ({} from the push ring, {} refused there), invalidates {} ({} from the ring), misses {} ({} failed), \
 access failures {}, ring passes found by polling {}, poll windows without a turn of the poll budget {}",
-        mode_name(r.mode),
+        mode_text(r.mode, map),
         e.peak_mapped_bytes >> 10,
         e.guest_ram_bytes >> 20,
         100.0 * share(e.peak_mapped_bytes, e.guest_ram_bytes),
@@ -301,11 +350,17 @@ access failures {}, ring passes found by polling {}, poll windows without a turn
     )
 }
 
-fn stats_json<D>(name: &str, r: &Report<D>, device: serde_json::Value) -> serde_json::Value {
+fn stats_json<D>(
+    name: &str,
+    r: &Report<D>,
+    map: IotlbMap,
+    device: serde_json::Value,
+) -> serde_json::Value {
     let e = &r.exposure;
     json!({
         "device": name,
         "mode": mode_name(r.mode),
+        "iotlb_map": map.arg(),
         "guest_ram_bytes": e.guest_ram_bytes,
         "mapped_bytes": e.mapped_bytes,
         "peak_mapped_bytes": e.peak_mapped_bytes,

@@ -64,6 +64,11 @@ pub(crate) enum Config {
     ApertureVhostStrict,
     /// As [`Config::ApertureVhostStrict`], the guest's default lazy invalidation.
     ApertureVhostLazy,
+    /// As [`Config::ApertureVhostStrict`], the back-end mapping guest RAM whole
+    /// (`backend --iotlb-map whole`).
+    ApertureVhostWholeStrict,
+    /// As [`Config::ApertureVhostLazy`], the back-end mapping guest RAM whole.
+    ApertureVhostWholeLazy,
     /// Implicit grants, copy form: `aperture backend blk` in another process given
     /// only the device host's shadow rings and bounce buffers; no IOMMU in the guest.
     ApertureInflightCopy,
@@ -80,12 +85,14 @@ pub(crate) enum Config {
 
 impl Config {
     /// Every configuration, in table order.
-    pub(crate) const ALL: [Config; 10] = [
+    pub(crate) const ALL: [Config; 12] = [
         Config::ApertureStrict,
         Config::ApertureLazy,
         Config::ApertureOff,
         Config::ApertureVhostStrict,
         Config::ApertureVhostLazy,
+        Config::ApertureVhostWholeStrict,
+        Config::ApertureVhostWholeLazy,
         Config::ApertureInflightCopy,
         Config::ApertureInflightMap,
         Config::QemuViommuStrict,
@@ -100,6 +107,8 @@ impl Config {
             Config::ApertureOff => "aperture-off",
             Config::ApertureVhostStrict => "aperture-vhost-strict",
             Config::ApertureVhostLazy => "aperture-vhost-lazy",
+            Config::ApertureVhostWholeStrict => "aperture-vhost-whole-strict",
+            Config::ApertureVhostWholeLazy => "aperture-vhost-whole-lazy",
             Config::ApertureInflightCopy => "aperture-inflight-copy",
             Config::ApertureInflightMap => "aperture-inflight-map",
             Config::QemuViommuStrict => "qemu-viommu-strict",
@@ -122,6 +131,8 @@ impl Config {
             self,
             Config::ApertureVhostStrict
                 | Config::ApertureVhostLazy
+                | Config::ApertureVhostWholeStrict
+                | Config::ApertureVhostWholeLazy
                 | Config::ApertureInflightCopy
                 | Config::ApertureInflightMap
         )
@@ -141,7 +152,10 @@ impl Config {
     fn strict(self) -> bool {
         matches!(
             self,
-            Config::ApertureStrict | Config::QemuViommuStrict | Config::ApertureVhostStrict
+            Config::ApertureStrict
+                | Config::QemuViommuStrict
+                | Config::ApertureVhostStrict
+                | Config::ApertureVhostWholeStrict
         )
     }
 
@@ -152,8 +166,12 @@ impl Config {
             Config::ApertureStrict => Some(Config::QemuViommuStrict),
             Config::ApertureLazy => Some(Config::QemuViommuLazy),
             Config::ApertureOff => Some(Config::QemuOff),
-            Config::ApertureVhostStrict => Some(Config::ApertureStrict),
-            Config::ApertureVhostLazy => Some(Config::ApertureLazy),
+            Config::ApertureVhostStrict | Config::ApertureVhostWholeStrict => {
+                Some(Config::ApertureStrict)
+            }
+            Config::ApertureVhostLazy | Config::ApertureVhostWholeLazy => {
+                Some(Config::ApertureLazy)
+            }
             // Isolation with no guest change, against none at all.
             Config::ApertureInflightCopy | Config::ApertureInflightMap => Some(Config::ApertureOff),
             _ => None,
@@ -177,6 +195,8 @@ impl Config {
             Config::ApertureOff => "our virtio-blk over vfio-user, no IOMMU",
             Config::ApertureVhostStrict => "our device host as vhost-user front-end of `aperture backend blk` (another process, IOTLB) behind our virtio-iommu, iommu.strict=1",
             Config::ApertureVhostLazy => "our device host as vhost-user front-end of `aperture backend blk` (another process, IOTLB) behind our virtio-iommu, lazy",
+            Config::ApertureVhostWholeStrict => "as aperture-vhost-strict, the back-end mapping guest RAM whole and checking each access against its IOTLB (--iotlb-map whole)",
+            Config::ApertureVhostWholeLazy => "as aperture-vhost-lazy, the back-end mapping guest RAM whole and checking each access against its IOTLB (--iotlb-map whole)",
             Config::ApertureInflightCopy => "implicit grants, copy form: `aperture backend blk` (another process) given only our shadow rings and bounce buffers, no IOMMU in the guest",
             Config::ApertureInflightMap => "implicit grants, map form: as inflight-copy, buffers of 64 KiB and more through per-request IOTLB windows",
             Config::QemuViommuStrict => "QEMU's virtio-blk-pci (iommu_platform=on) behind QEMU's virtio-iommu-pci, iommu.strict=1",
@@ -648,12 +668,24 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
         let blk: Box<dyn EndpointFactory> = if config.vhost() {
             let poll = opts.backend_poll.as_micros().to_string();
             let budget = opts.poll_budget.to_args();
-            let args = ["blk", "--read-only", "--poll-us", &poll, "--disk"]
-                .map(OsStr::new)
-                .into_iter()
-                .chain([p.disk.as_os_str()])
-                .chain(budget.iter().map(OsStr::new))
-                .collect::<Vec<_>>();
+            let map = match config {
+                Config::ApertureVhostWholeStrict | Config::ApertureVhostWholeLazy => "whole",
+                _ => "windows",
+            };
+            let args = [
+                "blk",
+                "--read-only",
+                "--poll-us",
+                &poll,
+                "--iotlb-map",
+                map,
+                "--disk",
+            ]
+            .map(OsStr::new)
+            .into_iter()
+            .chain([p.disk.as_os_str()])
+            .chain(budget.iter().map(OsStr::new))
+            .collect::<Vec<_>>();
             let b = BackendProcess::spawn(&dir, "blk", &args)?;
             let (tx, rx) = std::sync::mpsc::channel();
             vhost = Some(rx);
@@ -883,6 +915,8 @@ mod tests {
         assert!(Config::ApertureVhostStrict.translated() && Config::ApertureVhostLazy.translated());
         assert_eq!(Config::ApertureVhostStrict.group_type(), "DMA");
         assert_eq!(Config::ApertureVhostLazy.group_type(), "DMA-FQ");
+        assert_eq!(Config::ApertureVhostWholeStrict.group_type(), "DMA");
+        assert_eq!(Config::ApertureVhostWholeLazy.group_type(), "DMA-FQ");
     }
 
     #[test]

@@ -215,7 +215,7 @@ pub(super) fn table(s: &Summary, opts: &Options, stack: &vm::Stack, runs: &[Run]
     let _ = writeln!(t);
     let _ = writeln!(
         t,
-        "{:<22} {:>16} {:>16}  {:<22} {:>10} {:>11} {:>11}",
+        "{:<27} {:>16} {:>16}  {:<27} {:>10} {:>11} {:>11}",
         "configuration",
         "randread4k IOPS",
         "seqread1m MiB/s",
@@ -235,7 +235,7 @@ pub(super) fn table(s: &Summary, opts: &Options, stack: &vm::Stack, runs: &[Run]
         }
         let _ = writeln!(
             t,
-            "{:<22} {:>16} {:>16}  {:<22} {:>10} {:>11} {:>11}",
+            "{:<27} {:>16} {:>16}  {:<27} {:>10} {:>11} {:>11}",
             name,
             opt(m.iops, 1),
             opt(m.mibps, 1),
@@ -252,7 +252,7 @@ pub(super) fn table(s: &Summary, opts: &Options, stack: &vm::Stack, runs: &[Run]
     {
         let _ = writeln!(
             t,
-            "{:<22} {:>16} {:>16}  {:<22} {:>10} {:>11}   ({})",
+            "{:<27} {:>16} {:>16}  {:<27} {:>10} {:>11}   ({})",
             r.numerator.name(),
             "",
             "",
@@ -276,7 +276,7 @@ this machine has {}. Anything but ~0 skews TCG figures.)",
         for (c, m) in &s.medians {
             let _ = writeln!(
                 t,
-                "{:<22} {:>22} IOPS {:>22} MiB/s",
+                "{:<27} {:>22} IOPS {:>22} MiB/s",
                 c.name(),
                 span(m.iops_range),
                 span(m.mibps_range)
@@ -296,7 +296,7 @@ this machine has {}. Anything but ~0 skews TCG figures.)",
         );
         let _ = writeln!(
             t,
-            "{:<22} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>13} {:>13}",
+            "{:<27} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>13} {:>13}",
             "configuration",
             "workload",
             "requests",
@@ -312,7 +312,7 @@ this machine has {}. Anything but ~0 skews TCG figures.)",
         );
         let _ = writeln!(
             t,
-            "{:<22} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>13} {:>13}",
+            "{:<27} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>13} {:>13}",
             "", "", "", "/req", "/req", "/req", "/req", "/req", "/req", "kicked", "/req", "/req"
         );
         for r in ours
@@ -331,7 +331,7 @@ this machine has {}. Anything but ~0 skews TCG figures.)",
                 };
                 let _ = writeln!(
                     t,
-                    "{:<22} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>13} {:>13}",
+                    "{:<27} {:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>13} {:>13}",
                     r.config.name(),
                     name,
                     w.requests,
@@ -363,7 +363,7 @@ which serves our devices; QEMU: QEMU and, out of process, the back-end):"
         );
         let _ = writeln!(
             t,
-            "{:<22} {:<11} {:>12} {:>12} {:>12}",
+            "{:<27} {:<11} {:>12} {:>12} {:>12}",
             "configuration", "workload", "ours s/GiB", "QEMU s/GiB", "all s/GiB"
         );
         for r in first {
@@ -374,7 +374,7 @@ which serves our devices; QEMU: QEMU and, out of process, the back-end):"
                 };
                 let _ = writeln!(
                     t,
-                    "{:<22} {:<11} {:>12.2} {:>12.2} {:>12.2}",
+                    "{:<27} {:<11} {:>12.2} {:>12.2} {:>12.2}",
                     r.config.name(),
                     name,
                     c.ours_s / gib,
@@ -394,11 +394,11 @@ which serves our devices; QEMU: QEMU and, out of process, the back-end):"
         let _ = writeln!(t);
         let _ = writeln!(
             t,
-            "vhost-user IOTLB messages over each timed workload, counted by our front-end (run 1; /req: per read request; us parked: how long an UNMAP waited for its ack, queueing included):"
+            "vhost-user IOTLB messages over each timed workload, counted by our front-end (run 1; /req: per read request; parked/req: UNMAPs that waited for the back-end; us parked: how long each waited, queueing included):"
         );
         let _ = writeln!(
             t,
-            "{:<22} {:<11} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>10} {:>12} {:>9} {:>12} {:>10}",
+            "{:<27} {:<11} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>10} {:>12} {:>9} {:>12} {:>10} {:>10}",
             "configuration",
             "workload",
             "requests",
@@ -411,6 +411,7 @@ which serves our devices; QEMU: QEMU and, out of process, the back-end):"
             "invalidates",
             "inval/req",
             "us/inval ack",
+            "parked/req",
             "us parked"
         );
         for r in &vhost {
@@ -421,7 +422,7 @@ which serves our devices; QEMU: QEMU and, out of process, the back-end):"
                 let per = |n: u64| per_request(n, w.requests);
                 let _ = writeln!(
                     t,
-                    "{:<22} {:<11} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>10} {:>12} {:>9} {:>12} {:>10}",
+                    "{:<27} {:<11} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>10} {:>12} {:>9} {:>12} {:>10} {:>10}",
                     r.config.name(),
                     name,
                     w.requests,
@@ -434,6 +435,7 @@ which serves our devices; QEMU: QEMU and, out of process, the back-end):"
                     c.invalidates,
                     per(c.invalidates),
                     mean_us_cell(c.invalidate_ns, c.invalidates),
+                    per(h.parked),
                     mean_us_cell(h.parked_ns, h.parked)
                 );
             }
@@ -452,7 +454,7 @@ which serves our devices; QEMU: QEMU and, out of process, the back-end):"
                 .sum();
             let _ = writeln!(
                 t,
-                "{:<22} misses {} ({} failed), updates {}, invalidates {}, evictions {}, ring passes found by polling {}, \
+                "{:<27} misses {} ({} failed), updates {}, invalidates {}, evictions {}, ring passes found by polling {}, \
 poll windows without a turn of the poll budget {}; \
 per timed request: {} misses, {} updates, {} invalidates; peak exposure {} KiB ({:.3}% of guest RAM), peak windows {}",
                 r.config.name(),
@@ -535,6 +537,7 @@ pub(super) fn workload_json(
                         "invalidates_per_request": per(c.invalidates),
                         "invalidate_ack_us": mean_us(c.invalidate_ns, c.invalidates),
                         "parked_requests": h.parked,
+                        "parked_per_request": per(h.parked),
                         "parked_us": mean_us(h.parked_ns, h.parked),
                     });
                 }

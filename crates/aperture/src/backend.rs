@@ -330,7 +330,7 @@ fn summary<D>(r: &Report<D>, map: IotlbMap) -> String {
     let e = &r.exposure;
     format!(
         "mode {}, peak exposure {} KiB of {} MiB guest RAM ({:.3}%), peak windows {}, \
-updates {} ({} from the push ring, {} refused there), invalidates {} ({} from the ring), misses {} ({} failed), \
+updates {} ({} from the push ring, {} refused there), invalidates {} ({} from the ring, {} waited for the device), misses {} ({} failed), \
 access failures {}, ring passes found by polling {}, poll windows without a turn of the poll budget {}",
         mode_text(r.mode, map),
         e.peak_mapped_bytes >> 10,
@@ -342,6 +342,7 @@ access failures {}, ring passes found by polling {}, poll windows without a turn
         e.ring_refused,
         e.invalidates,
         e.ring_invalidates,
+        e.deferred_invalidates,
         e.misses,
         e.miss_failures,
         e.access_fails,
@@ -372,6 +373,7 @@ fn stats_json<D>(
         "ring_refused": e.ring_refused,
         "ring_invalidates": e.ring_invalidates,
         "invalidates": e.invalidates,
+        "deferred_invalidates": e.deferred_invalidates,
         "evictions": e.evictions,
         "revoked_in_use": e.revoked_in_use,
         "misses": e.misses,

@@ -947,8 +947,7 @@ fn a_ring_invalidation_completes_the_unmap_only_once_acknowledged_in_the_ring_or
 }
 
 #[test]
-fn an_unmap_for_a_whole_mapping_back_end_completes_at_once_between_its_views_or_when_they_drop() {
-    let deadline = Duration::from_millis(400);
+fn an_unmap_for_a_whole_mapping_back_end_completes_at_once_with_no_view_alive_else_by_message() {
     let be = FakeBackend::start(
         "ring-whole",
         F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
@@ -956,18 +955,15 @@ fn an_unmap_for_a_whole_mapping_back_end_completes_at_once_between_its_views_or_
         AckMode::Now,
         None,
     );
-    let mut rig = IommuRig::new(&be, deadline);
+    let mut rig = IommuRig::new(&be, Duration::from_millis(400));
     let mut ring = ring_of(&be);
     ring.set_whole(true);
-    ring.set_views(0, 0);
+    ring.set_views(0);
     let h = rig.dev.handle();
-    for (i, w) in [0x10000u64, 0x20000, 0x30000, 0x40000]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, w) in [0x10000u64, 0x20000].into_iter().enumerate() {
         rig.map(w, w + 0xfff, 0x40000 + i as u64 * 0x1000, 3);
     }
-    assert_eq!(ring.take().unwrap().len(), 4);
+    assert_eq!(ring.take().unwrap().len(), 2);
 
     // No view alive: complete at once, though nobody polls and nothing answers.
     assert_eq!(rig.unmap(0x10000, 0x10fff), Status::Ok);
@@ -982,8 +978,9 @@ fn an_unmap_for_a_whole_mapping_back_end_completes_at_once_between_its_views_or_
     let c = h.counters();
     assert_eq!((c.ring_invalidates, c.quiet_invalidates), (1, 1));
 
-    // A view alive and nobody watching for it to drop: a message as well.
-    ring.set_views(1, 0);
+    // A view alive (a batch that may be using the window): a message as well, which
+    // the back-end answers.
+    ring.set_views(1);
     assert_eq!(rig.unmap(0x20000, 0x20fff), Status::Ok);
     let sent = be.iotlb();
     assert_eq!(
@@ -992,52 +989,6 @@ fn an_unmap_for_a_whole_mapping_back_end_completes_at_once_between_its_views_or_
             .collect::<Vec<_>>(),
         [(wire::iotlb::INVALIDATE, 0x20000, 0x1000)]
     );
-
-    // Our poller watching: the UNMAP waits for the views alive to drop, no message.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (watching, watched) = mpsc::channel();
-    let poller = std::thread::spawn({
-        let (h, stop) = (h.clone(), Arc::clone(&stop));
-        move || {
-            assert!(!h.set_watched(true));
-            watching.send(()).unwrap();
-            while !stop.load(Ordering::SeqCst) {
-                h.poll_ring_acks();
-                std::thread::yield_now();
-            }
-            assert!(!h.set_watched(false), "nothing left outstanding");
-        }
-    });
-    watched.recv().unwrap();
-    let drop_after = Duration::from_millis(150);
-    let views = std::thread::spawn(move || {
-        std::thread::sleep(drop_after);
-        // Another view began as the last one ended: still one alive, but not those
-        // that were alive when the invalidation was written.
-        ring.set_views(1, 1);
-        ring
-    });
-    let t = Instant::now();
-    assert_eq!(rig.unmap(0x30000, 0x30fff), Status::Ok);
-    assert!(t.elapsed() >= drop_after, "S_OK while a view was alive");
-    let ring = views.join().unwrap();
-    assert_eq!(be.iotlb().len(), 1, "no INVALIDATE message");
-
-    // Views that never drop: the UNMAP completes at the deadline and the back-end is
-    // cut off, as one that never acknowledges.
-    let t = Instant::now();
-    assert_eq!(rig.unmap(0x40000, 0x40fff), Status::Ok);
-    assert!(t.elapsed() >= deadline);
     let c = h.counters();
-    assert_eq!(
-        (
-            c.ring_invalidates,
-            c.quiet_invalidates,
-            c.invalidate_failures
-        ),
-        (2, 1, 1)
-    );
-    drop(ring);
-    stop.store(true, Ordering::SeqCst);
-    poller.join().unwrap();
+    assert_eq!((c.ring_invalidates, c.quiet_invalidates), (1, 1));
 }

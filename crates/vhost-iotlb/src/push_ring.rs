@@ -28,16 +28,15 @@
 //!
 //! A back-end that maps guest RAM whole ([`MapPolicy::Whole`](crate::space::MapPolicy))
 //! needs neither: it says so in the ring's page, and keeps there the count of its
-//! views of guest memory alive and of the times none was ([`Consumer::set_views`]).
-//! Each view counts itself, fences and applies the ring before it translates
-//! anything; the front-end writes the invalidation, fences and reads the count
-//! ([`Producer::peer_views`]). With no view alive the invalidation is complete at
-//! once: whatever view comes next applies it first. Otherwise it is complete when the
-//! count of quiet times moves on, the views alive then having dropped.
+//! views of guest memory alive ([`Consumer::set_views`]). Each view counts itself,
+//! fences and applies the ring before it translates anything; the front-end writes the
+//! invalidation, fences and reads the count ([`Producer::peer_views`]). With no view
+//! alive the invalidation is complete at once: whatever view comes next applies it
+//! first. With one alive, the front-end sends the INVALIDATE as a message as well.
 //!
 //! Layout: `head` (u64) at 0, `tail` at 64, the invalidations' `head` at 128 and
-//! `tail` at 192, the worker's polling flag at 256, the views word at 320 (views alive
-//! in the low 16 bits, times none was above), the whole-mapping flag at 384; push
+//! `tail` at 192, the worker's polling flag at 256, the views alive at 320, the
+//! whole-mapping flag at 384; push
 //! entries from 448, each four
 //! u64 words: IOVA, size, front-end user address, `iotlb` permission; then
 //! [`INV_CAPACITY`] invalidations of three words: IOVA, size, and the pushes written
@@ -63,8 +62,6 @@ const POLLING: usize = 256;
 const VIEWS: usize = 320;
 const WHOLE: usize = 384;
 const ENTRIES: usize = 448;
-/// Bits of the views word that count the views alive (saturating).
-const ACTIVE_BITS: u32 = 16;
 const ENTRY_WORDS: usize = 4;
 const INV_WORDS: usize = 3;
 
@@ -286,32 +283,17 @@ impl Producer {
     }
 
     /// Whether the back-end maps guest RAM whole, so that an invalidation is complete
-    /// once no view it had is left ([`Self::peer_views`]), applied or not.
+    /// when no view of guest memory it had is left ([`Self::peer_views`]).
     pub fn peer_whole(&self) -> bool {
         self.shm.word(WHOLE).load(Ordering::Acquire) != 0
     }
 
-    /// After a full fence: the views of guest memory the back-end has alive, and how
-    /// often it had none (wrapping). An invalidation written before this is complete
-    /// if there were none, or once the second number differs from what this said.
-    pub fn peer_views(&self) -> Views {
+    /// After a full fence: the views of guest memory the back-end has alive. An
+    /// invalidation written before this said 0 is complete.
+    pub fn peer_views(&self) -> u64 {
         std::sync::atomic::fence(Ordering::SeqCst);
-        let w = self.shm.word(VIEWS).load(Ordering::Relaxed);
-        Views {
-            active: w & ((1 << ACTIVE_BITS) - 1),
-            quiet: w >> ACTIVE_BITS,
-        }
+        self.shm.word(VIEWS).load(Ordering::Relaxed)
     }
-}
-
-/// The back-end's views of guest memory, as its ring page says
-/// ([`Producer::peer_views`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Views {
-    /// Alive now (saturating at 2^16 - 1).
-    pub active: u64,
-    /// Times none was alive, modulo 2^48.
-    pub quiet: u64,
 }
 
 /// The back-end's end: reads pushes.
@@ -472,12 +454,10 @@ impl Consumer {
             .store(u64::from(whole), Ordering::Release);
     }
 
-    /// Publishes the views alive and the times none was; the caller serialises calls
-    /// and fences before it next reads the ring.
-    pub fn set_views(&self, active: u64, quiet: u64) {
-        let active = active.min((1 << ACTIVE_BITS) - 1);
-        let w = (quiet << ACTIVE_BITS) | active;
-        self.shm.word(VIEWS).store(w, Ordering::SeqCst);
+    /// Publishes the views alive; the caller serialises calls and fences before it
+    /// next reads the ring.
+    pub fn set_views(&self, active: u64) {
+        self.shm.word(VIEWS).store(active, Ordering::SeqCst);
     }
 }
 

@@ -123,7 +123,8 @@ pub struct Exposure {
     /// Windows invalidated while a [`GuestView`] still pinned them (revoked in place).
     pub revoked_in_use: u64,
     /// Invalidates that overlapped a window of the open batch, so took effect (and were
-    /// acknowledged) only when the batch ended.
+    /// acknowledged) only when the batch ended; with [`MapPolicy::Whole`], INVALIDATE
+    /// messages that waited for the views alive to drop.
     pub deferred_invalidates: u64,
     /// Misses sent to the front-end.
     pub misses: u64,
@@ -379,6 +380,11 @@ pub struct AddressSpace {
     /// [`MapPolicy::Whole`]: the views alive, and how often none was; its signal.
     views: Mutex<Views>,
     quiet: Condvar,
+    /// [`MapPolicy::Whole`]: an entry a view pinned was removed since no view was
+    /// alive (by whichever thread applied the ring), so an INVALIDATE must wait for
+    /// the views even if the entries it names are gone already. Set under the
+    /// table's lock, cleared when the last view drops.
+    pinned_removed: AtomicBool,
     misses: AtomicU64,
     miss_failures: AtomicU64,
     access_fails: AtomicU64,
@@ -601,6 +607,7 @@ impl AddressSpace {
             policy,
             views: Mutex::new(Views::default()),
             quiet: Condvar::new(),
+            pinned_removed: AtomicBool::new(false),
             misses: AtomicU64::new(0),
             miss_failures: AtomicU64::new(0),
             access_fails: AtomicU64::new(0),
@@ -820,10 +827,11 @@ impl AddressSpace {
     /// at once meanwhile (the front-end answers none before this is acknowledged), for
     /// at most [`Limits::miss_timeout`], after which the window is revoked in place.
     ///
-    /// With [`MapPolicy::Whole`] the entries go at once; if a [`GuestView`] still pins
-    /// one (it translated through it and may be using it), this then waits until
-    /// every view alive now has dropped (misses failing at once meanwhile, as above),
-    /// for at most [`Limits::miss_timeout`].
+    /// With [`MapPolicy::Whole`] the entries go at once; if a [`GuestView`] pinned one
+    /// (it translated through it and may be using it), or one removed through the ring
+    /// since no view was alive, this then waits until every view alive now has dropped
+    /// (misses failing at once meanwhile, as above), for at most
+    /// [`Limits::miss_timeout`].
     ///
     /// # Errors
     /// [`SpaceError::NotIotlb`] or [`SpaceError::IotlbRange`]; nothing changed.
@@ -831,7 +839,8 @@ impl AddressSpace {
     /// entries are gone, but what a view translated before may still be in use.
     pub fn invalidate(&self, iova: u64, size: u64) -> Result<(), SpaceError> {
         if self.policy == MapPolicy::Whole {
-            if self.remove(iova, size)? {
+            self.remove(iova, size)?;
+            if self.pinned_removed.load(Ordering::SeqCst) {
                 return self.wait_quiet();
             }
             return Ok(());
@@ -888,33 +897,37 @@ impl AddressSpace {
     }
 
     /// Removes every entry overlapping `[iova, iova + size)` from the table
-    /// ([`MapPolicy::Whole`]: nothing is unmapped, and nothing waits); returns whether
+    /// ([`MapPolicy::Whole`]: nothing is unmapped, and nothing waits), noting whether
     /// a view pins one of them.
-    fn remove(&self, iova: u64, size: u64) -> Result<bool, SpaceError> {
+    fn remove(&self, iova: u64, size: u64) -> Result<(), SpaceError> {
         let last_iova = last(iova, size).ok_or(SpaceError::IotlbRange { iova, size })?;
         let mut t = self.write();
         if t.mode != Mode::Iotlb {
             return Err(SpaceError::NotIotlb);
         }
         t.stats.invalidates += 1;
-        let mut pinned = false;
         for w in t.take_overlapping(iova, last_iova) {
             // `w` is the table's reference; any other is a view's pin.
-            pinned |= Arc::strong_count(&w) > 1;
+            if Arc::strong_count(&w) > 1 {
+                self.pinned_removed.store(true, Ordering::SeqCst);
+            }
             t.retire(w);
         }
-        Ok(pinned)
+        Ok(())
     }
 
     /// Waits until every view alive now has dropped, for at most
     /// [`Limits::miss_timeout`], misses failing at once meanwhile (the batch may be
     /// waiting for one the front-end will not answer before this returns).
     fn wait_quiet(&self) -> Result<(), SpaceError> {
-        let mut v = lock(&self.views);
+        let v = lock(&self.views);
         if v.active == 0 {
             return Ok(());
         }
         let since = v.quiet;
+        drop(v);
+        self.write().stats.deferred_invalidates += 1;
+        let mut v = lock(&self.views);
         self.set_cancel_misses(true);
         let deadline = Instant::now() + self.limits.miss_timeout;
         while v.active != 0 && v.quiet == since {
@@ -966,6 +979,7 @@ impl AddressSpace {
         v.active = v.active.saturating_sub(1);
         if v.active == 0 {
             v.quiet = v.quiet.wrapping_add(1);
+            self.pinned_removed.store(false, Ordering::SeqCst);
             self.quiet.notify_all();
         }
         self.publish_views(&v);
@@ -975,7 +989,7 @@ impl AddressSpace {
     /// so copies are written in order.
     fn publish_views(&self, v: &Views) {
         if let Some(r) = lock(&self.pushes).as_ref() {
-            r.set_views(v.active, v.quiet);
+            r.set_views(v.active);
         }
     }
 
@@ -996,7 +1010,7 @@ impl AddressSpace {
         let v = lock(&self.views);
         if let Some(r) = &ring {
             r.set_whole(self.policy == MapPolicy::Whole);
-            r.set_views(v.active, v.quiet);
+            r.set_views(v.active);
         }
         *lock(&self.pushes) = ring;
     }
@@ -1056,7 +1070,7 @@ impl AddressSpace {
             // One the space refuses (a bad range) has nothing to remove. With the
             // whole of guest RAM mapped, the front-end itself sees when no view is left.
             let _ = match self.policy {
-                MapPolicy::Whole => self.remove(inv.iova, inv.size).map(drop),
+                MapPolicy::Whole => self.remove(inv.iova, inv.size),
                 MapPolicy::Windows => self.invalidate(inv.iova, inv.size),
             };
         }

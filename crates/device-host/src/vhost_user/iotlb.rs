@@ -362,8 +362,9 @@ impl Shared {
     /// A back-end that maps guest RAM whole (ours with `--iotlb-map whole`) needs
     /// neither to poll nor to answer: with none of its views of guest memory alive after
     /// the write, the invalidation is complete at once, since the next view applies it
-    /// before translating anything; otherwise once the views alive then have dropped,
-    /// which our poller watches for ([`crate::push_ring`] in `vhost-iotlb`).
+    /// before translating anything (`vhost_iotlb::push_ring`). With one alive it may be
+    /// a batch that lasts (a 1 MiB read): the INVALIDATE goes as a message too, which
+    /// the back-end answers at once unless that batch uses the window.
     pub(super) fn ring_invalidate(&self, lo: u64, hi: u64, done: Done) -> Result<(), Done> {
         if self.queued.load(Ordering::Acquire) != 0
             || self.unconfirmed.load(Ordering::Acquire)
@@ -396,30 +397,22 @@ impl Shared {
         let Some(seq) = ring.invalidate(lo, size) else {
             return Err(done);
         };
-        let quiet = if whole {
-            let views = ring.peer_views();
-            if views.active == 0 {
-                let c = &self.counters;
-                bump(&c.ring_invalidates);
-                bump(&c.quiet_invalidates);
-                bump(&c.invalidates);
-                drop(guard);
-                done();
-                return Ok(());
-            }
-            if !self.watched.load(Ordering::SeqCst) {
-                // Nobody would watch its views drop: a message as well.
+        if whole {
+            if ring.peer_views() != 0 {
                 return Err(done);
             }
-            Some(views.quiet)
-        } else {
-            None
-        };
+            let c = &self.counters;
+            bump(&c.ring_invalidates);
+            bump(&c.quiet_invalidates);
+            bump(&c.invalidates);
+            drop(guard);
+            done();
+            return Ok(());
+        }
         {
             let mut q = lock(&self.ring_invs);
             q.push_back(RingInv {
                 seq,
-                quiet,
                 link: Arc::downgrade(link),
                 sent: Instant::now(),
                 done,
@@ -428,7 +421,7 @@ impl Shared {
         }
         // Both flags again, after the write and the registration (each side fences
         // between its flag and its last look): one of us sees the other.
-        if (whole || ring.peer_polling()) && self.watched.load(Ordering::SeqCst) {
+        if ring.peer_polling() && self.watched.load(Ordering::SeqCst) {
             return Ok(());
         }
         drop(guard);
@@ -456,11 +449,10 @@ impl Shared {
             return false;
         }
         let link = lock(&self.link).clone();
-        let ring = link.as_ref().and_then(|l| l.push_ring.get());
-        let acked = ring.map_or(0, |r| r.invalidated());
-        // Read once, and only for a back-end that maps guest RAM whole.
-        let views = || ring.filter(|r| r.peer_whole()).map(|r| r.peer_views());
-        let mut seen = None;
+        let acked = link
+            .as_ref()
+            .and_then(|l| l.push_ring.get())
+            .map_or(0, |r| r.invalidated());
         let broken = self.broken.load(Ordering::Acquire);
         let now = Instant::now();
         let mut ready = Vec::new();
@@ -473,11 +465,7 @@ impl Shared {
                     && link
                         .as_ref()
                         .is_some_and(|l| r.link.upgrade().is_some_and(|rl| Arc::ptr_eq(&rl, l)));
-                let quiet = r.quiet.is_some_and(|q| {
-                    let v = *seen.get_or_insert_with(views);
-                    v.is_some_and(|v| v.active == 0 || v.quiet != q)
-                });
-                if current && (r.seq <= acked || quiet) {
+                if current && r.seq <= acked {
                     acks += 1;
                     waited += u64::try_from(r.sent.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 } else if current && now.duration_since(r.sent) <= self.timeout {

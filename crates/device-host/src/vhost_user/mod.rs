@@ -366,9 +366,6 @@ struct Shared {
 struct RingInv {
     /// Done when the ring's acknowledged count reaches it.
     seq: u64,
-    /// Or, to a back-end that maps guest RAM whole, when it has no view of guest
-    /// memory alive or the count of times it had none is no longer this.
-    quiet: Option<u64>,
     /// The connection whose ring it went to: another one (or none) means it was cut
     /// off, and no longer reaches the window either.
     link: std::sync::Weak<Link>,

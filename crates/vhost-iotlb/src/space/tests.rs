@@ -356,3 +356,35 @@ fn pushes_after_an_invalidation_in_the_ring_are_applied_after_it() {
         assert_eq!(s.exposure().ring_invalidates, 1);
     }
 }
+
+#[test]
+fn whole_policy_invalidate_waits_for_a_pinning_view_even_when_the_ring_removed_the_window_first() {
+    use crate::push_ring::{Consumer, Producer};
+    let s = space_with(Mode::Iotlb, MapPolicy::Whole);
+    let (prod, file) = Producer::create(16).unwrap();
+    s.set_push_ring(Some(Consumer::open(&file, 16).unwrap()));
+    s.update(0x1000, 4096, UBASE, iotlb::PERM_RW).unwrap();
+    let view = s.view();
+    let _ = view
+        .get_slices(GuestAddress(0x1000), 8, Permissions::Read)
+        .unwrap();
+    // The front-end saw the view alive, so it sends the INVALIDATE as well; the
+    // socket thread applies the ring before the message, which removes the window.
+    prod.invalidate(0x1000, 4096).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s2 = Arc::clone(&s);
+    let t = std::thread::spawn(move || {
+        s2.apply_pushes();
+        let r = s2.invalidate(0x1000, 4096);
+        tx.send(()).unwrap();
+        r
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(100)).is_err(),
+        "acknowledged while the view that pinned the window was alive"
+    );
+    drop(view);
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    t.join().unwrap().unwrap();
+    assert_eq!(s.exposure().ring_invalidates, 1);
+}

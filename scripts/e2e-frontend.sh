@@ -401,7 +401,7 @@ scenario() {
             # Guest RAM mapped whole: the UNMAPs complete by the back-end's views, so
             # their invalidations reach it through the ring, and no miss fails.
             [[ "$info" == *"mode iotlb, guest RAM mapped whole"* ]] || bad "the back-end did not map guest RAM whole: '${info:-no summary line}'"
-            [[ "$info" =~ \(([1-9][0-9]*)\ from\ the\ ring\) ]] || bad "no invalidation reached the back-end through the ring: '${info:-no summary line}'"
+            [[ "$info" =~ \(([1-9][0-9]*)\ from\ the\ ring, ]] || bad "no invalidation reached the back-end through the ring: '${info:-no summary line}'"
             [[ "$info" == *"(0 failed)"* ]] || bad "a miss failed: '${info:-no summary line}'"
         fi
         info="; back-end: $info"

@@ -871,25 +871,8 @@ impl AddressSpace {
         let Some(batch) = waiting_for else {
             return Ok(());
         };
-        // The batch may be waiting on a miss the front-end will not answer now.
-        self.set_cancel_misses(true);
-        let deadline = Instant::now() + self.limits.miss_timeout;
-        let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
-        while *ended < batch {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            ended = self
-                .batch_ended
-                .wait_timeout(ended, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        let late = *ended < batch;
-        drop(ended);
-        self.set_cancel_misses(false);
-        if late {
+        let ended = self.wait_cancelling_misses(&self.ended, &self.batch_ended, |e| *e >= batch);
+        if !ended {
             eprintln!("vhost-iotlb: a batch outlived the invalidate's wait; its windows are revoked in place");
             self.write().retire_deferred();
         }
@@ -916,35 +899,48 @@ impl AddressSpace {
         Ok(())
     }
 
-    /// Waits until every view alive now has dropped, for at most
-    /// [`Limits::miss_timeout`], misses failing at once meanwhile (the batch may be
-    /// waiting for one the front-end will not answer before this returns).
-    fn wait_quiet(&self) -> Result<(), SpaceError> {
-        let v = lock(&self.views);
-        if v.active == 0 {
-            return Ok(());
-        }
-        let since = v.quiet;
-        drop(v);
-        self.write().stats.deferred_invalidates += 1;
-        let mut v = lock(&self.views);
+    /// Waits on `signal` until `done` holds for what `m` guards, for at most
+    /// [`Limits::miss_timeout`], with misses failing at once meanwhile: the device may
+    /// be waiting for one that the front-end, waiting for our answer, will not answer.
+    /// Returns whether `done` holds.
+    fn wait_cancelling_misses<T>(
+        &self,
+        m: &Mutex<T>,
+        signal: &Condvar,
+        done: impl Fn(&T) -> bool,
+    ) -> bool {
         self.set_cancel_misses(true);
         let deadline = Instant::now() + self.limits.miss_timeout;
-        while v.active != 0 && v.quiet == since {
+        let mut g = lock(m);
+        while !done(&g) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
-            v = self
-                .quiet
-                .wait_timeout(v, left)
+            g = signal
+                .wait_timeout(g, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        let busy = v.active != 0 && v.quiet == since;
-        drop(v);
+        let held = done(&g);
+        drop(g);
         self.set_cancel_misses(false);
-        if busy {
+        held
+    }
+
+    /// Waits until every view alive now has dropped (see
+    /// [`Self::wait_cancelling_misses`]).
+    fn wait_quiet(&self) -> Result<(), SpaceError> {
+        let since = {
+            let v = lock(&self.views);
+            if v.active == 0 {
+                return Ok(());
+            }
+            v.quiet
+        };
+        self.write().stats.deferred_invalidates += 1;
+        let quiet = |v: &Views| v.active == 0 || v.quiet != since;
+        if !self.wait_cancelling_misses(&self.views, &self.quiet, quiet) {
             return Err(SpaceError::Busy {
                 waited: self.limits.miss_timeout,
             });

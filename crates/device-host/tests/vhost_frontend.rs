@@ -947,7 +947,7 @@ fn a_ring_invalidation_completes_the_unmap_only_once_acknowledged_in_the_ring_or
 }
 
 #[test]
-fn an_unmap_for_a_whole_mapping_back_end_completes_at_once_with_no_view_alive_else_by_message() {
+fn an_unmap_for_a_whole_mapping_back_end_completes_at_once_unless_a_view_uses_the_window() {
     let be = FakeBackend::start(
         "ring-whole",
         F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM,
@@ -960,10 +960,10 @@ fn an_unmap_for_a_whole_mapping_back_end_completes_at_once_with_no_view_alive_el
     ring.set_whole(true);
     ring.set_views(0);
     let h = rig.dev.handle();
-    for (i, w) in [0x10000u64, 0x20000].into_iter().enumerate() {
+    for (i, w) in [0x10000u64, 0x20000, 0x30000].into_iter().enumerate() {
         rig.map(w, w + 0xfff, 0x40000 + i as u64 * 0x1000, 3);
     }
-    assert_eq!(ring.take().unwrap().len(), 2);
+    assert_eq!(ring.take().unwrap().len(), 3);
 
     // No view alive: complete at once, though nobody polls and nothing answers.
     assert_eq!(rig.unmap(0x10000, 0x10fff), Status::Ok);
@@ -978,17 +978,25 @@ fn an_unmap_for_a_whole_mapping_back_end_completes_at_once_with_no_view_alive_el
     let c = h.counters();
     assert_eq!((c.ring_invalidates, c.quiet_invalidates), (1, 1));
 
-    // A view alive (a batch that may be using the window): a message as well, which
-    // the back-end answers.
+    // A view alive that published the windows it uses: one it does not use is
+    // complete at once as well.
     ring.set_views(1);
+    ring.add_hazard(0x30000, 0x30fff);
     assert_eq!(rig.unmap(0x20000, 0x20fff), Status::Ok);
+    assert!(be.iotlb().is_empty(), "no INVALIDATE message");
+    let c = h.counters();
+    assert_eq!((c.ring_invalidates, c.quiet_invalidates), (2, 2));
+
+    // One it uses (a batch that may be reading it for the next milliseconds): a
+    // message as well, which the back-end answers when it may.
+    assert_eq!(rig.unmap(0x30000, 0x30fff), Status::Ok);
     let sent = be.iotlb();
     assert_eq!(
         sent.iter()
             .map(|m| (m.kind, m.iova, m.size))
             .collect::<Vec<_>>(),
-        [(wire::iotlb::INVALIDATE, 0x20000, 0x1000)]
+        [(wire::iotlb::INVALIDATE, 0x30000, 0x1000)]
     );
     let c = h.counters();
-    assert_eq!((c.ring_invalidates, c.quiet_invalidates), (1, 1));
+    assert_eq!((c.ring_invalidates, c.quiet_invalidates), (2, 2));
 }

@@ -32,11 +32,16 @@
 //! fences and applies the ring before it translates anything; the front-end writes the
 //! invalidation, fences and reads the count ([`Producer::peer_views`]). With no view
 //! alive the invalidation is complete at once: whatever view comes next applies it
-//! first. With one alive, the front-end sends the INVALIDATE as a message as well.
+//! first. With views alive, it is complete too if none of the windows they translated
+//! through overlaps it: each view publishes those (`hazards`, [`Consumer::add_hazard`])
+//! before it uses them, fences, and checks the invalidations once more; the front-end
+//! writes, fences and reads them ([`Producer::peer_clear_of`]). Otherwise the
+//! front-end sends the INVALIDATE as a message as well.
 //!
 //! Layout: `head` (u64) at 0, `tail` at 64, the invalidations' `head` at 128 and
 //! `tail` at 192, the worker's polling flag at 256, the views alive at 320, the
-//! whole-mapping flag at 384; push
+//! whole-mapping flag at 384, the hazards' count at 448 (`u64::MAX`: any window) and
+//! [`HAZARD_CAPACITY`] hazards from 512, each two words: first and last IOVA; push
 //! entries from 448, each four
 //! u64 words: IOVA, size, front-end user address, `iotlb` permission; then
 //! [`INV_CAPACITY`] invalidations of three words: IOVA, size, and the pushes written
@@ -61,7 +66,12 @@ const INV_TAIL: usize = 192;
 const POLLING: usize = 256;
 const VIEWS: usize = 320;
 const WHOLE: usize = 384;
-const ENTRIES: usize = 448;
+const HAZARDS: usize = 448;
+const HAZARD_ENTRIES: usize = 512;
+/// Windows the back-end's views may be using that its ring page can name; past it the
+/// page says "any".
+pub const HAZARD_CAPACITY: u64 = 512;
+const ENTRIES: usize = HAZARD_ENTRIES + HAZARD_CAPACITY as usize * 16;
 const ENTRY_WORDS: usize = 4;
 const INV_WORDS: usize = 3;
 
@@ -160,6 +170,15 @@ impl Shm {
     fn entry(&self, index: u64, word: usize) -> &AtomicU64 {
         let slot = (index & (self.capacity - 1)) as usize;
         self.word(ENTRIES + (slot * ENTRY_WORDS + word) * 8)
+    }
+
+    fn hazard_word(&self, index: u64, word: usize) -> &AtomicU64 {
+        // `index` < HAZARD_CAPACITY (callers check): inside the hazard area.
+        self.word(HAZARD_ENTRIES + (index as usize * 2 + word) * 8)
+    }
+
+    fn hazard(&self, index: u64, word: usize) -> u64 {
+        self.hazard_word(index, word).load(Ordering::Relaxed)
     }
 
     fn inv_entry(&self, index: u64, word: usize) -> &AtomicU64 {
@@ -293,6 +312,20 @@ impl Producer {
     pub fn peer_views(&self) -> u64 {
         std::sync::atomic::fence(Ordering::SeqCst);
         self.shm.word(VIEWS).load(Ordering::Relaxed)
+    }
+
+    /// After [`Self::peer_views`] said views are alive: whether none of them may be
+    /// using `[first, last]` (no window they published overlaps it). An invalidation
+    /// of it written before is then complete as well.
+    pub fn peer_clear_of(&self, first: u64, last: u64) -> bool {
+        let n = self.shm.word(HAZARDS).load(Ordering::Acquire);
+        if n > HAZARD_CAPACITY {
+            return false;
+        }
+        (0..n).all(|i| {
+            let (a, b) = (self.shm.hazard(i, 0), self.shm.hazard(i, 1));
+            b < first || a > last
+        })
     }
 }
 
@@ -459,6 +492,32 @@ impl Consumer {
     pub fn set_views(&self, active: u64) {
         self.shm.word(VIEWS).store(active, Ordering::SeqCst);
     }
+
+    /// Publishes that a view may use `[first, last]` until no view is alive
+    /// ([`Self::clear_hazards`]); past [`HAZARD_CAPACITY`] the page says "any". The
+    /// caller serialises calls, and fences and looks at the invalidations
+    /// ([`Self::invalidations_pending`]) before it uses the window.
+    pub fn add_hazard(&self, first: u64, last: u64) {
+        let n = self.shm.word(HAZARDS).load(Ordering::Relaxed);
+        if n >= HAZARD_CAPACITY {
+            self.shm.word(HAZARDS).store(u64::MAX, Ordering::SeqCst);
+            return;
+        }
+        self.shm.hazard_word(n, 0).store(first, Ordering::Relaxed);
+        self.shm.hazard_word(n, 1).store(last, Ordering::Relaxed);
+        self.shm.word(HAZARDS).store(n + 1, Ordering::SeqCst);
+    }
+
+    /// No view is alive: none uses anything.
+    pub fn clear_hazards(&self) {
+        self.shm.word(HAZARDS).store(0, Ordering::SeqCst);
+    }
+
+    /// Whether the front-end wrote invalidations not applied yet.
+    pub fn invalidations_pending(&self) -> bool {
+        let tail = self.shm.word(INV_TAIL).load(Ordering::Relaxed);
+        self.shm.word(INV_HEAD).load(Ordering::Acquire) != tail
+    }
 }
 
 #[cfg(test)]
@@ -552,6 +611,38 @@ mod tests {
         cons.finish_invalidations(upto + 1);
         cons.shm.word(INV_HEAD).store(0, Ordering::Release);
         assert_eq!(prod.invalidate(0, 1), Some(upto + 2));
+    }
+
+    #[test]
+    fn hazards_clear_only_what_no_published_window_overlaps_and_too_many_clear_nothing() {
+        let (prod, file) = Producer::create(4).unwrap();
+        let cons = Consumer::open(&file, 4).unwrap();
+        assert!(prod.peer_clear_of(0, u64::MAX), "no view uses anything");
+        cons.add_hazard(0x1000, 0x1fff);
+        cons.add_hazard(0x5000, 0x5fff);
+        assert!(prod.peer_clear_of(0x2000, 0x4fff));
+        assert!(!prod.peer_clear_of(0x1fff, 0x1fff), "last byte of a hazard");
+        assert!(!prod.peer_clear_of(0x4000, 0x5000), "first byte of another");
+        cons.clear_hazards();
+        assert!(prod.peer_clear_of(0x1000, 0x1fff));
+        for i in 0..HAZARD_CAPACITY {
+            cons.add_hazard(i << 12, (i << 12) + 0xfff);
+        }
+        assert!(prod.peer_clear_of(HAZARD_CAPACITY << 12, u64::MAX));
+        cons.add_hazard(0x1_0000_0000, 0x1_0000_0fff);
+        assert!(
+            !prod.peer_clear_of(u64::MAX, u64::MAX),
+            "past capacity: anything"
+        );
+        // A back-end writing a count past the capacity clears nothing either.
+        cons.clear_hazards();
+        cons.shm
+            .word(HAZARDS)
+            .store(HAZARD_CAPACITY + 1, Ordering::Release);
+        assert!(!prod.peer_clear_of(u64::MAX, u64::MAX));
+        assert!(!cons.invalidations_pending());
+        prod.invalidate(0x1000, 0x1000).unwrap();
+        assert!(cons.invalidations_pending());
     }
 
     #[test]

@@ -312,6 +312,9 @@ pub struct Window {
     seq: u64,
     /// The last batch that translated through it (0: none).
     batch: AtomicU64,
+    /// [`MapPolicy::Whole`]: 1 + the count of quiet times when it was last published
+    /// as a hazard in the ring's page (see [`AddressSpace::publish_hazards`]).
+    hazard: AtomicU64,
 }
 
 impl Window {
@@ -521,6 +524,7 @@ impl Table {
                 map,
                 seq,
                 batch: AtomicU64::new(0),
+                hazard: AtomicU64::new(0),
             }),
         );
     }
@@ -982,11 +986,53 @@ impl AddressSpace {
     }
 
     /// Copies the view count into the ring for the front-end; under the views lock,
-    /// so copies are written in order.
+    /// so copies are written in order. With none alive, none uses any window.
     fn publish_views(&self, v: &Views) {
         if let Some(r) = lock(&self.pushes).as_ref() {
+            if v.active == 0 {
+                r.clear_hazards();
+            }
             r.set_views(v.active);
         }
+    }
+
+    /// [`MapPolicy::Whole`]: tells the front-end, through the ring's page, that a view
+    /// may now use the windows in `new` (so that it completes an UNMAP of any other
+    /// window without waiting for the views), then fences and looks for invalidations
+    /// it wrote meanwhile: if one removed a window of `new`, returns `false` and the
+    /// access must be translated again. Without a ring nothing completes that way.
+    fn publish_hazards(&self, new: &[Arc<Window>]) -> bool {
+        if new.is_empty() {
+            return true;
+        }
+        {
+            let v = lock(&self.views);
+            let ring = lock(&self.pushes);
+            let Some(r) = ring.as_ref() else {
+                return true;
+            };
+            let mark = v.quiet.wrapping_add(1);
+            for w in new {
+                if w.hazard.swap(mark, Ordering::Relaxed) != mark {
+                    // `len` > 0: empty windows are refused.
+                    r.add_hazard(w.start, w.start.wrapping_add(w.len - 1));
+                }
+            }
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let pending = lock(&self.pushes)
+            .as_ref()
+            .is_some_and(Consumer::invalidations_pending);
+        if !pending {
+            return true;
+        }
+        self.apply_ring();
+        let t = self.read();
+        new.iter().all(|w| {
+            t.windows
+                .get(&w.start)
+                .is_some_and(|held| Arc::ptr_eq(held, w))
+        })
     }
 
     /// Installs (or removes) the back-end request channel misses go to.
@@ -1181,6 +1227,35 @@ impl AddressSpace {
     /// # Errors
     /// A [`Fault`]; an access failure is then reported to the front-end.
     pub fn translate(
+        &self,
+        addr: u64,
+        len: usize,
+        access: Permissions,
+        mut pins: Option<&mut Vec<Arc<Window>>>,
+    ) -> Result<Vec<(*mut u8, usize)>, Fault> {
+        let Some(p) = pins
+            .as_deref_mut()
+            .filter(|_| self.policy == MapPolicy::Whole)
+        else {
+            return self.translate_once(addr, len, access, pins);
+        };
+        // An access the device will use: its windows are published before they are,
+        // and translated again if an invalidation removed one meanwhile (the next try
+        // misses, and the front-end answers from what the guest maps now).
+        for _ in 0..4 {
+            let first = p.len();
+            let out = self.translate_once(addr, len, access, Some(&mut *p))?;
+            if self.publish_hazards(&p[first..]) {
+                return Ok(out);
+            }
+        }
+        Err(Fault::Refused {
+            addr,
+            reason: "invalidated each time it was translated".into(),
+        })
+    }
+
+    fn translate_once(
         &self,
         addr: u64,
         len: usize,

@@ -362,9 +362,10 @@ impl Shared {
     /// A back-end that maps guest RAM whole (ours with `--iotlb-map whole`) needs
     /// neither to poll nor to answer: with none of its views of guest memory alive after
     /// the write, the invalidation is complete at once, since the next view applies it
-    /// before translating anything (`vhost_iotlb::push_ring`). With one alive it may be
-    /// a batch that lasts (a 1 MiB read): the INVALIDATE goes as a message too, which
-    /// the back-end answers at once unless that batch uses the window.
+    /// before translating anything (`vhost_iotlb::push_ring`); with views alive, if none
+    /// of the windows they published overlaps it. Otherwise a view may be in a batch
+    /// that lasts (a 1 MiB read): the INVALIDATE goes as a message too, which the
+    /// back-end answers once no view that could use the window is left.
     pub(super) fn ring_invalidate(&self, lo: u64, hi: u64, done: Done) -> Result<(), Done> {
         if self.queued.load(Ordering::Acquire) != 0
             || self.unconfirmed.load(Ordering::Acquire)
@@ -398,7 +399,7 @@ impl Shared {
             return Err(done);
         };
         if whole {
-            if ring.peer_views() != 0 {
+            if ring.peer_views() != 0 && !ring.peer_clear_of(lo, hi) {
                 return Err(done);
             }
             let c = &self.counters;

@@ -388,3 +388,33 @@ fn whole_policy_invalidate_waits_for_a_pinning_view_even_when_the_ring_removed_t
     t.join().unwrap().unwrap();
     assert_eq!(s.exposure().ring_invalidates, 1);
 }
+
+#[test]
+fn whole_policy_views_publish_what_they_use_and_retranslate_what_was_invalidated_meanwhile() {
+    use crate::push_ring::{Consumer, Producer};
+    let s = space_with(Mode::Iotlb, MapPolicy::Whole);
+    let (prod, file) = Producer::create(16).unwrap();
+    s.set_push_ring(Some(Consumer::open(&file, 16).unwrap()));
+    s.update(0x1000, 4096, UBASE, iotlb::PERM_RW).unwrap();
+    s.update(0x2000, 4096, UBASE + 0x1000, iotlb::PERM_RW)
+        .unwrap();
+    let view = s.view();
+    view.read_obj::<u64>(GuestAddress(0x1000)).unwrap();
+    assert_eq!(prod.peer_views(), 1);
+    assert!(!prod.peer_clear_of(0x1000, 0x1fff), "in use");
+    assert!(
+        prod.peer_clear_of(0x2000, 0x2fff),
+        "not touched by the view"
+    );
+    // The front-end saw 0x2000 clear and completed its UNMAP: the view, touching it
+    // afterwards, finds the invalidation first and misses (no channel: it fails).
+    prod.invalidate(0x2000, 4096).unwrap();
+    assert!(view.read_obj::<u64>(GuestAddress(0x2000)).is_err());
+    assert!(s.read().find(0x2000).is_none());
+    drop(view);
+    assert_eq!(prod.peer_views(), 0);
+    assert!(
+        prod.peer_clear_of(0, u64::MAX),
+        "nothing in use once no view is alive"
+    );
+}

@@ -112,10 +112,12 @@ impl GuestMemory for GuestView {
         let slices: Vec<VolatileSlice<'a>> = pieces
             .into_iter()
             // SAFETY: each piece lies inside a window's mapping (`translate` bounds it by
-            // the window's length, which the mapping covers), and that window is now in
-            // `self.pins`, which only drops with `self`, outliving `'a`. An invalidate
-            // in between revokes the pages in place (`Mapping::revoke`) instead of
-            // unmapping, so the memory stays valid for volatile access throughout.
+            // the window's length, which the mapping covers: its own, or its region's
+            // whole mapping, which `update` checked it lies in), and that window is now
+            // in `self.pins`, which only drops with `self`, outliving `'a`. An
+            // invalidate in between revokes its own pages in place (`Mapping::revoke`)
+            // instead of unmapping, and a window into a region mapped whole keeps that
+            // mapping alive, so the memory stays valid for volatile access throughout.
             .map(|(ptr, n)| unsafe { VolatileSlice::new(ptr, n) })
             .collect();
         Ok(Slices(slices.into_iter()))

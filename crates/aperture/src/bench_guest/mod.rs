@@ -19,6 +19,7 @@
 //! per timed workload at the front-end and over the whole connection by the back-end
 //! (its `--stats` JSON).
 
+use crate::backend::IotlbMap;
 use crate::vm;
 use device_host::endpoints::{BlockFactory, VhostUserFactory};
 use device_host::host::{DeviceHost, EndpointFactory, Function, IommuHandle, IommuMode};
@@ -669,9 +670,12 @@ fn run_one(p: &Prepared, config: Config, index: u32, opts: &Options) -> Result<R
             let poll = opts.backend_poll.as_micros().to_string();
             let budget = opts.poll_budget.to_args();
             let map = match config {
-                Config::ApertureVhostWholeStrict | Config::ApertureVhostWholeLazy => "whole",
-                _ => "windows",
-            };
+                Config::ApertureVhostWholeStrict | Config::ApertureVhostWholeLazy => {
+                    IotlbMap::Whole
+                }
+                _ => IotlbMap::Windows,
+            }
+            .arg();
             let args = [
                 "blk",
                 "--read-only",

@@ -407,6 +407,9 @@ impl Shared {
             bump(&c.quiet_invalidates);
             bump(&c.invalidates);
             drop(guard);
+            // Still inside the subscriber's event, under the shadow's lock: this drop
+            // of the request's hold is never its last (the device keeps one while it
+            // tells its subscribers), so it wakes nothing and takes no lock.
             done();
             return Ok(());
         }

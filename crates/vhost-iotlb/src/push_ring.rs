@@ -41,14 +41,14 @@
 //! Layout: `head` (u64) at 0, `tail` at 64, the invalidations' `head` at 128 and
 //! `tail` at 192, the worker's polling flag at 256, the views alive at 320, the
 //! whole-mapping flag at 384, the hazards' count at 448 (`u64::MAX`: any window) and
-//! [`HAZARD_CAPACITY`] hazards from 512, each two words: first and last IOVA; push
-//! entries from 448, each four
-//! u64 words: IOVA, size, front-end user address, `iotlb` permission; then
-//! [`INV_CAPACITY`] invalidations of three words: IOVA, size, and the pushes written
-//! before it, so that the back-end applies each invalidation after exactly the pushes
-//! that came before it, whichever ring it reads first ([`Invalidation::after`]). Every word is read
-//! and written as an atomic, so the other side writing at any moment is never undefined
-//! behaviour here, only a wrong value, which each side checks: the back-end validates
+//! [`HAZARD_CAPACITY`] hazards from 512, each two words: first and last IOVA; then
+//! the push entries, each four u64 words: IOVA, size, front-end user address,
+//! `iotlb` permission; then [`INV_CAPACITY`] invalidations of three words: IOVA,
+//! size, and the pushes written before it, so that the back-end applies each
+//! invalidation after exactly the pushes that came before it, whichever ring it reads
+//! first ([`Invalidation::after`]). Every word is read and written as an atomic,
+//! so the other side writing at any moment is never undefined behaviour here, only a
+//! wrong value, which each side checks: the back-end validates
 //! an entry as it would the message (and the address space validates it again), the
 //! front-end treats a `tail` that is not between `head - capacity` and `head` as a full
 //! ring and falls back to messages.
@@ -496,7 +496,7 @@ impl Consumer {
     /// Publishes that a view may use `[first, last]` until no view is alive
     /// ([`Self::clear_hazards`]); past [`HAZARD_CAPACITY`] the page says "any". The
     /// caller serialises calls, and fences and looks at the invalidations
-    /// ([`Self::invalidations_pending`]) before it uses the window.
+    /// ([`Self::pending_after`]) before it uses the window.
     pub fn add_hazard(&self, first: u64, last: u64) {
         let n = self.shm.word(HAZARDS).load(Ordering::Relaxed);
         if n >= HAZARD_CAPACITY {
@@ -511,12 +511,6 @@ impl Consumer {
     /// No view is alive: none uses anything.
     pub fn clear_hazards(&self) {
         self.shm.word(HAZARDS).store(0, Ordering::SeqCst);
-    }
-
-    /// Whether the front-end wrote invalidations not applied yet.
-    pub fn invalidations_pending(&self) -> bool {
-        let tail = self.shm.word(INV_TAIL).load(Ordering::Relaxed);
-        self.shm.word(INV_HEAD).load(Ordering::Acquire) != tail
     }
 }
 
@@ -640,9 +634,9 @@ mod tests {
             .word(HAZARDS)
             .store(HAZARD_CAPACITY + 1, Ordering::Release);
         assert!(!prod.peer_clear_of(u64::MAX, u64::MAX));
-        assert!(!cons.invalidations_pending());
+        assert_eq!(cons.pending_after(), None);
         prod.invalidate(0x1000, 0x1000).unwrap();
-        assert!(cons.invalidations_pending());
+        assert_eq!(cons.pending_after(), Some(0));
     }
 
     #[test]

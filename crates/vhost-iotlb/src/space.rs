@@ -1022,7 +1022,7 @@ impl AddressSpace {
         std::sync::atomic::fence(Ordering::SeqCst);
         let pending = lock(&self.pushes)
             .as_ref()
-            .is_some_and(Consumer::invalidations_pending);
+            .is_some_and(|r| r.pending_after().is_some());
         if !pending {
             return true;
         }

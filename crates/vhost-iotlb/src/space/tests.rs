@@ -33,6 +33,14 @@ fn space_with(mode: Mode, policy: MapPolicy) -> Arc<AddressSpace> {
     s
 }
 
+/// Gives `s` a push ring of 16 entries; returns the front-end's end.
+fn with_ring(s: &AddressSpace) -> crate::push_ring::Producer {
+    use crate::push_ring::{Consumer, Producer};
+    let (prod, file) = Producer::create(16).unwrap();
+    s.set_push_ring(Some(Consumer::open(&file, 16).unwrap()));
+    prod
+}
+
 #[test]
 fn iotlb_mode_maps_nothing_until_an_update_and_only_the_window_then() {
     let s = space(Mode::Iotlb);
@@ -323,11 +331,10 @@ fn whole_policy_invalidation_fails_busy_when_a_view_outlives_its_wait() {
 
 #[test]
 fn pushes_after_an_invalidation_in_the_ring_are_applied_after_it() {
-    use crate::push_ring::{Consumer, Producer, Push};
+    use crate::push_ring::Push;
     for policy in [MapPolicy::Windows, MapPolicy::Whole] {
         let s = space_with(Mode::Iotlb, policy);
-        let (prod, file) = Producer::create(16).unwrap();
-        s.set_push_ring(Some(Consumer::open(&file, 16).unwrap()));
+        let prod = with_ring(&s);
         let push = |uaddr| {
             assert!(prod.push(&Push {
                 iova: 0x1000,
@@ -359,10 +366,8 @@ fn pushes_after_an_invalidation_in_the_ring_are_applied_after_it() {
 
 #[test]
 fn whole_policy_invalidate_waits_for_a_pinning_view_even_when_the_ring_removed_the_window_first() {
-    use crate::push_ring::{Consumer, Producer};
     let s = space_with(Mode::Iotlb, MapPolicy::Whole);
-    let (prod, file) = Producer::create(16).unwrap();
-    s.set_push_ring(Some(Consumer::open(&file, 16).unwrap()));
+    let prod = with_ring(&s);
     s.update(0x1000, 4096, UBASE, iotlb::PERM_RW).unwrap();
     let view = s.view();
     let _ = view
@@ -391,10 +396,8 @@ fn whole_policy_invalidate_waits_for_a_pinning_view_even_when_the_ring_removed_t
 
 #[test]
 fn whole_policy_views_publish_what_they_use_and_retranslate_what_was_invalidated_meanwhile() {
-    use crate::push_ring::{Consumer, Producer};
     let s = space_with(Mode::Iotlb, MapPolicy::Whole);
-    let (prod, file) = Producer::create(16).unwrap();
-    s.set_push_ring(Some(Consumer::open(&file, 16).unwrap()));
+    let prod = with_ring(&s);
     s.update(0x1000, 4096, UBASE, iotlb::PERM_RW).unwrap();
     s.update(0x2000, 4096, UBASE + 0x1000, iotlb::PERM_RW)
         .unwrap();
